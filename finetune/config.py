@@ -1,0 +1,380 @@
+"""The training configuration: one YAML file into nested dataclasses, strictly.
+
+Every key is checked against the dataclasses below: an unknown key is an error with a "did you mean",
+a wrong type or an impossible value is an error naming the key, all before any heavy work starts.
+Command-line overrides use dotted keys (`optim.lr=3e-5 max_steps=50`). mistral-finetune's keys
+(example/7B.yaml) are translated first, so its users' configs run unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; the message names the key and the fault."""
+
+
+@dataclass
+class DataSource:
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # model folder: params.json + consolidated*.safetensors, or a Hugging Face folder
+    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
+    attention: Literal["auto", "sdpa", "varlen", "flex", "xformers"] = "auto"
+    activation_checkpointing: bool = True
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: list[DataSource] = field(default_factory=list)
+    eval: list[DataSource] = field(default_factory=list)
+    train_on: Literal["all", "last"] = "all"  # train on every assistant turn, or only the last one
+    on_bad_sample: Literal["error", "skip"] = "error"
+    overlong: Literal["split", "truncate", "drop"] = "split"
+    shuffle: bool = True
+    cache_dir: str | None = None  # tokenized cache; default: <run_dir>/../.tailor_cache
+    num_workers: int = 2  # tokenizer processes
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 64
+    alpha: float = 128.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_steps: int | None = None  # wins over warmup_fraction when set
+    warmup_fraction: float = 0.05
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    freq: int = 100  # steps between evaluations; there is always one at the end
+    max_batches: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    freq: int = 100
+    keep: int = 3  # the newest N checkpoints are kept
+    save_adapters: bool = True  # false: write the merged full model instead
+
+
+@dataclass
+class WandbConfig:
+    project: str = ""  # empty: W&B off
+    run_name: str = ""
+    key: str = ""  # prefer the WANDB_API_KEY environment variable
+    offline: bool = False
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""  # empty: MLflow off
+    experiment_name: str = "tailor"
+
+
+@dataclass
+class LoggingConfig:
+    freq: int = 1
+    tensorboard: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+    seq_len: int = 2048
+    batch_size: int = 1  # sequences of seq_len tokens per rank per micro-batch
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+    max_steps: int = 100
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML file, apply `key.sub=value` overrides, and return a checked TrainConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}")
+    raw = translate_mistral_finetune_keys(raw)
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
+    cfg = _build(TrainConfig, raw, prefix="", source=source)
+    check_config(cfg, source)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`optim.lr=3e-5` sets raw["optim"]["lr"]; the value is parsed as YAML (numbers, lists, booleans)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-5)")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    translated = translate_mistral_finetune_keys(raw)
+    raw.clear()
+    raw.update(translated)
+
+
+def _build(cls, raw: Any, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_suggest(key, names, prefix)}")
+        values[key] = _convert(value, hints[key], f"{prefix}{key}", source)
+    return cls(**values)
+
+
+def _suggest(key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; known keys here: {', '.join(names)}"
+
+
+def _convert(value: Any, hint: Any, key: str, source: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if hint is DataSource:
+            return _data_source(value, key, source)
+        return _build(hint, value, prefix=f"{key}.", source=source)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key, source)
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(str(a) for a in args)
+            raise ConfigError(f"{source}: {key} is {value!r}; expected one of {choices}")
+        return value
+    if origin is list:
+        (inner,) = args
+        if inner is DataSource:
+            return parse_data_sources(value, key, source)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_convert(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 6e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def parse_data_sources(value: Any, key: str, source: str = "config") -> list[DataSource]:
+    """A list of {path, weight}, one path, or mistral-finetune's "a.jsonl:2,b.jsonl:1"."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        sources = []
+        for part in (p.strip() for p in value.split(",")):
+            if not part:
+                continue
+            path, sep, weight = part.rpartition(":")
+            if sep and _is_number(weight):
+                sources.append(DataSource(path, float(weight)))
+            else:
+                sources.append(DataSource(part))
+        return [_data_source(s, key, source) for s in sources]
+    if isinstance(value, list):
+        return [_data_source(v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    raise ConfigError(f"{source}: {key} must be a list of {{path, weight}} or a 'file:weight,...' string")
+
+
+def _data_source(value: Any, key: str, source: str) -> DataSource:
+    if isinstance(value, DataSource):
+        ds = value
+    elif isinstance(value, str):
+        ds = DataSource(value)
+    else:
+        ds = _build(DataSource, value, prefix=f"{key}.", source=source)
+    if not ds.path:
+        raise ConfigError(f"{source}: {key} has an empty path")
+    if not ds.weight > 0:
+        raise ConfigError(f"{source}: {key} ({ds.path}) has weight {ds.weight}; weights must be > 0")
+    return ds
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# mistral-finetune compatibility
+
+
+def translate_mistral_finetune_keys(raw: dict) -> dict:
+    """Rewrite mistral-finetune's keys (example/7B.yaml) into tailor's; tailor's own keys pass through."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+
+    def move(old: str, new: str, transform=lambda v: v) -> None:
+        if old in raw:
+            section, _, leaf = new.rpartition(".")
+            target = raw.setdefault(section, {}) if section else raw
+            target[leaf] = transform(raw.pop(old))
+
+    move("model_id_or_path", "model.path")
+    move("num_microbatches", "grad_accumulation")
+    move("max_norm", "optim.max_grad_norm")
+    move("log_freq", "logging.freq")
+    move("eval_freq", "eval.freq")
+    move("no_eval", "eval.enabled", lambda v: not v if isinstance(v, bool) else v)
+    move("ckpt_freq", "checkpoint.freq")
+    move("no_ckpt", "checkpoint.enabled", lambda v: not v if isinstance(v, bool) else v)
+    move("save_adapters", "checkpoint.save_adapters")
+    move("num_ckpt_keep", "checkpoint.keep")
+    move("wandb", "logging.wandb")
+    move("mlflow", "logging.mlflow")
+    raw.pop("world_size", None)  # informational in mistral-finetune; torchrun decides here
+    if isinstance(raw.get("checkpoint"), bool):  # mistral-finetune: activation checkpointing on/off
+        raw.setdefault("model", {})["activation_checkpointing"] = raw.pop("checkpoint")
+
+    optim = raw.get("optim")
+    if isinstance(optim, dict) and "pct_start" in optim:
+        optim["warmup_fraction"] = optim.pop("pct_start")
+
+    lora = raw.get("lora")
+    if isinstance(lora, dict):
+        if lora.get("enable") is False:
+            raise ConfigError("lora.enable: false (full fine-tuning) is not supported; tailor trains LoRA adapters")
+        lora.pop("enable", None)
+        if "scaling" in lora:  # mistral-finetune's scaling is alpha / rank
+            scaling = lora.pop("scaling")
+            lora["alpha"] = float(scaling) * lora.get("rank", LoRAConfig.rank)
+
+    data = raw.get("data")
+    if isinstance(data, dict):
+        instruct = data.pop("instruct", None)
+        if isinstance(instruct, dict) and "shuffle" in instruct:
+            data.setdefault("shuffle", instruct["shuffle"])
+        train = [s for key in ("instruct_data", "data") for s in parse_data_sources(data.pop(key, None), f"data.{key}")]
+        if train:
+            data["train"] = parse_data_sources(data.get("train"), "data.train") + train
+        if "eval_instruct_data" in data:
+            data["eval"] = parse_data_sources(data.pop("eval_instruct_data"), "data.eval_instruct_data")
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks of values (types were checked while building)
+
+
+def check_config(cfg: TrainConfig, source: str = "config") -> None:
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")
+
+    require(bool(cfg.run_dir), "run_dir is required: the folder where checkpoints and logs go")
+    require(bool(cfg.model.path), "model.path (or model_id_or_path) is required: the model folder")
+    require(bool(cfg.data.train), "data.train is required: at least one .jsonl file or folder")
+    for key in ("seq_len", "batch_size", "grad_accumulation", "max_steps"):
+        require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    require(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
+    require(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
+    require(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    known_targets = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"}
+    for t in cfg.lora.targets:
+        require(t in known_targets, f"lora.targets has {t!r}; expected some of {', '.join(sorted(known_targets))}")
+    require(bool(cfg.lora.targets), "lora.targets must name at least one module")
+    o = cfg.optim
+    require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    require(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr], got {o.min_lr}")
+    require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    require(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    require(o.max_grad_norm > 0, f"optim.max_grad_norm must be > 0, got {o.max_grad_norm}")
+    require(o.warmup_steps is None or o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    require(0 <= o.warmup_fraction <= 1, f"optim.warmup_fraction must be in [0, 1], got {o.warmup_fraction}")
+    require(cfg.eval.freq >= 1, f"eval.freq must be >= 1, got {cfg.eval.freq}")
+    require(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1, "eval.max_batches must be >= 1 or null")
+    require(not cfg.eval.enabled or bool(cfg.data.eval), "eval is on but data.eval is empty: add eval files, or set eval.enabled: false")
+    require(cfg.checkpoint.freq >= 1, f"checkpoint.freq must be >= 1, got {cfg.checkpoint.freq}")
+    require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
+    require(cfg.logging.freq >= 1, f"logging.freq must be >= 1, got {cfg.logging.freq}")
+    require(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
