@@ -1,0 +1,125 @@
+"""Model hyper-parameters, read from a model folder's `params.json` (native) or `config.json` (Hugging Face)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+# Keys that real Mistral params.json files (and our own checkpoints) carry but that do not change the text
+# decoder: tolerated and dropped. Anything else unknown is an error, so a typo never passes silently.
+IGNORED_KEYS = frozenset(
+    {"lora", "max_seq_len", "max_batch_size", "max_position_embeddings", "model_type", "vision_encoder", "_version"}
+)
+
+
+@dataclass
+class MoeArgs:
+    num_experts: int
+    num_experts_per_tok: int
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    head_dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    norm_eps: float
+    vocab_size: int
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None
+    moe: MoeArgs | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.moe is not None and not 0 < self.moe.num_experts_per_tok <= self.moe.num_experts:
+            raise ValueError(f"moe.num_experts_per_tok must be in [1, num_experts], got {self.moe}")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "params.json") -> ModelArgs:
+        """Strict parse: a missing required key or an unknown key is a ValueError naming `source` and the key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - IGNORED_KEYS)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        values = {}
+        for f in fields(cls):
+            if f.name not in d:
+                if f.default is MISSING:
+                    raise ValueError(f"{source}: missing required key '{f.name}'")
+                continue
+            value = d[f.name]
+            if f.name == "moe" and value is not None:
+                value = _parse_moe(value, source)
+            elif value is not None:
+                value = _check_number(value, float if f.name in ("norm_eps", "rope_theta") else int, source, f.name)
+            values[f.name] = value
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict:
+        """The params.json content: optional fields are written only when set, as in Mistral's files."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if not (k in ("sliding_window", "moe") and v is None)}
+
+
+def _check_number(value, kind: type, source: str, key: str):
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if not ok or isinstance(value, bool):
+        raise ValueError(f"{source}: key '{key}' must be {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def _parse_moe(value, source: str) -> MoeArgs:
+    keys = {f.name for f in fields(MoeArgs)}
+    if not isinstance(value, dict) or set(value) != keys:
+        raise ValueError(f"{source}: key 'moe' must be an object with exactly the keys {sorted(keys)}, got {value!r}")
+    return MoeArgs(**{k: _check_number(value[k], int, source, f"moe.{k}") for k in sorted(keys)})
+
+
+def load_model_args(folder: str | Path) -> ModelArgs:
+    """Read params.json, or a Hugging Face config.json when the folder has no params.json."""
+    folder = Path(folder)
+    if (folder / "params.json").exists():
+        path = folder / "params.json"
+        return ModelArgs.from_dict(json.loads(path.read_text()), source=str(path))
+    if (folder / "config.json").exists():
+        from model.hf_format import hf_config_to_args  # here: hf_format imports this module
+
+        path = folder / "config.json"
+        return hf_config_to_args(json.loads(path.read_text()), source=str(path))
+    raise FileNotFoundError(f"{folder}: no params.json or config.json; is this a model folder?")
+
+
+def num_parameters(args: ModelArgs) -> int:
+    """Total parameter count (every expert of a MoE counted), without LoRA."""
+    attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    ffn = 3 * args.dim * args.hidden_dim
+    if args.moe is not None:
+        ffn = ffn * args.moe.num_experts + args.dim * args.moe.num_experts  # experts + router
+    per_layer = attention + ffn + 2 * args.dim  # two RMSNorm weights
+    return args.n_layers * per_layer + 2 * args.vocab_size * args.dim + args.dim
+
+
+_MISTRAL_7B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, norm_eps=1e-5)
+_NEMO = dict(dim=5120, n_layers=40, head_dim=128, n_heads=32, n_kv_heads=8, norm_eps=1e-5, vocab_size=131072)
+_LARGE_22B = dict(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8, norm_eps=1e-5)
+
+# The real sizes, as in each model's params.json; used for benchmarks and time/memory estimates.
+ARCHITECTURES: dict[str, ModelArgs] = {
+    "mistral-7b-v0.1": ModelArgs(**_MISTRAL_7B, vocab_size=32000, rope_theta=10000.0, sliding_window=4096),
+    "mistral-7b": ModelArgs(**_MISTRAL_7B, vocab_size=32768, rope_theta=1e6),
+    "nemo-12b": ModelArgs(**_NEMO, hidden_dim=14336, rope_theta=1e6),
+    "small-24b": ModelArgs(**_NEMO, hidden_dim=32768, rope_theta=1e8),
+    "codestral-22b": ModelArgs(**_LARGE_22B, vocab_size=32768, rope_theta=1e6),
+    "mixtral-8x7b": ModelArgs(**_MISTRAL_7B, vocab_size=32000, rope_theta=1e6, moe=MoeArgs(8, 2)),
+    "mixtral-8x22b": ModelArgs(**_LARGE_22B, vocab_size=32768, rope_theta=1e6, moe=MoeArgs(8, 2)),
+}

@@ -1,0 +1,159 @@
+"""Causal attention over packed documents, with interchangeable backends.
+
+A packed batch is N tokens made of documents of lengths `seqlens`. A token attends to earlier tokens of its own
+document only, and with a sliding window W to the last W of them (itself included), as in Mistral's models.
+
+Backends (all compute the same thing; `sdpa` is the reference the others are tested against):
+- `sdpa`: `scaled_dot_product_attention` with an explicit block-diagonal causal mask of N x N booleans. Runs
+  everywhere, GQA without copying K/V (`enable_gqa`); the mask costs O(N^2) memory, so it is the CPU default.
+- `varlen`: flash attention over `cu_seqlens` (`torch.nn.attention.varlen`), CUDA with fp16/bf16 only. PyTorch
+  2.11 has no `enable_gqa` there, so K/V heads are repeated for this backend when the argument is missing.
+- `flex`: FlexAttention with a document mask (compiled on CUDA). On CPU it runs forward only, unfused: PyTorch
+  has no FlexAttention backward on CPU and raises if a gradient is needed. It is listed for CPU because
+  inference and tests can use it; `auto` never picks it there.
+- `xformers`: `memory_efficient_attention` with a `BlockDiagonalCausalMask`, when the optional extra is
+  installed; K/V heads are repeated, as mistral-inference does.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    flex_attention = None
+try:
+    import xformers.ops as xops
+    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
+except ImportError:
+    xops = None
+
+BACKENDS = ("sdpa", "varlen", "flex", "xformers")
+_VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
+_compiled_flex = None
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends usable on `device` (and with `dtype` when given), fastest first."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ["sdpa"] + (["flex"] if flex_attention is not None else [])
+    found = []
+    if varlen_attn is not None and dtype in (None, torch.float16, torch.bfloat16):
+        if torch.cuda.get_device_capability(device) >= (8, 0):
+            found.append("varlen")
+    if flex_attention is not None:
+        found.append("flex")
+    if xops is not None:
+        found.append("xformers")
+    return found + ["sdpa"]
+
+
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """`auto` gives the fastest available backend; an unknown or unavailable name is a ValueError."""
+    available = available_backends(device, dtype)
+    if name == "auto":
+        return available[0]
+    if name not in available:
+        where = f"{torch.device(device)}" + (f" with {dtype}" if dtype is not None else "")
+        kind = "unknown" if name not in BACKENDS else f"not available on {where}"
+        raise ValueError(f"attention backend {name!r} is {kind}; available: {available} (or 'auto')")
+    return name
+
+
+class DocumentMask:
+    """Who attends to whom in one packed batch, prepared once per forward for one backend and shared by all
+    layers (building an N x N mask or a flex BlockMask per layer would cost as much as the attention)."""
+
+    def __init__(self, seqlens: list[int], backend: str, sliding_window: int | None, device: torch.device):
+        if not seqlens or min(seqlens) <= 0:
+            raise ValueError(f"seqlens must be positive document lengths, got {seqlens}")
+        self.seqlens, self.backend, self.sliding_window = list(seqlens), backend, sliding_window
+        lengths = torch.tensor(self.seqlens, device=device)
+        doc = torch.repeat_interleave(torch.arange(len(self.seqlens), device=device), lengths)
+        if backend == "sdpa":
+            idx = torch.arange(len(doc), device=device)
+            self.mask = _allowed(doc, idx[:, None], idx[None, :], sliding_window)
+        elif backend == "varlen":
+            self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            self.max_seqlen = max(self.seqlens)
+        elif backend == "flex":
+            self.block_mask = _flex_block_mask(doc, sliding_window)
+        elif backend == "xformers":
+            bias = BlockDiagonalCausalMask.from_seqlens(self.seqlens)
+            self.bias = bias.make_local_attention(sliding_window) if sliding_window else bias
+        else:
+            raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [N, n_heads, head_dim], k/v [N, n_kv_heads, head_dim] -> [N, n_heads, head_dim]."""
+        repeats = q.shape[1] // k.shape[1]
+        if self.backend == "sdpa":
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=repeats > 1)
+            return out[0].transpose(0, 1)
+        if self.backend == "varlen":
+            kwargs = {}
+            if "enable_gqa" in _VARLEN_ARGS:
+                kwargs["enable_gqa"] = repeats > 1
+            else:
+                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+            if "window_size" in _VARLEN_ARGS:
+                kwargs["window_size"] = (self.sliding_window - 1 if self.sliding_window else -1, 0)
+            elif self.sliding_window:
+                raise ValueError("this PyTorch's varlen_attn has no window_size: use another attention backend")
+            else:
+                kwargs["is_causal"] = True
+            cu, m = self.cu_seqlens, self.max_seqlen
+            return varlen_attn(q, k, v, cu, cu, m, m, **kwargs)
+        if self.backend == "flex":
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+            return flex(q, k, v, block_mask=self.block_mask, enable_gqa=repeats > 1)[0].transpose(0, 1)
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=self.bias)[0]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seqlens: list[int],
+    backend: str,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Causal attention of packed documents: q [N, n_heads, head_dim], k/v [N, n_kv_heads, head_dim]."""
+    backend = resolve_backend(backend, q.device, q.dtype)
+    return DocumentMask(seqlens, backend, sliding_window, q.device).attend(q, k, v)
+
+
+def _allowed(doc: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor, sliding_window: int | None):
+    """Same document, not in the future, and (with a window W) fewer than W tokens back."""
+    ok = (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+    if sliding_window:
+        ok = ok & (q_idx - kv_idx < sliding_window)
+    return ok
+
+
+def _flex_block_mask(doc: torch.Tensor, sliding_window: int | None):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return _allowed(doc, q_idx, kv_idx, sliding_window)
+
+    n = len(doc)
+    return create_block_mask(mask_mod, None, None, n, n, device=doc.device, _compile=doc.is_cuda)
+
+
+def _compiled_flex_attention():
+    """Eager FlexAttention materialises the N x N scores; on CUDA it is only fast once compiled."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex

@@ -1,0 +1,180 @@
+"""LoRA: low-rank adapters around frozen Linear layers, `y = W x + (alpha / r) · B A dropout(x)`.
+
+`LoRALinear` keeps the frozen weight under the name `weight`, so base checkpoints load unchanged, and adds
+`lora_A` [r, in] and `lora_B` [out, r]. Adapter keys are therefore the native ones mistral-inference loads:
+`layers.0.attention.wq.lora_A.weight`. LoRA parameters are created in fp32 whatever the base dtype: their
+updates are far smaller than bf16's resolution around the frozen weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+
+def is_lora_name(name: str) -> bool:
+    """Whether a parameter or state-dict key belongs to an adapter."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+@dataclass
+class LoRAArgs:
+    rank: int = 64
+    alpha: float = 128.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {self.targets}")
+        if self.rank <= 0 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA needs rank > 0, alpha > 0 and 0 <= dropout < 1, got {self}")
+
+
+class LoRALinear(nn.Module):
+    """A frozen bias-free Linear plus a trainable low-rank update, mergeable into the weight in place."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if base.bias is not None:
+            raise ValueError("LoRALinear wraps bias-free Linear layers only")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        device = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A as nn.Linear's default (Kaiming-uniform), B zeros: the adapter starts as an exact no-op."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.merged:
+            return y
+        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return y + (self.scaling * lora).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) · B A in fp32, the update merging adds to the weight."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.copy_(self.weight.float() + self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Exact in fp32; with a bf16 weight, merge then unmerge rounds the weight twice."""
+        if self.merged:
+            self.weight.copy_(self.weight.float() - self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rank={self.lora_A.out_features}, scaling={self.scaling}"
+
+
+def inject_lora(model: nn.Module, lora: LoRAArgs) -> None:
+    """Replace every Linear named in `lora.targets` (every MoE expert's w1/w2/w3 included) by a LoRALinear, in
+    place. On a meta-device model the LoRA weights are meta too: call `init_lora_weights` after `to_empty`."""
+    targets = [(name, module) for name, module in model.named_modules() if _is_target(name, module, lora.targets)]
+    if not targets:
+        raise ValueError(f"no Linear layer of the model matches LoRA targets {lora.targets}")
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        adapted = LoRALinear(module, lora.rank, lora.alpha, lora.dropout)
+        setattr(parent, child, adapted.train(module.training))  # an eval model must not start dropping out
+
+
+def _is_target(name: str, module: nn.Module, targets: tuple[str, ...]) -> bool:
+    return type(module) is nn.Linear and name.rpartition(".")[2] in targets
+
+
+def lora_modules(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def init_lora_weights(model: nn.Module) -> None:
+    """(Re)initialise every adapter: A Kaiming-uniform, B zeros."""
+    for module in lora_modules(model):
+        module.reset_lora_parameters()
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_lora_name(name))
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Add every adapter into its weight in place; the forward then skips the LoRA branch. Idempotent."""
+    for module in lora_modules(model):
+        module.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Subtract merged adapters back out of their weights. Idempotent."""
+    for module in lora_modules(model):
+        module.unmerge()
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base weights with every unmerged adapter added in, without touching the model: native names, each
+    weight's own dtype, no LoRA keys. Sharded (DTensor) weights give merged weights sharded the same way."""
+    adapters = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    merged = {}
+    for key, tensor in model.state_dict().items():
+        if is_lora_name(key):
+            continue
+        module = adapters.get(key)
+        if module is not None and not module.merged:
+            tensor = (tensor.float() + module.delta_weight()).to(tensor.dtype)
+        merged[key] = tensor.detach()
+    return merged
+
+
+def lora_parameter_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_parameters() if is_lora_name(name)]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights under native names, in their stored dtype (fp32 unless the model was cast)."""
+    return {name: t.detach() for name, t in model.state_dict().items() if is_lora_name(name)}
+
+
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy adapter weights into an injected model. Mis-shaped keys are always an error; missing or unexpected
+    keys are errors when `strict`. The error names the keys."""
+    expected = lora_state_dict(model)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = [
+        f"{k}: adapter {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if state_dict[k].shape != expected[k].shape
+    ]
+    problems = [f"mis-shaped {misshaped}"] if misshaped else []
+    if strict:
+        problems += [f"missing {missing}"] if missing else []
+        problems += [f"unexpected {unexpected}"] if unexpected else []
+    if problems:
+        raise ValueError("LoRA state dict does not match the model: " + "; ".join(problems))
+    if any(m.merged for m in lora_modules(model)):
+        raise ValueError("cannot load adapters into a merged model: unmerge_lora(model) first")
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)

@@ -1,0 +1,117 @@
+"""Tiny random models of the real architectures, written as real model folders (tests, demo, benchmarks).
+
+Each keeps what makes its architecture different at a small size: grouped-query attention, Nemo's and Small's
+attention width different from `dim`, Mistral 7B v0.1's sliding window, Mixtral's top-2 experts. The folder
+holds a tokenizer file copied from mistral-common's bundled data, so everything runs offline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import NamedTuple
+
+import mistral_common
+import torch
+from safetensors.torch import save_file
+
+from model.args import ARCHITECTURES, ModelArgs, MoeArgs
+from model.hf_format import args_to_hf_config, convert_tensor_to_hf
+from model.loading import save_model_folder
+from model.transformer import Transformer
+
+
+class TokenizerFile(NamedTuple):
+    source: str  # file name in mistral_common/data/
+    filename: str  # name written in the model folder
+    vocab_size: int
+
+
+TOKENIZER_FILES = {
+    "v1": TokenizerFile("tokenizer.model.v1", "tokenizer.model.v1", 32000),
+    "v3": TokenizerFile("mistral_instruct_tokenizer_240323.model.v3", "tokenizer.model.v3", 32768),
+    "v7": TokenizerFile("mistral_instruct_tokenizer_241114.model.v7", "tokenizer.model.v7", 32768),
+    "tekken": TokenizerFile("tekken_240911.json", "tekken.json", 131072),
+}
+LAYOUTS = ("native", "hf", "pth", "sharded")
+
+_SMALL = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2)
+_SMALL_BY_ARCH = {
+    "nemo-12b": dict(head_dim=32),  # n_heads * head_dim = 128 != dim, like 32 * 128 != 5120
+    "small-24b": dict(head_dim=32, hidden_dim=256),
+    "codestral-22b": dict(dim=96, n_heads=6),  # 3 query heads per KV head
+    "mixtral-8x22b": dict(dim=96, n_heads=6),
+}
+_TINY_SLIDING_WINDOW = 8
+_TINY_EXPERTS = 4
+
+
+def tokenizer_path(name: str) -> Path:
+    """The bundled mistral-common file behind a short tokenizer name ("v1", "v3", "v7", "tekken")."""
+    if name not in TOKENIZER_FILES:
+        raise ValueError(f"unknown tokenizer {name!r}; expected one of {sorted(TOKENIZER_FILES)}")
+    return Path(mistral_common.__file__).parent / "data" / TOKENIZER_FILES[name].source
+
+
+def tiny_args(arch: str, vocab_size: int) -> ModelArgs:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    real = ARCHITECTURES[arch]
+    return replace(
+        real,
+        **{**_SMALL, **_SMALL_BY_ARCH.get(arch, {})},
+        vocab_size=vocab_size,
+        sliding_window=_TINY_SLIDING_WINDOW if real.sliding_window else None,
+        moe=MoeArgs(_TINY_EXPERTS, real.moe.num_experts_per_tok) if real.moe else None,
+    )
+
+
+def random_state_dict(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
+    """fp32 weights that keep activations of order 1 through the layers (so routing, attention patterns and
+    rotary layouts all matter to the logits), deterministic for a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Transformer(args).named_parameters()}
+    state = {}
+    for name, shape in shapes.items():
+        if "norm" in name:
+            state[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        elif name == "tok_embeddings.weight":
+            state[name] = torch.randn(shape, generator=generator)
+        else:
+            state[name] = torch.randn(shape, generator=generator) / math.sqrt(shape[1])
+    return state
+
+
+def write_tiny_model(
+    folder: str | Path, arch: str = "mistral-7b", tokenizer: str = "v3", seed: int = 0, layout: str = "native"
+) -> Path:
+    """Write a random model folder: `native` (params.json + consolidated.safetensors), `sharded` (two
+    consolidated-0000N-of-00002.safetensors), `pth` (legacy consolidated.00.pth) or `hf` (config.json +
+    model.safetensors with HF names and rotary layout). The same seed gives the same model in every layout."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    source = tokenizer_path(tokenizer)
+    args = tiny_args(arch, TOKENIZER_FILES[tokenizer].vocab_size)
+    state = random_state_dict(args, seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if layout == "native":
+        save_model_folder(state, args, folder)
+    elif layout == "hf":
+        (folder / "config.json").write_text(json.dumps(args_to_hf_config(args), indent=2) + "\n")
+        hf_state = dict(convert_tensor_to_hf(name, tensor, args) for name, tensor in state.items())
+        save_file({k: v.contiguous() for k, v in hf_state.items()}, folder / "model.safetensors", {"format": "pt"})
+    else:
+        (folder / "params.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+        if layout == "pth":
+            torch.save(state, folder / "consolidated.00.pth")
+        else:
+            names = list(state)
+            for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), start=1):
+                save_file({k: state[k] for k in part}, folder / f"consolidated-{i:05d}-of-00002.safetensors")
+    shutil.copy(source, folder / TOKENIZER_FILES[tokenizer].filename)
+    return folder

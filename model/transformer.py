@@ -1,0 +1,170 @@
+"""The Mistral / Mixtral decoder over packed documents, in one file.
+
+Module names are exactly those of Mistral's native checkpoints (`layers.0.attention.wq.weight`, ...), so a
+`consolidated.safetensors` loads without renaming. Input is packed: a 1-D tensor of N tokens made of documents of
+lengths `seqlens`; documents never attend to each other and positions restart at 0 in each.
+
+There are no buffers: the rotary table is computed per forward from the positions, in fp32. So a model built on
+the meta device needs nothing but its weights after `to_empty`, and `model.to(torch.bfloat16)` cannot round the
+rotary frequencies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.args import ModelArgs
+from model.attention import BACKENDS, DocumentMask, resolve_backend
+
+
+def document_positions(seqlens: list[int], device: torch.device | str) -> torch.Tensor:
+    """Position of every packed token inside its own document: [0..L0-1, 0..L1-1, ...]."""
+    lengths = torch.tensor(seqlens, device=device)
+    starts = lengths.cumsum(0) - lengths
+    return torch.arange(sum(seqlens), device=device) - starts.repeat_interleave(lengths)
+
+
+def rotary_table(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """cos and sin of every (position, frequency), fp32, shaped [N, 1, head_dim // 2, 2] to broadcast over heads."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, heads, head_dim] by its position. Mistral's native layout rotates interleaved pairs
+    (x0, x1), (x2, x3), ... as complex numbers; Hugging Face's "rotate half" layout needs permuted wq/wk rows
+    (see model/hf_format.py). Computed in fp32, returned in x's dtype."""
+    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rope.unbind(-1)
+    return torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean of squares overflows or loses precision in bf16: normalise in fp32, then scale.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
+        n = x.shape[0]
+        q = apply_rotary(self.wq(x).view(n, self.n_heads, self.head_dim), rope)
+        k = apply_rotary(self.wk(x).view(n, self.n_kv_heads, self.head_dim), rope)
+        v = self.wv(x).view(n, self.n_kv_heads, self.head_dim)
+        return self.wo(mask.attend(q, k, v).reshape(n, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoeFeedForward(nn.Module):
+    """Mixtral's sparse layer: each token goes to its top-k experts, weighted by a softmax over those k logits.
+
+    Dispatch sorts the (token, expert) pairs by expert so each expert runs once on a contiguous group of its
+    tokens. Every expert is called, even with no token, so all ranks run the same modules (FSDP needs that).
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.top_k = args.moe.num_experts_per_tok
+        self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(args.dim, args.hidden_dim) for _ in range(args.moe.num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, chosen = torch.topk(self.gate(x), self.top_k, dim=-1)
+        weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(x.dtype)
+        expert_of_pair = chosen.flatten()
+        order = expert_of_pair.argsort(stable=True)
+        token_of_pair = order // self.top_k
+        counts = torch.bincount(expert_of_pair, minlength=len(self.experts)).tolist()
+        groups = x[token_of_pair].split(counts)
+        y = torch.cat([expert(group) for expert, group in zip(self.experts, groups)])
+        y = y * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add(0, token_of_pair, y)
+
+
+class TransformerBlock(nn.Module):
+    """One pre-norm residual block. Its forward takes only (hidden, rope table, mask) so it can be wrapped alone
+    by FSDP2 `fully_shard` and activation checkpointing. `mask` is anything with `attend(q, k, v)`: a
+    `DocumentMask` for packed documents, or a layer of a KV cache when decoding (model/generate.py)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = MoeFeedForward(args) if args.moe else FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Embeddings, blocks, final RMSNorm and an untied output head.
+
+    `attention_backend` is resolved at each forward against the input's device and dtype ("auto" picks the
+    fastest there), so the same module works when built on the meta device and moved later.
+    """
+
+    def __init__(self, args: ModelArgs, attention_backend: str = "auto"):
+        super().__init__()
+        if attention_backend != "auto" and attention_backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {attention_backend!r}; expected 'auto' or one of {BACKENDS}")
+        self.args = args
+        self.attention_backend = attention_backend
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def hidden_states(self, tokens: torch.Tensor, seqlens: list[int], cache=None) -> torch.Tensor:
+        """Final-normed hidden states [N, dim], before the output head (training computes its loss in chunks).
+
+        Under FSDP2 a method other than `forward` needs `register_fsdp_forward_method(model, "hidden_states")`.
+        With a `cache` (see model/generate.py), `seqlens[b]` new tokens continue cached sequence b.
+        """
+        if tokens.ndim != 1 or sum(seqlens) != tokens.shape[0]:
+            raise ValueError(f"tokens must be 1-D with sum(seqlens) = {sum(seqlens)} items, got {tuple(tokens.shape)}")
+        h = self.tok_embeddings(tokens)
+        if cache is None:
+            positions = document_positions(seqlens, tokens.device)
+            backend = resolve_backend(self.attention_backend, tokens.device, h.dtype)
+            masks = [DocumentMask(seqlens, backend, self.args.sliding_window, tokens.device)] * len(self.layers)
+        else:
+            positions, masks = cache.prepare(seqlens)
+        rope = rotary_table(positions, self.args.head_dim, self.args.rope_theta)
+        for layer, mask in zip(self.layers, masks):
+            h = layer(h, rope, mask)
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor, seqlens: list[int], cache=None) -> torch.Tensor:
+        """Logits [N, vocab_size] in the model's dtype."""
+        return self.output(self.hidden_states(tokens, seqlens, cache))

@@ -1,0 +1,89 @@
+import math
+import warnings
+
+import pytest
+import torch
+
+from model.attention import BACKENDS, attention, available_backends, resolve_backend
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SEQLENS = [5, 1, 11, 7]
+
+
+def qkv(n, n_heads=4, n_kv_heads=2, head_dim=16, device="cpu", dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(n, n_heads, head_dim), (n, n_kv_heads, head_dim), (n, n_kv_heads, head_dim)]
+    return [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+
+
+def naive_attention(q, k, v, seqlens, sliding_window):
+    """Token by token: softmax over the keys of the same document at most `sliding_window - 1` positions back."""
+    repeats = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    out, start = torch.empty_like(q), 0
+    for length in seqlens:
+        for i in range(start, start + length):
+            first = start if sliding_window is None else max(start, i - sliding_window + 1)
+            scores = torch.einsum("hd,thd->ht", q[i], k[first : i + 1]) / math.sqrt(q.shape[-1])
+            out[i] = torch.einsum("ht,thd->hd", scores.softmax(-1), v[first : i + 1])
+        start += length
+    return out
+
+
+@pytest.mark.parametrize("sliding_window", [None, 3])
+def test_sdpa_equals_naive_reference(sliding_window):
+    q, k, v = qkv(sum(SEQLENS))
+    expected = naive_attention(q, k, v, SEQLENS, sliding_window)
+    got = attention(q, k, v, SEQLENS, "sdpa", sliding_window)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "sdpa"])
+@pytest.mark.parametrize("sliding_window", [None, 3])
+def test_cpu_backends_equal_sdpa(backend, sliding_window):
+    q, k, v = qkv(sum(SEQLENS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex warns that it runs unfused without torch.compile
+        got = attention(q, k, v, SEQLENS, backend, sliding_window)
+    torch.testing.assert_close(got, attention(q, k, v, SEQLENS, "sdpa", sliding_window), rtol=1e-5, atol=1e-5)
+
+
+def test_backend_resolution():
+    assert resolve_backend("auto", "cpu") == "sdpa"
+    assert set(available_backends("cpu")) <= set(BACKENDS)
+    with pytest.raises(ValueError, match=r"'nope' is unknown; available: \['sdpa'"):
+        resolve_backend("nope", "cpu")
+    with pytest.raises(ValueError, match="'varlen' is not available on cpu"):
+        resolve_backend("varlen", "cpu")
+
+
+def test_bad_seqlens_are_refused():
+    q, k, v = qkv(4)
+    with pytest.raises(ValueError, match="positive document lengths"):
+        attention(q, k, v, [4, 0], "sdpa", None)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["varlen", "flex", "xformers"])
+@pytest.mark.parametrize("sliding_window", [None, 64])
+def test_gpu_backends_equal_sdpa_forward_and_backward(backend, sliding_window):
+    if backend not in available_backends("cuda", torch.bfloat16):
+        pytest.skip(f"{backend} is not available on this GPU")
+    seqlens = [100, 3, 260, 149]
+    out_grad = torch.randn(sum(seqlens), 8, 128, generator=torch.Generator().manual_seed(1)).cuda()
+    results = {}
+    for name in ("sdpa", backend):
+        q, k, v = (t.requires_grad_() for t in qkv(sum(seqlens), 8, 2, 128, "cuda", torch.bfloat16))
+        out = attention(q, k, v, seqlens, name, sliding_window)
+        out.backward(out_grad.to(out.dtype))
+        results[name] = [out, q.grad, k.grad, v.grad]
+    for got, expected in zip(results[backend], results["sdpa"]):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_auto_on_gpu_prefers_a_fused_backend():
+    assert resolve_backend("auto", "cuda", torch.bfloat16) == available_backends("cuda", torch.bfloat16)[0]
+    assert "varlen" not in available_backends("cuda", torch.float32)  # flash kernels are fp16/bf16 only
