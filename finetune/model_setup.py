@@ -1,0 +1,57 @@
+"""Build the model for training: meta init, LoRA, checkpointing and sharding, then the weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finetune.config import TrainConfig
+from finetune.distributed import DistInfo
+from finetune.loss import CausalLMWithLoss
+from finetune.parallel import (
+    DTYPES,
+    enable_activation_checkpointing,
+    load_streamed_weights,
+    lora_init_tensors,
+    shard_model,
+)
+from model.args import load_model_args
+from model.loading import iter_checkpoint_tensors
+from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable
+from model.transformer import Transformer
+
+
+def lora_args_from_config(cfg: TrainConfig) -> LoRAArgs:
+    return LoRAArgs(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=tuple(cfg.lora.targets))
+
+
+def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithLoss:
+    """The LoRA model wrapped with its loss, sharded when there is more than one process, weights loaded."""
+    model_dir = Path(cfg.model.path)
+    args = load_model_args(model_dir)
+    dtype = DTYPES[cfg.model.dtype]
+    with torch.device("meta"):
+        model = Transformer(args, attention_backend=cfg.model.attention).to(dtype)
+        inject_lora(model, lora_args_from_config(cfg))
+    mark_only_lora_trainable(model)
+    loss_model = CausalLMWithLoss(model)
+
+    if cfg.model.activation_checkpointing:
+        for block in model.layers:
+            enable_activation_checkpointing(block)
+    if cfg.model.compile:
+        for block in model.layers:
+            block.compile()
+    if dist_info.world_size > 1:
+        shard_model(loss_model, model.layers, compute_dtype=dtype)
+
+    loss_model.to_empty(device=dist_info.device)
+    is_loader = dist_info.rank == 0
+    filled = load_streamed_weights(loss_model, iter_checkpoint_tensors(model_dir) if is_loader else None, prefix="model.")
+    filled |= load_streamed_weights(loss_model, lora_init_tensors(model, cfg.seed) if is_loader else None, prefix="model.")
+    missing = [name for name, _ in loss_model.named_parameters() if name not in filled]
+    if missing:
+        shown = ", ".join(n.removeprefix("model.") for n in missing[:5])
+        raise ValueError(f"{model_dir}: the checkpoint has no tensor for {len(missing)} parameters: {shown}")
+    return loss_model

@@ -1,0 +1,137 @@
+"""Metrics out: metrics.jsonl always; TensorBoard, W&B and MLflow when configured and installed; console lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from finetune.config import TrainConfig
+
+EXTRA_HINT = "pip install 'tailor[logging]'"
+
+
+class MetricsLogger:
+    """One JSON record per logged step in run_dir/metrics.jsonl, mirrored to the configured trackers.
+
+    Open it on rank 0 only. A tracker whose package is missing is skipped with one warning: a run never
+    fails for want of a dashboard.
+    """
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.tensorboard = self.wandb = self.mlflow = None
+        log = cfg.logging
+        if log.tensorboard:
+            writer = _optional_import("torch.utils.tensorboard", "tensorboard")
+            self.tensorboard = writer and writer.SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        if log.wandb.project:
+            self.wandb = _optional_import("wandb", "wandb")
+            if self.wandb:
+                if log.wandb.key and not os.environ.get("WANDB_API_KEY"):
+                    os.environ["WANDB_API_KEY"] = log.wandb.key
+                self.wandb.init(project=log.wandb.project, name=log.wandb.run_name or None, dir=str(run_dir),
+                                mode="offline" if log.wandb.offline else "online", config=_flat_config(cfg))
+        if log.mlflow.tracking_uri:
+            self.mlflow = _optional_import("mlflow", "mlflow")
+            if self.mlflow:
+                self.mlflow.set_tracking_uri(log.mlflow.tracking_uri)
+                self.mlflow.set_experiment(log.mlflow.experiment_name)
+                self.mlflow.start_run()
+                self.mlflow.log_params(_flat_config(cfg))
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        prefix = record.get("kind", "train")
+        if self.tensorboard:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(f"{prefix}/{key}", value, step)
+        if self.wandb:
+            self.wandb.log({f"{prefix}/{k}": v for k, v in numbers.items()}, step=step)
+        if self.mlflow:
+            self.mlflow.log_metrics({f"{prefix}_{k}": v for k, v in numbers.items()}, step=step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+        if self.mlflow:
+            self.mlflow.end_run()
+
+
+def _optional_import(module: str, package: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        warnings.warn(f"{package} is not installed, so it is skipped; install it with {EXTRA_HINT}", stacklevel=3)
+        return None
+
+
+def _flat_config(cfg: TrainConfig) -> dict:
+    from finetune.config import config_to_dict
+
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix.rstrip(".")] = str(value)
+
+    walk("", config_to_dict(cfg))
+    return flat
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated on CUDA; peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def format_train_line(record: dict) -> str:
+    step, max_steps = record["step"], record["max_steps"]
+    eta = record["elapsed_s"] / step * (max_steps - step)
+    line = (f"step {step:>{len(str(max_steps))}}/{max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"grad norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:,.0f} "
+            f"(trained {record['trained_tokens_per_s']:,.0f})  peak mem {record['peak_memory_gib']:.1f} GiB  "
+            f"ETA {format_duration(eta)}")
+    if sys.stdout.isatty():
+        done = int(20 * step / max_steps)
+        line = f"[{'#' * done}{'.' * (20 - done)}] " + line
+    return line
+
+
+def format_eval_line(record: dict) -> str:
+    return (f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  perplexity "
+            f"{record['eval_perplexity']:.2f}  token accuracy {record['eval_token_accuracy']:.1%}")
+
+
+def format_summary(steps: int, tokens: int, seconds: float, train_loss: float | None, eval_metrics: dict | None,
+                   checkpoint: Path | None) -> str:
+    lines = [f"done: {steps} steps, {tokens:,} tokens in {format_duration(seconds)}"]
+    if train_loss is not None:
+        lines.append(f"  final train loss {train_loss:.4f}")
+    if eval_metrics:
+        lines.append(f"  final eval loss {eval_metrics['eval_loss']:.4f} (perplexity {eval_metrics['eval_perplexity']:.2f},"
+                     f" token accuracy {eval_metrics['eval_token_accuracy']:.1%})")
+    if checkpoint:
+        lines.append(f"  adapters: {checkpoint}")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""AdamW on the LoRA parameters, and the learning rate of each step: linear warmup, then cosine decay.
+
+The schedule is a pure function of the step, so resuming needs nothing but the step number, and it only
+ever writes the learning rate: AdamW's betas stay what the config says.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from finetune.config import OptimConfig
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+    # The parameters are fp32 (LoRA), so the optimizer state is fp32 too.
+    return torch.optim.AdamW(list(params), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def warmup_steps_for(cfg: OptimConfig, max_steps: int) -> int:
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, max_steps)
+    return round(cfg.warmup_fraction * max_steps)
+
+
+def lr_at_step(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """The learning rate of optimizer step `step`, counted from 1.
+
+    Warmup: lr · step / warmup, so step 1 already learns and step `warmup` reaches lr. Then cosine:
+    min_lr + (lr − min_lr) · ½ (1 + cos(π · progress)), progress going from 0 just after warmup to 1 at max_steps.
+    """
+    warmup = warmup_steps_for(cfg, max_steps)
+    if step <= warmup:
+        return cfg.lr * step / warmup
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

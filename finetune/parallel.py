@@ -1,0 +1,115 @@
+"""Parallelism applied to an unchanged model, in one place.
+
+The model is built on the meta device (no memory), LoRA is injected, every block gets activation
+checkpointing and FSDP2 `fully_shard`, and only then is memory allocated, shard by shard. Rank 0 streams
+the checkpoint one tensor at a time and scatters each to the ranks' shards, so N ranks on a node never
+hold N copies of the model in CPU memory, and rank 0 holds one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def enable_activation_checkpointing(block: nn.Module) -> None:
+    """Recompute the block's activations in backward instead of storing them.
+
+    The forward is wrapped in place rather than the module in a wrapper, so parameter names (and with them
+    checkpoint and adapter keys) stay exactly the native ones.
+    """
+    forward = block.forward
+
+    def checkpointed_forward(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed_forward
+
+
+def shard_model(root: nn.Module, blocks: nn.ModuleList, compute_dtype: torch.dtype) -> None:
+    """FSDP2 per block then at the root: compute in `compute_dtype`, reduce gradients in fp32.
+
+    LoRA parameters stay fp32 in their shards (and so does the optimizer state); they are cast to the
+    compute dtype only for the all-gathered copy used in forward and backward.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
+
+
+def load_streamed_weights(
+    module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]] | None, prefix: str = ""
+) -> set[str]:
+    """Copy named tensors into `module`'s (possibly sharded) parameters; return the names filled.
+
+    Only rank 0 needs `tensors` (the others pass None): rank 0 announces each name, then every rank takes
+    its shard with `distribute_tensor`. Without a process group this is a plain copy.
+    """
+    params = dict(module.named_parameters())
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    filled: set[str] = set()
+    tensors = iter(tensors) if tensors is not None else iter(())
+    while True:
+        item = next(tensors, None) if rank == 0 else None
+        if distributed:
+            box = [item[0] if item is not None else None]
+            dist.broadcast_object_list(box, src=0)
+            name = box[0]
+        else:
+            name = item[0] if item is not None else None
+        if name is None:
+            return filled
+        key = prefix + name
+        if key not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no parameter in the model")
+        param = params[key]
+        full = item[1] if rank == 0 else torch.empty(_full_shape(param), dtype=param.dtype)
+        if tuple(full.shape) != _full_shape(param):
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(full.shape)}; the model expects {_full_shape(param)}")
+        _copy_full_into(param, full)
+        filled.add(key)
+
+
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    return tuple(param.shape)  # a DTensor reports its global shape
+
+
+def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            full = full.to(device=param.device, dtype=param.dtype)
+            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0)
+            param.to_local().copy_(shard.to_local())
+        else:
+            param.copy_(full)
+
+
+def lora_init_tensors(module: nn.Module, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full-size initial LoRA weights (A Kaiming-uniform, B zeros), the same for any number of ranks."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in module.named_parameters():
+        if name.endswith("lora_A.weight"):
+            a = torch.empty(_full_shape(param), dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            yield name, a
+        elif name.endswith("lora_B.weight"):
+            yield name, torch.zeros(_full_shape(param), dtype=torch.float32)
+
+
+def full_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gather sharded tensors into full CPU tensors (a collective: call it on every rank)."""
+    return {
+        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True)
+        for name, t in tensors.items()
+    }
