@@ -64,7 +64,19 @@ class CausalLMWithLoss(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, tokens: torch.Tensor, seqlens: list[int], targets: torch.Tensor,
+    def forward(self, tokens: torch.Tensor, seqlens: list[int], positions: torch.Tensor, targets: torch.Tensor,
                 weights: torch.Tensor) -> LossSums:
-        hidden = self.model.hidden_states(tokens, seqlens)
+        """`positions` are the indices of the trained targets (weight > 0); `targets` and `weights` are theirs.
+        In instruction data most targets are prompt tokens with weight 0: their logits are never computed."""
+        hidden = self.model.hidden_states(tokens, seqlens)[positions]
         return chunked_cross_entropy(hidden, self.model.output, targets, weights, self.chunk_size)
+
+
+def loss_inputs(batch, device: torch.device) -> dict:
+    """A Batch as CausalLMWithLoss's arguments. The trained positions are found on the CPU, where the batch is,
+    so the device never waits on the host for them."""
+    positions = batch.weights.nonzero().squeeze(1)
+    return dict(tokens=batch.tokens.to(device, non_blocking=True), seqlens=batch.seqlens,
+                positions=positions.to(device, non_blocking=True),
+                targets=batch.targets[positions].to(device, non_blocking=True),
+                weights=batch.weights[positions].to(device, non_blocking=True))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from finetune.distributed import all_reduce_sum
+from finetune.loss import loss_inputs
 
 
 @dataclass
@@ -44,7 +45,7 @@ def train_step(loss_model: nn.Module, optimizer: torch.optim.Optimizer, micro_ba
     trained = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         _set_gradient_sync(loss_model, i == len(micro_batches) - 1)
-        sums = loss_model(batch.tokens.to(device), batch.seqlens, batch.targets.to(device), batch.weights.to(device))
+        sums = loss_model(**loss_inputs(batch, device))
         (sums.loss_sum * (world_size / step_weight)).backward()
         loss_sum += sums.loss_sum.detach()
         trained += sums.n_trained

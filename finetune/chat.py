@@ -1,0 +1,195 @@
+"""`tailor chat`: talk to a base, merged or adapted model, or answer a file of conversations.
+
+Prompts are mistral-common's `encode_chat_completion` of the conversation, the same template training uses;
+replies come from model/generate.py (KV cache, batched) and end at EOS. With `--adapter`, the trained adapter
+runs beside the frozen weights as in training, or folded into them with `--merge` (faster, same answers up to
+rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from finetune.data.tokenize import check_tokenizer_vocab, find_tokenizer_file
+from finetune.merge import read_adapter
+from model.args import load_model_args
+from model.generate import generate
+from model.loading import load_model
+from model.lora import load_lora_state_dict, merge_lora
+from model.transformer import Transformer
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = 0  # sampled answers are reproducible by default
+
+
+def load_chat_model(model_dir: str | Path, adapter_dir: str | Path | None = None, merge: bool = False
+                    ) -> tuple[Transformer, MistralTokenizer]:  # fmt: skip
+    """The model (on the GPU in bf16 when there is one, else CPU fp32) with its adapter, and its tokenizer."""
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"model folder not found: {model_dir}")
+    tokenizer = MistralTokenizer.from_file(str(find_tokenizer_file(model_dir)))  # before minutes of loading
+    check_tokenizer_vocab(tokenizer, load_model_args(model_dir).vocab_size, model_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if adapter_dir is None:
+        model = load_model(model_dir, dtype=dtype, device=device)
+    else:
+        state, lora = read_adapter(adapter_dir)
+        model = load_model(model_dir, dtype=dtype, device=device, lora=lora)
+        try:
+            load_lora_state_dict(model, state)
+        except ValueError as e:
+            raise ValueError(f"{adapter_dir} does not fit {model_dir}: {e}") from None
+        if merge:
+            merge_lora(model)
+    return model.eval(), tokenizer
+
+
+def encode_conversation(tokenizer: MistralTokenizer, messages: list[dict], tools: list[dict] | None = None
+                        ) -> list[int]:  # fmt: skip
+    """Prompt tokens of a conversation that ends with a user (or tool) message."""
+    return tokenizer.encode_chat_completion(ChatCompletionRequest(messages=messages, tools=tools)).tokens
+
+
+def generate_replies(model: Transformer, tokenizer: MistralTokenizer, prompts: list[list[int]], sampling: Sampling,
+                     batch_size: int = 8) -> list[list[int]]:  # fmt: skip
+    """Reply tokens (EOS not included) of each prompt, `batch_size` prompts per generation."""
+    eos_id = tokenizer.instruct_tokenizer.tokenizer.eos_id
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        replies += generate(model, prompts[start : start + batch_size], sampling.max_tokens, eos_id,
+                            sampling.temperature, sampling.top_p, sampling.seed)  # fmt: skip
+    return replies
+
+
+def chat_once(model: Transformer, tokenizer: MistralTokenizer, messages: list[dict], sampling: Sampling) -> str:
+    """The assistant's answer to a conversation."""
+    return answer_conversations(model, tokenizer, [{"messages": messages}], sampling)[0]
+
+
+def answer_conversations(model: Transformer, tokenizer: MistralTokenizer, conversations: list[dict],
+                         sampling: Sampling, batch_size: int = 8) -> list[str]:  # fmt: skip
+    """Answers to conversations given as `{"messages": [...], "tools": [...] (optional)}`."""
+    prompts = [encode_conversation(tokenizer, c["messages"], c.get("tools")) for c in conversations]
+    return [tokenizer.decode(reply) for reply in generate_replies(model, tokenizer, prompts, sampling, batch_size)]
+
+
+def answer_file(model: Transformer, tokenizer: MistralTokenizer, input_path: str | Path, output_path: str | Path,
+                sampling: Sampling, batch_size: int = 8) -> int:  # fmt: skip
+    """Answer every conversation of a JSON Lines file; write one `{"messages", "answer"}` line per input line, with
+    the input's final assistant message, if any, left out of the prompt and kept as `"reference"`."""
+    conversations, prompts = [], []
+    for number, conversation in read_conversations(input_path):
+        try:
+            prompts.append(encode_conversation(tokenizer, conversation["messages"], conversation.get("tools")))
+        except Exception as e:  # mistral-common's validation errors have no common base class
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{input_path}:{number}: the tokenizer cannot encode this conversation: {first_line}"
+                             ) from None
+        conversations.append(conversation)
+    replies = generate_replies(model, tokenizer, prompts, sampling, batch_size)
+    with open(output_path, "w", encoding="utf-8") as f:
+        for conversation, reply in zip(conversations, replies):
+            f.write(json.dumps({**conversation, "answer": tokenizer.decode(reply)}, ensure_ascii=False) + "\n")
+    return len(replies)
+
+
+def read_conversations(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, conversation) of each non-blank line; a final assistant message becomes `reference`."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            messages = record.get("messages") if isinstance(record, dict) else None
+            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+                raise ValueError(f"{path}:{number}: expected an object with a non-empty 'messages' list of objects")
+            conversation = {"messages": messages}
+            if messages[-1].get("role") == "assistant":
+                conversation = {"messages": messages[:-1], "reference": messages[-1].get("content")}
+            if record.get("tools"):
+                conversation["tools"] = record["tools"]
+            yield number, conversation
+
+
+def interactive_chat(model: Transformer, tokenizer: MistralTokenizer, sampling: Sampling, system: str | None = None,
+                     stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:  # fmt: skip
+    """A conversation on the terminal: each line is a user message, answered with the whole history in the
+    prompt. `/reset` forgets the history, `/exit` or end of input quits."""
+    stdout.write("Type a message; /reset starts a new conversation, /exit quits.\n")
+    history: list[dict] = []
+    while True:
+        stdout.write("> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        text = line.strip()
+        if text == "/reset":
+            history = []
+            stdout.write("(new conversation)\n")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        system_message = [{"role": "system", "content": system}] if system else []
+        answer = chat_once(model, tokenizer, system_message + history, sampling)
+        history.append({"role": "assistant", "content": answer})
+        stdout.write(answer + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="a base or merged model folder")
+    parser.add_argument("--adapter", type=Path, help="checkpoint folder holding lora.safetensors")
+    parser.add_argument("--merge", action="store_true", help="fold the adapter into the weights before generating")
+    parser.add_argument("--prompt", help="answer this one message and exit (default: an interactive loop)")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--input", type=Path, help="JSON Lines of {'messages': [...]} conversations to answer")
+    parser.add_argument("--output", type=Path, help="where --input's answers go (JSON Lines)")
+    parser.add_argument("--batch-size", type=int, default=8, help="conversations generated together with --input")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling when temperature > 0")
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
+    try:
+        if (args.input is None) != (args.output is None):
+            raise ValueError("--input and --output go together")
+        if args.input is not None and args.prompt is not None:
+            raise ValueError("--prompt and --input exclude each other")
+        if args.merge and args.adapter is None:
+            raise ValueError("--merge needs --adapter")
+        model, tokenizer = load_chat_model(args.model, args.adapter, args.merge)
+        if args.input is not None:
+            count = answer_file(model, tokenizer, args.input, args.output, sampling, args.batch_size)
+            print(f"{count} answers written to {args.output}")
+        elif args.prompt is not None:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            print(chat_once(model, tokenizer, system + [{"role": "user", "content": args.prompt}], sampling))
+        else:
+            interactive_chat(model, tokenizer, sampling, args.system)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,74 @@
+"""`tailor export-hf`: a base or merged model folder in Hugging Face's Mistral / Mixtral format.
+
+The output (config.json, model.safetensors, the mistral-common tokenizer file) loads with transformers'
+`AutoModelForCausalLM.from_pretrained` and serves with vLLM (`--tokenizer-mode mistral` reads the tokenizer file).
+Names and the q/k rotary permutation are model/hf_format.py's; tensors stream one at a time, as in merge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from finetune.merge import TensorSpec, checkpoint_specs, copy_tokenizer, staged_folder, write_safetensors
+from model.args import ModelArgs, load_model_args
+from model.hf_format import args_to_hf_config, convert_tensor_to_hf, native_to_hf_name
+from model.loading import VISION_PREFIXES, iter_checkpoint_tensors
+from model.lora import is_lora_name
+
+HF_WEIGHTS = "model.safetensors"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write `model_dir` (any layout model/loading.py reads) as a Hugging Face folder, in `dtype` or each tensor's
+    own. The text decoder only: a multimodal checkpoint's vision tower is left out."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ValueError(f"model folder not found: {model_dir}")
+    args = load_model_args(model_dir)
+    specs = {name: spec for name, spec in checkpoint_specs(model_dir).items() if not name.startswith(VISION_PREFIXES)}
+    if any(is_lora_name(name) for name in specs):
+        raise ValueError(f"{model_dir} holds LoRA tensors: merge the adapter first (tailor merge)")
+    try:
+        hf_specs = {native_to_hf_name(name): TensorSpec(dtype or s.dtype, s.shape) for name, s in specs.items()}
+    except ValueError as e:
+        raise ValueError(f"{model_dir}: {e}") from None
+    config = args_to_hf_config(args)
+    config["torch_dtype"] = str(dtype or specs["tok_embeddings.weight"].dtype).removeprefix("torch.")
+    with staged_folder(out_dir) as staging:
+        write_safetensors(staging / HF_WEIGHTS, hf_specs, hf_tensors(iter_checkpoint_tensors(model_dir), args, dtype))
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_tokenizer([model_dir], staging)
+    return Path(out_dir)
+
+
+def hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, dtype: torch.dtype | None
+               ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    for name, tensor in tensors:
+        if name.startswith(VISION_PREFIXES):
+            continue
+        hf_name, tensor = convert_tensor_to_hf(name, tensor, args)
+        yield hf_name, tensor if dtype is None else tensor.to(dtype)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="a base or merged model folder")
+    parser.add_argument("--out", required=True, type=Path, help="new folder for the Hugging Face model")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast the weights (default: keep each tensor's dtype)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = export_hf(args.model, args.out, DTYPES[args.dtype] if args.dtype else None)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Hugging Face model written to {out}")
+    return 0

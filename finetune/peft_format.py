@@ -1,0 +1,186 @@
+"""`tailor export-peft` / `tailor import-peft`: adapters in Hugging Face PEFT's format, and back.
+
+PEFT's file is `adapter_model.safetensors` with keys `base_model.model.<HF weight name minus .weight>.lora_A.weight`
+and an `adapter_config.json`; that is what `peft.PeftModel.from_pretrained` and vLLM read. Names and the rotary
+permutation are model/hf_format.py's: wq/wk's B rows are permuted like their weight's rows, A never is.
+
+Mixtral's experts are written per expert (`block_sparse_moe.experts.{e}.w1`), as PEFT saves them with
+transformers 4 and as the hub's Mixtral adapters are; PEFT with transformers 5 converts them to its fused expert
+parameters on load. The reverse, importing an adapter saved in that fused layout (`target_parameters`), is refused:
+splitting PEFT's nested, rank-doubled gate_up/down wrappers back into experts is not supported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from finetune.merge import ADAPTER_FILE, copy_tokenizer, params_with_lora, read_adapter, staged_folder
+from model.args import load_model_args
+from model.hf_format import convert_tensor_to_hf, convert_tensor_to_native
+from model.lora import LORA_TARGETS, LoRAArgs, inject_lora, load_lora_state_dict
+from model.transformer import Transformer
+
+PEFT_PREFIX = "base_model.model."
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS_LEGACY = "adapter_model.bin"
+
+# PEFT options that make an adapter something other than y = W x + (alpha / r) · B A x on whole layers.
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA's magnitude vectors",
+    "lora_bias": "LoRA biases",
+    "fan_in_fan_out": "transposed (Conv1D) weights",
+    "modules_to_save": "fully trained modules next to the adapters",
+    "layers_to_transform": "adapters on some layers only",
+    "layers_pattern": "adapters on some layers only",
+    "rank_pattern": "a different rank per module",
+    "alpha_pattern": "a different alpha per module",
+    "target_parameters": "adapters on parameters (transformers 5's fused Mixtral experts)",
+    "trainable_token_indices": "trained token embeddings",
+    "layer_replication": "replicated layers",
+}
+
+
+def export_peft(adapter_dir: str | Path, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write a tailor checkpoint's adapter as a PEFT adapter for the Hugging Face Mistral / Mixtral layout."""
+    state, lora = read_adapter(adapter_dir)
+    args = load_model_args(adapter_dir)  # the checkpoint's params.json is the base's plus `lora`
+    # PEFT's wrapper of transformers 5's fused experts refuses dropout; dropout plays no part in inference.
+    dropout = 0.0 if args.moe and {"w1", "w2", "w3"} & set(lora.targets) else lora.dropout
+    peft_state, modules = {}, set()
+    for name, tensor in state.items():
+        hf_name, tensor = convert_tensor_to_hf(name, tensor, args)
+        peft_state[PEFT_PREFIX + hf_name] = tensor.contiguous()
+        modules.add(hf_name.split(".")[-3])  # model.layers.0.self_attn.q_proj.lora_A.weight -> q_proj
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    with staged_folder(out_dir) as staging:
+        save_file(peft_state, staging / PEFT_WEIGHTS, metadata={"format": "pt"})
+        (staging / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
+
+
+def import_peft(peft_dir: str | Path, out_dir: str | Path, base_dir: str | Path) -> Path:
+    """Write a PEFT LoRA adapter of a Mistral / Mixtral model as a tailor checkpoint folder (lora.safetensors in
+    fp32, the base's params.json with `lora`, the base's tokenizer), ready to evaluate, merge or train further."""
+    peft_dir, base_dir = Path(peft_dir), Path(base_dir)
+    rank, alpha, dropout = read_peft_config(peft_dir)
+    args = load_model_args(base_dir)
+    state, unsupported = {}, set()
+    for key, tensor in read_peft_weights(peft_dir).items():
+        try:
+            name, tensor = convert_tensor_to_native(key.removeprefix(PEFT_PREFIX), tensor, args)
+        except ValueError:
+            name = None
+        if not key.startswith(PEFT_PREFIX) or name is None or name.rsplit(".", 3)[-3] not in LORA_TARGETS:
+            unsupported.add(_module_of(key))
+            continue
+        state[name] = tensor.float().contiguous()
+    if unsupported:
+        raise ValueError(f"{peft_dir}: adapters on modules tailor cannot adapt: {sorted(unsupported)[:6]}; "
+                         "supported are q/k/v/o_proj, gate/up/down_proj, Mixtral's experts w1/w2/w3 and lm_head")
+    targets = sorted({name.rsplit(".", 3)[-3] for name in state}, key=LORA_TARGETS.index)
+    lora = LoRAArgs(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(targets))
+    with torch.device("meta"):  # checks every adapted layer is there with the base's shapes, without memory
+        model = Transformer(args)
+    inject_lora(model, lora)
+    try:
+        load_lora_state_dict(model, {name: tensor.to("meta") for name, tensor in state.items()})
+    except ValueError as e:
+        raise ValueError(f"{peft_dir} does not fit the model of {base_dir}: {e}") from None
+    with staged_folder(out_dir) as staging:
+        save_file(state, staging / ADAPTER_FILE)
+        (staging / "params.json").write_text(json.dumps(params_with_lora(base_dir, lora), indent=2) + "\n")
+        copy_tokenizer([base_dir], staging)
+    return Path(out_dir)
+
+
+def _module_of(key: str) -> str:
+    """base_model.model.model.embed_tokens.lora_embedding_A -> model.embed_tokens"""
+    key = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")
+    module, _, last = key.rpartition(".")
+    return module if last.startswith("lora_") else key
+
+
+def read_peft_config(peft_dir: Path) -> tuple[int, float, float]:
+    """Rank, alpha (tailor's: scaling = alpha / r) and dropout of a PEFT LoRA config; options tailor's LoRA cannot
+    express are a ValueError naming the file and the option."""
+    path = peft_dir / PEFT_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{peft_dir}: no {PEFT_CONFIG}; expected a PEFT adapter folder")
+    config = json.loads(path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not supported, only 'LORA'")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias {config['bias']!r} is not supported: tailor's LoRA trains no bias")
+    for option, meaning in _UNSUPPORTED_OPTIONS.items():
+        if config.get(option):
+            raise ValueError(f"{path}: {option} = {config[option]!r} is not supported: tailor's LoRA has no {meaning}")
+    if not {"r", "lora_alpha"} <= set(config):
+        raise ValueError(f"{path}: r and lora_alpha are required")
+    rank, alpha = config["r"], config["lora_alpha"]
+    if config.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r)
+        alpha = alpha * math.sqrt(rank)
+    return rank, alpha, config.get("lora_dropout", 0.0)
+
+
+def read_peft_weights(peft_dir: Path) -> dict[str, torch.Tensor]:
+    if (peft_dir / PEFT_WEIGHTS).is_file():
+        return load_file(peft_dir / PEFT_WEIGHTS)
+    if (peft_dir / PEFT_WEIGHTS_LEGACY).is_file():
+        return torch.load(peft_dir / PEFT_WEIGHTS_LEGACY, map_location="cpu", weights_only=True)
+    raise ValueError(f"{peft_dir}: no {PEFT_WEIGHTS} (or {PEFT_WEIGHTS_LEGACY})")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, type=Path, help="checkpoint folder holding lora.safetensors")
+    parser.add_argument("--out", required=True, type=Path, help="new folder for the PEFT adapter")
+    parser.add_argument("--base-model-name", default=None,
+                        help="written as base_model_name_or_path, e.g. the hub id of the converted base")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    try:
+        out = export_peft(args.adapter, args.out, args.base_model_name)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"PEFT adapter written to {out}")
+    return 0
+
+
+def add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peft", required=True, type=Path, help="PEFT adapter folder (adapter_config.json, ...)")
+    parser.add_argument("--base", required=True, type=Path, help="the model folder the adapter belongs to")
+    parser.add_argument("--out", required=True, type=Path, help="new checkpoint folder")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    try:
+        out = import_peft(args.peft, args.out, args.base)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"adapter checkpoint written to {out}")
+    return 0
