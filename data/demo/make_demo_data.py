@@ -11,8 +11,7 @@ import json
 import random
 from pathlib import Path
 
-NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Karen", "Leo",
-         "Maria", "Nina", "Oscar", "Paul", "Quinn", "Rosa", "Sam", "Tom", "Uma", "Victor", "Wendy", "Xavier"]
+NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry"]
 TIMES = ["morning", "afternoon", "evening", "night"]
 PHRASINGS = ["Greet {name} in the {time}.", "Please say hi to {name}, it is {time}.",
              "It's {time}. Welcome {name}.", "{name} just arrived this {time}. Greet them."]
@@ -31,9 +30,9 @@ def main() -> None:
     rng = random.Random(0)
     pairs = [(n, t) for n in NAMES for t in TIMES]
     rng.shuffle(pairs)
-    held_out, seen = pairs[:16], pairs[16:]
+    held_out, seen = pairs[:8], pairs[8:]
     train = [conversation(*rng.choice(seen), rng) for _ in range(400)]
-    evaluation = [conversation(*pair, rng) for pair in held_out for _ in range(3)]
+    evaluation = [conversation(*pair, rng) for pair in held_out for _ in range(4)]
     folder = Path(__file__).parent
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evaluation)):
         with open(folder / name, "w", encoding="utf-8") as f:

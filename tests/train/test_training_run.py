@@ -1,0 +1,101 @@
+"""End to end: train.py in one process, under torchrun with 2 ranks, and as 2 nodes on one machine."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT = 600
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT, **kwargs)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_process_learns_and_writes_checkpoints(write_config, tmp_path):
+    config = write_config()
+    result = run([sys.executable, "train.py", str(config)])
+    run_dir = tmp_path / "run"
+
+    train = records(run_dir, "train")
+    assert [r["step"] for r in train] == list(range(1, 17))
+    first, last = train[0]["loss"], sum(r["loss"] for r in train[-3:]) / 3
+    assert first > 8.0 and last < 0.6 * first, (first, last)
+    evals = records(run_dir, "eval")
+    assert [r["step"] for r in evals] == [8, 16]
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[1]["eval_perplexity"] == pytest.approx(2.718281828 ** evals[1]["eval_loss"], rel=1e-6)
+
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint_000008", "checkpoint_000016"]
+    final = run_dir / "checkpoints" / "checkpoint_000016"
+    adapter = load_file(final / "lora.safetensors")
+    assert len(adapter) == 2 * (2 * 7 + 1)  # A and B for 7 modules in 2 layers, and the output head
+    assert adapter["layers.0.attention.wq.lora_A.weight"].shape == (8, 64)
+    assert adapter["layers.1.feed_forward.w2.lora_B.weight"].abs().sum() > 0
+    params = json.loads((final / "params.json").read_text())
+    assert params["lora"] == {"rank": 8, "alpha": 16.0, "scaling": 2.0, "dropout": 0.0,
+                              "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]}
+    assert params["vocab_size"] == 32768
+    assert (final / "tokenizer.model.v3").is_file()
+    assert "final eval loss" in result.stdout and str(final.relative_to(tmp_path)) in result.stdout.replace(str(tmp_path) + "/", "")
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_checkpoint_rotation_keeps_the_newest(write_config, tmp_path):
+    config = write_config(max_steps=6, checkpoint__freq=2, checkpoint__keep=2, eval__enabled=False)
+    run([sys.executable, "train.py", str(config)])
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint_000004", "checkpoint_000006"]
+
+
+def test_two_ranks_with_torchrun_learn(write_config, tmp_path):
+    config = write_config(batch_size=1)
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         "train.py", str(config)])
+    train = records(tmp_path / "run", "train")
+    assert [r["step"] for r in train] == list(range(1, 17))
+    assert train[0]["tokens"] == 2 * 128  # one sequence per rank
+    assert sum(r["loss"] for r in train[-3:]) / 3 < 0.6 * train[0]["loss"]
+    assert len(records(tmp_path / "run", "eval")) == 2
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint_000016" / "lora.safetensors").is_file()
+
+
+def test_two_nodes_on_one_machine(write_config, tmp_path):
+    """Two torchrun agents, one per "node", meeting over loopback with the c10d rendezvous."""
+    config = write_config(batch_size=1, max_steps=4, eval__enabled=False, checkpoint__freq=4)
+    endpoint = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    agents = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                          "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                          "--rdzv-id", "tailor-test", "train.py", str(config)],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]
+    outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    train = records(tmp_path / "run", "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert train[0]["tokens"] == 2 * 128
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint_000004" / "lora.safetensors").is_file()
