@@ -1,0 +1,255 @@
+"""Tokenize each .jsonl file once, into memory-mapped arrays that later runs and every rank reuse.
+
+An entry lives in `<cache_dir>/<key>/`, where the key hashes the file's bytes, the tokenizer file's bytes,
+train_on, the mistral-common version and this format's version: edit any of them and the entry is built
+anew. Building happens under a file lock, into a folder that is renamed into place when complete, so
+ranks that start together (torchrun) tokenize each file once and never read half a cache.
+
+One entry:
+    tokens.bin        uint32, the tokens of all good samples, one after the other
+    sample_starts.npy int64 [n+1], sample i is tokens[starts[i]:starts[i+1]]
+    sample_lines.npy  int64 [n], the line of each sample in the source file (from 1)
+    span_starts.npy   int64 [n+1], sample i's trained spans are spans[span_starts[i]:span_starts[i+1]]
+    spans.npy         (begin, end, weight): tokens[begin:end] of the sample have this loss weight
+    errors.jsonl      {"line", "kind", "message", "fixable"} for each bad line
+    meta.json         counts; written last
+Weights are stored as spans because they are constant over whole messages: 12 bytes per assistant
+message instead of 4 per token.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mistral_common
+import numpy as np
+
+from finetune.config import TrainConfig
+from finetune.data.errors import SampleFault
+from finetune.data.jsonl import line_aligned_ranges, parse_line, read_lines
+from finetune.data.tokenize import tokenize_sample_spans
+
+CACHE_FORMAT = 1
+assert array.array("I").itemsize == 4, "tokens.bin holds uint32"
+CHUNK_BYTES = 8 << 20  # one task for a worker process; files below this are tokenized in-process
+SPAN_DTYPE = np.dtype([("begin", "<i4"), ("end", "<i4"), ("weight", "<f4")])
+
+
+@dataclass(frozen=True)
+class Fault:
+    line: int
+    kind: str
+    message: str
+    fixable: bool = False
+
+
+class TokenizedFile:
+    """The cached tokens of one .jsonl file: good samples in file order, plus the faults of the bad lines."""
+
+    def __init__(self, source: Path, entry: Path):
+        self.source = source
+        self.entry = entry
+        self.meta = json.loads((entry / "meta.json").read_text())
+        self.tokens = np.memmap(entry / "tokens.bin", dtype=np.uint32, mode="r") if self.meta["n_tokens"] else \
+            np.zeros(0, np.uint32)
+        self.sample_starts = np.load(entry / "sample_starts.npy")
+        self.sample_lines = np.load(entry / "sample_lines.npy")
+        self.span_starts = np.load(entry / "span_starts.npy")
+        self.spans = np.load(entry / "spans.npy")
+        self.lengths = np.diff(self.sample_starts)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def faults(self) -> list[Fault]:
+        with open(self.entry / "errors.jsonl", encoding="utf-8") as f:
+            return [Fault(**json.loads(line)) for line in f]
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and loss weights of good sample i."""
+        start, end = self.sample_starts[i], self.sample_starts[i + 1]
+        weights = np.zeros(end - start, np.float32)
+        for begin, stop, weight in self.spans[self.span_starts[i]:self.span_starts[i + 1]]:
+            weights[begin:stop] = weight
+        return np.asarray(self.tokens[start:end]), weights
+
+
+def resolve_cache_dir(cfg: TrainConfig) -> Path:
+    """data.cache_dir, or `.tailor_cache` beside the run folder, so that the runs of a project share it."""
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir).expanduser()
+    return Path(cfg.run_dir).expanduser().resolve().parent / ".tailor_cache"
+
+
+def open_tokenized_files(paths: list[Path], tokenizer, train_on: str, cache_dir: str | Path,
+                         num_workers: int = 2) -> list[TokenizedFile]:
+    """The cache entry of each file, tokenizing (in num_workers processes) those not cached yet."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_digest = _digest_of_file(Path(tokenizer.instruct_tokenizer.tokenizer.file_path), cache_dir)
+    entries = {}
+    for path in paths:
+        key = json.dumps([CACHE_FORMAT, _digest_of_file(path, cache_dir), tokenizer_digest, train_on,
+                          mistral_common.__version__])
+        entries[path] = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:32]
+    with _WorkerPool(tokenizer, train_on, num_workers) as pool:
+        # First build what no other process is building, then wait for the rest: ranks share the work.
+        for blocking in (False, True):
+            for path, entry in entries.items():
+                if not (entry / "meta.json").exists():
+                    _build_locked(path, entry, pool, blocking)
+    return [TokenizedFile(path, entry) for path, entry in entries.items()]
+
+
+def _build_locked(path: Path, entry: Path, pool: _WorkerPool, blocking: bool) -> None:
+    with open(entry.with_suffix(".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return
+        if (entry / "meta.json").exists():  # built by another process while we waited
+            return
+        for stale in entry.parent.glob(entry.name + ".tmp-*"):  # left by a killed build
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = entry.parent / f"{entry.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        _build(path, tmp, pool)
+        os.rename(tmp, entry)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building
+
+
+def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
+    ranges = line_aligned_ranges(path, CHUNK_BYTES)
+    tasks = [(path, start, end, str(out / f"part{k:05d}")) for k, (start, end) in enumerate(ranges)]
+    lines_per_part = pool.tokenize_ranges(tasks)
+
+    with open(out / "tokens.bin", "wb") as tokens, open(out / "errors.jsonl", "w", encoding="utf-8") as errors:
+        lengths, lines, n_spans, spans = [], [], [], []
+        first_line = 1
+        errors_by_kind: dict[str, int] = {}
+        for (_, _, _, prefix), n_lines in zip(tasks, lines_per_part):
+            with open(f"{prefix}.tokens", "rb") as f:
+                shutil.copyfileobj(f, tokens, 16 << 20)
+            arrays = np.load(f"{prefix}.npz")
+            lengths.append(arrays["lengths"])
+            lines.append(arrays["lines"] + (first_line - 1))
+            n_spans.append(arrays["n_spans"])
+            spans.append(arrays["spans"])
+            with open(f"{prefix}.errors.jsonl", encoding="utf-8") as f:
+                for record in map(json.loads, f):
+                    record["line"] += first_line - 1
+                    errors_by_kind[record["kind"]] = errors_by_kind.get(record["kind"], 0) + 1
+                    errors.write(json.dumps(record, ensure_ascii=False) + "\n")
+            for suffix in (".tokens", ".npz", ".errors.jsonl"):
+                os.remove(prefix + suffix)
+            first_line += n_lines
+
+    lengths = np.concatenate(lengths)
+    spans = np.concatenate(spans).astype(SPAN_DTYPE) if spans else np.zeros(0, SPAN_DTYPE)
+    np.save(out / "sample_starts.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    np.save(out / "sample_lines.npy", np.concatenate(lines).astype(np.int64))
+    np.save(out / "span_starts.npy", np.concatenate([[0], np.cumsum(np.concatenate(n_spans))]).astype(np.int64))
+    np.save(out / "spans.npy", spans)
+    trained = int(((spans["end"] - spans["begin"]) * (spans["weight"] > 0)).sum())
+    meta = {"format": CACHE_FORMAT, "source": str(path), "n_lines": first_line - 1, "n_samples": len(lengths),
+            "n_tokens": int(lengths.sum()), "n_trained_tokens": trained, "errors_by_kind": errors_by_kind,
+            "built_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) -> int:
+    """Tokenize the lines of one byte range into part files; return the number of lines read."""
+    path, start, end, prefix = task
+    lengths, lines, n_spans, spans = [], [], [], []
+    n_lines = 0
+    with open(f"{prefix}.tokens", "wb") as tokens_out, open(f"{prefix}.errors.jsonl", "w", encoding="utf-8") as errors:
+        pending: list[int] = []
+        for n_lines, raw in enumerate(read_lines(path, start, end), 1):
+            try:
+                sample_tokens, sample_spans = tokenize_sample_spans(parse_line(raw), tokenizer, train_on)
+            except SampleFault as fault:
+                record = {"line": n_lines, "kind": fault.kind, "message": fault.message, "fixable": fault.fixable}
+                errors.write(json.dumps(record, ensure_ascii=False) + "\n")
+                continue
+            pending += sample_tokens
+            lengths.append(len(sample_tokens))
+            lines.append(n_lines)
+            n_spans.append(len(sample_spans))
+            spans += sample_spans
+            if len(pending) > 1 << 20:
+                tokens_out.write(array.array("I", pending).tobytes())  # 3x faster than numpy from a list
+                pending = []
+        tokens_out.write(array.array("I", pending).tobytes())
+    np.savez(f"{prefix}.npz", lengths=np.asarray(lengths, np.int64), lines=np.asarray(lines, np.int64),
+             n_spans=np.asarray(n_spans, np.int64), spans=np.asarray(spans, SPAN_DTYPE))
+    return n_lines
+
+
+_WORKER_ARGS: tuple = ()  # (tokenizer, train_on) in a worker process
+
+
+def _init_worker(tokenizer, train_on: str) -> None:
+    global _WORKER_ARGS
+    _WORKER_ARGS = (tokenizer, train_on)
+
+
+def _tokenize_range_in_worker(task: tuple[Path, int, int, str]) -> int:
+    return _tokenize_range(task, *_WORKER_ARGS)
+
+
+class _WorkerPool:
+    """Worker processes, started only when a file is big enough to need them."""
+
+    def __init__(self, tokenizer, train_on: str, num_workers: int):
+        self.args = (tokenizer, train_on)
+        self.num_workers = num_workers
+        self.pool = None
+
+    def tokenize_ranges(self, tasks: list) -> list[int]:
+        if len(tasks) == 1 or self.num_workers == 0:
+            return [_tokenize_range(task, *self.args) for task in tasks]
+        if self.pool is None:
+            # fork: workers inherit the loaded tokenizer instead of loading it again (Tekken takes a second)
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            context = multiprocessing.get_context(method)
+            self.pool = context.Pool(self.num_workers, initializer=_init_worker, initargs=self.args)
+        return self.pool.map(_tokenize_range_in_worker, tasks, chunksize=1)
+
+    def __enter__(self) -> _WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _digest_of_file(path: Path, cache_dir: Path) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime) so a big file is hashed once."""
+    stat = path.stat()
+    stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    memo = cache_dir / "digests" / hashlib.sha256(stamp.encode()).hexdigest()[:32]
+    if memo.exists():
+        return memo.read_text()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+    digest = digest.hexdigest()
+    memo.parent.mkdir(exist_ok=True)
+    tmp = memo.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(digest)
+    os.replace(tmp, memo)
+    return digest

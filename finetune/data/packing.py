@@ -1,0 +1,182 @@
+"""Documents -> sequences of exactly seq_len predictions -> Batch.
+
+A document of L tokens t with weights w gives L - 1 predictions: inputs t[:-1], targets t[1:], weights
+w[1:]. Whole documents fill a sequence in order, except that a document that does not fit the room left
+lets a later one that does go first (looking at most LOOKAHEAD documents ahead); when nothing fits, the
+room left is padding (a document of weight 0). A document longer than seq_len follows `overlong`:
+- split: cut into pieces of seq_len predictions, each its own document, the first starting a fresh
+  sequence so that every piece but the last sees a full seq_len of context; pieces with nothing to train
+  are skipped (counted), as they would cost a step and teach nothing;
+- truncate: keep its first seq_len predictions;
+- drop: leave it out.
+Every case is counted in `counts`, which the loader reports.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+PAD_TOKEN = 0  # padding has weight 0, so any id works; 0 keeps it recognisable
+LOOKAHEAD = 64  # how far ahead of the next document packing may look for one that fits
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # int64 [batch_size * seq_len], the inputs
+    targets: torch.Tensor  # int64 [batch_size * seq_len]
+    weights: torch.Tensor  # float32 [batch_size * seq_len], loss weight of each target
+    seqlens: list[int]  # document lengths, sequence after sequence; each sequence's sum to seq_len
+    n_trained: int | None = None  # targets with weight > 0; counted when not given
+
+    def __post_init__(self) -> None:
+        if self.n_trained is None:
+            self.n_trained = int(torch.count_nonzero(self.weights))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Predictions [begin, end) of document `doc`: inputs tokens[begin:end], targets tokens[begin+1:end+1]."""
+
+    doc: int
+    begin: int
+    end: int
+
+
+class DocumentFeed:
+    """Documents in packing order, epoch after epoch, with room to take a few of them early.
+
+    `order(epoch)` gives the documents of an epoch (None: no more epochs). `position` is the first document
+    not packed yet; `taken` holds the later positions already packed, at most LOOKAHEAD places ahead.
+    The state is a few integers, so a resumed run continues at exactly the same document.
+    """
+
+    def __init__(self, order: Callable[[int], np.ndarray | None]):
+        self.order = order
+        self.epoch, self.position, self.offset = 0, 0, 0  # offset: predictions of a split document packed
+        self.taken: set[int] = set()
+        self._docs_epoch, self._docs = -1, None
+
+    def _documents(self) -> np.ndarray | None:
+        if self._docs_epoch != self.epoch:
+            self._docs_epoch, self._docs = self.epoch, self.order(self.epoch)
+        return self._docs
+
+    def upcoming(self, limit: int) -> list[tuple[int, int]]:
+        """(position, document) of the next `limit` documents not packed yet, within this epoch."""
+        docs = self._documents()
+        found: list[tuple[int, int]] = []
+        if docs is None:
+            return found
+        position = self.position
+        while position < len(docs) and len(found) < limit:
+            if position not in self.taken:
+                found.append((position, int(docs[position])))
+            position += 1
+        return found
+
+    def take(self, position: int) -> None:
+        if position != self.position:
+            self.taken.add(position)
+            return
+        self.position += 1
+        self.offset = 0
+        while self.position in self.taken:
+            self.taken.remove(self.position)
+            self.position += 1
+        if self.position == len(self._documents()):
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "offset": self.offset, "taken": sorted(self.taken)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position, self.offset = state["epoch"], state["position"], state["offset"]
+        self.taken = set(state["taken"])
+
+
+class DocumentStore(Protocol):
+    def predictions(self, doc: int) -> int: ...  # tokens - 1
+
+    def is_trained(self, doc: int, begin: int, end: int) -> bool: ...  # any weight > 0 among targets [begin, end)
+
+    def write(self, piece: Piece, tokens: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> None: ...
+
+
+def pack_sequence(feed: DocumentFeed, store: DocumentStore, seq_len: int, overlong: str, counts: Counter
+                  ) -> list[Piece]:
+    """The pieces of the next sequence; [] once the feed is exhausted.
+
+    Documents go in feed order; when the next one does not fit the room left, a later one (at most
+    LOOKAHEAD places ahead) that fits goes first, which keeps padding to a few percent.
+    """
+    pieces: list[Piece] = []
+    room = seq_len
+    while room:
+        piece = _next_piece(feed, store, seq_len, room, overlong, counts)
+        if piece is None:
+            break
+        pieces.append(piece)
+        room -= piece.end - piece.begin
+    return pieces
+
+
+def _next_piece(feed: DocumentFeed, store: DocumentStore, seq_len: int, room: int, overlong: str,
+                counts: Counter) -> Piece | None:
+    """Take from the feed the first piece that fits in `room`; None if nothing fits."""
+    candidates = feed.upcoming(LOOKAHEAD)
+    while candidates:
+        position, doc = candidates.pop(0)
+        n = store.predictions(doc)
+        if n <= seq_len or overlong == "truncate":
+            length = min(n, seq_len)
+            if length <= room:
+                if n > seq_len:
+                    counts["overlong_truncated"] += 1
+                feed.take(position)
+                return Piece(doc, 0, length)
+        elif overlong == "drop":
+            counts["overlong_dropped"] += 1
+            feed.take(position)
+        elif position == feed.position and room == seq_len:
+            # split: a long document waits at the head of the feed for a fresh sequence
+            begin = feed.offset
+            if begin == 0:
+                counts["overlong_split"] += 1
+            end = min(begin + room, n)
+            trained = store.is_trained(doc, begin, end)
+            if end == n:
+                feed.take(position)
+            else:
+                feed.offset = end
+            if trained:
+                return Piece(doc, begin, end)
+            counts["overlong_untrained_pieces_skipped"] += 1
+            candidates = feed.upcoming(LOOKAHEAD)
+    return None
+
+
+def make_batch(sequences: list[tuple[DocumentStore, list[Piece]]], seq_len: int) -> Batch:
+    """Lay sequences (each: its store and its pieces) side by side, padding each to seq_len."""
+    n = len(sequences) * seq_len
+    tokens = np.full(n, PAD_TOKEN, np.int64)
+    targets = np.full(n, PAD_TOKEN, np.int64)
+    weights = np.zeros(n, np.float32)
+    seqlens = []
+    for s, (store, pieces) in enumerate(sequences):
+        position = s * seq_len
+        for piece in pieces:
+            length = piece.end - piece.begin
+            window = slice(position, position + length)
+            store.write(piece, tokens[window], targets[window], weights[window])
+            seqlens.append(length)
+            position += length
+        if position < (s + 1) * seq_len:
+            seqlens.append((s + 1) * seq_len - position)
+    # counted in numpy: a torch reduction on a small CPU tensor can cost tens of ms in thread wake-ups
+    return Batch(torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(weights), seqlens,
+                 n_trained=int(np.count_nonzero(weights)))

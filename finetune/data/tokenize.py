@@ -1,0 +1,228 @@
+"""One sample dict -> (tokens, loss weights), with the model folder's mistral-common tokenizer.
+
+Tokens equal `MistralTokenizer.encode_chat_completion` for the same conversation: the sample goes through
+mistral-common's own request normaliser and per-message chat templates, in the order `encode_instruct`
+uses them, so the template of every tokenizer version (v1 ... v13, Tekken) is mistral-common's, not a
+copy. Walking the messages ourselves tells which tokens each message made, hence the loss weights:
+an assistant message's tokens (content or tool-call payload, and its closing EOS) carry its weight; BOS,
+system, user, tool results and prompt control tokens carry 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage,
+    FinetuningAssistantMessage,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+)
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from finetune.data.errors import SampleFault
+from finetune.data.schema import check_sample
+from finetune.data.text_encoders import with_fast_text_encoder
+
+# mistral-common's own file names, newest first; a plain `tokenizer.model` (a Hugging Face copy) is the fallback.
+TOKENIZER_PATTERNS = ("tekken*.json", "tokenizer.model.v*", "*.model.v*")
+
+
+@dataclass
+class TokenizedSample:
+    tokens: list[int]
+    weights: list[float]  # weights[i]: how much predicting tokens[i] from tokens[:i] counts; weights[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model folder's tokenizer
+
+
+def find_tokenizer_file(model_dir: str | Path) -> Path:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
+    found = sorted({p for pattern in TOKENIZER_PATTERNS for p in model_dir.glob(pattern) if p.is_file()})
+    if not found and (model_dir / "tokenizer.model").is_file():
+        found = [model_dir / "tokenizer.model"]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        looked_for = ", ".join((*TOKENIZER_PATTERNS, "tokenizer.model"))
+        raise FileNotFoundError(f"no mistral-common tokenizer in {model_dir}: looked for {looked_for}")
+    names = ", ".join(p.name for p in found)
+    raise ValueError(f"{model_dir} holds several tokenizer files ({names}); keep the one the model was trained with")
+
+
+def load_tokenizer(model_dir: str | Path) -> MistralTokenizer:
+    """The mistral-common tokenizer of a model folder (tekken.json, tokenizer.model.v1/v3/v7, ...)."""
+    return MistralTokenizer.from_file(str(find_tokenizer_file(model_dir)), mode=ValidationMode.finetuning)
+
+
+def read_vocab_size(model_dir: str | Path) -> int:
+    """vocab_size from params.json (Mistral format) or config.json (Hugging Face format)."""
+    model_dir = Path(model_dir)
+    for name in ("params.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            params = json.loads(path.read_text(encoding="utf-8"))
+            params = params.get("text_config", params)  # multimodal Hugging Face configs nest the text model
+            if "vocab_size" not in params:
+                raise ValueError(f"{path} has no vocab_size")
+            return int(params["vocab_size"])
+    raise FileNotFoundError(f"neither params.json nor config.json in {model_dir}")
+
+
+def check_tokenizer_vocab(tokenizer: MistralTokenizer, vocab_size: int, model_dir: str | Path) -> None:
+    """The tokenizer must make exactly the ids the model's embedding has rows for."""
+    n_words = tokenizer.instruct_tokenizer.tokenizer.n_words
+    if n_words != vocab_size:
+        tokenizer_file = tokenizer.instruct_tokenizer.tokenizer.file_path.name
+        raise ValueError(f"{Path(model_dir)}: the tokenizer {tokenizer_file} has {n_words} tokens but the model's "
+                         f"params.json/config.json says vocab_size {vocab_size}; use the tokenizer file that came "
+                         "with these weights")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Samples
+
+
+def tokenize_sample(sample: dict, tokenizer: MistralTokenizer, train_on: str = "all") -> TokenizedSample:
+    """Tokens and per-token loss weights of one sample; raises SampleFault for a bad sample.
+
+    train_on: "all" trains every assistant message (times its "weight"), "last" only the last one.
+    """
+    tokens, spans = tokenize_sample_spans(sample, tokenizer, train_on)
+    weights = [0.0] * len(tokens)
+    for begin, end, weight in spans:
+        weights[begin:end] = [weight] * (end - begin)
+    return TokenizedSample(tokens, weights)
+
+
+WeightSpan = tuple[int, int, float]  # tokens[begin:end] have this loss weight; tokens outside every span have 0
+
+
+def tokenize_sample_spans(sample: dict, tokenizer: MistralTokenizer, train_on: str = "all"
+                          ) -> tuple[list[int], list[WeightSpan]]:
+    """tokenize_sample with the weights as spans, which is what the cache stores (no per-token work)."""
+    check_sample(sample)
+    encoder = _sample_encoder(tokenizer)
+    if "text" in sample:
+        tokens = encoder.raw.encode(sample["text"], bos=True, eos=True)
+        return tokens, [(1, len(tokens), 1.0)]
+    try:
+        return encoder.encode_chat(sample, train_on)
+    except SampleFault:
+        raise
+    except Exception as e:  # mistral-common refusing a conversation its template cannot express
+        raise SampleFault("tokenizer_rejected", f"the {encoder.version} tokenizer cannot encode this sample: "
+                                                f"{_first_line(e)}") from None
+
+
+class _SampleEncoder:
+    """mistral-common's normaliser and chat templates for one tokenizer, with the fast text encoder."""
+
+    def __init__(self, tokenizer: MistralTokenizer):
+        self.instruct = with_fast_text_encoder(tokenizer.instruct_tokenizer)
+        self.raw = self.instruct.tokenizer
+        # The stock normaliser rebuilds assistant messages without their weight; asking it for
+        # FinetuningAssistantMessage keeps the weight on each (merged) assistant message.
+        self.normalizer = copy.copy(tokenizer._instruct_request_normalizer)
+        self.normalizer._assistant_message_class = FinetuningAssistantMessage
+        self.version = tokenizer.instruct_tokenizer.tokenizer.version.value
+        # v1 has no tool-calling format; before v7 an assistant message holds text or tool calls, not both.
+        self.supports_tools = self.version != "v1"
+        self.content_with_tool_calls = self.normalizer._allow_tool_call_and_content
+
+    def encode_chat(self, sample: dict, train_on: str) -> tuple[list[int], list[WeightSpan]]:
+        request = ChatCompletionRequest(messages=self._messages(sample), tools=self._tools(sample))
+        instruct_request = self.normalizer.from_chat_completion_request(request)
+        messages = instruct_request.messages
+        # the checks encode_instruct makes before encoding (v2 also refuses several results for one tool call)
+        self.instruct.validate_messages(messages)
+        if hasattr(self.instruct, "_validate_tool_results"):
+            self.instruct._validate_tool_results(instruct_request)
+        first_user, last_user = self.instruct.find_first_last_user(instruct_request)
+        last_assistant = max(i for i, m in enumerate(messages) if isinstance(m, AssistantMessage))
+
+        tokens = self.instruct.start()
+        spans = []
+        for i, message in enumerate(messages):
+            if isinstance(message, UserMessage):
+                new, _, _ = self.instruct.encode_user_message(
+                    message, instruct_request.available_tools, i == last_user, i == first_user,
+                    system_prompt=instruct_request.system_prompt, force_img_first=True,
+                    settings=instruct_request.settings)
+            elif isinstance(message, ToolMessage):
+                new, _, _ = self.instruct.encode_tool_message(message, i < last_user)
+            elif isinstance(message, AssistantMessage):
+                new = self.instruct.encode_assistant_message(message, is_before_last_user_message=i < last_user)
+                weight = 1.0 if message.weight is None else float(message.weight)
+                if weight and (train_on == "all" or i == last_assistant):
+                    spans.append((len(tokens), len(tokens) + len(new), weight))
+            else:
+                new, _ = self.instruct.encode_system_message(message)
+            tokens += new
+        if not spans:
+            raise SampleFault("nothing_to_train", "no assistant message is trained (all weights are 0, or "
+                                                  "train_on: last and the last one has weight 0)")
+        return tokens, spans
+
+    def _messages(self, sample: dict) -> list:
+        messages = []
+        for i, m in enumerate(sample["messages"], 1):
+            role = m["role"]
+            if role == "user":
+                messages.append(UserMessage(content=m["content"]))
+            elif role == "system":
+                messages.append(SystemMessage(content=m["content"]))
+            elif role == "tool":
+                messages.append(ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"], name=m.get("name")))
+            else:
+                calls = [ToolCall(id=c["id"], function=FunctionCall(name=c["function"]["name"],
+                                                                    arguments=c["function"]["arguments"]))
+                         for c in m.get("tool_calls") or []]
+                if calls and not self.supports_tools:
+                    raise SampleFault("tools_unsupported", f"message {i} calls a tool but the {self.version} "
+                                                           "tokenizer has no tool-calling format")
+                content = m.get("content") or None
+                if calls and content and not self.content_with_tool_calls:
+                    raise SampleFault("content_and_tool_calls", f"message {i} has both content and tool_calls; "
+                                                                f"the {self.version} tokenizer takes one or the "
+                                                                "other (v7 and later take both)")
+                messages.append(FinetuningAssistantMessage(content=content, tool_calls=calls or None,
+                                                           weight=m.get("weight")))
+        return messages
+
+    def _tools(self, sample: dict) -> list[Tool] | None:
+        tools = sample.get("tools")
+        if not tools:
+            return None
+        return [Tool(function=Function(name=t["function"]["name"],
+                                       description=t["function"].get("description", ""),
+                                       parameters=t["function"].get("parameters", {})))
+                for t in tools]
+
+
+_ENCODERS: weakref.WeakKeyDictionary[MistralTokenizer, _SampleEncoder] = weakref.WeakKeyDictionary()
+
+
+def _sample_encoder(tokenizer: MistralTokenizer) -> _SampleEncoder:
+    encoder = _ENCODERS.get(tokenizer)
+    if encoder is None:
+        encoder = _ENCODERS[tokenizer] = _SampleEncoder(tokenizer)
+    return encoder
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,147 @@
+"""`tailor validate CONFIG`: every fault of every train and eval file, statistics, epochs and an ETA.
+
+Validation tokenizes through the same cache as training, so a clean `tailor validate` also means the
+first training step starts without tokenizing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import TextIO
+
+from finetune.config import TrainConfig
+from finetune.data.cache import TokenizedFile, open_tokenized_files, resolve_cache_dir
+from finetune.data.errors import SampleFault
+from finetune.data.eta import format_duration, tokens_per_second_per_gpu
+from finetune.data.jsonl import BOM, parse_line, read_lines
+from finetune.data.repair import repair_sample
+from finetune.data.sources import source_files
+from finetune.data.tokenize import check_tokenizer_vocab, load_tokenizer, read_vocab_size, tokenize_sample_spans
+
+
+def validate(cfg: TrainConfig, *, gpus: int = 1, fix_dir: Path | None = None, max_per_kind: int = 10,
+             out: TextIO | None = None) -> int:
+    """Print faults, statistics, epochs and ETA; write fixed files to fix_dir. Returns the exit status."""
+    out = out or sys.stdout
+    try:
+        tokenizer = load_tokenizer(cfg.model.path)
+        check_tokenizer_vocab(tokenizer, read_vocab_size(cfg.model.path), cfg.model.path)
+        splits = {"train": [f for s in cfg.data.train for f in source_files(s)],
+                  "eval": [f for s in cfg.data.eval for f in source_files(s)]}
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=out)
+        return 1
+    paths = list(dict.fromkeys(splits["train"] + splits["eval"]))
+    files = dict(zip(paths, open_tokenized_files(paths, tokenizer, cfg.data.train_on, resolve_cache_dir(cfg),
+                                                 cfg.data.num_workers)))
+    faults = print_faults(files, max_per_kind, out)
+    print_statistics(splits, files, cfg.seq_len, out)
+    print_epochs_and_eta(cfg, files, gpus, out)
+    if fix_dir is not None:
+        write_fixed_files(files, tokenizer, cfg.data.train_on, fix_dir, out)
+        return 0
+    return 1 if faults else 0
+
+
+def print_faults(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextIO) -> Counter:
+    counts: Counter = Counter()
+    fixable = 0
+    for path, file in files.items():
+        for fault in file.faults():
+            counts[fault.kind] += 1
+            fixable += fault.fixable
+            if counts[fault.kind] <= max_per_kind:
+                print(f"{path}:{fault.line}: {fault.message}", file=out)
+    if counts:
+        hidden = sum(n - max_per_kind for n in counts.values() if n > max_per_kind)
+        if hidden:
+            print(f"... and {hidden} more (at most {max_per_kind} shown per kind; --max-per-kind N shows more)",
+                  file=out)
+        kinds = ", ".join(f"{kind} {n}" for kind, n in counts.most_common())
+        print(f"\n{sum(counts.values())} bad lines ({kinds}); {fixable} can be repaired with --fix OUT_DIR, the "
+              "others would be removed\n", file=out)
+    else:
+        print("no faults\n", file=out)
+    return counts
+
+
+def print_statistics(splits: dict[str, list[Path]], files: dict[Path, TokenizedFile], seq_len: int,
+                     out: TextIO) -> None:
+    header = ("file", "split", "lines", "bad", "samples", "tokens", "trained", f"> seq_len {seq_len}")
+    rows = []
+    for split, paths in splits.items():
+        for path in paths:
+            f, meta = files[path], files[path].meta
+            overlong = int((f.lengths - 1 > seq_len).sum())
+            rows.append((str(path), split, f"{meta['n_lines']:,}", f"{sum(meta['errors_by_kind'].values()):,}",
+                         f"{meta['n_samples']:,}", f"{meta['n_tokens']:,}", f"{meta['n_trained_tokens']:,}",
+                         f"{overlong:,}"))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])] + [c.rjust(w) for c, w in zip(row[2:], widths[2:])]
+        print("  ".join(cells), file=out)
+    print(file=out)
+
+
+def print_epochs_and_eta(cfg: TrainConfig, files: dict[Path, TokenizedFile], gpus: int, out: TextIO) -> None:
+    per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accumulation * gpus
+    total = per_step * cfg.max_steps
+    print(f"max_steps {cfg.max_steps} x {gpus} GPU(s) x batch_size {cfg.batch_size} x grad_accumulation "
+          f"{cfg.grad_accumulation} x seq_len {cfg.seq_len} = {total:,} tokens", file=out)
+    weight_sum = sum(s.weight for s in cfg.data.train)
+    for source in cfg.data.train:
+        tokens = sum(files[p].meta["n_tokens"] for p in source_files(source))
+        share = source.weight / weight_sum
+        epochs = f"{total * share / tokens:.2f} epochs" if tokens else "no usable samples"
+        print(f"  {source.path} (weight {source.weight:g}, {share:.0%} of tokens): {epochs}", file=out)
+    try:
+        rate, origin = tokens_per_second_per_gpu(cfg.model.path)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"ETA: unknown ({e})", file=out)
+        return
+    print(f"ETA on {gpus} GPU(s): {format_duration(total / (rate * gpus))} at {rate:,.0f} tokens/s per GPU "
+          f"({origin})", file=out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# --fix
+
+
+def write_fixed_files(files: dict[Path, TokenizedFile], tokenizer, train_on: str, fix_dir: Path,
+                      out: TextIO) -> None:
+    """Write every file to fix_dir (same layout below their common folder): bad lines repaired or removed."""
+    common = Path(os.path.commonpath([p.resolve().parent for p in files]))
+    for path, file in files.items():
+        target = Path(fix_dir) / path.resolve().relative_to(common)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        bad_lines = {fault.line for fault in file.faults()}
+        kept = repaired = removed = 0
+        with open(target, "wb") as f:
+            for n, raw in enumerate(read_lines(path), 1):
+                if n not in bad_lines:
+                    f.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                    kept += 1
+                    continue
+                fixed = repair_line(raw, n, tokenizer, train_on)
+                if fixed is None:
+                    removed += 1
+                else:
+                    f.write(fixed)
+                    repaired += 1
+        print(f"wrote {target}: {kept:,} lines kept, {repaired:,} repaired, {removed:,} removed", file=out)
+
+
+def repair_line(raw: bytes, line: int, tokenizer, train_on: str) -> bytes | None:
+    """The repaired line, or None when no safe repair makes it a good sample."""
+    raw = raw.removeprefix(BOM)
+    try:
+        sample, _ = repair_sample(parse_line(raw), salt=f"{line}:{raw.decode('utf-8', 'replace')}")
+        tokenize_sample_spans(sample, tokenizer, train_on)
+    except SampleFault:
+        return None
+    return (json.dumps(sample, ensure_ascii=False) + "\n").encode("utf-8")
+

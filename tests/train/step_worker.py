@@ -1,0 +1,43 @@
+"""Runs 3 optimizer steps on fixed batches, in one process or as one of N torchrun ranks; rank 0 saves
+the losses and the adapters. One process takes every batch as a micro-batch of one step; N ranks take one
+batch each: the same global batch, so the numbers must agree.
+
+    python tests/train/step_worker.py CONFIG OUT.pt
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from finetune.config import load_config
+from finetune.data import build_eval_batches, load_tokenizer
+from finetune.distributed import destroy, init_distributed
+from finetune.model_setup import build_training_model
+from finetune.optim import build_optimizer
+from finetune.parallel import full_state
+from finetune.train_step import train_step
+from model.lora import lora_state_dict
+
+
+def main(config: str, out: str) -> None:
+    cfg = load_config(config)
+    dist_info = init_distributed()
+    tokenizer = load_tokenizer(cfg.model.path)
+    batches = build_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1,
+                                 cache_dir=Path(cfg.data.cache_dir))[:2]
+    mine = batches if dist_info.world_size == 1 else [batches[dist_info.rank]]
+    model = build_training_model(cfg, dist_info)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    losses = []
+    for _ in range(3):
+        sums = train_step(model, optimizer, mine, dist_info.device, max_grad_norm=1.0, world_size=dist_info.world_size)
+        losses.append(sums.loss.item())
+    adapters = full_state(lora_state_dict(model.model))
+    if dist_info.is_main:
+        torch.save({"losses": losses, "adapters": adapters}, out)
+    destroy()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
