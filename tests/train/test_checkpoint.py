@@ -1,0 +1,66 @@
+"""Checkpoints appear whole or not at all, and only the newest are kept."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune.checkpoint as checkpoint
+from finetune.checkpoint import list_checkpoints, save_adapter_checkpoint
+
+PARAMS = {"dim": 8, "n_layers": 1, "vocab_size": 32}
+LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["wq"]}
+
+
+@pytest.fixture
+def tokenizer_file(tmp_path):
+    path = tmp_path / "tokenizer.model.v3"
+    path.write_bytes(b"tokenizer")
+    return path
+
+
+def save(run_dir, step, tokenizer_file, keep=3):
+    state = {"layers.0.attention.wq.lora_A.weight": torch.full((4, 8), float(step)),
+             "layers.0.attention.wq.lora_B.weight": torch.zeros(8, 4)}
+    return save_adapter_checkpoint(run_dir, step, state, PARAMS, LORA, tokenizer_file, keep=keep)
+
+
+def test_adapter_checkpoint_contents(tmp_path, tokenizer_file):
+    folder = save(tmp_path / "run", 100, tokenizer_file)
+    assert folder == tmp_path / "run" / "checkpoints" / "checkpoint_000100"
+    assert sorted(p.name for p in folder.iterdir()) == ["lora.safetensors", "params.json", "tokenizer.model.v3"]
+    weights = load_file(folder / "lora.safetensors")
+    assert weights["layers.0.attention.wq.lora_A.weight"].dtype == torch.float32
+    assert weights["layers.0.attention.wq.lora_A.weight"][0, 0].item() == 100.0
+    params = json.loads((folder / "params.json").read_text())
+    assert params == dict(PARAMS, lora=dict(LORA, scaling=2.0))
+
+
+def test_rotation_keeps_the_newest(tmp_path, tokenizer_file):
+    for step in (10, 20, 30, 40):
+        save(tmp_path / "run", step, tokenizer_file, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint_000030", "checkpoint_000040"]
+
+
+def test_a_failed_write_leaves_no_checkpoint(tmp_path, tokenizer_file, monkeypatch):
+    save(tmp_path / "run", 10, tokenizer_file)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_write_params", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save(tmp_path / "run", 20, tokenizer_file)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint_000010"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint_000010"]
+
+
+def test_a_leftover_temp_folder_is_never_listed_and_is_replaced(tmp_path, tokenizer_file):
+    torn = tmp_path / "run" / "checkpoints" / "checkpoint_000020.tmp"
+    torn.mkdir(parents=True)
+    (torn / "lora.safetensors").write_bytes(b"half")
+    assert list_checkpoints(tmp_path / "run") == []
+    save(tmp_path / "run", 20, tokenizer_file)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint_000020"]
+    assert not torn.exists()
