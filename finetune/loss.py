@@ -43,7 +43,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, output: nn.Module | torch.Tensor
     weights = weights.float()
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_size):
+    # No trained target at all still runs one empty chunk: the loss stays differentiable (backward works) and the
+    # head joins backward on every rank, so FSDP's gradient reduce-scatters stay matched across ranks.
+    for start in range(0, hidden.shape[0], chunk_size) or [0]:
         chunk = slice(start, start + chunk_size)
         args = (project, hidden[chunk], targets[chunk], weights[chunk])
         if torch.is_grad_enabled():

@@ -133,5 +133,5 @@ def format_summary(steps: int, tokens: int, seconds: float, train_loss: float | 
         lines.append(f"  final eval loss {eval_metrics['eval_loss']:.4f} (perplexity {eval_metrics['eval_perplexity']:.2f},"
                      f" token accuracy {eval_metrics['eval_token_accuracy']:.1%})")
     if checkpoint:
-        lines.append(f"  adapters: {checkpoint}")
+        lines.append(f"  last checkpoint: {checkpoint}")
     return "\n".join(lines)

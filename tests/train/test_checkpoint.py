@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 import finetune.checkpoint as checkpoint
-from finetune.checkpoint import list_checkpoints, save_adapter_checkpoint
+from finetune.checkpoint import list_checkpoints, save_adapter_checkpoint, save_merged_checkpoint
+from finetune.merge import TensorSpec
 
 PARAMS = {"dim": 8, "n_layers": 1, "vocab_size": 32}
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["wq"]}
@@ -64,3 +65,33 @@ def test_a_leftover_temp_folder_is_never_listed_and_is_replaced(tmp_path, tokeni
     save(tmp_path / "run", 20, tokenizer_file)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint_000020"]
     assert not torn.exists()
+
+
+def test_leftovers_of_killed_writes_and_deletions_are_cleared_by_the_next_save(tmp_path, tokenizer_file):
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name in ("checkpoint_000010.tmp", "checkpoint_000005.old"):
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / "lora.safetensors").write_bytes(b"half")
+    save(tmp_path / "run", 20, tokenizer_file)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_000020"]
+
+
+def test_merged_checkpoint_streams_the_weights_into_a_model_folder(tmp_path, tokenizer_file):
+    weights = {"tok_embeddings.weight": torch.arange(32 * 8, dtype=torch.float32).reshape(32, 8).to(torch.bfloat16),
+               "norm.weight": torch.ones(8)}
+    specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in weights.items()}
+    handed_out = []
+
+    def stream():
+        for name, tensor in weights.items():
+            handed_out.append(name)
+            yield name, tensor
+
+    params = dict(PARAMS, lora=dict(LORA, scaling=2.0))
+    folder = save_merged_checkpoint(tmp_path / "run", 7, specs, stream(), params, tokenizer_file, keep=1)
+    assert handed_out == ["tok_embeddings.weight", "norm.weight"]
+    assert sorted(p.name for p in folder.iterdir()) == ["consolidated.safetensors", "params.json", "tokenizer.model.v3"]
+    written = load_file(folder / "consolidated.safetensors")
+    assert written["tok_embeddings.weight"].dtype == torch.bfloat16
+    torch.testing.assert_close(written, weights, rtol=0, atol=0)
+    assert json.loads((folder / "params.json").read_text()) == PARAMS  # no lora entry: a plain model

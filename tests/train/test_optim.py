@@ -39,3 +39,11 @@ def test_the_scheduler_never_touches_betas():
     assert group["betas"] == (0.9, 0.95)
     assert group["weight_decay"] == 0.1
     assert group["lr"] == pytest.approx(lr_at_step(29, OptimConfig(), 30))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_fused_kernel_on_gpus_only():
+    on_gpu = build_optimizer([torch.nn.Parameter(torch.ones(3, device="cuda"))], OptimConfig())
+    on_cpu = build_optimizer([torch.nn.Parameter(torch.ones(3))], OptimConfig())
+    assert on_gpu.defaults["fused"] is True and not on_cpu.defaults["fused"]
