@@ -1,0 +1,205 @@
+"""Training throughput of tailor, and of Hugging Face transformers + PEFT on the same model and tokens.
+
+    python benchmarks/train_throughput.py --arch mistral-7b --seq-len 8192 --steps 10
+    python benchmarks/train_throughput.py --arch tiny --steps 3            # a smoke test on CPU
+
+A random-init model of the architecture (bf16 on a GPU), LoRA rank 16 on every linear layer, activation
+checkpointing, packed documents of random lengths. Prints tokens/s per GPU, MFU and peak memory, and with
+transformers and peft importable the same for MistralForCausalLM / MixtralForCausalLM + PEFT (same rank and
+targets, SDPA attention, gradient checkpointing, the same tokens), with the ratios side by side.
+
+MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 4 N + attention: the frozen weights get no weight
+gradient, so forward (2 N) and the input gradients of backward (2 N), with N the parameters a token passes through
+(the active experts only for MoE); attention adds 12 x layers x heads x head_dim x mean context (QK^T and AV:
+4 forward, 8 backward). Recomputation by checkpointing is not counted, as is customary. The peak is measured here
+with a large bf16 matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+
+import torch
+
+from finetune.loss import CausalLMWithLoss, loss_inputs
+from finetune.parallel import enable_activation_checkpointing
+from model.args import ARCHITECTURES, ModelArgs
+from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable
+from model.tiny import tiny_args
+from model.transformer import Transformer
+
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def model_args(arch: str, layers: int | None) -> ModelArgs:
+    args = tiny_args("mistral-7b", 32768) if arch == "tiny" else ARCHITECTURES[arch]
+    return dataclasses.replace(args, n_layers=layers) if layers else args
+
+
+def random_documents(seq_len: int, generator: torch.Generator) -> list[int]:
+    """Document lengths of a packed sequence: log-uniform between 64 and seq_len, the last one cut to fit."""
+    lengths, left = [], seq_len
+    while left > 0:
+        length = int(math.exp(torch.empty(1).uniform_(math.log(64), math.log(seq_len), generator=generator)))
+        lengths.append(min(length, left))
+        left -= lengths[-1]
+    return lengths
+
+
+def make_batches(args: ModelArgs, seq_len: int, count: int) -> list:
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        tokens = torch.randint(0, args.vocab_size, (seq_len + 1,), generator=generator)
+        batch = type("Batch", (), {})()
+        batch.tokens, batch.targets = tokens[:-1], tokens[1:]
+        batch.weights, batch.seqlens = torch.ones(seq_len), random_documents(seq_len, generator)
+        batches.append(batch)
+    return batches
+
+
+def flops_per_token(args: ModelArgs, seqlens_list: list[list[int]]) -> float:
+    attention = args.n_heads * args.head_dim
+    mlp = 3 * args.dim * args.hidden_dim * (args.moe.num_experts_per_tok if args.moe else 1)
+    per_layer = args.dim * (attention + 2 * args.n_kv_heads * args.head_dim) + attention * args.dim + mlp
+    active = args.n_layers * per_layer + 2 * args.vocab_size * args.dim
+    tokens = sum(sum(s) for s in seqlens_list)
+    mean_context = sum(n * (n + 1) / 2 for s in seqlens_list for n in s) / tokens
+    return 4 * active + 12 * args.n_layers * attention * mean_context
+
+
+def measured_peak_flops(device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, runs = time.perf_counter(), 20
+    for _ in range(runs):
+        a @ b
+    torch.cuda.synchronize()
+    return runs * 2 * 8192**3 / (time.perf_counter() - start)
+
+
+def build_tailor(args: ModelArgs, device: torch.device, dtype: torch.dtype, attention: str) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = Transformer(args, attention_backend=attention).to(dtype)
+        inject_lora(model, LoRAArgs(rank=16, alpha=32, targets=TARGETS))
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+            elif "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0, 0.02)
+    mark_only_lora_trainable(model)
+    for block in model.layers:
+        enable_activation_checkpointing(block)
+    return CausalLMWithLoss(model)
+
+
+def tailor_step(loss_model, optimizer, batch, device) -> None:
+    sums = loss_model(**loss_inputs(batch, device))
+    (sums.loss_sum / sums.weight_sum).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def build_hf(args: ModelArgs, device: torch.device, dtype: torch.dtype):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from model.hf_format import args_to_hf_config
+
+    config_dict = args_to_hf_config(args)
+    config_class = transformers.MixtralConfig if args.moe else transformers.MistralConfig
+    config = config_class(**{k: v for k, v in config_dict.items() if k not in ("architectures", "model_type")})
+    config._attn_implementation = "sdpa"
+    model_class = transformers.MixtralForCausalLM if args.moe else transformers.MistralForCausalLM
+    with torch.device(device):
+        model = model_class(config).to(dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=HF_TARGETS, lora_dropout=0.0))
+
+
+def hf_step(model, optimizer, batch, device) -> None:
+    """The same tokens as one sequence: HF's SDPA path has no block-diagonal mask for packed documents, so it
+    attends across documents (more attention FLOPs than tailor; the MFU below counts tailor's)."""
+    tokens = batch.tokens[None].to(device)
+    out = model(input_ids=tokens, labels=tokens)  # transformers shifts the labels itself
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure(name: str, model, step, batches, device, warmup: int) -> dict:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    for batch in batches[:warmup]:
+        step(model, optimizer, batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        step(model, optimizer, batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = sum(b.tokens.numel() for b in batches[warmup:])
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return dict(name=name, tokens_per_s=tokens / seconds, peak_gib=peak)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="mistral-7b", choices=["tiny", *ARCHITECTURES])
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--layers", type=int, help="fewer layers (e.g. for MoE on one GPU); the output says so")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers + PEFT baseline")
+    opts = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args = model_args(opts.arch, opts.layers)
+    seq_len = min(opts.seq_len, 256) if device.type == "cpu" else opts.seq_len
+    batches = make_batches(args, seq_len, opts.warmup + opts.steps)
+    per_token = flops_per_token(args, [b.seqlens for b in batches])
+    peak_flops = measured_peak_flops(device)
+    layers_note = f" ({opts.layers} of {ARCHITECTURES[opts.arch].n_layers} layers)" if opts.layers else ""
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"{opts.arch}{layers_note}, seq_len {seq_len}, {opts.steps} steps after {opts.warmup} warmup, {dtype}")
+    print(f"FLOPs per token = 4 N + 12 x layers x heads x head_dim x mean context = {per_token / 1e9:.2f} GFLOP; "
+          f"measured bf16 peak {peak_flops / 1e12:.0f} TFLOP/s")
+
+    results = [measure("tailor", build_tailor(args, device, dtype, opts.attention), tailor_step, batches, device,
+                       opts.warmup)]
+    if not opts.no_hf:
+        try:
+            hf = build_hf(args, device, dtype)
+        except ImportError as error:
+            print(f"Hugging Face baseline skipped: {error}")
+        else:
+            results.append(measure("transformers+peft", hf, hf_step, batches, device, opts.warmup))
+    for r in results:
+        mfu = r["tokens_per_s"] * per_token / peak_flops
+        print(f"{r['name']:>18}: {r['tokens_per_s']:,.0f} tokens/s per GPU  MFU {mfu:.1%}  peak memory {r['peak_gib']:.1f} GiB")
+    if len(results) == 2:
+        ours, theirs = results
+        print(f"tailor / HF: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tokens/s, "
+              f"{ours['peak_gib'] / theirs['peak_gib']:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    main()
