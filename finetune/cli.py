@@ -24,6 +24,9 @@ def run_validate(args: argparse.Namespace) -> int:
     from finetune.config import ConfigError, load_config
     from finetune.data.validate import validate
 
+    if args.gpus < 1:
+        print(f"error: --gpus must be at least 1, got {args.gpus}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -59,12 +59,14 @@ class TokenizedFile:
         self.source = source
         self.entry = entry
         self.meta = json.loads((entry / "meta.json").read_text())
-        self.tokens = np.memmap(entry / "tokens.bin", dtype=np.uint32, mode="r") if self.meta["n_tokens"] else \
-            np.zeros(0, np.uint32)
-        self.sample_starts = np.load(entry / "sample_starts.npy")
-        self.sample_lines = np.load(entry / "sample_lines.npy")
-        self.span_starts = np.load(entry / "span_starts.npy")
-        self.spans = np.load(entry / "spans.npy")
+        # Memory-mapped: every rank shares the same pages, and opening costs nothing however big the file.
+        # np.asarray drops the np.memmap subclass, whose slicing is several times slower.
+        self.tokens = np.asarray(np.memmap(entry / "tokens.bin", dtype=np.uint32, mode="r")) \
+            if self.meta["n_tokens"] else np.zeros(0, np.uint32)
+        self.sample_starts = np.asarray(np.load(entry / "sample_starts.npy", mmap_mode="r"))
+        self.sample_lines = np.asarray(np.load(entry / "sample_lines.npy", mmap_mode="r"))
+        self.span_starts = np.asarray(np.load(entry / "span_starts.npy", mmap_mode="r"))
+        self.spans = np.asarray(np.load(entry / "spans.npy", mmap_mode="r"))
         self.lengths = np.diff(self.sample_starts)
 
     def __len__(self) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ LOOKAHEAD = 64  # how far ahead of the next document packing may look for one th
 
 @dataclass
 class Batch:
+    """One micro-batch: batch_size sequences of seq_len predictions, end to end (fixed shapes for compile).
+    Document boundaries are in seqlens: attention stays inside a document and positions restart in each."""
+
     tokens: torch.Tensor  # int64 [batch_size * seq_len], the inputs
     targets: torch.Tensor  # int64 [batch_size * seq_len]
     weights: torch.Tensor  # float32 [batch_size * seq_len], loss weight of each target
@@ -66,18 +69,18 @@ class DocumentFeed:
             self._docs_epoch, self._docs = self.epoch, self.order(self.epoch)
         return self._docs
 
-    def upcoming(self, limit: int) -> list[tuple[int, int]]:
-        """(position, document) of the next `limit` documents not packed yet, within this epoch."""
+    def upcoming(self, limit: int) -> Iterator[tuple[int, int]]:
+        """(position, document) of the next `limit` documents not packed yet, within this epoch; lazily, as
+        the next one usually fits. Start afresh after a `take`."""
         docs = self._documents()
-        found: list[tuple[int, int]] = []
         if docs is None:
-            return found
-        position = self.position
-        while position < len(docs) and len(found) < limit:
+            return
+        position, found = self.position, 0
+        while position < len(docs) and found < limit:
             if position not in self.taken:
-                found.append((position, int(docs[position])))
+                yield position, int(docs[position])
+                found += 1
             position += 1
-        return found
 
     def take(self, position: int) -> None:
         if position != self.position:
@@ -128,36 +131,36 @@ def pack_sequence(feed: DocumentFeed, store: DocumentStore, seq_len: int, overlo
 def _next_piece(feed: DocumentFeed, store: DocumentStore, seq_len: int, room: int, overlong: str,
                 counts: Counter) -> Piece | None:
     """Take from the feed the first piece that fits in `room`; None if nothing fits."""
-    candidates = feed.upcoming(LOOKAHEAD)
-    while candidates:
-        position, doc = candidates.pop(0)
-        n = store.predictions(doc)
-        if n <= seq_len or overlong == "truncate":
-            length = min(n, seq_len)
-            if length <= room:
-                if n > seq_len:
-                    counts["overlong_truncated"] += 1
+    while True:
+        for position, doc in feed.upcoming(LOOKAHEAD):
+            n = store.predictions(doc)
+            if n <= seq_len or overlong == "truncate":
+                length = min(n, seq_len)
+                if length <= room:
+                    if n > seq_len:
+                        counts["overlong_truncated"] += 1
+                    feed.take(position)
+                    return Piece(doc, 0, length)
+            elif overlong == "drop":
+                counts["overlong_dropped"] += 1
                 feed.take(position)
-                return Piece(doc, 0, length)
-        elif overlong == "drop":
-            counts["overlong_dropped"] += 1
-            feed.take(position)
-        elif position == feed.position and room == seq_len:
-            # split: a long document waits at the head of the feed for a fresh sequence
-            begin = feed.offset
-            if begin == 0:
-                counts["overlong_split"] += 1
-            end = min(begin + room, n)
-            trained = store.is_trained(doc, begin, end)
-            if end == n:
-                feed.take(position)
-            else:
-                feed.offset = end
-            if trained:
-                return Piece(doc, begin, end)
-            counts["overlong_untrained_pieces_skipped"] += 1
-            candidates = feed.upcoming(LOOKAHEAD)
-    return None
+                break
+            elif position == feed.position and room == seq_len:
+                # split: a long document waits at the head of the feed for a fresh sequence
+                begin = feed.offset
+                if begin == 0:
+                    counts["overlong_split"] += 1
+                end = min(begin + room, n)
+                if end == n:
+                    feed.take(position)
+                else:
+                    feed.offset = end
+                if store.is_trained(doc, begin, end):
+                    return Piece(doc, begin, end)
+                counts["overlong_untrained_pieces_skipped"] += 1
+                break
+        else:
+            return None
 
 
 def make_batch(sequences: list[tuple[DocumentStore, list[Piece]]], seq_len: int) -> Batch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class TokenizedSource:
         self.name = name
         self.weight = weight
         self.files = files
-        self.first_doc = np.cumsum([0] + [len(f) for f in files])
+        self.first_doc = np.cumsum([0] + [len(f) for f in files]).tolist()  # a list: bisect beats numpy here
         self.lengths = np.concatenate([f.lengths for f in files]) if files else np.zeros(0, np.int64)
 
     def __len__(self) -> int:
@@ -46,8 +47,8 @@ class TokenizedSource:
         return Counter({kind: n for f in self.files for kind, n in f.meta["errors_by_kind"].items()})
 
     def _locate(self, doc: int) -> tuple[TokenizedFile, int]:
-        k = int(np.searchsorted(self.first_doc, doc, side="right")) - 1
-        return self.files[k], doc - int(self.first_doc[k])
+        k = bisect.bisect_right(self.first_doc, doc) - 1
+        return self.files[k], doc - self.first_doc[k]
 
     def predictions(self, doc: int) -> int:
         return int(self.lengths[doc]) - 1

@@ -15,8 +15,8 @@ import json
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.messages import (
     AssistantMessage,
     FinetuningAssistantMessage,
@@ -123,7 +123,7 @@ def tokenize_sample_spans(sample: dict, tokenizer: MistralTokenizer, train_on: s
         return encoder.encode_chat(sample, train_on)
     except SampleFault:
         raise
-    except Exception as e:  # mistral-common refusing a conversation its template cannot express
+    except (MistralCommonException, ValueError, AssertionError) as e:  # a conversation its template cannot express
         raise SampleFault("tokenizer_rejected", f"the {encoder.version} tokenizer cannot encode this sample: "
                                                 f"{_first_line(e)}") from None
 

@@ -62,8 +62,8 @@ def print_faults(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextI
             print(f"... and {hidden} more (at most {max_per_kind} shown per kind; --max-per-kind N shows more)",
                   file=out)
         kinds = ", ".join(f"{kind} {n}" for kind, n in counts.most_common())
-        print(f"\n{sum(counts.values())} bad lines ({kinds}); {fixable} can be repaired with --fix OUT_DIR, the "
-              "others would be removed\n", file=out)
+        print(f"\n{sum(counts.values())} bad lines ({kinds}); {fixable} have a safe repair (--fix OUT_DIR applies "
+              "it), the others would be removed\n", file=out)
     else:
         print("no faults\n", file=out)
     return counts

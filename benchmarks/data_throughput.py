@@ -1,0 +1,227 @@
+"""Tokens per second of the data path, on generated multi-turn chat of realistic lengths.
+
+    python benchmarks/data_throughput.py [--samples 12000] [--workers 2] [--repeat 1]
+
+For SentencePiece v3 and Tekken it measures, on the same generated file:
+1. reference: what mistral-finetune's data path does per sample, in one process: json.loads, mistral-common
+   messages, its finetuning validator, the stock per-message encoders, a boolean mask;
+2. tailor: tokenize + mask + cache + pack: `open_sources` from an empty cache with `--workers` worker
+   processes, then packing every sample once into seq_len sequences;
+3. cache reads: TrainLoader batches read back from the cache built in 2.
+
+The text is made of words drawn from a Zipf law, as natural language is: real English words first, then a
+long tail of English-looking made-up words, so that neither tokenizer (nor tailor's word memo) sees an
+unrealistically small or unrealistically short set of words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from pydoc_data.topics import topics as pydoc_topics
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mistral_common  # noqa: E402
+import numpy as np  # noqa: E402
+from mistral_common.protocol.instruct.messages import FinetuningAssistantMessage, UserMessage  # noqa: E402
+from mistral_common.protocol.instruct.validator import MistralRequestValidatorV3, ValidationMode  # noqa: E402
+
+from finetune.config import DataConfig, DataSource  # noqa: E402
+from finetune.data import build_train_loader, load_tokenizer  # noqa: E402
+from finetune.data.packing import DocumentFeed, make_batch, pack_sequence  # noqa: E402
+from finetune.data.sources import open_sources  # noqa: E402
+
+TOKENIZERS = {"SentencePiece v3": "mistral_instruct_tokenizer_240323.model.v3", "Tekken": "tekken_240911.json"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+def make_vocabulary(rng: random.Random, size: int = 80_000) -> tuple[list[str], list[float]]:
+    """English words by frequency, then English-looking made-up words, with Zipf weights.
+
+    The frequent words are the real ones of Python's own documentation (pydoc_data); the long tail is made
+    by a letter-trigram model of those words, so rare words have the length and letters of English ones.
+    """
+    corpus = re.findall(r"[a-z]+", " ".join(pydoc_topics.values()).lower())
+    real = [w for w, _ in Counter(corpus).most_common() if len(w) > 1 or w in "ai"]
+    following: dict[str, list[str]] = {}
+    for word in real:
+        padded = "^^" + word + "$"
+        for k in range(len(padded) - 2):
+            following.setdefault(padded[k:k + 2], []).append(padded[k + 2])
+    words, seen = list(real), set(real)
+    while len(words) < size:
+        made = "^^"
+        while not made.endswith("$") and len(made) < 16:
+            made += rng.choice(following[made[-2:]])
+        made = made.strip("^$")
+        if len(made) > 2 and made not in seen:
+            seen.add(made)
+            words.append(made)
+    return words, list(np.cumsum([1 / (rank + 2.7) ** 1.07 for rank in range(size)]))
+
+
+def make_text(rng: random.Random, vocab: tuple[list[str], list[float]], n_words: int) -> str:
+    words, cumulative = vocab
+    picked = rng.choices(words, cum_weights=cumulative, k=n_words)
+    out, sentence = [], 0
+    for w in picked:
+        sentence += 1
+        if sentence == 1:
+            w = w.capitalize()
+        if rng.random() < 0.02:
+            w = str(rng.randint(0, 10_000))
+        out.append(w)
+        if sentence > 6 and rng.random() < 0.12:
+            out[-1] += rng.choice(".....?!:")
+            sentence = 0
+            if rng.random() < 0.15:
+                out[-1] += "\n\n"
+        elif rng.random() < 0.06:
+            out[-1] += ","
+    text = " ".join(out).replace("\n\n ", "\n\n")
+    return text + "."
+
+
+def make_chat_file(path: Path, n_samples: int, seed: int = 0) -> None:
+    """Multi-turn chats: 1 to 6 turns, users of 10 to 250 words, answers of 40 to 500, half with a system prompt."""
+    rng = random.Random(seed)
+    vocab = make_vocabulary(rng)
+    with open(path, "w") as f:
+        for _ in range(n_samples):
+            messages = []
+            if rng.random() < 0.5:
+                messages.append({"role": "system", "content": make_text(rng, vocab, rng.randint(10, 80))})
+            for _ in range(rng.randint(1, 6)):
+                messages.append({"role": "user", "content": make_text(rng, vocab, rng.randint(10, 250))})
+                messages.append({"role": "assistant", "content": make_text(rng, vocab, rng.randint(40, 500))})
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements
+
+
+class Stopwatch:
+    """Wall time and CPU time (this process and its finished children: the tokenizer workers)."""
+
+    def __enter__(self) -> "Stopwatch":
+        self.wall, self.cpu = time.perf_counter(), self._cpu()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, self._cpu() - self.cpu
+
+    @staticmethod
+    def _cpu() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def reference_path(path: Path, tokenizer) -> tuple[Stopwatch, int]:
+    """mistral-finetune's per-sample work (finetune/data/tokenize.py there), one process."""
+    instruct = tokenizer.instruct_tokenizer
+    validator = MistralRequestValidatorV3(ValidationMode.finetuning)
+    n_tokens = 0
+    with Stopwatch() as watch, open(path) as f:
+        for line in f:
+            data = json.loads(line)
+            system_prompt, messages = None, []
+            for m in data["messages"]:
+                if m["role"] == "system":
+                    system_prompt = m["content"]
+                elif m["role"] == "user":
+                    messages.append(UserMessage(content=m["content"]))
+                else:
+                    messages.append(FinetuningAssistantMessage(content=m["content"], weight=m.get("weight")))
+            validator.validate_messages(messages)
+            users = [i for i, m in enumerate(messages) if isinstance(m, UserMessage)]
+            tokens, mask = instruct.start(), [False]
+            for i, m in enumerate(messages):
+                if isinstance(m, UserMessage):
+                    new = instruct.encode_user_message(m, None, i == users[-1], i == users[0], system_prompt)[0]
+                    mask += [False] * len(new)
+                else:
+                    new = instruct.encode_assistant_message(m, is_before_last_user_message=False)
+                    mask += [True] * len(new)
+                tokens += new
+            n_tokens += len(tokens)
+    return watch, n_tokens
+
+
+def tailor_path(path: Path, tokenizer, cache_dir: Path, workers: int, seq_len: int) -> tuple[Stopwatch, float]:
+    """Tokenize + mask + cache (from empty) + pack every sample once; returns the time and the padding share."""
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    with Stopwatch() as watch:
+        (source,) = open_sources([DataSource(str(path))], tokenizer, "all", cache_dir, workers)
+        feed = DocumentFeed(lambda epoch: np.arange(len(source)) if epoch == 0 else None)
+        counts, n_sequences = Counter(), 0
+        while pieces := pack_sequence(feed, source, seq_len, "split", counts):
+            make_batch([(source, pieces)], seq_len)
+            n_sequences += 1
+    padding = 1 - (int(source.lengths.sum()) - len(source)) / (n_sequences * seq_len)
+    return watch, padding
+
+
+def cache_read_tokens_per_second(path: Path, tokenizer, cache_dir: Path, seq_len: int, batch_size: int,
+                                 n_batches: int) -> float:
+    cfg = DataConfig(train=[DataSource(str(path))], num_workers=0)
+    loader = build_train_loader(cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, rank=0, world_size=1,
+                                seed=0, cache_dir=cache_dir)
+    next(loader)  # first epoch's permutation
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        next(loader)
+    return n_batches * batch_size * seq_len / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=12_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=1, help="keep the fastest of N runs (a shared machine is noisy)")
+    args = parser.parse_args()
+
+    bundled = Path(mistral_common.__file__).parent / "data"
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "chat.jsonl"
+        make_chat_file(data, args.samples)
+        print(f"data: {args.samples} generated chats, {data.stat().st_size / 1e6:.1f} MB; {os.cpu_count()} cores; "
+              f"workers {args.workers}; seq_len {args.seq_len}")
+        for name, file in TOKENIZERS.items():
+            model = tmp / name.replace(" ", "_")
+            model.mkdir()
+            shutil.copy(bundled / file, model / file.replace("mistral_instruct_tokenizer_240323.", "tokenizer."))
+            tokenizer = load_tokenizer(model)
+            reference, n = min((reference_path(data, tokenizer) for _ in range(args.repeat)), key=lambda r: r[0].wall)
+            ours, padding = min((tailor_path(data, tokenizer, tmp / "cache", args.workers, args.seq_len)
+                                 for _ in range(args.repeat)), key=lambda r: r[0].wall)
+            reads = max(cache_read_tokens_per_second(data, tokenizer, tmp / "cache", args.seq_len, args.batch_size, 200)
+                        for _ in range(args.repeat))
+            print(f"{name}: {n / 1e6:.1f}M tokens (load average {os.getloadavg()[0]:.1f})\n"
+                  f"  reference, mistral-finetune's per-sample work in 1 process: {n / reference.wall / 1e6:5.2f}M "
+                  f"tok/s wall, {n / reference.cpu / 1e6:5.2f}M per CPU-second\n"
+                  f"  tailor tokenize+mask+cache+pack, {args.workers} workers:      {n / ours.wall / 1e6:5.2f}M "
+                  f"tok/s wall, {n / ours.cpu / 1e6:5.2f}M per CPU-second; {reference.wall / ours.wall:.2f}x the "
+                  f"reference (wall); padding {padding:.1%}\n"
+                  f"  cache reads, TrainLoader batches of {args.batch_size} x {args.seq_len}: {reads / 1e6:.1f}M tok/s")
+
+
+if __name__ == "__main__":
+    main()

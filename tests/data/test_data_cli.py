@@ -1,0 +1,126 @@
+"""`tailor validate` and `tailor tokenize`, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from finetune.cli import main
+from finetune.data import tokenize_sample
+
+TOOL = {"type": "function", "function": {"name": "lookup", "description": "Find a word", "parameters": {
+    "type": "object", "properties": {"word": {"type": "string"}}}}}
+LEGACY = {"functions": [TOOL["function"]], "messages": [
+    {"role": "user", "content": "Define cat"},
+    {"role": "assistant", "content": None, "function_call": {"name": "lookup", "arguments": "{\"word\": \"cat\"}"}},
+    {"role": "function", "name": "lookup", "content": "a small feline"},
+    {"role": "assistant", "content": "A cat is a small feline."}]}
+NO_IDS = {"tools": [TOOL], "messages": [
+    {"role": "user", "content": "Define dog"},
+    {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "lookup",
+                                                                          "arguments": {"word": "dog"}}}]},
+    {"role": "tool", "content": "a loyal canine"},
+    {"role": "assistant", "content": "A dog is a loyal canine."}]}
+
+
+def write_config(tmp_path: Path, model_dir: Path, train: list[Path], eval_: list[Path]) -> Path:
+    config = {"run_dir": str(tmp_path / "run"), "model": {"path": str(model_dir)}, "seq_len": 64,
+              "max_steps": 10, "batch_size": 2, "data": {"train": [str(p) for p in train],
+                                                         "eval": [str(p) for p in eval_]}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_validate_reports_faults_statistics_epochs_and_eta(tmp_path, model_dirs, write_jsonl, chat, capsys):
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", [
+        chat(0), chat(1, words=40), LEGACY, "{broken", {"messages": [{"role": "bot", "content": "hi"}]}, "",
+        NO_IDS, chat(2)])
+    eval_ = write_jsonl(tmp_path / "data" / "eval.jsonl", [chat(3)])
+    config = write_config(tmp_path, model_dirs["v3"], [train], [eval_])
+    assert main(["validate", str(config), "--gpus", "4"]) == 1
+    out = capsys.readouterr().out
+    assert f"{train}:3: sample uses OpenAI's legacy function-calling form (\"functions\")" in out
+    assert f"{train}:4: invalid JSON: Expecting property name enclosed in double quotes at column 2" in out
+    assert f"{train}:5: message 1 has role 'bot'; expected system, user, assistant or tool" in out
+    assert f"{train}:6: blank line" in out
+    assert f"{train}:7: message 2 tool call 1 has no id" in out
+    assert "5 bad lines (" in out and "3 have a safe repair (--fix OUT_DIR applies it)" in out
+    header, train_row = [line for line in out.splitlines() if line.startswith("file") or " train " in line]
+    assert header.split() == ["file", "split", "lines", "bad", "samples", "tokens", "trained", ">", "seq_len", "64"]
+    assert train_row.split()[:5] == [str(train), "train", "8", "5", "3"]
+    assert train_row.split()[-1] == "1"  # chat(1) is longer than seq_len
+    assert "max_steps 10 x 4 GPU(s) x batch_size 2 x grad_accumulation 1 x seq_len 64 = 5,120 tokens" in out
+    assert "epochs" in out and "ETA on 4 GPU(s): 1 min" in out and "not measured" in out
+
+
+def test_validate_fix_repairs_and_removes(tmp_path, model_dirs, tokenizers, write_jsonl, chat, capsys):
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", [
+        chat(0), LEGACY, "{broken", "", NO_IDS, "\ufeff" + json.dumps(chat(1))])
+    eval_ = write_jsonl(tmp_path / "data" / "more" / "eval.jsonl", [chat(3)])
+    config = write_config(tmp_path, model_dirs["v3"], [train], [eval_])
+    assert main(["validate", str(config), "--fix", str(tmp_path / "fixed")]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'fixed' / 'train.jsonl'}: 1 lines kept, 3 repaired, 2 removed" in out
+    fixed = [json.loads(line) for line in (tmp_path / "fixed" / "train.jsonl").read_text().splitlines()]
+    assert fixed[0] == chat(0) and fixed[3] == chat(1)
+    legacy = fixed[1]
+    assert legacy["tools"] == [TOOL]
+    call_id = legacy["messages"][1]["tool_calls"][0]["id"]
+    assert len(call_id) == 9 and call_id.isalnum()
+    assert legacy["messages"][2] == {"role": "tool", "content": "a small feline", "tool_call_id": call_id}
+    no_ids = fixed[2]
+    call = no_ids["messages"][1]["tool_calls"][0]
+    assert call["function"]["arguments"] == '{"word": "dog"}'
+    assert no_ids["messages"][2]["tool_call_id"] == call["id"]
+    for sample in fixed:
+        tokenize_sample(sample, tokenizers["v3"])
+    assert (tmp_path / "fixed" / "more" / "eval.jsonl").read_text() == eval_.read_text()
+
+    config = write_config(tmp_path, model_dirs["v3"], [tmp_path / "fixed" / "train.jsonl"], [eval_])
+    assert main(["validate", str(config)]) == 0
+    assert "no faults" in capsys.readouterr().out
+
+
+def test_validate_config_and_model_errors(tmp_path, model_dirs, write_jsonl, chat, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(0)])
+    config = write_config(tmp_path, model_dirs["v3"], [train], [train])
+    assert main(["validate", str(config), "seq_lenn=3"]) == 2
+    assert "unknown key 'seq_lenn'; did you mean 'seq_len'?" in capsys.readouterr().err
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "tekken.json").write_bytes((model_dirs["tekken"] / "tekken.json").read_bytes())
+    (tmp_path / "model" / "params.json").write_text(json.dumps({"vocab_size": 32768}))
+    config = write_config(tmp_path, tmp_path / "model", [train], [train])
+    assert main(["validate", str(config)]) == 1
+    assert "tekken.json has 131072 tokens but" in capsys.readouterr().out
+
+
+def test_tokenize_writes_tokens_and_weights_per_line(tmp_path, model_dirs, tokenizers, write_jsonl, chat, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(0), {"messages": [{"role": "user", "content": "x"}]}])
+    out = tmp_path / "tokens.jsonl"
+    assert main(["tokenize", "--model", str(model_dirs["tekken"]), str(data), "-o", str(out)]) == 1
+    first, second = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = tokenize_sample(chat(0), tokenizers["tekken"])
+    assert first == {"line": 1, "tokens": expected.tokens, "weights": expected.weights}
+    assert second == {"line": 2, "error": "the last message (message 1) is from the user; a training sample ends "
+                                          "with an assistant message"}
+
+
+def test_tokenize_show_marks_the_trained_spans(tmp_path, model_dirs, write_jsonl, capsys):
+    sample = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": 0.5},
+                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]}
+    data = write_jsonl(tmp_path / "d.jsonl", [sample])
+    assert main(["tokenize", "--model", str(model_dirs["tekken"]), str(data), "--show"]) == 0
+    shown = capsys.readouterr().out
+    assert "d.jsonl:1: 13 tokens, 5 trained" in shown
+    assert "<s>[INST]Hi[/INST]«Hello</s>»(0.5)[INST]Bye[/INST]«Ciao</s>»" in shown
+
+
+def test_python_dash_m_finetune_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "validate" in result.stdout and "tokenize" in result.stdout

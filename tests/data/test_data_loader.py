@@ -1,0 +1,187 @@
+"""Sharding, mixing, resumption, eval batches and the tokenized cache."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+
+import numpy as np
+import pytest
+
+import finetune.data.cache as cache
+from finetune.config import DataConfig, DataSource
+from finetune.data import DataError, build_eval_batches, build_train_loader
+from finetune.data.cache import open_tokenized_files
+from finetune.data.sources import open_sources
+
+
+def documents_of(batch, seq_len, known: dict) -> list[int]:
+    """The sample index of each document in a batch (padding left out), from its input tokens."""
+    found, position = [], 0
+    for n in batch.seqlens:
+        window = batch.tokens[position:position + n]
+        if batch.weights[position:position + n].any():
+            found.append(known[tuple(window.tolist())])
+        position += n
+    return found
+
+
+@pytest.fixture
+def chat_file(tmp_path, write_jsonl, chat):
+    return write_jsonl(tmp_path / "train.jsonl", [chat(i, turns=1 + i % 3) for i in range(40)])
+
+
+def inputs_to_sample(path, tokenizer, cache_dir) -> dict:
+    (source,) = open_sources([DataSource(str(path))], tokenizer, "all", cache_dir, 0)
+    return {tuple(source.files[0].sample(i)[0][:-1].tolist()): i for i in range(len(source))}
+
+
+def loader(path, tokenizer, cache_dir, rank=0, world_size=1, seed=0, **data):
+    cfg = DataConfig(train=[DataSource(str(path))], **data)
+    return build_train_loader(cfg, tokenizer, seq_len=128, batch_size=2, rank=rank, world_size=world_size,
+                              seed=seed, cache_dir=cache_dir)
+
+
+def test_two_ranks_read_disjoint_shares_that_cover_the_data(tmp_path, tokenizers, chat_file):
+    tokenizer, cache_dir = tokenizers["v3"], tmp_path / "cache"
+    known = inputs_to_sample(chat_file, tokenizer, cache_dir)
+    per_rank = []
+    for rank in (0, 1):
+        rank_loader = loader(chat_file, tokenizer, cache_dir, rank=rank, world_size=2)
+        docs = []
+        while rank_loader.report()["epochs_begun"][str(chat_file)] < 3:
+            docs += documents_of(next(rank_loader), 128, known)
+        per_rank.append(docs)
+    for epoch in (0, 1):  # the global permutation changes every epoch; its rank shares are disjoint
+        shares = [set(docs[20 * epoch:20 * (epoch + 1)]) for docs in per_rank]
+        assert len(shares[0]) == len(shares[1]) == 20
+        assert not shares[0] & shares[1]
+        assert shares[0] | shares[1] == set(range(40))
+
+
+def test_every_epoch_is_reshuffled_and_training_never_ends(tmp_path, tokenizers, chat_file):
+    train = loader(chat_file, tokenizers["v3"], tmp_path / "cache")
+    order = train.feeds[0].order
+    assert sorted(order(0)) == sorted(order(1)) == list(range(40))
+    assert order(0).tolist() != order(1).tolist()
+    for _ in range(60):
+        next(train)
+    assert train.report()["epochs_begun"][str(chat_file)] >= 3
+
+
+def test_resumed_loader_continues_with_the_next_batch(tmp_path, tokenizers, chat_file):
+    first = loader(chat_file, tokenizers["v3"], tmp_path / "cache", rank=1, world_size=2, seed=7, overlong="split")
+    for _ in range(13):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # plain types only
+    resumed = loader(chat_file, tokenizers["v3"], tmp_path / "cache", rank=1, world_size=2, seed=7)
+    resumed.load_state_dict(state)
+    for _ in range(15):
+        a, b = next(first), next(resumed)
+        assert a.tokens.tolist() == b.tokens.tolist()
+        assert a.weights.tolist() == b.weights.tolist()
+        assert a.seqlens == b.seqlens
+    assert resumed.report() == first.report()
+
+
+def test_sources_are_mixed_by_weight(tmp_path, tokenizers, write_jsonl):
+    alpha = write_jsonl(tmp_path / "alpha.jsonl", [{"text": f"alpha {i}"} for i in range(30)])
+    write_jsonl(tmp_path / "beta" / "b.jsonl", [{"text": f"beta {i}"} for i in range(30)])  # a folder source
+    cfg = DataConfig(train=[DataSource(str(alpha), 3.0), DataSource(str(tmp_path / "beta"), 1.0)])
+    train = build_train_loader(cfg, tokenizers["tekken"], seq_len=16, batch_size=50, rank=0, world_size=1, seed=0,
+                               cache_dir=tmp_path / "cache")
+    alpha_first = tokenizers["tekken"].instruct_tokenizer.tokenizer.encode("alpha", bos=False, eos=False)[0]
+    firsts = np.concatenate([next(train).tokens.view(-1, 16)[:, 1].numpy() for _ in range(20)])
+    assert abs((firsts == alpha_first).mean() - 0.75) < 0.05
+
+
+def test_eval_is_the_same_for_any_number_of_ranks(tmp_path, tokenizers, write_jsonl, chat):
+    data = write_jsonl(tmp_path / "eval.jsonl", [chat(i, turns=1 + i % 4, words=3 + i) for i in range(23)])
+    cfg = DataConfig(eval=[DataSource(str(data))])
+    kwargs = dict(seq_len=128, cache_dir=tmp_path / "cache")
+    single = build_eval_batches(cfg, tokenizers["v3"], batch_size=1, rank=0, world_size=1, **kwargs)
+    for world_size in (2, 3):
+        per_rank = [build_eval_batches(cfg, tokenizers["v3"], batch_size=2, rank=r, world_size=world_size, **kwargs)
+                    for r in range(world_size)]
+        assert len({len(batches) for batches in per_rank}) == 1  # the same number of forward calls everywhere
+        sequences = [(r, b, s) for r in range(world_size) for b in range(len(per_rank[r])) for s in range(2)]
+        merged = {}
+        for r, b, s in sequences:
+            batch = per_rank[r][b]
+            index = (b * 2 + s) * world_size + r  # global sequence index of this slot
+            merged[index] = (batch.tokens[s * 128:(s + 1) * 128], batch.weights[s * 128:(s + 1) * 128])
+        for i, batch in enumerate(single):
+            assert merged[i][0].tolist() == batch.tokens.tolist()
+            assert merged[i][1].tolist() == batch.weights.tolist()
+        assert all(merged[i][1].sum() == 0 for i in merged if i >= len(single))  # padding sequences
+
+
+def test_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path, tokenizers, chat_file, monkeypatch, chat):
+    (first,) = open_tokenized_files([chat_file], tokenizers["v3"], "all", tmp_path / "cache")
+    monkeypatch.setattr(cache, "_tokenize_range", lambda *a: pytest.fail("tokenized again"))
+    (again,) = open_tokenized_files([chat_file], tokenizers["v3"], "all", tmp_path / "cache")
+    assert again.entry == first.entry and len(again) == 40
+    monkeypatch.undo()
+    (other_tokenizer,) = open_tokenized_files([chat_file], tokenizers["tekken"], "all", tmp_path / "cache")
+    (last_only,) = open_tokenized_files([chat_file], tokenizers["v3"], "last", tmp_path / "cache")
+    with open(chat_file, "a") as f:
+        f.write(json.dumps(chat(99)) + "\n")
+    (edited,) = open_tokenized_files([chat_file], tokenizers["v3"], "all", tmp_path / "cache")
+    assert len({first.entry, other_tokenizer.entry, last_only.entry, edited.entry}) == 4
+    assert len(edited) == 41
+
+
+def test_parallel_build_equals_in_process_build(tmp_path, tokenizers, write_jsonl, chat, monkeypatch):
+    samples = [chat(i, turns=1 + i % 3) if i % 7 else "{bad json" for i in range(120)]
+    data = write_jsonl(tmp_path / "d.jsonl", samples)
+    (serial,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "serial", num_workers=0)
+    monkeypatch.setattr(cache, "CHUNK_BYTES", 2000)  # about 5 lines per worker task
+    (parallel,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "parallel", num_workers=2)
+    for name in ("sample_starts", "sample_lines", "span_starts", "spans"):
+        assert getattr(parallel, name).tolist() == getattr(serial, name).tolist()
+    assert parallel.tokens.tolist() == serial.tokens.tolist()
+    assert [f.line for f in parallel.faults()] == [i + 1 for i in range(0, 120, 7)]
+    assert parallel.meta["n_lines"] == 120 and parallel.meta["errors_by_kind"] == {"invalid_json": 18}
+
+
+def _build_in_child(path, cache_dir, log):
+    """Run in a child process: build the cache, noting each real build in `log`."""
+    from finetune.data import load_tokenizer
+
+    build = cache._build
+
+    def logged_build(*args):
+        with open(log, "a") as f:
+            f.write("built\n")
+        time.sleep(0.5)  # hold the lock long enough for the other process to wait on it
+        build(*args)
+
+    cache._build = logged_build
+    tokenizer = load_tokenizer(path.parent / "model")
+    open_tokenized_files([path], tokenizer, "all", cache_dir, num_workers=0)
+
+
+def test_ranks_starting_together_tokenize_each_file_once(tmp_path, model_dirs, chat_file):
+    (tmp_path / "model").symlink_to(model_dirs["v3"])
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=_build_in_child, args=(chat_file, tmp_path / "cache", tmp_path / "log"))
+                for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+        assert child.exitcode == 0
+    assert (tmp_path / "log").read_text() == "built\n"
+    assert not list((tmp_path / "cache").glob("*.tmp-*"))
+
+
+def test_loader_refuses_impossible_setups(tmp_path, tokenizers, write_jsonl, chat):
+    small = write_jsonl(tmp_path / "small.jsonl", [chat(0)])
+    with pytest.raises(DataError, match="1 usable samples cannot be shared by 2 ranks"):
+        loader(small, tokenizers["v3"], tmp_path / "cache", rank=0, world_size=2)
+    long = write_jsonl(tmp_path / "long.jsonl", [chat(0, words=200)])
+    with pytest.raises(DataError, match=r"every sample \(of rank 0\) is longer than seq_len 128 and overlong is drop"):
+        loader(long, tokenizers["v3"], tmp_path / "cache", overlong="drop")
+    with pytest.raises(DataError, match="no such file or folder"):
+        loader(tmp_path / "missing.jsonl", tokenizers["v3"], tmp_path / "cache")

@@ -1,0 +1,232 @@
+"""Tokens equal mistral-common's encode_chat_completion; weights sit on assistant tokens only."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+
+from finetune.data import (
+    SampleFault,
+    check_tokenizer_vocab,
+    load_tokenizer,
+    read_vocab_size,
+    tokenize_sample,
+)
+from finetune.data.text_encoders import WordMemoSentencePiece, fast_text_encoder, word_memo_is_exact
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+CONVERSATIONS = {
+    "chat": {"messages": [{"role": "user", "content": "Hi there"},
+                          {"role": "assistant", "content": "Hello! How can I help?"}]},
+    "multi_turn_with_system": {"messages": [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"},
+        {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome"},
+        {"role": "user", "content": "Of Spain?"}, {"role": "assistant", "content": "Madrid"}]},
+    "tool_calling": {"tools": [WEATHER_TOOL], "messages": [
+        {"role": "system", "content": "Use tools when useful."},
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call00001", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+            {"id": "call00002", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}}]},
+        {"role": "tool", "tool_call_id": "call00001", "content": "{\"celsius\": 21}"},
+        {"role": "tool", "tool_call_id": "call00002", "content": "{\"celsius\": 25}"},
+        {"role": "assistant", "content": "Paris 21 °C, Rome 25 °C."},
+        {"role": "user", "content": "Thanks! Tomorrow in Oslo?"},
+        {"role": "assistant", "tool_calls": [
+            {"id": "call00003", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]}]},
+}
+
+
+def reference_tokens(tokenizer, sample: dict) -> list[int]:
+    """mistral-common's own encoding of the same conversation."""
+    messages = []
+    for m in sample["messages"]:
+        if m["role"] == "system":
+            messages.append(SystemMessage(content=m["content"]))
+        elif m["role"] == "user":
+            messages.append(UserMessage(content=m["content"]))
+        elif m["role"] == "tool":
+            messages.append(ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"]))
+        else:
+            calls = [ToolCall(id=c["id"], function=FunctionCall(**c["function"])) for c in m.get("tool_calls", [])]
+            messages.append(AssistantMessage(content=m.get("content"), tool_calls=calls or None))
+    tools = [Tool(function=Function(**t["function"])) for t in sample.get("tools", [])] or None
+    return tokenizer.encode_chat_completion(ChatCompletionRequest(messages=messages, tools=tools)).tokens
+
+
+def assistant_message_tokens(tokenizer, sample: dict, k: int) -> list[int]:
+    """The tokens mistral-common adds for assistant message k: encode the conversation up to it with the
+    message and with a one-token stand-in, and keep what differs."""
+    messages = sample["messages"]
+    with_it = reference_tokens(tokenizer, {**sample, "messages": messages[:k + 1]})
+    stand_in = reference_tokens(tokenizer, {**sample, "messages": messages[:k] + [{"role": "assistant",
+                                                                                    "content": "x"}]})
+    start = len(stand_in) - len(tokenizer.instruct_tokenizer.tokenizer.encode("x", bos=False, eos=True))
+    assert with_it[:start] == stand_in[:start]
+    return with_it[start:]
+
+
+def weighted_runs(tokens: list[int], weights: list[float]) -> list[list[int]]:
+    runs, previous = [], 0.0
+    for token, weight in zip(tokens, weights):
+        if weight:
+            if not previous:
+                runs.append([])
+            runs[-1].append(token)
+        previous = weight
+    return runs
+
+
+@pytest.mark.parametrize("version", ["v3", "v7", "tekken"])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_tokens_equal_mistral_common(tokenizers, version, name):
+    sample = CONVERSATIONS[name]
+    tokenized = tokenize_sample(sample, tokenizers[version])
+    assert tokenized.tokens == reference_tokens(tokenizers[version], sample)
+    assert len(tokenized.weights) == len(tokenized.tokens)
+
+
+def test_v1_plain_chat_equals_mistral_common(tokenizers):
+    sample = CONVERSATIONS["multi_turn_with_system"]
+    assert tokenize_sample(sample, tokenizers["v1"]).tokens == reference_tokens(tokenizers["v1"], sample)
+
+
+@pytest.mark.parametrize("version", ["v3", "tekken"])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_weights_cover_exactly_the_assistant_messages(tokenizers, version, name):
+    """Trained runs are the assistant messages' tokens (content or tool calls, and EOS), with weight 1."""
+    tokenizer, sample = tokenizers[version], CONVERSATIONS[name]
+    tokenized = tokenize_sample(sample, tokenizer)
+    expected = [assistant_message_tokens(tokenizer, sample, k)
+                for k, m in enumerate(sample["messages"]) if m["role"] == "assistant"]
+    assert weighted_runs(tokenized.tokens, tokenized.weights) == expected
+    assert set(tokenized.weights) == {0.0, 1.0}
+    assert tokenized.weights[0] == 0.0  # BOS
+    eos = tokenizer.instruct_tokenizer.tokenizer.eos_id
+    assert all(w == 1.0 for t, w in zip(tokenized.tokens, tokenized.weights) if t == eos)
+
+
+GOLDEN_SAMPLE = {"messages": [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!", "weight": 0.5}, {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Bye!"}]}
+
+
+def test_golden_mask_v3(tokenizers):
+    # <s> [INST] ▁Hi [/INST] ▁Hello ! </s> [INST] ▁Be ▁brief . \n \n By e [/INST] ▁By e ! </s>
+    # (v3 puts the system prompt in the last user message)
+    tokenized = tokenize_sample(GOLDEN_SAMPLE, tokenizers["v3"])
+    assert tokenized.tokens == [1, 3, 16127, 4, 23325, 29576, 2, 3, 2507, 7585, 29491, 781, 781, 2698, 29474, 4,
+                                3231, 29474, 29576, 2]
+    assert tokenized.weights == [0, 0, 0, 0, 0.5, 0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_golden_mask_tekken(tokenizers):
+    # <s> [INST] Hi [/INST] Hello ! </s> [INST] Be ␣brief .\n\n By e [/INST] By e ! </s>
+    tokenized = tokenize_sample(GOLDEN_SAMPLE, tokenizers["tekken"])
+    assert tokenized.tokens == [1, 3, 37133, 4, 22177, 1033, 2, 3, 5934, 13426, 1338, 3606, 1101, 4, 3606, 1101,
+                                1033, 2]
+    assert tokenized.weights == [0, 0, 0, 0, 0.5, 0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_train_on_last_and_weight_zero(tokenizers):
+    tokenizer = tokenizers["v3"]
+    full = tokenize_sample(GOLDEN_SAMPLE, tokenizer)
+    last = tokenize_sample(GOLDEN_SAMPLE, tokenizer, train_on="last")
+    assert last.tokens == full.tokens
+    assert last.weights == [0.0] * 16 + [1.0] * 4
+    unweighted_first = json.loads(json.dumps(GOLDEN_SAMPLE))
+    unweighted_first["messages"][2]["weight"] = 0
+    assert tokenize_sample(unweighted_first, tokenizer).weights == last.weights
+
+
+def test_nothing_to_train_is_a_fault(tokenizers):
+    sample = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "weight": 0}]}
+    with pytest.raises(SampleFault, match="no assistant message is trained"):
+        tokenize_sample(sample, tokenizers["v3"])
+
+
+def test_pretrain_text_trains_every_token_but_bos(tokenizers):
+    tokenizer = tokenizers["tekken"]
+    tokenized = tokenize_sample({"text": "Once upon a time"}, tokenizer)
+    raw = tokenizer.instruct_tokenizer.tokenizer
+    assert tokenized.tokens == raw.encode("Once upon a time", bos=True, eos=True)
+    assert tokenized.weights == [0.0] + [1.0] * (len(tokenized.tokens) - 1)
+
+
+def test_tool_calls_unsupported_by_v1_is_a_fault(tokenizers):
+    with pytest.raises(SampleFault, match="v1 tokenizer has no tool-calling format"):
+        tokenize_sample(CONVERSATIONS["tool_calling"], tokenizers["v1"])
+
+
+def test_content_with_tool_calls_needs_v7(tokenizers):
+    sample = json.loads(json.dumps(CONVERSATIONS["tool_calling"]))
+    sample["messages"][-1]["content"] = "Let me check."
+    with pytest.raises(SampleFault, match="both content and tool_calls"):
+        tokenize_sample(sample, tokenizers["v3"])
+    assert tokenize_sample(sample, tokenizers["v7"]).tokens == reference_tokens(tokenizers["v7"], sample)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model folder
+
+
+def test_load_tokenizer_and_vocab(model_dirs):
+    tokenizer = load_tokenizer(model_dirs["tekken"])
+    check_tokenizer_vocab(tokenizer, read_vocab_size(model_dirs["tekken"]), model_dirs["tekken"])
+    with pytest.raises(ValueError, match=r"tekken.json has 131072 tokens but .* vocab_size 32768"):
+        check_tokenizer_vocab(tokenizer, 32768, model_dirs["tekken"])
+
+
+def test_load_tokenizer_errors(tmp_path, model_dirs):
+    with pytest.raises(FileNotFoundError, match=r"looked for tekken\*.json, tokenizer.model.v\*"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tekken.json").write_bytes((model_dirs["tekken"] / "tekken.json").read_bytes())
+    (tmp_path / "tokenizer.model.v3").write_bytes((model_dirs["v3"] / "tokenizer.model.v3").read_bytes())
+    with pytest.raises(ValueError, match="several tokenizer files"):
+        load_tokenizer(tmp_path)
+
+
+def test_read_vocab_size_from_hugging_face_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 131072, "hidden_size": 5120}))
+    assert read_vocab_size(tmp_path) == 131072
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fast text encoders give the original's tokens
+
+
+@pytest.mark.parametrize("version", ["v1", "v3", "v7", "tekken"])
+def test_fast_text_encoder_equals_encode(tokenizers, version):
+    raw = tokenizers[version].instruct_tokenizer.tokenizer
+    if version != "tekken":
+        assert word_memo_is_exact(raw)
+    fast = fast_text_encoder(raw)
+    rng = random.Random(0)
+    alphabet = list("ab c  \n\t.,!é中😀1 2") + ["  ", "   ", "\n ", " \n", "\u00a0", "▁", "[INST]", "</s>"]
+    words = ["a", "b", "é", "中", "😀", "1", "22", "\n", "\t", ".", ",!", "ab\nc", "[INST]"]
+    texts = ["", " ", "  ", "x", " x", "x ", "Hello  world  ", "▁▁a"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    texts += [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(3000)]  # single spaces only
+    for text in texts + texts:  # twice: the second pass reads the memo
+        assert fast(text) == raw.encode(text, bos=False, eos=False), repr(text)
+
+
+def test_word_memo_is_bounded(tokenizers):
+    memo = WordMemoSentencePiece(tokenizers["v3"].instruct_tokenizer.tokenizer._model)
+    memo.max_words = 10
+    for i in range(50):
+        memo(f"word{i} other{i}")
+    assert len(memo._memo) <= 12
