@@ -7,6 +7,7 @@ row to COMMANDS. Heavy imports happen inside the run functions so that `tailor -
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -83,28 +84,51 @@ def _shown(records, tokenizer, path: Path):
         yield record
 
 
-COMMANDS = [
+COMMANDS = [  # name, help, "module:add_arguments", "module:run"; modules are imported only when their command runs
     ("validate", "check every train and eval file of a config: faults, statistics, epochs, ETA",
-     add_validate_arguments, run_validate),
+     "finetune.cli:add_validate_arguments", "finetune.cli:run_validate"),
     ("tokenize", "show the tokens and loss weights each line of a .jsonl file becomes",
-     add_tokenize_arguments, run_tokenize),
+     "finetune.cli:add_tokenize_arguments", "finetune.cli:run_tokenize"),
+    ("demo", "make a tiny model, fine-tune it on the shipped data, and show what it learned (CPU, ~2 minutes)",
+     "finetune.demo:add_arguments", "finetune.demo:run"),
+    ("merge", "merge a LoRA checkpoint into its base model, one tensor at a time",
+     "finetune.merge:add_arguments", "finetune.merge:run"),
+    ("export-peft", "write a LoRA checkpoint as a Hugging Face PEFT adapter (transformers, vLLM)",
+     "finetune.peft_format:add_export_arguments", "finetune.peft_format:run_export"),
+    ("import-peft", "turn a Hugging Face PEFT LoRA adapter into a tailor checkpoint",
+     "finetune.peft_format:add_import_arguments", "finetune.peft_format:run_import"),
+    ("export-hf", "write a base or merged model in Hugging Face format",
+     "finetune.export_hf:add_arguments", "finetune.export_hf:run"),
+    ("chat", "chat with a model, with or without a LoRA checkpoint",
+     "finetune.chat:add_arguments", "finetune.chat:run"),
+    ("extend-vocab", "extend a 32000-token model (Mistral 7B v0.1, Mixtral 8x7B v1) to the v3 tokenizer's 32768",
+     "finetune.extend_vocab:add_arguments", "finetune.extend_vocab:run"),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _resolve(reference: str):
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """All commands for `--help`; with `only`, the arguments of that one command (importing just its module)."""
     parser = argparse.ArgumentParser(prog="tailor", description="LoRA fine-tuning for Mistral models")
     subparsers = parser.add_subparsers(metavar="COMMAND")
     for name, help_text, add_arguments, run in COMMANDS:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        add_arguments(sub)
-        sub.set_defaults(run=run)
+        if name == only:
+            _resolve(add_arguments)(sub)
+            sub.set_defaults(run=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((name for name, *_ in COMMANDS if argv and argv[0] == name), None)
+    parser = build_parser(only=command)
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    return args.run(args)
+    return _resolve(args.run)(args)
