@@ -159,6 +159,32 @@ def measure(name: str, model, step, batches, device, warmup: int) -> dict:
     return dict(name=name, tokens_per_s=tokens / seconds, peak_gib=peak)
 
 
+def loss_memory(device: torch.device, tokens: int, vocab: int, dim: int) -> None:
+    """Peak memory of forward + backward of the loss alone: naive full logits vs tailor's chunked loss."""
+    from finetune.loss import chunked_cross_entropy
+
+    hidden = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(vocab, dim, device=device, dtype=torch.bfloat16) * dim**-0.5
+    targets = torch.randint(0, vocab, (tokens,), device=device)
+    weights = torch.ones(tokens, device=device)
+
+    def naive():
+        logits = (hidden @ weight.T).float()
+        return (torch.nn.functional.cross_entropy(logits, targets, reduction="none") * weights).sum()
+
+    peaks = {}
+    for name, loss in (("naive", naive), ("chunked", lambda: chunked_cross_entropy(hidden, weight, targets, weights).loss_sum)):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        loss().backward()
+        torch.cuda.synchronize()
+        peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        hidden.grad = None
+    print(f"loss memory, {tokens} tokens x {vocab} vocab: naive {peaks['naive']:.2f} GiB, chunked "
+          f"{peaks['chunked']:.2f} GiB ({peaks['chunked'] / peaks['naive']:.3f} of naive; goal <= 0.125)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="mistral-7b", choices=["tiny", *ARCHITECTURES])
@@ -168,9 +194,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="fewer layers (e.g. for MoE on one GPU); the output says so")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers + PEFT baseline")
+    parser.add_argument("--loss-memory", action="store_true",
+                        help="only compare the loss's peak memory with the naive path at seq-len x the arch's vocab (CUDA; "
+                             "on CPU tests/train/test_loss.py checks it at reduced size)")
     opts = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if opts.loss_memory:
+        args = model_args(opts.arch, opts.layers)
+        return loss_memory(device, opts.seq_len, args.vocab_size, args.dim)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args = model_args(opts.arch, opts.layers)
     seq_len = min(opts.seq_len, 256) if device.type == "cpu" else opts.seq_len
