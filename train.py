@@ -3,6 +3,9 @@
     python train.py CONFIG.yaml [key=value ...]                         one process: CPU or one GPU
     torchrun --nproc-per-node 8 train.py CONFIG.yaml [key=value ...]     one node, eight GPUs
 
+The same command resumes a run that was stopped, killed or preempted (`resume: auto`, the default); SIGTERM or
+Ctrl-C finishes the step, saves a checkpoint and exits 0.
+
 The wiring of the data path, nothing more: config ► data ► model ► loop (see ../shared/DESIGN.md).
 """
 
@@ -14,17 +17,26 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoint import save_training_checkpoint
+from finetune.checkpoint import list_checkpoints
 from finetune.config import ConfigError, load_config, save_config
-from finetune.data import DataError, build_eval_batches, build_train_loader, check_tokenizer_vocab, load_tokenizer
+from finetune.data import DataError, build_eval_batches, build_train_loader
 from finetune.distributed import barrier, destroy, init_distributed
 from finetune.eval import evaluate
 from finetune.model_setup import build_training_model
 from finetune.monitoring import MetricsLogger, format_eval_line, format_summary, format_train_line, peak_memory_gib
 from finetune.optim import build_optimizer, lr_at_step, set_lr
 from finetune.preflight import PreflightError, run_preflight_checks
-from finetune.train_step import train_step
-from model.args import load_model_args
+from finetune.resume import (
+    Progress,
+    ResumeError,
+    StopSignal,
+    load_training_state,
+    prepare_run_dir,
+    resume_command,
+    save_checkpoint,
+    train_data_seed,
+)
+from finetune.train_step import NonFiniteError, inject_test_nonfinite, raise_if_diverged, train_step
 
 
 def main(argv: list[str]) -> int:
@@ -32,69 +44,90 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     cfg = load_config(argv[0], argv[1:])
-    run_preflight_checks(cfg)
-    model_args = load_model_args(cfg.model.path)
+    tokenizer = run_preflight_checks(cfg)  # paths, tokenizer, seq_len, disk: before any heavy work
     dist_info = init_distributed()
+    start = prepare_run_dir(cfg, dist_info)  # None: from step 0; else the checkpoint to resume from
+    if start is not None and start.step >= cfg.max_steps:
+        if dist_info.is_main:
+            print(f"nothing to train: {start.folder} is at step {start.step}, and max_steps is {cfg.max_steps}")
+        destroy()
+        return 0
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    # Data: the model folder's tokenizer, endless packed train batches, a fixed eval set.
-    tokenizer = load_tokenizer(cfg.model.path)
-    check_tokenizer_vocab(tokenizer, model_args.vocab_size, cfg.model.path)
+    # Data: endless packed train batches, a fixed eval set.
     cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
     shard = dict(rank=dist_info.rank, world_size=dist_info.world_size, cache_dir=cache_dir)
     train_batches = build_train_loader(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                                       seed=cfg.seed, **shard)
+                                       seed=train_data_seed(cfg.seed, start, dist_info.world_size), **shard)
     eval_batches = (build_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, **shard)
                     if cfg.eval.enabled else [])
     if cfg.eval.max_batches is not None:
         eval_batches = eval_batches[: cfg.eval.max_batches]
 
-    # Model: LoRA on a frozen base, sharded over the ranks, with its loss.
+    # Model: LoRA on a frozen base, sharded over the ranks, with its loss; a resumed run's state loaded into it.
     loss_model = build_training_model(cfg, dist_info)
     optimizer = build_optimizer([p for p in loss_model.parameters() if p.requires_grad], cfg.optim)
+    progress = (load_training_state(start, loss_model, optimizer, train_batches, cfg.seed, dist_info) if start
+                else Progress())
     logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
 
     # The loop.
-    started = time.perf_counter()
-    tokens_seen, trained_seen, last_eval, checkpoint_dir, last_loss = 0, 0, None, None, None
-    for step in range(1, cfg.max_steps + 1):
+    stop = StopSignal.install()
+    started = time.perf_counter() - progress.elapsed_s
+    last_eval, checkpoint_dir, last_loss = None, None, None
+    for step in range(progress.step + 1, cfg.max_steps + 1):
         lr = lr_at_step(step, cfg.optim, cfg.max_steps)
         set_lr(optimizer, lr)
-        micro_batches = [next(train_batches) for _ in range(cfg.grad_accumulation)]
+        micro_batches = inject_test_nonfinite(step, [next(train_batches) for _ in range(cfg.grad_accumulation)])
         sums = train_step(loss_model, optimizer, micro_batches, dist_info.device, cfg.optim.max_grad_norm,
-                          dist_info.world_size)
-        tokens_seen += sums.tokens
-        trained_seen += sums.trained_tokens
+                          dist_info.world_size, stop)
+        progress.count(step, sums, elapsed_s=time.perf_counter() - started)
         is_last = step == cfg.max_steps
 
-        if step % cfg.logging.freq == 0 or is_last:
-            elapsed = time.perf_counter() - started
+        if step % cfg.logging.freq == 0 or is_last or not sums.finite:
+            elapsed = progress.elapsed_s
             last_loss = sums.loss.item()
             record = dict(kind="train", step=step, loss=last_loss, lr=lr, grad_norm=sums.grad_norm.item(),
-                          tokens=tokens_seen, trained_tokens=int(sums.trained_tokens.item()),
-                          tokens_per_s=tokens_seen / elapsed, trained_tokens_per_s=float(trained_seen) / elapsed,
-                          elapsed_s=elapsed,
+                          tokens=progress.tokens, trained_tokens=int(sums.trained_tokens.item()),
+                          tokens_per_s=progress.tokens / elapsed,
+                          trained_tokens_per_s=progress.trained_tokens / elapsed, elapsed_s=elapsed,
+                          skipped=not sums.finite,
                           peak_memory_gib=peak_memory_gib(dist_info.device), max_steps=cfg.max_steps)
             if logger:
                 logger.log(record)
                 print(format_train_line(record), flush=True)
 
-        if eval_batches and (step % cfg.eval.freq == 0 or is_last):
+        if not sums.finite:
+            if logger:
+                print(f"step {step}: the loss or the gradients are not finite, so the step is skipped "
+                      f"({progress.nonfinite_in_a_row} in a row; {cfg.optim.max_consecutive_nonfinite} stop the run)",
+                      flush=True)
+            raise_if_diverged(step, progress.nonfinite_in_a_row, cfg.optim.max_consecutive_nonfinite, lr,
+                              (list_checkpoints(run_dir) or [None])[-1])
+
+        if eval_batches and not sums.stop_requested and (step % cfg.eval.freq == 0 or is_last):
             last_eval = evaluate(loss_model, eval_batches, dist_info.device)
             if logger:
                 logger.log(dict(kind="eval", step=step, **last_eval))
                 print(format_eval_line(dict(step=step, **last_eval)), flush=True)
 
-        if cfg.checkpoint.enabled and (step % cfg.checkpoint.freq == 0 or is_last):
-            checkpoint_dir = save_training_checkpoint(cfg, loss_model.model, step, dist_info.is_main)
+        if sums.stop_requested or (cfg.checkpoint.enabled and (step % cfg.checkpoint.freq == 0 or is_last)):
+            checkpoint_dir = save_checkpoint(cfg, loss_model, optimizer, train_batches, progress, dist_info)
+        if sums.stop_requested:
+            break
 
     if logger:
-        print(format_summary(steps=cfg.max_steps, tokens=tokens_seen, seconds=time.perf_counter() - started,
-                             train_loss=last_loss, eval_metrics=last_eval, checkpoint=checkpoint_dir), flush=True)
+        if progress.step < cfg.max_steps:
+            print(f"stopped at step {progress.step} ({stop.name or 'a signal to another rank'}): saved "
+                  f"{checkpoint_dir}\nresume with: {resume_command([sys.argv[0], *argv])}", flush=True)
+        else:
+            print(format_summary(steps=cfg.max_steps, tokens=progress.tokens, seconds=time.perf_counter() - started,
+                                 train_loss=last_loss, eval_metrics=last_eval, checkpoint=checkpoint_dir), flush=True)
+            if progress.nonfinite_skipped:
+                print(f"  {progress.nonfinite_skipped} steps skipped: the loss or the gradients were not finite")
         logger.close()
     barrier()
     destroy()
@@ -104,6 +137,6 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except (ConfigError, DataError, PreflightError) as error:
+    except (ConfigError, DataError, PreflightError, ResumeError, NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

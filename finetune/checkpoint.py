@@ -1,13 +1,18 @@
 """Checkpoints in run_dir/checkpoints/checkpoint_{step:06d}/, each written aside and renamed into place.
 
-A checkpoint folder therefore appears whole or not at all: a run killed while writing leaves only a
-`.tmp` folder, which is never listed and is cleared by the next save. Only the newest `keep` are kept; an old
-one is renamed to `.old` before it is deleted, so a run killed while deleting never leaves half a checkpoint
-under a complete name either.
+A checkpoint holds the adapters (lora.safetensors, params.json, the tokenizer file), or the merged model with
+`save_adapters: false`, then `state/` for resume (finetune/resume.py), and, written last, `manifest.json`: the
+size and sha256 of every other file. Every rank writes its part into `checkpoint_X.tmp/`; rank 0 then writes the
+manifest and renames the folder in one step. A checkpoint folder therefore appears whole or not at all: a run
+killed while writing leaves only a `.tmp` folder, which is never listed and is cleared by the next save. Only the
+newest `keep` are kept; an old one is renamed to `.old` before it is deleted, so a run killed while deleting never
+leaves half a checkpoint under a complete name either. The manifest catches what renaming cannot: a file that a
+disk, a copy or a hand damaged later.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,49 +24,104 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.data.tokenize import find_tokenizer_file
+from finetune.distributed import barrier
 from finetune.merge import ADAPTER_FILE, MERGED_WEIGHTS, TensorSpec, write_safetensors
 from finetune.parallel import full_state
 from model.lora import lora_state_dict, merged_state_dict
 
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{6,})")
 DEBRIS_NAME = re.compile(r"checkpoint_\d{6,}\.(tmp|old)")  # a write or a deletion cut short
+MANIFEST = "manifest.json"
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"checkpoint_{step:06d}"
 
 
+def checkpoint_step(folder: Path) -> int:
+    return int(CHECKPOINT_NAME.fullmatch(Path(folder).name).group(1))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoints under their complete name, oldest first (verify_checkpoint says whether one is intact)."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
+
+
+def list_debris(run_dir: Path) -> list[Path]:
+    """Leftovers of saves or deletions cut short: never used, removed by the next save."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and DEBRIS_NAME.fullmatch(p.name))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
 
 
 def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_folder)`, then rename the folder to `final` in one step."""
-    _clear_debris(final.parent)
-    tmp = final.with_name(final.name + ".tmp")
-    tmp.mkdir(parents=True)
+    """Run `write(tmp_folder)`, then add the manifest and rename the folder to `final` in one step. One process."""
+    staging = _stage(final)
     try:
-        write(tmp)
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+        write(staging)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    if final.exists():  # the same step saved again (e.g. a resumed run): the new one wins
-        _delete(final)
-    os.replace(tmp, final)
-    return final
+    return _publish(staging, final)
 
 
 def remove_old_checkpoints(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
         _delete(old)
+
+
+def _stage(final: Path) -> Path:
+    _clear_debris(final.parent)
+    staging = final.with_name(final.name + ".tmp")
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _publish(staging: Path, final: Path) -> Path:
+    """Make every file durable, list it in the manifest (written last), and rename the folder into place."""
+    files = {path.relative_to(staging).as_posix(): _describe(path, sync=True) for path in _files_under(staging)}
+    with open(staging / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+        _fsync_folder(folder)
+    if final.exists():  # the same step saved again (e.g. a resumed run): the new one wins
+        _delete(final)
+    os.replace(staging, final)
+    _fsync_folder(final.parent)
+    return final
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _describe(path: Path, sync: bool = False) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _delete(folder: Path) -> None:
@@ -77,18 +137,44 @@ def _clear_debris(folder: Path) -> None:
                 shutil.rmtree(path)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Checking
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when every file the manifest lists is there with its size and checksum; else what is wrong, in words."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "not a folder"
+    try:
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (written by a save cut short, or by an older tailor)"
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, expected in files.items():
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"{MANIFEST} names a file outside the checkpoint: {name}"
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
+    for name, expected in files.items():  # the slow part, once every file is known to be there
+        if _describe(folder / name)["sha256"] != expected["sha256"]:
+            return f"{name} checksum mismatch"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a checkpoint holds
+
+
 def save_adapter_checkpoint(run_dir: Path, step: int, lora_state: dict[str, torch.Tensor], params: dict,
                             lora_settings: dict, tokenizer_file: Path, keep: int) -> Path:
-    """lora.safetensors, params.json with a `lora` entry (rank, alpha, scaling = alpha / rank, dropout,
-    targets: mistral-inference reads rank and scaling), and the tokenizer. Call on one rank only."""
-    lora = dict(lora_settings, scaling=lora_settings["alpha"] / lora_settings["rank"])
-
-    def write(folder: Path) -> None:
-        save_file({k: v.contiguous() for k, v in lora_state.items()}, folder / ADAPTER_FILE)
-        _write_params(folder, dict(params, lora=lora))
-        shutil.copy2(tokenizer_file, folder / Path(tokenizer_file).name)
-
-    path = write_atomically(checkpoint_path(run_dir, step), write)
+    """The adapters alone, from one process (the training run adds state/ with save_training_checkpoint)."""
+    path = write_atomically(checkpoint_path(run_dir, step),
+                            lambda folder: _write_adapters(folder, lora_state, params, lora_settings, tokenizer_file))
     remove_old_checkpoints(run_dir, keep)
     return path
 
@@ -96,43 +182,66 @@ def save_adapter_checkpoint(run_dir: Path, step: int, lora_state: dict[str, torc
 def save_merged_checkpoint(run_dir: Path, step: int, specs: dict[str, TensorSpec],
                            tensors: Iterable[tuple[str, torch.Tensor]], params: dict, tokenizer_file: Path,
                            keep: int) -> Path:
-    """A full model folder (consolidated.safetensors, params.json without LoRA, tokenizer): `save_adapters: false`.
-
-    The weights stream in one at a time, each written as it comes (`specs`: name -> dtype and shape, for the
-    file's header), so a model that fits in memory only sharded is never whole in one process."""
-
-    def write(folder: Path) -> None:
-        write_safetensors(folder / MERGED_WEIGHTS, specs, tensors)
-        _write_params(folder, {k: v for k, v in params.items() if k != "lora"})
-        shutil.copy2(tokenizer_file, folder / Path(tokenizer_file).name)
-
-    path = write_atomically(checkpoint_path(run_dir, step), write)
+    """A full model folder from one process: consolidated.safetensors, params.json without LoRA, tokenizer."""
+    path = write_atomically(checkpoint_path(run_dir, step),
+                            lambda folder: _write_merged(folder, specs, tensors, params, tokenizer_file))
     remove_old_checkpoints(run_dir, keep)
     return path
+
+
+def _write_adapters(folder: Path, lora_state: dict[str, torch.Tensor], params: dict, lora_settings: dict,
+                    tokenizer_file: Path) -> None:
+    """lora.safetensors, params.json with a `lora` entry (rank, alpha, scaling = alpha / rank, dropout,
+    targets: mistral-inference reads rank and scaling), and the tokenizer."""
+    lora = dict(lora_settings, scaling=lora_settings["alpha"] / lora_settings["rank"])
+    save_file({k: v.contiguous() for k, v in lora_state.items()}, folder / ADAPTER_FILE)
+    _write_params(folder, dict(params, lora=lora))
+    shutil.copy2(tokenizer_file, folder / Path(tokenizer_file).name)
+
+
+def _write_merged(folder: Path, specs: dict[str, TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
+                  params: dict, tokenizer_file: Path) -> None:
+    """The weights stream in one at a time, each written as it comes (`specs`: name -> dtype and shape, for the
+    file's header), so a model that fits in memory only sharded is never whole in one process."""
+    write_safetensors(folder / MERGED_WEIGHTS, specs, tensors)
+    _write_params(folder, {k: v for k, v in params.items() if k != "lora"})
+    shutil.copy2(tokenizer_file, folder / Path(tokenizer_file).name)
 
 
 def _write_params(folder: Path, params: dict) -> None:
     (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
 
 
-def save_training_checkpoint(cfg, model, step: int, is_main: bool) -> Path | None:
-    """Gather the adapters from every rank (a collective) and let rank 0 write them, or the merged model
-    when `checkpoint.save_adapters` is false. Returns the folder on rank 0."""
+def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: Callable[[Path], None]) -> Path:
+    """A collective: every rank gathers the adapters to rank 0, which writes them (or the merged model when
+    `checkpoint.save_adapters` is false), and calls `write_state(folder)` to write its part of the training state;
+    then rank 0 writes the manifest, renames the folder into place and removes the oldest checkpoints."""
+    run_dir = Path(cfg.run_dir)
+    final = checkpoint_path(run_dir, step)
+    staging = _stage(final) if is_main else final.with_name(final.name + ".tmp")
+    barrier()  # the folder exists, and no debris is being cleared, before any rank writes into it
     params = model.args.to_dict()
     tokenizer_file = find_tokenizer_file(cfg.model.path)
-    run_dir, keep = Path(cfg.run_dir), cfg.checkpoint.keep
     if cfg.checkpoint.save_adapters:
         state = full_state(lora_state_dict(model))
-        if not is_main:
-            return None
-        settings = dict(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=list(cfg.lora.targets))
-        return save_adapter_checkpoint(run_dir, step, state, params, settings, tokenizer_file, keep)
-    merged = merged_state_dict(model)  # sharded as the model is
-    # Each weight is gathered by every rank in turn (a collective) and written by rank 0 before the next one.
-    gathered = (item for name, t in merged.items() for item in full_state({name: t}).items())
-    if not is_main:
-        for _ in gathered:
-            pass
-        return None
-    specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in merged.items()}  # a DTensor's shape is global
-    return save_merged_checkpoint(run_dir, step, specs, gathered, params, tokenizer_file, keep)
+        if is_main:
+            settings = dict(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                            targets=list(cfg.lora.targets))
+            _write_adapters(staging, state, params, settings, tokenizer_file)
+    else:
+        merged = merged_state_dict(model)  # sharded as the model is
+        # Each weight is gathered by every rank in turn (a collective) and written by rank 0 before the next one.
+        gathered = (item for name, t in merged.items() for item in full_state({name: t}).items())
+        if is_main:
+            # a DTensor's shape is the global one
+            specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in merged.items()}
+            _write_merged(staging, specs, gathered, params, tokenizer_file)
+        else:
+            for _ in gathered:
+                pass
+    write_state(staging)
+    barrier()  # every rank's files are written
+    if is_main:
+        _publish(staging, final)
+        remove_old_checkpoints(run_dir, cfg.checkpoint.keep)
+    return final

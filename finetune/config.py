@@ -68,6 +68,8 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     warmup_steps: int | None = None  # wins over warmup_fraction when set
     warmup_fraction: float = 0.05
+    # steps in a row skipped for a non-finite loss or gradient before the run stops
+    max_consecutive_nonfinite: int = 5
 
 
 @dataclass
@@ -122,6 +124,8 @@ class TrainConfig:
     batch_size: int = 1  # sequences of seq_len tokens per rank per micro-batch
     grad_accumulation: int = 1  # micro-batches per optimizer step
     max_steps: int = 100
+    # auto: from the newest intact checkpoint in run_dir; false: refuse a run_dir that holds a run; or a checkpoint
+    resume: str = "auto"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,6 +150,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 
 def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
+    if isinstance(raw.get("resume"), bool):  # YAML reads `resume: false` as a boolean; true means auto
+        raw = dict(raw, resume="auto" if raw["resume"] else "false")
     cfg = _build(TrainConfig, raw, prefix="", source=source)
     check_config(cfg, source)
     return cfg
@@ -363,6 +369,9 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     require(o.max_grad_norm > 0, f"optim.max_grad_norm must be > 0, got {o.max_grad_norm}")
     require(o.warmup_steps is None or o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     require(0 <= o.warmup_fraction <= 1, f"optim.warmup_fraction must be in [0, 1], got {o.warmup_fraction}")
+    require(o.max_consecutive_nonfinite >= 1,
+            f"optim.max_consecutive_nonfinite must be >= 1, got {o.max_consecutive_nonfinite}")
+    require(bool(cfg.resume), "resume must be auto, false, or a checkpoint folder; got an empty string")
     require(cfg.eval.freq >= 1, f"eval.freq must be >= 1, got {cfg.eval.freq}")
     require(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1, "eval.max_batches must be >= 1 or null")
     require(not cfg.eval.enabled or bool(cfg.data.eval), "eval is on but data.eval is empty: add eval files, or set eval.enabled: false")

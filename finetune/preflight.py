@@ -1,21 +1,52 @@
-"""Checks that find a user's mistakes before any heavy work starts (loading weights, tokenizing)."""
+"""Checks that find a user's mistakes before any heavy work starts (loading weights, tokenizing, training).
+
+Each failure is a PreflightError whose message names the config key, the path and what to do.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
+import torch
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
 from finetune.config import DataSource, TrainConfig
+from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
+from finetune.model_setup import lora_args_from_config
+from finetune.parallel import DTYPES
+from model.args import ModelArgs, load_model_args, num_parameters
+from model.lora import inject_lora, is_lora_name
+from model.transformer import Transformer
+
+# Bytes per LoRA parameter in a checkpoint: fp32 in lora.safetensors, again in state/ for resume, and AdamW's two
+# fp32 moments.
+CHECKPOINT_BYTES_PER_LORA_PARAMETER = 4 + 4 + 8
+GIB = 2**30
 
 
 class PreflightError(ValueError):
-    """Something in the config points at what is not there; the message says what and where."""
+    """Something in the config points at what is not there or does not fit; the message says what and where."""
 
 
-def run_preflight_checks(cfg: TrainConfig) -> None:
-    check_model_folder(Path(cfg.model.path))
+def run_preflight_checks(cfg: TrainConfig) -> MistralTokenizer:
+    """Every check, cheapest first. Returns the model folder's tokenizer, which checking it has loaded anyway."""
+    model_dir = Path(cfg.model.path)
+    check_model_folder(model_dir)
     check_data_paths("data.train", cfg.data.train)
     if cfg.eval.enabled:
         check_data_paths("data.eval", cfg.data.eval)
+    tokenizer = check_tokenizer(model_dir)
+    try:
+        args = load_model_args(model_dir)
+    except ValueError as error:
+        raise PreflightError(f"model.path: {error}") from None
+    check_seq_len(cfg.seq_len, model_dir)
+    check_run_dir(Path(cfg.run_dir))
+    check_disk_space(cfg, args)
+    return tokenizer
 
 
 def check_model_folder(folder: Path) -> None:
@@ -33,3 +64,75 @@ def check_data_paths(key: str, sources: list[DataSource]) -> None:
             raise PreflightError(f"{key}[{i}]: {path} does not exist")
         if path.is_dir() and not any(path.rglob("*.jsonl")):
             raise PreflightError(f"{key}[{i}]: the folder {path} holds no .jsonl file")
+
+
+def check_tokenizer(model_dir: Path) -> MistralTokenizer:
+    """The folder's one mistral-common tokenizer, which must make exactly the ids the embedding has rows for."""
+    try:
+        tokenizer = load_tokenizer(model_dir)
+        check_tokenizer_vocab(tokenizer, read_vocab_size(model_dir), model_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise PreflightError(f"model.path: {error}") from None
+    return tokenizer
+
+
+def check_seq_len(seq_len: int, model_dir: Path) -> None:
+    """seq_len may pass a sliding window (Mistral attends within it), never a length the model folder declares
+    as its limit: positions beyond it were never trained."""
+    for file, key in (("params.json", "max_seq_len"), ("config.json", "max_position_embeddings")):
+        path = model_dir / file
+        if path.is_file():
+            declared = json.loads(path.read_text(encoding="utf-8"))
+            limit = declared.get("text_config", declared).get(key)
+            if isinstance(limit, int) and seq_len > limit:
+                raise PreflightError(f"seq_len {seq_len} is longer than the {key} {limit} that {path} declares; "
+                                     f"set seq_len to {limit} or less")
+            return
+
+
+def check_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PreflightError(f"run_dir: {run_dir} is a file, not a folder; choose another run_dir")
+    existing = _nearest_existing(run_dir)
+    if not os.access(existing, os.W_OK):
+        raise PreflightError(f"run_dir: {run_dir} cannot be created or written ({existing} is not writable); "
+                             "choose another run_dir")
+
+
+def checkpoint_bytes(cfg: TrainConfig, args: ModelArgs) -> int:
+    """About how large one checkpoint is: the LoRA parameters counted on a meta model (no memory), times the
+    bytes each takes (CHECKPOINT_BYTES_PER_LORA_PARAMETER), plus the merged model when that is what is saved."""
+    with torch.device("meta"):
+        model = Transformer(args)
+        inject_lora(model, lora_args_from_config(cfg))
+    lora_parameters = sum(p.numel() for name, p in model.named_parameters() if is_lora_name(name))
+    size = lora_parameters * CHECKPOINT_BYTES_PER_LORA_PARAMETER
+    if not cfg.checkpoint.save_adapters:
+        size += num_parameters(args) * DTYPES[cfg.model.dtype].itemsize
+    return size
+
+
+def check_disk_space(cfg: TrainConfig, args: ModelArgs) -> None:
+    """Room for the `checkpoint.keep` checkpoints kept and the one being written beside them (a preempted run
+    saves one even with checkpoints off), less what the run's checkpoints already take."""
+    run_dir = Path(cfg.run_dir)
+    per_checkpoint = checkpoint_bytes(cfg, args)
+    count = cfg.checkpoint.keep + 1 if cfg.checkpoint.enabled else 1
+    existing = run_dir / "checkpoints"
+    used = sum(p.stat().st_size for p in existing.rglob("*") if p.is_file()) if existing.is_dir() else 0
+    needed = count * per_checkpoint - used
+    free = shutil.disk_usage(_nearest_existing(run_dir)).free
+    if needed > free:
+        which = (f"checkpoint.keep {cfg.checkpoint.keep} and the one being written" if cfg.checkpoint.enabled
+                 else "the one a preempted run writes")
+        raise PreflightError(
+            f"run_dir: {run_dir} has {free / GIB:.1f} GiB free, but its checkpoints need about {needed / GIB:.1f} "
+            f"GiB more ({count} of about {per_checkpoint / GIB:.2f} GiB each: {which}); free some space, lower "
+            "checkpoint.keep or lora.rank, or choose another run_dir")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path

@@ -30,7 +30,8 @@ def save(run_dir, step, tokenizer_file, keep=3):
 def test_adapter_checkpoint_contents(tmp_path, tokenizer_file):
     folder = save(tmp_path / "run", 100, tokenizer_file)
     assert folder == tmp_path / "run" / "checkpoints" / "checkpoint_000100"
-    assert sorted(p.name for p in folder.iterdir()) == ["lora.safetensors", "params.json", "tokenizer.model.v3"]
+    assert sorted(p.name for p in folder.iterdir()) == ["lora.safetensors", "manifest.json", "params.json",
+                                                        "tokenizer.model.v3"]
     weights = load_file(folder / "lora.safetensors")
     assert weights["layers.0.attention.wq.lora_A.weight"].dtype == torch.float32
     assert weights["layers.0.attention.wq.lora_A.weight"][0, 0].item() == 100.0
@@ -90,7 +91,8 @@ def test_merged_checkpoint_streams_the_weights_into_a_model_folder(tmp_path, tok
     params = dict(PARAMS, lora=dict(LORA, scaling=2.0))
     folder = save_merged_checkpoint(tmp_path / "run", 7, specs, stream(), params, tokenizer_file, keep=1)
     assert handed_out == ["tok_embeddings.weight", "norm.weight"]
-    assert sorted(p.name for p in folder.iterdir()) == ["consolidated.safetensors", "params.json", "tokenizer.model.v3"]
+    assert sorted(p.name for p in folder.iterdir()) == ["consolidated.safetensors", "manifest.json", "params.json",
+                                                        "tokenizer.model.v3"]
     written = load_file(folder / "consolidated.safetensors")
     assert written["tok_embeddings.weight"].dtype == torch.bfloat16
     torch.testing.assert_close(written, weights, rtol=0, atol=0)

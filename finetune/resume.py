@@ -1,0 +1,369 @@
+"""Resume a run exactly: what a checkpoint saves for it, where a run starts, and how a run stops to be resumed.
+
+Beside the adapters, each checkpoint has a state/ folder with what they alone do not hold:
+
+    state/.metadata, state/__R_0.distcp   the LoRA weights and their AdamW state, sharded as the ranks hold them
+                                          (torch.distributed.checkpoint: no rank gathers them; any number of
+                                          ranks can load them)
+    state/progress.json                   the step, the counters (tokens, non-finite steps), time spent, world size
+    state/rank_R.json                     rank R's data position and random generator states
+
+The learning rate is a pure function of the step and AdamW's settings come from the config, so neither is saved.
+With the same number of ranks, a resumed run computes bit for bit what the uninterrupted run would have. With
+another number, the weights and optimizer state are resharded, but a rank's data position has no counterpart
+there: the data starts a new order, seeded by (seed, step), and so do the random generators.
+
+Nothing here unpickles what a crafted checkpoint could abuse: the state files are JSON, only tensors go through
+DCP (so torch never torch.loads a non-tensor value), and DCP's index, a pickle, is first read with an unpickler
+that accepts only the classes such an index names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import shlex
+import signal
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from finetune.checkpoint import (
+    checkpoint_step,
+    list_checkpoints,
+    list_debris,
+    save_training_checkpoint,
+    verify_checkpoint,
+)
+from finetune.config import TrainConfig
+from finetune.distributed import DistInfo, is_initialized
+
+if TYPE_CHECKING:
+    from finetune.train_step import StepSums
+
+STATE = "state"
+PROGRESS = "progress.json"
+# Only the LoRA weights are trainable: the frozen base model is never saved. strict=False because the model's
+# state dict has the frozen weights too, which loading leaves as they are.
+STATE_DICT_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+class ResumeError(ValueError):
+    """The run cannot start where the config says; the message names the folder and the ways out."""
+
+
+@dataclass
+class Progress:
+    """What the training loop counts, saved with every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # all tokens of all ranks so far
+    trained_tokens: int = 0
+    nonfinite_in_a_row: int = 0  # steps skipped for a non-finite loss or gradient, up to this one
+    nonfinite_skipped: int = 0  # all such steps
+    elapsed_s: float = 0.0  # training time, across resumes
+
+    def count(self, step: int, sums: StepSums, elapsed_s: float) -> None:
+        self.step, self.elapsed_s = step, elapsed_s
+        self.tokens += sums.tokens
+        self.trained_tokens += int(sums.trained_tokens)
+        self.nonfinite_in_a_row = 0 if sums.finite else self.nonfinite_in_a_row + 1
+        self.nonfinite_skipped += not sums.finite
+
+
+@dataclass
+class ResumePoint:
+    folder: Path  # the checkpoint
+    step: int
+    world_size: int  # of the run that saved it
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where a run starts
+
+
+def prepare_run_dir(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint | None:
+    """Decide where this run starts (rank 0 decides and tells every rank) and make run_dir ready for it.
+
+    `resume: false` refuses a run_dir that already holds a run. `auto` continues from the newest intact checkpoint,
+    reporting each one it skips and the leftovers of saves cut short, or starts at step 0 when there is none. A
+    checkpoint folder continues from that one. metrics.jsonl keeps only the records up to the starting step, so it
+    reads as one run. Returns None for a start at step 0.
+    """
+    answer: ResumePoint | str | None = None
+    if dist_info.is_main:
+        try:
+            answer = _choose_start(cfg)
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            _cut_metrics(Path(cfg.run_dir) / "metrics.jsonl", answer.step if answer else 0)
+        except ResumeError as error:
+            answer = str(error)  # every rank raises it, rather than waiting for rank 0
+    if is_initialized():
+        box = [answer]
+        dist.broadcast_object_list(box, src=0)
+        answer = box[0]
+    if isinstance(answer, str):
+        raise ResumeError(answer)
+    return answer
+
+
+def _choose_start(cfg: TrainConfig) -> ResumePoint | None:
+    run_dir = Path(cfg.run_dir)
+    if cfg.resume == "false":
+        used = [name for name in ("metrics.jsonl", "checkpoints") if (run_dir / name).exists()]
+        if used:
+            raise ResumeError(
+                f"run_dir {run_dir} already holds a run ({' and '.join(used)}) and resume is false, so it is left "
+                f"as it is. To continue that run, set resume: auto (the default) or resume: <a checkpoint folder>; "
+                f"to start a new one, choose another run_dir (e.g. run_dir={run_dir}-2 on the command line).")
+        return None
+    if cfg.resume != "auto":
+        return _explicit_start(Path(cfg.resume), run_dir)
+    for debris in list_debris(run_dir):
+        print(f"skipped {debris}: a save or a deletion that was cut short; the next save removes it", flush=True)
+    for folder in reversed(list_checkpoints(run_dir)):
+        problem = why_not_resumable(folder)
+        if problem is None:
+            point = read_resume_point(folder)
+            print(f"resuming from {folder} (step {point.step} of {cfg.max_steps})", flush=True)
+            return point
+        print(f"skipped {folder}: {problem}", flush=True)
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+        print(f"no intact checkpoint in {run_dir / 'checkpoints'}: starting from step 0", flush=True)
+    return None
+
+
+def _explicit_start(folder: Path, run_dir: Path) -> ResumePoint:
+    problem = why_not_resumable(folder)
+    if problem is not None:
+        raise ResumeError(f"resume: {folder}: {problem}")
+    point = read_resume_point(folder)
+    later = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) > point.step]
+    if later:
+        raise ResumeError(
+            f"resume: {folder} is at step {point.step}, but {run_dir / 'checkpoints'} holds later checkpoints "
+            f"({', '.join(c.name for c in later)}): continuing there would mix two runs. Resume into another "
+            "run_dir (run_dir=... on the command line), or move those checkpoints away.")
+    print(f"resuming from {folder} (step {point.step})", flush=True)
+    return point
+
+
+def why_not_resumable(folder: Path) -> str | None:
+    """None for an intact checkpoint with a training state; else what is wrong with it, in words."""
+    problem = verify_checkpoint(folder)
+    if problem is None and not (Path(folder) / STATE / PROGRESS).is_file():
+        problem = f"no training state ({STATE}/{PROGRESS}): adapters only"
+    return problem
+
+
+def read_resume_point(folder: Path) -> ResumePoint:
+    saved = json.loads((Path(folder) / STATE / PROGRESS).read_text(encoding="utf-8"))
+    return ResumePoint(Path(folder), saved["step"], saved["world_size"])
+
+
+def _cut_metrics(path: Path, step: int) -> None:
+    """Drop the records after `step` (and a line cut short by a kill), which this run writes anew."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if (recorded := _record_step(line)) is not None and recorded <= step]
+    if len(kept) == len(lines):
+        return
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(staging, path)
+    print(f"{path}: dropped the {len(lines) - len(kept)} records after step {step}, which this run writes anew",
+          flush=True)
+
+
+def _record_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def train_data_seed(seed: int, start: ResumePoint | None, world_size: int) -> int:
+    """The data loader's seed: the config's, unless the run resumes on another number of ranks (module docstring)."""
+    if start is None or start.world_size == world_size:
+        return seed
+    return _derived_seed(seed, start.step)
+
+
+def _derived_seed(*numbers: int) -> int:
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving and loading the training state
+
+
+def save_checkpoint(cfg: TrainConfig, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> Path:
+    """The checkpoint of step `progress.step`: the adapters and the training state. A collective."""
+
+    def write_state(folder: Path) -> None:
+        save_training_state(folder / STATE, loss_model, optimizer, loader, progress, dist_info)
+
+    return save_training_checkpoint(cfg, loss_model.model, progress.step, dist_info.is_main, write_state)
+
+
+def save_training_state(folder: Path, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors, _ = _tensor_state(loss_model, optimizer)
+    with warnings.catch_warnings():  # one process: DCP warns that it assumes so, which is right
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(tensors, checkpoint_id=folder, no_dist=not is_initialized())
+    _write_json(folder / f"rank_{dist_info.rank}.json",
+                {"data": loader.state_dict(), "rng": rng_state(dist_info.device)})
+    if dist_info.is_main:
+        _write_json(folder / PROGRESS, {"world_size": dist_info.world_size, **asdict(progress)})
+
+
+def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed: int,
+                        dist_info: DistInfo) -> Progress:
+    """Load a checkpoint's state into the freshly built model, optimizer and data loader; returns the counters."""
+    folder = start.folder / STATE
+    check_dcp_index(folder)
+    tensors, optim_state = _tensor_state(loss_model, optimizer)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, checkpoint_id=folder, no_dist=not is_initialized())
+    except CheckpointException as error:  # a tensor missing or of another shape, on some rank
+        causes = sorted({str(cause) for cause, _ in error.failures.values()})
+        raise ResumeError(f"{start.folder}: its training state does not fit this model: {'; '.join(causes)}. "
+                          "Resume with the model.path and lora settings it was trained with.") from None
+    set_state_dict(loss_model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_state,
+                   options=STATE_DICT_OPTIONS)
+    saved = json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
+    progress = Progress(**{k: v for k, v in saved.items() if k != "world_size"})
+    if start.world_size == dist_info.world_size:
+        mine = json.loads((folder / f"rank_{dist_info.rank}.json").read_text(encoding="utf-8"))
+        try:
+            loader.load_state_dict(mine["data"])
+        except ValueError as error:
+            raise ResumeError(f"{start.folder}: {error}") from None
+        set_rng_state(mine["rng"], dist_info.device)
+    else:
+        seed_rngs(_derived_seed(seed, start.step, dist_info.rank))
+        if dist_info.is_main:
+            print(f"{start.folder} was saved by {start.world_size} ranks and this run has {dist_info.world_size}: "
+                  "the weights and optimizer state are resharded, but the data goes on in a new order and the random "
+                  f"generators are seeded anew (from seed and step {start.step}): not the exact continuation that the "
+                  "same number of ranks gives", flush=True)
+    return progress
+
+
+def _tensor_state(loss_model, optimizer) -> tuple[dict, dict]:
+    """({"model": LoRA weights, "optim": AdamW state}, the optimizer's whole state dict): tensors only, sharded as
+    the ranks hold them, keyed by parameter name so that any number of ranks can load them. The optimizer's
+    param_groups (its settings) are left out: they come from the config, and the learning rate from the step."""
+    model_state, optim_state = get_state_dict(loss_model, optimizer, options=STATE_DICT_OPTIONS)
+    return {"model": model_state, "optim": optim_state["state"]}, optim_state
+
+
+def _write_json(path: Path, value: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random generators (torch, CUDA, numpy, Python) as JSON-able lists."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state().tolist(),
+             "numpy": [kind, keys.tolist(), position, has_gauss, cached_gauss],
+             "python": [version, list(internal), gauss_next]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
+
+
+def seed_rngs(seed: int) -> None:
+    torch.manual_seed(seed)  # CUDA's generators too
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# DCP's index (.metadata) is a pickle of these classes; anything else in one is refused before torch unpickles it.
+_INDEX_MODULES = {"torch.distributed.checkpoint.metadata"}
+_INDEX_CLASSES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                  ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+_PATH_CLASSES = {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (module in _INDEX_MODULES or (module, name) in _INDEX_CLASSES
+                   or (module in ("pathlib", "pathlib._local") and name in _PATH_CLASSES)
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_dcp_index(folder: Path) -> None:
+    for index in Path(folder).glob("*.metadata"):
+        try:
+            with open(index, "rb") as f:
+                _IndexUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
+            raise ResumeError(f"{index} is not an index that torch.distributed.checkpoint writes ({error}), so it "
+                              "is not loaded") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stopping to be resumed
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's preemption; torchrun forwards it to its workers) or SIGINT (Ctrl-C) asks the run to
+    stop: the step in flight finishes, a checkpoint is saved, and the process exits 0. The handler only notes the
+    signal; train_step lets the ranks agree on it, so that they all stop after the same step."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+    @classmethod
+    def install(cls) -> StopSignal:
+        stop = cls()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, stop._note)
+        return stop
+
+    @property
+    def requested(self) -> bool:
+        return self.name is not None
+
+    def _note(self, number: int, frame) -> None:
+        self.name = self.name or signal.Signals(number).name
+
+
+def resume_command(argv: list[str]) -> str:
+    """How to resume: the command that started this run (`resume: auto`, the default, does the rest)."""
+    command = " ".join(shlex.quote(a) for a in argv)
+    if "LOCAL_WORLD_SIZE" in os.environ:  # started by torchrun, whose options this process cannot see
+        return f"the same torchrun command (torchrun ... {command})"
+    return f"python {command}"

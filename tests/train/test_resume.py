@@ -1,0 +1,355 @@
+"""Never lose work: a run killed, preempted or fed bad numbers resumes exactly; checkpoints count only when whole.
+
+End to end with train.py (one process, and 2 ranks under torchrun), then the pieces in process.
+"""
+
+import json
+import os
+import pickle
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.checkpoint import save_adapter_checkpoint, verify_checkpoint, write_atomically
+from finetune.config import ConfigError, config_from_dict, load_config
+from finetune.data import build_train_loader, load_tokenizer
+from finetune.distributed import DistInfo
+from finetune.model_setup import build_training_model
+from finetune.optim import build_optimizer
+from finetune.resume import ResumeError, check_dcp_index, load_training_state, prepare_run_dir, read_resume_point
+from model.lora import lora_state_dict
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT = 300
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+# A short run with checkpoints every 4 steps. Dropout draws from torch's generator, so an exact resume needs the
+# saved generator state, not only the weights, optimizer and data position.
+SHORT_RUN = dict(max_steps=16, lora__dropout=0.1, checkpoint__freq=4, checkpoint__keep=2, eval__freq=4)
+
+
+def env(**extra) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+
+
+def train(config: Path, *overrides: str, expect: int = 0, **extra_env) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "train.py", str(config), *overrides], cwd=REPO, env=env(**extra_env),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == expect, f"exit {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def launch(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def records(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """metrics.jsonl, read while it may be written: a line cut short is left out."""
+    path = run_dir / "metrics.jsonl"
+    found = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if kind is None or record["kind"] == kind:
+            found.append(record)
+    return found
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not any(r["step"] >= step for r in records(run_dir, "train")):
+        assert process.poll() is None, f"the run ended before step {step}:\n{process.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def numbers(run_dir: Path) -> list[tuple]:
+    """What must be equal between two runs: every train step's loss and gradient norm, every eval."""
+    return [(r["kind"], r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss")) for r in records(run_dir)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_killed_at_a_random_step_and_resumed_equals_the_uninterrupted_run(write_config, tmp_path):
+    reference = tmp_path / "reference"
+    train(write_config(run_dir=str(reference), **SHORT_RUN))
+
+    config = write_config(**SHORT_RUN)
+    run_dir = tmp_path / "run"
+    kill_at = random.randint(5, 13)  # after the first checkpoint, and before the last step
+    process = launch([sys.executable, "train.py", str(config)])
+    wait_for_step(run_dir, kill_at, process)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    stopped = max(r["step"] for r in records(run_dir, "train"))
+    assert stopped < 16, f"killed after the end (step {stopped})"
+
+    resumed = train(config)  # the same command
+    assert "resuming from" in resumed.stdout, resumed.stdout
+    final = "checkpoints/checkpoint_000016/lora.safetensors"
+    assert (run_dir / final).read_bytes() == (reference / final).read_bytes(), f"killed at step {stopped}"
+    assert numbers(run_dir) == numbers(reference), f"killed at step {stopped}"
+
+
+def test_a_torn_or_damaged_checkpoint_is_skipped_and_reported(write_config, tmp_path):
+    config = write_config(**dict(SHORT_RUN, max_steps=12, checkpoint__keep=3))
+    train(config)
+    run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    adapters, uninterrupted = (checkpoints / "checkpoint_000012/lora.safetensors").read_bytes(), numbers(run_dir)
+    shard = checkpoints / "checkpoint_000012" / "state" / "__0_0.distcp"
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    torn = checkpoints / "checkpoint_000010.tmp"  # what a kill during a save leaves
+    (torn / "state").mkdir(parents=True)
+    (torn / "lora.safetensors").write_bytes(adapters[:1000])
+
+    result = train(config)
+    assert f"skipped {torn}: a save or a deletion that was cut short" in result.stdout
+    assert f"skipped {checkpoints / 'checkpoint_000012'}: state/__0_0.distcp checksum mismatch" in result.stdout
+    assert f"resuming from {checkpoints / 'checkpoint_000008'} (step 8 of 12)" in result.stdout
+    assert "dropped the 5 records after step 8" in result.stdout  # 4 train records and the eval at step 12
+    assert (checkpoints / "checkpoint_000012/lora.safetensors").read_bytes() == adapters
+    assert numbers(run_dir) == uninterrupted
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_000004", "checkpoint_000008",
+                                                             "checkpoint_000012"]  # the torn one is gone
+    assert verify_checkpoint(checkpoints / "checkpoint_000012") is None
+
+
+def test_ctrl_c_finishes_the_step_saves_and_exits_0(write_config, tmp_path):
+    config = write_config(max_steps=40, eval__enabled=False)
+    run_dir = tmp_path / "run"
+    process = launch([sys.executable, "train.py", str(config)])
+    wait_for_step(run_dir, 3, process)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=TIMEOUT)[0]
+    assert process.returncode == 0, output[-3000:]
+    last = max(r["step"] for r in records(run_dir, "train"))
+    folder = run_dir / "checkpoints" / f"checkpoint_{last:06d}"
+    assert f"stopped at step {last} (SIGINT): saved {folder}" in output
+    assert f"resume with: python train.py {config}" in output
+    assert verify_checkpoint(folder) is None and read_resume_point(folder).step == last
+
+    resumed = train(config, "max_steps=" + str(last + 2))
+    assert f"resuming from {folder}" in resumed.stdout
+    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, last + 3))
+
+
+def torchrun(config: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            "train.py", str(config), *overrides]
+
+
+def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank(write_config, tmp_path):
+    """Preemption of a 2-rank run (torchrun forwards SIGTERM to its workers); the same command resumes it exactly,
+    and one process can continue from the same checkpoint, resharding the weights and optimizer state."""
+    two_ranks = dict(batch_size=1, max_steps=12, lora__dropout=0.1, eval__enabled=False, checkpoint__freq=100)
+    reference = tmp_path / "reference"
+    run = subprocess.run(torchrun(write_config(run_dir=str(reference), **two_ranks)), cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    config = write_config(**two_ranks)
+    run_dir = tmp_path / "run"
+    agent = launch(torchrun(config))
+    wait_for_step(run_dir, 3, agent)
+    agent.send_signal(signal.SIGTERM)
+    output = agent.communicate(timeout=TIMEOUT)[0]  # torchrun itself exits non-zero after forwarding a signal
+    last = max(r["step"] for r in records(run_dir, "train"))
+    assert last < 12, "the run ended before the signal"
+    folder = run_dir / "checkpoints" / f"checkpoint_{last:06d}"
+    assert output.count(f"stopped at step {last} (SIGTERM): saved {folder}") == 1, output[-3000:]
+    assert "resume with: the same torchrun command" in output
+    assert verify_checkpoint(folder) is None
+    state = sorted(p.name for p in (folder / "state").iterdir())
+    assert state == [".metadata", "__0_0.distcp", "__1_0.distcp", "progress.json", "rank_0.json", "rank_1.json"]
+
+    # The sharded state loads into one process exactly: the weights are the adapters the 2 ranks saved.
+    cfg = load_config(config)
+    model = build_training_model(cfg, CPU)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    loader = build_train_loader(cfg.data, load_tokenizer(cfg.model.path), seq_len=cfg.seq_len, batch_size=1, rank=0,
+                                world_size=1, seed=cfg.seed, cache_dir=Path(cfg.data.cache_dir))
+    progress = load_training_state(read_resume_point(folder), model, optimizer, loader, cfg.seed, CPU)
+    assert progress.step == last and progress.tokens == last * 2 * cfg.seq_len
+    saved = load_file(folder / "lora.safetensors")
+    loaded = lora_state_dict(model.model)
+    assert saved.keys() == loaded.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name], tensor), name
+    moments = [s["exp_avg"] for s in optimizer.state.values()]
+    assert len(moments) == len(saved) and all(m.abs().sum() > 0 for m in moments)
+    assert {float(s["step"]) for s in optimizer.state.values()} == {float(last)}
+    cfg.lora.rank = 4
+    other = build_training_model(cfg, CPU)
+    with pytest.raises(ResumeError, match="its training state does not fit this model: Size mismatch"):
+        load_training_state(read_resume_point(folder), other, build_optimizer(
+            [p for p in other.parameters() if p.requires_grad], cfg.optim), loader, cfg.seed, CPU)
+
+    run = subprocess.run(torchrun(config), cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    final = "checkpoints/checkpoint_000012/lora.safetensors"
+    assert (run_dir / final).read_bytes() == (reference / final).read_bytes(), f"stopped at step {last}"
+    assert numbers(run_dir) == numbers(reference), f"stopped at step {last}"
+
+    branch = tmp_path / "one-rank"  # resume: a checkpoint folder, into a new run_dir
+    one_rank = train(config, f"resume={folder}", f"run_dir={branch}", f"max_steps={last + 2}")
+    assert f"{folder} was saved by 2 ranks and this run has 1" in one_rank.stdout
+    assert [r["step"] for r in records(branch, "train")] == [last + 1, last + 2]
+    assert records(branch, "train")[-1]["loss"] < 0.7 * records(run_dir, "train")[0]["loss"]  # trained weights
+
+
+def test_nonfinite_steps_are_skipped_and_counted(write_config, tmp_path):
+    config = write_config(max_steps=4, eval__enabled=False, checkpoint__freq=2, checkpoint__keep=3)
+    result = train(config, TAILOR_TEST_NONFINITE_STEPS="3,4")
+    assert "step 3: the loss or the gradients are not finite, so the step is skipped (1 in a row" in result.stdout
+    assert "2 steps skipped" in result.stdout
+    run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert [r["skipped"] for r in records(run_dir, "train")] == [False, False, True, True]
+    # nothing moved: the weights and the optimizer state after step 4 are those after step 2
+    for name in ("lora.safetensors", "state/__0_0.distcp"):
+        after_2, after_4 = (checkpoints / f"checkpoint_00000{step}" / name for step in (2, 4))
+        assert after_2.read_bytes() == after_4.read_bytes(), name
+    progress = json.loads((checkpoints / "checkpoint_000004/state/progress.json").read_text())
+    assert progress["nonfinite_in_a_row"] == 2 and progress["nonfinite_skipped"] == 2
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run(write_config, tmp_path):
+    config = write_config(max_steps=8, eval__enabled=False, checkpoint__freq=2, optim__max_consecutive_nonfinite=3)
+    result = train(config, expect=2, TAILOR_TEST_NONFINITE_STEPS="2,3,4")
+    assert ("error: step 4: the loss or the gradients were not finite in 3 steps in a row (steps 2 to 4; "
+            "optim.max_consecutive_nonfinite is 3), so the run stops") in result.stderr
+    assert "a lower optim.lr" in result.stderr and "tailor validate" in result.stderr
+    checkpoint_2 = tmp_path / "run" / "checkpoints" / "checkpoint_000002"
+    assert f"resume: auto continues from the newest checkpoint, {checkpoint_2}" in result.stderr
+    assert sorted(p.name for p in checkpoint_2.parent.iterdir()) == ["checkpoint_000002"]  # none at the failing step
+
+
+def test_a_used_run_dir_is_refused_without_resume(write_config, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 1.0}\n')
+    result = train(write_config(), "resume=false", expect=2)
+    assert (f"error: run_dir {run_dir} already holds a run (metrics.jsonl) and resume is false, so it is left as "
+            "it is. To continue that run, set resume: auto (the default)") in result.stderr
+    assert f"choose another run_dir (e.g. run_dir={run_dir}-2 on the command line)" in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+    assert (run_dir / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1, "loss": 1.0}\n'
+
+
+# ---------------------------------------------------------------------------------------------------
+# In process
+
+
+def fake_checkpoint(run_dir: Path, step: int, with_state: bool = True) -> Path:
+    """A checkpoint folder with a manifest; with a training state (its progress.json), or adapters only."""
+
+    def write(folder: Path) -> None:
+        (folder / "lora.safetensors").write_bytes(b"adapters")
+        if with_state:
+            (folder / "state").mkdir()
+            (folder / "state" / "progress.json").write_text(json.dumps({"world_size": 1, "step": step}))
+
+    return write_atomically(run_dir / "checkpoints" / f"checkpoint_{step:06d}", write)
+
+
+def test_manifest_catches_missing_resized_and_altered_files(tmp_path):
+    tokenizer_file = tmp_path / "tokenizer.model.v3"
+    tokenizer_file.write_bytes(b"tokenizer")
+    state = {"layers.0.attention.wq.lora_A.weight": torch.ones(4, 8)}
+    folder = save_adapter_checkpoint(tmp_path / "run", 10, state, {"dim": 8}, dict(rank=4, alpha=8.0), tokenizer_file,
+                                     keep=1)
+    assert verify_checkpoint(folder) is None
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    assert sorted(manifest) == ["lora.safetensors", "params.json", "tokenizer.model.v3"]
+
+    params = (folder / "params.json").read_text()
+    (folder / "params.json").write_text(params.replace("8", "9"))  # same size, other bytes
+    assert verify_checkpoint(folder) == "params.json checksum mismatch"
+    (folder / "params.json").write_text(params + " ")
+    assert verify_checkpoint(folder).startswith("params.json has ")
+    (folder / "params.json").unlink()
+    assert verify_checkpoint(folder) == "params.json is missing"
+    (folder / "manifest.json").unlink()
+    assert verify_checkpoint(folder).startswith("no manifest.json")
+
+
+def test_auto_resume_takes_the_newest_checkpoint_with_a_training_state(write_config, tmp_path, capsys):
+    cfg = load_config(write_config())
+    run_dir = Path(cfg.run_dir)
+    fake_checkpoint(run_dir, 4)
+    fake_checkpoint(run_dir, 8)
+    fake_checkpoint(run_dir, 12, with_state=False)  # e.g. adapters saved by an older tailor
+    lines = [json.dumps({"kind": "train", "step": step}) for step in range(1, 14)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"kind": "tr')  # the last line cut short by a kill
+    start = prepare_run_dir(cfg, CPU)
+    assert (start.step, start.folder.name, start.world_size) == (8, "checkpoint_000008", 1)
+    out = capsys.readouterr().out
+    assert f"skipped {run_dir / 'checkpoints/checkpoint_000012'}: no training state (state/progress.json)" in out
+    assert f"{run_dir / 'metrics.jsonl'}: dropped the 6 records after step 8" in out
+    assert (run_dir / "metrics.jsonl").read_text().splitlines() == lines[:8]
+
+
+def test_auto_resume_without_a_checkpoint_starts_over_and_says_so(write_config, tmp_path, capsys):
+    cfg = load_config(write_config())
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1}) + "\n")
+    assert prepare_run_dir(cfg, CPU) is None
+    out = capsys.readouterr().out
+    assert f"no intact checkpoint in {run_dir / 'checkpoints'}: starting from step 0" in out
+    assert (run_dir / "metrics.jsonl").read_text() == ""
+
+
+def test_an_explicit_checkpoint_must_be_intact_and_the_newest_of_its_run_dir(write_config, tmp_path):
+    cfg = load_config(write_config())
+    older, newer = fake_checkpoint(Path(cfg.run_dir), 4), fake_checkpoint(Path(cfg.run_dir), 8)
+    cfg.resume = str(older)
+    with pytest.raises(ResumeError, match="holds later checkpoints \\(checkpoint_000008\\): continuing there would "
+                                          "mix two runs. Resume into another run_dir"):
+        prepare_run_dir(cfg, CPU)
+    cfg.resume, cfg.run_dir = str(older), str(tmp_path / "branch")
+    assert prepare_run_dir(cfg, CPU).folder == older  # a new run_dir may branch off any checkpoint
+    (newer / "lora.safetensors").write_bytes(b"other!!!")
+    cfg.resume = str(newer)
+    with pytest.raises(ResumeError, match=re.escape(f"resume: {newer}: lora.safetensors checksum mismatch")):
+        prepare_run_dir(cfg, CPU)
+
+
+def test_a_crafted_dcp_index_is_refused_before_it_is_unpickled(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(ResumeError, match="is not an index that torch.distributed.checkpoint writes"):
+        check_dcp_index(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_and_nonfinite_settings_in_the_config(write_config):
+    raw = {"run_dir": "r", "model": {"path": "m"}, "data": {"train": "t.jsonl"}, "eval": {"enabled": False}}
+    assert config_from_dict(raw).resume == "auto"
+    assert config_from_dict(dict(raw, resume=False)).resume == "false"  # YAML's `resume: false` is a boolean
+    assert config_from_dict(dict(raw, resume="runs/a/checkpoints/checkpoint_000100")).resume.endswith("000100")
+    assert config_from_dict(raw).optim.max_consecutive_nonfinite == 5
+    with pytest.raises(ConfigError, match="optim.max_consecutive_nonfinite must be >= 1, got 0"):
+        config_from_dict(dict(raw, optim={"max_consecutive_nonfinite": 0}))
