@@ -19,11 +19,18 @@ import torch
 
 from finetune.checkpoint import list_checkpoints
 from finetune.config import ConfigError, load_config, save_config
-from finetune.data import DataError, build_eval_batches, build_train_loader
+from finetune.data import DataError, build_eval_batches, build_train_loader, resolve_cache_dir
 from finetune.distributed import barrier, destroy, init_distributed
 from finetune.eval import evaluate
 from finetune.model_setup import build_training_model
-from finetune.monitoring import MetricsLogger, format_eval_line, format_summary, format_train_line, peak_memory_gib
+from finetune.monitoring import (
+    MetricsLogger,
+    format_eval_line,
+    format_summary,
+    format_train_line,
+    peak_memory_gib,
+    train_record,
+)
 from finetune.optim import build_optimizer, lr_at_step, set_lr
 from finetune.preflight import PreflightError, run_preflight_checks
 from finetune.resume import (
@@ -58,7 +65,7 @@ def main(argv: list[str]) -> int:
         save_config(cfg, run_dir / "config.yaml")
 
     # Data: endless packed train batches, a fixed eval set.
-    cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
+    cache_dir = resolve_cache_dir(cfg)
     shard = dict(rank=dist_info.rank, world_size=dist_info.world_size, cache_dir=cache_dir)
     train_batches = build_train_loader(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                        seed=train_data_seed(cfg.seed, start, dist_info.world_size), **shard)
@@ -87,15 +94,9 @@ def main(argv: list[str]) -> int:
         progress.count(step, sums, elapsed_s=time.perf_counter() - started)
         is_last = step == cfg.max_steps
 
-        if step % cfg.logging.freq == 0 or is_last or not sums.finite:
-            elapsed = progress.elapsed_s
-            last_loss = sums.loss.item()
-            record = dict(kind="train", step=step, loss=last_loss, lr=lr, grad_norm=sums.grad_norm.item(),
-                          tokens=progress.tokens, trained_tokens=int(sums.trained_tokens.item()),
-                          tokens_per_s=progress.tokens / elapsed,
-                          trained_tokens_per_s=progress.trained_tokens / elapsed, elapsed_s=elapsed,
-                          skipped=not sums.finite,
-                          peak_memory_gib=peak_memory_gib(dist_info.device), max_steps=cfg.max_steps)
+        if step % cfg.logging.freq == 0 or step == 1 or is_last or not sums.finite:
+            record = train_record(step, cfg.max_steps, lr, sums, progress, peak_memory_gib(dist_info.device))
+            last_loss = record["loss"]
             if logger:
                 logger.log(record)
                 print(format_train_line(record), flush=True)

@@ -101,6 +101,15 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+def train_record(step: int, max_steps: int, lr: float, sums, progress, peak_memory: float) -> dict:
+    """The metrics.jsonl record of a train step (reads the step's sums from the device: log steps only)."""
+    elapsed = progress.elapsed_s
+    return dict(kind="train", step=step, loss=sums.loss.item(), lr=lr, grad_norm=sums.grad_norm.item(),
+                tokens=progress.tokens, trained_tokens=progress.trained_tokens,
+                tokens_per_s=progress.tokens / elapsed, trained_tokens_per_s=progress.trained_tokens / elapsed,
+                elapsed_s=elapsed, skipped=not sums.finite, peak_memory_gib=peak_memory, max_steps=max_steps)
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
