@@ -12,34 +12,9 @@ from finetune.merge import params_with_lora, read_adapter
 from model.args import load_model_args
 from model.loading import load_model
 from model.lora import LoRAArgs, inject_lora, load_lora_state_dict, lora_state_dict
-from model.tiny import write_tiny_model
 from model.transformer import Transformer
 
 ALL_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls are dominated by thread wake-ups on a busy 2-core machine (see tests/model/conftest.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    """`tiny_folder(arch, layout="native", tokenizer="v3")`: a model folder, written once per session."""
-    folders = {}
-
-    def make(arch: str = "mistral-7b", layout: str = "native", tokenizer: str = "v3"):
-        key = (arch, layout, tokenizer)
-        if key not in folders:
-            folder = tmp_path_factory.mktemp(f"{arch}-{layout}-{tokenizer}")
-            folders[key] = write_tiny_model(folder, arch=arch, tokenizer=tokenizer, layout=layout)
-        return folders[key]
-
-    return make
 
 
 def random_adapter(base_folder, lora: LoRAArgs, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,39 +1,14 @@
-"""Tiny random models for the model tests: in memory, or written once per session as real model folders."""
+"""Tiny random models in memory for the model tests (model folders: `tiny_folder` in tests/conftest.py)."""
 
 from dataclasses import replace
 
 import pytest
 import torch
 
-from model.tiny import random_state_dict, tiny_args, write_tiny_model
+from model.tiny import random_state_dict, tiny_args
 from model.transformer import Transformer
 
 SMALL_VOCAB = 256  # in-memory models don't need a real tokenizer's vocabulary
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls are dominated by thread wake-ups: on a busy 2-core machine a 40x64 matmul takes 15 ms with
-    two threads and 15 us with one. Restored after each test so other test folders keep their setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    """`tiny_folder(arch, layout="native", tokenizer="v3")`: a model folder, written once per session."""
-    folders = {}
-
-    def make(arch: str = "mistral-7b", layout: str = "native", tokenizer: str = "v3"):
-        key = (arch, layout, tokenizer)
-        if key not in folders:
-            folder = tmp_path_factory.mktemp(f"{arch}-{layout}-{tokenizer}")
-            folders[key] = write_tiny_model(folder, arch=arch, tokenizer=tokenizer, layout=layout)
-        return folders[key]
-
-    return make
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors.torch import load_file, save_file
 
 from model.args import load_model_args
-from model.lora import LoRAArgs, inject_lora, merge_lora
+from model.lora import LoRAArgs, merge_lora
 from model.loading import iter_checkpoint_tensors, load_model, save_model_folder
 from model.tiny import TOKENIZER_FILES, random_state_dict, write_tiny_model
 

@@ -4,21 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from model.tiny import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls are dominated by thread wake-ups on a busy 2-core machine (see tests/model/conftest.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,44 @@
+"""The tutorial notebook runs end to end, headless, in its tiny mode: it leaves a checkpoint, a plot, an answer
+and the merged and exported models, all under its work folder."""
+
+import json
+import os
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOK = REPO / "tutorials" / "finetune_mistral_7b.ipynb"
+
+
+def test_notebook_is_stored_without_outputs_and_has_a_parameters_cell():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code), "clear the notebook's outputs"
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert "TINY_DEMO = " in code[0].source
+
+
+def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    monkeypatch.setenv("TAILOR_TUTORIAL_TINY", "1")
+    monkeypatch.setenv("TAILOR_TUTORIAL_WORK_DIR", str(work))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook.cells.append(nbformat.v4.new_code_cell(
+        "print(json.dumps({'checkpoint': str(checkpoint), 'plot': str(plot_path), 'answer': answer}))"))
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises at a failing cell
+
+    produced = json.loads(notebook.cells[-1].outputs[0]["text"])
+    assert (Path(produced["checkpoint"]) / "lora.safetensors").is_file()
+    assert Path(produced["checkpoint"]).is_relative_to(work)
+    assert Path(produced["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert produced["answer"], "the fine-tuned model answered nothing"
+    assert (work / "merged" / "consolidated.safetensors").is_file()
+    assert (work / "merged-hf" / "config.json").is_file()
+    assert (work / "adapter-peft" / "adapter_config.json").is_file()
+    shown = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert shown, "the loss plot is not displayed in the notebook"
