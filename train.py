@@ -126,7 +126,8 @@ def main(argv: list[str]) -> int:
                   f"{checkpoint_dir}\nresume with: {resume_command([sys.argv[0], *argv])}", flush=True)
         else:
             print(format_summary(steps=cfg.max_steps, tokens=progress.tokens, seconds=time.perf_counter() - started,
-                                 train_loss=last_loss, eval_metrics=last_eval, checkpoint=checkpoint_dir), flush=True)
+                                 train_loss=last_loss, eval_metrics=last_eval, checkpoint=checkpoint_dir,
+                                 run_dir=run_dir), flush=True)
             if progress.nonfinite_skipped:
                 print(f"  {progress.nonfinite_skipped} steps skipped: the loss or the gradients were not finite")
         logger.close()

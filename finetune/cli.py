@@ -101,6 +101,8 @@ COMMANDS = [  # name, help, "module:add_arguments", "module:run"; modules are im
      "finetune.export_hf:add_arguments", "finetune.export_hf:run"),
     ("chat", "chat with a model, with or without a LoRA checkpoint",
      "finetune.chat:add_arguments", "finetune.chat:run"),
+    ("plot", "draw a run's train and eval loss, learning rate and tokens/s against step into one PNG",
+     "finetune.plot:add_arguments", "finetune.plot:run"),
     ("extend-vocab", "extend a 32000-token model (Mistral 7B v0.1, Mixtral 8x7B v1) to the v3 tokenizer's 32768",
      "finetune.extend_vocab:add_arguments", "finetune.extend_vocab:run"),
 ]

@@ -23,108 +23,127 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; the message names the key and the fault."""
 
 
+# Each field's meaning is the comment on its line or just above it: the README's config reference is generated
+# from these comments (finetune/config_reference.py), and a test fails on a field without one.
+
+
 @dataclass
 class DataSource:
-    path: str
+    path: str  # a .jsonl file, or a folder of them
+    # this source's share of the training tokens, relative to the other sources' weights (eval reads every sample)
     weight: float = 1.0
 
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # model folder: params.json + consolidated*.safetensors, or a Hugging Face folder
-    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"
+    # required: the model folder, params.json + consolidated*.safetensors + a tokenizer file, or a Hugging Face
+    # folder (mistral-finetune: `model_id_or_path`)
+    path: str = ""
+    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"  # frozen weights and compute; LoRA weights stay fp32
+    # `auto` picks the fastest available: `varlen` (flash attention) on a recent GPU, `sdpa` on CPU
     attention: Literal["auto", "sdpa", "varlen", "flex", "xformers"] = "auto"
+    # recompute each block in the backward pass: far less memory (mistral-finetune: `checkpoint`)
     activation_checkpointing: bool = True
-    compile: bool = False
+    compile: bool = False  # `torch.compile` each block
 
 
 @dataclass
 class DataConfig:
+    # required: a list of {path, weight}, one path, or "a.jsonl:2,b.jsonl:1"
+    # (mistral-finetune: `data.instruct_data`, `data.data`)
     train: list[DataSource] = field(default_factory=list)
+    # the same, for evaluation; required while eval is enabled (mistral-finetune: `data.eval_instruct_data`)
     eval: list[DataSource] = field(default_factory=list)
-    train_on: Literal["all", "last"] = "all"  # train on every assistant turn, or only the last one
+    train_on: Literal["all", "last"] = "all"  # train on every assistant message, or only the last one
+    # `error` stops before the first step at a bad line, naming file and line; `skip` leaves it out and counts it
     on_bad_sample: Literal["error", "skip"] = "error"
+    # a sample longer than seq_len: `split` into pieces of seq_len, `truncate`, or `drop`; each case is counted
     overlong: Literal["split", "truncate", "drop"] = "split"
-    shuffle: bool = True
-    cache_dir: str | None = None  # tokenized cache; default: <run_dir>/../.tailor_cache
-    num_workers: int = 2  # tokenizer processes
+    shuffle: bool = True  # reshuffle the train data every epoch (mistral-finetune: `data.instruct.shuffle`)
+    # tokenized data, reused by later runs, `tailor validate` and every rank; null: .tailor_cache beside run_dir
+    cache_dir: str | None = None
+    num_workers: int = 2  # tokenizer processes; 0 tokenizes in the training process
 
 
 @dataclass
 class LoRAConfig:
-    rank: int = 64
-    alpha: float = 128.0
-    dropout: float = 0.0
+    rank: int = 64  # r in `y = W x + (alpha / r) · B A dropout(x)`
+    alpha: float = 128.0  # the update is scaled by alpha / rank (mistral-finetune: `lora.scaling`, that ratio)
+    dropout: float = 0.0  # dropout on the adapters' input
+    # modules to adapt (every MoE expert included): wq wk wv wo (attention), w1 w2 w3 (MLP), output (the head)
     targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    warmup_steps: int | None = None  # wins over warmup_fraction when set
-    warmup_fraction: float = 0.05
+    lr: float = 1e-4  # peak learning rate, reached at the end of the warmup
+    min_lr: float = 0.0  # learning rate at the end of the cosine decay
+    weight_decay: float = 0.1  # AdamW's, on the LoRA weights
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's
+    eps: float = 1e-8  # AdamW's
+    max_grad_norm: float = 1.0  # gradients are clipped to this norm (mistral-finetune: `max_norm`)
+    warmup_steps: int | None = None  # linear warmup steps; wins over warmup_fraction when set
+    warmup_fraction: float = 0.05  # warmup as a share of max_steps (mistral-finetune: `optim.pct_start`)
     # steps in a row skipped for a non-finite loss or gradient before the run stops
     max_consecutive_nonfinite: int = 5
 
 
 @dataclass
 class EvalConfig:
-    enabled: bool = True
-    freq: int = 100  # steps between evaluations; there is always one at the end
-    max_batches: int | None = None
+    enabled: bool = True  # evaluate on data.eval (mistral-finetune: `no_eval`, inverted)
+    freq: int = 100  # steps between evaluations; there is always one at the end (mistral-finetune: `eval_freq`)
+    max_batches: int | None = None  # evaluate on at most this many batches; null: the whole eval set
 
 
 @dataclass
 class CheckpointConfig:
-    enabled: bool = True
+    enabled: bool = True  # save checkpoints (mistral-finetune: `no_ckpt`, inverted)
+    # steps between checkpoints; there is always one at the end (mistral-finetune: `ckpt_freq`)
     freq: int = 100
-    keep: int = 3  # the newest N checkpoints are kept
-    save_adapters: bool = True  # false: write the merged full model instead
+    keep: int = 3  # the newest N checkpoints are kept (mistral-finetune: `num_ckpt_keep`)
+    # false: write the merged full model instead of the adapters (mistral-finetune: `save_adapters`)
+    save_adapters: bool = True
 
 
 @dataclass
 class WandbConfig:
-    project: str = ""  # empty: W&B off
-    run_name: str = ""
-    key: str = ""  # prefer the WANDB_API_KEY environment variable
-    offline: bool = False
+    project: str = ""  # W&B project; empty: W&B off (mistral-finetune: `wandb.project`)
+    run_name: str = ""  # W&B run name; empty: W&B picks one (mistral-finetune: `wandb.run_name`)
+    key: str = ""  # API key; prefer the WANDB_API_KEY environment variable (mistral-finetune: `wandb.key`)
+    offline: bool = False  # log locally, sync later (mistral-finetune: `wandb.offline`)
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = ""  # empty: MLflow off
-    experiment_name: str = "tailor"
+    tracking_uri: str = ""  # MLflow server; empty: MLflow off (mistral-finetune: `mlflow.tracking_uri`)
+    experiment_name: str = "tailor"  # MLflow experiment (mistral-finetune: `mlflow.experiment_name`)
 
 
 @dataclass
 class LoggingConfig:
-    freq: int = 1
-    tensorboard: bool = False
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    freq: int = 1  # steps between log lines and metrics.jsonl records (mistral-finetune: `log_freq`)
+    tensorboard: bool = False  # TensorBoard events in run_dir/tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases, when installed
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # MLflow, when installed
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = ""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    seed: int = 0
-    seq_len: int = 2048
+    run_dir: str = ""  # required: the folder of config.yaml, metrics.jsonl and checkpoints/
+    model: ModelConfig = field(default_factory=ModelConfig)  # the base model
+    data: DataConfig = field(default_factory=DataConfig)  # JSONL files, tokenized, packed
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # the adapters (mistral-finetune's `lora.enable: true` too)
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW, linear warmup then cosine decay
+    eval: EvalConfig = field(default_factory=EvalConfig)  # eval loss, perplexity, token accuracy
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # adapters, and state for resume
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics.jsonl always, and trackers
+    seed: int = 0  # data order and LoRA initialisation
+    seq_len: int = 2048  # tokens per packed sequence
     batch_size: int = 1  # sequences of seq_len tokens per rank per micro-batch
-    grad_accumulation: int = 1  # micro-batches per optimizer step
-    max_steps: int = 100
-    # auto: from the newest intact checkpoint in run_dir; false: refuse a run_dir that holds a run; or a checkpoint
+    grad_accumulation: int = 1  # micro-batches per optimizer step (mistral-finetune: `num_microbatches`)
+    max_steps: int = 100  # optimizer steps of the whole run
+    # `auto`: continue from the newest intact checkpoint in run_dir; `false`: refuse a run_dir that holds a run;
+    # or a checkpoint folder to continue from
     resume: str = "auto"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -134,7 +135,7 @@ def format_eval_line(record: dict) -> str:
 
 
 def format_summary(steps: int, tokens: int, seconds: float, train_loss: float | None, eval_metrics: dict | None,
-                   checkpoint: Path | None) -> str:
+                   checkpoint: Path | None, run_dir: Path | None = None) -> str:
     lines = [f"done: {steps} steps, {tokens:,} tokens in {format_duration(seconds)}"]
     if train_loss is not None:
         lines.append(f"  final train loss {train_loss:.4f}")
@@ -143,4 +144,6 @@ def format_summary(steps: int, tokens: int, seconds: float, train_loss: float | 
                      f" token accuracy {eval_metrics['eval_token_accuracy']:.1%})")
     if checkpoint:
         lines.append(f"  last checkpoint: {checkpoint}")
+    if run_dir:
+        lines.append(f"  plot the curves: tailor plot {shlex.quote(str(run_dir))}")
     return "\n".join(lines)

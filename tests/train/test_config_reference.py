@@ -8,7 +8,8 @@ import typing
 from pathlib import Path
 
 from finetune.config import TrainConfig, translate_mistral_finetune_keys
-from finetune.config_reference import config_rows, field_comments, readme_block, render_config_reference
+from finetune.config_reference import (END, START, config_rows, field_comments, readme_block, render_config_reference,
+                                       write_readme)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -25,6 +26,14 @@ def all_dataclasses(cls=TrainConfig) -> set[type]:
 def test_readme_holds_the_generated_reference():
     assert readme_block(README.read_text(encoding="utf-8")) == render_config_reference(), (
         "README.md's config reference is stale: run `python -m finetune.config_reference README.md`")
+
+
+def test_write_readme_replaces_only_the_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n\n{START}\n| old | table |\n{END}\n\nafter\n")
+    assert write_readme(readme)
+    assert readme.read_text() == f"# x\n\nbefore\n\n{START}\n{render_config_reference()}\n{END}\n\nafter\n"
+    assert not write_readme(readme)
 
 
 def test_every_field_has_a_comment():

@@ -26,9 +26,11 @@ def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("TAILOR_TUTORIAL_TINY", "1")
     monkeypatch.setenv("TAILOR_TUTORIAL_WORK_DIR", str(work))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny matmuls: a second thread only costs wake-ups (tests/conftest.py)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     notebook.cells.append(nbformat.v4.new_code_cell(
-        "print(json.dumps({'checkpoint': str(checkpoint), 'plot': str(plot_path), 'answer': answer}))"))
+        "print(json.dumps({'checkpoint': str(checkpoint), 'plot': str(plot_path), 'answer': answer,"
+        " 'base_answer': base_answer}))"))
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises at a failing cell
 
@@ -36,9 +38,12 @@ def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch):
     assert (Path(produced["checkpoint"]) / "lora.safetensors").is_file()
     assert Path(produced["checkpoint"]).is_relative_to(work)
     assert Path(produced["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert produced["answer"], "the fine-tuned model answered nothing"
+    # the demo's template ("Good night, Alice!"), learned in 40 steps; the random base model answers anything else
+    assert produced["answer"].startswith("Good "), produced
+    assert not produced["base_answer"].startswith("Good "), produced
     assert (work / "merged" / "consolidated.safetensors").is_file()
     assert (work / "merged-hf" / "config.json").is_file()
     assert (work / "adapter-peft" / "adapter_config.json").is_file()
-    shown = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert shown, "the loss plot is not displayed in the notebook"
+    outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the loss plot is not displayed in the notebook"
+    assert any(f"plot the curves: tailor plot {work}" in o.get("text", "") for o in outputs), "training names the plot"

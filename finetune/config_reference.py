@@ -1,0 +1,130 @@
+"""The README's config reference, generated from the dataclasses of finetune/config.py.
+
+    python -m finetune.config_reference README.md      rewrite the table between the README's markers
+
+One row per key: its dotted name, type, default, and meaning. The meaning is the field's comment in config.py
+(on its line, or the comment lines just above it), so the schema and its documentation are written once, side
+by side; tests/train/test_config_reference.py fails when the README's table is stale or a field has no comment.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import io
+import sys
+import textwrap
+import tokenize
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+from finetune.config import TrainConfig
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "true / false"}
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """{field name: its comment} for a dataclass: the comment on the field's line, after the comment lines just
+    above it; "" for a field with neither."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}  # fmt: skip
+    result = {}
+    for node in ast.parse(source).body[0].body:
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        above, line = [], node.lineno - 1
+        while line in comments and lines[line - 1].lstrip().startswith("#"):
+            above.insert(0, comments[line])
+            line -= 1
+        result[node.target.id] = " ".join(above + [comments.get(node.lineno, "")]).strip()
+    return result
+
+
+def config_rows(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every field: a section's own keys, then its sub-sections, each after a
+    row of its own; a list of sub-records (data.train) is followed by rows of their fields (data.train[].path)."""
+    hints, comments = typing.get_type_hints(cls), field_comments(cls)
+    keys, sections = [], []
+    for f in dataclasses.fields(cls):
+        key, hint = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            sections += [(key, "section", "", comments[f.name]), *config_rows(hint, key + ".")]
+            continue
+        keys.append((key, type_name(hint), default_text(f), comments[f.name]))
+        if typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+            keys += config_rows(typing.get_args(hint)[0], key + "[].")
+    return keys + sections
+
+
+def type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return " / ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in args if a is not type(None)]
+        return f"{type_name(inner)} or null"
+    if origin is list:
+        (item,) = args
+        if dataclasses.is_dataclass(item):
+            return "list of {" + ", ".join(f.name for f in dataclasses.fields(item)) + "}"
+        return f"list of {type_name(item)}s"
+    return TYPE_NAMES[hint]
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """The default as it is written in YAML."""
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return "required"
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if isinstance(value, list):
+        return "`[" + ", ".join(str(v) for v in value) + "]`"
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`" if value != "" else '`""`'
+
+
+def render_config_reference() -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, kind, default, meaning in config_rows():
+        meaning = meaning.replace("|", "\\|")  # a bare | would end the table cell
+        if kind == "section":
+            lines.append(f"| **`{key}`** | section | | {meaning} |")
+        else:
+            lines.append(f"| `{key}` | {kind} | {default} | {meaning} |")
+    return "\n".join(lines)
+
+
+def readme_block(readme_text: str) -> str:
+    """What stands between the markers (stripped); a ValueError when they are missing."""
+    if START not in readme_text or END not in readme_text:
+        raise ValueError(f"the README has no {START} ... {END} block")
+    return readme_text.split(START, 1)[1].split(END, 1)[0].strip()
+
+
+def write_readme(path: Path) -> bool:
+    """Replace the README's block with the current reference; True when it changed."""
+    text = path.read_text(encoding="utf-8")
+    old = readme_block(text)
+    new = render_config_reference()
+    if old == new:
+        return False
+    head, rest = text.split(START, 1)
+    path.write_text(f"{head}{START}\n{new}\n{END}{rest.split(END, 1)[1]}", encoding="utf-8")
+    return True
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print(__doc__)
+        sys.exit(2)
+    readme = Path(sys.argv[1])
+    print(f"{readme}: {'updated' if write_readme(readme) else 'already up to date'}")
