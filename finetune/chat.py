@@ -173,23 +173,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
-    try:
-        if (args.input is None) != (args.output is None):
-            raise ValueError("--input and --output go together")
-        if args.input is not None and args.prompt is not None:
-            raise ValueError("--prompt and --input exclude each other")
-        if args.merge and args.adapter is None:
-            raise ValueError("--merge needs --adapter")
-        model, tokenizer = load_chat_model(args.model, args.adapter, args.merge)
-        if args.input is not None:
-            count = answer_file(model, tokenizer, args.input, args.output, sampling, args.batch_size)
-            print(f"{count} answers written to {args.output}")
-        elif args.prompt is not None:
-            system = [{"role": "system", "content": args.system}] if args.system else []
-            print(chat_once(model, tokenizer, system + [{"role": "user", "content": args.prompt}], sampling))
-        else:
-            interactive_chat(model, tokenizer, sampling, args.system)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if (args.input is None) != (args.output is None):
+        raise ValueError("--input and --output go together")
+    if args.input is not None and args.prompt is not None:
+        raise ValueError("--prompt and --input exclude each other")
+    if args.merge and args.adapter is None:
+        raise ValueError("--merge needs --adapter")
+    model, tokenizer = load_chat_model(args.model, args.adapter, args.merge)
+    if args.input is not None:
+        count = answer_file(model, tokenizer, args.input, args.output, sampling, args.batch_size)
+        print(f"{count} answers written to {args.output}")
+    elif args.prompt is not None:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        print(chat_once(model, tokenizer, system + [{"role": "user", "content": args.prompt}], sampling))
+    else:
+        interactive_chat(model, tokenizer, sampling, args.system)
     return 0

@@ -22,17 +22,13 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from finetune.config import ConfigError, load_config
+    from finetune.config import load_config
     from finetune.data.validate import validate
 
     if args.gpus < 1:
         print(f"error: --gpus must be at least 1, got {args.gpus}", file=sys.stderr)
         return 2
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     return validate(cfg, gpus=args.gpus, fix_dir=args.fix, max_per_kind=args.max_per_kind)
 
 
@@ -50,11 +46,7 @@ def run_tokenize(args: argparse.Namespace) -> int:
     from finetune.data.dump import tokenize_file, write_records
     from finetune.data.tokenize import load_tokenizer
 
-    try:
-        tokenizer = load_tokenizer(args.model)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tokenizer = load_tokenizer(args.model)
     if not args.file.is_file():
         print(f"error: {args.file}: no such file", file=sys.stderr)
         return 2
@@ -133,4 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    return _resolve(args.run)(args)
+    try:
+        return _resolve(args.run)(args)
+    except (ValueError, OSError) as error:  # the user's mistake (a bad path, file, option or config): named, exit 2
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -65,10 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = export_hf(args.model, args.out, DTYPES[args.dtype] if args.dtype else None)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = export_hf(args.model, args.out, DTYPES[args.dtype] if args.dtype else None)
     print(f"Hugging Face model written to {out}")
     return 0

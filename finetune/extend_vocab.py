@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import shutil
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -76,10 +75,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = extend_vocab(args.model, args.out, args.seed)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = extend_vocab(args.model, args.out, args.seed)
     print(f"extended model written to {out}")
     return 0

@@ -15,7 +15,6 @@ import argparse
 import json
 import shutil
 import struct
-import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -240,10 +239,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = merge_adapter(args.base, args.adapter, args.out)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = merge_adapter(args.base, args.adapter, args.out)
     print(f"merged model written to {out}")
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -161,11 +160,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    try:
-        out = export_peft(args.adapter, args.out, args.base_model_name)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = export_peft(args.adapter, args.out, args.base_model_name)
     print(f"PEFT adapter written to {out}")
     return 0
 
@@ -177,10 +172,6 @@ def add_import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    try:
-        out = import_peft(args.peft, args.out, args.base)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = import_peft(args.peft, args.out, args.base)
     print(f"adapter checkpoint written to {out}")
     return 0

@@ -1,4 +1,3 @@
-import argparse
 import io
 import json
 
@@ -8,7 +7,6 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 from finetune.chat import (
     Sampling,
-    add_arguments,
     answer_conversations,
     answer_file,
     chat_once,
@@ -16,8 +14,8 @@ from finetune.chat import (
     generate_replies,
     interactive_chat,
     load_chat_model,
-    run,
 )
+from finetune.cli import main
 
 GREEDY = Sampling(max_tokens=12)
 CONVERSATIONS = [
@@ -135,12 +133,10 @@ def test_interactive_loop_keeps_history_until_reset(chat_model):
 def test_cli(adapter_checkpoint, chat_model, tmp_path, capsys):
     base, checkpoint = adapter_checkpoint("mistral-7b")
     model, tokenizer = chat_model
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     args = [str(base), "--adapter", str(checkpoint), "--prompt", "Hi", "--max-tokens", "12"]
-    assert run(parser.parse_args(args)) == 0
+    assert main(["chat", *args]) == 0
     assert capsys.readouterr().out == chat_once(model, tokenizer, [{"role": "user", "content": "Hi"}], GREEDY) + "\n"
-    assert run(parser.parse_args([str(base), "--input", str(tmp_path / "in.jsonl")])) == 2
+    assert main(["chat", str(base), "--input", str(tmp_path / "in.jsonl")]) == 2
     assert "error: --input and --output go together" in capsys.readouterr().err
-    assert run(parser.parse_args([str(tmp_path / "missing"), "--prompt", "Hi"])) == 2
+    assert main(["chat", str(tmp_path / "missing"), "--prompt", "Hi"]) == 2
     assert "error: model folder not found" in capsys.readouterr().err

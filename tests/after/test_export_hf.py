@@ -1,11 +1,11 @@
-import argparse
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from finetune.export_hf import add_arguments, export_hf, run
+from finetune.cli import main
+from finetune.export_hf import export_hf
 from finetune.merge import merge_adapter
 from model.loading import load_model
 
@@ -41,12 +41,10 @@ def test_export_round_trips_through_tailor_loading_exactly(tiny_folder, tmp_path
 
 
 def test_export_casts_to_the_requested_dtype(tiny_folder, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     out = tmp_path / "hf"
-    assert run(parser.parse_args(["--model", str(tiny_folder()), "--out", str(out), "--dtype", "bfloat16"])) == 0
+    assert main(["export-hf", "--model", str(tiny_folder()), "--out", str(out), "--dtype", "bfloat16"]) == 0
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with safe_open(out / "model.safetensors", "pt") as handle:
         assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
-    assert run(parser.parse_args(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])) == 2
+    assert main(["export-hf", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert f"error: model folder not found: {tmp_path / 'nothing'}" in capsys.readouterr().err

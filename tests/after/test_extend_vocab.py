@@ -1,4 +1,3 @@
-import argparse
 import json
 import math
 
@@ -7,7 +6,8 @@ import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors.torch import load_file
 
-from finetune.extend_vocab import add_arguments, extend_vocab, run
+from finetune.cli import main
+from finetune.extend_vocab import extend_vocab
 from model.loading import load_model
 
 
@@ -37,10 +37,8 @@ def test_extended_model_reads_v3_tokens_as_the_old_model_read_v1_tokens(arch, ti
 
 
 def test_extend_vocab_refuses_other_vocabularies(tiny_folder, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     v3_model = tiny_folder("mistral-7b", tokenizer="v3")
-    assert run(parser.parse_args(["--model", str(v3_model), "--out", str(tmp_path / "x")])) == 2
+    assert main(["extend-vocab", "--model", str(v3_model), "--out", str(tmp_path / "x")]) == 2
     assert f"error: {v3_model}: vocab_size is 32768 (already extended)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="vocab_size is 131072;"):
         extend_vocab(tiny_folder("nemo-12b", tokenizer="tekken"), tmp_path / "y")

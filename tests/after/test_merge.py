@@ -1,4 +1,3 @@
-import argparse
 import json
 import weakref
 
@@ -7,7 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import finetune.merge
-from finetune.merge import TensorSpec, merge_adapter, read_adapter, run, add_arguments, write_safetensors
+from finetune.cli import main
+from finetune.merge import TensorSpec, merge_adapter, read_adapter, write_safetensors
 from model.loading import load_model
 from model.lora import merged_state_dict
 
@@ -130,9 +130,7 @@ def test_user_errors_name_the_folder_and_the_fault(adapter_checkpoint, tmp_path,
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "file").write_text("x")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     args = ["--base", str(base), "--adapter", str(checkpoint), "--out"]
-    assert run(parser.parse_args([*args, str(taken)])) == 2
+    assert main(["merge", *args, str(taken)]) == 2
     assert f"error: {taken} already exists and is not empty" in capsys.readouterr().err
-    assert run(parser.parse_args([*args, str(tmp_path / "ok")])) == 0
+    assert main(["merge", *args, str(tmp_path / "ok")]) == 0

@@ -1,19 +1,12 @@
-import argparse
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from finetune.cli import main
 from finetune.export_hf import export_hf
-from finetune.peft_format import (
-    add_export_arguments,
-    add_import_arguments,
-    export_peft,
-    import_peft,
-    run_export,
-    run_import,
-)
+from finetune.peft_format import export_peft, import_peft
 from model.hf_format import permute_to_hf
 from model.loading import load_model
 from model.lora import LoRAArgs, load_lora_state_dict
@@ -143,11 +136,8 @@ def test_import_refuses_unsupported_modules_and_incomplete_adapters(tiny_folder,
 
 def test_cli_commands(adapter_checkpoint, tmp_path, capsys):
     base, checkpoint = adapter_checkpoint("mistral-7b")
-    export_parser, import_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
-    add_export_arguments(export_parser)
-    add_import_arguments(import_parser)
-    assert run_export(export_parser.parse_args(["--adapter", str(checkpoint), "--out", str(tmp_path / "p")])) == 0
+    assert main(["export-peft", "--adapter", str(checkpoint), "--out", str(tmp_path / "p")]) == 0
     args = ["--peft", str(tmp_path / "p"), "--base", str(base), "--out", str(tmp_path / "c")]
-    assert run_import(import_parser.parse_args(args)) == 0
-    assert run_export(export_parser.parse_args(["--adapter", str(base), "--out", str(tmp_path / "q")])) == 2
+    assert main(["import-peft", *args]) == 0
+    assert main(["export-peft", "--adapter", str(base), "--out", str(tmp_path / "q")]) == 2
     assert f"error: {base}: no lora.safetensors" in capsys.readouterr().err
