@@ -44,6 +44,9 @@ class ModelConfig:
     attention: Literal["auto", "sdpa", "varlen", "flex", "xformers"] = "auto"
     # recompute each block in the backward pass: far less memory (mistral-finetune: `checkpoint`)
     activation_checkpointing: bool = True
+    # what is recomputed: `block` (everything, the least memory) or `mlp` (attention activations are kept and only
+    # the feed-forward is recomputed: selective checkpointing, more memory for less recomputation)
+    checkpointing_scope: Literal["block", "mlp"] = "block"
     compile: bool = False  # `torch.compile` each block
 
 

@@ -39,7 +39,7 @@ def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithL
 
     if cfg.model.activation_checkpointing:
         for block in model.layers:
-            enable_activation_checkpointing(block)
+            enable_activation_checkpointing(block if cfg.model.checkpointing_scope == "block" else block.feed_forward)
     if cfg.model.compile:
         for block in model.layers:
             block.compile()

@@ -71,3 +71,23 @@ def test_step_loss_is_token_weighted_and_only_adapters_change(write_config):
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {name for name in before if name.endswith("lora_B.weight")}
     assert len(changed) == 2 * 7 + 1
+
+
+def test_activation_checkpointing_changes_memory_not_numbers(write_config):
+    """No checkpointing, whole blocks recomputed, or only the feed-forward: the same loss and gradients."""
+    results = []
+    for overrides in (dict(model__activation_checkpointing=False), dict(model__checkpointing_scope="block"),
+                      dict(model__checkpointing_scope="mlp")):
+        cfg = load_config(write_config(**overrides))
+        tokenizer = load_tokenizer(cfg.model.path)
+        batch = build_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1,
+                                   cache_dir=Path(cfg.data.cache_dir))[0]
+        model = build_training_model(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+        model.model.layers[0].attention.wq.lora_B.weight.data.fill_(0.01)  # so that every LoRA A gets a gradient
+        sums = model(**loss_inputs(batch, torch.device("cpu")))
+        sums.loss_sum.backward()
+        results.append((sums.loss_sum.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=0, atol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, results[0][1][name], rtol=1e-6, atol=1e-7, msg=name)
