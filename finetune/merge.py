@@ -28,7 +28,7 @@ from finetune.data.tokenize import find_tokenizer_file
 from model.args import load_model_args
 from model.hf_format import hf_to_native_name
 from model.loading import checkpoint_files, iter_checkpoint_tensors
-from model.lora import LORA_TARGETS, LoRAArgs
+from model.lora import LORA_TARGETS, LoRAArgs, merged_weight
 
 ADAPTER_FILE = "lora.safetensors"
 MERGED_WEIGHTS = "consolidated.safetensors"
@@ -220,7 +220,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
 
 def merged_tensors(tensors: Iterable[tuple[str, torch.Tensor]], adapter: dict[str, torch.Tensor], scaling: float
                    ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
-    """Each (name, weight) with its adapter added in fp32 and cast back, computed as `LoRALinear.merge` does."""
+    """Each (name, weight) with its adapter merged in (`merged_weight`, as `LoRALinear.merge` does)."""
     for name, tensor in tensors:
         module = name.removesuffix(".weight")
         a, b = adapter.get(f"{module}.lora_A.weight"), adapter.get(f"{module}.lora_B.weight")
@@ -228,7 +228,7 @@ def merged_tensors(tensors: Iterable[tuple[str, torch.Tensor]], adapter: dict[st
             if (b.shape[0], a.shape[1]) != tuple(tensor.shape):
                 raise ValueError(f"adapter of {name} makes a {b.shape[0]}x{a.shape[1]} update for a weight of shape "
                                  f"{tuple(tensor.shape)}: the adapter was trained on another model")
-            tensor = (tensor.float() + scaling * (b.float() @ a.float())).to(tensor.dtype)
+            tensor = merged_weight(tensor, a, b, scaling)
         yield name, tensor
 
 

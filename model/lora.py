@@ -39,6 +39,12 @@ class LoRAArgs:
             raise ValueError(f"LoRA needs rank > 0, alpha > 0 and 0 <= dropout < 1, got {self}")
 
 
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + (alpha / r) · B A, computed in fp32 and returned in W's dtype: how every merge here is done, so a model
+    merged in place, a merged state dict and `tailor merge` agree bit for bit."""
+    return (weight.float() + scaling * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+
+
 class LoRALinear(nn.Module):
     """A frozen bias-free Linear plus a trainable low-rank update, mergeable into the weight in place."""
 
@@ -76,7 +82,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.weight.copy_(self.weight.float() + self.delta_weight())
+            self.weight.copy_(merged_weight(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling))
             self.merged = True
 
     @torch.no_grad()
@@ -144,7 +150,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         module = adapters.get(key)
         if module is not None and not module.merged:
-            tensor = (tensor.float() + module.delta_weight()).to(tensor.dtype)
+            tensor = merged_weight(tensor, module.lora_A.weight, module.lora_B.weight, module.scaling)
         merged[key] = tensor.detach()
     return merged
 
