@@ -9,7 +9,6 @@ import pickle
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,9 +25,9 @@ from finetune.distributed import DistInfo
 from finetune.model_setup import build_training_model
 from finetune.optim import build_optimizer
 from finetune.resume import ResumeError, check_dcp_index, load_training_state, prepare_run_dir, read_resume_point
+from launching import REPO, free_port, records, subprocess_env
 from model.lora import lora_state_dict
 
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 # A short run with checkpoints every 4 steps. Dropout draws from torch's generator, so an exact resume needs the
@@ -36,33 +35,15 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 SHORT_RUN = dict(max_steps=16, lora__dropout=0.1, checkpoint__freq=4, checkpoint__keep=2, eval__freq=4)
 
 
-def env(**extra) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
-
-
 def train(config: Path, *overrides: str, expect: int = 0, **extra_env) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "train.py", str(config), *overrides], cwd=REPO, env=env(**extra_env),
+    result = subprocess.run([sys.executable, "train.py", str(config), *overrides], cwd=REPO, env=subprocess_env(**extra_env),
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == expect, f"exit {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
 
 def launch(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def records(run_dir: Path, kind: str | None = None) -> list[dict]:
-    """metrics.jsonl, read while it may be written: a line cut short is left out."""
-    path = run_dir / "metrics.jsonl"
-    found = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if kind is None or record["kind"] == kind:
-            found.append(record)
-    return found
+    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
@@ -76,12 +57,6 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
 def numbers(run_dir: Path) -> list[tuple]:
     """What must be equal between two runs: every train step's loss and gradient norm, every eval."""
     return [(r["kind"], r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss")) for r in records(run_dir)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,7 +138,7 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     and one process can continue from the same checkpoint, resharding the weights and optimizer state."""
     two_ranks = dict(batch_size=1, max_steps=12, lora__dropout=0.1, eval__enabled=False, checkpoint__freq=100)
     reference = tmp_path / "reference"
-    run = subprocess.run(torchrun(write_config(run_dir=str(reference), **two_ranks)), cwd=REPO, env=env(),
+    run = subprocess.run(torchrun(write_config(run_dir=str(reference), **two_ranks)), cwd=REPO, env=subprocess_env(),
                          capture_output=True, text=True, timeout=TIMEOUT)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -204,7 +179,7 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
         load_training_state(read_resume_point(folder), other, build_optimizer(
             [p for p in other.parameters() if p.requires_grad], cfg.optim), loader, cfg.seed, CPU)
 
-    run = subprocess.run(torchrun(config), cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    run = subprocess.run(torchrun(config), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert run.returncode == 0, run.stderr[-3000:]
     final = "checkpoints/checkpoint_000012/lora.safetensors"
     assert (run_dir / final).read_bytes() == (reference / final).read_bytes(), f"stopped at step {last}"

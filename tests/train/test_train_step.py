@@ -1,7 +1,5 @@
 """One step over micro-batches and ranks: token-weighted loss, the same numbers on 1 or 2 ranks, only adapters move."""
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,22 +13,15 @@ from finetune.loss import loss_inputs
 from finetune.model_setup import build_training_model
 from finetune.optim import build_optimizer
 from finetune.train_step import train_step
+from launching import REPO, free_port, subprocess_env
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("step_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_worker(config: Path, out: Path, ranks: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                                       "--master-port", str(free_port())]
-    result = subprocess.run([sys.executable, *launcher, str(WORKER), str(config), str(out)], env=env, cwd=REPO,
+    result = subprocess.run([sys.executable, *launcher, str(WORKER), str(config), str(out)], env=subprocess_env(), cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     return torch.load(out, weights_only=True)

@@ -1,35 +1,21 @@
 """End to end: train.py in one process, under torchrun with 2 ranks, and as 2 nodes on one machine."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
+from launching import REPO, free_port, records, subprocess_env
+
 TIMEOUT = 600
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT, **kwargs)
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT, **kwargs)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_one_process_learns_and_writes_checkpoints(write_config, tmp_path):
@@ -85,7 +71,7 @@ def test_two_nodes_on_one_machine(write_config, tmp_path):
     """Two torchrun agents, one per "node", meeting over loopback with the c10d rendezvous."""
     config = write_config(batch_size=1, max_steps=4, eval__enabled=False, checkpoint__freq=4)
     endpoint = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = subprocess_env()
     agents = [
         subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                           "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,

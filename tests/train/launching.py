@@ -1,0 +1,33 @@
+"""What the tests that start train.py or torchrun in other processes share."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def subprocess_env(**extra: str) -> dict:
+    """One thread per process (several share 2 cores) and the repository importable."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def records(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """metrics.jsonl, read while it may be written: the last line, if cut short, is left out (any other bad line
+    is an error)."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    found = [json.loads(line) for line in lines]
+    return [r for r in found if kind is None or r["kind"] == kind]
