@@ -25,9 +25,10 @@ from safetensors.torch import save_file
 
 from finetune.data.tokenize import find_tokenizer_file
 from finetune.distributed import barrier
-from finetune.merge import ADAPTER_FILE, MERGED_WEIGHTS, TensorSpec, write_safetensors
+from finetune.merge import ADAPTER_FILE, MERGED_WEIGHTS, TensorSpec, lora_entry, write_safetensors
+from finetune.model_setup import lora_args_from_config
 from finetune.parallel import full_state
-from model.lora import lora_state_dict, merged_state_dict
+from model.lora import LoRAArgs, lora_state_dict, merged_state_dict
 
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{6,})")
 DEBRIS_NAME = re.compile(r"checkpoint_\d{6,}\.(tmp|old)")  # a write or a deletion cut short
@@ -171,10 +172,10 @@ def verify_checkpoint(folder: Path) -> str | None:
 
 
 def save_adapter_checkpoint(run_dir: Path, step: int, lora_state: dict[str, torch.Tensor], params: dict,
-                            lora_settings: dict, tokenizer_file: Path, keep: int) -> Path:
+                            lora: LoRAArgs, tokenizer_file: Path, keep: int) -> Path:
     """The adapters alone, from one process (the training run adds state/ with save_training_checkpoint)."""
     path = write_atomically(checkpoint_path(run_dir, step),
-                            lambda folder: _write_adapters(folder, lora_state, params, lora_settings, tokenizer_file))
+                            lambda folder: _write_adapters(folder, lora_state, params, lora, tokenizer_file))
     remove_old_checkpoints(run_dir, keep)
     return path
 
@@ -189,13 +190,11 @@ def save_merged_checkpoint(run_dir: Path, step: int, specs: dict[str, TensorSpec
     return path
 
 
-def _write_adapters(folder: Path, lora_state: dict[str, torch.Tensor], params: dict, lora_settings: dict,
+def _write_adapters(folder: Path, lora_state: dict[str, torch.Tensor], params: dict, lora: LoRAArgs,
                     tokenizer_file: Path) -> None:
-    """lora.safetensors, params.json with a `lora` entry (rank, alpha, scaling = alpha / rank, dropout,
-    targets: mistral-inference reads rank and scaling), and the tokenizer."""
-    lora = dict(lora_settings, scaling=lora_settings["alpha"] / lora_settings["rank"])
+    """lora.safetensors, params.json with the `lora` entry (`lora_entry`), and the tokenizer."""
     save_file({k: v.contiguous() for k, v in lora_state.items()}, folder / ADAPTER_FILE)
-    _write_params(folder, dict(params, lora=lora))
+    _write_params(folder, dict(params, lora=lora_entry(lora)))
     shutil.copy2(tokenizer_file, folder / Path(tokenizer_file).name)
 
 
@@ -225,9 +224,7 @@ def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: 
     if cfg.checkpoint.save_adapters:
         state = full_state(lora_state_dict(model))
         if is_main:
-            settings = dict(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                            targets=list(cfg.lora.targets))
-            _write_adapters(staging, state, params, settings, tokenizer_file)
+            _write_adapters(staging, state, params, lora_args_from_config(cfg), tokenizer_file)
     else:
         merged = merged_state_dict(model)  # sharded as the model is
         # Each weight is gathered by every rank in turn (a collective) and written by rank 0 before the next one.

@@ -81,12 +81,15 @@ def base_params(model_dir: str | Path) -> dict:
     return params
 
 
+def lora_entry(lora: LoRAArgs) -> dict:
+    """The `lora` entry of a checkpoint's params.json; mistral-inference reads rank and scaling (= alpha / rank)."""
+    return {"rank": lora.rank, "alpha": lora.alpha, "scaling": lora.alpha / lora.rank, "dropout": lora.dropout,
+            "targets": list(lora.targets)}
+
+
 def params_with_lora(base_dir: str | Path, lora: LoRAArgs) -> dict:
     """A checkpoint's params.json: the base's plus the `lora` entry."""
-    params = base_params(base_dir)
-    params["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "scaling": lora.alpha / lora.rank,
-                      "dropout": lora.dropout, "targets": list(lora.targets)}  # fmt: skip
-    return params
+    return dict(base_params(base_dir), lora=lora_entry(lora))
 
 
 def copy_tokenizer(folders: Iterable[str | Path], out_dir: Path) -> None:

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 import finetune.checkpoint as checkpoint
 from finetune.checkpoint import list_checkpoints, save_adapter_checkpoint, save_merged_checkpoint
 from finetune.merge import TensorSpec
+from model.lora import LoRAArgs
 
 PARAMS = {"dim": 8, "n_layers": 1, "vocab_size": 32}
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["wq"]}
@@ -24,7 +25,7 @@ def tokenizer_file(tmp_path):
 def save(run_dir, step, tokenizer_file, keep=3):
     state = {"layers.0.attention.wq.lora_A.weight": torch.full((4, 8), float(step)),
              "layers.0.attention.wq.lora_B.weight": torch.zeros(8, 4)}
-    return save_adapter_checkpoint(run_dir, step, state, PARAMS, LORA, tokenizer_file, keep=keep)
+    return save_adapter_checkpoint(run_dir, step, state, PARAMS, LoRAArgs(**LORA), tokenizer_file, keep=keep)
 
 
 def test_adapter_checkpoint_contents(tmp_path, tokenizer_file):

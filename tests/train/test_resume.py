@@ -26,7 +26,7 @@ from finetune.model_setup import build_training_model
 from finetune.optim import build_optimizer
 from finetune.resume import ResumeError, check_dcp_index, load_training_state, prepare_run_dir, read_resume_point
 from launching import REPO, free_port, records, subprocess_env
-from model.lora import lora_state_dict
+from model.lora import LoRAArgs, lora_state_dict
 
 TIMEOUT = 300
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -250,7 +250,7 @@ def test_manifest_catches_missing_resized_and_altered_files(tmp_path):
     tokenizer_file = tmp_path / "tokenizer.model.v3"
     tokenizer_file.write_bytes(b"tokenizer")
     state = {"layers.0.attention.wq.lora_A.weight": torch.ones(4, 8)}
-    folder = save_adapter_checkpoint(tmp_path / "run", 10, state, {"dim": 8}, dict(rank=4, alpha=8.0), tokenizer_file,
+    folder = save_adapter_checkpoint(tmp_path / "run", 10, state, {"dim": 8}, LoRAArgs(rank=4, alpha=8.0), tokenizer_file,
                                      keep=1)
     assert verify_checkpoint(folder) is None
     manifest = json.loads((folder / "manifest.json").read_text())["files"]
