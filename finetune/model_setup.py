@@ -16,7 +16,7 @@ from finetune.parallel import (
     lora_init_tensors,
     shard_model,
 )
-from model.args import load_model_args
+from model.args import ModelArgs, load_model_args
 from model.loading import iter_checkpoint_tensors
 from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable
 from model.transformer import Transformer
@@ -26,14 +26,20 @@ def lora_args_from_config(cfg: TrainConfig) -> LoRAArgs:
     return LoRAArgs(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=tuple(cfg.lora.targets))
 
 
+def build_meta_model(cfg: TrainConfig, args: ModelArgs) -> Transformer:
+    """The LoRA model on the meta device: every name and shape, no memory."""
+    with torch.device("meta"):
+        model = Transformer(args, attention_backend=cfg.model.attention).to(DTYPES[cfg.model.dtype])
+        inject_lora(model, lora_args_from_config(cfg))
+    return model
+
+
 def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithLoss:
     """The LoRA model wrapped with its loss, sharded when there is more than one process, weights loaded."""
     model_dir = Path(cfg.model.path)
     args = load_model_args(model_dir)
     dtype = DTYPES[cfg.model.dtype]
-    with torch.device("meta"):
-        model = Transformer(args, attention_backend=cfg.model.attention).to(dtype)
-        inject_lora(model, lora_args_from_config(cfg))
+    model = build_meta_model(cfg, args)
     mark_only_lora_trainable(model)
     loss_model = CausalLMWithLoss(model)
 

@@ -10,16 +10,14 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.config import DataSource, TrainConfig
 from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
-from finetune.model_setup import lora_args_from_config
+from finetune.model_setup import build_meta_model
 from finetune.parallel import DTYPES
 from model.args import ModelArgs, load_model_args, num_parameters
-from model.lora import inject_lora, is_lora_name
-from model.transformer import Transformer
+from model.lora import is_lora_name
 
 # Bytes per LoRA parameter in a checkpoint: fp32 in lora.safetensors, again in state/ for resume, and AdamW's two
 # fp32 moments.
@@ -102,9 +100,7 @@ def check_run_dir(run_dir: Path) -> None:
 def checkpoint_bytes(cfg: TrainConfig, args: ModelArgs) -> int:
     """About how large one checkpoint is: the LoRA parameters counted on a meta model (no memory), times the
     bytes each takes (CHECKPOINT_BYTES_PER_LORA_PARAMETER), plus the merged model when that is what is saved."""
-    with torch.device("meta"):
-        model = Transformer(args)
-        inject_lora(model, lora_args_from_config(cfg))
+    model = build_meta_model(cfg, args)
     lora_parameters = sum(p.numel() for name, p in model.named_parameters() if is_lora_name(name))
     size = lora_parameters * CHECKPOINT_BYTES_PER_LORA_PARAMETER
     if not cfg.checkpoint.save_adapters:
