@@ -12,25 +12,16 @@ The wiring of the data path, nothing more: config ► data ► model ► loop (s
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from finetune.checkpoint import list_checkpoints
 from finetune.config import ConfigError, load_config, save_config
 from finetune.data import DataError, build_eval_batches, build_train_loader, resolve_cache_dir
 from finetune.distributed import barrier, destroy, init_distributed
 from finetune.eval import evaluate
 from finetune.model_setup import build_training_model
-from finetune.monitoring import (
-    MetricsLogger,
-    format_eval_line,
-    format_summary,
-    format_train_line,
-    peak_memory_gib,
-    train_record,
-)
+from finetune.monitoring import MetricsLogger, format_eval_line, format_summary
 from finetune.optim import build_optimizer, lr_at_step, set_lr
 from finetune.preflight import PreflightError, run_preflight_checks
 from finetune.resume import (
@@ -43,7 +34,8 @@ from finetune.resume import (
     save_checkpoint,
     train_data_seed,
 )
-from finetune.train_step import NonFiniteError, inject_test_nonfinite, raise_if_diverged, train_step
+from finetune.step_log import StepLog
+from finetune.train_step import NonFiniteError, inject_test_nonfinite, train_step
 
 
 def main(argv: list[str]) -> int:
@@ -81,43 +73,30 @@ def main(argv: list[str]) -> int:
                 else Progress())
     logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
 
-    # The loop.
+    # The loop. The device runs one step ahead of the host: a step's outcome is read once the next one is queued.
     stop = StopSignal.install()
-    started = time.perf_counter() - progress.elapsed_s
-    last_eval, checkpoint_dir, last_loss = None, None, None
+    steps = StepLog(cfg, progress, logger, dist_info.device)
+    last_eval, checkpoint_dir = None, None
     for step in range(progress.step + 1, cfg.max_steps + 1):
         lr = lr_at_step(step, cfg.optim, cfg.max_steps)
         set_lr(optimizer, lr)
         micro_batches = inject_test_nonfinite(step, [next(train_batches) for _ in range(cfg.grad_accumulation)])
         sums = train_step(loss_model, optimizer, micro_batches, dist_info.device, cfg.optim.max_grad_norm,
                           dist_info.world_size, stop)
-        progress.count(step, sums, elapsed_s=time.perf_counter() - started)
         is_last = step == cfg.max_steps
+        evaluates = bool(eval_batches) and (step % cfg.eval.freq == 0 or is_last)
+        saves = cfg.checkpoint.enabled and (step % cfg.checkpoint.freq == 0 or is_last)
+        steps.add(step, lr, sums, read_now=evaluates or saves)
 
-        if step % cfg.logging.freq == 0 or step == 1 or is_last or not sums.finite:
-            record = train_record(step, cfg.max_steps, lr, sums, progress, peak_memory_gib(dist_info.device))
-            last_loss = record["loss"]
-            if logger:
-                logger.log(record)
-                print(format_train_line(record), flush=True)
-
-        if not sums.finite:
-            if logger:
-                print(f"step {step}: the loss or the gradients are not finite, so the step is skipped "
-                      f"({progress.nonfinite_in_a_row} in a row; {cfg.optim.max_consecutive_nonfinite} stop the run)",
-                      flush=True)
-            raise_if_diverged(step, progress.nonfinite_in_a_row, cfg.optim.max_consecutive_nonfinite, lr,
-                              (list_checkpoints(run_dir) or [None])[-1])
-
-        if eval_batches and not sums.stop_requested and (step % cfg.eval.freq == 0 or is_last):
+        if evaluates and not steps.stop_requested:
             last_eval = evaluate(loss_model, eval_batches, dist_info.device)
             if logger:
                 logger.log(dict(kind="eval", step=step, **last_eval))
                 print(format_eval_line(dict(step=step, **last_eval)), flush=True)
 
-        if sums.stop_requested or (cfg.checkpoint.enabled and (step % cfg.checkpoint.freq == 0 or is_last)):
+        if saves or steps.stop_requested:
             checkpoint_dir = save_checkpoint(cfg, loss_model, optimizer, train_batches, progress, dist_info)
-        if sums.stop_requested:
+        if steps.stop_requested:
             break
 
     if logger:
@@ -125,8 +104,8 @@ def main(argv: list[str]) -> int:
             print(f"stopped at step {progress.step} ({stop.name or 'a signal to another rank'}): saved "
                   f"{checkpoint_dir}\nresume with: {resume_command([sys.argv[0], *argv])}", flush=True)
         else:
-            print(format_summary(steps=cfg.max_steps, tokens=progress.tokens, seconds=time.perf_counter() - started,
-                                 train_loss=last_loss, eval_metrics=last_eval, checkpoint=checkpoint_dir,
+            print(format_summary(steps=cfg.max_steps, tokens=progress.tokens, seconds=progress.elapsed_s,
+                                 train_loss=steps.last_loss, eval_metrics=last_eval, checkpoint=checkpoint_dir,
                                  run_dir=run_dir), flush=True)
             if progress.nonfinite_skipped:
                 print(f"  {progress.nonfinite_skipped} steps skipped: the loss or the gradients were not finite")

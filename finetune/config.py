@@ -47,7 +47,10 @@ class ModelConfig:
     # what is recomputed: `block` (everything, the least memory) or `mlp` (attention activations are kept and only
     # the feed-forward is recomputed: selective checkpointing, more memory for less recomputation)
     checkpointing_scope: Literal["block", "mlp"] = "block"
-    compile: bool = False  # `torch.compile` each block
+    compile: bool = False  # `torch.compile` each block (with FSDP2 and checkpointing too)
+    # with several GPUs: how many blocks ahead (forward) and behind (backward) to all-gather the sharded weights of,
+    # while the current one computes; 2 hides more communication for one block's weights more memory
+    fsdp_prefetch: int = 1
 
 
 @dataclass
@@ -376,6 +379,7 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     for key in ("seq_len", "batch_size", "grad_accumulation", "max_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
     require(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
+    require(cfg.model.fsdp_prefetch >= 1, f"model.fsdp_prefetch must be >= 1, got {cfg.model.fsdp_prefetch}")
     require(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
     require(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     known_targets = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"}

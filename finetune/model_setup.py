@@ -50,7 +50,7 @@ def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithL
         for block in model.layers:
             block.compile()
     if dist_info.world_size > 1:
-        shard_model(loss_model, model.layers, compute_dtype=dtype)
+        shard_model(loss_model, model.layers, compute_dtype=dtype, prefetch=cfg.model.fsdp_prefetch)
 
     loss_model.to_empty(device=dist_info.device)
     is_loader = dist_info.rank == 0

@@ -18,13 +18,12 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
     """One group, decayed as the config says: every trainable parameter is a LoRA matrix (there are no biases or
     norms, which usually go undecayed), and decay pulls B·A, the change to the base model, toward zero.
 
-    The parameters are fp32 (LoRA), so the optimizer state is fp32 too. On GPUs the fused kernel updates every
-    parameter (FSDP's DTensor shards included) in a few launches; on CPU PyTorch's default is kept.
+    The parameters are fp32 (LoRA), so the optimizer state is fp32 too. The fused kernel (CPU and CUDA) updates
+    every parameter, FSDP's DTensor shards included, in a few launches, and it can skip a non-finite step on the
+    device by itself (`found_inf`, finetune/train_step.py), so a step never waits for the device to decide.
     """
-    params = list(params)
-    on_gpu = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, fused=True if on_gpu else None)
+    return torch.optim.AdamW(list(params), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, fused=True)
 
 
 def warmup_steps_for(cfg: OptimConfig, max_steps: int) -> int:

@@ -35,16 +35,24 @@ def enable_activation_checkpointing(block: nn.Module) -> None:
     block.forward = checkpointed_forward
 
 
-def shard_model(root: nn.Module, blocks: nn.ModuleList, compute_dtype: torch.dtype) -> None:
+def shard_model(root: nn.Module, blocks: nn.ModuleList, compute_dtype: torch.dtype, prefetch: int = 1) -> None:
     """FSDP2 per block then at the root: compute in `compute_dtype`, reduce gradients in fp32.
 
-    LoRA parameters stay fp32 in their shards (and so does the optimizer state); they are cast to the
-    compute dtype only for the all-gathered copy used in forward and backward.
+    LoRA parameters stay fp32 in their shards (and so does the optimizer state); they are cast to the compute
+    dtype only for the all-gathered copy used in forward and backward.
+
+    Communication hides behind compute: each block all-gathers the weights of the next `prefetch` blocks as soon
+    as its own are in (forward) and of the previous `prefetch` ones in backward, issued from the CPU before those
+    blocks are reached. The last block keeps its gathered weights after forward, since backward starts with it
+    (and so does the root, FSDP's default for it).
     """
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    for block in blocks:
-        fully_shard(block, mp_policy=policy)
+    for i, block in enumerate(blocks):
+        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(root, mp_policy=policy)
+    for i, block in enumerate(blocks):
+        block.set_modules_to_forward_prefetch(list(blocks[i + 1: i + 1 + prefetch]))
+        block.set_modules_to_backward_prefetch(list(blocks[max(0, i - prefetch): i])[::-1])
 
 
 def load_streamed_weights(

@@ -3,6 +3,10 @@
 A step whose loss or gradient norm is not finite (a NaN or an inf on any rank) changes nothing: its gradients are
 dropped and the optimizer does not step. The loop counts such steps, and stops the run after
 `optim.max_consecutive_nonfinite` of them in a row (raise_if_diverged).
+
+The step never waits for the device: the skip happens on the device (the fused AdamW kernel's `found_inf`), and
+what the host needs to know of the step (finite? a stop asked for? trained tokens) is copied back without waiting,
+to be read when the loop gets to it (`StepSums.finite` and co.), one step later (finetune/step_log.py).
 """
 
 from __future__ import annotations
@@ -28,21 +32,54 @@ class NonFiniteError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient; the message says which and what to try."""
 
 
+class HostCopy:
+    """A small device tensor on its way to the host: queued now, read later, and reading waits only for the work
+    queued before the copy (a CUDA event), not for the steps queued since."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._ready = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = tensor.detach().clone()
+
+    def read(self) -> list:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
 @dataclass
 class StepSums:
-    """Sums over the step's micro-batches and all ranks; tensors on the device, read only when logging."""
+    """Sums over the step's micro-batches and all ranks: tensors on the device, read only when logging, and the
+    step's outcome, read from the host copy (waiting, at most, for this step to finish on the device)."""
 
     loss_sum: torch.Tensor
     weight_sum: torch.Tensor
-    trained_tokens: torch.Tensor
     tokens: int  # all tokens of the step, all ranks
     grad_norm: torch.Tensor
-    finite: bool = True  # the loss and the gradients were finite on every rank, so the optimizer stepped
-    stop_requested: bool = False  # some rank was asked to stop (SIGTERM, SIGINT): every rank stops after this step
+    outcome: HostCopy  # [not finite, stop asked for, trained tokens], agreed by all ranks
 
     @property
     def loss(self) -> torch.Tensor:
         return self.loss_sum / self.weight_sum.clamp_min(1e-12)
+
+    @property
+    def finite(self) -> bool:
+        """The loss and the gradients were finite on every rank, so the optimizer stepped."""
+        return not self.outcome.read()[0]
+
+    @property
+    def stop_requested(self) -> bool:
+        """Some rank was asked to stop (SIGTERM, SIGINT) by the end of this step's backward."""
+        return bool(self.outcome.read()[1])
+
+    @property
+    def trained_tokens(self) -> int:
+        return int(self.outcome.read()[2])
 
 
 def _set_gradient_sync(module: nn.Module, enabled: bool) -> None:
@@ -58,14 +95,14 @@ def train_step(loss_model: nn.Module, optimizer: torch.optim.Optimizer, micro_ba
     data before any forward, so each micro-batch's backward is already scaled right. FSDP averages gradients
     over ranks; multiplying by world_size turns that average back into the sum the formula needs.
 
-    The step waits for the device once, to read two flags agreed by all ranks: whether anything was not finite,
-    and whether any rank has been asked to stop (`stop`, read after the backward: a signal that came during the
-    step stops the run after this step, not the next).
+    Nothing here reads the device: the optimizer (fused AdamW, finetune/optim.py) skips a non-finite step by
+    itself, and `stop` is read on the host after the backward (a signal that came during the step is in this
+    step's outcome) and agreed by all ranks on the device.
     """
-    weights = torch.stack([b.weights.sum() for b in micro_batches]).sum().to(device, torch.float32)
-    step_weight = all_reduce_sum(weights).clamp_min(1e-12)
-    loss_sum = torch.zeros((), device=device)
-    trained = torch.zeros((), device=device)
+    weights = torch.stack([b.weights.sum() for b in micro_batches]).sum().float()
+    step_weight = all_reduce_sum(weights.to(device, non_blocking=True)).clamp_min(1e-12)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # float64: exact token counts past 2^24
+    trained = torch.zeros((), device=device, dtype=torch.float64)
     for i, batch in enumerate(micro_batches):
         _set_gradient_sync(loss_model, i == len(micro_batches) - 1)
         sums = loss_model(**loss_inputs(batch, device))
@@ -73,22 +110,30 @@ def train_step(loss_model: nn.Module, optimizer: torch.optim.Optimizer, micro_ba
         loss_sum += sums.loss_sum.detach()
         trained += sums.n_trained
     loss_sum, trained = all_reduce_sum(torch.stack([loss_sum, trained]))
+    loss_sum = loss_sum.float()
     params = [p for p in loss_model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-    stop_requested = stop is not None and stop.requested
-    flags = torch.stack([(~finite).float(), torch.tensor(float(stop_requested), device=device)])
+    nonfinite = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
+    stop_asked = torch.full((), float(stop is not None and stop.requested), device=device)
+    flags = torch.stack([nonfinite, stop_asked])
     if is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    any_nonfinite, any_stop = (flag > 0 for flag in flags.tolist())
-    if not any_nonfinite:
-        optimizer.step()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the loss and the norm are global already; the stop is not
+    skip_step_if_nonfinite(optimizer, flags[0])
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.tokens.numel() for b in micro_batches) * world_size
-    return StepSums(loss_sum, step_weight, trained, tokens, grad_norm, finite=not any_nonfinite,
-                    stop_requested=any_stop)
+    outcome = HostCopy(torch.cat([flags.double(), trained[None]]))
+    return StepSums(loss_sum, step_weight, tokens, grad_norm, outcome)
+
+
+def skip_step_if_nonfinite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
+    """optimizer.step(), a no-op on the device where `nonfinite` is 1: the fused AdamW kernel reads it as
+    `found_inf`, as with torch.amp's GradScaler, and leaves the weights, moments and step count as they were."""
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("skipping a non-finite step on the device needs a fused optimizer (finetune/optim.py)")
+    optimizer.grad_scale, optimizer.found_inf = None, nonfinite
+    optimizer.step()
 
 
 def raise_if_diverged(step: int, in_a_row: int, limit: int, lr: float, newest_checkpoint: Path | None) -> None:

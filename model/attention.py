@@ -77,13 +77,13 @@ class DocumentMask:
         if not seqlens or min(seqlens) <= 0:
             raise ValueError(f"seqlens must be positive document lengths, got {seqlens}")
         self.seqlens, self.backend, self.sliding_window = list(seqlens), backend, sliding_window
-        lengths = torch.tensor(self.seqlens, device=device)
-        doc = torch.repeat_interleave(torch.arange(len(self.seqlens), device=device), lengths)
+        lengths = torch.tensor(self.seqlens)  # the document index of each token is made on the CPU: see to_device
+        doc = to_device(torch.repeat_interleave(torch.arange(len(self.seqlens)), lengths), device)
         if backend == "sdpa":
             idx = torch.arange(len(doc), device=device)
             self.mask = _allowed(doc, idx[:, None], idx[None, :], sliding_window)
         elif backend == "varlen":
-            self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+            self.cu_seqlens = to_device(F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), device)
             self.max_seqlen = max(self.seqlens)
         elif backend == "flex":
             self.block_mask = _flex_block_mask(doc, sliding_window)
@@ -133,6 +133,16 @@ def attention(
     """Causal attention of packed documents: q [N, n_heads, head_dim], k/v [N, n_kv_heads, head_dim]."""
     backend = resolve_backend(backend, q.device, q.dtype)
     return DocumentMask(seqlens, backend, sliding_window, q.device).attend(q, k, v)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small CPU tensor made from host values (document lengths), copied to `device` without making the host
+    wait: a blocking copy to a GPU, or an op whose output size depends on GPU data (repeat_interleave, nonzero),
+    would wait for all the work queued before it."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _allowed(doc: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor, sliding_window: int | None):

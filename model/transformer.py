@@ -16,14 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs
-from model.attention import BACKENDS, DocumentMask, resolve_backend
+from model.attention import BACKENDS, DocumentMask, resolve_backend, to_device
 
 
 def document_positions(seqlens: list[int], device: torch.device | str) -> torch.Tensor:
-    """Position of every packed token inside its own document: [0..L0-1, 0..L1-1, ...]."""
-    lengths = torch.tensor(seqlens, device=device)
+    """Position of every packed token inside its own document: [0..L0-1, 0..L1-1, ...]. Made on the CPU, where
+    the lengths are, and copied without waiting: on a GPU, a repeat_interleave would wait for the device."""
+    lengths = torch.tensor(seqlens)
     starts = lengths.cumsum(0) - lengths
-    return torch.arange(sum(seqlens), device=device) - starts.repeat_interleave(lengths)
+    return to_device(torch.arange(sum(seqlens)) - starts.repeat_interleave(lengths), device)
 
 
 def rotary_table(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The schedule's values at known steps, and AdamW's betas left alone."""
+"""The schedule's values at known steps, AdamW's betas left alone, and a non-finite step skipped on the device."""
 
 import math
 
@@ -7,6 +7,7 @@ import torch
 
 from finetune.config import OptimConfig
 from finetune.optim import build_optimizer, lr_at_step, set_lr, warmup_steps_for
+from finetune.train_step import skip_step_if_nonfinite
 
 
 def test_warmup_then_cosine_at_known_steps():
@@ -41,9 +42,24 @@ def test_the_scheduler_never_touches_betas():
     assert group["lr"] == pytest.approx(lr_at_step(29, OptimConfig(), 30))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_fused_kernel_on_gpus_only():
-    on_gpu = build_optimizer([torch.nn.Parameter(torch.ones(3, device="cuda"))], OptimConfig())
-    on_cpu = build_optimizer([torch.nn.Parameter(torch.ones(3))], OptimConfig())
-    assert on_gpu.defaults["fused"] is True and not on_cpu.defaults["fused"]
+def test_a_nonfinite_step_changes_nothing_and_the_next_one_steps():
+    """The skip is decided on the device (fused AdamW's found_inf): weights, moments and step count stay put."""
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = build_optimizer([param], OptimConfig(lr=0.1))
+    assert optimizer.defaults["fused"] is True
+    param.grad = torch.tensor([1.0, -2.0, 3.0])
+    skip_step_if_nonfinite(optimizer, torch.tensor(0.0))
+    after_one = param.detach().clone(), {k: v.clone() for k, v in optimizer.state[param].items()}
+    assert not torch.equal(after_one[0], torch.ones(3))
+
+    param.grad = torch.tensor([float("nan"), 1.0, float("inf")])
+    skip_step_if_nonfinite(optimizer, torch.tensor(1.0))
+    assert torch.equal(param.detach(), after_one[0])
+    for key, value in optimizer.state[param].items():
+        assert torch.equal(value, after_one[1][key]), key
+    assert float(optimizer.state[param]["step"]) == 1.0
+
+    param.grad = torch.tensor([1.0, -2.0, 3.0])
+    skip_step_if_nonfinite(optimizer, torch.tensor(0.0))
+    assert float(optimizer.state[param]["step"]) == 2.0
+    assert (param.detach() - after_one[0]).abs().min() > 0.05

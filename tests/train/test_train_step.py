@@ -1,10 +1,14 @@
-"""One step over micro-batches and ranks: token-weighted loss, the same numbers on 1 or 2 ranks, only adapters move."""
+"""One step over micro-batches and ranks: token-weighted loss, the same numbers on 1 or 2 ranks, only adapters move,
+and nothing read back from the device."""
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.config import load_config
 from finetune.data import build_eval_batches, load_tokenizer
@@ -82,3 +86,96 @@ def test_activation_checkpointing_changes_memory_not_numbers(write_config):
         torch.testing.assert_close(loss, results[0][0], rtol=0, atol=0)
         for name, grad in grads.items():
             torch.testing.assert_close(grad, results[0][1][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what makes the host wait for a GPU: reading a value (.item(), bool(), int(), .tolist())."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append("item")
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        reads = self.reads
+
+        def tolist(tensor):
+            reads.append("tolist")
+            return self._tolist(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def three_steps(cfg, device: torch.device, check):
+    batches = build_eval_batches(cfg.data, load_tokenizer(cfg.model.path), seq_len=cfg.seq_len, batch_size=1, rank=0,
+                                 world_size=1, cache_dir=Path(cfg.data.cache_dir))[:3]
+    model = build_training_model(cfg, DistInfo(0, 1, 0, device))
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+    results = [train_step(model, optimizer, batches[:1], device, max_grad_norm=1.0, world_size=1)]  # warm up
+    with check():
+        results += [train_step(model, optimizer, batches[1:], device, max_grad_norm=1.0, world_size=1) for _ in range(2)]
+    return batches, results
+
+
+def test_a_step_reads_nothing_back_from_the_device(write_config):
+    """`.item()` belongs to log steps: a step leaves its outcome on the way to the host and returns."""
+    cfg = load_config(write_config())
+    counter = HostReads()
+    batches, results = three_steps(cfg, torch.device("cpu"), lambda: counter)
+    assert counter.reads == []
+    trained = sum(int((b.weights > 0).sum()) for b in batches[1:])
+    assert [(s.finite, s.stop_requested, s.trained_tokens) for s in results[1:]] == [(True, False, trained)] * 2
+    assert counter.reads == []  # the outcome is read outside the counted steps
+    assert results[2].loss.item() < results[1].loss.item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype, attention", [("fp32", "sdpa"), ("bf16", "auto")])
+def test_a_step_never_waits_for_the_gpu(write_config, dtype, attention):
+    """CUDA's own check: any synchronisation (a value read, a blocking copy, nonzero on the GPU) raises."""
+    cfg = load_config(write_config(model__dtype=dtype, model__attention=attention))
+
+    @contextlib.contextmanager
+    def no_sync():
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    _, results = three_steps(cfg, torch.device("cuda"), no_sync)
+    assert all(s.finite for s in results)
+
+
+def test_compiled_blocks_give_the_eager_numbers_and_compile_once(write_config):
+    """torch.compile of every block (inductor, on CPU here) with checkpointing: the eager losses, and batches of
+    other document lengths run the compiled code without compiling again."""
+    eager = three_steps(load_config(write_config()), torch.device("cpu"), contextlib.nullcontext)[1]
+    try:
+        compiled = three_steps(load_config(write_config(model__compile=True)), torch.device("cpu"),
+                               lambda: torch.compiler.set_stance("fail_on_recompile"))[1]
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(torch.stack([s.loss for s in compiled]), torch.stack([s.loss for s in eager]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_blocks_under_fsdp2_with_deeper_prefetch_match_one_process(write_config, tmp_path):
+    config = write_config(optim__lr=1e-3)
+    one = run_worker(config, tmp_path / "one.pt", ranks=1)
+    config = write_config(optim__lr=1e-3, model__compile=True, model__fsdp_prefetch=2)
+    two = run_worker(config, tmp_path / "two.pt", ranks=2)
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-4, atol=1e-4)
+    for name, tensor in one["adapters"].items():
+        torch.testing.assert_close(two["adapters"][name], tensor, rtol=1e-3, atol=1e-5, msg=name)

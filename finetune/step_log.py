@@ -1,0 +1,62 @@
+"""What the loop does with each step's outcome: count it, log it, report a skipped step, stop on divergence.
+
+The host reads a step's outcome one step late. train.py queues step s+1 on the device before this reads step s,
+so while the host waits for step s the device already has the next step's work, and it never idles for the host.
+A step that logs, evaluates or saves a checkpoint is read at once (its numbers are needed now), and so is the step
+queued when a stop was found to be asked for: the run saves after it and stops.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from finetune.checkpoint import list_checkpoints
+from finetune.config import TrainConfig
+from finetune.monitoring import MetricsLogger, format_train_line, peak_memory_gib, train_record
+from finetune.resume import Progress
+from finetune.train_step import StepSums, raise_if_diverged
+
+
+class StepLog:
+    """Reads the queued steps' outcomes into `progress`, logs them (rank 0 has the `logger`), raises NonFiniteError
+    after too many non-finite steps in a row, and tells the loop when some rank was asked to stop."""
+
+    def __init__(self, cfg: TrainConfig, progress: Progress, logger: MetricsLogger | None, device: torch.device):
+        self.cfg, self.progress, self.logger, self.device = cfg, progress, logger, device
+        self.started = time.perf_counter() - progress.elapsed_s  # training time, across resumes
+        self.unread: list[tuple[int, float, StepSums]] = []  # steps queued on the device, oldest first
+        self.stop_requested = False
+        self.last_loss: float | None = None
+
+    def add(self, step: int, lr: float, sums: StepSums, read_now: bool = False) -> None:
+        """Take the step just queued; read the one before it, and this one too if `read_now` or it logs."""
+        self.unread.append((step, lr, sums))
+        keep = 0 if read_now or self.logs(step) else 1
+        while len(self.unread) > keep:
+            self._read(*self.unread.pop(0))
+        if self.stop_requested and self.unread:
+            self._read(*self.unread.pop(0))
+
+    def logs(self, step: int) -> bool:
+        return step % self.cfg.logging.freq == 0 or step == 1 or step == self.cfg.max_steps
+
+    def _read(self, step: int, lr: float, sums: StepSums) -> None:
+        progress = self.progress
+        progress.count(step, sums, elapsed_s=time.perf_counter() - self.started)
+        if self.logs(step) or not sums.finite:
+            record = train_record(step, self.cfg.max_steps, lr, sums, progress, peak_memory_gib(self.device))
+            self.last_loss = record["loss"]
+            if self.logger:
+                self.logger.log(record)
+                print(format_train_line(record), flush=True)
+        if not sums.finite:
+            limit = self.cfg.optim.max_consecutive_nonfinite
+            if self.logger:
+                print(f"step {step}: the loss or the gradients are not finite, so the step is skipped "
+                      f"({progress.nonfinite_in_a_row} in a row; {limit} stop the run)", flush=True)
+            raise_if_diverged(step, progress.nonfinite_in_a_row, limit, lr,
+                              (list_checkpoints(Path(self.cfg.run_dir)) or [None])[-1])
+        self.stop_requested |= sums.stop_requested
