@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import math
 import time
 
 import torch
 
-from finetune.loss import CausalLMWithLoss, loss_inputs
+from finetune.config import OptimConfig
+from finetune.loss import DEFAULT_CHUNK_SIZE, CausalLMWithLoss, chunked_cross_entropy
+from finetune.monitoring import PeakLiveBytes
+from finetune.optim import build_optimizer
 from finetune.parallel import enable_activation_checkpointing
+from finetune.train_step import train_step
 from model.args import ARCHITECTURES, ModelArgs
 from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable
 from model.tiny import tiny_args
@@ -87,7 +92,8 @@ def measured_peak_flops(device: torch.device) -> float:
     return runs * 2 * 8192**3 / (time.perf_counter() - start)
 
 
-def build_tailor(args: ModelArgs, device: torch.device, dtype: torch.dtype, attention: str) -> torch.nn.Module:
+def build_tailor(args: ModelArgs, device: torch.device, dtype: torch.dtype, attention: str,
+                 compile_blocks: bool) -> torch.nn.Module:
     with torch.device("meta"):
         model = Transformer(args, attention_backend=attention).to(dtype)
         inject_lora(model, LoRAArgs(rank=16, alpha=32, targets=TARGETS))
@@ -103,14 +109,14 @@ def build_tailor(args: ModelArgs, device: torch.device, dtype: torch.dtype, atte
     mark_only_lora_trainable(model)
     for block in model.layers:
         enable_activation_checkpointing(block)
+        if compile_blocks:
+            block.compile()
     return CausalLMWithLoss(model)
 
 
 def tailor_step(loss_model, optimizer, batch, device) -> None:
-    sums = loss_model(**loss_inputs(batch, device))
-    (sums.loss_sum / sums.weight_sum).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    """train.py's own step: token-weighted loss, clipping, fused AdamW, nothing read back from the device."""
+    train_step(loss_model, optimizer, [batch], device, max_grad_norm=1.0, world_size=1)
 
 
 def build_hf(args: ModelArgs, device: torch.device, dtype: torch.dtype):
@@ -142,7 +148,7 @@ def hf_step(model, optimizer, batch, device) -> None:
 
 
 def measure(name: str, model, step, batches, device, warmup: int) -> dict:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], OptimConfig(lr=1e-5))
     for batch in batches[:warmup]:
         step(model, optimizer, batch, device)
     if device.type == "cuda":
@@ -159,12 +165,12 @@ def measure(name: str, model, step, batches, device, warmup: int) -> dict:
     return dict(name=name, tokens_per_s=tokens / seconds, peak_gib=peak)
 
 
-def loss_memory(device: torch.device, tokens: int, vocab: int, dim: int) -> None:
-    """Peak memory of forward + backward of the loss alone: naive full logits vs tailor's chunked loss."""
-    from finetune.loss import chunked_cross_entropy
-
-    hidden = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-    weight = torch.randn(vocab, dim, device=device, dtype=torch.bfloat16) * dim**-0.5
+def loss_memory(device: torch.device, tokens: int, vocab: int, dim: int, chunk_size: int) -> None:
+    """Peak memory of forward + backward of the loss alone: naive full logits vs tailor's chunked loss. On a GPU
+    the allocator's peak; on a CPU the peak of live tensor bytes (finetune.monitoring.PeakLiveBytes)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hidden = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(vocab, dim, device=device, dtype=dtype) * dim**-0.5
     targets = torch.randint(0, vocab, (tokens,), device=device)
     weights = torch.ones(tokens, device=device)
 
@@ -172,17 +178,26 @@ def loss_memory(device: torch.device, tokens: int, vocab: int, dim: int) -> None
         logits = (hidden @ weight.T).float()
         return (torch.nn.functional.cross_entropy(logits, targets, reduction="none") * weights).sum()
 
+    def chunked():
+        return chunked_cross_entropy(hidden, weight, targets, weights, chunk_size).loss_sum
+
     peaks = {}
-    for name, loss in (("naive", naive), ("chunked", lambda: chunked_cross_entropy(hidden, weight, targets, weights).loss_sum)):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        loss().backward()
-        torch.cuda.synchronize()
-        peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    for name, loss in (("naive", naive), ("chunked", chunked)):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            loss().backward()
+            torch.cuda.synchronize()
+            peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        else:
+            with PeakLiveBytes() as probe:
+                loss().backward()
+            peaks[name] = probe.peak / 2**30
         hidden.grad = None
-    print(f"loss memory, {tokens} tokens x {vocab} vocab: naive {peaks['naive']:.2f} GiB, chunked "
-          f"{peaks['chunked']:.2f} GiB ({peaks['chunked'] / peaks['naive']:.3f} of naive; goal <= 0.125)")
+    print(f"loss memory, {tokens} tokens x {vocab} vocab, {dtype}, chunks of {chunk_size}: naive "
+          f"{peaks['naive']:.3f} GiB, chunked {peaks['chunked']:.3f} GiB ({peaks['chunked'] / peaks['naive']:.3f} of "
+          "naive; goal <= 0.125)")
 
 
 def main() -> None:
@@ -194,15 +209,19 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="fewer layers (e.g. for MoE on one GPU); the output says so")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers + PEFT baseline")
+    parser.add_argument("--compile", action="store_true", help="torch.compile tailor's blocks (model.compile)")
     parser.add_argument("--loss-memory", action="store_true",
-                        help="only compare the loss's peak memory with the naive path at seq-len x the arch's vocab (CUDA; "
-                             "on CPU tests/train/test_loss.py checks it at reduced size)")
+                        help="only compare the loss's peak memory with the naive path at seq-len x the arch's vocab; "
+                             "on a CPU at reduced size (2048 tokens, chunks of 128: the same 16 chunks as 32768 tokens "
+                             "in chunks of 2048) and a hidden size of 64")
     opts = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if opts.loss_memory:
         args = model_args(opts.arch, opts.layers)
-        return loss_memory(device, opts.seq_len, args.vocab_size, args.dim)
+        if device.type == "cuda":
+            return loss_memory(device, opts.seq_len, args.vocab_size, args.dim, DEFAULT_CHUNK_SIZE)
+        return loss_memory(device, 2048, args.vocab_size, 64, 128)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args = model_args(opts.arch, opts.layers)
     seq_len = min(opts.seq_len, 256) if device.type == "cpu" else opts.seq_len
@@ -215,8 +234,14 @@ def main() -> None:
     print(f"FLOPs per token = 4 N + 12 x layers x heads x head_dim x mean context = {per_token / 1e9:.2f} GFLOP; "
           f"measured bf16 peak {peak_flops / 1e12:.0f} TFLOP/s")
 
-    results = [measure("tailor", build_tailor(args, device, dtype, opts.attention), tailor_step, batches, device,
+    tailor = build_tailor(args, device, dtype, opts.attention, opts.compile)
+    results = [measure("tailor" + (" compiled" if opts.compile else ""), tailor, tailor_step, batches, device,
                        opts.warmup)]
+    del tailor  # free tailor's model before the baseline's is built, so each peak is its own
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     if not opts.no_hf:
         try:
             hf = build_hf(args, device, dtype)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -18,3 +20,17 @@ def test_train_throughput_runs_tailor_and_the_hf_baseline_on_a_tiny_model():
     assert re.search(r"tailor: [\d,]+ tokens/s per GPU", result.stdout)
     assert re.search(r"transformers\+peft: [\d,]+ tokens/s per GPU", result.stdout)
     assert re.search(r"tailor / HF: \d+\.\d+x tokens/s", result.stdout)
+
+
+def test_the_loss_memory_benchmark_meets_its_goal_at_reduced_size_on_cpu():
+    """Nemo's 131072-token vocabulary, 2048 tokens in 16 chunks (as 32768 tokens in chunks of 2048): at most 1/8."""
+    result = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--arch", "nemo-12b", "--loss-memory"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"2048 tokens x 131072 vocab.*naive (\d+\.\d+) GiB, chunked (\d+\.\d+) GiB \((\d\.\d+) of naive",
+                      result.stdout)
+    assert found, result.stdout
+    naive, chunked, ratio = map(float, found.groups())
+    assert naive > 2.0  # the fp32 logits alone are 1 GiB: the probe sees them
+    assert ratio <= 0.125 and chunked == pytest.approx(naive * ratio, abs=0.002)

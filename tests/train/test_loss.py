@@ -2,18 +2,16 @@
 its memory."""
 
 import math
-import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from finetune.eval import evaluate
 from finetune.loss import CausalLMWithLoss, chunked_cross_entropy, loss_inputs
+from finetune.monitoring import PeakLiveBytes
 
 
 def naive(hidden, weight, targets, weights):
@@ -92,32 +90,6 @@ def test_a_batch_without_trained_targets_still_has_a_differentiable_loss():
     (sums.loss_sum * 3.0).backward()
     assert sums.loss_sum.item() == 0.0 and sums.n_trained.item() == 0 and sums.correct.item() == 0
     assert head.weight.grad is not None and head.weight.grad.abs().sum().item() == 0.0
-
-
-class PeakLiveBytes(TorchDispatchMode):
-    """The peak of the bytes held at once by tensors created inside the block (forward and backward); tensors made
-    before it, like the inputs, are not counted. Storages are tracked by weak references, so a tensor counts for
-    exactly as long as something (a variable, the autograd graph) keeps it alive."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live:
-                    self.live[key] = weakref.finalize(storage, self._free, key, storage.nbytes())
-                    self.now += storage.nbytes()
-                    self.peak = max(self.peak, self.now)
-        return out
-
-    def _free(self, key, nbytes):
-        del self.live[key]
-        self.now -= nbytes
 
 
 def test_peak_memory_is_under_an_eighth_of_the_naive_path():
