@@ -87,3 +87,49 @@ def test_gpu_backends_equal_sdpa_forward_and_backward(backend, sliding_window):
 def test_auto_on_gpu_prefers_a_fused_backend():
     assert resolve_backend("auto", "cuda", torch.bfloat16) == available_backends("cuda", torch.bfloat16)[0]
     assert "varlen" not in available_backends("cuda", torch.float32)  # flash kernels are fp16/bf16 only
+
+
+def flash_varlen_reference(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False,
+                           is_causal=False):
+    """flash attention's varlen contract, on the CPU: documents cut by cu_seqlens (int32); query i of a document sees
+    its keys in [i - window_size[0], i + window_size[1]] (-1: no limit), or the keys up to i when is_causal; with
+    enable_gqa, query head h reads K/V head h // (heads / kv heads), otherwise the heads must be equal."""
+    assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k)
+    bounds = cu_seq_q.tolist()
+    assert bounds[0] == 0 and bounds[-1] == q.shape[0]
+    assert max_q == max_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+    if k.shape[1] != q.shape[1]:
+        assert enable_gqa
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    left, right = (-1, 0) if is_causal else window_size
+    out = torch.empty_like(q)
+    for start, end in zip(bounds, bounds[1:]):
+        i = torch.arange(end - start)[:, None]
+        j = torch.arange(end - start)[None, :]
+        allowed = ((left < 0) | (j >= i - left)) & ((right < 0) | (j <= i + right))
+        scores = torch.einsum("ihd,jhd->hij", q[start:end], k[start:end]) / math.sqrt(q.shape[-1])
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        out[start:end] = torch.einsum("hij,jhd->ihd", weights, v[start:end])
+    return out
+
+
+@pytest.mark.parametrize("torch_has", ["window_size and enable_gqa", "neither"])
+@pytest.mark.parametrize("sliding_window", [None, 3])
+def test_the_varlen_backend_asks_flash_attention_for_the_right_thing(monkeypatch, torch_has, sliding_window):
+    """The GPU kernel is not here, but what tailor passes it is: cu_seqlens, max length, the window (flash counts
+    W - 1 keys back), causality and GQA, checked against flash attention's contract."""
+    import model.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "varlen_attn", flash_varlen_reference)
+    if torch_has == "neither":
+        monkeypatch.setattr(attention_module, "_VARLEN_ARGS", {"is_causal"})
+    else:
+        monkeypatch.setattr(attention_module, "_VARLEN_ARGS", {"window_size", "enable_gqa"})
+    q, k, v = qkv(sum(SEQLENS))
+    mask = attention_module.DocumentMask(SEQLENS, "varlen", sliding_window, torch.device("cpu"))
+    if torch_has == "neither" and sliding_window:
+        with pytest.raises(ValueError, match="has no window_size: use another attention backend"):
+            mask.attend(q, k, v)
+        return
+    expected = naive_attention(q, k, v, SEQLENS, sliding_window)
+    torch.testing.assert_close(mask.attend(q, k, v), expected, rtol=1e-5, atol=1e-5)
