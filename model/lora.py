@@ -69,11 +69,13 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter computes in the input's dtype: its fp32 weights are cast (r x in, out x r: small), never the
+        activations, as FSDP's mixed precision casts them on several GPUs; their gradients stay fp32."""
         y = F.linear(x, self.weight)
         if self.merged:
             return y
-        lora = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return y + (self.scaling * lora).to(y.dtype)
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        return y + self.scaling * F.linear(F.linear(self.dropout(x), a), b)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha / r) · B A in fp32, the update merging adds to the weight."""

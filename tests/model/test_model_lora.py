@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.lora import (
     LoRAArgs,
@@ -123,6 +124,32 @@ def test_lora_stays_fp32_on_a_bf16_base(make_model, random_tokens):
     assert wq.weight.dtype == torch.bfloat16 and wq.lora_A.weight.dtype == wq.lora_B.weight.dtype == torch.float32
     logits = model(random_tokens(sum(SEQLENS)), SEQLENS)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+def test_on_a_bf16_base_the_adapter_computes_in_bf16_and_its_gradients_are_fp32():
+    """No fp32 copy of the activations (what made one GPU slower than FSDP's mixed precision on several)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 48, bias=False).to(torch.bfloat16), rank=8, alpha=16.0)
+    randomize_lora_b(layer)
+    x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default:
+                casts.append((tuple(args[0].shape), out.dtype))
+            return out
+
+    with Casts():
+        y = layer(x)
+        y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16
+    assert (32, 64) not in [shape for shape, _ in casts]  # the activations are never cast
+    assert layer.lora_A.weight.grad.dtype == layer.lora_B.weight.grad.dtype == torch.float32
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    exact = x.double() @ layer.weight.double().T + 2.0 * (x.double() @ a.double().T) @ b.double().T
+    torch.testing.assert_close(y.double(), exact, rtol=2e-2, atol=2e-2)
 
 
 def test_dropout_only_in_training(make_model, random_tokens):
