@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 8 train.py CONFIG.yaml [key=value ...]     one node, eight GPUs
 
 The same command resumes a run that was stopped, killed or preempted (`resume: auto`, the default); SIGTERM or
-Ctrl-C finishes the step, saves a checkpoint and exits 0.
+Ctrl-C finishes the step (with several ranks, also the one queued behind it), saves a checkpoint and exits 0.
 
 The wiring of the data path, nothing more: config ► data ► model ► loop (see ../shared/DESIGN.md).
 """
@@ -86,7 +86,8 @@ def main(argv: list[str]) -> int:
         is_last = step == cfg.max_steps
         evaluates = bool(eval_batches) and (step % cfg.eval.freq == 0 or is_last)
         saves = cfg.checkpoint.enabled and (step % cfg.checkpoint.freq == 0 or is_last)
-        steps.add(step, lr, sums, read_now=evaluates or saves)
+        stopping_alone = stop.requested and dist_info.world_size == 1  # no other rank to agree with: stop now
+        steps.add(step, lr, sums, read_now=evaluates or saves or stopping_alone)
 
         if evaluates and not steps.stop_requested:
             last_eval = evaluate(loss_model, eval_batches, dist_info.device)

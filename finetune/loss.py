@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.attention import to_device
+
 DEFAULT_CHUNK_SIZE = 2048
 
 
@@ -76,9 +78,7 @@ class CausalLMWithLoss(nn.Module):
 
 def loss_inputs(batch, device: torch.device) -> dict:
     """A Batch as CausalLMWithLoss's arguments. The trained positions are found on the CPU, where the batch is,
-    so the device never waits on the host for them."""
+    and everything goes to the device through pinned memory, so the host never waits for the device here."""
     positions = batch.weights.nonzero().squeeze(1)
-    return dict(tokens=batch.tokens.to(device, non_blocking=True), seqlens=batch.seqlens,
-                positions=positions.to(device, non_blocking=True),
-                targets=batch.targets[positions].to(device, non_blocking=True),
-                weights=batch.weights[positions].to(device, non_blocking=True))
+    return dict(tokens=to_device(batch.tokens, device), seqlens=batch.seqlens, positions=to_device(positions, device),
+                targets=to_device(batch.targets[positions], device), weights=to_device(batch.weights[positions], device))

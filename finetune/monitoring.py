@@ -105,13 +105,13 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
-def train_record(step: int, max_steps: int, lr: float, sums, progress, peak_memory: float) -> dict:
-    """The metrics.jsonl record of a train step (reads the step's sums from the device: log steps only)."""
+def train_record(step: int, max_steps: int, lr: float, outcome, progress, peak_memory: float) -> dict:
+    """The metrics.jsonl record of a train step, from its StepOutcome and the Progress counted up to it."""
     elapsed = progress.elapsed_s
-    return dict(kind="train", step=step, loss=sums.loss.item(), lr=lr, grad_norm=sums.grad_norm.item(),
+    return dict(kind="train", step=step, loss=outcome.loss, lr=lr, grad_norm=outcome.grad_norm,
                 tokens=progress.tokens, trained_tokens=progress.trained_tokens,
                 tokens_per_s=progress.tokens / elapsed, trained_tokens_per_s=progress.trained_tokens / elapsed,
-                elapsed_s=elapsed, skipped=not sums.finite, peak_memory_gib=peak_memory, max_steps=max_steps)
+                elapsed_s=elapsed, skipped=not outcome.finite, peak_memory_gib=peak_memory, max_steps=max_steps)
 
 
 def format_duration(seconds: float) -> str:

@@ -50,9 +50,16 @@ def shard_model(root: nn.Module, blocks: nn.ModuleList, compute_dtype: torch.dty
     for i, block in enumerate(blocks):
         fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(root, mp_policy=policy)
-    for i, block in enumerate(blocks):
-        block.set_modules_to_forward_prefetch(list(blocks[i + 1: i + 1 + prefetch]))
-        block.set_modules_to_backward_prefetch(list(blocks[max(0, i - prefetch): i])[::-1])
+    for block, (ahead, behind) in zip(blocks, prefetch_plan(len(blocks), prefetch)):
+        block.set_modules_to_forward_prefetch([blocks[j] for j in ahead])
+        block.set_modules_to_backward_prefetch([blocks[j] for j in behind])
+
+
+def prefetch_plan(n_blocks: int, prefetch: int) -> list[tuple[list[int], list[int]]]:
+    """For each block, the blocks whose weights it all-gathers ahead of need: the next `prefetch` in forward, and
+    in backward (which runs from the last block to the first) the previous `prefetch`, nearest first."""
+    return [(list(range(i + 1, min(n_blocks, i + 1 + prefetch))), list(range(i - 1, max(-1, i - 1 - prefetch), -1)))
+            for i in range(n_blocks)]
 
 
 def load_streamed_weights(

@@ -49,7 +49,7 @@ from finetune.config import TrainConfig
 from finetune.distributed import DistInfo, is_initialized
 
 if TYPE_CHECKING:
-    from finetune.train_step import StepSums
+    from finetune.train_step import StepOutcome
 
 STATE = "state"
 PROGRESS = "progress.json"
@@ -73,12 +73,12 @@ class Progress:
     nonfinite_skipped: int = 0  # all such steps
     elapsed_s: float = 0.0  # training time, across resumes
 
-    def count(self, step: int, sums: StepSums, elapsed_s: float) -> None:
+    def count(self, step: int, tokens: int, outcome: StepOutcome, elapsed_s: float) -> None:
         self.step, self.elapsed_s = step, elapsed_s
-        self.tokens += sums.tokens
-        self.trained_tokens += int(sums.trained_tokens)
-        self.nonfinite_in_a_row = 0 if sums.finite else self.nonfinite_in_a_row + 1
-        self.nonfinite_skipped += not sums.finite
+        self.tokens += tokens
+        self.trained_tokens += outcome.trained_tokens
+        self.nonfinite_in_a_row = 0 if outcome.finite else self.nonfinite_in_a_row + 1
+        self.nonfinite_skipped += not outcome.finite
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 The host reads a step's outcome one step late. train.py queues step s+1 on the device before this reads step s,
 so while the host waits for step s the device already has the next step's work, and it never idles for the host.
-A step that logs, evaluates or saves a checkpoint is read at once (its numbers are needed now), and so is the step
-queued when a stop was found to be asked for: the run saves after it and stops.
+Log lines come one step late too. A step that evaluates or saves a checkpoint, and the last one, are read at once
+(the progress saved must be theirs), and so is the step queued when a stop was found to be asked for: the run
+saves after it and stops.
 """
 
 from __future__ import annotations
@@ -32,31 +33,28 @@ class StepLog:
         self.last_loss: float | None = None
 
     def add(self, step: int, lr: float, sums: StepSums, read_now: bool = False) -> None:
-        """Take the step just queued; read the one before it, and this one too if `read_now` or it logs."""
+        """Take the step just queued; read the one before it, and this one too if `read_now` or it is the last."""
         self.unread.append((step, lr, sums))
-        keep = 0 if read_now or self.logs(step) else 1
+        keep = 0 if read_now or step == self.cfg.max_steps else 1
         while len(self.unread) > keep:
             self._read(*self.unread.pop(0))
         if self.stop_requested and self.unread:
             self._read(*self.unread.pop(0))
 
-    def logs(self, step: int) -> bool:
-        return step % self.cfg.logging.freq == 0 or step == 1 or step == self.cfg.max_steps
-
     def _read(self, step: int, lr: float, sums: StepSums) -> None:
-        progress = self.progress
-        progress.count(step, sums, elapsed_s=time.perf_counter() - self.started)
-        if self.logs(step) or not sums.finite:
-            record = train_record(step, self.cfg.max_steps, lr, sums, progress, peak_memory_gib(self.device))
+        progress, outcome = self.progress, sums.outcome()
+        progress.count(step, sums.tokens, outcome, elapsed_s=time.perf_counter() - self.started)
+        if step % self.cfg.logging.freq == 0 or step in (1, self.cfg.max_steps) or not outcome.finite:
+            record = train_record(step, self.cfg.max_steps, lr, outcome, progress, peak_memory_gib(self.device))
             self.last_loss = record["loss"]
             if self.logger:
                 self.logger.log(record)
                 print(format_train_line(record), flush=True)
-        if not sums.finite:
+        if not outcome.finite:
             limit = self.cfg.optim.max_consecutive_nonfinite
             if self.logger:
                 print(f"step {step}: the loss or the gradients are not finite, so the step is skipped "
                       f"({progress.nonfinite_in_a_row} in a row; {limit} stop the run)", flush=True)
             raise_if_diverged(step, progress.nonfinite_in_a_row, limit, lr,
                               (list_checkpoints(Path(self.cfg.run_dir)) or [None])[-1])
-        self.stop_requested |= sums.stop_requested
+        self.stop_requested |= outcome.stop_requested

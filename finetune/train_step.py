@@ -5,8 +5,9 @@ dropped and the optimizer does not step. The loop counts such steps, and stops t
 `optim.max_consecutive_nonfinite` of them in a row (raise_if_diverged).
 
 The step never waits for the device: the skip happens on the device (the fused AdamW kernel's `found_inf`), and
-what the host needs to know of the step (finite? a stop asked for? trained tokens) is copied back without waiting,
-to be read when the loop gets to it (`StepSums.finite` and co.), one step later (finetune/step_log.py).
+what the host needs to know of the step (finite? a stop asked for? its loss, gradient norm and trained tokens) is
+copied back without waiting, to be read when the loop gets to it, one step later (`StepSums.outcome()`,
+finetune/step_log.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from finetune.distributed import all_reduce_sum, is_initialized
 from finetune.loss import loss_inputs
+from model.attention import to_device
 
 if TYPE_CHECKING:
     from finetune.resume import StopSignal
@@ -34,7 +36,7 @@ class NonFiniteError(RuntimeError):
 
 class HostCopy:
     """A small device tensor on its way to the host: queued now, read later, and reading waits only for the work
-    queued before the copy (a CUDA event), not for the steps queued since."""
+    queued before the copy (a CUDA event on the tensor's stream), not for the steps queued since."""
 
     def __init__(self, tensor: torch.Tensor):
         self._ready = None
@@ -42,7 +44,7 @@ class HostCopy:
             self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             self._host.copy_(tensor, non_blocking=True)
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            self._ready.record(torch.cuda.current_stream(tensor.device))
         else:
             self._host = tensor.detach().clone()
 
@@ -53,33 +55,43 @@ class HostCopy:
 
 
 @dataclass
+class StepOutcome:
+    """What the host needs of a finished step, agreed by all ranks."""
+
+    finite: bool  # the loss and the gradients were finite on every rank, so the optimizer stepped
+    stop_requested: bool  # some rank was asked to stop (SIGTERM, SIGINT) by the end of this step's backward
+    trained_tokens: int  # all ranks
+    loss: float  # Σ weight·CE ÷ Σ weight over the step's micro-batches and ranks
+    grad_norm: float  # before clipping
+
+    FIELDS = 5  # the length of the device vector it is read from
+
+    @classmethod
+    def from_values(cls, values: list[float]) -> StepOutcome:
+        nonfinite, stop, trained, loss, grad_norm = values
+        return cls(not nonfinite, bool(stop), int(trained), loss, grad_norm)
+
+
+@dataclass
 class StepSums:
-    """Sums over the step's micro-batches and all ranks: tensors on the device, read only when logging, and the
-    step's outcome, read from the host copy (waiting, at most, for this step to finish on the device)."""
+    """Sums over the step's micro-batches and all ranks, on the device, and the step's outcome on its way to the
+    host: `outcome()` waits, at most, for this step to finish on the device."""
 
     loss_sum: torch.Tensor
     weight_sum: torch.Tensor
     tokens: int  # all tokens of the step, all ranks
     grad_norm: torch.Tensor
-    outcome: HostCopy  # [not finite, stop asked for, trained tokens], agreed by all ranks
+    pending: HostCopy  # a StepOutcome's values
+    _outcome: StepOutcome | None = None
 
     @property
     def loss(self) -> torch.Tensor:
         return self.loss_sum / self.weight_sum.clamp_min(1e-12)
 
-    @property
-    def finite(self) -> bool:
-        """The loss and the gradients were finite on every rank, so the optimizer stepped."""
-        return not self.outcome.read()[0]
-
-    @property
-    def stop_requested(self) -> bool:
-        """Some rank was asked to stop (SIGTERM, SIGINT) by the end of this step's backward."""
-        return bool(self.outcome.read()[1])
-
-    @property
-    def trained_tokens(self) -> int:
-        return int(self.outcome.read()[2])
+    def outcome(self) -> StepOutcome:
+        if self._outcome is None:
+            self._outcome = StepOutcome.from_values(self.pending.read())
+        return self._outcome
 
 
 def _set_gradient_sync(module: nn.Module, enabled: bool) -> None:
@@ -100,15 +112,15 @@ def train_step(loss_model: nn.Module, optimizer: torch.optim.Optimizer, micro_ba
     step's outcome) and agreed by all ranks on the device.
     """
     weights = torch.stack([b.weights.sum() for b in micro_batches]).sum().float()
-    step_weight = all_reduce_sum(weights.to(device, non_blocking=True)).clamp_min(1e-12)
+    step_weight = all_reduce_sum(to_device(weights, device)).clamp_min(1e-12)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # float64: exact token counts past 2^24
     trained = torch.zeros((), device=device, dtype=torch.float64)
     for i, batch in enumerate(micro_batches):
         _set_gradient_sync(loss_model, i == len(micro_batches) - 1)
-        sums = loss_model(**loss_inputs(batch, device))
-        (sums.loss_sum * (world_size / step_weight)).backward()
-        loss_sum += sums.loss_sum.detach()
-        trained += sums.n_trained
+        micro = loss_model(**loss_inputs(batch, device))
+        (micro.loss_sum * (world_size / step_weight)).backward()
+        loss_sum += micro.loss_sum.detach()
+        trained += micro.n_trained
     loss_sum, trained = all_reduce_sum(torch.stack([loss_sum, trained]))
     loss_sum = loss_sum.float()
     params = [p for p in loss_model.parameters() if p.requires_grad]
@@ -123,8 +135,9 @@ def train_step(loss_model: nn.Module, optimizer: torch.optim.Optimizer, micro_ba
     skip_step_if_nonfinite(optimizer, flags[0])
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.tokens.numel() for b in micro_batches) * world_size
-    outcome = HostCopy(torch.cat([flags.double(), trained[None]]))
-    return StepSums(loss_sum, step_weight, tokens, grad_norm, outcome)
+    sums = StepSums(loss_sum, step_weight, tokens, grad_norm, pending=None)
+    sums.pending = HostCopy(torch.stack([*flags.double(), trained, sums.loss.double(), grad_norm.double()]))
+    return sums
 
 
 def skip_step_if_nonfinite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:

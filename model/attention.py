@@ -77,8 +77,9 @@ class DocumentMask:
         if not seqlens or min(seqlens) <= 0:
             raise ValueError(f"seqlens must be positive document lengths, got {seqlens}")
         self.seqlens, self.backend, self.sliding_window = list(seqlens), backend, sliding_window
-        lengths = torch.tensor(self.seqlens)  # the document index of each token is made on the CPU: see to_device
-        doc = to_device(torch.repeat_interleave(torch.arange(len(self.seqlens)), lengths), device)
+        lengths = torch.tensor(self.seqlens)  # made on the CPU, where the lengths are known: see to_device
+        if backend in ("sdpa", "flex"):
+            doc = to_device(torch.repeat_interleave(torch.arange(len(self.seqlens)), lengths), device)  # per token
         if backend == "sdpa":
             idx = torch.arange(len(doc), device=device)
             self.mask = _allowed(doc, idx[:, None], idx[None, :], sliding_window)

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -33,4 +31,4 @@ def test_the_loss_memory_benchmark_meets_its_goal_at_reduced_size_on_cpu():
     assert found, result.stdout
     naive, chunked, ratio = map(float, found.groups())
     assert naive > 2.0  # the fp32 logits alone are 1 GiB: the probe sees them
-    assert ratio <= 0.125 and chunked == pytest.approx(naive * ratio, abs=0.002)
+    assert ratio <= 0.125 and chunked < 0.25  # a few [128, 131072] fp32 chunks, about 64 MiB each

@@ -16,6 +16,7 @@ from finetune.distributed import DistInfo
 from finetune.loss import loss_inputs
 from finetune.model_setup import build_training_model
 from finetune.optim import build_optimizer
+from finetune.parallel import prefetch_plan
 from finetune.train_step import train_step
 from launching import REPO, free_port, subprocess_env
 
@@ -60,7 +61,11 @@ def test_step_loss_is_token_weighted_and_only_adapters_change(write_config):
     sums = train_step(model, optimizer, batches, device, max_grad_norm=1.0, world_size=1)
     torch.testing.assert_close(sums.loss, expected)
     assert sums.tokens == 2 * cfg.seq_len
-    assert int(sums.trained_tokens) == sum(int((b.weights > 0).sum()) for b in batches)
+    outcome = sums.outcome()
+    assert outcome.trained_tokens == sum(int((b.weights > 0).sum()) for b in batches)
+    assert outcome.finite and not outcome.stop_requested
+    assert outcome.loss == pytest.approx(expected.item(), rel=1e-6)
+    assert outcome.grad_norm == pytest.approx(sums.grad_norm.item(), rel=1e-6) and outcome.grad_norm > 0
 
     # B starts at zero, so the first step moves every B and (without weight decay) nothing else, A included.
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
@@ -134,7 +139,8 @@ def test_a_step_reads_nothing_back_from_the_device(write_config):
     batches, results = three_steps(cfg, torch.device("cpu"), lambda: counter)
     assert counter.reads == []
     trained = sum(int((b.weights > 0).sum()) for b in batches[1:])
-    assert [(s.finite, s.stop_requested, s.trained_tokens) for s in results[1:]] == [(True, False, trained)] * 2
+    assert [(s.outcome().finite, s.outcome().stop_requested, s.outcome().trained_tokens)
+            for s in results[1:]] == [(True, False, trained)] * 2
     assert counter.reads == []  # the outcome is read outside the counted steps
     assert results[2].loss.item() < results[1].loss.item()
 
@@ -155,7 +161,7 @@ def test_a_step_never_waits_for_the_gpu(write_config, dtype, attention):
             torch.cuda.set_sync_debug_mode("default")
 
     _, results = three_steps(cfg, torch.device("cuda"), no_sync)
-    assert all(s.finite for s in results)
+    assert all(s.outcome().finite for s in results)
 
 
 def test_compiled_blocks_give_the_eager_numbers_and_compile_once(write_config):
@@ -179,3 +185,9 @@ def test_compiled_blocks_under_fsdp2_with_deeper_prefetch_match_one_process(writ
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-4, atol=1e-4)
     for name, tensor in one["adapters"].items():
         torch.testing.assert_close(two["adapters"][name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_prefetch_plan_gathers_the_next_blocks_in_forward_and_the_previous_ones_in_backward():
+    assert prefetch_plan(4, 1) == [([1], []), ([2], [0]), ([3], [1]), ([], [2])]
+    assert prefetch_plan(5, 2) == [([1, 2], []), ([2, 3], [0]), ([3, 4], [1, 0]), ([4], [2, 1]), ([], [3, 2])]
+    assert prefetch_plan(2, 3) == [([1], []), ([], [0])]
