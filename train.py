@@ -88,16 +88,17 @@ def main(argv: list[str]) -> int:
         saves = cfg.checkpoint.enabled and (step % cfg.checkpoint.freq == 0 or is_last)
         stopping_alone = stop.requested and dist_info.world_size == 1  # no other rank to agree with: stop now
         steps.add(step, lr, sums, read_now=evaluates or saves or stopping_alone)
+        stopping = steps.stop_requested or stopping_alone  # several ranks stop on the step they agreed on
 
-        if evaluates and not steps.stop_requested:
+        if evaluates and not stopping:
             last_eval = evaluate(loss_model, eval_batches, dist_info.device)
             if logger:
                 logger.log(dict(kind="eval", step=step, **last_eval))
                 print(format_eval_line(dict(step=step, **last_eval)), flush=True)
 
-        if saves or steps.stop_requested:
+        if saves or stopping:
             checkpoint_dir = save_checkpoint(cfg, loss_model, optimizer, train_batches, progress, dist_info)
-        if steps.stop_requested:
+        if stopping:
             break
 
     if logger:
