@@ -35,7 +35,7 @@ from finetune.resume import (
     train_data_seed,
 )
 from finetune.step_log import StepLog
-from finetune.train_step import NonFiniteError, inject_test_nonfinite, train_step
+from finetune.train_step import NonFiniteError, inject_test_nonfinite, out_of_memory_message, train_step
 
 
 def main(argv: list[str]) -> int:
@@ -122,4 +122,7 @@ if __name__ == "__main__":
         sys.exit(main(sys.argv[1:]))
     except (ConfigError, DataError, PreflightError, ResumeError, NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except torch.OutOfMemoryError as error:
+        print(f"error: {out_of_memory_message(error)}", file=sys.stderr)
         sys.exit(2)

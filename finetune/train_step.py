@@ -163,6 +163,16 @@ def raise_if_diverged(step: int, in_a_row: int, limit: int, lr: float, newest_ch
         f"Then run the same command: {where}.")
 
 
+def out_of_memory_message(error: BaseException) -> str:
+    """What a run that ran out of GPU memory prints: PyTorch's first line, and what to change, largest lever first."""
+    first_line = (str(error).strip().splitlines() or ["(no details)"])[0]
+    return (f"out of GPU memory: {first_line}\nThings to try, in this order: a lower seq_len (activation memory "
+            "grows with it, and packing keeps shorter sequences full); model.activation_checkpointing: true and "
+            "model.checkpointing_scope: block; batch_size: 1 with a higher grad_accumulation (the same batch in more "
+            "micro-batches); more GPUs (FSDP shards the weights over them). Checkpoints already saved are kept: with "
+            "resume: auto the same command continues from the newest one.")
+
+
 # Test hook, the only one: TAILOR_TEST_NONFINITE_STEPS="3,4" makes the loss of optimizer steps 3 and 4 NaN on every
 # rank (their trained tokens get NaN loss weights), so tests can check that such steps are skipped, counted and
 # stopped on. Nothing else reads it.

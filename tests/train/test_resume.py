@@ -328,3 +328,25 @@ def test_resume_and_nonfinite_settings_in_the_config(write_config):
     assert config_from_dict(raw).optim.max_consecutive_nonfinite == 5
     with pytest.raises(ConfigError, match="optim.max_consecutive_nonfinite must be >= 1, got 0"):
         config_from_dict(dict(raw, optim={"max_consecutive_nonfinite": 0}))
+
+
+def test_running_out_of_gpu_memory_ends_in_advice_and_keeps_the_checkpoints(write_config, tmp_path):
+    """A CUDA out-of-memory error at step 6 (raised by a stand-in train_step, as no GPU is here) after the checkpoint
+    of step 4: exit 2, what to change, and the checkpoint is there for the same command to resume from."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import torch\nimport finetune.train_step as module\nreal, calls = module.train_step, []\n"
+        "def train_step(*args, **kwargs):\n    calls.append(1)\n    if len(calls) == 6:\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)')\n"
+        "    return real(*args, **kwargs)\nmodule.train_step = train_step\n")
+    config = write_config(max_steps=8, eval__enabled=False, checkpoint__freq=4)
+    env = dict(subprocess_env(), PYTHONPATH=f"{hook}{os.pathsep}{REPO}")
+    result = subprocess.run([sys.executable, "train.py", str(config)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: out of GPU memory: CUDA out of memory. Tried to allocate 20.00 GiB" in result.stderr
+    assert "a lower seq_len" in result.stderr and "Traceback" not in result.stderr
+    assert verify_checkpoint(tmp_path / "run/checkpoints/checkpoint_000004") is None
+    resumed = train(config)
+    assert f"resuming from {tmp_path / 'run/checkpoints/checkpoint_000004'}" in resumed.stdout
