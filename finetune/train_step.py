@@ -113,7 +113,8 @@ def train_step(loss_model: nn.Module, optimizer: torch.optim.Optimizer, micro_ba
     """
     weights = torch.stack([b.weights.sum() for b in micro_batches]).sum().float()
     step_weight = all_reduce_sum(to_device(weights, device)).clamp_min(1e-12)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # float64: exact token counts past 2^24
+    # float64, as both go in one all-reduce: the count of trained tokens stays exact past 2^24
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     trained = torch.zeros((), device=device, dtype=torch.float64)
     for i, batch in enumerate(micro_batches):
         _set_gradient_sync(loss_model, i == len(micro_batches) - 1)
@@ -135,9 +136,8 @@ def train_step(loss_model: nn.Module, optimizer: torch.optim.Optimizer, micro_ba
     skip_step_if_nonfinite(optimizer, flags[0])
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.tokens.numel() for b in micro_batches) * world_size
-    sums = StepSums(loss_sum, step_weight, tokens, grad_norm, pending=None)
-    sums.pending = HostCopy(torch.stack([*flags.double(), trained, sums.loss.double(), grad_norm.double()]))
-    return sums
+    outcome = torch.stack([*flags.double(), trained, (loss_sum / step_weight).double(), grad_norm.double()])
+    return StepSums(loss_sum, step_weight, tokens, grad_norm, pending=HostCopy(outcome))
 
 
 def skip_step_if_nonfinite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
