@@ -182,12 +182,19 @@ def loss_memory(device: torch.device, tokens: int, vocab: int, dim: int, chunk_s
         return chunked_cross_entropy(hidden, weight, targets, weights, chunk_size).loss_sum
 
     peaks = {}
-    for name, loss in (("naive", naive), ("chunked", chunked)):
+    for name, loss in (("chunked", chunked), ("naive", naive)):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            loss().backward()
+            try:
+                loss().backward()
+            except torch.OutOfMemoryError:  # then the naive peak is at least what was free
+                free = torch.cuda.mem_get_info(device)[0]
+                print(f"loss memory: the {name} path ran out of memory with {free / 2**30:.1f} GiB free")
+                torch.cuda.empty_cache()
+                peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+                continue
             torch.cuda.synchronize()
             peaks[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
         else:
