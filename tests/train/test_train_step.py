@@ -191,3 +191,24 @@ def test_the_prefetch_plan_gathers_the_next_blocks_in_forward_and_the_previous_o
     assert prefetch_plan(4, 1) == [([1], []), ([2], [0]), ([3], [1]), ([], [2])]
     assert prefetch_plan(5, 2) == [([1, 2], []), ([2, 3], [0]), ([3, 4], [1, 0]), ([4], [2, 1]), ([], [3, 2])]
     assert prefetch_plan(2, 3) == [([1], []), ([], [0])]
+
+
+def test_bf16_like_on_gpus_one_process_and_two_fsdp2_ranks_follow_the_fp32_run(write_config, tmp_path):
+    """The GPU dtype on CPU: frozen weights and compute in bf16, LoRA weights and AdamW in fp32 (cast for compute in
+    one process, by FSDP2's mixed precision on two ranks): the fp32 run's losses, and its adapter updates up to
+    bf16's rounding (Adam moves each weight by about lr a step, whatever its gradient's size, so a tiny gradient
+    that flips sign moves a weight the other way: hence a bound of 2 lr a step on any weight, and a direction test)."""
+    lr, steps = 1e-3, 3
+    fp32 = run_worker(write_config(optim__lr=lr), tmp_path / "fp32.pt", ranks=1)
+    one = run_worker(write_config(optim__lr=lr, model__dtype="bf16"), tmp_path / "one.pt", ranks=1)
+    two = run_worker(write_config(optim__lr=lr, model__dtype="bf16"), tmp_path / "two.pt", ranks=2)
+    for run in (one, two):
+        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(fp32["losses"]), rtol=1e-3, atol=0)
+        for name, expected in fp32["adapters"].items():
+            got = run["adapters"][name]
+            assert got.dtype == torch.float32, name
+            assert (got - expected).abs().max() <= 2 * lr * steps, name
+            if "lora_B" in name:  # B starts at zero: its value is the update
+                assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.98, name
+                assert (got - expected).norm() < 0.2 * expected.norm(), name
+    assert one["losses"][2] < one["losses"][0] - 0.1
