@@ -137,9 +137,9 @@ def attention(
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A small CPU tensor made from host values (document lengths), copied to `device` without making the host
-    wait: a blocking copy to a GPU, or an op whose output size depends on GPU data (repeat_interleave, nonzero),
-    would wait for all the work queued before it."""
+    """A CPU tensor (document lengths and what is made from them, a batch) copied to `device` through pinned memory
+    without making the host wait. Such tensors are made on the CPU on purpose: a blocking copy to a GPU, or an op
+    whose output size depends on GPU data (repeat_interleave, nonzero), waits for all the work queued before it."""
     device = torch.device(device)
     if device.type != "cuda":
         return tensor.to(device)
