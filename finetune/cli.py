@@ -24,12 +24,14 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 def run_validate(args: argparse.Namespace) -> int:
     from finetune.config import load_config
     from finetune.data.validate import validate
+    from finetune.eta import tokens_per_second_per_gpu
 
     if args.gpus < 1:
         print(f"error: --gpus must be at least 1, got {args.gpus}", file=sys.stderr)
         return 2
     cfg = load_config(args.config, args.overrides)
-    return validate(cfg, gpus=args.gpus, fix_dir=args.fix, max_per_kind=args.max_per_kind)
+    return validate(cfg, throughput=tokens_per_second_per_gpu, gpus=args.gpus, fix_dir=args.fix,
+                    max_per_kind=args.max_per_kind)
 
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:

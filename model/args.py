@@ -109,6 +109,16 @@ def num_parameters(args: ModelArgs) -> int:
     return args.n_layers * per_layer + 2 * args.vocab_size * args.dim + args.dim
 
 
+def active_parameters(args: ModelArgs) -> int:
+    """The weights each token is multiplied by (2 FLOPs each in forward): attention, the feed-forward of the experts
+    it is routed to (and the router), the output head. Not the embedding, which is a lookup."""
+    attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    ffn = 3 * args.dim * args.hidden_dim
+    if args.moe is not None:
+        ffn = ffn * args.moe.num_experts_per_tok + args.dim * args.moe.num_experts
+    return args.n_layers * (attention + ffn) + args.vocab_size * args.dim
+
+
 _MISTRAL_7B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, norm_eps=1e-5)
 _NEMO = dict(dim=5120, n_layers=40, head_dim=128, n_heads=32, n_kv_heads=8, norm_eps=1e-5, vocab_size=131072)
 _LARGE_22B = dict(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8, norm_eps=1e-5)

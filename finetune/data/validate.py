@@ -11,21 +11,26 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 from finetune.config import TrainConfig
 from finetune.data.cache import TokenizedFile, open_tokenized_files, resolve_cache_dir
 from finetune.data.errors import SampleFault
-from finetune.data.eta import format_duration, tokens_per_second_per_gpu
 from finetune.data.jsonl import BOM, parse_line, read_lines
 from finetune.data.repair import repair_sample
 from finetune.data.sources import source_files
 from finetune.data.tokenize import check_tokenizer_vocab, load_tokenizer, read_vocab_size, tokenize_sample_spans
 
 
-def validate(cfg: TrainConfig, *, gpus: int = 1, fix_dir: Path | None = None, max_per_kind: int = 10,
-             out: TextIO | None = None) -> int:
-    """Print faults, statistics, epochs and ETA; write fixed files to fix_dir. Returns the exit status."""
+Throughput = Callable[[str], tuple[float, str]]  # model folder -> (tokens / s / GPU, where it comes from)
+
+
+def validate(cfg: TrainConfig, *, throughput: Throughput, gpus: int = 1, fix_dir: Path | None = None,
+             max_per_kind: int = 10, out: TextIO | None = None) -> int:
+    """Print faults, statistics, epochs and ETA; write fixed files to fix_dir. Returns the exit status.
+
+    `throughput` is finetune.eta.tokens_per_second_per_gpu, passed in: it reads the model's shape with model/,
+    which the data path never imports."""
     out = out or sys.stdout
     try:
         tokenizer = load_tokenizer(cfg.model.path)
@@ -40,7 +45,7 @@ def validate(cfg: TrainConfig, *, gpus: int = 1, fix_dir: Path | None = None, ma
                                                  cfg.data.num_workers)))
     faults = print_faults(files, max_per_kind, out)
     print_statistics(splits, files, cfg.seq_len, out)
-    print_epochs_and_eta(cfg, files, gpus, out)
+    print_epochs_and_eta(cfg, files, gpus, throughput, out)
     if fix_dir is not None:
         write_fixed_files(files, tokenizer, cfg.data.train_on, fix_dir, out)
         return 0
@@ -87,7 +92,8 @@ def print_statistics(splits: dict[str, list[Path]], files: dict[Path, TokenizedF
     print(file=out)
 
 
-def print_epochs_and_eta(cfg: TrainConfig, files: dict[Path, TokenizedFile], gpus: int, out: TextIO) -> None:
+def print_epochs_and_eta(cfg: TrainConfig, files: dict[Path, TokenizedFile], gpus: int, throughput: Throughput,
+                         out: TextIO) -> None:
     per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accumulation * gpus
     total = per_step * cfg.max_steps
     print(f"max_steps {cfg.max_steps} x {gpus} GPU(s) x batch_size {cfg.batch_size} x grad_accumulation "
@@ -99,12 +105,20 @@ def print_epochs_and_eta(cfg: TrainConfig, files: dict[Path, TokenizedFile], gpu
         epochs = f"{total * share / tokens:.2f} epochs" if tokens else "no usable samples"
         print(f"  {source.path} (weight {source.weight:g}, {share:.0%} of tokens): {epochs}", file=out)
     try:
-        rate, origin = tokens_per_second_per_gpu(cfg.model.path)
+        rate, origin = throughput(cfg.model.path)
     except (OSError, KeyError, ValueError) as e:
         print(f"ETA: unknown ({e})", file=out)
         return
-    print(f"ETA on {gpus} GPU(s): {format_duration(total / (rate * gpus))} at {rate:,.0f} tokens/s per GPU "
+    print(f"ETA on {gpus} GPU(s): {format_eta(total / (rate * gpus))} at {rate:,.0f} tokens/s per GPU "
           f"({origin})", file=out)
+
+
+def format_eta(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{max(minutes, 1)} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 # ---------------------------------------------------------------------------------------------------

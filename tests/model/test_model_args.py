@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from model.args import ARCHITECTURES, ModelArgs, MoeArgs, load_model_args, num_parameters
+from model.args import ARCHITECTURES, ModelArgs, MoeArgs, active_parameters, load_model_args, num_parameters
 from model.hf_format import args_to_hf_config, hf_config_to_args
 
 MISTRAL_7B_V01 = {  # the params.json shipped with Mistral 7B v0.1
@@ -63,4 +63,12 @@ def test_num_parameters_match_published_sizes():
     assert round(num_parameters(ARCHITECTURES["nemo-12b"]) / 1e9, 1) == 12.2
     assert round(num_parameters(ARCHITECTURES["small-24b"]) / 1e9, 1) == 23.6
     assert round(num_parameters(ARCHITECTURES["codestral-22b"]) / 1e9, 1) == 22.2
+
+
+def test_active_parameters_leave_out_the_embedding_norms_and_unused_experts():
+    dense = ARCHITECTURES["mistral-7b"]
+    lookups = dense.vocab_size * dense.dim + (2 * dense.n_layers + 1) * dense.dim  # embedding and RMSNorm weights
+    assert active_parameters(dense) == num_parameters(dense) - lookups == 7_113_539_584
+    mixtral = ARCHITECTURES["mixtral-8x7b"]  # "12.9B active parameters" counts the embedding too
+    assert round((active_parameters(mixtral) + mixtral.vocab_size * mixtral.dim) / 1e9, 1) == 12.9
     assert round(num_parameters(ARCHITECTURES["mixtral-8x22b"]) / 1e9, 1) == 140.6
