@@ -9,10 +9,10 @@ transformers and peft importable the same for MistralForCausalLM / MixtralForCau
 targets, SDPA attention, gradient checkpointing, the same tokens), with the ratios side by side.
 
 MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 4 N + attention: the frozen weights get no weight
-gradient, so forward (2 N) and the input gradients of backward (2 N), with N the parameters a token passes through
-(the active experts only for MoE); attention adds 12 x layers x heads x head_dim x mean context (QK^T and AV:
-4 forward, 8 backward). Recomputation by checkpointing is not counted, as is customary. The peak is measured here
-with a large bf16 matmul.
+gradient, so forward (2 N) and the input gradients of backward (2 N), with N the weights a token is multiplied by
+(model.args.active_parameters: attention, its experts and the router for MoE, the output head; not the embedding,
+a lookup); attention adds 12 x layers x heads x head_dim x mean context (QK^T and AV: 4 forward, 8 backward).
+Recomputation by checkpointing is not counted, as is customary. The peak is measured here with a large bf16 matmul.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from finetune.monitoring import PeakLiveBytes
 from finetune.optim import build_optimizer
 from finetune.parallel import enable_activation_checkpointing
 from finetune.train_step import train_step
-from model.args import ARCHITECTURES, ModelArgs
+from model.args import ARCHITECTURES, ModelArgs, active_parameters
 from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable
 from model.tiny import tiny_args
 from model.transformer import Transformer
@@ -68,13 +68,9 @@ def make_batches(args: ModelArgs, seq_len: int, count: int) -> list:
 
 
 def flops_per_token(args: ModelArgs, seqlens_list: list[list[int]]) -> float:
-    attention = args.n_heads * args.head_dim
-    mlp = 3 * args.dim * args.hidden_dim * (args.moe.num_experts_per_tok if args.moe else 1)
-    per_layer = args.dim * (attention + 2 * args.n_kv_heads * args.head_dim) + attention * args.dim + mlp
-    active = args.n_layers * per_layer + 2 * args.vocab_size * args.dim
     tokens = sum(sum(s) for s in seqlens_list)
     mean_context = sum(n * (n + 1) / 2 for s in seqlens_list for n in s) / tokens
-    return 4 * active + 12 * args.n_layers * attention * mean_context
+    return 4 * active_parameters(args) + 12 * args.n_layers * args.n_heads * args.head_dim * mean_context
 
 
 def measured_peak_flops(device: torch.device) -> float:
