@@ -64,8 +64,6 @@ class StepOutcome:
     loss: float  # Σ weight·CE ÷ Σ weight over the step's micro-batches and ranks
     grad_norm: float  # before clipping
 
-    FIELDS = 5  # the length of the device vector it is read from
-
     @classmethod
     def from_values(cls, values: list[float]) -> StepOutcome:
         nonfinite, stop, trained, loss, grad_norm = values
