@@ -28,6 +28,7 @@ from finetune.distributed import barrier
 from finetune.merge import ADAPTER_FILE, MERGED_WEIGHTS, TensorSpec, lora_entry, write_safetensors
 from finetune.model_setup import lora_args_from_config
 from finetune.parallel import full_state
+from model.args import write_params
 from model.lora import LoRAArgs, lora_state_dict, merged_state_dict
 
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{6,})")
@@ -194,7 +195,7 @@ def _write_adapters(folder: Path, lora_state: dict[str, torch.Tensor], params: d
                     tokenizer_file: Path) -> None:
     """lora.safetensors, params.json with the `lora` entry (`lora_entry`), and the tokenizer."""
     save_file({k: v.contiguous() for k, v in lora_state.items()}, folder / ADAPTER_FILE)
-    _write_params(folder, dict(params, lora=lora_entry(lora)))
+    write_params(folder, dict(params, lora=lora_entry(lora)))
     shutil.copy2(tokenizer_file, folder / Path(tokenizer_file).name)
 
 
@@ -203,12 +204,8 @@ def _write_merged(folder: Path, specs: dict[str, TensorSpec], tensors: Iterable[
     """The weights stream in one at a time, each written as it comes (`specs`: name -> dtype and shape, for the
     file's header), so a model that fits in memory only sharded is never whole in one process."""
     write_safetensors(folder / MERGED_WEIGHTS, specs, tensors)
-    _write_params(folder, {k: v for k, v in params.items() if k != "lora"})
+    write_params(folder, {k: v for k, v in params.items() if k != "lora"})
     shutil.copy2(tokenizer_file, folder / Path(tokenizer_file).name)
-
-
-def _write_params(folder: Path, params: dict) -> None:
-    (folder / "params.json").write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
 
 
 def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: Callable[[Path], None]) -> Path:

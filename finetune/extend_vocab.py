@@ -10,7 +10,6 @@ the control tokens mean something only after fine-tuning with the v3 template.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 from collections.abc import Iterable, Iterator
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from finetune.merge import TensorSpec, base_params, checkpoint_specs, staged_folder, write_safetensors
-from model.args import load_model_args
+from model.args import load_model_args, write_params
 from model.loading import iter_checkpoint_tensors
 from model.tiny import TOKENIZER_FILES, tokenizer_path
 
@@ -47,7 +46,7 @@ def extend_vocab(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> P
     with staged_folder(out_dir) as staging:
         tensors = extended_tensors(iter_checkpoint_tensors(model_dir), seed)
         write_safetensors(staging / "consolidated.safetensors", specs, tensors)
-        (staging / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        write_params(staging, params)
         shutil.copy(tokenizer_path("v3"), staging / TOKENIZER_FILES["v3"].filename)
     return Path(out_dir)
 

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.data.tokenize import find_tokenizer_file
-from model.args import load_model_args
+from model.args import load_model_args, write_params
 from model.hf_format import hf_to_native_name
 from model.loading import checkpoint_files, iter_checkpoint_tensors
 from model.lora import LORA_TARGETS, LoRAArgs, merged_weight
@@ -216,7 +216,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     tensors = merged_tensors(iter_checkpoint_tensors(base_dir), adapter, lora.alpha / lora.rank)
     with staged_folder(out_dir) as staging:
         write_safetensors(staging / MERGED_WEIGHTS, specs, tensors)
-        (staging / "params.json").write_text(json.dumps(base_params(base_dir), indent=2) + "\n")
+        write_params(staging, base_params(base_dir))
         copy_tokenizer([base_dir, adapter_dir], staging)
     return Path(out_dir)
 

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from finetune.merge import ADAPTER_FILE, copy_tokenizer, params_with_lora, read_adapter, staged_folder
-from model.args import load_model_args
+from model.args import load_model_args, write_params
 from model.hf_format import convert_tensor_to_hf, convert_tensor_to_native
 from model.lora import LORA_TARGETS, LoRAArgs, inject_lora, load_lora_state_dict
 from model.transformer import Transformer
@@ -110,7 +110,7 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, base_dir: str | Path)
         raise ValueError(f"{peft_dir} does not fit the model of {base_dir}: {e}") from None
     with staged_folder(out_dir) as staging:
         save_file(state, staging / ADAPTER_FILE)
-        (staging / "params.json").write_text(json.dumps(params_with_lora(base_dir, lora), indent=2) + "\n")
+        write_params(staging, params_with_lora(base_dir, lora))
         copy_tokenizer([base_dir], staging)
     return Path(out_dir)
 

@@ -99,6 +99,11 @@ def load_model_args(folder: str | Path) -> ModelArgs:
     raise FileNotFoundError(f"{folder}: no params.json or config.json; is this a model folder?")
 
 
+def write_params(folder: str | Path, params: dict) -> None:
+    """A model folder's params.json, as everything here writes it: indented, ending in a newline."""
+    (Path(folder) / "params.json").write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
+
+
 def num_parameters(args: ModelArgs) -> int:
     """Total parameter count (every expert of a MoE counted), without LoRA."""
     attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)

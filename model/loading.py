@@ -8,7 +8,6 @@ file and copied into its parameter, so a 12B model is never held twice in memory
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from model.args import ModelArgs, load_model_args
+from model.args import ModelArgs, load_model_args, write_params
 from model.hf_format import convert_tensor_to_native
 from model.lora import (
     LoRAArgs,
@@ -141,7 +140,7 @@ def save_model_folder(
         state = model_or_state_dict
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+    write_params(folder, args.to_dict())
     save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "consolidated.safetensors")
     if tokenizer_file is not None:
         shutil.copy(tokenizer_file, folder / Path(tokenizer_file).name)

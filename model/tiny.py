@@ -18,7 +18,7 @@ import mistral_common
 import torch
 from safetensors.torch import save_file
 
-from model.args import ARCHITECTURES, ModelArgs, MoeArgs
+from model.args import ARCHITECTURES, ModelArgs, MoeArgs, write_params
 from model.hf_format import args_to_hf_config, convert_tensor_to_hf
 from model.loading import save_model_folder
 from model.transformer import Transformer
@@ -106,7 +106,7 @@ def write_tiny_model(
         hf_state = dict(convert_tensor_to_hf(name, tensor, args) for name, tensor in state.items())
         save_file({k: v.contiguous() for k, v in hf_state.items()}, folder / "model.safetensors", {"format": "pt"})
     else:
-        (folder / "params.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+        write_params(folder, args.to_dict())
         if layout == "pth":
             torch.save(state, folder / "consolidated.00.pth")
         else:

@@ -52,7 +52,7 @@ def test_a_failed_write_leaves_no_checkpoint(tmp_path, tokenizer_file, monkeypat
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "_write_params", crash)
+    monkeypatch.setattr(checkpoint, "write_params", crash)
     with pytest.raises(OSError, match="disk full"):
         save(tmp_path / "run", 20, tokenizer_file)
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint_000010"]
