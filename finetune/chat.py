@@ -20,6 +20,7 @@ import torch
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from finetune.data.errors import first_line
 from finetune.data.tokenize import check_tokenizer_vocab, find_tokenizer_file
 from finetune.merge import read_adapter
 from model.args import load_model_args
@@ -98,9 +99,8 @@ def answer_file(model: Transformer, tokenizer: MistralTokenizer, input_path: str
         try:
             prompts.append(encode_conversation(tokenizer, conversation["messages"], conversation.get("tools")))
         except Exception as e:  # mistral-common's validation errors have no common base class
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{input_path}:{number}: the tokenizer cannot encode this conversation: {first_line}"
-                             ) from None
+            raise ValueError(f"{input_path}:{number}: the tokenizer cannot encode this conversation: "
+                             f"{first_line(e)}") from None
         conversations.append(conversation)
     replies = generate_replies(model, tokenizer, prompts, sampling, batch_size)
     with open(output_path, "w", encoding="utf-8") as f:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from finetune.data.errors import first_line
 from finetune.distributed import all_reduce_sum, is_initialized
 from finetune.loss import loss_inputs
 from model.attention import to_device
@@ -163,8 +164,7 @@ def raise_if_diverged(step: int, in_a_row: int, limit: int, lr: float, newest_ch
 
 def out_of_memory_message(error: BaseException) -> str:
     """What a run that ran out of GPU memory prints: PyTorch's first line, and what to change, largest lever first."""
-    first_line = (str(error).strip().splitlines() or ["(no details)"])[0]
-    return (f"out of GPU memory: {first_line}\nThings to try, in this order: a lower seq_len (activation memory "
+    return (f"out of GPU memory: {first_line(error)}\nThings to try, in this order: a lower seq_len (activation memory "
             "grows with it, and packing keeps shorter sequences full); model.activation_checkpointing: true and "
             "model.checkpointing_scope: block; batch_size: 1 with a higher grad_accumulation (the same batch in more "
             "micro-batches); more GPUs (FSDP shards the weights over them). Checkpoints already saved are kept: with "

@@ -1,4 +1,5 @@
-"""The two ways data goes wrong: one bad sample (SampleFault) and a run that must stop (DataError)."""
+"""The two ways data goes wrong: one bad sample (SampleFault) and a run that must stop (DataError); and how
+a library's error is quoted in a one-line report."""
 
 from __future__ import annotations
 
@@ -15,3 +16,9 @@ class SampleFault(ValueError):
 
 class DataError(ValueError):
     """Training data that cannot be used as configured; the message reads `FILE:LINE: fault`."""
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line, or its type's name when it has no message: what a one-line report quotes."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

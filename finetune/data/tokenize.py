@@ -29,7 +29,7 @@ from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, 
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from finetune.data.errors import SampleFault
+from finetune.data.errors import SampleFault, first_line
 from finetune.data.schema import check_sample
 from finetune.data.text_encoders import with_fast_text_encoder
 
@@ -125,7 +125,7 @@ def tokenize_sample_spans(sample: dict, tokenizer: MistralTokenizer, train_on: s
         raise
     except (MistralCommonException, ValueError, AssertionError) as e:  # a conversation its template cannot express
         raise SampleFault("tokenizer_rejected", f"the {encoder.version} tokenizer cannot encode this sample: "
-                                                f"{_first_line(e)}") from None
+                                                f"{first_line(e)}") from None
 
 
 class _SampleEncoder:
@@ -221,8 +221,3 @@ def _sample_encoder(tokenizer: MistralTokenizer) -> _SampleEncoder:
     if encoder is None:
         encoder = _ENCODERS[tokenizer] = _SampleEncoder(tokenizer)
     return encoder
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
