@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from model.lora import LORA_TARGETS
+
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; the message names the key and the fault."""
@@ -382,9 +384,8 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     require(cfg.model.fsdp_prefetch >= 1, f"model.fsdp_prefetch must be >= 1, got {cfg.model.fsdp_prefetch}")
     require(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
     require(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
-    known_targets = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"}
     for t in cfg.lora.targets:
-        require(t in known_targets, f"lora.targets has {t!r}; expected some of {', '.join(sorted(known_targets))}")
+        require(t in LORA_TARGETS, f"lora.targets has {t!r}; expected some of {', '.join(sorted(LORA_TARGETS))}")
     require(bool(cfg.lora.targets), "lora.targets must name at least one module")
     o = cfg.optim
     require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
