@@ -77,17 +77,15 @@ class DocumentMask:
         if not seqlens or min(seqlens) <= 0:
             raise ValueError(f"seqlens must be positive document lengths, got {seqlens}")
         self.seqlens, self.backend, self.sliding_window = list(seqlens), backend, sliding_window
-        lengths = torch.tensor(self.seqlens)  # made on the CPU, where the lengths are known: see to_device
-        if backend in ("sdpa", "flex"):
-            doc = to_device(torch.repeat_interleave(torch.arange(len(self.seqlens)), lengths), device)  # per token
         if backend == "sdpa":
+            doc = document_ids(self.seqlens, device)
             idx = torch.arange(len(doc), device=device)
             self.mask = _allowed(doc, idx[:, None], idx[None, :], sliding_window)
         elif backend == "varlen":
-            self.cu_seqlens = to_device(F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), device)
+            self.cu_seqlens = to_device(F.pad(torch.tensor(self.seqlens).cumsum(0), (1, 0)).to(torch.int32), device)
             self.max_seqlen = max(self.seqlens)
         elif backend == "flex":
-            self.block_mask = _flex_block_mask(doc, sliding_window)
+            self.block_mask = _flex_block_mask(document_ids(self.seqlens, device), sliding_window)
         elif backend == "xformers":
             bias = BlockDiagonalCausalMask.from_seqlens(self.seqlens)
             self.bias = bias.make_local_attention(sliding_window) if sliding_window else bias
@@ -134,6 +132,11 @@ def attention(
     """Causal attention of packed documents: q [N, n_heads, head_dim], k/v [N, n_kv_heads, head_dim]."""
     backend = resolve_backend(backend, q.device, q.dtype)
     return DocumentMask(seqlens, backend, sliding_window, q.device).attend(q, k, v)
+
+
+def document_ids(seqlens: list[int], device: torch.device | str) -> torch.Tensor:
+    """The document of every packed token: [0] * L0 + [1] * L1 + ..., made on the CPU (see to_device)."""
+    return to_device(torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens)), device)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:

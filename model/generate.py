@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from model.args import ModelArgs
+from model.attention import document_ids
 from model.transformer import Transformer, document_positions
 
 
@@ -44,7 +45,7 @@ class _Step:
 
     def __init__(self, seqlens: list[int], lengths: list[int], sliding_window: int | None, device):
         counts, start = torch.tensor(seqlens, device=device), torch.tensor(lengths, device=device)
-        self.sequence = torch.repeat_interleave(torch.arange(len(seqlens), device=device), counts)
+        self.sequence = document_ids(seqlens, device)
         self.offset = document_positions(seqlens, device)
         self.positions = start[self.sequence] + self.offset
         self.n_queries, self.n_keys = max(seqlens), max(n + s for n, s in zip(lengths, seqlens))
