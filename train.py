@@ -18,13 +18,13 @@ import torch
 
 from finetune.config import ConfigError, load_config, save_config
 from finetune.data import DataError, build_eval_batches, build_train_loader, resolve_cache_dir
-from finetune.distributed import barrier, destroy, init_distributed
-from finetune.eval import evaluate
-from finetune.model_setup import build_training_model
-from finetune.monitoring import MetricsLogger, format_eval_line, format_summary
-from finetune.optim import build_optimizer, lr_at_step, set_lr
-from finetune.preflight import PreflightError, run_preflight_checks
-from finetune.resume import (
+from finetune.training.distributed import barrier, destroy, init_distributed
+from finetune.training.eval import evaluate
+from finetune.training.model_setup import build_training_model
+from finetune.training.monitoring import MetricsLogger, format_eval_line, format_summary
+from finetune.training.optim import build_optimizer, lr_at_step, set_lr
+from finetune.training.preflight import PreflightError, run_preflight_checks
+from finetune.training.resume import (
     Progress,
     ResumeError,
     StopSignal,
@@ -34,8 +34,8 @@ from finetune.resume import (
     save_checkpoint,
     train_data_seed,
 )
-from finetune.step_log import StepLog
-from finetune.train_step import NonFiniteError, inject_test_nonfinite, out_of_memory_message, train_step
+from finetune.training.step_log import StepLog
+from finetune.training.train_step import NonFiniteError, inject_test_nonfinite, out_of_memory_message, train_step
 
 
 def main(argv: list[str]) -> int:

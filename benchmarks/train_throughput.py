@@ -26,11 +26,11 @@ import time
 import torch
 
 from finetune.config import OptimConfig
-from finetune.loss import DEFAULT_CHUNK_SIZE, CausalLMWithLoss, chunked_cross_entropy
-from finetune.monitoring import PeakLiveBytes
-from finetune.optim import build_optimizer
-from finetune.parallel import enable_activation_checkpointing
-from finetune.train_step import train_step
+from finetune.training.loss import DEFAULT_CHUNK_SIZE, CausalLMWithLoss, chunked_cross_entropy
+from finetune.training.monitoring import PeakLiveBytes
+from finetune.training.optim import build_optimizer
+from finetune.training.parallel import enable_activation_checkpointing
+from finetune.training.train_step import train_step
 from model.args import ARCHITECTURES, ModelArgs, active_parameters
 from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable
 from model.tiny import tiny_args
@@ -163,7 +163,7 @@ def measure(name: str, model, step, batches, device, warmup: int) -> dict:
 
 def loss_memory(device: torch.device, tokens: int, vocab: int, dim: int, chunk_size: int) -> None:
     """Peak memory of forward + backward of the loss alone: naive full logits vs tailor's chunked loss. On a GPU
-    the allocator's peak; on a CPU the peak of live tensor bytes (finetune.monitoring.PeakLiveBytes)."""
+    the allocator's peak; on a CPU the peak of live tensor bytes (finetune.training.monitoring.PeakLiveBytes)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     hidden = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
     weight = torch.randn(vocab, dim, device=device, dtype=dtype) * dim**-0.5

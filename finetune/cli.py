@@ -24,7 +24,7 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 def run_validate(args: argparse.Namespace) -> int:
     from finetune.config import load_config
     from finetune.data.validate import validate
-    from finetune.eta import tokens_per_second_per_gpu
+    from finetune.training.eta import tokens_per_second_per_gpu
 
     if args.gpus < 1:
         print(f"error: --gpus must be at least 1, got {args.gpus}", file=sys.stderr)
@@ -84,21 +84,21 @@ COMMANDS = [  # name, help, "module:add_arguments", "module:run"; modules are im
     ("tokenize", "show the tokens and loss weights each line of a .jsonl file becomes",
      "finetune.cli:add_tokenize_arguments", "finetune.cli:run_tokenize"),
     ("demo", "make a tiny model, fine-tune it on the shipped data, and show what it learned (CPU, ~2 minutes)",
-     "finetune.demo:add_arguments", "finetune.demo:run"),
+     "finetune.after.demo:add_arguments", "finetune.after.demo:run"),
     ("merge", "merge a LoRA checkpoint into its base model, one tensor at a time",
-     "finetune.merge:add_arguments", "finetune.merge:run"),
+     "finetune.after.merge:add_arguments", "finetune.after.merge:run"),
     ("export-peft", "write a LoRA checkpoint as a Hugging Face PEFT adapter (transformers, vLLM)",
-     "finetune.peft_format:add_export_arguments", "finetune.peft_format:run_export"),
+     "finetune.after.peft_format:add_export_arguments", "finetune.after.peft_format:run_export"),
     ("import-peft", "turn a Hugging Face PEFT LoRA adapter into a tailor checkpoint",
-     "finetune.peft_format:add_import_arguments", "finetune.peft_format:run_import"),
+     "finetune.after.peft_format:add_import_arguments", "finetune.after.peft_format:run_import"),
     ("export-hf", "write a base or merged model in Hugging Face format",
-     "finetune.export_hf:add_arguments", "finetune.export_hf:run"),
+     "finetune.after.export_hf:add_arguments", "finetune.after.export_hf:run"),
     ("chat", "chat with a model, with or without a LoRA checkpoint",
-     "finetune.chat:add_arguments", "finetune.chat:run"),
+     "finetune.after.chat:add_arguments", "finetune.after.chat:run"),
     ("plot", "draw a run's train and eval loss, learning rate and tokens/s against step into one PNG",
-     "finetune.plot:add_arguments", "finetune.plot:run"),
+     "finetune.after.plot:add_arguments", "finetune.after.plot:run"),
     ("extend-vocab", "extend a 32000-token model (Mistral 7B v0.1, Mixtral 8x7B v1) to the v3 tokenizer's 32768",
-     "finetune.extend_vocab:add_arguments", "finetune.extend_vocab:run"),
+     "finetune.after.extend_vocab:add_arguments", "finetune.after.extend_vocab:run"),
 ]
 
 

@@ -29,7 +29,7 @@ def validate(cfg: TrainConfig, *, throughput: Throughput, gpus: int = 1, fix_dir
              max_per_kind: int = 10, out: TextIO | None = None) -> int:
     """Print faults, statistics, epochs and ETA; write fixed files to fix_dir. Returns the exit status.
 
-    `throughput` is finetune.eta.tokens_per_second_per_gpu, passed in: it reads the model's shape with model/,
+    `throughput` is finetune.training.eta.tokens_per_second_per_gpu, passed in: it reads the model's shape with model/,
     which the data path never imports."""
     out = out or sys.stdout
     try:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-from finetune.chat import (
+from finetune.after.chat import (
     Sampling,
     answer_conversations,
     answer_file,

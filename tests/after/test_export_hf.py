@@ -5,8 +5,8 @@ import torch
 from safetensors import safe_open
 
 from finetune.cli import main
-from finetune.export_hf import export_hf
-from finetune.merge import merge_adapter
+from finetune.after.export_hf import export_hf
+from finetune.after.merge import merge_adapter
 from model.loading import load_model
 
 

@@ -7,7 +7,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors.torch import load_file
 
 from finetune.cli import main
-from finetune.extend_vocab import extend_vocab
+from finetune.after.extend_vocab import extend_vocab
 from model.loading import load_model
 
 

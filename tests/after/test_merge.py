@@ -5,9 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import finetune.merge
+import finetune.after.merge
 from finetune.cli import main
-from finetune.merge import TensorSpec, merge_adapter, read_adapter, write_safetensors
+from finetune.after.merge import merge_adapter
+from finetune.checkpoints.adapter import read_adapter
+from finetune.checkpoints.streaming import TensorSpec, write_safetensors
 from model.loading import load_model
 from model.lora import merged_state_dict
 
@@ -41,7 +43,7 @@ def test_merge_streams_one_tensor_at_a_time(adapter_checkpoint, tmp_path, monkey
     not yet let go of) are ever alive together."""
     base, checkpoint = adapter_checkpoint("mixtral-8x7b")
     alive, peak, seen = set(), [0], [0]
-    original = finetune.merge.iter_checkpoint_tensors
+    original = finetune.after.merge.iter_checkpoint_tensors
 
     def counted(folder):
         for name, tensor in original(folder):
@@ -51,7 +53,7 @@ def test_merge_streams_one_tensor_at_a_time(adapter_checkpoint, tmp_path, monkey
             yield name, tensor
             del tensor
 
-    monkeypatch.setattr(finetune.merge, "iter_checkpoint_tensors", counted)
+    monkeypatch.setattr(finetune.after.merge, "iter_checkpoint_tensors", counted)
     merge_adapter(base, checkpoint, tmp_path / "merged")
     assert seen[0] > 40  # 2 layers x (4 attention + router + 4 experts x 3 + 2 norms) + 3
     assert peak[0] <= 2

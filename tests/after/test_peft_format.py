@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from finetune.cli import main
-from finetune.export_hf import export_hf
-from finetune.peft_format import export_peft, import_peft
+from finetune.after.export_hf import export_hf
+from finetune.after.peft_format import export_peft, import_peft
 from model.hf_format import permute_to_hf
 from model.loading import load_model
 from model.lora import LoRAArgs, load_lora_state_dict

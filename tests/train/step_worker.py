@@ -12,11 +12,11 @@ import torch
 
 from finetune.config import load_config
 from finetune.data import build_eval_batches, load_tokenizer
-from finetune.distributed import destroy, init_distributed
-from finetune.model_setup import build_training_model
-from finetune.optim import build_optimizer
-from finetune.parallel import full_state
-from finetune.train_step import train_step
+from finetune.training.distributed import destroy, init_distributed
+from finetune.training.model_setup import build_training_model
+from finetune.training.optim import build_optimizer
+from finetune.training.parallel import full_state
+from finetune.training.train_step import train_step
 from model.lora import lora_state_dict
 
 

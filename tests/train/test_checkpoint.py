@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import finetune.checkpoint as checkpoint
-from finetune.checkpoint import list_checkpoints, save_adapter_checkpoint, save_merged_checkpoint
-from finetune.merge import TensorSpec
+import finetune.checkpoints.folders as checkpoint
+from finetune.checkpoints.folders import list_checkpoints, save_adapter_checkpoint, save_merged_checkpoint
+from finetune.checkpoints.streaming import TensorSpec
 from model.lora import LoRAArgs
 
 PARAMS = {"dim": 8, "n_layers": 1, "vocab_size": 32}

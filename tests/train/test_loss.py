@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.eval import evaluate
-from finetune.loss import CausalLMWithLoss, chunked_cross_entropy, loss_inputs
-from finetune.monitoring import PeakLiveBytes
+from finetune.training.eval import evaluate
+from finetune.training.loss import CausalLMWithLoss, chunked_cross_entropy, loss_inputs
+from finetune.training.monitoring import PeakLiveBytes
 
 
 def naive(hidden, weight, targets, weights):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from finetune.config import TrainConfig
-from finetune.monitoring import MetricsLogger, format_eval_line, format_summary, format_train_line
+from finetune.training.monitoring import MetricsLogger, format_eval_line, format_summary, format_train_line
 
 TRAIN_RECORD = dict(kind="train", step=20, max_steps=100, loss=2.34567, lr=2e-4, grad_norm=0.8123, tokens=40960,
                     trained_tokens=512, tokens_per_s=12345.6, trained_tokens_per_s=3210.4, elapsed_s=100.0,

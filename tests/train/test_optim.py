@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from finetune.config import OptimConfig
-from finetune.optim import build_optimizer, lr_at_step, set_lr, warmup_steps_for
-from finetune.train_step import skip_step_if_nonfinite
+from finetune.training.optim import build_optimizer, lr_at_step, set_lr, warmup_steps_for
+from finetune.training.train_step import skip_step_if_nonfinite
 
 
 def test_warmup_then_cosine_at_known_steps():

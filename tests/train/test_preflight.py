@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-import finetune.preflight as preflight
+import finetune.training.preflight as preflight
 from finetune.config import load_config
-from finetune.preflight import PreflightError, checkpoint_bytes, run_preflight_checks
+from finetune.training.preflight import PreflightError, checkpoint_bytes, run_preflight_checks
 from model.args import load_model_args
 from model.hf_format import args_to_hf_config
 

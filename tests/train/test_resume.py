@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.checkpoint import save_adapter_checkpoint, verify_checkpoint, write_atomically
+from finetune.checkpoints.folders import save_adapter_checkpoint, verify_checkpoint, write_atomically
 from finetune.config import ConfigError, config_from_dict, load_config
 from finetune.data import build_train_loader, load_tokenizer
-from finetune.distributed import DistInfo
-from finetune.model_setup import build_training_model
-from finetune.optim import build_optimizer
-from finetune.resume import ResumeError, check_dcp_index, load_training_state, prepare_run_dir, read_resume_point
+from finetune.training.distributed import DistInfo
+from finetune.training.model_setup import build_training_model
+from finetune.training.optim import build_optimizer
+from finetune.training.resume import ResumeError, check_dcp_index, load_training_state, prepare_run_dir, read_resume_point
 from launching import REPO, free_port, records, subprocess_env
 from model.lora import LoRAArgs, lora_state_dict
 
@@ -336,7 +336,7 @@ def test_running_out_of_gpu_memory_ends_in_advice_and_keeps_the_checkpoints(writ
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import torch\nimport finetune.train_step as module\nreal, calls = module.train_step, []\n"
+        "import torch\nimport finetune.training.train_step as module\nreal, calls = module.train_step, []\n"
         "def train_step(*args, **kwargs):\n    calls.append(1)\n    if len(calls) == 6:\n"
         "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)')\n"
         "    return real(*args, **kwargs)\nmodule.train_step = train_step\n")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from finetune.config import TrainConfig
-from finetune.resume import Progress
-from finetune.step_log import StepLog
-from finetune.train_step import HostCopy, NonFiniteError, StepSums
+from finetune.training.resume import Progress
+from finetune.training.step_log import StepLog
+from finetune.training.train_step import HostCopy, NonFiniteError, StepSums
 
 
 class Outcome(HostCopy):

@@ -12,12 +12,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.config import load_config
 from finetune.data import build_eval_batches, load_tokenizer
-from finetune.distributed import DistInfo
-from finetune.loss import loss_inputs
-from finetune.model_setup import build_training_model
-from finetune.optim import build_optimizer
-from finetune.parallel import prefetch_plan
-from finetune.train_step import train_step
+from finetune.training.distributed import DistInfo
+from finetune.training.loss import loss_inputs
+from finetune.training.model_setup import build_training_model
+from finetune.training.optim import build_optimizer
+from finetune.training.parallel import prefetch_plan
+from finetune.training.train_step import train_step
 from launching import REPO, free_port, subprocess_env
 
 WORKER = Path(__file__).with_name("step_worker.py")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from finetune.cli import main
-from finetune.monitoring import format_summary
-from finetune.plot import INSTALL_HINT, PlotError, read_curves
+from finetune.training.monitoring import format_summary
+from finetune.after.plot import INSTALL_HINT, PlotError, read_curves
 
 COLORS = {"train loss": "#1f77b4", "eval loss": "#ff7f0e", "learning rate": "#2ca02c", "tokens/s": "#9467bd"}
 

@@ -20,7 +20,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
 
     The parameters are fp32 (LoRA), so the optimizer state is fp32 too. The fused kernel (CPU and CUDA) updates
     every parameter, FSDP's DTensor shards included, in a few launches, and it can skip a non-finite step on the
-    device by itself (`found_inf`, finetune/train_step.py), so a step never waits for the device to decide.
+    device by itself (`found_inf`, finetune/training/train_step.py), so a step never waits for the device to decide.
     """
     return torch.optim.AdamW(list(params), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=True)

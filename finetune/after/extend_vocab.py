@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.merge import TensorSpec, base_params, checkpoint_specs, staged_folder, write_safetensors
+from finetune.checkpoints.adapter import base_params
+from finetune.checkpoints.streaming import TensorSpec, checkpoint_specs, staged_folder, write_safetensors
 from model.args import load_model_args, write_params
 from model.loading import iter_checkpoint_tensors
 from model.tiny import TOKENIZER_FILES, tokenizer_path

@@ -55,8 +55,8 @@ def report(run_dir: Path, model_dir: Path, eval_file: Path) -> int:
           f"{evals[-1]['step']}, token accuracy {evals[-1]['eval_token_accuracy']:.0%}: "
           + ("the adapters learned the skill." if learned else "less than expected; see metrics.jsonl."))
 
-    from finetune.chat import Sampling, answer_conversations, load_chat_model
-    from finetune.checkpoint import list_checkpoints
+    from finetune.after.chat import Sampling, answer_conversations, load_chat_model
+    from finetune.checkpoints.folders import list_checkpoints
 
     checkpoint = list_checkpoints(run_dir)[-1]
     model, tokenizer = load_chat_model(model_dir, checkpoint)

@@ -7,7 +7,7 @@ dropped and the optimizer does not step. The loop counts such steps, and stops t
 The step never waits for the device: the skip happens on the device (the fused AdamW kernel's `found_inf`), and
 what the host needs to know of the step (finite? a stop asked for? its loss, gradient norm and trained tokens) is
 copied back without waiting, to be read when the loop gets to it, one step later (`StepSums.outcome()`,
-finetune/step_log.py).
+finetune/training/step_log.py).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import torch.distributed as dist
 from torch import nn
 
 from finetune.data.errors import first_line
-from finetune.distributed import all_reduce_sum, is_initialized
-from finetune.loss import loss_inputs
+from finetune.training.distributed import all_reduce_sum, is_initialized
+from finetune.training.loss import loss_inputs
 from model.attention import to_device
 
 if TYPE_CHECKING:
-    from finetune.resume import StopSignal
+    from finetune.training.resume import StopSignal
 
 
 class NonFiniteError(RuntimeError):
@@ -106,7 +106,7 @@ def train_step(loss_model: nn.Module, optimizer: torch.optim.Optimizer, micro_ba
     data before any forward, so each micro-batch's backward is already scaled right. FSDP averages gradients
     over ranks; multiplying by world_size turns that average back into the sum the formula needs.
 
-    Nothing here reads the device: the optimizer (fused AdamW, finetune/optim.py) skips a non-finite step by
+    Nothing here reads the device: the optimizer (fused AdamW, finetune/training/optim.py) skips a non-finite step by
     itself, and `stop` is read on the host after the backward (a signal that came during the step is in this
     step's outcome) and agreed by all ranks on the device.
     """
@@ -143,7 +143,7 @@ def skip_step_if_nonfinite(optimizer: torch.optim.Optimizer, nonfinite: torch.Te
     """optimizer.step(), a no-op on the device where `nonfinite` is 1: the fused AdamW kernel reads it as
     `found_inf`, as with torch.amp's GradScaler, and leaves the weights, moments and step count as they were."""
     if not optimizer.defaults.get("fused"):
-        raise ValueError("skipping a non-finite step on the device needs a fused optimizer (finetune/optim.py)")
+        raise ValueError("skipping a non-finite step on the device needs a fused optimizer (finetune/training/optim.py)")
     optimizer.grad_scale, optimizer.found_inf = None, nonfinite
     optimizer.step()
 

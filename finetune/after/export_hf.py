@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.merge import TensorSpec, checkpoint_specs, copy_tokenizer, staged_folder, write_safetensors
+from finetune.checkpoints.adapter import copy_tokenizer
+from finetune.checkpoints.streaming import TensorSpec, checkpoint_specs, staged_folder, write_safetensors
 from model.args import ModelArgs, load_model_args
 from model.hf_format import args_to_hf_config, convert_tensor_to_hf, native_to_hf_name
 from model.loading import VISION_PREFIXES, iter_checkpoint_tensors

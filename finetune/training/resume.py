@@ -38,7 +38,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from finetune.checkpoint import (
+from finetune.checkpoints.folders import (
     checkpoint_step,
     list_checkpoints,
     list_debris,
@@ -46,10 +46,10 @@ from finetune.checkpoint import (
     verify_checkpoint,
 )
 from finetune.config import TrainConfig
-from finetune.distributed import DistInfo, is_initialized
+from finetune.training.distributed import DistInfo, is_initialized
 
 if TYPE_CHECKING:
-    from finetune.train_step import StepOutcome
+    from finetune.training.train_step import StepOutcome
 
 STATE = "state"
 PROGRESS = "progress.json"
@@ -342,7 +342,7 @@ class StopSignal:
     """SIGTERM (a scheduler's preemption; torchrun forwards it to its workers) or SIGINT (Ctrl-C) asks the run to
     stop: the step in flight finishes, a checkpoint is saved, and the process exits 0. The handler only notes the
     signal; train_step lets the ranks agree on it, so that they all stop after the same step (with several ranks
-    the agreement is read a step late, finetune/step_log.py, so the step queued behind finishes too)."""
+    the agreement is read a step late, finetune/training/step_log.py, so the step queued behind finishes too)."""
 
     def __init__(self) -> None:
         self.name: str | None = None

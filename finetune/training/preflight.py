@@ -14,8 +14,8 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.config import DataSource, TrainConfig
 from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
-from finetune.model_setup import build_meta_model
-from finetune.parallel import DTYPES
+from finetune.training.model_setup import build_meta_model
+from finetune.training.parallel import DTYPES
 from model.args import ModelArgs, load_model_args, num_parameters
 from model.lora import is_lora_name
 

@@ -22,7 +22,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.data.errors import first_line
 from finetune.data.tokenize import check_tokenizer_vocab, find_tokenizer_file
-from finetune.merge import read_adapter
+from finetune.checkpoints.adapter import read_adapter
 from model.args import load_model_args
 from model.generate import generate
 from model.loading import load_model

@@ -1,7 +1,7 @@
 """Checkpoints in run_dir/checkpoints/checkpoint_{step:06d}/, each written aside and renamed into place.
 
 A checkpoint holds the adapters (lora.safetensors, params.json, the tokenizer file), or the merged model with
-`save_adapters: false`, then `state/` for resume (finetune/resume.py), and, written last, `manifest.json`: the
+`save_adapters: false`, then `state/` for resume (finetune/training/resume.py), and, written last, `manifest.json`: the
 size and sha256 of every other file. Every rank writes its part into `checkpoint_X.tmp/`; rank 0 then writes the
 manifest and renames the folder in one step. A checkpoint folder therefore appears whole or not at all: a run
 killed while writing leaves only a `.tmp` folder, which is never listed and is cleared by the next save. Only the
@@ -24,10 +24,11 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.data.tokenize import find_tokenizer_file
-from finetune.distributed import barrier
-from finetune.merge import ADAPTER_FILE, MERGED_WEIGHTS, TensorSpec, lora_entry, write_safetensors
-from finetune.model_setup import lora_args_from_config
-from finetune.parallel import full_state
+from finetune.training.distributed import barrier
+from finetune.checkpoints.adapter import ADAPTER_FILE, lora_entry
+from finetune.checkpoints.streaming import MERGED_WEIGHTS, TensorSpec, write_safetensors
+from finetune.training.model_setup import lora_args_from_config
+from finetune.training.parallel import full_state
 from model.args import write_params
 from model.lora import LoRAArgs, lora_state_dict, merged_state_dict
 

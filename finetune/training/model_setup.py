@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from finetune.config import TrainConfig
-from finetune.distributed import DistInfo
-from finetune.loss import CausalLMWithLoss
-from finetune.parallel import (
+from finetune.training.distributed import DistInfo
+from finetune.training.loss import CausalLMWithLoss
+from finetune.training.parallel import (
     DTYPES,
     enable_activation_checkpointing,
     load_streamed_weights,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoint import list_checkpoints
+from finetune.checkpoints.folders import list_checkpoints
 from finetune.config import TrainConfig
-from finetune.monitoring import MetricsLogger, format_train_line, peak_memory_gib, train_record
-from finetune.resume import Progress
-from finetune.train_step import StepSums, raise_if_diverged
+from finetune.training.monitoring import MetricsLogger, format_train_line, peak_memory_gib, train_record
+from finetune.training.resume import Progress
+from finetune.training.train_step import StepSums, raise_if_diverged
 
 
 class StepLog:

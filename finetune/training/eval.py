@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from finetune.distributed import all_reduce_sum
-from finetune.loss import loss_inputs
+from finetune.training.distributed import all_reduce_sum
+from finetune.training.loss import loss_inputs
 
 
 @torch.no_grad()

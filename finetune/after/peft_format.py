@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune.merge import ADAPTER_FILE, copy_tokenizer, params_with_lora, read_adapter, staged_folder
+from finetune.checkpoints.adapter import ADAPTER_FILE, copy_tokenizer, params_with_lora, read_adapter
+from finetune.checkpoints.streaming import staged_folder
 from model.args import load_model_args, write_params
 from model.hf_format import convert_tensor_to_hf, convert_tensor_to_native
 from model.lora import LORA_TARGETS, LoRAArgs, inject_lora, load_lora_state_dict

@@ -1,0 +1,63 @@
+"""`tailor merge`: fold a trained adapter into its base model, W + (alpha / r) · B A, one tensor at a time,
+peak memory about one tensor plus the adapter."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from finetune.checkpoints.adapter import base_params, copy_tokenizer, read_adapter
+from finetune.checkpoints.streaming import MERGED_WEIGHTS, checkpoint_specs, staged_folder, write_safetensors
+from model.args import write_params
+from model.loading import iter_checkpoint_tensors
+from model.lora import merged_weight
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a native model folder (consolidated.safetensors, params.json without `lora`, tokenizer) whose weights
+    are the base's with the adapter added, each in the base's dtype. Any base layout reads: native, sharded,
+    .pth or Hugging Face; tensors without an adapter (norms, router, a vision tower) are copied unchanged."""
+    base_dir = Path(base_dir)
+    if not base_dir.is_dir():
+        raise ValueError(f"base model folder not found: {base_dir}")
+    adapter, lora = read_adapter(adapter_dir)
+    specs = checkpoint_specs(base_dir)
+    adapted = {key.rsplit(".", 2)[0] + ".weight" for key in adapter}
+    if unknown := sorted(adapted - set(specs)):
+        raise ValueError(f"{adapter_dir}: adapters for weights that {base_dir} does not have, e.g. {unknown[:4]}; "
+                         "was the adapter trained on another model?")
+    tensors = merged_tensors(iter_checkpoint_tensors(base_dir), adapter, lora.alpha / lora.rank)
+    with staged_folder(out_dir) as staging:
+        write_safetensors(staging / MERGED_WEIGHTS, specs, tensors)
+        write_params(staging, base_params(base_dir))
+        copy_tokenizer([base_dir, adapter_dir], staging)
+    return Path(out_dir)
+
+
+def merged_tensors(tensors: Iterable[tuple[str, torch.Tensor]], adapter: dict[str, torch.Tensor], scaling: float
+                   ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+    """Each (name, weight) with its adapter merged in (`merged_weight`, as `LoRALinear.merge` does)."""
+    for name, tensor in tensors:
+        module = name.removesuffix(".weight")
+        a, b = adapter.get(f"{module}.lora_A.weight"), adapter.get(f"{module}.lora_B.weight")
+        if a is not None:
+            if (b.shape[0], a.shape[1]) != tuple(tensor.shape):
+                raise ValueError(f"adapter of {name} makes a {b.shape[0]}x{a.shape[1]} update for a weight of shape "
+                                 f"{tuple(tensor.shape)}: the adapter was trained on another model")
+            tensor = merged_weight(tensor, a, b, scaling)
+        yield name, tensor
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, type=Path, help="the base model folder the adapter was trained on")
+    parser.add_argument("--adapter", required=True, type=Path, help="checkpoint folder holding lora.safetensors")
+    parser.add_argument("--out", required=True, type=Path, help="new folder for the merged model")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = merge_adapter(args.base, args.adapter, args.out)
+    print(f"merged model written to {out}")
+    return 0

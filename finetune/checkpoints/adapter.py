@@ -1,0 +1,84 @@
+"""Adapter checkpoint files: `lora.safetensors` and the `lora` entry of params.json, read and written the same way
+by training, merge, the PEFT converters and chat."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from finetune.data.tokenize import find_tokenizer_file
+from model.args import load_model_args
+from model.lora import LORA_TARGETS, LoRAArgs
+
+ADAPTER_FILE = "lora.safetensors"
+
+
+def read_adapter(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoRAArgs]:
+    """The adapter weights (native names) and LoRA settings of a checkpoint folder written by the trainer:
+    `lora.safetensors` and a params.json with a `lora` entry. mistral-finetune's entry, which has `scaling` but
+    no `alpha`, reads too."""
+    folder = Path(ckpt_dir)
+    weights, params = folder / ADAPTER_FILE, folder / "params.json"
+    for path in (weights, params):
+        if not path.is_file():
+            raise ValueError(f"{folder}: no {path.name}; expected an adapter checkpoint folder "
+                             "(run_dir/checkpoints/checkpoint_N with lora.safetensors and params.json)")
+    entry = json.loads(params.read_text()).get("lora")
+    if not isinstance(entry, dict) or "rank" not in entry or not ({"alpha", "scaling"} & set(entry)):
+        raise ValueError(f"{params}: no 'lora' entry with rank and alpha; was this folder written by the trainer?")
+    state = load_file(weights)
+    modules = sorted({key.rsplit(".", 2)[0] for key in state})
+    targets = entry.get("targets") or sorted({m.rpartition(".")[2] for m in modules}, key=_target_order)
+    alpha = entry["alpha"] if "alpha" in entry else entry["scaling"] * entry["rank"]
+    try:
+        lora = LoRAArgs(rank=entry["rank"], alpha=alpha, dropout=entry.get("dropout", 0.0), targets=tuple(targets))
+    except ValueError as e:
+        raise ValueError(f"{params}: {e}") from None
+    for module in modules:
+        a, b = state.get(f"{module}.lora_A.weight"), state.get(f"{module}.lora_B.weight")
+        if a is None or b is None or a.shape[0] != lora.rank or b.shape[1] != lora.rank:
+            raise ValueError(f"{weights}: {module} needs lora_A [rank, in] and lora_B [out, rank] with rank "
+                             f"{lora.rank}, got A {None if a is None else tuple(a.shape)}, "
+                             f"B {None if b is None else tuple(b.shape)}")
+    return state, lora
+
+
+def _target_order(target: str) -> int:
+    return LORA_TARGETS.index(target) if target in LORA_TARGETS else len(LORA_TARGETS)
+
+
+def base_params(model_dir: str | Path) -> dict:
+    """A model folder's params.json without any `lora` entry, kept verbatim (keys tailor ignores included), or
+    made from its config.json when the folder is in Hugging Face format."""
+    path = Path(model_dir) / "params.json"
+    params = json.loads(path.read_text()) if path.is_file() else load_model_args(model_dir).to_dict()
+    params.pop("lora", None)
+    return params
+
+
+def lora_entry(lora: LoRAArgs) -> dict:
+    """The `lora` entry of a checkpoint's params.json; mistral-inference reads rank and scaling (= alpha / rank)."""
+    return {"rank": lora.rank, "alpha": lora.alpha, "scaling": lora.alpha / lora.rank, "dropout": lora.dropout,
+            "targets": list(lora.targets)}
+
+
+def params_with_lora(base_dir: str | Path, lora: LoRAArgs) -> dict:
+    """A checkpoint's params.json: the base's plus the `lora` entry."""
+    return dict(base_params(base_dir), lora=lora_entry(lora))
+
+
+def copy_tokenizer(folders: Iterable[str | Path], out_dir: Path) -> None:
+    """Copy the mistral-common tokenizer file of the first folder that has one."""
+    for folder in folders:
+        try:
+            source = find_tokenizer_file(folder)
+        except FileNotFoundError:
+            continue
+        shutil.copy(source, out_dir / source.name)
+        return
+    raise ValueError(f"no mistral-common tokenizer file (tokenizer.model.v*, tekken.json) in {list(map(str, folders))}")
