@@ -1,24 +1,20 @@
 """Load a model folder (native or Hugging Face) into a `Transformer`, one tensor at a time; write native folders.
 
-Native: params.json + consolidated.safetensors, or consolidated-0000N-of-0000M.safetensors shards, or the legacy
-consolidated.00.pth. Hugging Face: config.json + model*.safetensors, renamed and permuted on the fly. The model
-is built on the meta device and allocated once with `to_empty`; each tensor is read from its (memory-mapped)
-file and copied into its parameter, so a 12B model is never held twice in memory.
+The weights come from model/weights.py's `read_weights` (every layout, native names, the vision tower of a
+multimodal checkpoint left out). The model is built on the meta device and allocated once with `to_empty`; each
+tensor is copied into its parameter as it is read, so a 12B model is never held twice in memory.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from model.args import ModelArgs, load_model_args, write_params
-from model.hf_format import convert_tensor_to_native
 from model.lora import (
     LoRAArgs,
     init_lora_weights,
@@ -28,54 +24,7 @@ from model.lora import (
     mark_only_lora_trainable,
 )
 from model.transformer import Transformer
-
-# Multimodal checkpoints (e.g. Mistral Small 3.1) carry a vision tower next to the text decoder; text-only
-# fine-tuning skips it.
-VISION_PREFIXES = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.")
-
-
-def checkpoint_files(folder: str | Path) -> tuple[list[Path], str]:
-    """The weight files of a model folder and their layout, "native" or "hf" (native wins when both exist)."""
-    folder = Path(folder)
-    if len(list(folder.glob("consolidated.*.pth"))) > 1:
-        raise ValueError(f"{folder}: model-parallel consolidated.0N.pth shards are not supported")
-    for pattern in ("consolidated.safetensors", "consolidated-*-of-*.safetensors", "consolidated.00.pth"):
-        if files := sorted(folder.glob(pattern)):
-            return files, "native"
-    if files := sorted(folder.glob("model*.safetensors")):
-        return files, "hf"
-    raise FileNotFoundError(
-        f"{folder}: no weights (consolidated.safetensors, consolidated-*-of-*.safetensors, consolidated.00.pth "
-        "or model*.safetensors)"
-    )
-
-
-def _read_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    if file.suffix == ".pth":
-        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
-    else:
-        with safe_open(file, framework="pt", device="cpu") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
-
-
-def _tensors_with_source(folder: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    files, layout = checkpoint_files(folder)
-    args = load_model_args(folder) if layout == "hf" else None
-    for file in files:
-        for name, tensor in _read_file(file):
-            if layout == "hf":
-                if name.endswith("rotary_emb.inv_freq"):  # a buffer some older HF checkpoints saved
-                    continue
-                name, tensor = convert_tensor_to_native(name, tensor, args)
-            yield name, tensor, file
-
-
-def iter_checkpoint_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every weight of a model folder as (native name, tensor), one at a time, whatever the folder's layout."""
-    for name, tensor, _ in _tensors_with_source(Path(folder)):
-        yield name, tensor
-
+from model.weights import read_weights
 
 @torch.no_grad()
 def load_model(
@@ -99,16 +48,14 @@ def load_model(
     model.to_empty(device=device)
     params = {name: p for name, p in model.named_parameters() if not is_lora_name(name)}
     loaded = set()
-    for name, tensor, file in _tensors_with_source(folder):
-        if name.startswith(VISION_PREFIXES):
-            continue
+    for name, tensor in read_weights(folder):
         if name not in params:
-            raise ValueError(f"{file}: unexpected tensor {name!r} for the model described in {folder}")
+            raise ValueError(f"{folder}: unexpected tensor {name!r} for the model described in its params")
         if name in loaded:
-            raise ValueError(f"{file}: tensor {name!r} appears twice in {folder}")
+            raise ValueError(f"{folder}: tensor {name!r} appears twice")
         if tensor.shape != params[name].shape:
             raise ValueError(
-                f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"{folder}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                 f"the model's params expect {tuple(params[name].shape)}"
             )
         params[name].copy_(tensor)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model.tiny import write_tiny_model
+from multimodal import add_vision_tower
 
 
 @pytest.fixture(autouse=True)
@@ -27,5 +28,20 @@ def tiny_folder(tmp_path_factory):
             folder = tmp_path_factory.mktemp(f"{arch}-{layout}-{tokenizer}")
             folders[key] = write_tiny_model(folder, arch=arch, tokenizer=tokenizer, layout=layout)
         return folders[key]
+
+    return make
+
+
+
+@pytest.fixture(scope="session")
+def multimodal_folder(tiny_folder, tmp_path_factory):
+    """`multimodal_folder(layout="native")`: the tiny mistral-7b folder plus a vision tower, written once per session."""
+    folders = {}
+
+    def make(layout: str = "native"):
+        if layout not in folders:
+            folder = tmp_path_factory.mktemp(f"multimodal-{layout}")
+            folders[layout] = add_vision_tower(tiny_folder("mistral-7b", layout), folder, layout)
+        return folders[layout]
 
     return make

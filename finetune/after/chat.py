@@ -28,6 +28,7 @@ from model.generate import generate
 from model.loading import load_model
 from model.lora import load_lora_state_dict, merge_lora
 from model.transformer import Transformer
+from model.weights import vision_tower_specs
 
 
 @dataclass
@@ -180,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     if args.merge and args.adapter is None:
         raise ValueError("--merge needs --adapter")
     model, tokenizer = load_chat_model(args.model, args.adapter, args.merge)
+    if tower := vision_tower_specs(args.model):
+        print(f"{args.model}: the vision tower ({len(tower)} tensors) is not loaded: text chat only", file=sys.stderr)
     if args.input is not None:
         count = answer_file(model, tokenizer, args.input, args.output, sampling, args.batch_size)
         print(f"{count} answers written to {args.output}")

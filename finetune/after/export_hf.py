@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from finetune.checkpoints.adapter import copy_tokenizer
-from finetune.checkpoints.streaming import TensorSpec, checkpoint_specs, staged_folder, write_safetensors
+from finetune.checkpoints.streaming import staged_folder, write_safetensors
 from model.args import ModelArgs, load_model_args
 from model.hf_format import args_to_hf_config, convert_tensor_to_hf, native_to_hf_name
-from model.loading import VISION_PREFIXES, iter_checkpoint_tensors
 from model.lora import is_lora_name
+from model.weights import TensorSpec, read_weights, vision_tower_specs, weight_specs
 
 HF_WEIGHTS = "model.safetensors"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -27,12 +27,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write `model_dir` (any layout model/loading.py reads) as a Hugging Face folder, in `dtype` or each tensor's
-    own. The text decoder only: a multimodal checkpoint's vision tower is left out."""
+    own. The text decoder only: a multimodal checkpoint's vision tower is left out (`read_weights` skips it;
+    transformers' Mistral and Mixtral classes have no place for it), and the command says so."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"model folder not found: {model_dir}")
     args = load_model_args(model_dir)
-    specs = {name: spec for name, spec in checkpoint_specs(model_dir).items() if not name.startswith(VISION_PREFIXES)}
+    specs = weight_specs(model_dir)
     if any(is_lora_name(name) for name in specs):
         raise ValueError(f"{model_dir} holds LoRA tensors: merge the adapter first (tailor merge)")
     try:
@@ -42,7 +43,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | N
     config = args_to_hf_config(args)
     config["torch_dtype"] = str(dtype or specs["tok_embeddings.weight"].dtype).removeprefix("torch.")
     with staged_folder(out_dir) as staging:
-        write_safetensors(staging / HF_WEIGHTS, hf_specs, hf_tensors(iter_checkpoint_tensors(model_dir), args, dtype))
+        write_safetensors(staging / HF_WEIGHTS, hf_specs, hf_tensors(read_weights(model_dir), args, dtype))
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_tokenizer([model_dir], staging)
     return Path(out_dir)
@@ -51,8 +52,6 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | N
 def hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, dtype: torch.dtype | None
                ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     for name, tensor in tensors:
-        if name.startswith(VISION_PREFIXES):
-            continue
         hf_name, tensor = convert_tensor_to_hf(name, tensor, args)
         yield hf_name, tensor if dtype is None else tensor.to(dtype)
 
@@ -67,4 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = export_hf(args.model, args.out, DTYPES[args.dtype] if args.dtype else None)
     print(f"Hugging Face model written to {out}")
+    if tower := vision_tower_specs(args.model):
+        print(f"left out the vision tower ({len(tower)} tensors): the Hugging Face folder holds the text decoder only")
     return 0

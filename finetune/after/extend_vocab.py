@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from finetune.checkpoints.adapter import base_params
-from finetune.checkpoints.streaming import TensorSpec, checkpoint_specs, staged_folder, write_safetensors
+from finetune.checkpoints.streaming import staged_folder, write_safetensors
 from model.args import load_model_args, write_params
-from model.loading import iter_checkpoint_tensors
+from model.weights import TensorSpec, read_weights, weight_specs
 from model.tiny import TOKENIZER_FILES, tokenizer_path
 
 OLD_VOCAB_SIZE, NEW_VOCAB_SIZE = 32000, 32768
@@ -39,13 +39,13 @@ def extend_vocab(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> P
         raise ValueError(f"{model_dir}: vocab_size is {vocab_size}{already}; extend-vocab turns the "
                          f"{OLD_VOCAB_SIZE}-token vocabulary of Mistral 7B v0.1 / Mixtral 8x7B v1 into "
                          f"{NEW_VOCAB_SIZE}")
-    specs = checkpoint_specs(model_dir)
+    specs = weight_specs(model_dir, vision_tower=True)
     for name in VOCAB_TENSORS:
         specs[name] = TensorSpec(specs[name].dtype, (NEW_VOCAB_SIZE, *specs[name].shape[1:]))
     params = base_params(model_dir)
     params["vocab_size"] = NEW_VOCAB_SIZE
     with staged_folder(out_dir) as staging:
-        tensors = extended_tensors(iter_checkpoint_tensors(model_dir), seed)
+        tensors = extended_tensors(read_weights(model_dir, vision_tower=True), seed)
         write_safetensors(staging / "consolidated.safetensors", specs, tensors)
         write_params(staging, params)
         shutil.copy(tokenizer_path("v3"), staging / TOKENIZER_FILES["v3"].filename)

@@ -10,26 +10,27 @@ from pathlib import Path
 import torch
 
 from finetune.checkpoints.adapter import base_params, copy_tokenizer, read_adapter
-from finetune.checkpoints.streaming import MERGED_WEIGHTS, checkpoint_specs, staged_folder, write_safetensors
+from finetune.checkpoints.streaming import MERGED_WEIGHTS, staged_folder, write_safetensors
 from model.args import write_params
-from model.loading import iter_checkpoint_tensors
 from model.lora import merged_weight
+from model.weights import read_weights, vision_tower_specs, weight_specs
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a native model folder (consolidated.safetensors, params.json without `lora`, tokenizer) whose weights
     are the base's with the adapter added, each in the base's dtype. Any base layout reads: native, sharded,
-    .pth or Hugging Face; tensors without an adapter (norms, router, a vision tower) are copied unchanged."""
+    .pth or Hugging Face; tensors without an adapter (norms, router) are copied unchanged, and so is a multimodal
+    checkpoint's vision tower: the merged folder is the base model with a new text decoder."""
     base_dir = Path(base_dir)
     if not base_dir.is_dir():
         raise ValueError(f"base model folder not found: {base_dir}")
     adapter, lora = read_adapter(adapter_dir)
-    specs = checkpoint_specs(base_dir)
+    specs = weight_specs(base_dir, vision_tower=True)
     adapted = {key.rsplit(".", 2)[0] + ".weight" for key in adapter}
     if unknown := sorted(adapted - set(specs)):
         raise ValueError(f"{adapter_dir}: adapters for weights that {base_dir} does not have, e.g. {unknown[:4]}; "
                          "was the adapter trained on another model?")
-    tensors = merged_tensors(iter_checkpoint_tensors(base_dir), adapter, lora.alpha / lora.rank)
+    tensors = merged_tensors(read_weights(base_dir, vision_tower=True), adapter, lora.alpha / lora.rank)
     with staged_folder(out_dir) as staging:
         write_safetensors(staging / MERGED_WEIGHTS, specs, tensors)
         write_params(staging, base_params(base_dir))
@@ -60,4 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = merge_adapter(args.base, args.adapter, args.out)
     print(f"merged model written to {out}")
+    if tower := vision_tower_specs(args.base):
+        print(f"the base's vision tower ({len(tower)} tensors) is copied unchanged: LoRA trained the text decoder only")
     return 0

@@ -1,5 +1,5 @@
-"""Streaming safetensors: a writer that holds one tensor in memory, the specs it plans from (read from file headers,
-no data), and an output folder that appears whole or not at all.
+"""Streaming safetensors: a writer that holds one tensor in memory, planned from specs (model/weights.py's
+`weight_specs` reads them from file headers), and an output folder that appears whole or not at all.
 
 A model does not fit in memory twice, and `safetensors.save_file` wants every tensor at once. So the writer
 takes the names, dtypes and shapes first, writes the header, then each tensor's bytes at its offset as it
@@ -14,50 +14,13 @@ import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
 
-from model.hf_format import hf_to_native_name
-from model.loading import checkpoint_files
+from model.weights import SAFETENSORS_DTYPES, TensorSpec
 
 MERGED_WEIGHTS = "consolidated.safetensors"
-
-
-class TensorSpec(NamedTuple):
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
-
-
-def checkpoint_specs(folder: str | Path) -> dict[str, TensorSpec]:
-    """Native name -> dtype and shape of every tensor `iter_checkpoint_tensors(folder)` yields, in the same order,
-    read from the files' headers without reading the data."""
-    files, layout = checkpoint_files(folder)
-    specs = {}
-    for file in files:
-        if file.suffix == ".pth":  # memory-mapped: shapes without reading
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            entries = [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
-        else:
-            with safe_open(file, framework="pt", device="cpu") as handle:
-                slices = ((name, handle.get_slice(name)) for name in handle.keys())
-                entries = [(name, _SAFETENSORS_DTYPES[s.get_dtype()], tuple(s.get_shape())) for name, s in slices]
-        for name, dtype, shape in entries:
-            if layout == "hf":  # renamed as model/loading.py does; the rotary permutation keeps shapes
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue
-                name = hf_to_native_name(name)
-            specs[name] = TensorSpec(dtype, shape)
-    return specs
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(path: str | Path, specs: dict[str, TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]]

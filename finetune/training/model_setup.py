@@ -17,9 +17,9 @@ from finetune.training.parallel import (
     shard_model,
 )
 from model.args import ModelArgs, load_model_args
-from model.loading import iter_checkpoint_tensors
 from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable
 from model.transformer import Transformer
+from model.weights import read_weights, vision_tower_specs
 
 
 def lora_args_from_config(cfg: TrainConfig) -> LoRAArgs:
@@ -54,7 +54,9 @@ def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithL
 
     loss_model.to_empty(device=dist_info.device)
     is_loader = dist_info.rank == 0
-    filled = load_streamed_weights(loss_model, iter_checkpoint_tensors(model_dir) if is_loader else None, prefix="model.")
+    if is_loader and (tower := vision_tower_specs(model_dir)):
+        print(f"{model_dir}: the vision tower ({len(tower)} tensors) is not loaded: LoRA trains the text decoder")
+    filled = load_streamed_weights(loss_model, read_weights(model_dir) if is_loader else None, prefix="model.")
     filled |= load_streamed_weights(loss_model, lora_init_tensors(model, cfg.seed) if is_loader else None, prefix="model.")
     missing = [name for name, _ in loss_model.named_parameters() if name not in filled]
     if missing:

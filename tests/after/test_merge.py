@@ -43,17 +43,17 @@ def test_merge_streams_one_tensor_at_a_time(adapter_checkpoint, tmp_path, monkey
     not yet let go of) are ever alive together."""
     base, checkpoint = adapter_checkpoint("mixtral-8x7b")
     alive, peak, seen = set(), [0], [0]
-    original = finetune.after.merge.iter_checkpoint_tensors
+    original = finetune.after.merge.read_weights
 
-    def counted(folder):
-        for name, tensor in original(folder):
+    def counted(folder, **options):
+        for name, tensor in original(folder, **options):
             alive.add(name)
             weakref.finalize(tensor, alive.discard, name)
             peak[0], seen[0] = max(peak[0], len(alive)), seen[0] + 1
             yield name, tensor
             del tensor
 
-    monkeypatch.setattr(finetune.after.merge, "iter_checkpoint_tensors", counted)
+    monkeypatch.setattr(finetune.after.merge, "read_weights", counted)
     merge_adapter(base, checkpoint, tmp_path / "merged")
     assert seen[0] > 40  # 2 layers x (4 attention + router + 4 experts x 3 + 2 norms) + 3
     assert peak[0] <= 2
