@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import ConfigError, load_config, save_config
-from finetune.data import DataError, build_eval_batches, build_train_loader, resolve_cache_dir
+from finetune.config import ConfigError, load_config, resolve_cache_dir, save_config
+from finetune.data import DataError, build_eval_batches, build_train_loader
 from finetune.training.distributed import barrier, destroy, init_distributed
 from finetune.training.eval import evaluate
 from finetune.training.model_setup import build_training_model

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from mistral_common.protocol.instruct.messages import FinetuningAssistantMessage, UserMessage  # noqa: E402
 from mistral_common.protocol.instruct.validator import MistralRequestValidatorV3, ValidationMode  # noqa: E402
 
-from finetune.config import DataConfig, DataSource  # noqa: E402
+from finetune.data.config import DataConfig, DataSource  # noqa: E402
 from finetune.data import build_train_loader, load_tokenizer  # noqa: E402
 from finetune.data.packing import DocumentFeed, make_batch, pack_sequence  # noqa: E402
 from finetune.data.sources import open_sources  # noqa: E402

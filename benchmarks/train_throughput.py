@@ -119,7 +119,7 @@ def build_hf(args: ModelArgs, device: torch.device, dtype: torch.dtype):
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from model.hf_format import args_to_hf_config
+    from model.args import args_to_hf_config
 
     config_dict = args_to_hf_config(args)
     config_class = transformers.MixtralConfig if args.moe else transformers.MistralConfig

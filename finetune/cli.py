@@ -22,7 +22,7 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from finetune.config import load_config
+    from finetune.config import load_config, resolve_cache_dir
     from finetune.data.validate import validate
     from finetune.training.eta import tokens_per_second_per_gpu
 
@@ -30,7 +30,7 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"error: --gpus must be at least 1, got {args.gpus}", file=sys.stderr)
         return 2
     cfg = load_config(args.config, args.overrides)
-    return validate(cfg, throughput=tokens_per_second_per_gpu, gpus=args.gpus, fix_dir=args.fix,
+    return validate(cfg, cache_dir=resolve_cache_dir(cfg), throughput=tokens_per_second_per_gpu, gpus=args.gpus, fix_dir=args.fix,
                     max_per_kind=args.max_per_kind)
 
 

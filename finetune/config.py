@@ -18,7 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
-from model.lora import LORA_TARGETS
+from finetune.data.config import DataConfig, DataSource
+from model.attention import BACKENDS
+from model.lora import LoRAArgs
 
 
 class ConfigError(ValueError):
@@ -30,20 +32,13 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataSource:
-    path: str  # a .jsonl file, or a folder of them
-    # this source's share of the training tokens, relative to the other sources' weights (eval reads every sample)
-    weight: float = 1.0
-
-
-@dataclass
 class ModelConfig:
     # required: the model folder, params.json + consolidated*.safetensors + a tokenizer file, or a Hugging Face
     # folder (mistral-finetune: `model_id_or_path`)
     path: str = ""
     dtype: Literal["bf16", "fp32", "fp16"] = "bf16"  # frozen weights and compute; LoRA weights stay fp32
     # `auto` picks the fastest available: `varlen` (flash attention) on a recent GPU, `sdpa` on CPU
-    attention: Literal["auto", "sdpa", "varlen", "flex", "xformers"] = "auto"
+    attention: Literal[("auto", *BACKENDS)] = "auto"
     # recompute each block in the backward pass: far less memory (mistral-finetune: `checkpoint`)
     activation_checkpointing: bool = True
     # what is recomputed: `block` (everything, the least memory) or `mlp` (attention activations are kept and only
@@ -53,33 +48,6 @@ class ModelConfig:
     # with several GPUs: how many blocks ahead (forward) and behind (backward) to all-gather the sharded weights of,
     # while the current one computes; 2 hides more communication for one block's weights more memory
     fsdp_prefetch: int = 1
-
-
-@dataclass
-class DataConfig:
-    # required: a list of {path, weight}, one path, or "a.jsonl:2,b.jsonl:1"
-    # (mistral-finetune: `data.instruct_data`, `data.data`)
-    train: list[DataSource] = field(default_factory=list)
-    # the same, for evaluation; required while eval is enabled (mistral-finetune: `data.eval_instruct_data`)
-    eval: list[DataSource] = field(default_factory=list)
-    train_on: Literal["all", "last"] = "all"  # train on every assistant message, or only the last one
-    # `error` stops before the first step at a bad line, naming file and line; `skip` leaves it out and counts it
-    on_bad_sample: Literal["error", "skip"] = "error"
-    # a sample longer than seq_len: `split` into pieces of seq_len, `truncate`, or `drop`; each case is counted
-    overlong: Literal["split", "truncate", "drop"] = "split"
-    shuffle: bool = True  # reshuffle the train data every epoch (mistral-finetune: `data.instruct.shuffle`)
-    # tokenized data, reused by later runs, `tailor validate` and every rank; null: .tailor_cache beside run_dir
-    cache_dir: str | None = None
-    num_workers: int = 2  # tokenizer processes; 0 tokenizes in the training process
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 64  # r in `y = W x + (alpha / r) · B A dropout(x)`
-    alpha: float = 128.0  # the update is scaled by alpha / rank (mistral-finetune: `lora.scaling`, that ratio)
-    dropout: float = 0.0  # dropout on the adapters' input
-    # modules to adapt (every MoE expert included): wq wk wv wo (attention), w1 w2 w3 (MLP), output (the head)
-    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
 
 
 @dataclass
@@ -140,7 +108,7 @@ class TrainConfig:
     run_dir: str = ""  # required: the folder of config.yaml, metrics.jsonl and checkpoints/
     model: ModelConfig = field(default_factory=ModelConfig)  # the base model
     data: DataConfig = field(default_factory=DataConfig)  # JSONL files, tokenized, packed
-    lora: LoRAConfig = field(default_factory=LoRAConfig)  # the adapters (mistral-finetune's `lora.enable: true` too)
+    lora: LoRAArgs = field(default_factory=LoRAArgs)  # the adapters (mistral-finetune's `lora.enable: true` too)
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW, linear warmup then cosine decay
     eval: EvalConfig = field(default_factory=EvalConfig)  # eval loss, perplexity, token accuracy
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # adapters, and state for resume
@@ -211,7 +179,10 @@ def _build(cls, raw: Any, prefix: str, source: str):
         if key not in names:
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_suggest(key, names, prefix)}")
         values[key] = _convert(value, hints[key], f"{prefix}{key}", source)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:  # a section that checks its own values (model.lora.LoRAArgs) names the field first
+        raise ConfigError(f"{source}: {prefix}{e}") from None
 
 
 def _suggest(key: str, names: list[str], prefix: str) -> str:
@@ -237,13 +208,13 @@ def _convert(value: Any, hint: Any, key: str, source: str):
             choices = " | ".join(str(a) for a in args)
             raise ConfigError(f"{source}: {key} is {value!r}; expected one of {choices}")
         return value
-    if origin is list:
-        (inner,) = args
+    if origin in (list, tuple):  # tuple[X, ...] is a list in YAML
+        inner = args[0]
         if inner is DataSource:
             return parse_data_sources(value, key, source)
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
-        return [_convert(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        return origin(_convert(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
@@ -351,7 +322,7 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
         lora.pop("enable", None)
         if "scaling" in lora:  # mistral-finetune's scaling is alpha / rank
             scaling = lora.pop("scaling")
-            lora["alpha"] = float(scaling) * lora.get("rank", LoRAConfig.rank)
+            lora["alpha"] = float(scaling) * lora.get("rank", LoRAArgs.rank)
 
     data = raw.get("data")
     if isinstance(data, dict):
@@ -380,13 +351,7 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     require(bool(cfg.data.train), "data.train is required: at least one .jsonl file or folder")
     for key in ("seq_len", "batch_size", "grad_accumulation", "max_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
-    require(cfg.lora.rank >= 1, f"lora.rank must be >= 1, got {cfg.lora.rank}")
     require(cfg.model.fsdp_prefetch >= 1, f"model.fsdp_prefetch must be >= 1, got {cfg.model.fsdp_prefetch}")
-    require(cfg.lora.alpha > 0, f"lora.alpha must be > 0, got {cfg.lora.alpha}")
-    require(0 <= cfg.lora.dropout < 1, f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
-    for t in cfg.lora.targets:
-        require(t in LORA_TARGETS, f"lora.targets has {t!r}; expected some of {', '.join(sorted(LORA_TARGETS))}")
-    require(bool(cfg.lora.targets), "lora.targets must name at least one module")
     o = cfg.optim
     require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     require(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr], got {o.min_lr}")
@@ -406,6 +371,13 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     require(cfg.logging.freq >= 1, f"logging.freq must be >= 1, got {cfg.logging.freq}")
     require(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+
+
+def resolve_cache_dir(cfg: TrainConfig) -> Path:
+    """Where tokenized data is cached: data.cache_dir, or .tailor_cache beside run_dir, shared by later runs."""
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir).expanduser()
+    return Path(cfg.run_dir).expanduser().resolve().parent / ".tailor_cache"
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -1,4 +1,5 @@
-"""The README's config reference, generated from the dataclasses of finetune/config.py.
+"""The README's config reference, generated from the dataclasses of the config (finetune/config.py, with its data
+section in finetune/data/config.py and its lora section in model/lora.py).
 
     python -m finetune.config_reference README.md      rewrite the table between the README's markers
 
@@ -70,8 +71,8 @@ def type_name(hint) -> str:
     if origin in (typing.Union, types.UnionType):
         (inner,) = [a for a in args if a is not type(None)]
         return f"{type_name(inner)} or null"
-    if origin is list:
-        (item,) = args
+    if origin in (list, tuple):  # tuple[X, ...] is a list in YAML
+        item = args[0]
         if dataclasses.is_dataclass(item):
             return "list of {" + ", ".join(f.name for f in dataclasses.fields(item)) + "}"
         return f"list of {type_name(item)}s"
@@ -83,7 +84,7 @@ def default_text(f: dataclasses.Field) -> str:
     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
         return "required"
     value = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return "`[" + ", ".join(str(v) for v in value) + "]`"
     if value is None:
         return "`null`"

@@ -92,11 +92,66 @@ def load_model_args(folder: str | Path) -> ModelArgs:
         path = folder / "params.json"
         return ModelArgs.from_dict(json.loads(path.read_text()), source=str(path))
     if (folder / "config.json").exists():
-        from model.hf_format import hf_config_to_args  # here: hf_format imports this module
-
         path = folder / "config.json"
         return hf_config_to_args(json.loads(path.read_text()), source=str(path))
     raise FileNotFoundError(f"{folder}: no params.json or config.json; is this a model folder?")
+
+
+def args_to_hf_config(args: ModelArgs) -> dict:
+    """A config.json that transformers' MistralForCausalLM / MixtralForCausalLM load as the same model."""
+    cfg = {
+        "architectures": ["MixtralForCausalLM" if args.moe else "MistralForCausalLM"],
+        "model_type": "mixtral" if args.moe else "mistral",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "rms_norm_eps": args.norm_eps,
+        "vocab_size": args.vocab_size,
+        "rope_theta": args.rope_theta,
+        "sliding_window": args.sliding_window,  # explicit null: MistralConfig's default is 4096
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    if args.moe:
+        cfg["num_local_experts"] = args.moe.num_experts
+        cfg["num_experts_per_tok"] = args.moe.num_experts_per_tok
+    return cfg
+
+
+def hf_config_to_args(cfg: dict, source: str = "config.json") -> ModelArgs:
+    """Read a Mistral / Mixtral config.json (transformers 4 or 5 style); other architectures are refused."""
+    model_type = cfg.get("model_type")
+    if model_type not in ("mistral", "mixtral"):
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported (expected 'mistral' or 'mixtral')")
+    rope = cfg.get("rope_parameters") or {}
+    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{source}: scaled rotary embeddings are not supported")
+    if cfg.get("tie_word_embeddings"):
+        raise ValueError(f"{source}: tied input/output embeddings are not supported")
+    try:
+        d = {
+            "dim": cfg["hidden_size"],
+            "n_layers": cfg["num_hidden_layers"],
+            "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            "hidden_dim": cfg["intermediate_size"],
+            "n_heads": cfg["num_attention_heads"],
+            "n_kv_heads": cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            "norm_eps": cfg["rms_norm_eps"],
+            "vocab_size": cfg["vocab_size"],
+            # transformers' defaults when a file leaves the key out
+            "rope_theta": cfg.get("rope_theta", rope.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4)),
+            "sliding_window": cfg.get("sliding_window"),
+        }
+        if model_type == "mixtral":
+            d["moe"] = {"num_experts": cfg["num_local_experts"], "num_experts_per_tok": cfg["num_experts_per_tok"]}
+    except KeyError as e:
+        raise ValueError(f"{source}: missing required key {e}") from None
+    return ModelArgs.from_dict(d, source=source)
 
 
 def write_params(folder: str | Path, params: dict) -> None:

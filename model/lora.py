@@ -25,18 +25,29 @@ def is_lora_name(name: str) -> bool:
 
 @dataclass
 class LoRAArgs:
-    rank: int = 64
-    alpha: float = 128.0
-    dropout: float = 0.0
+    """The adapters' settings, defined and checked here once: the training config's `lora:` section is this class,
+    and a checkpoint's params.json `lora` entry is read back into it. Each field's comment is its documentation
+    (the README's config reference is generated from it)."""
+
+    rank: int = 64  # r in `y = W x + (alpha / r) · B A dropout(x)`
+    alpha: float = 128.0  # the update is scaled by alpha / rank (mistral-finetune: `lora.scaling`, that ratio)
+    dropout: float = 0.0  # dropout on the adapters' input
+    # modules to adapt (every MoE expert included): wq wk wv wo (attention), w1 w2 w3 (MLP), output (the head)
     targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
-        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
-        if unknown or not self.targets:
-            raise ValueError(f"LoRA targets must be a non-empty subset of {LORA_TARGETS}, got {self.targets}")
-        if self.rank <= 0 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA needs rank > 0, alpha > 0 and 0 <= dropout < 1, got {self}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for target in self.targets:
+            if target not in LORA_TARGETS:
+                raise ValueError(f"targets has {target!r}; expected some of {', '.join(sorted(LORA_TARGETS))}")
+        if not self.targets:
+            raise ValueError("targets must name at least one module")
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -61,12 +72,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        """A as nn.Linear's default (Kaiming-uniform), B zeros: the adapter starts as an exact no-op."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        init_lora_(self.lora_A.weight, self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter computes in the input's dtype: its fp32 weights are cast (r x in, out x r: small), never the
@@ -98,6 +104,15 @@ class LoRALinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, rank={self.lora_A.out_features}, scaling={self.scaling}"
 
 
+@torch.no_grad()
+def init_lora_(lora_A: torch.Tensor, lora_B: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """The one LoRA initialisation, in place: A Kaiming-uniform (nn.Linear's default), B zeros, so the adapter
+    starts as an exact no-op. Training draws A from a seeded generator on full-size tensors, the same for any
+    number of ranks (finetune/training/parallel.py)."""
+    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)
+    nn.init.zeros_(lora_B)
+
+
 def inject_lora(model: nn.Module, lora: LoRAArgs) -> None:
     """Replace every Linear named in `lora.targets` (every MoE expert's w1/w2/w3 included) by a LoRALinear, in
     place. On a meta-device model the LoRA weights are meta too: call `init_lora_weights` after `to_empty`."""
@@ -122,7 +137,7 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
 def init_lora_weights(model: nn.Module) -> None:
     """(Re)initialise every adapter: A Kaiming-uniform, B zeros."""
     for module in lora_modules(model):
-        module.reset_lora_parameters()
+        init_lora_(module.lora_A.weight, module.lora_B.weight)
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:

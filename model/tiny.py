@@ -18,8 +18,8 @@ import mistral_common
 import torch
 from safetensors.torch import save_file
 
-from model.args import ARCHITECTURES, ModelArgs, MoeArgs, write_params
-from model.hf_format import args_to_hf_config, convert_tensor_to_hf
+from model.args import ARCHITECTURES, ModelArgs, MoeArgs, args_to_hf_config, write_params
+from model.hf_format import convert_tensor_to_hf
 from model.loading import save_model_folder
 from model.transformer import Transformer
 

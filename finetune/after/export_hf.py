@@ -16,8 +16,8 @@ import torch
 
 from finetune.checkpoints.adapter import copy_tokenizer
 from finetune.checkpoints.streaming import staged_folder, write_safetensors
-from model.args import ModelArgs, load_model_args
-from model.hf_format import args_to_hf_config, convert_tensor_to_hf, native_to_hf_name
+from model.args import ModelArgs, args_to_hf_config, load_model_args
+from model.hf_format import convert_tensor_to_hf, native_to_hf_name
 from model.lora import is_lora_name
 from model.weights import TensorSpec, read_weights, vision_tower_specs, weight_specs
 

@@ -27,7 +27,6 @@ from finetune.data.tokenize import find_tokenizer_file
 from finetune.training.distributed import barrier
 from finetune.checkpoints.adapter import ADAPTER_FILE, lora_entry
 from finetune.checkpoints.streaming import MERGED_WEIGHTS, TensorSpec, write_safetensors
-from finetune.training.model_setup import lora_args_from_config
 from finetune.training.parallel import full_state
 from model.args import write_params
 from model.lora import LoRAArgs, lora_state_dict, merged_state_dict
@@ -222,7 +221,7 @@ def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: 
     if cfg.checkpoint.save_adapters:
         state = full_state(lora_state_dict(model))
         if is_main:
-            _write_adapters(staging, state, params, lora_args_from_config(cfg), tokenizer_file)
+            _write_adapters(staging, state, params, cfg.lora, tokenizer_file)
     else:
         merged = merged_state_dict(model)  # sharded as the model is
         # Each weight is gathered by every rank in turn (a collective) and written by rank 0 before the next one.

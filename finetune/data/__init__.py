@@ -3,7 +3,6 @@
 Nothing here imports from `model/`: data knows the tokenizer, never the network.
 """
 
-from finetune.data.cache import resolve_cache_dir
 from finetune.data.errors import DataError, SampleFault
 from finetune.data.loader import TrainLoader, build_eval_batches, build_train_loader
 from finetune.data.packing import Batch
@@ -26,7 +25,6 @@ __all__ = [
     "check_tokenizer_vocab",
     "load_tokenizer",
     "read_vocab_size",
-    "resolve_cache_dir",
     "tokenize_sample",
 ]
 

@@ -33,7 +33,6 @@ from pathlib import Path
 import mistral_common
 import numpy as np
 
-from finetune.config import TrainConfig
 from finetune.data.errors import SampleFault
 from finetune.data.jsonl import line_aligned_ranges, parse_line, read_lines
 from finetune.data.tokenize import tokenize_sample_spans
@@ -83,13 +82,6 @@ class TokenizedFile:
         for begin, stop, weight in self.spans[self.span_starts[i]:self.span_starts[i + 1]]:
             weights[begin:stop] = weight
         return np.asarray(self.tokens[start:end]), weights
-
-
-def resolve_cache_dir(cfg: TrainConfig) -> Path:
-    """data.cache_dir, or `.tailor_cache` beside the run folder, so that the runs of a project share it."""
-    if cfg.data.cache_dir:
-        return Path(cfg.data.cache_dir).expanduser()
-    return Path(cfg.run_dir).expanduser().resolve().parent / ".tailor_cache"
 
 
 def open_tokenized_files(paths: list[Path], tokenizer, train_on: str, cache_dir: str | Path,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.config import DataConfig
+from finetune.data.config import DataConfig
 from finetune.data.errors import DataError
 from finetune.data.packing import Batch, DocumentFeed, Piece, make_batch, pack_sequence
 from finetune.data.sources import TokenizedSource, check_bad_samples, open_sources

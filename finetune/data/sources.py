@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.config import DataSource
+from finetune.data.config import DataSource
 from finetune.data.cache import Fault, TokenizedFile, open_tokenized_files
 from finetune.data.errors import DataError
 from finetune.data.packing import Piece

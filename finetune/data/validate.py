@@ -11,26 +11,29 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
-from finetune.config import TrainConfig
-from finetune.data.cache import TokenizedFile, open_tokenized_files, resolve_cache_dir
+from finetune.data.cache import TokenizedFile, open_tokenized_files
 from finetune.data.errors import SampleFault
 from finetune.data.jsonl import BOM, parse_line, read_lines
 from finetune.data.repair import repair_sample
 from finetune.data.sources import source_files
 from finetune.data.tokenize import check_tokenizer_vocab, load_tokenizer, read_vocab_size, tokenize_sample_spans
 
+if TYPE_CHECKING:  # the config names the model's settings; the data path reads it, never imports it
+    from finetune.config import TrainConfig
+
 
 Throughput = Callable[[str], tuple[float, str]]  # model folder -> (tokens / s / GPU, where it comes from)
 
 
-def validate(cfg: TrainConfig, *, throughput: Throughput, gpus: int = 1, fix_dir: Path | None = None,
+def validate(cfg: TrainConfig, *, cache_dir: Path, throughput: Throughput, gpus: int = 1, fix_dir: Path | None = None,
              max_per_kind: int = 10, out: TextIO | None = None) -> int:
     """Print faults, statistics, epochs and ETA; write fixed files to fix_dir. Returns the exit status.
 
-    `throughput` is finetune.training.eta.tokens_per_second_per_gpu, passed in: it reads the model's shape with model/,
-    which the data path never imports."""
+    `cache_dir` (finetune.config.resolve_cache_dir) and `throughput` (finetune.training.eta's
+    tokens_per_second_per_gpu) are passed in: they need the config and the model's shape, which the data path
+    never imports."""
     out = out or sys.stdout
     try:
         tokenizer = load_tokenizer(cfg.model.path)
@@ -41,8 +44,7 @@ def validate(cfg: TrainConfig, *, throughput: Throughput, gpus: int = 1, fix_dir
         print(f"error: {e}", file=out)
         return 1
     paths = list(dict.fromkeys(splits["train"] + splits["eval"]))
-    files = dict(zip(paths, open_tokenized_files(paths, tokenizer, cfg.data.train_on, resolve_cache_dir(cfg),
-                                                 cfg.data.num_workers)))
+    files = dict(zip(paths, open_tokenized_files(paths, tokenizer, cfg.data.train_on, cache_dir, cfg.data.num_workers)))
     faults = print_faults(files, max_per_kind, out)
     print_statistics(splits, files, cfg.seq_len, out)
     print_epochs_and_eta(cfg, files, gpus, throughput, out)

@@ -17,20 +17,16 @@ from finetune.training.parallel import (
     shard_model,
 )
 from model.args import ModelArgs, load_model_args
-from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable
+from model.lora import inject_lora, mark_only_lora_trainable
 from model.transformer import Transformer
 from model.weights import read_weights, vision_tower_specs
-
-
-def lora_args_from_config(cfg: TrainConfig) -> LoRAArgs:
-    return LoRAArgs(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=tuple(cfg.lora.targets))
 
 
 def build_meta_model(cfg: TrainConfig, args: ModelArgs) -> Transformer:
     """The LoRA model on the meta device: every name and shape, no memory."""
     with torch.device("meta"):
         model = Transformer(args, attention_backend=cfg.model.attention).to(DTYPES[cfg.model.dtype])
-        inject_lora(model, lora_args_from_config(cfg))
+        inject_lora(model, cfg.lora)
     return model
 
 

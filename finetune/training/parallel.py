@@ -8,7 +8,6 @@ hold N copies of the model in CPU memory, and rank 0 holds one tensor at a time.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -17,6 +16,8 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
+
+from model.lora import LoRALinear, init_lora_
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -111,15 +112,16 @@ def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def lora_init_tensors(module: nn.Module, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full-size initial LoRA weights (A Kaiming-uniform, B zeros), the same for any number of ranks."""
+    """Full-size initial LoRA weights (model.lora's `init_lora_`, from a generator seeded with `seed`), the same
+    for any number of ranks."""
     generator = torch.Generator().manual_seed(seed)
-    for name, param in module.named_parameters():
-        if name.endswith("lora_A.weight"):
-            a = torch.empty(_full_shape(param), dtype=torch.float32)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            yield name, a
-        elif name.endswith("lora_B.weight"):
-            yield name, torch.zeros(_full_shape(param), dtype=torch.float32)
+    for name, adapted in module.named_modules():
+        if isinstance(adapted, LoRALinear):
+            a = torch.empty(_full_shape(adapted.lora_A.weight), dtype=torch.float32)
+            b = torch.empty(_full_shape(adapted.lora_B.weight), dtype=torch.float32)
+            init_lora_(a, b, generator)
+            yield f"{name}.lora_A.weight", a
+            yield f"{name}.lora_B.weight", b
 
 
 def full_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

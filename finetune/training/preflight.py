@@ -12,7 +12,8 @@ from pathlib import Path
 
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from finetune.config import DataSource, TrainConfig
+from finetune.config import TrainConfig
+from finetune.data.config import DataSource
 from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
 from finetune.training.model_setup import build_meta_model
 from finetune.training.parallel import DTYPES

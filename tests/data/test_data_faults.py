@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from finetune.config import DataConfig, DataSource
+from finetune.data.config import DataConfig, DataSource
 from finetune.data import DataError, SampleFault, build_eval_batches, build_train_loader, tokenize_sample
 from finetune.data.jsonl import parse_line
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import finetune.data.cache as cache
-from finetune.config import DataConfig, DataSource
+from finetune.data.config import DataConfig, DataSource
 from finetune.data import DataError, build_eval_batches, build_train_loader
 from finetune.data.cache import open_tokenized_files
 from finetune.data.sources import open_sources

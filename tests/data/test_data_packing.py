@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from finetune.config import DataSource
+from finetune.data.config import DataSource
 from finetune.data.packing import LOOKAHEAD, PAD_TOKEN, DocumentFeed, Piece, make_batch, pack_sequence
 from finetune.data.sources import open_sources
 

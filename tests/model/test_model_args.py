@@ -2,8 +2,16 @@ import json
 
 import pytest
 
-from model.args import ARCHITECTURES, ModelArgs, MoeArgs, active_parameters, load_model_args, num_parameters
-from model.hf_format import args_to_hf_config, hf_config_to_args
+from model.args import (
+    ARCHITECTURES,
+    ModelArgs,
+    MoeArgs,
+    active_parameters,
+    args_to_hf_config,
+    hf_config_to_args,
+    load_model_args,
+    num_parameters,
+)
 
 MISTRAL_7B_V01 = {  # the params.json shipped with Mistral 7B v0.1
     "dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,

@@ -65,8 +65,14 @@ def test_targets_cover_every_expert_and_optionally_the_output_head(make_model):
     head = make_model("mistral-7b")
     inject_lora(head, LoRAArgs(rank=2, targets=("wq", "output")))
     assert isinstance(head.output, LoRALinear) and type(head.layers[0].attention.wk) is nn.Linear
-    with pytest.raises(ValueError, match="targets must be a non-empty subset"):
+    with pytest.raises(ValueError, match="targets has 'q_proj'; expected some of output, w1, w2, w3, wk, wo, wq, wv"):
         LoRAArgs(targets=("q_proj",))
+    with pytest.raises(ValueError, match="targets must name at least one module"):
+        LoRAArgs(targets=())
+    for bad, words in [(dict(rank=0), "rank must be >= 1, got 0"), (dict(alpha=0.0), "alpha must be > 0"),
+                       (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0")]:
+        with pytest.raises(ValueError, match=words):
+            LoRAArgs(**bad)
 
 
 def test_merged_equals_unmerged_and_unmerge_restores(make_model, random_tokens):

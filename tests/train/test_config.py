@@ -61,7 +61,7 @@ def test_mistral_finetune_example_config_runs_unchanged(tmp_path):
 
 def test_command_line_overrides(tmp_path):
     cfg = load_config(write(tmp_path, MISTRAL_FINETUNE_7B), ["optim.lr=3e-5", "max_steps=50", "lora.targets=[wq,wv]"])
-    assert (cfg.optim.lr, cfg.max_steps, cfg.lora.targets) == (3e-5, 50, ["wq", "wv"])
+    assert (cfg.optim.lr, cfg.max_steps, cfg.lora.targets) == (3e-5, 50, ("wq", "wv"))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -72,6 +72,11 @@ def test_command_line_overrides(tmp_path):
     ("model.dtype=fp8", "model.dtype is 'fp8'; expected one of bf16 | fp32 | fp16"),
     ("lora.rank=1.5", "lora.rank must be an integer, got 1.5"),
     ("lora.targets=[wq,attn]", "lora.targets has 'attn'"),
+    ("lora.targets=[]", "lora.targets must name at least one module"),
+    ("lora.rank=0", "lora.rank must be >= 1, got 0"),
+    ("lora.alpha=-1", "lora.alpha must be > 0, got -1.0"),
+    ("lora.dropout=1", "lora.dropout must be in [0, 1), got 1.0"),
+    ("model.attention=flash", "model.attention is 'flash'; expected one of auto | sdpa | varlen | flex | xformers"),
     ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
     ("optim.min_lr=1.0", "optim.min_lr must be in [0, optim.lr]"),
     ("eval.enabled=maybe", "eval.enabled must be true or false, got 'maybe'"),

@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 import finetune.training.preflight as preflight
 from finetune.config import load_config
 from finetune.training.preflight import PreflightError, checkpoint_bytes, run_preflight_checks
-from model.args import load_model_args
-from model.hf_format import args_to_hf_config
+from model.args import args_to_hf_config, load_model_args
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,39 @@
+"""The `data:` section of the training config: which JSONL files train and evaluate, and how they are read.
+
+Here rather than in finetune/config.py so that the data path reads its settings without importing the rest of the
+config, which names the model's settings (model.lora.LoRAArgs, model.attention's backends): data knows the
+tokenizer, never the network. finetune/config.py reads, checks and documents these fields with the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Each field's meaning is the comment on its line or just above it (the README's config reference is made of them).
+
+
+@dataclass
+class DataSource:
+    path: str  # a .jsonl file, or a folder of them
+    # this source's share of the training tokens, relative to the other sources' weights (eval reads every sample)
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # required: a list of {path, weight}, one path, or "a.jsonl:2,b.jsonl:1"
+    # (mistral-finetune: `data.instruct_data`, `data.data`)
+    train: list[DataSource] = field(default_factory=list)
+    # the same, for evaluation; required while eval is enabled (mistral-finetune: `data.eval_instruct_data`)
+    eval: list[DataSource] = field(default_factory=list)
+    train_on: Literal["all", "last"] = "all"  # train on every assistant message, or only the last one
+    # `error` stops before the first step at a bad line, naming file and line; `skip` leaves it out and counts it
+    on_bad_sample: Literal["error", "skip"] = "error"
+    # a sample longer than seq_len: `split` into pieces of seq_len, `truncate`, or `drop`; each case is counted
+    overlong: Literal["split", "truncate", "drop"] = "split"
+    shuffle: bool = True  # reshuffle the train data every epoch (mistral-finetune: `data.instruct.shuffle`)
+    # tokenized data, reused by later runs, `tailor validate` and every rank; null: .tailor_cache beside run_dir
+    cache_dir: str | None = None
+    num_workers: int = 2  # tokenizer processes; 0 tokenizes in the training process
+

@@ -1,0 +1,129 @@
+"""The rules of the house that are about imports, checked where they matter: at run time, in a fresh interpreter,
+and over every import statement (lazy ones inside functions included).
+
+- `model/` imports nothing from `finetune/`: the model is usable alone, for inference and export.
+- `finetune/data/` imports nothing from `model/`: data knows the tokenizer, never the network.
+- No import cycle between modules, even through an import inside a function. Imports under `if TYPE_CHECKING:`
+  never run and are left out.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("finetune", "model")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def product_modules() -> list[str]:
+    return sorted(module_name(p) for package in PACKAGES for p in (REPO / package).rglob("*.py"))
+
+
+def loaded_after(statement: str) -> list[str]:
+    """The modules of this repository in sys.modules after running `statement` in a fresh interpreter."""
+    code = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": ""})
+    return [m for m in json.loads(result.stdout) if m.split(".")[0] in PACKAGES]
+
+
+def test_importing_the_data_path_loads_no_model_module():
+    data_modules = [m for m in product_modules() if m.startswith("finetune.data")]
+    assert len(data_modules) > 10
+    loaded = loaded_after("\n".join(f"import {m}" for m in data_modules))
+    assert set(data_modules) <= set(loaded)
+    assert [m for m in loaded if m.split(".")[0] == "model"] == []
+    assert [m for m in loaded_after("import finetune.data") if m.split(".")[0] == "model"] == []
+
+
+def test_importing_the_model_loads_nothing_from_finetune():
+    model_modules = [m for m in product_modules() if m.startswith("model")]
+    loaded = loaded_after("\n".join(f"import {m}" for m in model_modules))
+    assert set(model_modules) <= set(loaded)
+    assert [m for m in loaded if m.split(".")[0] == "finetune"] == []
+
+
+def test_importing_the_model_package_loads_only_what_is_asked_for():
+    assert loaded_after("import model.lora") == ["model", "model.lora"]
+
+
+def imports_that_run(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement, at the top or inside a function, except those under `if TYPE_CHECKING:`."""
+    found = []
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            found += [n for child in node.orelse for n in imports_that_run(ast.Module([child], []))]
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        found += imports_that_run(node)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the modules of this repository it imports, at the top or inside a function."""
+    modules = set(product_modules())
+    graph = {}
+    for module in modules:
+        path = REPO / Path(*module.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        edges = set()
+        for node in imports_that_run(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            edges |= {t for t in targets if t in modules and t != module}
+        graph[module] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_even_a_lazy_one():
+    graph = import_graph()
+    assert graph["finetune.training.model_setup"] >= {"finetune.training.parallel", "model.weights"}
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_lazy_imports_count_and_type_only_ones_do_not():
+    tree = ast.parse("import a\nif TYPE_CHECKING:\n    import b\nelse:\n    import c\ndef f():\n    from d import e\n")
+    assert [ast.unparse(n) for n in imports_that_run(tree)] == ["import a", "import c", "from d import e"]
