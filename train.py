@@ -53,8 +53,6 @@ def main(argv: list[str]) -> int:
         return 0
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
-    if dist_info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
 
     # Data: endless packed train batches, a fixed eval set.
     cache_dir = resolve_cache_dir(cfg)
@@ -71,6 +69,8 @@ def main(argv: list[str]) -> int:
     optimizer = build_optimizer([p for p in loss_model.parameters() if p.requires_grad], cfg.optim)
     progress = (load_training_state(start, loss_model, optimizer, train_batches, cfg.seed, dist_info) if start
                 else Progress())
+    if dist_info.is_main:  # the run is accepted: its settings are on record
+        save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
 
     # The loop. The device runs one step ahead of the host: a step's outcome is read once the next one is queued.
@@ -117,12 +117,17 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run(argv: list[str]) -> int:
+    """main, with the errors a user can cause ending in `error: ...` and exit 2 (README: Errors and exit codes)."""
     try:
-        sys.exit(main(sys.argv[1:]))
+        return main(argv)
     except (ConfigError, DataError, PreflightError, ResumeError, NonFiniteError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except torch.OutOfMemoryError as error:
         print(f"error: {out_of_memory_message(error)}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from finetune.data.tokenize import find_tokenizer_file
@@ -28,10 +29,19 @@ def read_adapter(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoRAArg
         if not path.is_file():
             raise ValueError(f"{folder}: no {path.name}; expected an adapter checkpoint folder "
                              "(run_dir/checkpoints/checkpoint_N with lora.safetensors and params.json)")
-    entry = json.loads(params.read_text()).get("lora")
+    try:
+        entry = json.loads(params.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{params}: not JSON ({error})") from None
+    entry = entry.get("lora") if isinstance(entry, dict) else None
     if not isinstance(entry, dict) or "rank" not in entry or not ({"alpha", "scaling"} & set(entry)):
         raise ValueError(f"{params}: no 'lora' entry with rank and alpha; was this folder written by the trainer?")
-    state = load_file(weights)
+    try:  # safetensors: a JSON header and raw numbers, so no bytes of this file can run code
+        state = load_file(weights)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{weights}: not a safetensors file of adapter weights ({error})") from None
+    if not all(torch.is_floating_point(t) and bool(torch.isfinite(t).all()) for t in state.values()):
+        raise ValueError(f"{weights}: holds non-finite or non-float values, which no training writes")
     modules = sorted({key.rsplit(".", 2)[0] for key in state})
     targets = entry.get("targets") or sorted({m.rpartition(".")[2] for m in modules}, key=_target_order)
     alpha = entry["alpha"] if "alpha" in entry else entry["scaling"] * entry["rank"]

@@ -152,8 +152,17 @@ def verify_checkpoint(folder: Path) -> str | None:
         files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
     except FileNotFoundError:
         return f"no {MANIFEST} (written by a save cut short, or by an older tailor)"
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str)
+            for e in files.values()):
+        return f"{MANIFEST} is not a list of files with their bytes and sha256"
+    if not files:
+        return f"{MANIFEST} lists no files"
+    present = {p.relative_to(folder).as_posix() for p in _files_under(folder)} - {MANIFEST}
+    if present - set(files):
+        return f"{MANIFEST} does not list {', '.join(sorted(present - set(files))[:3])}"
     for name, expected in files.items():
         path = folder / name
         if Path(name).is_absolute() or ".." in Path(name).parts:

@@ -2,9 +2,9 @@
 
 Beside the adapters, each checkpoint has a state/ folder with what they alone do not hold:
 
-    state/.metadata, state/__R_0.distcp   the LoRA weights and their AdamW state, sharded as the ranks hold them
-                                          (torch.distributed.checkpoint: no rank gathers them; any number of
-                                          ranks can load them)
+    state/tensors_rank_R.safetensors      the LoRA weights and their AdamW state, sharded as the ranks hold them
+                                          (finetune/checkpoints/tensor_state.py: no rank gathers them; any number
+                                          of ranks can load them)
     state/progress.json                   the step, the counters (tokens, non-finite steps), time spent, world size
     state/rank_R.json                     rank R's data position and random generator states
 
@@ -13,16 +13,14 @@ With the same number of ranks, a resumed run computes bit for bit what the unint
 another number, the weights and optimizer state are resharded, but a rank's data position has no counterpart
 there: the data starts a new order, seeded by (seed, step), and so do the random generators.
 
-Nothing here unpickles what a crafted checkpoint could abuse: the state files are JSON, only tensors go through
-DCP (so torch never torch.loads a non-tensor value), and DCP's index, a pickle, is first read with an unpickler
-that accepts only the classes such an index names.
+Reading a checkpoint runs no code, whatever its bytes: the state is safetensors and JSON, nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import pickle
 import random
 import shlex
 import signal
@@ -34,8 +32,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from finetune.checkpoints.folders import (
@@ -45,6 +41,7 @@ from finetune.checkpoints.folders import (
     save_training_checkpoint,
     verify_checkpoint,
 )
+from finetune.checkpoints.tensor_state import TensorStateError, load_tensors, save_tensors, tensors_file
 from finetune.config import TrainConfig
 from finetune.training.distributed import DistInfo, is_initialized
 
@@ -160,15 +157,61 @@ def _explicit_start(folder: Path, run_dir: Path) -> ResumePoint:
 
 def why_not_resumable(folder: Path) -> str | None:
     """None for an intact checkpoint with a training state; else what is wrong with it, in words."""
+    folder = Path(folder)
     problem = verify_checkpoint(folder)
-    if problem is None and not (Path(folder) / STATE / PROGRESS).is_file():
-        problem = f"no training state ({STATE}/{PROGRESS}): adapters only"
-    return problem
+    if problem is not None:
+        return problem
+    if not (folder / STATE / PROGRESS).is_file():
+        return f"no training state ({STATE}/{PROGRESS}): adapters only"
+    problem = _progress_problem(folder / STATE / PROGRESS)
+    if problem is not None:
+        return problem
+    world_size = json.loads((folder / STATE / PROGRESS).read_text(encoding="utf-8"))["world_size"]
+    for rank in range(world_size):
+        for name in (tensors_file(rank), f"rank_{rank}.json"):
+            if not (folder / STATE / name).is_file():
+                return f"{STATE}/{name} is missing, though {world_size} ranks saved this state"
+    return None
 
 
 def read_resume_point(folder: Path) -> ResumePoint:
-    saved = json.loads((Path(folder) / STATE / PROGRESS).read_text(encoding="utf-8"))
+    saved = _read_progress_file(Path(folder))
     return ResumePoint(Path(folder), saved["step"], saved["world_size"])
+
+
+def read_progress(folder: Path) -> Progress:
+    saved = _read_progress_file(Path(folder))
+    return Progress(**{k: v for k, v in saved.items() if k != "world_size"})
+
+
+def _read_progress_file(folder: Path) -> dict:
+    """state/progress.json, checked field by field: a ResumeError names the file and the field."""
+    path = folder / STATE / PROGRESS
+    problem = _progress_problem(path)
+    if problem:
+        raise ResumeError(f"{folder}: {problem}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _progress_problem(path: Path) -> str | None:
+    where = f"{STATE}/{PROGRESS}"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"{where} is unreadable ({type(error).__name__})"
+    if not isinstance(saved, dict):
+        return f"{where} is not a JSON object"
+    fields = {"world_size": int, **{name: type(value) for name, value in asdict(Progress()).items()}}
+    for name, kind in fields.items():
+        value = saved.get(name)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if name not in saved or not numeric or (kind is int and not isinstance(value, int)):
+            return f"{where} has no {kind.__name__} {name!r}"
+        if not math.isfinite(value) or value < (1 if name == "world_size" else 0):
+            return f"{where} has {name} {value}, which no run reaches"
+    if set(saved) != set(fields):
+        return f"{where} has fields tailor does not write: {', '.join(sorted(set(saved) - set(fields)))}"
+    return None
 
 
 def _cut_metrics(path: Path, step: int) -> None:
@@ -219,10 +262,7 @@ def save_checkpoint(cfg: TrainConfig, loss_model, optimizer, loader, progress: P
 
 def save_training_state(folder: Path, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tensors, _ = _tensor_state(loss_model, optimizer)
-    with warnings.catch_warnings():  # one process: DCP warns that it assumes so, which is right
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(tensors, checkpoint_id=folder, no_dist=not is_initialized())
+    save_tensors(folder / tensors_file(dist_info.rank), *get_state_dict(loss_model, optimizer, options=STATE_DICT_OPTIONS))
     _write_json(folder / f"rank_{dist_info.rank}.json",
                 {"data": loader.state_dict(), "rng": rng_state(dist_info.device)})
     if dist_info.is_main:
@@ -233,27 +273,23 @@ def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed:
                         dist_info: DistInfo) -> Progress:
     """Load a checkpoint's state into the freshly built model, optimizer and data loader; returns the counters."""
     folder = start.folder / STATE
-    check_dcp_index(folder)
-    tensors, optim_state = _tensor_state(loss_model, optimizer)
+    model_state, optim_state = get_state_dict(loss_model, optimizer, options=STATE_DICT_OPTIONS)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(tensors, checkpoint_id=folder, no_dist=not is_initialized())
-    except CheckpointException as error:  # a tensor missing or of another shape, on some rank
-        causes = sorted({str(cause) for cause, _ in error.failures.values()})
-        raise ResumeError(f"{start.folder}: its training state does not fit this model: {'; '.join(causes)}. "
-                          "Resume with the model.path and lora settings it was trained with.") from None
-    set_state_dict(loss_model, optimizer, model_state_dict=tensors["model"], optim_state_dict=optim_state,
+        load_tensors([folder / tensors_file(rank) for rank in range(start.world_size)], model_state, optim_state)
+    except TensorStateError as error:
+        raise ResumeError(f"{start.folder}: {error}") from None
+    set_state_dict(loss_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                    options=STATE_DICT_OPTIONS)
-    saved = json.loads((folder / PROGRESS).read_text(encoding="utf-8"))
-    progress = Progress(**{k: v for k, v in saved.items() if k != "world_size"})
+    progress = read_progress(start.folder)
     if start.world_size == dist_info.world_size:
-        mine = json.loads((folder / f"rank_{dist_info.rank}.json").read_text(encoding="utf-8"))
+        path = folder / f"rank_{dist_info.rank}.json"
         try:
+            mine = json.loads(path.read_text(encoding="utf-8"))
             loader.load_state_dict(mine["data"])
-        except ValueError as error:
-            raise ResumeError(f"{start.folder}: {error}") from None
-        set_rng_state(mine["rng"], dist_info.device)
+            set_rng_state(mine["rng"], dist_info.device)
+        except (ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as error:
+            raise ResumeError(f"{path}: not a data position and random state that tailor writes "
+                              f"({type(error).__name__}: {error})") from None
     else:
         seed_rngs(_derived_seed(seed, start.step, dist_info.rank))
         if dist_info.is_main:
@@ -262,14 +298,6 @@ def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed:
                   f"generators are seeded anew (from seed and step {start.step}): not the exact continuation that the "
                   "same number of ranks gives", flush=True)
     return progress
-
-
-def _tensor_state(loss_model, optimizer) -> tuple[dict, dict]:
-    """({"model": LoRA weights, "optim": AdamW state}, the optimizer's whole state dict): tensors only, sharded as
-    the ranks hold them, keyed by parameter name so that any number of ranks can load them. The optimizer's
-    param_groups (its settings) are left out: they come from the config, and the learning rate from the step."""
-    model_state, optim_state = get_state_dict(loss_model, optimizer, options=STATE_DICT_OPTIONS)
-    return {"model": model_state, "optim": optim_state["state"]}, optim_state
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -305,33 +333,6 @@ def seed_rngs(seed: int) -> None:
     torch.manual_seed(seed)  # CUDA's generators too
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-# DCP's index (.metadata) is a pickle of these classes; anything else in one is refused before torch unpickles it.
-_INDEX_MODULES = {"torch.distributed.checkpoint.metadata"}
-_INDEX_CLASSES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                  ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
-_PATH_CLASSES = {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
-
-
-class _IndexUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        allowed = (module in _INDEX_MODULES or (module, name) in _INDEX_CLASSES
-                   or (module in ("pathlib", "pathlib._local") and name in _PATH_CLASSES)
-                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
-        if not allowed:
-            raise pickle.UnpicklingError(f"it names {module}.{name}")
-        return super().find_class(module, name)
-
-
-def check_dcp_index(folder: Path) -> None:
-    for index in Path(folder).glob("*.metadata"):
-        try:
-            with open(index, "rb") as f:
-                _IndexUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
-            raise ResumeError(f"{index} is not an index that torch.distributed.checkpoint writes ({error}), so it "
-                              "is not loaded") from None
 
 
 # ---------------------------------------------------------------------------------------------------
