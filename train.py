@@ -57,18 +57,28 @@ def main(argv: list[str]) -> int:
     # Data: endless packed train batches, a fixed eval set.
     cache_dir = resolve_cache_dir(cfg)
     shard = dict(rank=dist_info.rank, world_size=dist_info.world_size, cache_dir=cache_dir)
-    train_batches = build_train_loader(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                                       seed=train_data_seed(cfg.seed, start, dist_info.world_size), **shard)
-    eval_batches = (build_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, **shard)
-                    if cfg.eval.enabled else [])
+    train_batches = build_train_loader(
+        cfg.data,
+        tokenizer,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        seed=train_data_seed(cfg.seed, start, dist_info.world_size),
+        **shard,
+    )
+    eval_batches = (
+        build_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, **shard)
+        if cfg.eval.enabled
+        else []
+    )
     if cfg.eval.max_batches is not None:
         eval_batches = eval_batches[: cfg.eval.max_batches]
 
     # Model: LoRA on a frozen base, sharded over the ranks, with its loss; a resumed run's state loaded into it.
     loss_model = build_training_model(cfg, dist_info)
     optimizer = build_optimizer([p for p in loss_model.parameters() if p.requires_grad], cfg.optim)
-    progress = (load_training_state(start, loss_model, optimizer, train_batches, cfg.seed, dist_info) if start
-                else Progress())
+    progress = (
+        load_training_state(start, loss_model, optimizer, train_batches, cfg.seed, dist_info) if start else Progress()
+    )
     if dist_info.is_main:  # the run is accepted: its settings are on record
         save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
@@ -81,8 +91,9 @@ def main(argv: list[str]) -> int:
         lr = lr_at_step(step, cfg.optim, cfg.max_steps)
         set_lr(optimizer, lr)
         micro_batches = inject_test_nonfinite(step, [next(train_batches) for _ in range(cfg.grad_accumulation)])
-        sums = train_step(loss_model, optimizer, micro_batches, dist_info.device, cfg.optim.max_grad_norm,
-                          dist_info.world_size, stop)
+        sums = train_step(
+            loss_model, optimizer, micro_batches, dist_info.device, cfg.optim.max_grad_norm, dist_info.world_size, stop
+        )
         is_last = step == cfg.max_steps
         evaluates = bool(eval_batches) and (step % cfg.eval.freq == 0 or is_last)
         saves = cfg.checkpoint.enabled and (step % cfg.checkpoint.freq == 0 or is_last)
@@ -103,12 +114,24 @@ def main(argv: list[str]) -> int:
 
     if logger:
         if progress.step < cfg.max_steps:
-            print(f"stopped at step {progress.step} ({stop.name or 'a signal to another rank'}): saved "
-                  f"{checkpoint_dir}\nresume with: {resume_command([sys.argv[0], *argv])}", flush=True)
+            print(
+                f"stopped at step {progress.step} ({stop.name or 'a signal to another rank'}): saved "
+                f"{checkpoint_dir}\nresume with: {resume_command([sys.argv[0], *argv])}",
+                flush=True,
+            )
         else:
-            print(format_summary(steps=cfg.max_steps, tokens=progress.tokens, seconds=progress.elapsed_s,
-                                 train_loss=steps.last_loss, eval_metrics=last_eval, checkpoint=checkpoint_dir,
-                                 run_dir=run_dir), flush=True)
+            print(
+                format_summary(
+                    steps=cfg.max_steps,
+                    tokens=progress.tokens,
+                    seconds=progress.elapsed_s,
+                    train_loss=steps.last_loss,
+                    eval_metrics=last_eval,
+                    checkpoint=checkpoint_dir,
+                    run_dir=run_dir,
+                ),
+                flush=True,
+            )
             if progress.nonfinite_skipped:
                 print(f"  {progress.nonfinite_skipped} steps skipped: the loss or the gradients were not finite")
         logger.close()

@@ -37,8 +37,8 @@ import numpy as np  # noqa: E402
 from mistral_common.protocol.instruct.messages import FinetuningAssistantMessage, UserMessage  # noqa: E402
 from mistral_common.protocol.instruct.validator import MistralRequestValidatorV3, ValidationMode  # noqa: E402
 
-from finetune.data.config import DataConfig, DataSource  # noqa: E402
 from finetune.data import build_train_loader, load_tokenizer  # noqa: E402
+from finetune.data.config import DataConfig, DataSource  # noqa: E402
 from finetune.data.packing import DocumentFeed, make_batch, pack_sequence  # noqa: E402
 from finetune.data.sources import open_sources  # noqa: E402
 
@@ -61,7 +61,7 @@ def make_vocabulary(rng: random.Random, size: int = 80_000) -> tuple[list[str], 
     for word in real:
         padded = "^^" + word + "$"
         for k in range(len(padded) - 2):
-            following.setdefault(padded[k:k + 2], []).append(padded[k + 2])
+            following.setdefault(padded[k : k + 2], []).append(padded[k + 2])
     words, seen = list(real), set(real)
     while len(words) < size:
         made = "^^"
@@ -118,7 +118,7 @@ def make_chat_file(path: Path, n_samples: int, seed: int = 0) -> None:
 class Stopwatch:
     """Wall time and CPU time (this process and its finished children: the tokenizer workers)."""
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self.wall, self.cpu = time.perf_counter(), self._cpu()
         return self
 
@@ -176,11 +176,13 @@ def tailor_path(path: Path, tokenizer, cache_dir: Path, workers: int, seq_len: i
     return watch, padding
 
 
-def cache_read_tokens_per_second(path: Path, tokenizer, cache_dir: Path, seq_len: int, batch_size: int,
-                                 n_batches: int) -> float:
+def cache_read_tokens_per_second(
+    path: Path, tokenizer, cache_dir: Path, seq_len: int, batch_size: int, n_batches: int
+) -> float:
     cfg = DataConfig(train=[DataSource(str(path))], num_workers=0)
-    loader = build_train_loader(cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, rank=0, world_size=1,
-                                seed=0, cache_dir=cache_dir)
+    loader = build_train_loader(
+        cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, rank=0, world_size=1, seed=0, cache_dir=cache_dir
+    )
     next(loader)  # first epoch's permutation
     start = time.perf_counter()
     for _ in range(n_batches):
@@ -202,25 +204,33 @@ def main() -> None:
         tmp = Path(tmp)
         data = tmp / "chat.jsonl"
         make_chat_file(data, args.samples)
-        print(f"data: {args.samples} generated chats, {data.stat().st_size / 1e6:.1f} MB; {os.cpu_count()} cores; "
-              f"workers {args.workers}; seq_len {args.seq_len}")
+        print(
+            f"data: {args.samples} generated chats, {data.stat().st_size / 1e6:.1f} MB; {os.cpu_count()} cores; "
+            f"workers {args.workers}; seq_len {args.seq_len}"
+        )
         for name, file in TOKENIZERS.items():
             model = tmp / name.replace(" ", "_")
             model.mkdir()
             shutil.copy(bundled / file, model / file.replace("mistral_instruct_tokenizer_240323.", "tokenizer."))
             tokenizer = load_tokenizer(model)
             reference, n = min((reference_path(data, tokenizer) for _ in range(args.repeat)), key=lambda r: r[0].wall)
-            ours, padding = min((tailor_path(data, tokenizer, tmp / "cache", args.workers, args.seq_len)
-                                 for _ in range(args.repeat)), key=lambda r: r[0].wall)
-            reads = max(cache_read_tokens_per_second(data, tokenizer, tmp / "cache", args.seq_len, args.batch_size, 200)
-                        for _ in range(args.repeat))
-            print(f"{name}: {n / 1e6:.1f}M tokens (load average {os.getloadavg()[0]:.1f})\n"
-                  f"  reference, mistral-finetune's per-sample work in 1 process: {n / reference.wall / 1e6:5.2f}M "
-                  f"tok/s wall, {n / reference.cpu / 1e6:5.2f}M per CPU-second\n"
-                  f"  tailor tokenize+mask+cache+pack, {args.workers} workers:      {n / ours.wall / 1e6:5.2f}M "
-                  f"tok/s wall, {n / ours.cpu / 1e6:5.2f}M per CPU-second; {reference.wall / ours.wall:.2f}x the "
-                  f"reference (wall); padding {padding:.1%}\n"
-                  f"  cache reads, TrainLoader batches of {args.batch_size} x {args.seq_len}: {reads / 1e6:.1f}M tok/s")
+            ours, padding = min(
+                (tailor_path(data, tokenizer, tmp / "cache", args.workers, args.seq_len) for _ in range(args.repeat)),
+                key=lambda r: r[0].wall,
+            )
+            reads = max(
+                cache_read_tokens_per_second(data, tokenizer, tmp / "cache", args.seq_len, args.batch_size, 200)
+                for _ in range(args.repeat)
+            )
+            print(
+                f"{name}: {n / 1e6:.1f}M tokens (load average {os.getloadavg()[0]:.1f})\n"
+                f"  reference, mistral-finetune's per-sample work in 1 process: {n / reference.wall / 1e6:5.2f}M "
+                f"tok/s wall, {n / reference.cpu / 1e6:5.2f}M per CPU-second\n"
+                f"  tailor tokenize+mask+cache+pack, {args.workers} workers:      {n / ours.wall / 1e6:5.2f}M "
+                f"tok/s wall, {n / ours.cpu / 1e6:5.2f}M per CPU-second; {reference.wall / ours.wall:.2f}x the "
+                f"reference (wall); padding {padding:.1%}\n"
+                f"  cache reads, TrainLoader batches of {args.batch_size} x {args.seq_len}: {reads / 1e6:.1f}M tok/s"
+            )
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ def measured_peak_flops(device: torch.device) -> float:
     return runs * 2 * 8192**3 / (time.perf_counter() - start)
 
 
-def build_tailor(args: ModelArgs, device: torch.device, dtype: torch.dtype, attention: str,
-                 compile_blocks: bool) -> torch.nn.Module:
+def build_tailor(
+    args: ModelArgs, device: torch.device, dtype: torch.dtype, attention: str, compile_blocks: bool
+) -> torch.nn.Module:
     with torch.device("meta"):
         model = Transformer(args, attention_backend=attention).to(dtype)
         inject_lora(model, LoRAArgs(rank=16, alpha=32, targets=TARGETS))
@@ -198,9 +199,11 @@ def loss_memory(device: torch.device, tokens: int, vocab: int, dim: int, chunk_s
                 loss().backward()
             peaks[name] = probe.peak / 2**30
         hidden.grad = None
-    print(f"loss memory, {tokens} tokens x {vocab} vocab, {dtype}, chunks of {chunk_size}: naive "
-          f"{peaks['naive']:.3f} GiB, chunked {peaks['chunked']:.3f} GiB ({peaks['chunked'] / peaks['naive']:.3f} of "
-          "naive; goal <= 0.125)")
+    print(
+        f"loss memory, {tokens} tokens x {vocab} vocab, {dtype}, chunks of {chunk_size}: naive "
+        f"{peaks['naive']:.3f} GiB, chunked {peaks['chunked']:.3f} GiB ({peaks['chunked'] / peaks['naive']:.3f} of "
+        "naive; goal <= 0.125)"
+    )
 
 
 def main() -> None:
@@ -213,10 +216,13 @@ def main() -> None:
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers + PEFT baseline")
     parser.add_argument("--compile", action="store_true", help="torch.compile tailor's blocks (model.compile)")
-    parser.add_argument("--loss-memory", action="store_true",
-                        help="only compare the loss's peak memory with the naive path at seq-len x the arch's vocab; "
-                             "on a CPU at reduced size (2048 tokens, chunks of 128: the same 16 chunks as 32768 tokens "
-                             "in chunks of 2048) and a hidden size of 64")
+    parser.add_argument(
+        "--loss-memory",
+        action="store_true",
+        help="only compare the loss's peak memory with the naive path at seq-len x the arch's vocab; "
+        "on a CPU at reduced size (2048 tokens, chunks of 128: the same 16 chunks as 32768 tokens "
+        "in chunks of 2048) and a hidden size of 64",
+    )
     opts = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -232,14 +238,19 @@ def main() -> None:
     per_token = flops_per_token(args, [b.seqlens for b in batches])
     peak_flops = measured_peak_flops(device)
     layers_note = f" ({opts.layers} of {ARCHITECTURES[opts.arch].n_layers} layers)" if opts.layers else ""
-    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"{opts.arch}{layers_note}, seq_len {seq_len}, {opts.steps} steps after {opts.warmup} warmup, {dtype}")
-    print(f"FLOPs per token = 4 N + 12 x layers x heads x head_dim x mean context = {per_token / 1e9:.2f} GFLOP; "
-          f"measured bf16 peak {peak_flops / 1e12:.0f} TFLOP/s")
+    print(
+        f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+        f"{opts.arch}{layers_note}, seq_len {seq_len}, {opts.steps} steps after {opts.warmup} warmup, {dtype}"
+    )
+    print(
+        f"FLOPs per token = 4 N + 12 x layers x heads x head_dim x mean context = {per_token / 1e9:.2f} GFLOP; "
+        f"measured bf16 peak {peak_flops / 1e12:.0f} TFLOP/s"
+    )
 
     tailor = build_tailor(args, device, dtype, opts.attention, opts.compile)
-    results = [measure("tailor" + (" compiled" if opts.compile else ""), tailor, tailor_step, batches, device,
-                       opts.warmup)]
+    results = [
+        measure("tailor" + (" compiled" if opts.compile else ""), tailor, tailor_step, batches, device, opts.warmup)
+    ]
     del tailor  # free tailor's model before the baseline's is built, so each peak is its own
     torch._dynamo.reset()
     gc.collect()
@@ -254,11 +265,16 @@ def main() -> None:
             results.append(measure("transformers+peft", hf, hf_step, batches, device, opts.warmup))
     for r in results:
         mfu = r["tokens_per_s"] * per_token / peak_flops
-        print(f"{r['name']:>18}: {r['tokens_per_s']:,.0f} tokens/s per GPU  MFU {mfu:.1%}  peak memory {r['peak_gib']:.1f} GiB")
+        print(
+            f"{r['name']:>18}: {r['tokens_per_s']:,.0f} tokens/s per GPU  MFU {mfu:.1%}  "
+            f"peak memory {r['peak_gib']:.1f} GiB"
+        )
     if len(results) == 2:
         ours, theirs = results
-        print(f"tailor / HF: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tokens/s, "
-              f"{ours['peak_gib'] / theirs['peak_gib']:.2f}x peak memory")
+        print(
+            f"tailor / HF: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tokens/s, "
+            f"{ours['peak_gib'] / theirs['peak_gib']:.2f}x peak memory"
+        )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,12 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the training YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. seq_len=4096")
     p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs of the planned run, for epochs and ETA")
-    p.add_argument("--fix", type=Path, metavar="OUT_DIR",
-                   help="write the files to OUT_DIR with safe repairs applied and the other bad lines removed")
+    p.add_argument(
+        "--fix",
+        type=Path,
+        metavar="OUT_DIR",
+        help="write the files to OUT_DIR with safe repairs applied and the other bad lines removed",
+    )
     p.add_argument("--max-per-kind", type=int, default=10, metavar="N", help="faults shown per kind (default 10)")
 
 
@@ -30,18 +34,33 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"error: --gpus must be at least 1, got {args.gpus}", file=sys.stderr)
         return 2
     cfg = load_config(args.config, args.overrides)
-    return validate(cfg, cache_dir=resolve_cache_dir(cfg), throughput=tokens_per_second_per_gpu, gpus=args.gpus, fix_dir=args.fix,
-                    max_per_kind=args.max_per_kind)
+    return validate(
+        cfg,
+        cache_dir=resolve_cache_dir(cfg),
+        throughput=tokens_per_second_per_gpu,
+        gpus=args.gpus,
+        fix_dir=args.fix,
+        max_per_kind=args.max_per_kind,
+    )
 
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", type=Path, help="a .jsonl file of samples")
     p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR", help="the model folder (its tokenizer)")
-    p.add_argument("-o", "--output", type=Path, metavar="OUT.jsonl",
-                   help='write {"line", "tokens", "weights"} or {"line", "error"} per line here (default: stdout)')
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="OUT.jsonl",
+        help='write {"line", "tokens", "weights"} or {"line", "error"} per line here (default: stdout)',
+    )
     p.add_argument("--show", action="store_true", help="print the decoded text with the trained spans highlighted")
-    p.add_argument("--train-on", choices=("all", "last"), default="all",
-                   help="train every assistant message, or only the last one (data.train_on)")
+    p.add_argument(
+        "--train-on",
+        choices=("all", "last"),
+        default="all",
+        help="train every assistant message, or only the last one (data.train_on)",
+    )
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
@@ -79,26 +98,66 @@ def _shown(records, tokenizer, path: Path):
 
 
 COMMANDS = [  # name, help, "module:add_arguments", "module:run"; modules are imported only when their command runs
-    ("validate", "check every train and eval file of a config: faults, statistics, epochs, ETA",
-     "finetune.cli:add_validate_arguments", "finetune.cli:run_validate"),
-    ("tokenize", "show the tokens and loss weights each line of a .jsonl file becomes",
-     "finetune.cli:add_tokenize_arguments", "finetune.cli:run_tokenize"),
-    ("demo", "make a tiny model, fine-tune it on the shipped data, and show what it learned (CPU, ~2 minutes)",
-     "finetune.after.demo:add_arguments", "finetune.after.demo:run"),
-    ("merge", "merge a LoRA checkpoint into its base model, one tensor at a time",
-     "finetune.after.merge:add_arguments", "finetune.after.merge:run"),
-    ("export-peft", "write a LoRA checkpoint as a Hugging Face PEFT adapter (transformers, vLLM)",
-     "finetune.after.peft_format:add_export_arguments", "finetune.after.peft_format:run_export"),
-    ("import-peft", "turn a Hugging Face PEFT LoRA adapter into a tailor checkpoint",
-     "finetune.after.peft_format:add_import_arguments", "finetune.after.peft_format:run_import"),
-    ("export-hf", "write a base or merged model in Hugging Face format",
-     "finetune.after.export_hf:add_arguments", "finetune.after.export_hf:run"),
-    ("chat", "chat with a model, with or without a LoRA checkpoint",
-     "finetune.after.chat:add_arguments", "finetune.after.chat:run"),
-    ("plot", "draw a run's train and eval loss, learning rate and tokens/s against step into one PNG",
-     "finetune.after.plot:add_arguments", "finetune.after.plot:run"),
-    ("extend-vocab", "extend a 32000-token model (Mistral 7B v0.1, Mixtral 8x7B v1) to the v3 tokenizer's 32768",
-     "finetune.after.extend_vocab:add_arguments", "finetune.after.extend_vocab:run"),
+    (
+        "validate",
+        "check every train and eval file of a config: faults, statistics, epochs, ETA",
+        "finetune.cli:add_validate_arguments",
+        "finetune.cli:run_validate",
+    ),
+    (
+        "tokenize",
+        "show the tokens and loss weights each line of a .jsonl file becomes",
+        "finetune.cli:add_tokenize_arguments",
+        "finetune.cli:run_tokenize",
+    ),
+    (
+        "demo",
+        "make a tiny model, fine-tune it on the shipped data, and show what it learned (CPU, ~2 minutes)",
+        "finetune.after.demo:add_arguments",
+        "finetune.after.demo:run",
+    ),
+    (
+        "merge",
+        "merge a LoRA checkpoint into its base model, one tensor at a time",
+        "finetune.after.merge:add_arguments",
+        "finetune.after.merge:run",
+    ),
+    (
+        "export-peft",
+        "write a LoRA checkpoint as a Hugging Face PEFT adapter (transformers, vLLM)",
+        "finetune.after.peft_format:add_export_arguments",
+        "finetune.after.peft_format:run_export",
+    ),
+    (
+        "import-peft",
+        "turn a Hugging Face PEFT LoRA adapter into a tailor checkpoint",
+        "finetune.after.peft_format:add_import_arguments",
+        "finetune.after.peft_format:run_import",
+    ),
+    (
+        "export-hf",
+        "write a base or merged model in Hugging Face format",
+        "finetune.after.export_hf:add_arguments",
+        "finetune.after.export_hf:run",
+    ),
+    (
+        "chat",
+        "chat with a model, with or without a LoRA checkpoint",
+        "finetune.after.chat:add_arguments",
+        "finetune.after.chat:run",
+    ),
+    (
+        "plot",
+        "draw a run's train and eval loss, learning rate and tokens/s against step into one PNG",
+        "finetune.after.plot:add_arguments",
+        "finetune.after.plot:run",
+    ),
+    (
+        "extend-vocab",
+        "extend a 32000-token model (Mistral 7B v0.1, Mixtral 8x7B v1) to the v3 tokenizer's 32768",
+        "finetune.after.extend_vocab:add_arguments",
+        "finetune.after.extend_vocab:run",
+    ),
 ]
 
 

@@ -356,17 +356,25 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     require(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr], got {o.min_lr}")
     require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    require(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas must be two numbers in [0, 1), got {o.betas}",
+    )
     require(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
     require(o.max_grad_norm > 0, f"optim.max_grad_norm must be > 0, got {o.max_grad_norm}")
     require(o.warmup_steps is None or o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     require(0 <= o.warmup_fraction <= 1, f"optim.warmup_fraction must be in [0, 1], got {o.warmup_fraction}")
-    require(o.max_consecutive_nonfinite >= 1,
-            f"optim.max_consecutive_nonfinite must be >= 1, got {o.max_consecutive_nonfinite}")
+    require(
+        o.max_consecutive_nonfinite >= 1,
+        f"optim.max_consecutive_nonfinite must be >= 1, got {o.max_consecutive_nonfinite}",
+    )
     require(bool(cfg.resume), "resume must be auto, false, or a checkpoint folder; got an empty string")
     require(cfg.eval.freq >= 1, f"eval.freq must be >= 1, got {cfg.eval.freq}")
     require(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1, "eval.max_batches must be >= 1 or null")
-    require(not cfg.eval.enabled or bool(cfg.data.eval), "eval is on but data.eval is empty: add eval files, or set eval.enabled: false")
+    require(
+        not cfg.eval.enabled or bool(cfg.data.eval),
+        "eval is on but data.eval is empty: add eval files, or set eval.enabled: false",
+    )
     require(cfg.checkpoint.freq >= 1, f"checkpoint.freq must be >= 1, got {cfg.checkpoint.freq}")
     require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     require(cfg.logging.freq >= 1, f"logging.freq must be >= 1, got {cfg.logging.freq}")

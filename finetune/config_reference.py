@@ -33,9 +33,11 @@ def field_comments(cls: type) -> dict[str, str]:
     above it; "" for a field with neither."""
     source = textwrap.dedent(inspect.getsource(cls))
     lines = source.splitlines()
-    comments = {token.start[0]: token.string.lstrip("#").strip()
-                for token in tokenize.generate_tokens(io.StringIO(source).readline)
-                if token.type == tokenize.COMMENT}  # fmt: skip
+    comments = {
+        token.start[0]: token.string.lstrip("#").strip()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.COMMENT
+    }
     result = {}
     for node in ast.parse(source).body[0].body:
         if not isinstance(node, ast.AnnAssign):

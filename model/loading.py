@@ -26,6 +26,7 @@ from model.lora import (
 from model.transformer import Transformer
 from model.weights import read_weights
 
+
 @torch.no_grad()
 def load_model(
     path: str | Path,

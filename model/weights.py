@@ -29,9 +29,15 @@ from model.hf_format import convert_tensor_to_native, hf_to_native_name
 
 # Native (mistral-inference) names first, then Hugging Face's (Mistral3 / Llava-style, with or without `model.`).
 VISION_TOWER_PREFIXES = (
-    "vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.",
-    "vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
-)  # fmt: skip
+    "vision_encoder.",
+    "vision_language_adapter.",
+    "patch_merger.",
+    "pre_mm_projector_norm.",
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
 _HF_BUFFERS = ("rotary_emb.inv_freq",)  # buffers some older HF checkpoints saved: derived, not weights
 
 
@@ -115,10 +121,19 @@ def _read_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _read_specs(file: Path) -> Iterator[tuple[str, TensorSpec]]:
@@ -130,4 +145,3 @@ def _read_specs(file: Path) -> Iterator[tuple[str, TensorSpec]]:
             for name in handle.keys():
                 s = handle.get_slice(name)
                 yield name, TensorSpec(SAFETENSORS_DTYPES[s.get_dtype()], tuple(s.get_shape()))
-

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from multimodal import add_vision_tower
 
 from model.tiny import write_tiny_model
-from multimodal import add_vision_tower
 
 
 @pytest.fixture(autouse=True)
@@ -32,10 +32,9 @@ def tiny_folder(tmp_path_factory):
     return make
 
 
-
 @pytest.fixture(scope="session")
 def multimodal_folder(tiny_folder, tmp_path_factory):
-    """`multimodal_folder(layout="native")`: the tiny mistral-7b folder plus a vision tower, written once per session."""
+    """`multimodal_folder(layout="native")`: the tiny mistral-7b folder plus a vision tower, written once a session."""
     folders = {}
 
     def make(layout: str = "native"):

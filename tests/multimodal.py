@@ -10,14 +10,18 @@ from safetensors.torch import load_file, save_file
 # Names that a careless filter would take for the decoder's (`...layers.0.attention.wq.weight`), and shapes that
 # fit no parameter of it.
 VISION_TOWER = {
-    "native": {"vision_encoder.patch_conv.weight": (24, 3, 4, 4),
-               "vision_encoder.transformer.layers.0.attention.wq.weight": (24, 24),
-               "vision_language_adapter.w_in.weight": (64, 24),
-               "pre_mm_projector_norm.weight": (24,)},
-    "hf": {"vision_tower.patch_conv.weight": (24, 3, 4, 4),
-           "vision_tower.transformer.layers.0.attention.q_proj.weight": (24, 24),
-           "multi_modal_projector.linear_1.weight": (64, 24)},
-}  # fmt: skip
+    "native": {
+        "vision_encoder.patch_conv.weight": (24, 3, 4, 4),
+        "vision_encoder.transformer.layers.0.attention.wq.weight": (24, 24),
+        "vision_language_adapter.w_in.weight": (64, 24),
+        "pre_mm_projector_norm.weight": (24,),
+    },
+    "hf": {
+        "vision_tower.patch_conv.weight": (24, 3, 4, 4),
+        "vision_tower.transformer.layers.0.attention.q_proj.weight": (24, 24),
+        "multi_modal_projector.linear_1.weight": (64, 24),
+    },
+}
 
 
 def add_vision_tower(source: Path, folder: Path, layout: str) -> Path:

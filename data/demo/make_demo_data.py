@@ -13,14 +13,20 @@ from pathlib import Path
 
 NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry"]
 TIMES = ["morning", "afternoon", "evening", "night"]
-PHRASINGS = ["Greet {name} in the {time}.", "Please say hi to {name}, it is {time}.",
-             "It's {time}. Welcome {name}.", "{name} just arrived this {time}. Greet them."]
+PHRASINGS = [
+    "Greet {name} in the {time}.",
+    "Please say hi to {name}, it is {time}.",
+    "It's {time}. Welcome {name}.",
+    "{name} just arrived this {time}. Greet them.",
+]
 SYSTEM = "You greet people politely and briefly."
 
 
 def conversation(name: str, time: str, rng: random.Random) -> dict:
-    messages = [{"role": "user", "content": rng.choice(PHRASINGS).format(name=name, time=time)},
-                {"role": "assistant", "content": f"Good {time}, {name}!"}]
+    messages = [
+        {"role": "user", "content": rng.choice(PHRASINGS).format(name=name, time=time)},
+        {"role": "assistant", "content": f"Good {time}, {name}!"},
+    ]
     if rng.random() < 0.3:
         messages.insert(0, {"role": "system", "content": SYSTEM})
     return {"messages": messages}

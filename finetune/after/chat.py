@@ -20,9 +20,9 @@ import torch
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+from finetune.checkpoints.adapter import read_adapter
 from finetune.data.errors import first_line
 from finetune.data.tokenize import check_tokenizer_vocab, find_tokenizer_file
-from finetune.checkpoints.adapter import read_adapter
 from model.args import load_model_args
 from model.generate import generate
 from model.loading import load_model
@@ -39,8 +39,9 @@ class Sampling:
     seed: int | None = 0  # sampled answers are reproducible by default
 
 
-def load_chat_model(model_dir: str | Path, adapter_dir: str | Path | None = None, merge: bool = False
-                    ) -> tuple[Transformer, MistralTokenizer]:  # fmt: skip
+def load_chat_model(
+    model_dir: str | Path, adapter_dir: str | Path | None = None, merge: bool = False
+) -> tuple[Transformer, MistralTokenizer]:
     """The model (on the GPU in bf16 when there is one, else CPU fp32) with its adapter, and its tokenizer."""
     if not Path(model_dir).is_dir():
         raise ValueError(f"model folder not found: {model_dir}")
@@ -62,20 +63,29 @@ def load_chat_model(model_dir: str | Path, adapter_dir: str | Path | None = None
     return model.eval(), tokenizer
 
 
-def encode_conversation(tokenizer: MistralTokenizer, messages: list[dict], tools: list[dict] | None = None
-                        ) -> list[int]:  # fmt: skip
+def encode_conversation(
+    tokenizer: MistralTokenizer, messages: list[dict], tools: list[dict] | None = None
+) -> list[int]:
     """Prompt tokens of a conversation that ends with a user (or tool) message."""
     return tokenizer.encode_chat_completion(ChatCompletionRequest(messages=messages, tools=tools)).tokens
 
 
-def generate_replies(model: Transformer, tokenizer: MistralTokenizer, prompts: list[list[int]], sampling: Sampling,
-                     batch_size: int = 8) -> list[list[int]]:  # fmt: skip
+def generate_replies(
+    model: Transformer, tokenizer: MistralTokenizer, prompts: list[list[int]], sampling: Sampling, batch_size: int = 8
+) -> list[list[int]]:
     """Reply tokens (EOS not included) of each prompt, `batch_size` prompts per generation."""
     eos_id = tokenizer.instruct_tokenizer.tokenizer.eos_id
     replies = []
     for start in range(0, len(prompts), batch_size):
-        replies += generate(model, prompts[start : start + batch_size], sampling.max_tokens, eos_id,
-                            sampling.temperature, sampling.top_p, sampling.seed)  # fmt: skip
+        replies += generate(
+            model,
+            prompts[start : start + batch_size],
+            sampling.max_tokens,
+            eos_id,
+            sampling.temperature,
+            sampling.top_p,
+            sampling.seed,
+        )
     return replies
 
 
@@ -84,15 +94,22 @@ def chat_once(model: Transformer, tokenizer: MistralTokenizer, messages: list[di
     return answer_conversations(model, tokenizer, [{"messages": messages}], sampling)[0]
 
 
-def answer_conversations(model: Transformer, tokenizer: MistralTokenizer, conversations: list[dict],
-                         sampling: Sampling, batch_size: int = 8) -> list[str]:  # fmt: skip
+def answer_conversations(
+    model: Transformer, tokenizer: MistralTokenizer, conversations: list[dict], sampling: Sampling, batch_size: int = 8
+) -> list[str]:
     """Answers to conversations given as `{"messages": [...], "tools": [...] (optional)}`."""
     prompts = [encode_conversation(tokenizer, c["messages"], c.get("tools")) for c in conversations]
     return [tokenizer.decode(reply) for reply in generate_replies(model, tokenizer, prompts, sampling, batch_size)]
 
 
-def answer_file(model: Transformer, tokenizer: MistralTokenizer, input_path: str | Path, output_path: str | Path,
-                sampling: Sampling, batch_size: int = 8) -> int:  # fmt: skip
+def answer_file(
+    model: Transformer,
+    tokenizer: MistralTokenizer,
+    input_path: str | Path,
+    output_path: str | Path,
+    sampling: Sampling,
+    batch_size: int = 8,
+) -> int:
     """Answer every conversation of a JSON Lines file; write one `{"messages", "answer"}` line per input line, with
     the input's final assistant message, if any, left out of the prompt and kept as `"reference"`."""
     conversations, prompts = [], []
@@ -100,8 +117,9 @@ def answer_file(model: Transformer, tokenizer: MistralTokenizer, input_path: str
         try:
             prompts.append(encode_conversation(tokenizer, conversation["messages"], conversation.get("tools")))
         except Exception as e:  # mistral-common's validation errors have no common base class
-            raise ValueError(f"{input_path}:{number}: the tokenizer cannot encode this conversation: "
-                             f"{first_line(e)}") from None
+            raise ValueError(
+                f"{input_path}:{number}: the tokenizer cannot encode this conversation: {first_line(e)}"
+            ) from None
         conversations.append(conversation)
     replies = generate_replies(model, tokenizer, prompts, sampling, batch_size)
     with open(output_path, "w", encoding="utf-8") as f:
@@ -131,8 +149,14 @@ def read_conversations(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield number, conversation
 
 
-def interactive_chat(model: Transformer, tokenizer: MistralTokenizer, sampling: Sampling, system: str | None = None,
-                     stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:  # fmt: skip
+def interactive_chat(
+    model: Transformer,
+    tokenizer: MistralTokenizer,
+    sampling: Sampling,
+    system: str | None = None,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+) -> None:
     """A conversation on the terminal: each line is a user message, answered with the whole history in the
     prompt. `/reset` forgets the history, `/exit` or end of input quits."""
     stdout.write("Type a message; /reset starts a new conversation, /exit quits.\n")

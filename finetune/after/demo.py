@@ -27,8 +27,10 @@ def run(args: argparse.Namespace) -> int:
     from model.tiny import write_tiny_model
 
     if not DEMO_CONFIG.is_file() or not Path("train.py").is_file():
-        print(f"error: run the demo from the tailor repository root ({DEMO_CONFIG} and train.py not found here)",
-              file=sys.stderr)
+        print(
+            f"error: run the demo from the tailor repository root ({DEMO_CONFIG} and train.py not found here)",
+            file=sys.stderr,
+        )
         return 2
     cfg = load_config(DEMO_CONFIG, args.overrides)
     model_dir, run_dir = Path(cfg.model.path), Path(cfg.run_dir)
@@ -51,9 +53,11 @@ def report(run_dir: Path, model_dir: Path, eval_file: Path) -> int:
     evals = [r for r in records if r["kind"] == "eval"]
     first, last = train[0]["loss"], evals[-1]["eval_loss"]
     learned = last < 0.25 * first
-    print(f"\nThe loss fell from {first:.2f} (step {train[0]['step']}) to an eval loss of {last:.2f} at step "
-          f"{evals[-1]['step']}, token accuracy {evals[-1]['eval_token_accuracy']:.0%}: "
-          + ("the adapters learned the skill." if learned else "less than expected; see metrics.jsonl."))
+    print(
+        f"\nThe loss fell from {first:.2f} (step {train[0]['step']}) to an eval loss of {last:.2f} at step "
+        f"{evals[-1]['step']}, token accuracy {evals[-1]['eval_token_accuracy']:.0%}: "
+        + ("the adapters learned the skill." if learned else "less than expected; see metrics.jsonl.")
+    )
 
     from finetune.after.chat import Sampling, answer_conversations, load_chat_model
     from finetune.checkpoints.folders import list_checkpoints
@@ -65,8 +69,10 @@ def report(run_dir: Path, model_dir: Path, eval_file: Path) -> int:
     answers = answer_conversations(model, tokenizer, prompts, Sampling(max_tokens=32), batch_size=len(prompts))
     expected = [c["messages"][-1]["content"] for c in held_out]
     right = sum(a == e for a, e in zip(answers, expected))
-    print(f"\nHeld-out prompts (never seen in training), answered by the fine-tuned model ({checkpoint}): "
-          f"{right} of {len(held_out)} exactly right. Some of them:")
+    print(
+        f"\nHeld-out prompts (never seen in training), answered by the fine-tuned model ({checkpoint}): "
+        f"{right} of {len(held_out)} exactly right. Some of them:"
+    )
     for conversation, answer, wanted in list(zip(held_out, answers, expected))[::SHOWN_EVERY]:
         mark = "ok" if answer == wanted else f"expected {wanted!r}"
         print(f"  {conversation['messages'][-2]['content']!r} -> {answer!r}  [{mark}]")

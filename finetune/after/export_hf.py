@@ -49,8 +49,9 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | N
     return Path(out_dir)
 
 
-def hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, dtype: torch.dtype | None
-               ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+def hf_tensors(
+    tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     for name, tensor in tensors:
         hf_name, tensor = convert_tensor_to_hf(name, tensor, args)
         yield hf_name, tensor if dtype is None else tensor.to(dtype)
@@ -59,8 +60,9 @@ def hf_tensors(tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, dty
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="a base or merged model folder")
     parser.add_argument("--out", required=True, type=Path, help="new folder for the Hugging Face model")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="cast the weights (default: keep each tensor's dtype)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep each tensor's dtype)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

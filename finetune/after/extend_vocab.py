@@ -20,8 +20,8 @@ import torch
 from finetune.checkpoints.adapter import base_params
 from finetune.checkpoints.streaming import staged_folder, write_safetensors
 from model.args import load_model_args, write_params
-from model.weights import TensorSpec, read_weights, weight_specs
 from model.tiny import TOKENIZER_FILES, tokenizer_path
+from model.weights import TensorSpec, read_weights, weight_specs
 
 OLD_VOCAB_SIZE, NEW_VOCAB_SIZE = 32000, 32768
 FIRST_PIECE_ID = 3  # after <unk>, <s>, </s>
@@ -36,9 +36,11 @@ def extend_vocab(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> P
     vocab_size = load_model_args(model_dir).vocab_size
     if vocab_size != OLD_VOCAB_SIZE:
         already = " (already extended)" if vocab_size == NEW_VOCAB_SIZE else ""
-        raise ValueError(f"{model_dir}: vocab_size is {vocab_size}{already}; extend-vocab turns the "
-                         f"{OLD_VOCAB_SIZE}-token vocabulary of Mistral 7B v0.1 / Mixtral 8x7B v1 into "
-                         f"{NEW_VOCAB_SIZE}")
+        raise ValueError(
+            f"{model_dir}: vocab_size is {vocab_size}{already}; extend-vocab turns the "
+            f"{OLD_VOCAB_SIZE}-token vocabulary of Mistral 7B v0.1 / Mixtral 8x7B v1 into "
+            f"{NEW_VOCAB_SIZE}"
+        )
     specs = weight_specs(model_dir, vision_tower=True)
     for name in VOCAB_TENSORS:
         specs[name] = TensorSpec(specs[name].dtype, (NEW_VOCAB_SIZE, *specs[name].shape[1:]))

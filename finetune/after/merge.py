@@ -28,8 +28,10 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     specs = weight_specs(base_dir, vision_tower=True)
     adapted = {key.rsplit(".", 2)[0] + ".weight" for key in adapter}
     if unknown := sorted(adapted - set(specs)):
-        raise ValueError(f"{adapter_dir}: adapters for weights that {base_dir} does not have, e.g. {unknown[:4]}; "
-                         "was the adapter trained on another model?")
+        raise ValueError(
+            f"{adapter_dir}: adapters for weights that {base_dir} does not have, e.g. {unknown[:4]}; "
+            "was the adapter trained on another model?"
+        )
     tensors = merged_tensors(read_weights(base_dir, vision_tower=True), adapter, lora.alpha / lora.rank)
     with staged_folder(out_dir) as staging:
         write_safetensors(staging / MERGED_WEIGHTS, specs, tensors)
@@ -38,16 +40,19 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     return Path(out_dir)
 
 
-def merged_tensors(tensors: Iterable[tuple[str, torch.Tensor]], adapter: dict[str, torch.Tensor], scaling: float
-                   ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+def merged_tensors(
+    tensors: Iterable[tuple[str, torch.Tensor]], adapter: dict[str, torch.Tensor], scaling: float
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Each (name, weight) with its adapter merged in (`merged_weight`, as `LoRALinear.merge` does)."""
     for name, tensor in tensors:
         module = name.removesuffix(".weight")
         a, b = adapter.get(f"{module}.lora_A.weight"), adapter.get(f"{module}.lora_B.weight")
         if a is not None:
             if (b.shape[0], a.shape[1]) != tuple(tensor.shape):
-                raise ValueError(f"adapter of {name} makes a {b.shape[0]}x{a.shape[1]} update for a weight of shape "
-                                 f"{tuple(tensor.shape)}: the adapter was trained on another model")
+                raise ValueError(
+                    f"adapter of {name} makes a {b.shape[0]}x{a.shape[1]} update for a weight of shape "
+                    f"{tuple(tensor.shape)}: the adapter was trained on another model"
+                )
             tensor = merged_weight(tensor, a, b, scaling)
         yield name, tensor
 

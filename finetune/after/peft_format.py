@@ -98,8 +98,10 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, base_dir: str | Path)
             continue
         state[name] = tensor.float().contiguous()
     if unsupported:
-        raise ValueError(f"{peft_dir}: adapters on modules tailor cannot adapt: {sorted(unsupported)[:6]}; "
-                         "supported are q/k/v/o_proj, gate/up/down_proj, Mixtral's experts w1/w2/w3 and lm_head")
+        raise ValueError(
+            f"{peft_dir}: adapters on modules tailor cannot adapt: {sorted(unsupported)[:6]}; "
+            "supported are q/k/v/o_proj, gate/up/down_proj, Mixtral's experts w1/w2/w3 and lm_head"
+        )
     targets = sorted({name.rsplit(".", 3)[-3] for name in state}, key=LORA_TARGETS.index)
     lora = LoRAArgs(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(targets))
     with torch.device("meta"):  # checks every adapted layer is there with the base's shapes, without memory
@@ -156,8 +158,11 @@ def read_peft_weights(peft_dir: Path) -> dict[str, torch.Tensor]:
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", required=True, type=Path, help="checkpoint folder holding lora.safetensors")
     parser.add_argument("--out", required=True, type=Path, help="new folder for the PEFT adapter")
-    parser.add_argument("--base-model-name", default=None,
-                        help="written as base_model_name_or_path, e.g. the hub id of the converted base")
+    parser.add_argument(
+        "--base-model-name",
+        default=None,
+        help="written as base_model_name_or_path, e.g. the hub id of the converted base",
+    )
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -27,8 +27,10 @@ def read_adapter(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoRAArg
     weights, params = folder / ADAPTER_FILE, folder / "params.json"
     for path in (weights, params):
         if not path.is_file():
-            raise ValueError(f"{folder}: no {path.name}; expected an adapter checkpoint folder "
-                             "(run_dir/checkpoints/checkpoint_N with lora.safetensors and params.json)")
+            raise ValueError(
+                f"{folder}: no {path.name}; expected an adapter checkpoint folder "
+                "(run_dir/checkpoints/checkpoint_N with lora.safetensors and params.json)"
+            )
     try:
         entry = json.loads(params.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
@@ -52,9 +54,11 @@ def read_adapter(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoRAArg
     for module in modules:
         a, b = state.get(f"{module}.lora_A.weight"), state.get(f"{module}.lora_B.weight")
         if a is None or b is None or a.shape[0] != lora.rank or b.shape[1] != lora.rank:
-            raise ValueError(f"{weights}: {module} needs lora_A [rank, in] and lora_B [out, rank] with rank "
-                             f"{lora.rank}, got A {None if a is None else tuple(a.shape)}, "
-                             f"B {None if b is None else tuple(b.shape)}")
+            raise ValueError(
+                f"{weights}: {module} needs lora_A [rank, in] and lora_B [out, rank] with rank "
+                f"{lora.rank}, got A {None if a is None else tuple(a.shape)}, "
+                f"B {None if b is None else tuple(b.shape)}"
+            )
     return state, lora
 
 
@@ -73,8 +77,13 @@ def base_params(model_dir: str | Path) -> dict:
 
 def lora_entry(lora: LoRAArgs) -> dict:
     """The `lora` entry of a checkpoint's params.json; mistral-inference reads rank and scaling (= alpha / rank)."""
-    return {"rank": lora.rank, "alpha": lora.alpha, "scaling": lora.alpha / lora.rank, "dropout": lora.dropout,
-            "targets": list(lora.targets)}
+    return {
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "scaling": lora.alpha / lora.rank,
+        "dropout": lora.dropout,
+        "targets": list(lora.targets),
+    }
 
 
 def params_with_lora(base_dir: str | Path, lora: LoRAArgs) -> dict:

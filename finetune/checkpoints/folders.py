@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from finetune.data.tokenize import find_tokenizer_file
-from finetune.training.distributed import barrier
 from finetune.checkpoints.adapter import ADAPTER_FILE, lora_entry
 from finetune.checkpoints.streaming import MERGED_WEIGHTS, TensorSpec, write_safetensors
+from finetune.data.tokenize import find_tokenizer_file
+from finetune.training.distributed import barrier
 from finetune.training.parallel import full_state
 from model.args import write_params
 from model.lora import LoRAArgs, lora_state_dict, merged_state_dict
@@ -155,8 +155,8 @@ def verify_checkpoint(folder: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
     if not isinstance(files, dict) or not all(
-            isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str)
-            for e in files.values()):
+        isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str) for e in files.values()
+    ):
         return f"{MANIFEST} is not a list of files with their bytes and sha256"
     if not files:
         return f"{MANIFEST} lists no files"
@@ -181,35 +181,56 @@ def verify_checkpoint(folder: Path) -> str | None:
 # What a checkpoint holds
 
 
-def save_adapter_checkpoint(run_dir: Path, step: int, lora_state: dict[str, torch.Tensor], params: dict,
-                            lora: LoRAArgs, tokenizer_file: Path, keep: int) -> Path:
+def save_adapter_checkpoint(
+    run_dir: Path,
+    step: int,
+    lora_state: dict[str, torch.Tensor],
+    params: dict,
+    lora: LoRAArgs,
+    tokenizer_file: Path,
+    keep: int,
+) -> Path:
     """The adapters alone, from one process (the training run adds state/ with save_training_checkpoint)."""
-    path = write_atomically(checkpoint_path(run_dir, step),
-                            lambda folder: _write_adapters(folder, lora_state, params, lora, tokenizer_file))
+    path = write_atomically(
+        checkpoint_path(run_dir, step), lambda folder: _write_adapters(folder, lora_state, params, lora, tokenizer_file)
+    )
     remove_old_checkpoints(run_dir, keep)
     return path
 
 
-def save_merged_checkpoint(run_dir: Path, step: int, specs: dict[str, TensorSpec],
-                           tensors: Iterable[tuple[str, torch.Tensor]], params: dict, tokenizer_file: Path,
-                           keep: int) -> Path:
+def save_merged_checkpoint(
+    run_dir: Path,
+    step: int,
+    specs: dict[str, TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    params: dict,
+    tokenizer_file: Path,
+    keep: int,
+) -> Path:
     """A full model folder from one process: consolidated.safetensors, params.json without LoRA, tokenizer."""
-    path = write_atomically(checkpoint_path(run_dir, step),
-                            lambda folder: _write_merged(folder, specs, tensors, params, tokenizer_file))
+    path = write_atomically(
+        checkpoint_path(run_dir, step), lambda folder: _write_merged(folder, specs, tensors, params, tokenizer_file)
+    )
     remove_old_checkpoints(run_dir, keep)
     return path
 
 
-def _write_adapters(folder: Path, lora_state: dict[str, torch.Tensor], params: dict, lora: LoRAArgs,
-                    tokenizer_file: Path) -> None:
+def _write_adapters(
+    folder: Path, lora_state: dict[str, torch.Tensor], params: dict, lora: LoRAArgs, tokenizer_file: Path
+) -> None:
     """lora.safetensors, params.json with the `lora` entry (`lora_entry`), and the tokenizer."""
     save_file({k: v.contiguous() for k, v in lora_state.items()}, folder / ADAPTER_FILE)
     write_params(folder, dict(params, lora=lora_entry(lora)))
     shutil.copy2(tokenizer_file, folder / Path(tokenizer_file).name)
 
 
-def _write_merged(folder: Path, specs: dict[str, TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
-                  params: dict, tokenizer_file: Path) -> None:
+def _write_merged(
+    folder: Path,
+    specs: dict[str, TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    params: dict,
+    tokenizer_file: Path,
+) -> None:
     """The weights stream in one at a time, each written as it comes (`specs`: name -> dtype and shape, for the
     file's header), so a model that fits in memory only sharded is never whole in one process."""
     write_safetensors(folder / MERGED_WEIGHTS, specs, tensors)

@@ -23,8 +23,9 @@ MERGED_WEIGHTS = "consolidated.safetensors"
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
-def write_safetensors(path: str | Path, specs: dict[str, TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]]
-                      ) -> None:  # fmt: skip
+def write_safetensors(
+    path: str | Path, specs: dict[str, TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]]
+) -> None:
     """Write one safetensors file holding one tensor in memory at a time: the header comes from `specs`, then each
     tensor's bytes go to their offset as it arrives (in any order). Each tensor of `specs` must come exactly once,
     with its dtype and shape."""
@@ -47,8 +48,10 @@ def write_safetensors(path: str | Path, specs: dict[str, TensorSpec], tensors: I
                 fault = "written twice" if spec else "not in the planned header"
                 raise ValueError(f"{path}: tensor {name!r} is {fault}")
             if (tensor.dtype, tuple(tensor.shape)) != spec:
-                raise ValueError(f"{path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned as "
-                                 f"{spec.dtype} {spec.shape}")
+                raise ValueError(
+                    f"{path}: tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned as "
+                    f"{spec.dtype} {spec.shape}"
+                )
             f.seek(data_start + offsets[name])
             f.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
             written.add(name)

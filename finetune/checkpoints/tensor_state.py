@@ -56,16 +56,23 @@ def load_tensors(paths: list[Path], model_state: dict, optim_state: dict) -> Non
             continue
         full = _join(files, key)
         if tuple(full.shape) != tuple(template.shape) or full.dtype != template.dtype:
-            problems.append(f"Size mismatch for {key}: saved {tuple(full.shape)} {full.dtype}, this model has "
-                            f"{tuple(template.shape)} {template.dtype}")
+            problems.append(
+                f"Size mismatch for {key}: saved {tuple(full.shape)} {full.dtype}, this model has "
+                f"{tuple(template.shape)} {template.dtype}"
+            )
             continue
         full = full.to(template.device)
-        loaded[key] = (distribute_tensor(full, template.device_mesh, template.placements, src_data_rank=None)
-                       if isinstance(template, DTensor) else full)
+        loaded[key] = (
+            distribute_tensor(full, template.device_mesh, template.placements, src_data_rank=None)
+            if isinstance(template, DTensor)
+            else full
+        )
     if problems:
-        raise TensorStateError(f"its training state does not fit this model: {'; '.join(problems[:5])}"
-                               + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-                               + ". Resume with the model.path and lora settings it was trained with.")
+        raise TensorStateError(
+            f"its training state does not fit this model: {'; '.join(problems[:5])}"
+            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+            + ". Resume with the model.path and lora settings it was trained with."
+        )
     for key, value in loaded.items():
         kind, _, rest = key.partition("/")
         if kind == "model":
@@ -101,14 +108,20 @@ def _open(path: Path) -> tuple[set, dict, object]:
     try:
         reader = safe_open(str(path), framework="pt", device="cpu")
         shard_dims = json.loads((reader.metadata() or {})[SHARD_DIMS])
-        if not isinstance(shard_dims, dict) or set(shard_dims) != set(reader.keys()) or not all(
-                dim is None or (isinstance(dim, int) and not isinstance(dim, bool)) for dim in shard_dims.values()):
+        if (
+            not isinstance(shard_dims, dict)
+            or set(shard_dims) != set(reader.keys())
+            or not all(
+                dim is None or (isinstance(dim, int) and not isinstance(dim, bool)) for dim in shard_dims.values()
+            )
+        ):
             raise ValueError(f"its {SHARD_DIMS} entry does not list its tensors")
     except FileNotFoundError:
         raise TensorStateError(f"{path} is missing") from None
     except (SafetensorError, OSError, KeyError, ValueError) as error:
-        raise TensorStateError(f"{path} is not a training state tailor writes (a safetensors file with "
-                               f"{SHARD_DIMS}): {error}") from None
+        raise TensorStateError(
+            f"{path} is not a training state tailor writes (a safetensors file with {SHARD_DIMS}): {error}"
+        ) from None
     return set(reader.keys()), shard_dims, reader
 
 
@@ -116,7 +129,9 @@ def _join(files: list[tuple[set, dict, object]], key: str) -> torch.Tensor:
     """The whole tensor: the shards of every rank joined along their dimension, or rank 0's when it is whole."""
     dims = {dims.get(key, "missing") for _, dims, _ in files}
     if len(dims) != 1 or "missing" in dims:
-        raise TensorStateError(f"its training state files disagree on {key} (shard dimensions {sorted(map(str, dims))})")
+        raise TensorStateError(
+            f"its training state files disagree on {key} (shard dimensions {sorted(map(str, dims))})"
+        )
     (dim,) = dims
     try:
         if dim is None:

@@ -27,4 +27,3 @@ __all__ = [
     "read_vocab_size",
     "tokenize_sample",
 ]
-

@@ -60,8 +60,11 @@ class TokenizedFile:
         self.meta = json.loads((entry / "meta.json").read_text())
         # Memory-mapped: every rank shares the same pages, and opening costs nothing however big the file.
         # np.asarray drops the np.memmap subclass, whose slicing is several times slower.
-        self.tokens = np.asarray(np.memmap(entry / "tokens.bin", dtype=np.uint32, mode="r")) \
-            if self.meta["n_tokens"] else np.zeros(0, np.uint32)
+        self.tokens = (
+            np.asarray(np.memmap(entry / "tokens.bin", dtype=np.uint32, mode="r"))
+            if self.meta["n_tokens"]
+            else np.zeros(0, np.uint32)
+        )
         self.sample_starts = np.asarray(np.load(entry / "sample_starts.npy", mmap_mode="r"))
         self.sample_lines = np.asarray(np.load(entry / "sample_lines.npy", mmap_mode="r"))
         self.span_starts = np.asarray(np.load(entry / "span_starts.npy", mmap_mode="r"))
@@ -79,21 +82,23 @@ class TokenizedFile:
         """Tokens and loss weights of good sample i."""
         start, end = self.sample_starts[i], self.sample_starts[i + 1]
         weights = np.zeros(end - start, np.float32)
-        for begin, stop, weight in self.spans[self.span_starts[i]:self.span_starts[i + 1]]:
+        for begin, stop, weight in self.spans[self.span_starts[i] : self.span_starts[i + 1]]:
             weights[begin:stop] = weight
         return np.asarray(self.tokens[start:end]), weights
 
 
-def open_tokenized_files(paths: list[Path], tokenizer, train_on: str, cache_dir: str | Path,
-                         num_workers: int = 2) -> list[TokenizedFile]:
+def open_tokenized_files(
+    paths: list[Path], tokenizer, train_on: str, cache_dir: str | Path, num_workers: int = 2
+) -> list[TokenizedFile]:
     """The cache entry of each file, tokenizing (in num_workers processes) those not cached yet."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_digest = _digest_of_file(Path(tokenizer.instruct_tokenizer.tokenizer.file_path), cache_dir)
     entries = {}
     for path in paths:
-        key = json.dumps([CACHE_FORMAT, _digest_of_file(path, cache_dir), tokenizer_digest, train_on,
-                          mistral_common.__version__])
+        key = json.dumps(
+            [CACHE_FORMAT, _digest_of_file(path, cache_dir), tokenizer_digest, train_on, mistral_common.__version__]
+        )
         entries[path] = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:32]
     with _WorkerPool(tokenizer, train_on, num_workers) as pool:
         # First build what no other process is building, then wait for the rest: ranks share the work.
@@ -157,9 +162,16 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
     np.save(out / "span_starts.npy", np.concatenate([[0], np.cumsum(np.concatenate(n_spans))]).astype(np.int64))
     np.save(out / "spans.npy", spans)
     trained = int(((spans["end"] - spans["begin"]) * (spans["weight"] > 0)).sum())
-    meta = {"format": CACHE_FORMAT, "source": str(path), "n_lines": first_line - 1, "n_samples": len(lengths),
-            "n_tokens": int(lengths.sum()), "n_trained_tokens": trained, "errors_by_kind": errors_by_kind,
-            "built_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = {
+        "format": CACHE_FORMAT,
+        "source": str(path),
+        "n_lines": first_line - 1,
+        "n_samples": len(lengths),
+        "n_tokens": int(lengths.sum()),
+        "n_trained_tokens": trained,
+        "errors_by_kind": errors_by_kind,
+        "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -186,8 +198,13 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
                 tokens_out.write(array.array("I", pending).tobytes())  # 3x faster than numpy from a list
                 pending = []
         tokens_out.write(array.array("I", pending).tobytes())
-    np.savez(f"{prefix}.npz", lengths=np.asarray(lengths, np.int64), lines=np.asarray(lines, np.int64),
-             n_spans=np.asarray(n_spans, np.int64), spans=np.asarray(spans, SPAN_DTYPE))
+    np.savez(
+        f"{prefix}.npz",
+        lengths=np.asarray(lengths, np.int64),
+        lines=np.asarray(lines, np.int64),
+        n_spans=np.asarray(n_spans, np.int64),
+        spans=np.asarray(spans, SPAN_DTYPE),
+    )
     return n_lines
 
 

@@ -36,4 +36,3 @@ class DataConfig:
     # tokenized data, reused by later runs, `tailor validate` and every rank; null: .tailor_cache beside run_dir
     cache_dir: str | None = None
     num_workers: int = 2  # tokenizer processes; 0 tokenizes in the training process
-

@@ -8,8 +8,9 @@ highlighted: green when fully trained, yellow when weighted below 1, control tok
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
@@ -57,7 +58,7 @@ def render_sample(tokens: list[int], weights: list[float], tokenizer, color: boo
             # decode all text so far and keep the new part: decoding a run alone would drop its leading space
             text_tokens += tokens[i:j]
             full = raw.decode(text_tokens, special_token_policy=SpecialTokenPolicy.IGNORE)
-            text, decoded = full[len(decoded):], full
+            text, decoded = full[len(decoded) :], full
         runs.append((text, weights[i], special))
         i = j
     if color:
@@ -68,8 +69,9 @@ def render_sample(tokens: list[int], weights: list[float], tokenizer, color: boo
             marked[-1][0] += text
         else:
             marked.append([text, weight])
-    return "".join(f"«{text}»" + ("" if weight == 1 else f"({weight:g})") if weight > 0 else text
-                   for text, weight in marked)
+    return "".join(
+        f"«{text}»" + ("" if weight == 1 else f"({weight:g})") if weight > 0 else text for text, weight in marked
+    )
 
 
 def _colored(text: str, weight: float, special: bool) -> str:

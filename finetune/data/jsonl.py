@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from finetune.data.errors import SampleFault
 
@@ -47,15 +48,20 @@ def parse_line(raw: bytes) -> Any:
     """The JSON value of one line; SampleFault if the line is not one clean UTF-8 JSON value."""
     line = raw.rstrip(b"\r\n")
     if line.startswith(BOM):
-        raise SampleFault("bom", "line starts with a UTF-8 byte-order mark (BOM); save the file as UTF-8 without "
-                                 "BOM (`tailor validate --fix` removes it)", fixable=True)
+        raise SampleFault(
+            "bom",
+            "line starts with a UTF-8 byte-order mark (BOM); save the file as UTF-8 without "
+            "BOM (`tailor validate --fix` removes it)",
+            fixable=True,
+        )
     if not line.strip():
         raise SampleFault("blank_line", "blank line (`tailor validate --fix` removes it)", fixable=True)
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise SampleFault("not_utf8", f"not valid UTF-8: byte 0x{line[e.start]:02x} at column {e.start + 1}; "
-                                      "save the file as UTF-8") from None
+        raise SampleFault(
+            "not_utf8", f"not valid UTF-8: byte 0x{line[e.start]:02x} at column {e.start + 1}; save the file as UTF-8"
+        ) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

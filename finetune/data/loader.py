@@ -39,13 +39,25 @@ def epoch_order(n: int, seed: int, source_index: int, rank: int, world_size: int
 class TrainLoader:
     """Endless iterator of Batch for one rank; see the module docstring for the order."""
 
-    def __init__(self, sources: list[TokenizedSource], bad_samples: Counter, *, seq_len: int, batch_size: int,
-                 overlong: str, rank: int, world_size: int, seed: int, shuffle: bool):
+    def __init__(
+        self,
+        sources: list[TokenizedSource],
+        bad_samples: Counter,
+        *,
+        seq_len: int,
+        batch_size: int,
+        overlong: str,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+    ):
         self.sources = sources
         self.seq_len, self.batch_size, self.overlong = seq_len, batch_size, overlong
         self.seed, self.rank = seed, rank
-        self.feeds = [DocumentFeed(epoch_order(len(s), seed, i, rank, world_size, shuffle))
-                      for i, s in enumerate(sources)]
+        self.feeds = [
+            DocumentFeed(epoch_order(len(s), seed, i, rank, world_size, shuffle)) for i, s in enumerate(sources)
+        ]
         weights = np.array([s.weight for s in sources], np.float64)
         self.cumulative_weights = np.cumsum(weights / weights.sum())
         self.bad_samples = bad_samples
@@ -62,17 +74,21 @@ class TrainLoader:
         draw = np.random.default_rng([self.seed, self.rank, self.sequences]).random()
         k = min(int(np.searchsorted(self.cumulative_weights, draw, side="right")), len(self.sources) - 1)
         self.sequences += 1
-        return self.sources[k], pack_sequence(self.feeds[k], self.sources[k], self.seq_len, self.overlong,
-                                              self.counts)
+        return self.sources[k], pack_sequence(self.feeds[k], self.sources[k], self.seq_len, self.overlong, self.counts)
 
     def state_dict(self) -> dict:
-        return {"sequences": self.sequences, "counts": dict(self.counts),
-                "feeds": [feed.state_dict() for feed in self.feeds]}
+        return {
+            "sequences": self.sequences,
+            "counts": dict(self.counts),
+            "feeds": [feed.state_dict() for feed in self.feeds],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["feeds"]) != len(self.feeds):
-            raise ValueError(f"the saved data position has {len(state['feeds'])} sources but data.train has "
-                             f"{len(self.feeds)}; resume with the same data.train")
+            raise ValueError(
+                f"the saved data position has {len(state['feeds'])} sources but data.train has "
+                f"{len(self.feeds)}; resume with the same data.train"
+            )
         self.sequences = state["sequences"]
         self.counts = Counter(state["counts"])
         for feed, saved in zip(self.feeds, state["feeds"]):
@@ -81,12 +97,16 @@ class TrainLoader:
     def report(self) -> dict:
         """What this rank's data looked like: bad samples skipped (whole files, the same on every rank),
         overlong samples met so far, and the epochs begun in each source."""
-        return {"skipped_bad_samples": dict(self.bad_samples), "overlong": dict(self.counts),
-                "epochs_begun": {s.name: f.epoch + 1 for s, f in zip(self.sources, self.feeds)}}
+        return {
+            "skipped_bad_samples": dict(self.bad_samples),
+            "overlong": dict(self.counts),
+            "epochs_begun": {s.name: f.epoch + 1 for s, f in zip(self.sources, self.feeds)},
+        }
 
 
-def build_train_loader(cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: int, rank: int, world_size: int,
-                       seed: int, cache_dir: Path) -> TrainLoader:
+def build_train_loader(
+    cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: int, rank: int, world_size: int, seed: int, cache_dir: Path
+) -> TrainLoader:
     sources = open_sources(cfg.train, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
     bad = check_bad_samples(sources, cfg.on_bad_sample)
     for source in sources:
@@ -94,24 +114,36 @@ def build_train_loader(cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: 
             raise DataError(f"{source.name}: {len(source)} usable samples cannot be shared by {world_size} ranks")
         fits = source.lengths - 1 <= seq_len
         if cfg.overlong == "drop" and not np.any(fits if cfg.shuffle else fits[rank::world_size]):
-            raise DataError(f"{source.name}: every sample (of rank {rank}) is longer than seq_len {seq_len} and "
-                            "overlong is drop")
-    return TrainLoader(sources, bad, seq_len=seq_len, batch_size=batch_size, overlong=cfg.overlong, rank=rank,
-                       world_size=world_size, seed=seed, shuffle=cfg.shuffle)
+            raise DataError(
+                f"{source.name}: every sample (of rank {rank}) is longer than seq_len {seq_len} and overlong is drop"
+            )
+    return TrainLoader(
+        sources,
+        bad,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        overlong=cfg.overlong,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle=cfg.shuffle,
+    )
 
 
-def build_eval_batches(cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: int, rank: int, world_size: int,
-                       cache_dir: Path) -> list[Batch]:
+def build_eval_batches(
+    cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: int, rank: int, world_size: int, cache_dir: Path
+) -> list[Batch]:
     sources = open_sources(cfg.eval, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
     check_bad_samples(sources, cfg.on_bad_sample)
     counts: Counter = Counter()
     sequences = []  # the global list, identical on every rank
     for source in sources:
-        feed = DocumentFeed(lambda epoch, n=len(source): np.arange(n) if epoch == 0 else None)
+        n = len(source)
+        feed = DocumentFeed(lambda epoch, n=n: np.arange(n) if epoch == 0 else None)
         while pieces := pack_sequence(feed, source, seq_len, cfg.overlong, counts):
             sequences.append((source, pieces))
     mine = sequences[rank::world_size]
     n_batches = math.ceil(math.ceil(len(sequences) / world_size) / batch_size)
     padding = (sources[0] if sources else None, [])  # a sequence of padding only
     mine += [padding] * (n_batches * batch_size - len(mine))
-    return [make_batch(mine[b * batch_size:(b + 1) * batch_size], seq_len) for b in range(n_batches)]
+    return [make_batch(mine[b * batch_size : (b + 1) * batch_size], seq_len) for b in range(n_batches)]

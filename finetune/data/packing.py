@@ -15,8 +15,9 @@ Every case is counted in `counts`, which the loader reports.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -110,8 +111,9 @@ class DocumentStore(Protocol):
     def write(self, piece: Piece, tokens: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> None: ...
 
 
-def pack_sequence(feed: DocumentFeed, store: DocumentStore, seq_len: int, overlong: str, counts: Counter
-                  ) -> list[Piece]:
+def pack_sequence(
+    feed: DocumentFeed, store: DocumentStore, seq_len: int, overlong: str, counts: Counter
+) -> list[Piece]:
     """The pieces of the next sequence; [] once the feed is exhausted.
 
     Documents go in feed order; when the next one does not fit the room left, a later one (at most
@@ -128,8 +130,9 @@ def pack_sequence(feed: DocumentFeed, store: DocumentStore, seq_len: int, overlo
     return pieces
 
 
-def _next_piece(feed: DocumentFeed, store: DocumentStore, seq_len: int, room: int, overlong: str,
-                counts: Counter) -> Piece | None:
+def _next_piece(
+    feed: DocumentFeed, store: DocumentStore, seq_len: int, room: int, overlong: str, counts: Counter
+) -> Piece | None:
     """Take from the feed the first piece that fits in `room`; None if nothing fits."""
     while True:
         for position, doc in feed.upcoming(LOOKAHEAD):
@@ -181,5 +184,10 @@ def make_batch(sequences: list[tuple[DocumentStore, list[Piece]]], seq_len: int)
         if position < (s + 1) * seq_len:
             seqlens.append((s + 1) * seq_len - position)
     # counted in numpy: a torch reduction on a small CPU tensor can cost tens of ms in thread wake-ups
-    return Batch(torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(weights), seqlens,
-                 n_trained=int(np.count_nonzero(weights)))
+    return Batch(
+        torch.from_numpy(tokens),
+        torch.from_numpy(targets),
+        torch.from_numpy(weights),
+        seqlens,
+        n_trained=int(np.count_nonzero(weights)),
+    )

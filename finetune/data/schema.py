@@ -40,8 +40,10 @@ def check_sample(sample: Any) -> None:
 
 
 def _check_legacy_openai(sample: dict) -> None:
-    legacy = "uses OpenAI's legacy function-calling form ({}); write tools/tool_calls/tool messages instead " \
-             "(`tailor validate --fix` converts it)"
+    legacy = (
+        "uses OpenAI's legacy function-calling form ({}); write tools/tool_calls/tool messages instead "
+        "(`tailor validate --fix` converts it)"
+    )
     if "functions" in sample:
         raise SampleFault("legacy_functions", "sample " + legacy.format('"functions"'), fixable=True)
     messages = sample["messages"] if isinstance(sample["messages"], list) else []
@@ -61,17 +63,23 @@ def _check_tools(tools: Any) -> set[str] | None:
     for i, tool in enumerate(tools, 1):
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict):
-            raise SampleFault("bad_tools", f'tool {i} must be {{"type": "function", "function": {{"name", '
-                                           f'"description", "parameters"}}}}')
+            raise SampleFault(
+                "bad_tools",
+                f'tool {i} must be {{"type": "function", "function": {{"name", "description", "parameters"}}}}',
+            )
         if tool.get("type", "function") != "function":
             raise SampleFault("bad_tools", f"tool {i} has type {tool['type']!r}; only 'function' is supported")
         name = function.get("name")
         if not isinstance(name, str) or not FUNCTION_NAME.match(name):
-            raise SampleFault("bad_function_name", f"tool {i} has function name {name!r}; a name is 1 to 64 "
-                                                   "letters, digits, '_' or '-'")
+            raise SampleFault(
+                "bad_function_name",
+                f"tool {i} has function name {name!r}; a name is 1 to 64 letters, digits, '_' or '-'",
+            )
         if "parameters" in function and not isinstance(function["parameters"], dict):
-            raise SampleFault("bad_tools", f"tool {i} ({name}): parameters must be a JSON Schema object, got "
-                                           f"{_json_type(function['parameters'])}")
+            raise SampleFault(
+                "bad_tools",
+                f"tool {i} ({name}): parameters must be a JSON Schema object, got {_json_type(function['parameters'])}",
+            )
         if not isinstance(function.get("description", ""), str):
             raise SampleFault("bad_tools", f"tool {i} ({name}): description must be a string")
         names.add(name)
@@ -93,18 +101,25 @@ def _check_messages(messages: Any, tool_names: set[str] | None) -> None:
             raise SampleFault("missing_role", f"message {i} has no role")
         role = m["role"]
         if role not in ROLES:
-            raise SampleFault("unknown_role",
-                              f"message {i} has role {role!r}; expected system, user, assistant or tool")
+            raise SampleFault(
+                "unknown_role", f"message {i} has role {role!r}; expected system, user, assistant or tool"
+            )
         if "weight" in m and role != "assistant":
-            raise SampleFault("weight_not_on_assistant", f"message {i} ({role}) has a weight; only assistant "
-                                                         "messages are weighted")
+            raise SampleFault(
+                "weight_not_on_assistant", f"message {i} ({role}) has a weight; only assistant messages are weighted"
+            )
         if "tool_calls" in m and m["tool_calls"] is not None and role != "assistant":
-            raise SampleFault("tool_calls_not_on_assistant", f"message {i} ({role}) has tool_calls; only "
-                                                             "assistant messages call tools")
+            raise SampleFault(
+                "tool_calls_not_on_assistant",
+                f"message {i} ({role}) has tool_calls; only assistant messages call tools",
+            )
         if role == "assistant":
             if not seen_user:
-                raise SampleFault("assistant_before_user", f"message {i} is from the assistant before any user "
-                                                           "message; a conversation starts with system or user")
+                raise SampleFault(
+                    "assistant_before_user",
+                    f"message {i} is from the assistant before any user "
+                    "message; a conversation starts with system or user",
+                )
             open_calls = {call_id: False for call_id in _check_assistant(m, i, tool_names)}
         elif role == "tool":
             _check_tool_message(m, i, previous, open_calls)
@@ -113,8 +128,11 @@ def _check_messages(messages: Any, tool_names: set[str] | None) -> None:
             seen_user |= role == "user"
         previous = role
     if previous != "assistant":
-        raise SampleFault("last_not_assistant", f"the last message (message {len(messages)}) is from the {previous}; "
-                                                "a training sample ends with an assistant message")
+        raise SampleFault(
+            "last_not_assistant",
+            f"the last message (message {len(messages)}) is from the {previous}; "
+            "a training sample ends with an assistant message",
+        )
 
 
 def _check_text_content(m: dict, i: int, role: str) -> None:
@@ -122,8 +140,9 @@ def _check_text_content(m: dict, i: int, role: str) -> None:
     if content is None:
         raise SampleFault("missing_content", f"message {i} ({role}) has no content")
     if not isinstance(content, str):
-        raise SampleFault("content_not_string", f"message {i} ({role}) content must be a string, got "
-                                                f"{_json_type(content)}")
+        raise SampleFault(
+            "content_not_string", f"message {i} ({role}) content must be a string, got {_json_type(content)}"
+        )
     if not content.strip():
         raise SampleFault("empty_content", f"message {i} ({role}) has empty content")
 
@@ -139,68 +158,85 @@ def _check_assistant(m: dict, i: int, tool_names: set[str] | None) -> list[str]:
         _check_text_content(m, i, "assistant")
         return []
     if m.get("content") not in (None, "") and not isinstance(m.get("content"), str):
-        raise SampleFault("content_not_string", f"message {i} (assistant) content must be a string, got "
-                                                f"{_json_type(m['content'])}")
+        raise SampleFault(
+            "content_not_string", f"message {i} (assistant) content must be a string, got {_json_type(m['content'])}"
+        )
     if not isinstance(tool_calls, list):
         raise SampleFault("bad_tool_call", f"message {i}: tool_calls must be a list, got {_json_type(tool_calls)}")
     ids = []
     for j, call in enumerate(tool_calls, 1):
         where = f"message {i} tool call {j}"
         if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-            raise SampleFault("bad_tool_call", f'{where} must be {{"id", "type": "function", "function": '
-                                               '{"name", "arguments"}}')
+            raise SampleFault(
+                "bad_tool_call", f'{where} must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}'
+            )
         call_id = call.get("id")
         if call_id is None:
-            raise SampleFault("tool_call_without_id", f"{where} has no id (`tailor validate --fix` generates one)",
-                              fixable=True)
+            raise SampleFault(
+                "tool_call_without_id", f"{where} has no id (`tailor validate --fix` generates one)", fixable=True
+            )
         if not isinstance(call_id, str) or not TOOL_CALL_ID.match(call_id):
-            raise SampleFault("bad_tool_call_id", f"{where} has id {call_id!r}; an id is 9 letters or digits "
-                                                  "(`tailor validate --fix` replaces it)", fixable=True)
+            raise SampleFault(
+                "bad_tool_call_id",
+                f"{where} has id {call_id!r}; an id is 9 letters or digits (`tailor validate --fix` replaces it)",
+                fixable=True,
+            )
         if call_id in ids:
             raise SampleFault("duplicate_tool_call_id", f"{where} repeats id {call_id!r}")
         name = call["function"].get("name")
         if not isinstance(name, str) or not FUNCTION_NAME.match(name):
-            raise SampleFault("bad_function_name", f"{where} calls function {name!r}; a name is 1 to 64 letters, "
-                                                   "digits, '_' or '-'")
+            raise SampleFault(
+                "bad_function_name", f"{where} calls function {name!r}; a name is 1 to 64 letters, digits, '_' or '-'"
+            )
         if tool_names is None:
             raise SampleFault("function_not_in_tools", f'{where} calls {name!r} but the sample has no "tools"')
         if name not in tool_names:
             known = ", ".join(sorted(tool_names)) or "none"
-            raise SampleFault("function_not_in_tools", f"{where} calls {name!r}, which is not in the sample's "
-                                                       f"tools ({known})")
+            raise SampleFault(
+                "function_not_in_tools", f"{where} calls {name!r}, which is not in the sample's tools ({known})"
+            )
         arguments = call["function"].get("arguments")
         if not isinstance(arguments, str):
-            raise SampleFault("arguments_not_string", f"{where} ({name}): arguments must be a JSON string, got "
-                                                      f"{_json_type(arguments)}", fixable=isinstance(arguments, dict))
+            raise SampleFault(
+                "arguments_not_string",
+                f"{where} ({name}): arguments must be a JSON string, got {_json_type(arguments)}",
+                fixable=isinstance(arguments, dict),
+            )
         try:
             json.loads(arguments)
         except json.JSONDecodeError as e:
-            raise SampleFault("arguments_not_json", f"{where} ({name}): arguments are not valid JSON ({e.msg} at "
-                                                    f"character {e.pos})") from None
+            raise SampleFault(
+                "arguments_not_json", f"{where} ({name}): arguments are not valid JSON ({e.msg} at character {e.pos})"
+            ) from None
         ids.append(call_id)
     return ids
 
 
 def _check_tool_message(m: dict, i: int, previous: str | None, open_calls: dict[str, bool]) -> None:
     if previous not in ("assistant", "tool") or not open_calls:
-        raise SampleFault("tool_without_call", f"message {i} is a tool result but no assistant tool call "
-                                               "precedes it")
+        raise SampleFault("tool_without_call", f"message {i} is a tool result but no assistant tool call precedes it")
     call_id = m.get("tool_call_id")
     if call_id is None:
-        raise SampleFault("tool_message_without_id", f"message {i} (tool) has no tool_call_id "
-                                                     "(`tailor validate --fix` assigns the calls' ids in order)",
-                          fixable=True)
+        raise SampleFault(
+            "tool_message_without_id",
+            f"message {i} (tool) has no tool_call_id (`tailor validate --fix` assigns the calls' ids in order)",
+            fixable=True,
+        )
     if call_id not in open_calls:
         known = ", ".join(repr(c) for c in open_calls)
-        raise SampleFault("unknown_tool_call_id", f"message {i} (tool) has tool_call_id {call_id!r}, which matches "
-                                                  f"no call of the preceding assistant message ({known})")
+        raise SampleFault(
+            "unknown_tool_call_id",
+            f"message {i} (tool) has tool_call_id {call_id!r}, which matches "
+            f"no call of the preceding assistant message ({known})",
+        )
     if open_calls[call_id]:
         raise SampleFault("duplicate_tool_result", f"message {i} (tool) answers tool call {call_id!r} a second time")
     open_calls[call_id] = True
     content = m.get("content")
     if not isinstance(content, str):
-        raise SampleFault("content_not_string", f"message {i} (tool) content must be a string, got "
-                                                f"{_json_type(content)}")
+        raise SampleFault(
+            "content_not_string", f"message {i} (tool) content must be a string, got {_json_type(content)}"
+        )
 
 
 def _json_type(value: Any) -> str:

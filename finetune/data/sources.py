@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data.config import DataSource
 from finetune.data.cache import Fault, TokenizedFile, open_tokenized_files
+from finetune.data.config import DataSource
 from finetune.data.errors import DataError
 from finetune.data.packing import Piece
 
@@ -55,31 +55,33 @@ class TokenizedSource:
 
     def is_trained(self, doc: int, begin: int, end: int) -> bool:
         file, i = self._locate(doc)
-        spans = file.spans[file.span_starts[i]:file.span_starts[i + 1]]
+        spans = file.spans[file.span_starts[i] : file.span_starts[i + 1]]
         # target j is token j + 1: targets [begin, end) are tokens [begin + 1, end + 1)
         return bool(np.any((spans["begin"] < end + 1) & (spans["end"] > begin + 1) & (spans["weight"] > 0)))
 
     def write(self, piece: Piece, tokens: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> None:
         file, i = self._locate(piece.doc)
         start = int(file.sample_starts[i])
-        window = file.tokens[start + piece.begin:start + piece.end + 1]
+        window = file.tokens[start + piece.begin : start + piece.end + 1]
         tokens[:] = window[:-1]
         targets[:] = window[1:]
-        for begin, end, weight in file.spans[file.span_starts[i]:file.span_starts[i + 1]].tolist():
+        for begin, end, weight in file.spans[file.span_starts[i] : file.span_starts[i + 1]].tolist():
             # token k of the document is target k - 1; clip the span to this piece's targets
             lo, hi = max(begin - 1, piece.begin), min(end - 1, piece.end)
             if lo < hi:
-                weights[lo - piece.begin:hi - piece.begin] = weight
+                weights[lo - piece.begin : hi - piece.begin] = weight
 
 
-def open_sources(sources: list[DataSource], tokenizer, train_on: str, cache_dir: str | Path,
-                 num_workers: int) -> list[TokenizedSource]:
+def open_sources(
+    sources: list[DataSource], tokenizer, train_on: str, cache_dir: str | Path, num_workers: int
+) -> list[TokenizedSource]:
     """Tokenize (or find in the cache) every file of every source."""
     files_per_source = [source_files(s) for s in sources]
     all_files = list(dict.fromkeys(f for files in files_per_source for f in files))
     opened = dict(zip(all_files, open_tokenized_files(all_files, tokenizer, train_on, cache_dir, num_workers)))
-    return [TokenizedSource(s.path, s.weight, [opened[f] for f in files])
-            for s, files in zip(sources, files_per_source)]
+    return [
+        TokenizedSource(s.path, s.weight, [opened[f] for f in files]) for s, files in zip(sources, files_per_source)
+    ]
 
 
 def check_bad_samples(sources: list[TokenizedSource], on_bad_sample: str) -> Counter:
@@ -90,6 +92,8 @@ def check_bad_samples(sources: list[TokenizedSource], on_bad_sample: str) -> Cou
             for file, fault in source.faults():
                 more = sum(counts.values()) - 1
                 also = f" (and {more} more bad lines)" if more else ""
-                raise DataError(f"{file.source}:{fault.line}: {fault.message}{also}; run `tailor validate` to list "
-                                "them all, or set data.on_bad_sample: skip")
+                raise DataError(
+                    f"{file.source}:{fault.line}: {fault.message}{also}; run `tailor validate` to list "
+                    "them all, or set data.on_bad_sample: skip"
+                )
     return counts

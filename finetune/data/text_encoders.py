@@ -116,8 +116,9 @@ def fast_text_encoder(raw: Any):
     if isinstance(raw, Tekkenizer) and not raw._model._special_tokens:
         bpe, offset = raw._model, raw.num_special_tokens
         ranks = {piece: rank + offset for piece, rank in bpe._mergeable_ranks.items()}
-        shifted = tiktoken.Encoding(name=f"{bpe.name}+{offset}", pat_str=bpe._pat_str, mergeable_ranks=ranks,
-                                    special_tokens={})
+        shifted = tiktoken.Encoding(
+            name=f"{bpe.name}+{offset}", pat_str=bpe._pat_str, mergeable_ranks=ranks, special_tokens={}
+        )
         return shifted.encode_ordinary
     return lambda text: raw.encode(text, bos=False, eos=False)
 

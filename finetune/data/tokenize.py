@@ -87,9 +87,11 @@ def check_tokenizer_vocab(tokenizer: MistralTokenizer, vocab_size: int, model_di
     n_words = tokenizer.instruct_tokenizer.tokenizer.n_words
     if n_words != vocab_size:
         tokenizer_file = tokenizer.instruct_tokenizer.tokenizer.file_path.name
-        raise ValueError(f"{Path(model_dir)}: the tokenizer {tokenizer_file} has {n_words} tokens but the model's "
-                         f"params.json/config.json says vocab_size {vocab_size}; use the tokenizer file that came "
-                         "with these weights")
+        raise ValueError(
+            f"{Path(model_dir)}: the tokenizer {tokenizer_file} has {n_words} tokens but the model's "
+            f"params.json/config.json says vocab_size {vocab_size}; use the tokenizer file that came "
+            "with these weights"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,8 +113,9 @@ def tokenize_sample(sample: dict, tokenizer: MistralTokenizer, train_on: str = "
 WeightSpan = tuple[int, int, float]  # tokens[begin:end] have this loss weight; tokens outside every span have 0
 
 
-def tokenize_sample_spans(sample: dict, tokenizer: MistralTokenizer, train_on: str = "all"
-                          ) -> tuple[list[int], list[WeightSpan]]:
+def tokenize_sample_spans(
+    sample: dict, tokenizer: MistralTokenizer, train_on: str = "all"
+) -> tuple[list[int], list[WeightSpan]]:
     """tokenize_sample with the weights as spans, which is what the cache stores (no per-token work)."""
     check_sample(sample)
     encoder = _sample_encoder(tokenizer)
@@ -124,8 +127,9 @@ def tokenize_sample_spans(sample: dict, tokenizer: MistralTokenizer, train_on: s
     except SampleFault:
         raise
     except (MistralCommonException, ValueError, AssertionError) as e:  # a conversation its template cannot express
-        raise SampleFault("tokenizer_rejected", f"the {encoder.version} tokenizer cannot encode this sample: "
-                                                f"{first_line(e)}") from None
+        raise SampleFault(
+            "tokenizer_rejected", f"the {encoder.version} tokenizer cannot encode this sample: {first_line(e)}"
+        ) from None
 
 
 class _SampleEncoder:
@@ -159,9 +163,14 @@ class _SampleEncoder:
         for i, message in enumerate(messages):
             if isinstance(message, UserMessage):
                 new, _, _ = self.instruct.encode_user_message(
-                    message, instruct_request.available_tools, i == last_user, i == first_user,
-                    system_prompt=instruct_request.system_prompt, force_img_first=True,
-                    settings=instruct_request.settings)
+                    message,
+                    instruct_request.available_tools,
+                    i == last_user,
+                    i == first_user,
+                    system_prompt=instruct_request.system_prompt,
+                    force_img_first=True,
+                    settings=instruct_request.settings,
+                )
             elif isinstance(message, ToolMessage):
                 new, _, _ = self.instruct.encode_tool_message(message, i < last_user)
             elif isinstance(message, AssistantMessage):
@@ -173,8 +182,10 @@ class _SampleEncoder:
                 new, _ = self.instruct.encode_system_message(message)
             tokens += new
         if not spans:
-            raise SampleFault("nothing_to_train", "no assistant message is trained (all weights are 0, or "
-                                                  "train_on: last and the last one has weight 0)")
+            raise SampleFault(
+                "nothing_to_train",
+                "no assistant message is trained (all weights are 0, or train_on: last and the last one has weight 0)",
+            )
         return tokens, spans
 
     def _messages(self, sample: dict) -> list:
@@ -188,29 +199,45 @@ class _SampleEncoder:
             elif role == "tool":
                 messages.append(ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"], name=m.get("name")))
             else:
-                calls = [ToolCall(id=c["id"], function=FunctionCall(name=c["function"]["name"],
-                                                                    arguments=c["function"]["arguments"]))
-                         for c in m.get("tool_calls") or []]
+                calls = [
+                    ToolCall(
+                        id=c["id"],
+                        function=FunctionCall(name=c["function"]["name"], arguments=c["function"]["arguments"]),
+                    )
+                    for c in m.get("tool_calls") or []
+                ]
                 if calls and not self.supports_tools:
-                    raise SampleFault("tools_unsupported", f"message {i} calls a tool but the {self.version} "
-                                                           "tokenizer has no tool-calling format")
+                    raise SampleFault(
+                        "tools_unsupported",
+                        f"message {i} calls a tool but the {self.version} tokenizer has no tool-calling format",
+                    )
                 content = m.get("content") or None
                 if calls and content and not self.content_with_tool_calls:
-                    raise SampleFault("content_and_tool_calls", f"message {i} has both content and tool_calls; "
-                                                                f"the {self.version} tokenizer takes one or the "
-                                                                "other (v7 and later take both)")
-                messages.append(FinetuningAssistantMessage(content=content, tool_calls=calls or None,
-                                                           weight=m.get("weight")))
+                    raise SampleFault(
+                        "content_and_tool_calls",
+                        f"message {i} has both content and tool_calls; "
+                        f"the {self.version} tokenizer takes one or the "
+                        "other (v7 and later take both)",
+                    )
+                messages.append(
+                    FinetuningAssistantMessage(content=content, tool_calls=calls or None, weight=m.get("weight"))
+                )
         return messages
 
     def _tools(self, sample: dict) -> list[Tool] | None:
         tools = sample.get("tools")
         if not tools:
             return None
-        return [Tool(function=Function(name=t["function"]["name"],
-                                       description=t["function"].get("description", ""),
-                                       parameters=t["function"].get("parameters", {})))
-                for t in tools]
+        return [
+            Tool(
+                function=Function(
+                    name=t["function"]["name"],
+                    description=t["function"].get("description", ""),
+                    parameters=t["function"].get("parameters", {}),
+                )
+            )
+            for t in tools
+        ]
 
 
 _ENCODERS: weakref.WeakKeyDictionary[MistralTokenizer, _SampleEncoder] = weakref.WeakKeyDictionary()

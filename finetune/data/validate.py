@@ -10,8 +10,9 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from finetune.data.cache import TokenizedFile, open_tokenized_files
 from finetune.data.errors import SampleFault
@@ -27,8 +28,16 @@ if TYPE_CHECKING:  # the config names the model's settings; the data path reads 
 Throughput = Callable[[str], tuple[float, str]]  # model folder -> (tokens / s / GPU, where it comes from)
 
 
-def validate(cfg: TrainConfig, *, cache_dir: Path, throughput: Throughput, gpus: int = 1, fix_dir: Path | None = None,
-             max_per_kind: int = 10, out: TextIO | None = None) -> int:
+def validate(
+    cfg: TrainConfig,
+    *,
+    cache_dir: Path,
+    throughput: Throughput,
+    gpus: int = 1,
+    fix_dir: Path | None = None,
+    max_per_kind: int = 10,
+    out: TextIO | None = None,
+) -> int:
     """Print faults, statistics, epochs and ETA; write fixed files to fix_dir. Returns the exit status.
 
     `cache_dir` (finetune.config.resolve_cache_dir) and `throughput` (finetune.training.eta's
@@ -38,8 +47,10 @@ def validate(cfg: TrainConfig, *, cache_dir: Path, throughput: Throughput, gpus:
     try:
         tokenizer = load_tokenizer(cfg.model.path)
         check_tokenizer_vocab(tokenizer, read_vocab_size(cfg.model.path), cfg.model.path)
-        splits = {"train": [f for s in cfg.data.train for f in source_files(s)],
-                  "eval": [f for s in cfg.data.eval for f in source_files(s)]}
+        splits = {
+            "train": [f for s in cfg.data.train for f in source_files(s)],
+            "eval": [f for s in cfg.data.eval for f in source_files(s)],
+        }
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=out)
         return 1
@@ -66,27 +77,41 @@ def print_faults(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextI
     if counts:
         hidden = sum(n - max_per_kind for n in counts.values() if n > max_per_kind)
         if hidden:
-            print(f"... and {hidden} more (at most {max_per_kind} shown per kind; --max-per-kind N shows more)",
-                  file=out)
+            print(
+                f"... and {hidden} more (at most {max_per_kind} shown per kind; --max-per-kind N shows more)", file=out
+            )
         kinds = ", ".join(f"{kind} {n}" for kind, n in counts.most_common())
-        print(f"\n{sum(counts.values())} bad lines ({kinds}); {fixable} have a safe repair (--fix OUT_DIR applies "
-              "it), the others would be removed\n", file=out)
+        print(
+            f"\n{sum(counts.values())} bad lines ({kinds}); {fixable} have a safe repair (--fix OUT_DIR applies "
+            "it), the others would be removed\n",
+            file=out,
+        )
     else:
         print("no faults\n", file=out)
     return counts
 
 
-def print_statistics(splits: dict[str, list[Path]], files: dict[Path, TokenizedFile], seq_len: int,
-                     out: TextIO) -> None:
+def print_statistics(
+    splits: dict[str, list[Path]], files: dict[Path, TokenizedFile], seq_len: int, out: TextIO
+) -> None:
     header = ("file", "split", "lines", "bad", "samples", "tokens", "trained", f"> seq_len {seq_len}")
     rows = []
     for split, paths in splits.items():
         for path in paths:
             f, meta = files[path], files[path].meta
             overlong = int((f.lengths - 1 > seq_len).sum())
-            rows.append((str(path), split, f"{meta['n_lines']:,}", f"{sum(meta['errors_by_kind'].values()):,}",
-                         f"{meta['n_samples']:,}", f"{meta['n_tokens']:,}", f"{meta['n_trained_tokens']:,}",
-                         f"{overlong:,}"))
+            rows.append(
+                (
+                    str(path),
+                    split,
+                    f"{meta['n_lines']:,}",
+                    f"{sum(meta['errors_by_kind'].values()):,}",
+                    f"{meta['n_samples']:,}",
+                    f"{meta['n_tokens']:,}",
+                    f"{meta['n_trained_tokens']:,}",
+                    f"{overlong:,}",
+                )
+            )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])] + [c.rjust(w) for c, w in zip(row[2:], widths[2:])]
@@ -94,12 +119,16 @@ def print_statistics(splits: dict[str, list[Path]], files: dict[Path, TokenizedF
     print(file=out)
 
 
-def print_epochs_and_eta(cfg: TrainConfig, files: dict[Path, TokenizedFile], gpus: int, throughput: Throughput,
-                         out: TextIO) -> None:
+def print_epochs_and_eta(
+    cfg: TrainConfig, files: dict[Path, TokenizedFile], gpus: int, throughput: Throughput, out: TextIO
+) -> None:
     per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accumulation * gpus
     total = per_step * cfg.max_steps
-    print(f"max_steps {cfg.max_steps} x {gpus} GPU(s) x batch_size {cfg.batch_size} x grad_accumulation "
-          f"{cfg.grad_accumulation} x seq_len {cfg.seq_len} = {total:,} tokens", file=out)
+    print(
+        f"max_steps {cfg.max_steps} x {gpus} GPU(s) x batch_size {cfg.batch_size} x grad_accumulation "
+        f"{cfg.grad_accumulation} x seq_len {cfg.seq_len} = {total:,} tokens",
+        file=out,
+    )
     weight_sum = sum(s.weight for s in cfg.data.train)
     for source in cfg.data.train:
         tokens = sum(files[p].meta["n_tokens"] for p in source_files(source))
@@ -111,8 +140,10 @@ def print_epochs_and_eta(cfg: TrainConfig, files: dict[Path, TokenizedFile], gpu
     except (OSError, KeyError, ValueError) as e:
         print(f"ETA: unknown ({e})", file=out)
         return
-    print(f"ETA on {gpus} GPU(s): {format_eta(total / (rate * gpus))} at {rate:,.0f} tokens/s per GPU "
-          f"({origin})", file=out)
+    print(
+        f"ETA on {gpus} GPU(s): {format_eta(total / (rate * gpus))} at {rate:,.0f} tokens/s per GPU ({origin})",
+        file=out,
+    )
 
 
 def format_eta(seconds: float) -> str:
@@ -127,8 +158,7 @@ def format_eta(seconds: float) -> str:
 # --fix
 
 
-def write_fixed_files(files: dict[Path, TokenizedFile], tokenizer, train_on: str, fix_dir: Path,
-                      out: TextIO) -> None:
+def write_fixed_files(files: dict[Path, TokenizedFile], tokenizer, train_on: str, fix_dir: Path, out: TextIO) -> None:
     """Write every file to fix_dir (same layout below their common folder): bad lines repaired or removed."""
     common = Path(os.path.commonpath([p.resolve().parent for p in files]))
     for path, file in files.items():
@@ -160,4 +190,3 @@ def repair_line(raw: bytes, line: int, tokenizer, train_on: str) -> bytes | None
     except SampleFault:
         return None
     return (json.dumps(sample, ensure_ascii=False) + "\n").encode("utf-8")
-

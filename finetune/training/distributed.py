@@ -34,8 +34,9 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     if "RANK" in os.environ and not is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend, timeout=timedelta(minutes=30), device_id=device if device.type == "cuda" else None
+        )
     return DistInfo(rank, world_size, local_rank, device)
 
 

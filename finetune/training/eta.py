@@ -31,5 +31,7 @@ def tokens_per_second_per_gpu(model_dir: str | Path) -> tuple[float, str]:
         return MEASURED[name], f"measured for {name}"
     active = active_parameters(args)
     rate = ASSUMED_UTILISATION * H100_BF16_PEAK_FLOPS / (6 * active)
-    return rate, (f"estimated for a {name} model from its {active:,} active parameters at "
-                  f"{ASSUMED_UTILISATION:.0%} of H100 bf16 peak; not measured")
+    return rate, (
+        f"estimated for a {name} model from its {active:,} active parameters at "
+        f"{ASSUMED_UTILISATION:.0%} of H100 bf16 peak; not measured"
+    )

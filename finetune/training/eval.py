@@ -24,5 +24,9 @@ def evaluate(loss_model: nn.Module, batches: list, device: torch.device) -> dict
     loss_model.train(was_training)
     loss_sum, weight_sum, correct, trained = all_reduce_sum(totals).tolist()
     loss = loss_sum / weight_sum if weight_sum > 0 else float("nan")
-    return dict(eval_loss=loss, eval_perplexity=math.exp(min(loss, 700.0)),
-                eval_token_accuracy=correct / trained if trained else float("nan"), eval_tokens=int(trained))
+    return dict(
+        eval_loss=loss,
+        eval_perplexity=math.exp(min(loss, 700.0)),
+        eval_token_accuracy=correct / trained if trained else float("nan"),
+        eval_tokens=int(trained),
+    )

@@ -30,16 +30,22 @@ class LossSums:
     n_trained: torch.Tensor  # targets with weight > 0
 
 
-def _chunk_loss(project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor,
-                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss(
+    project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     logits = project(hidden).float()
     ce = F.cross_entropy(logits, targets, reduction="none")
     correct = ((logits.argmax(-1) == targets) & (weights > 0)).sum()
     return (ce * weights).sum(), correct
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, output: nn.Module | torch.Tensor, targets: torch.Tensor,
-                          weights: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> LossSums:
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    output: nn.Module | torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> LossSums:
     """Weighted CE of `output(hidden)` against `targets`; `output` is the head module or its weight [V, dim]."""
     project = output if isinstance(output, nn.Module) else (lambda h: F.linear(h, output))
     weights = weights.float()
@@ -68,8 +74,14 @@ class CausalLMWithLoss(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, tokens: torch.Tensor, seqlens: list[int], positions: torch.Tensor, targets: torch.Tensor,
-                weights: torch.Tensor) -> LossSums:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        seqlens: list[int],
+        positions: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> LossSums:
         """`positions` are the indices of the trained targets (weight > 0); `targets` and `weights` are theirs.
         In instruction data most targets are prompt tokens with weight 0: their logits are never computed."""
         hidden = self.model.hidden_states(tokens, seqlens)[positions]
@@ -80,5 +92,10 @@ def loss_inputs(batch, device: torch.device) -> dict:
     """A Batch as CausalLMWithLoss's arguments. The trained positions are found on the CPU, where the batch is,
     and everything goes to the device through pinned memory, so the host never waits for the device here."""
     positions = batch.weights.nonzero().squeeze(1)
-    return dict(tokens=to_device(batch.tokens, device), seqlens=batch.seqlens, positions=to_device(positions, device),
-                targets=to_device(batch.targets[positions], device), weights=to_device(batch.weights[positions], device))
+    return dict(
+        tokens=to_device(batch.tokens, device),
+        seqlens=batch.seqlens,
+        positions=to_device(positions, device),
+        targets=to_device(batch.targets[positions], device),
+        weights=to_device(batch.weights[positions], device),
+    )

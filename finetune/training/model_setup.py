@@ -53,7 +53,9 @@ def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithL
     if is_loader and (tower := vision_tower_specs(model_dir)):
         print(f"{model_dir}: the vision tower ({len(tower)} tensors) is not loaded: LoRA trains the text decoder")
     filled = load_streamed_weights(loss_model, read_weights(model_dir) if is_loader else None, prefix="model.")
-    filled |= load_streamed_weights(loss_model, lora_init_tensors(model, cfg.seed) if is_loader else None, prefix="model.")
+    filled |= load_streamed_weights(
+        loss_model, lora_init_tensors(model, cfg.seed) if is_loader else None, prefix="model."
+    )
     missing = [name for name, _ in loss_model.named_parameters() if name not in filled]
     if missing:
         shown = ", ".join(n.removeprefix("model.") for n in missing[:5])

@@ -40,8 +40,13 @@ class MetricsLogger:
             if self.wandb:
                 if log.wandb.key and not os.environ.get("WANDB_API_KEY"):
                     os.environ["WANDB_API_KEY"] = log.wandb.key
-                self.wandb.init(project=log.wandb.project, name=log.wandb.run_name or None, dir=str(run_dir),
-                                mode="offline" if log.wandb.offline else "online", config=_flat_config(cfg))
+                self.wandb.init(
+                    project=log.wandb.project,
+                    name=log.wandb.run_name or None,
+                    dir=str(run_dir),
+                    mode="offline" if log.wandb.offline else "online",
+                    config=_flat_config(cfg),
+                )
         if log.mlflow.tracking_uri:
             self.mlflow = _optional_import("mlflow", "mlflow")
             if self.mlflow:
@@ -108,10 +113,21 @@ def peak_memory_gib(device: torch.device) -> float:
 def train_record(step: int, max_steps: int, lr: float, outcome, progress, peak_memory: float) -> dict:
     """The metrics.jsonl record of a train step, from its StepOutcome and the Progress counted up to it."""
     elapsed = progress.elapsed_s
-    return dict(kind="train", step=step, loss=outcome.loss, lr=lr, grad_norm=outcome.grad_norm,
-                tokens=progress.tokens, trained_tokens=progress.trained_tokens,
-                tokens_per_s=progress.tokens / elapsed, trained_tokens_per_s=progress.trained_tokens / elapsed,
-                elapsed_s=elapsed, skipped=not outcome.finite, peak_memory_gib=peak_memory, max_steps=max_steps)
+    return dict(
+        kind="train",
+        step=step,
+        loss=outcome.loss,
+        lr=lr,
+        grad_norm=outcome.grad_norm,
+        tokens=progress.tokens,
+        trained_tokens=progress.trained_tokens,
+        tokens_per_s=progress.tokens / elapsed,
+        trained_tokens_per_s=progress.trained_tokens / elapsed,
+        elapsed_s=elapsed,
+        skipped=not outcome.finite,
+        peak_memory_gib=peak_memory,
+        max_steps=max_steps,
+    )
 
 
 def format_duration(seconds: float) -> str:
@@ -122,10 +138,12 @@ def format_duration(seconds: float) -> str:
 def format_train_line(record: dict) -> str:
     step, max_steps = record["step"], record["max_steps"]
     eta = record["elapsed_s"] / step * (max_steps - step)
-    line = (f"step {step:>{len(str(max_steps))}}/{max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-            f"grad norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:,.0f} "
-            f"(trained {record['trained_tokens_per_s']:,.0f})  peak mem {record['peak_memory_gib']:.1f} GiB  "
-            f"ETA {format_duration(eta)}")
+    line = (
+        f"step {step:>{len(str(max_steps))}}/{max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+        f"grad norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:,.0f} "
+        f"(trained {record['trained_tokens_per_s']:,.0f})  peak mem {record['peak_memory_gib']:.1f} GiB  "
+        f"ETA {format_duration(eta)}"
+    )
     if sys.stdout.isatty():
         done = int(20 * step / max_steps)
         line = f"[{'#' * done}{'.' * (20 - done)}] " + line
@@ -133,18 +151,29 @@ def format_train_line(record: dict) -> str:
 
 
 def format_eval_line(record: dict) -> str:
-    return (f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  perplexity "
-            f"{record['eval_perplexity']:.2f}  token accuracy {record['eval_token_accuracy']:.1%}")
+    return (
+        f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  perplexity "
+        f"{record['eval_perplexity']:.2f}  token accuracy {record['eval_token_accuracy']:.1%}"
+    )
 
 
-def format_summary(steps: int, tokens: int, seconds: float, train_loss: float | None, eval_metrics: dict | None,
-                   checkpoint: Path | None, run_dir: Path | None = None) -> str:
+def format_summary(
+    steps: int,
+    tokens: int,
+    seconds: float,
+    train_loss: float | None,
+    eval_metrics: dict | None,
+    checkpoint: Path | None,
+    run_dir: Path | None = None,
+) -> str:
     lines = [f"done: {steps} steps, {tokens:,} tokens in {format_duration(seconds)}"]
     if train_loss is not None:
         lines.append(f"  final train loss {train_loss:.4f}")
     if eval_metrics:
-        lines.append(f"  final eval loss {eval_metrics['eval_loss']:.4f} (perplexity {eval_metrics['eval_perplexity']:.2f},"
-                     f" token accuracy {eval_metrics['eval_token_accuracy']:.1%})")
+        lines.append(
+            f"  final eval loss {eval_metrics['eval_loss']:.4f} (perplexity {eval_metrics['eval_perplexity']:.2f},"
+            f" token accuracy {eval_metrics['eval_token_accuracy']:.1%})"
+        )
     if checkpoint:
         lines.append(f"  last checkpoint: {checkpoint}")
     if run_dir:

@@ -22,8 +22,14 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
     every parameter, FSDP's DTensor shards included, in a few launches, and it can skip a non-finite step on the
     device by itself (`found_inf`, finetune/training/train_step.py), so a step never waits for the device to decide.
     """
-    return torch.optim.AdamW(list(params), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.AdamW(
+        list(params),
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=True,
+    )
 
 
 def warmup_steps_for(cfg: OptimConfig, max_steps: int) -> int:

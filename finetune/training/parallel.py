@@ -59,8 +59,10 @@ def shard_model(root: nn.Module, blocks: nn.ModuleList, compute_dtype: torch.dty
 def prefetch_plan(n_blocks: int, prefetch: int) -> list[tuple[list[int], list[int]]]:
     """For each block, the blocks whose weights it all-gathers ahead of need: the next `prefetch` in forward, and
     in backward (which runs from the last block to the first) the previous `prefetch`, nearest first."""
-    return [(list(range(i + 1, min(n_blocks, i + 1 + prefetch))), list(range(i - 1, max(-1, i - 1 - prefetch), -1)))
-            for i in range(n_blocks)]
+    return [
+        (list(range(i + 1, min(n_blocks, i + 1 + prefetch))), list(range(i - 1, max(-1, i - 1 - prefetch), -1)))
+        for i in range(n_blocks)
+    ]
 
 
 def load_streamed_weights(
@@ -92,7 +94,9 @@ def load_streamed_weights(
         param = params[key]
         full = item[1] if rank == 0 else torch.empty(_full_shape(param), dtype=param.dtype)
         if tuple(full.shape) != _full_shape(param):
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(full.shape)}; the model expects {_full_shape(param)}")
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(full.shape)}; the model expects {_full_shape(param)}"
+            )
         _copy_full_into(param, full)
         filled.add(key)
 

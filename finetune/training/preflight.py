@@ -13,8 +13,8 @@ from pathlib import Path
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.config import TrainConfig
-from finetune.data.config import DataSource
 from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
+from finetune.data.config import DataSource
 from finetune.training.model_setup import build_meta_model
 from finetune.training.parallel import DTYPES
 from model.args import ModelArgs, load_model_args, num_parameters
@@ -50,8 +50,10 @@ def run_preflight_checks(cfg: TrainConfig) -> MistralTokenizer:
 
 def check_model_folder(folder: Path) -> None:
     if not folder.is_dir():
-        raise PreflightError(f"model.path: {folder} is not a folder (expected params.json and consolidated.safetensors, "
-                             "or a Hugging Face folder with config.json)")
+        raise PreflightError(
+            f"model.path: {folder} is not a folder (expected params.json and consolidated.safetensors, "
+            "or a Hugging Face folder with config.json)"
+        )
     if not (folder / "params.json").is_file() and not (folder / "config.json").is_file():
         raise PreflightError(f"model.path: {folder} has neither params.json nor config.json")
 
@@ -84,8 +86,10 @@ def check_seq_len(seq_len: int, model_dir: Path) -> None:
             declared = json.loads(path.read_text(encoding="utf-8"))
             limit = declared.get("text_config", declared).get(key)
             if isinstance(limit, int) and seq_len > limit:
-                raise PreflightError(f"seq_len {seq_len} is longer than the {key} {limit} that {path} declares; "
-                                     f"set seq_len to {limit} or less")
+                raise PreflightError(
+                    f"seq_len {seq_len} is longer than the {key} {limit} that {path} declares; "
+                    f"set seq_len to {limit} or less"
+                )
             return
 
 
@@ -94,8 +98,9 @@ def check_run_dir(run_dir: Path) -> None:
         raise PreflightError(f"run_dir: {run_dir} is a file, not a folder; choose another run_dir")
     existing = _nearest_existing(run_dir)
     if not os.access(existing, os.W_OK):
-        raise PreflightError(f"run_dir: {run_dir} cannot be created or written ({existing} is not writable); "
-                             "choose another run_dir")
+        raise PreflightError(
+            f"run_dir: {run_dir} cannot be created or written ({existing} is not writable); choose another run_dir"
+        )
 
 
 def checkpoint_bytes(cfg: TrainConfig, args: ModelArgs) -> int:
@@ -120,12 +125,16 @@ def check_disk_space(cfg: TrainConfig, args: ModelArgs) -> None:
     needed = count * per_checkpoint - used
     free = shutil.disk_usage(_nearest_existing(run_dir)).free
     if needed > free:
-        which = (f"checkpoint.keep {cfg.checkpoint.keep} and the one being written" if cfg.checkpoint.enabled
-                 else "the one a preempted run writes")
+        which = (
+            f"checkpoint.keep {cfg.checkpoint.keep} and the one being written"
+            if cfg.checkpoint.enabled
+            else "the one a preempted run writes"
+        )
         raise PreflightError(
             f"run_dir: {run_dir} has {free / GIB:.1f} GiB free, but its checkpoints need about {needed / GIB:.1f} "
             f"GiB more ({count} of about {per_checkpoint / GIB:.2f} GiB each: {which}); free some space, lower "
-            "checkpoint.keep or lora.rank, or choose another run_dir")
+            "checkpoint.keep or lora.rank, or choose another run_dir"
+        )
 
 
 def _nearest_existing(path: Path) -> Path:

@@ -24,7 +24,6 @@ import os
 import random
 import shlex
 import signal
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,7 +121,8 @@ def _choose_start(cfg: TrainConfig) -> ResumePoint | None:
             raise ResumeError(
                 f"run_dir {run_dir} already holds a run ({' and '.join(used)}) and resume is false, so it is left "
                 f"as it is. To continue that run, set resume: auto (the default) or resume: <a checkpoint folder>; "
-                f"to start a new one, choose another run_dir (e.g. run_dir={run_dir}-2 on the command line).")
+                f"to start a new one, choose another run_dir (e.g. run_dir={run_dir}-2 on the command line)."
+            )
         return None
     if cfg.resume != "auto":
         return _explicit_start(Path(cfg.resume), run_dir)
@@ -150,7 +150,8 @@ def _explicit_start(folder: Path, run_dir: Path) -> ResumePoint:
         raise ResumeError(
             f"resume: {folder} is at step {point.step}, but {run_dir / 'checkpoints'} holds later checkpoints "
             f"({', '.join(c.name for c in later)}): continuing there would mix two runs. Resume into another "
-            "run_dir (run_dir=... on the command line), or move those checkpoints away.")
+            "run_dir (run_dir=... on the command line), or move those checkpoints away."
+        )
     print(f"resuming from {folder} (step {point.step})", flush=True)
     return point
 
@@ -225,8 +226,10 @@ def _cut_metrics(path: Path, step: int) -> None:
     staging = path.with_name(path.name + ".tmp")
     staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(staging, path)
-    print(f"{path}: dropped the {len(lines) - len(kept)} records after step {step}, which this run writes anew",
-          flush=True)
+    print(
+        f"{path}: dropped the {len(lines) - len(kept)} records after step {step}, which this run writes anew",
+        flush=True,
+    )
 
 
 def _record_step(line: str) -> int | None:
@@ -262,15 +265,17 @@ def save_checkpoint(cfg: TrainConfig, loss_model, optimizer, loader, progress: P
 
 def save_training_state(folder: Path, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(folder / tensors_file(dist_info.rank), *get_state_dict(loss_model, optimizer, options=STATE_DICT_OPTIONS))
-    _write_json(folder / f"rank_{dist_info.rank}.json",
-                {"data": loader.state_dict(), "rng": rng_state(dist_info.device)})
+    save_tensors(
+        folder / tensors_file(dist_info.rank), *get_state_dict(loss_model, optimizer, options=STATE_DICT_OPTIONS)
+    )
+    _write_json(
+        folder / f"rank_{dist_info.rank}.json", {"data": loader.state_dict(), "rng": rng_state(dist_info.device)}
+    )
     if dist_info.is_main:
         _write_json(folder / PROGRESS, {"world_size": dist_info.world_size, **asdict(progress)})
 
 
-def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed: int,
-                        dist_info: DistInfo) -> Progress:
+def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed: int, dist_info: DistInfo) -> Progress:
     """Load a checkpoint's state into the freshly built model, optimizer and data loader; returns the counters."""
     folder = start.folder / STATE
     model_state, optim_state = get_state_dict(loss_model, optimizer, options=STATE_DICT_OPTIONS)
@@ -278,8 +283,9 @@ def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed:
         load_tensors([folder / tensors_file(rank) for rank in range(start.world_size)], model_state, optim_state)
     except TensorStateError as error:
         raise ResumeError(f"{start.folder}: {error}") from None
-    set_state_dict(loss_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=STATE_DICT_OPTIONS)
+    set_state_dict(
+        loss_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=STATE_DICT_OPTIONS
+    )
     progress = read_progress(start.folder)
     if start.world_size == dist_info.world_size:
         path = folder / f"rank_{dist_info.rank}.json"
@@ -288,15 +294,19 @@ def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed:
             loader.load_state_dict(mine["data"])
             set_rng_state(mine["rng"], dist_info.device)
         except (ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as error:
-            raise ResumeError(f"{path}: not a data position and random state that tailor writes "
-                              f"({type(error).__name__}: {error})") from None
+            raise ResumeError(
+                f"{path}: not a data position and random state that tailor writes ({type(error).__name__}: {error})"
+            ) from None
     else:
         seed_rngs(_derived_seed(seed, start.step, dist_info.rank))
         if dist_info.is_main:
-            print(f"{start.folder} was saved by {start.world_size} ranks and this run has {dist_info.world_size}: "
-                  "the weights and optimizer state are resharded, but the data goes on in a new order and the random "
-                  f"generators are seeded anew (from seed and step {start.step}): not the exact continuation that the "
-                  "same number of ranks gives", flush=True)
+            print(
+                f"{start.folder} was saved by {start.world_size} ranks and this run has {dist_info.world_size}: "
+                "the weights and optimizer state are resharded, but the data goes on in a new order and the random "
+                f"generators are seeded anew (from seed and step {start.step}): not the exact continuation that the "
+                "same number of ranks gives",
+                flush=True,
+            )
     return progress
 
 
@@ -311,9 +321,11 @@ def rng_state(device: torch.device) -> dict:
     """This process's random generators (torch, CUDA, numpy, Python) as JSON-able lists."""
     kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state().tolist(),
-             "numpy": [kind, keys.tolist(), position, has_gauss, cached_gauss],
-             "python": [version, list(internal), gauss_next]}
+    state = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached_gauss],
+        "python": [version, list(internal), gauss_next],
+    }
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device).tolist()
     return state

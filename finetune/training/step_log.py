@@ -53,8 +53,12 @@ class StepLog:
         if not outcome.finite:
             limit = self.cfg.optim.max_consecutive_nonfinite
             if self.logger:
-                print(f"step {step}: the loss or the gradients are not finite, so the step is skipped "
-                      f"({progress.nonfinite_in_a_row} in a row; {limit} stop the run)", flush=True)
-            raise_if_diverged(step, progress.nonfinite_in_a_row, limit, lr,
-                              (list_checkpoints(Path(self.cfg.run_dir)) or [None])[-1])
+                print(
+                    f"step {step}: the loss or the gradients are not finite, so the step is skipped "
+                    f"({progress.nonfinite_in_a_row} in a row; {limit} stop the run)",
+                    flush=True,
+                )
+            raise_if_diverged(
+                step, progress.nonfinite_in_a_row, limit, lr, (list_checkpoints(Path(self.cfg.run_dir)) or [None])[-1]
+            )
         self.stop_requested |= outcome.stop_requested

@@ -98,8 +98,15 @@ def _set_gradient_sync(module: nn.Module, enabled: bool) -> None:
         module.set_requires_gradient_sync(enabled)
 
 
-def train_step(loss_model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list, device: torch.device,
-               max_grad_norm: float, world_size: int, stop: StopSignal | None = None) -> StepSums:
+def train_step(
+    loss_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list,
+    device: torch.device,
+    max_grad_norm: float,
+    world_size: int,
+    stop: StopSignal | None = None,
+) -> StepSums:
     """Forward and backward every micro-batch, clip, and step the optimizer unless something was not finite.
 
     The step's loss is Σ weight·CE over all micro-batches and ranks ÷ Σ weights: the divisor is known from the
@@ -143,7 +150,9 @@ def skip_step_if_nonfinite(optimizer: torch.optim.Optimizer, nonfinite: torch.Te
     """optimizer.step(), a no-op on the device where `nonfinite` is 1: the fused AdamW kernel reads it as
     `found_inf`, as with torch.amp's GradScaler, and leaves the weights, moments and step count as they were."""
     if not optimizer.defaults.get("fused"):
-        raise ValueError("skipping a non-finite step on the device needs a fused optimizer (finetune/training/optim.py)")
+        raise ValueError(
+            "skipping a non-finite step on the device needs a fused optimizer (finetune/training/optim.py)"
+        )
     optimizer.grad_scale, optimizer.found_inf = None, nonfinite
     optimizer.step()
 
@@ -152,23 +161,29 @@ def raise_if_diverged(step: int, in_a_row: int, limit: int, lr: float, newest_ch
     """Stop the run after `limit` non-finite steps in a row, saying where and what to try."""
     if in_a_row < limit:
         return
-    where = (f"resume: auto continues from the newest checkpoint, {newest_checkpoint}" if newest_checkpoint
-             else "there is no checkpoint yet, so the next run starts from step 0")
+    where = (
+        f"resume: auto continues from the newest checkpoint, {newest_checkpoint}"
+        if newest_checkpoint
+        else "there is no checkpoint yet, so the next run starts from step 0"
+    )
     raise NonFiniteError(
         f"step {step}: the loss or the gradients were not finite in {in_a_row} steps in a row (steps "
         f"{step - in_a_row + 1} to {step}; optim.max_consecutive_nonfinite is {limit}), so the run stops. Things to "
         f"try: a lower optim.lr (this step's was {lr:.3g}) or a longer warmup (optim.warmup_steps); a lower "
         "optim.max_grad_norm; model.dtype bf16 or fp32 if it is fp16; check the data with `tailor validate CONFIG`. "
-        f"Then run the same command: {where}.")
+        f"Then run the same command: {where}."
+    )
 
 
 def out_of_memory_message(error: BaseException) -> str:
     """What a run that ran out of GPU memory prints: PyTorch's first line, and what to change, largest lever first."""
-    return (f"out of GPU memory: {first_line(error)}\nThings to try, in this order: a lower seq_len (activation memory "
-            "grows with it, and packing keeps shorter sequences full); model.activation_checkpointing: true and "
-            "model.checkpointing_scope: block; batch_size: 1 with a higher grad_accumulation (the same batch in more "
-            "micro-batches); more GPUs (FSDP shards the weights over them). Checkpoints already saved are kept: with "
-            "resume: auto the same command continues from the newest one.")
+    return (
+        f"out of GPU memory: {first_line(error)}\nThings to try, in this order: a lower seq_len (activation memory "
+        "grows with it, and packing keeps shorter sequences full); model.activation_checkpointing: true and "
+        "model.checkpointing_scope: block; batch_size: 1 with a higher grad_accumulation (the same batch in more "
+        "micro-batches); more GPUs (FSDP shards the weights over them). Checkpoints already saved are kept: with "
+        "resume: auto the same command continues from the newest one."
+    )
 
 
 # Test hook, the only one: TAILOR_TEST_NONFINITE_STEPS="3,4" makes the loss of optimizer steps 3 and 4 NaN on every

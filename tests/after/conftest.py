@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune.data.tokenize import find_tokenizer_file
 from finetune.checkpoints.adapter import params_with_lora, read_adapter
+from finetune.data.tokenize import find_tokenizer_file
 from model.args import load_model_args
 from model.loading import load_model
 from model.lora import LoRAArgs, inject_lora, load_lora_state_dict, lora_state_dict

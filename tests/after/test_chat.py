@@ -21,9 +21,14 @@ GREEDY = Sampling(max_tokens=12)
 CONVERSATIONS = [
     {"messages": [{"role": "user", "content": "What is the capital of France?"}]},
     {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"}]},
-    {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                  {"role": "user", "content": "Tell me a long story about a cat and a dog."}]},
-]  # fmt: skip
+    {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "Tell me a long story about a cat and a dog."},
+        ]
+    },
+]
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +110,9 @@ def test_answer_file_keeps_the_reference_and_names_bad_lines(chat_model, tmp_pat
     source.write_text(json.dumps(lines[1]) + "\n" + '{"messages": []}\n')
     with pytest.raises(ValueError, match=f"{source}:2: expected an object with a non-empty 'messages' list"):
         answer_file(model, tokenizer, source, tmp_path / "out.jsonl", GREEDY)
-    source.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}, {"role": "assistant",
-                                                                                      "content": "y"}]}) + "\n")
+    source.write_text(
+        json.dumps({"messages": [{"role": "assistant", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n"
+    )
     with pytest.raises(ValueError, match=f"{source}:1: the tokenizer cannot encode this conversation"):
         answer_file(model, tokenizer, source, tmp_path / "out.jsonl", GREEDY)
 
@@ -114,8 +120,9 @@ def test_answer_file_keeps_the_reference_and_names_bad_lines(chat_model, tmp_pat
 def test_interactive_loop_keeps_history_until_reset(chat_model):
     model, tokenizer = chat_model
     stdout = io.StringIO()
-    interactive_chat(model, tokenizer, GREEDY, system="Be brief.", stdin=io.StringIO("hello\n\nagain\n/reset\nhi\n"),
-                     stdout=stdout)  # fmt: skip
+    interactive_chat(
+        model, tokenizer, GREEDY, system="Be brief.", stdin=io.StringIO("hello\n\nagain\n/reset\nhi\n"), stdout=stdout
+    )
     system = [{"role": "system", "content": "Be brief."}]
     first = chat_once(model, tokenizer, system + [{"role": "user", "content": "hello"}], GREEDY)
     history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first}]

@@ -4,15 +4,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from finetune.cli import main
 from finetune.after.export_hf import export_hf
 from finetune.after.merge import merge_adapter
+from finetune.cli import main
 from model.loading import load_model
 
 
 @pytest.mark.parametrize("arch", ["mistral-7b", "mixtral-8x7b"])
-def test_merged_model_exported_to_hf_runs_in_transformers_as_in_tailor(arch, adapter_checkpoint, adapted_model,
-                                                                       tmp_path):  # fmt: skip
+def test_merged_model_exported_to_hf_runs_in_transformers_as_in_tailor(
+    arch, adapter_checkpoint, adapted_model, tmp_path
+):
     transformers = pytest.importorskip("transformers")
     base, checkpoint = adapter_checkpoint(arch)
     merged = merge_adapter(base, checkpoint, tmp_path / "merged")

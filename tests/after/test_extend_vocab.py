@@ -6,8 +6,8 @@ import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors.torch import load_file
 
-from finetune.cli import main
 from finetune.after.extend_vocab import extend_vocab
+from finetune.cli import main
 from model.loading import load_model
 
 
@@ -15,8 +15,11 @@ from model.loading import load_model
 def test_extended_model_reads_v3_tokens_as_the_old_model_read_v1_tokens(arch, tiny_folder, tmp_path):
     old_folder = tiny_folder(arch, tokenizer="v1")
     new_folder = extend_vocab(old_folder, tmp_path / "extended")
-    assert sorted(p.name for p in new_folder.iterdir()) == ["consolidated.safetensors", "params.json",
-                                                            "tokenizer.model.v3"]  # fmt: skip
+    assert sorted(p.name for p in new_folder.iterdir()) == [
+        "consolidated.safetensors",
+        "params.json",
+        "tokenizer.model.v3",
+    ]
     assert json.loads((new_folder / "params.json").read_text())["vocab_size"] == 32768
 
     text = "Hello world, ça va? 12345 \u4e2d\u6587"

@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import finetune.after.merge
-from finetune.cli import main
 from finetune.after.merge import merge_adapter
 from finetune.checkpoints.adapter import read_adapter
 from finetune.checkpoints.streaming import TensorSpec, write_safetensors
+from finetune.cli import main
 from model.loading import load_model
 from model.lora import merged_state_dict
 
@@ -86,16 +86,22 @@ def test_merge_keeps_a_bf16_base_in_bf16(adapter_checkpoint, tmp_path):
     base, checkpoint = adapter_checkpoint("mistral-7b")
     bf16_base = tmp_path / "bf16"
     bf16_base.mkdir()
-    save_file({k: v.to(torch.bfloat16) for k, v in load_file(base / "consolidated.safetensors").items()},
-              bf16_base / "consolidated.safetensors")  # fmt: skip
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in load_file(base / "consolidated.safetensors").items()},
+        bf16_base / "consolidated.safetensors",
+    )
     for name in ("params.json", "tokenizer.model.v3"):
         (bf16_base / name).write_bytes((base / name).read_bytes())
     out = merge_adapter(bf16_base, checkpoint, tmp_path / "merged")
     merged = load_file(out / "consolidated.safetensors")
     adapter, lora = read_adapter(checkpoint)
     base_wq = load_file(bf16_base / "consolidated.safetensors")["layers.0.attention.wq.weight"]
-    delta = lora.alpha / lora.rank * adapter["layers.0.attention.wq.lora_B.weight"] @ adapter[
-        "layers.0.attention.wq.lora_A.weight"]  # fmt: skip
+    delta = (
+        lora.alpha
+        / lora.rank
+        * adapter["layers.0.attention.wq.lora_B.weight"]
+        @ adapter["layers.0.attention.wq.lora_A.weight"]
+    )
     assert merged["layers.0.attention.wq.weight"].dtype == torch.bfloat16
     assert torch.equal(merged["layers.0.attention.wq.weight"], (base_wq.float() + delta).to(torch.bfloat16))
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune.cli import main
 from finetune.after.export_hf import export_hf
 from finetune.after.peft_format import export_peft, import_peft
+from finetune.cli import main
 from model.hf_format import permute_to_hf
 from model.loading import load_model
 from model.lora import LoRAArgs, load_lora_state_dict
@@ -40,7 +40,8 @@ def test_peft_files_follow_peft_naming_and_rotary_layout(adapter_checkpoint, tmp
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8.0, 0.0)
     assert config["target_modules"] == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])  # fmt: skip
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    )
     assert config["base_model_name_or_path"] == "mistralai/Mistral-7B-v0.3"
 
     peft, native = load_file(out / "adapter_model.safetensors"), load_file(checkpoint / "lora.safetensors")
@@ -54,8 +55,9 @@ def test_peft_files_follow_peft_naming_and_rotary_layout(adapter_checkpoint, tmp
 
 
 @pytest.mark.parametrize("arch, targets", [("mistral-7b", None), ("mixtral-8x7b", MIXTRAL_TARGETS)])
-def test_transformers_with_exported_peft_adapter_equals_tailor(arch, targets, adapter_checkpoint, adapted_model,
-                                                               tmp_path):  # fmt: skip
+def test_transformers_with_exported_peft_adapter_equals_tailor(
+    arch, targets, adapter_checkpoint, adapted_model, tmp_path
+):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     base, checkpoint = adapter_checkpoint(arch, **({"targets": targets} if targets else {}))
@@ -82,8 +84,9 @@ def test_adapter_made_with_peft_imports_to_the_same_model(use_rslora, tiny_folde
     hf_base = export_hf(base, tmp_path / "hf")
     reference = transformers.AutoModelForCausalLM.from_pretrained(hf_base, dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-    config = peft.LoraConfig(r=4, lora_alpha=16, use_rslora=use_rslora, target_modules=targets,
-                             init_lora_weights=False)  # random B, not zeros
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, use_rslora=use_rslora, target_modules=targets, init_lora_weights=False
+    )  # random B, not zeros
     reference = peft.get_peft_model(reference, config).eval()
     reference.save_pretrained(tmp_path / "peft")
 
@@ -108,13 +111,16 @@ def write_peft(folder, config: dict, state: dict):
     return folder
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"use_dora": True}, "use_dora = True is not supported"),
-    ({"bias": "all"}, "bias 'all' is not supported"),
-    ({"target_parameters": ["gate_up_proj"]}, "transformers 5's fused Mixtral experts"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"use_dora": True}, "use_dora = True is not supported"),
+        ({"bias": "all"}, "bias 'all' is not supported"),
+        ({"target_parameters": ["gate_up_proj"]}, "transformers 5's fused Mixtral experts"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
+    ],
+)
 def test_import_refuses_what_tailor_cannot_express(config, message, tiny_folder, tmp_path):
     peft_dir = write_peft(tmp_path / "peft", config, {})
     with pytest.raises(ValueError, match=message) as error:
@@ -128,8 +134,10 @@ def test_import_refuses_unsupported_modules_and_incomplete_adapters(tiny_folder,
     embed = {f"{prefix}.embed_tokens.lora_embedding_A": torch.zeros(2, 32768)}
     with pytest.raises(ValueError, match="modules tailor cannot adapt: .*embed_tokens"):
         import_peft(write_peft(tmp_path / "embed", {}, embed), tmp_path / "out", base)
-    one_layer = {f"{prefix}.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64),
-                 f"{prefix}.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2)}  # fmt: skip
+    one_layer = {
+        f"{prefix}.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64),
+        f"{prefix}.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2),
+    }
     with pytest.raises(ValueError, match="does not fit the model of .*missing .*layers.1.attention.wq.lora_A"):
         import_peft(write_peft(tmp_path / "partial", {}, one_layer), tmp_path / "out", base)
 

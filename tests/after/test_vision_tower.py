@@ -2,6 +2,7 @@
 loads it, merge keeps the tower unchanged and says so, export-hf leaves it out and says so."""
 
 import torch
+from multimodal import VISION_TOWER
 from safetensors import safe_open
 
 from finetune.cli import main
@@ -10,13 +11,18 @@ from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
 from model.loading import load_model
 from model.weights import read_weights
-from multimodal import VISION_TOWER
 
 
 def training_model(model_dir):
-    cfg = config_from_dict({"run_dir": "unused", "model": {"path": str(model_dir), "dtype": "fp32"},
-                            "data": {"train": "unused.jsonl"}, "eval": {"enabled": False},
-                            "lora": {"rank": 4, "alpha": 8}})
+    cfg = config_from_dict(
+        {
+            "run_dir": "unused",
+            "model": {"path": str(model_dir), "dtype": "fp32"},
+            "data": {"train": "unused.jsonl"},
+            "eval": {"enabled": False},
+            "lora": {"rank": 4, "alpha": 8},
+        }
+    )
     return build_training_model(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
 
 
@@ -47,7 +53,9 @@ def test_merge_keeps_the_tower_and_export_leaves_it_out(adapter_checkpoint, mult
     for name, tensor in read_weights(base, vision_tower=True):
         if name in VISION_TOWER["native"]:
             assert torch.equal(kept[name], tensor), name
-    assert not torch.equal(kept["layers.0.attention.wq.weight"], dict(read_weights(base))["layers.0.attention.wq.weight"])
+    assert not torch.equal(
+        kept["layers.0.attention.wq.weight"], dict(read_weights(base))["layers.0.attention.wq.weight"]
+    )
 
     hf = tmp_path / "hf"
     assert main(["export-hf", "--model", str(merged), "--out", str(hf)]) == 0
@@ -58,4 +66,3 @@ def test_merge_keeps_the_tower_and_export_leaves_it_out(adapter_checkpoint, mult
     reloaded, merged_model = load_model(hf, dtype=torch.float32), load_model(merged, dtype=torch.float32)
     for (name, a), (_, b) in zip(reloaded.state_dict().items(), merged_model.state_dict().items()):
         assert torch.equal(a, b), name
-

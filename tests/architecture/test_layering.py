@@ -31,8 +31,14 @@ def product_modules() -> list[str]:
 def loaded_after(statement: str) -> list[str]:
     """The modules of this repository in sys.modules after running `statement` in a fresh interpreter."""
     code = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(REPO), "PATH": ""},
+    )
     return [m for m in json.loads(result.stdout) if m.split(".")[0] in PACKAGES]
 
 
@@ -100,7 +106,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"

@@ -10,9 +10,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_train_throughput_runs_tailor_and_the_hf_baseline_on_a_tiny_model():
-    result = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--arch", "tiny", "--steps", "1",
-                             "--warmup", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    result = subprocess.run(
+        [sys.executable, "benchmarks/train_throughput.py", "--arch", "tiny", "--steps", "1", "--warmup", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FLOPs per token = 4 N + 12 x layers x heads x head_dim x mean context" in result.stdout
     assert re.search(r"tailor: [\d,]+ tokens/s per GPU", result.stdout)
@@ -22,12 +27,18 @@ def test_train_throughput_runs_tailor_and_the_hf_baseline_on_a_tiny_model():
 
 def test_the_loss_memory_benchmark_meets_its_goal_at_reduced_size_on_cpu():
     """Nemo's 131072-token vocabulary, 2048 tokens in 16 chunks (as 32768 tokens in chunks of 2048): at most 1/8."""
-    result = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--arch", "nemo-12b", "--loss-memory"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    result = subprocess.run(
+        [sys.executable, "benchmarks/train_throughput.py", "--arch", "nemo-12b", "--loss-memory"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    found = re.search(r"2048 tokens x 131072 vocab.*naive (\d+\.\d+) GiB, chunked (\d+\.\d+) GiB \((\d\.\d+) of naive",
-                      result.stdout)
+    found = re.search(
+        r"2048 tokens x 131072 vocab.*naive (\d+\.\d+) GiB, chunked (\d+\.\d+) GiB \((\d\.\d+) of naive", result.stdout
+    )
     assert found, result.stdout
     naive, chunked, ratio = map(float, found.groups())
     assert naive > 2.0  # the fp32 logits alone are 1 GiB: the probe sees them

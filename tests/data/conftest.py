@@ -29,9 +29,21 @@ def make_model_dir(root: Path, version: str) -> Path:
     model = root / f"model_{version}"
     model.mkdir(parents=True, exist_ok=True)
     shutil.copy(BUNDLED / bundled, model / name)
-    (model / "params.json").write_text(json.dumps({
-        "dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4, "n_kv_heads": 2,
-        "norm_eps": 1e-5, "vocab_size": vocab_size, "rope_theta": 1e6}))
+    (model / "params.json").write_text(
+        json.dumps(
+            {
+                "dim": 64,
+                "n_layers": 2,
+                "head_dim": 16,
+                "hidden_dim": 128,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "norm_eps": 1e-5,
+                "vocab_size": vocab_size,
+                "rope_theta": 1e6,
+            }
+        )
+    )
     return model
 
 

@@ -12,39 +12,70 @@ import yaml
 from finetune.cli import main
 from finetune.data import tokenize_sample
 
-TOOL = {"type": "function", "function": {"name": "lookup", "description": "Find a word", "parameters": {
-    "type": "object", "properties": {"word": {"type": "string"}}}}}
-LEGACY = {"functions": [TOOL["function"]], "messages": [
-    {"role": "user", "content": "Define cat"},
-    {"role": "assistant", "content": None, "function_call": {"name": "lookup", "arguments": "{\"word\": \"cat\"}"}},
-    {"role": "function", "name": "lookup", "content": "a small feline"},
-    {"role": "assistant", "content": "A cat is a small feline."}]}
-NO_IDS = {"tools": [TOOL], "messages": [
-    {"role": "user", "content": "Define dog"},
-    {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "lookup",
-                                                                          "arguments": {"word": "dog"}}}]},
-    {"role": "tool", "content": "a loyal canine"},
-    {"role": "assistant", "content": "A dog is a loyal canine."}]}
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Find a word",
+        "parameters": {"type": "object", "properties": {"word": {"type": "string"}}},
+    },
+}
+LEGACY = {
+    "functions": [TOOL["function"]],
+    "messages": [
+        {"role": "user", "content": "Define cat"},
+        {"role": "assistant", "content": None, "function_call": {"name": "lookup", "arguments": '{"word": "cat"}'}},
+        {"role": "function", "name": "lookup", "content": "a small feline"},
+        {"role": "assistant", "content": "A cat is a small feline."},
+    ],
+}
+NO_IDS = {
+    "tools": [TOOL],
+    "messages": [
+        {"role": "user", "content": "Define dog"},
+        {
+            "role": "assistant",
+            "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": {"word": "dog"}}}],
+        },
+        {"role": "tool", "content": "a loyal canine"},
+        {"role": "assistant", "content": "A dog is a loyal canine."},
+    ],
+}
 
 
 def write_config(tmp_path: Path, model_dir: Path, train: list[Path], eval_: list[Path]) -> Path:
-    config = {"run_dir": str(tmp_path / "run"), "model": {"path": str(model_dir)}, "seq_len": 64,
-              "max_steps": 10, "batch_size": 2, "data": {"train": [str(p) for p in train],
-                                                         "eval": [str(p) for p in eval_]}}
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "model": {"path": str(model_dir)},
+        "seq_len": 64,
+        "max_steps": 10,
+        "batch_size": 2,
+        "data": {"train": [str(p) for p in train], "eval": [str(p) for p in eval_]},
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 def test_validate_reports_faults_statistics_epochs_and_eta(tmp_path, model_dirs, write_jsonl, chat, capsys):
-    train = write_jsonl(tmp_path / "data" / "train.jsonl", [
-        chat(0), chat(1, words=40), LEGACY, "{broken", {"messages": [{"role": "bot", "content": "hi"}]}, "",
-        NO_IDS, chat(2)])
+    train = write_jsonl(
+        tmp_path / "data" / "train.jsonl",
+        [
+            chat(0),
+            chat(1, words=40),
+            LEGACY,
+            "{broken",
+            {"messages": [{"role": "bot", "content": "hi"}]},
+            "",
+            NO_IDS,
+            chat(2),
+        ],
+    )
     eval_ = write_jsonl(tmp_path / "data" / "eval.jsonl", [chat(3)])
     config = write_config(tmp_path, model_dirs["v3"], [train], [eval_])
     assert main(["validate", str(config), "--gpus", "4"]) == 1
     out = capsys.readouterr().out
-    assert f"{train}:3: sample uses OpenAI's legacy function-calling form (\"functions\")" in out
+    assert f'{train}:3: sample uses OpenAI\'s legacy function-calling form ("functions")' in out
     assert f"{train}:4: invalid JSON: Expecting property name enclosed in double quotes at column 2" in out
     assert f"{train}:5: message 1 has role 'bot'; expected system, user, assistant or tool" in out
     assert f"{train}:6: blank line" in out
@@ -59,8 +90,9 @@ def test_validate_reports_faults_statistics_epochs_and_eta(tmp_path, model_dirs,
 
 
 def test_validate_fix_repairs_and_removes(tmp_path, model_dirs, tokenizers, write_jsonl, chat, capsys):
-    train = write_jsonl(tmp_path / "data" / "train.jsonl", [
-        chat(0), LEGACY, "{broken", "", NO_IDS, "\ufeff" + json.dumps(chat(1))])
+    train = write_jsonl(
+        tmp_path / "data" / "train.jsonl", [chat(0), LEGACY, "{broken", "", NO_IDS, "\ufeff" + json.dumps(chat(1))]
+    )
     eval_ = write_jsonl(tmp_path / "data" / "more" / "eval.jsonl", [chat(3)])
     config = write_config(tmp_path, model_dirs["v3"], [train], [eval_])
     assert main(["validate", str(config), "--fix", str(tmp_path / "fixed")]) == 0
@@ -106,13 +138,21 @@ def test_tokenize_writes_tokens_and_weights_per_line(tmp_path, model_dirs, token
     first, second = [json.loads(line) for line in out.read_text().splitlines()]
     expected = tokenize_sample(chat(0), tokenizers["tekken"])
     assert first == {"line": 1, "tokens": expected.tokens, "weights": expected.weights}
-    assert second == {"line": 2, "error": "the last message (message 1) is from the user; a training sample ends "
-                                          "with an assistant message"}
+    assert second == {
+        "line": 2,
+        "error": "the last message (message 1) is from the user; a training sample ends with an assistant message",
+    }
 
 
 def test_tokenize_show_marks_the_trained_spans(tmp_path, model_dirs, write_jsonl, capsys):
-    sample = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "weight": 0.5},
-                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]}
+    sample = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello", "weight": 0.5},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Ciao"},
+        ]
+    }
     data = write_jsonl(tmp_path / "d.jsonl", [sample])
     assert main(["tokenize", "--model", str(model_dirs["tekken"]), str(data), "--show"]) == 0
     shown = capsys.readouterr().out

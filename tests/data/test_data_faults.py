@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from finetune.data.config import DataConfig, DataSource
 from finetune.data import DataError, SampleFault, build_eval_batches, build_train_loader, tokenize_sample
+from finetune.data.config import DataConfig, DataSource
 from finetune.data.jsonl import parse_line
 
 TOOL = {"type": "function", "function": {"name": "lookup", "description": "", "parameters": {"type": "object"}}}
@@ -31,66 +31,124 @@ SAMPLE_FAULTS = [
     ("text_and_messages", {"text": "a", "messages": []}, 'both "text" and "messages"'),
     ("text_not_string", {"text": 3}, '"text" must be a string, got a number'),
     ("empty_text", {"text": "  "}, '"text" is empty'),
-    ("no_text_or_messages", {"prompt": "x"}, "neither \"messages\" nor \"text\" (keys: 'prompt')"),
+    ("no_text_or_messages", {"prompt": "x"}, 'neither "messages" nor "text" (keys: \'prompt\')'),
     ("messages_not_list", {"messages": {"role": "user"}}, '"messages" must be a list, got an object'),
     ("no_messages", {"messages": []}, '"messages" is empty'),
     ("message_not_object", {"messages": [USER, "hello"]}, "message 2 is a string, not a JSON object"),
     ("missing_role", {"messages": [{"content": "x"}, ANSWER]}, "message 1 has no role"),
-    ("unknown_role", {"messages": [USER, ANSWER, {"role": "bot", "content": "x"}]},
-     "message 3 has role 'bot'; expected system, user, assistant or tool"),
+    (
+        "unknown_role",
+        {"messages": [USER, ANSWER, {"role": "bot", "content": "x"}]},
+        "message 3 has role 'bot'; expected system, user, assistant or tool",
+    ),
     ("missing_content", {"messages": [{"role": "user"}, ANSWER]}, "message 1 (user) has no content"),
-    ("content_not_string", {"messages": [{"role": "user", "content": ["hi"]}, ANSWER]},
-     "message 1 (user) content must be a string, got a list"),
-    ("empty_content", {"messages": [USER, {"role": "assistant", "content": ""}]},
-     "message 2 (assistant) has empty content"),
-    ("last_not_assistant", {"messages": [USER, ANSWER, USER]},
-     "the last message (message 3) is from the user; a training sample ends with an assistant message"),
+    (
+        "content_not_string",
+        {"messages": [{"role": "user", "content": ["hi"]}, ANSWER]},
+        "message 1 (user) content must be a string, got a list",
+    ),
+    (
+        "empty_content",
+        {"messages": [USER, {"role": "assistant", "content": ""}]},
+        "message 2 (assistant) has empty content",
+    ),
+    (
+        "last_not_assistant",
+        {"messages": [USER, ANSWER, USER]},
+        "the last message (message 3) is from the user; a training sample ends with an assistant message",
+    ),
     ("assistant_before_user", {"messages": [ANSWER, USER, ANSWER]}, "message 1 is from the assistant before any user"),
-    ("bad_weight", {"messages": [USER, {**ANSWER, "weight": 1.5}]},
-     "message 2 has weight 1.5; expected a number from 0 to 1"),
+    (
+        "bad_weight",
+        {"messages": [USER, {**ANSWER, "weight": 1.5}]},
+        "message 2 has weight 1.5; expected a number from 0 to 1",
+    ),
     ("bad_weight", {"messages": [USER, {**ANSWER, "weight": "1"}]}, "message 2 has weight '1'"),
     ("weight_not_on_assistant", {"messages": [{**USER, "weight": 1}, ANSWER]}, "message 1 (user) has a weight"),
-    ("tool_calls_not_on_assistant", {"messages": [{**USER, "tool_calls": [call()]}, ANSWER]},
-     "message 1 (user) has tool_calls"),
-    ("tool_call_without_id", calling({"type": "function", "function": {"name": "lookup", "arguments": "{}"}}),
-     "message 2 tool call 1 has no id"),
-    ("bad_tool_call_id", calling(call(id="call_1")),
-     "message 2 tool call 1 has id 'call_1'; an id is 9 letters or digits"),
+    (
+        "tool_calls_not_on_assistant",
+        {"messages": [{**USER, "tool_calls": [call()]}, ANSWER]},
+        "message 1 (user) has tool_calls",
+    ),
+    (
+        "tool_call_without_id",
+        calling({"type": "function", "function": {"name": "lookup", "arguments": "{}"}}),
+        "message 2 tool call 1 has no id",
+    ),
+    (
+        "bad_tool_call_id",
+        calling(call(id="call_1")),
+        "message 2 tool call 1 has id 'call_1'; an id is 9 letters or digits",
+    ),
     ("duplicate_tool_call_id", calling(call(), call()), "message 2 tool call 2 repeats id 'abcDEF123'"),
     ("bad_tool_call", calling({"id": "abcDEF123", "function": "lookup"}), "message 2 tool call 1 must be"),
-    ("arguments_not_string", calling(call(arguments={"q": 1})),
-     "message 2 tool call 1 (lookup): arguments must be a JSON string, got an object"),
-    ("arguments_not_json", calling(call(arguments="{q: 1}")),
-     "message 2 tool call 1 (lookup): arguments are not valid JSON"),
-    ("function_not_in_tools", calling(call(name="search")),
-     "message 2 tool call 1 calls 'search', which is not in the sample's tools (lookup)"),
-    ("function_not_in_tools", calling(call(), tools=None), 'calls \'lookup\' but the sample has no "tools"'),
+    (
+        "arguments_not_string",
+        calling(call(arguments={"q": 1})),
+        "message 2 tool call 1 (lookup): arguments must be a JSON string, got an object",
+    ),
+    (
+        "arguments_not_json",
+        calling(call(arguments="{q: 1}")),
+        "message 2 tool call 1 (lookup): arguments are not valid JSON",
+    ),
+    (
+        "function_not_in_tools",
+        calling(call(name="search")),
+        "message 2 tool call 1 calls 'search', which is not in the sample's tools (lookup)",
+    ),
+    ("function_not_in_tools", calling(call(), tools=None), "calls 'lookup' but the sample has no \"tools\""),
     ("bad_function_name", calling(call(name="look up")), "calls function 'look up'; a name is 1 to 64"),
     ("bad_tools", {"tools": {"lookup": 1}, "messages": [USER, ANSWER]}, '"tools" must be a list, got an object'),
-    ("bad_tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}],
-                   "messages": [USER, ANSWER]}, "tool 1 (f): parameters must be a JSON Schema object"),
-    ("tool_without_call", {"messages": [USER, {"role": "tool", "tool_call_id": "abcDEF123", "content": "1"}, ANSWER]},
-     "message 2 is a tool result but no assistant tool call precedes it"),
-    ("tool_message_without_id", calling(call(), after=[{"role": "tool", "content": "1"}, ANSWER]),
-     "message 3 (tool) has no tool_call_id"),
-    ("unknown_tool_call_id", calling(call(), after=[{"role": "tool", "tool_call_id": "zzzzzzzzz", "content": "1"},
-                                                    ANSWER]),
-     "message 3 (tool) has tool_call_id 'zzzzzzzzz', which matches no call of the preceding assistant message"),
-    ("duplicate_tool_result", calling(call(), after=[{"role": "tool", "tool_call_id": "abcDEF123", "content": "1"},
-                                                     {"role": "tool", "tool_call_id": "abcDEF123", "content": "2"},
-                                                     ANSWER]),
-     "message 4 (tool) answers tool call 'abcDEF123' a second time"),
-    ("legacy_functions", {"functions": [TOOL["function"]], "messages": [USER, ANSWER]},
-     "sample uses OpenAI's legacy function-calling form (\"functions\")"),
-    ("legacy_functions", {"messages": [USER, {"role": "assistant", "function_call": {"name": "lookup",
-                                                                                   "arguments": "{}"}}]},
-     "message 2 uses OpenAI's legacy function-calling form (\"function_call\")"),
+    (
+        "bad_tools",
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}], "messages": [USER, ANSWER]},
+        "tool 1 (f): parameters must be a JSON Schema object",
+    ),
+    (
+        "tool_without_call",
+        {"messages": [USER, {"role": "tool", "tool_call_id": "abcDEF123", "content": "1"}, ANSWER]},
+        "message 2 is a tool result but no assistant tool call precedes it",
+    ),
+    (
+        "tool_message_without_id",
+        calling(call(), after=[{"role": "tool", "content": "1"}, ANSWER]),
+        "message 3 (tool) has no tool_call_id",
+    ),
+    (
+        "unknown_tool_call_id",
+        calling(call(), after=[{"role": "tool", "tool_call_id": "zzzzzzzzz", "content": "1"}, ANSWER]),
+        "message 3 (tool) has tool_call_id 'zzzzzzzzz', which matches no call of the preceding assistant message",
+    ),
+    (
+        "duplicate_tool_result",
+        calling(
+            call(),
+            after=[
+                {"role": "tool", "tool_call_id": "abcDEF123", "content": "1"},
+                {"role": "tool", "tool_call_id": "abcDEF123", "content": "2"},
+                ANSWER,
+            ],
+        ),
+        "message 4 (tool) answers tool call 'abcDEF123' a second time",
+    ),
+    (
+        "legacy_functions",
+        {"functions": [TOOL["function"]], "messages": [USER, ANSWER]},
+        'sample uses OpenAI\'s legacy function-calling form ("functions")',
+    ),
+    (
+        "legacy_functions",
+        {"messages": [USER, {"role": "assistant", "function_call": {"name": "lookup", "arguments": "{}"}}]},
+        'message 2 uses OpenAI\'s legacy function-calling form ("function_call")',
+    ),
     ("nothing_to_train", {"messages": [USER, {**ANSWER, "weight": 0}]}, "no assistant message is trained"),
 ]
 
 
-@pytest.mark.parametrize("kind,sample,words", SAMPLE_FAULTS, ids=[f"{k}-{i}" for i, (k, _, _) in
-                                                                   enumerate(SAMPLE_FAULTS)])
+@pytest.mark.parametrize(
+    "kind,sample,words", SAMPLE_FAULTS, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(SAMPLE_FAULTS)]
+)
 def test_sample_fault(tokenizers, kind, sample, words):
     with pytest.raises(SampleFault) as caught:
         tokenize_sample(sample, tokenizers["v3"])
@@ -102,8 +160,11 @@ LINE_FAULTS = [
     ("bom", b'\xef\xbb\xbf{"text": "a"}\n', "line starts with a UTF-8 byte-order mark (BOM)"),
     ("blank_line", b"  \r\n", "blank line"),
     ("not_utf8", b'{"text": "caf\xe9"}\n', "not valid UTF-8: byte 0xe9 at column 14"),
-    ("invalid_json", b'{"text": "a",}\n',
-     "invalid JSON: Expecting property name enclosed in double quotes at column 14"),
+    (
+        "invalid_json",
+        b'{"text": "a",}\n',
+        "invalid JSON: Expecting property name enclosed in double quotes at column 14",
+    ),
     ("invalid_json", b'{"text": "a"} {"text": "b"}\n', "invalid JSON: Extra data at column 15"),
 ]
 
@@ -121,22 +182,33 @@ def test_catalogue_has_more_than_twenty_kinds():
 
 
 def test_bad_line_stops_training_with_file_and_line(tmp_path, tokenizers, write_jsonl, chat):
-    data = write_jsonl(tmp_path / "train.jsonl", [chat(0), chat(1), "{oops", chat(3),
-                                                  {"messages": [USER, ANSWER, {"role": "bot", "content": "x"}]}])
+    data = write_jsonl(
+        tmp_path / "train.jsonl",
+        [chat(0), chat(1), "{oops", chat(3), {"messages": [USER, ANSWER, {"role": "bot", "content": "x"}]}],
+    )
     cfg = DataConfig(train=[DataSource(str(data))])
     with pytest.raises(DataError) as caught:
-        build_train_loader(cfg, tokenizers["v3"], seq_len=256, batch_size=1, rank=0, world_size=1, seed=0,
-                           cache_dir=tmp_path / "cache")
-    assert str(caught.value).startswith(f"{data}:3: invalid JSON: Expecting property name enclosed in double quotes "
-                                        "at column 2 (and 1 more bad lines)")
+        build_train_loader(
+            cfg, tokenizers["v3"], seq_len=256, batch_size=1, rank=0, world_size=1, seed=0, cache_dir=tmp_path / "cache"
+        )
+    assert str(caught.value).startswith(
+        f"{data}:3: invalid JSON: Expecting property name enclosed in double quotes at column 2 (and 1 more bad lines)"
+    )
 
 
 def test_skipped_bad_samples_are_counted(tmp_path, tokenizers, write_jsonl, chat):
     data = write_jsonl(tmp_path / "train.jsonl", [chat(0), "", chat(1), "{oops", chat(2), json.dumps([1])])
     cfg = DataConfig(train=[DataSource(str(data))], eval=[DataSource(str(data))], on_bad_sample="skip")
-    loader = build_train_loader(cfg, tokenizers["v3"], seq_len=256, batch_size=1, rank=0, world_size=1, seed=0,
-                                cache_dir=tmp_path / "cache")
+    loader = build_train_loader(
+        cfg, tokenizers["v3"], seq_len=256, batch_size=1, rank=0, world_size=1, seed=0, cache_dir=tmp_path / "cache"
+    )
     assert loader.report()["skipped_bad_samples"] == {"blank_line": 1, "invalid_json": 1, "not_an_object": 1}
     assert len(loader.sources[0]) == 3
-    assert len(build_eval_batches(cfg, tokenizers["v3"], seq_len=256, batch_size=1, rank=0, world_size=1,
-                                  cache_dir=tmp_path / "cache")) == 1
+    assert (
+        len(
+            build_eval_batches(
+                cfg, tokenizers["v3"], seq_len=256, batch_size=1, rank=0, world_size=1, cache_dir=tmp_path / "cache"
+            )
+        )
+        == 1
+    )

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import finetune.data.cache as cache
-from finetune.data.config import DataConfig, DataSource
 from finetune.data import DataError, build_eval_batches, build_train_loader
 from finetune.data.cache import open_tokenized_files
+from finetune.data.config import DataConfig, DataSource
 from finetune.data.sources import open_sources
 
 
@@ -20,8 +20,8 @@ def documents_of(batch, seq_len, known: dict) -> list[int]:
     """The sample index of each document in a batch (padding left out), from its input tokens."""
     found, position = [], 0
     for n in batch.seqlens:
-        window = batch.tokens[position:position + n]
-        if batch.weights[position:position + n].any():
+        window = batch.tokens[position : position + n]
+        if batch.weights[position : position + n].any():
             found.append(known[tuple(window.tolist())])
         position += n
     return found
@@ -39,8 +39,9 @@ def inputs_to_sample(path, tokenizer, cache_dir) -> dict:
 
 def loader(path, tokenizer, cache_dir, rank=0, world_size=1, seed=0, **data):
     cfg = DataConfig(train=[DataSource(str(path))], **data)
-    return build_train_loader(cfg, tokenizer, seq_len=128, batch_size=2, rank=rank, world_size=world_size,
-                              seed=seed, cache_dir=cache_dir)
+    return build_train_loader(
+        cfg, tokenizer, seq_len=128, batch_size=2, rank=rank, world_size=world_size, seed=seed, cache_dir=cache_dir
+    )
 
 
 def test_two_ranks_read_disjoint_shares_that_cover_the_data(tmp_path, tokenizers, chat_file):
@@ -54,7 +55,7 @@ def test_two_ranks_read_disjoint_shares_that_cover_the_data(tmp_path, tokenizers
             docs += documents_of(next(rank_loader), 128, known)
         per_rank.append(docs)
     for epoch in (0, 1):  # the global permutation changes every epoch; its rank shares are disjoint
-        shares = [set(docs[20 * epoch:20 * (epoch + 1)]) for docs in per_rank]
+        shares = [set(docs[20 * epoch : 20 * (epoch + 1)]) for docs in per_rank]
         assert len(shares[0]) == len(shares[1]) == 20
         assert not shares[0] & shares[1]
         assert shares[0] | shares[1] == set(range(40))
@@ -89,8 +90,9 @@ def test_sources_are_mixed_by_weight(tmp_path, tokenizers, write_jsonl):
     alpha = write_jsonl(tmp_path / "alpha.jsonl", [{"text": f"alpha {i}"} for i in range(30)])
     write_jsonl(tmp_path / "beta" / "b.jsonl", [{"text": f"beta {i}"} for i in range(30)])  # a folder source
     cfg = DataConfig(train=[DataSource(str(alpha), 3.0), DataSource(str(tmp_path / "beta"), 1.0)])
-    train = build_train_loader(cfg, tokenizers["tekken"], seq_len=16, batch_size=50, rank=0, world_size=1, seed=0,
-                               cache_dir=tmp_path / "cache")
+    train = build_train_loader(
+        cfg, tokenizers["tekken"], seq_len=16, batch_size=50, rank=0, world_size=1, seed=0, cache_dir=tmp_path / "cache"
+    )
     alpha_first = tokenizers["tekken"].instruct_tokenizer.tokenizer.encode("alpha", bos=False, eos=False)[0]
     firsts = np.concatenate([next(train).tokens.view(-1, 16)[:, 1].numpy() for _ in range(20)])
     assert abs((firsts == alpha_first).mean() - 0.75) < 0.05
@@ -102,15 +104,17 @@ def test_eval_is_the_same_for_any_number_of_ranks(tmp_path, tokenizers, write_js
     kwargs = dict(seq_len=128, cache_dir=tmp_path / "cache")
     single = build_eval_batches(cfg, tokenizers["v3"], batch_size=1, rank=0, world_size=1, **kwargs)
     for world_size in (2, 3):
-        per_rank = [build_eval_batches(cfg, tokenizers["v3"], batch_size=2, rank=r, world_size=world_size, **kwargs)
-                    for r in range(world_size)]
+        per_rank = [
+            build_eval_batches(cfg, tokenizers["v3"], batch_size=2, rank=r, world_size=world_size, **kwargs)
+            for r in range(world_size)
+        ]
         assert len({len(batches) for batches in per_rank}) == 1  # the same number of forward calls everywhere
         sequences = [(r, b, s) for r in range(world_size) for b in range(len(per_rank[r])) for s in range(2)]
         merged = {}
         for r, b, s in sequences:
             batch = per_rank[r][b]
             index = (b * 2 + s) * world_size + r  # global sequence index of this slot
-            merged[index] = (batch.tokens[s * 128:(s + 1) * 128], batch.weights[s * 128:(s + 1) * 128])
+            merged[index] = (batch.tokens[s * 128 : (s + 1) * 128], batch.weights[s * 128 : (s + 1) * 128])
         for i, batch in enumerate(single):
             assert merged[i][0].tolist() == batch.tokens.tolist()
             assert merged[i][1].tolist() == batch.weights.tolist()
@@ -165,8 +169,10 @@ def _build_in_child(path, cache_dir, log):
 def test_ranks_starting_together_tokenize_each_file_once(tmp_path, model_dirs, chat_file):
     (tmp_path / "model").symlink_to(model_dirs["v3"])
     context = multiprocessing.get_context("fork")
-    children = [context.Process(target=_build_in_child, args=(chat_file, tmp_path / "cache", tmp_path / "log"))
-                for _ in range(2)]
+    children = [
+        context.Process(target=_build_in_child, args=(chat_file, tmp_path / "cache", tmp_path / "log"))
+        for _ in range(2)
+    ]
     for child in children:
         child.start()
     for child in children:

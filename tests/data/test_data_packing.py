@@ -23,13 +23,13 @@ class ListStore:
         return len(self.docs[doc]) - 1
 
     def is_trained(self, doc, begin, end):
-        return bool(self.weights[doc][begin + 1:end + 1].any())
+        return bool(self.weights[doc][begin + 1 : end + 1].any())
 
     def write(self, piece, tokens, targets, weights):
         doc = self.docs[piece.doc]
-        tokens[:] = doc[piece.begin:piece.end]
-        targets[:] = doc[piece.begin + 1:piece.end + 1]
-        weights[:] = self.weights[piece.doc][piece.begin + 1:piece.end + 1]
+        tokens[:] = doc[piece.begin : piece.end]
+        targets[:] = doc[piece.begin + 1 : piece.end + 1]
+        weights[:] = self.weights[piece.doc][piece.begin + 1 : piece.end + 1]
 
 
 def pack_all(store, seq_len, overlong="split"):
@@ -55,8 +55,8 @@ def test_every_token_once_in_order_and_no_prediction_crosses_documents():
         end_of_sequence = position + seq_len
         for piece in pieces:
             n = piece.end - piece.begin
-            inputs.setdefault(piece.doc, []).append(batch.tokens[position:position + n].tolist())
-            targets.setdefault(piece.doc, []).append(batch.targets[position:position + n].tolist())
+            inputs.setdefault(piece.doc, []).append(batch.tokens[position : position + n].tolist())
+            targets.setdefault(piece.doc, []).append(batch.targets[position : position + n].tolist())
             position += n
         assert batch.weights[position:end_of_sequence].sum() == 0  # padding
         assert (batch.tokens[position:end_of_sequence] == PAD_TOKEN).all()
@@ -132,16 +132,24 @@ def test_feed_state_round_trips():
     copy = DocumentFeed(lambda epoch: np.arange(6) if epoch < 3 else None)
     copy.load_state_dict(state)
     for _ in range(8):
-        assert pack_sequence(copy, store, 1000, "split", Counter()) == pack_sequence(feed, store, 1000, "split",
-                                                                                     Counter())
+        assert pack_sequence(copy, store, 1000, "split", Counter()) == pack_sequence(
+            feed, store, 1000, "split", Counter()
+        )
 
 
 def test_cached_store_writes_the_sample_slices(tmp_path, tokenizers, write_jsonl):
     """TokenizedSource.write clips weight spans to a piece exactly as slicing the sample's weights does."""
-    samples = [{"messages": [{"role": "user", "content": f"q{i} " * (i + 1)},
-                             {"role": "assistant", "content": f"a{i} " * (2 * i + 1), "weight": 0.25 * (i % 4)},
-                             {"role": "user", "content": "more?"},
-                             {"role": "assistant", "content": "yes " * i + "done"}]} for i in range(6)]
+    samples = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i} " * (i + 1)},
+                {"role": "assistant", "content": f"a{i} " * (2 * i + 1), "weight": 0.25 * (i % 4)},
+                {"role": "user", "content": "more?"},
+                {"role": "assistant", "content": "yes " * i + "done"},
+            ]
+        }
+        for i in range(6)
+    ]
     data = write_jsonl(tmp_path / "d.jsonl", samples)
     (source,) = open_sources([DataSource(str(data))], tokenizers["v3"], "all", tmp_path / "cache", 0)
     rng = np.random.default_rng(0)
@@ -154,9 +162,9 @@ def test_cached_store_writes_the_sample_slices(tmp_path, tokenizers, write_jsonl
             out = [np.zeros(end - begin, np.int64), np.zeros(end - begin, np.int64), np.zeros(end - begin, np.float32)]
             source.write(Piece(doc, begin, end), *out)
             assert out[0].tolist() == tokens[begin:end].tolist()
-            assert out[1].tolist() == tokens[begin + 1:end + 1].tolist()
-            assert out[2].tolist() == weights[begin + 1:end + 1].tolist()
-            assert source.is_trained(doc, begin, end) == bool(weights[begin + 1:end + 1].any())
+            assert out[1].tolist() == tokens[begin + 1 : end + 1].tolist()
+            assert out[2].tolist() == weights[begin + 1 : end + 1].tolist()
+            assert source.is_trained(doc, begin, end) == bool(weights[begin + 1 : end + 1].any())
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -19,33 +19,70 @@ from finetune.data import (
 )
 from finetune.data.text_encoders import WordMemoSentencePiece, fast_text_encoder, word_memo_is_exact
 
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 
 CONVERSATIONS = {
-    "chat": {"messages": [{"role": "user", "content": "Hi there"},
-                          {"role": "assistant", "content": "Hello! How can I help?"}]},
-    "multi_turn_with_system": {"messages": [
-        {"role": "system", "content": "You answer in one word."},
-        {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"},
-        {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome"},
-        {"role": "user", "content": "Of Spain?"}, {"role": "assistant", "content": "Madrid"}]},
-    "tool_calling": {"tools": [WEATHER_TOOL], "messages": [
-        {"role": "system", "content": "Use tools when useful."},
-        {"role": "user", "content": "Weather in Paris and Rome?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call00001", "type": "function",
-             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
-            {"id": "call00002", "type": "function",
-             "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}}]},
-        {"role": "tool", "tool_call_id": "call00001", "content": "{\"celsius\": 21}"},
-        {"role": "tool", "tool_call_id": "call00002", "content": "{\"celsius\": 25}"},
-        {"role": "assistant", "content": "Paris 21 °C, Rome 25 °C."},
-        {"role": "user", "content": "Thanks! Tomorrow in Oslo?"},
-        {"role": "assistant", "tool_calls": [
-            {"id": "call00003", "type": "function",
-             "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]}]},
+    "chat": {
+        "messages": [
+            {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+        ]
+    },
+    "multi_turn_with_system": {
+        "messages": [
+            {"role": "system", "content": "You answer in one word."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris"},
+            {"role": "user", "content": "And of Italy?"},
+            {"role": "assistant", "content": "Rome"},
+            {"role": "user", "content": "Of Spain?"},
+            {"role": "assistant", "content": "Madrid"},
+        ]
+    },
+    "tool_calling": {
+        "tools": [WEATHER_TOOL],
+        "messages": [
+            {"role": "system", "content": "Use tools when useful."},
+            {"role": "user", "content": "Weather in Paris and Rome?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call00001",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    },
+                    {
+                        "id": "call00002",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+                    },
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call00001", "content": '{"celsius": 21}'},
+            {"role": "tool", "tool_call_id": "call00002", "content": '{"celsius": 25}'},
+            {"role": "assistant", "content": "Paris 21 °C, Rome 25 °C."},
+            {"role": "user", "content": "Thanks! Tomorrow in Oslo?"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "call00003",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                    }
+                ],
+            },
+        ],
+    },
 }
 
 
@@ -70,9 +107,10 @@ def assistant_message_tokens(tokenizer, sample: dict, k: int) -> list[int]:
     """The tokens mistral-common adds for assistant message k: encode the conversation up to it with the
     message and with a one-token stand-in, and keep what differs."""
     messages = sample["messages"]
-    with_it = reference_tokens(tokenizer, {**sample, "messages": messages[:k + 1]})
-    stand_in = reference_tokens(tokenizer, {**sample, "messages": messages[:k] + [{"role": "assistant",
-                                                                                    "content": "x"}]})
+    with_it = reference_tokens(tokenizer, {**sample, "messages": messages[: k + 1]})
+    stand_in = reference_tokens(
+        tokenizer, {**sample, "messages": messages[:k] + [{"role": "assistant", "content": "x"}]}
+    )
     start = len(stand_in) - len(tokenizer.instruct_tokenizer.tokenizer.encode("x", bos=False, eos=True))
     assert with_it[:start] == stand_in[:start]
     return with_it[start:]
@@ -109,8 +147,11 @@ def test_weights_cover_exactly_the_assistant_messages(tokenizers, version, name)
     """Trained runs are the assistant messages' tokens (content or tool calls, and EOS), with weight 1."""
     tokenizer, sample = tokenizers[version], CONVERSATIONS[name]
     tokenized = tokenize_sample(sample, tokenizer)
-    expected = [assistant_message_tokens(tokenizer, sample, k)
-                for k, m in enumerate(sample["messages"]) if m["role"] == "assistant"]
+    expected = [
+        assistant_message_tokens(tokenizer, sample, k)
+        for k, m in enumerate(sample["messages"])
+        if m["role"] == "assistant"
+    ]
     assert weighted_runs(tokenized.tokens, tokenized.weights) == expected
     assert set(tokenized.weights) == {0.0, 1.0}
     assert tokenized.weights[0] == 0.0  # BOS
@@ -118,26 +159,69 @@ def test_weights_cover_exactly_the_assistant_messages(tokenizers, version, name)
     assert all(w == 1.0 for t, w in zip(tokenized.tokens, tokenized.weights) if t == eos)
 
 
-GOLDEN_SAMPLE = {"messages": [
-    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "Hello!", "weight": 0.5}, {"role": "user", "content": "Bye"},
-    {"role": "assistant", "content": "Bye!"}]}
+GOLDEN_SAMPLE = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!", "weight": 0.5},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye!"},
+    ]
+}
 
 
 def test_golden_mask_v3(tokenizers):
     # <s> [INST] ▁Hi [/INST] ▁Hello ! </s> [INST] ▁Be ▁brief . \n \n By e [/INST] ▁By e ! </s>
     # (v3 puts the system prompt in the last user message)
     tokenized = tokenize_sample(GOLDEN_SAMPLE, tokenizers["v3"])
-    assert tokenized.tokens == [1, 3, 16127, 4, 23325, 29576, 2, 3, 2507, 7585, 29491, 781, 781, 2698, 29474, 4,
-                                3231, 29474, 29576, 2]
+    assert tokenized.tokens == [
+        1,
+        3,
+        16127,
+        4,
+        23325,
+        29576,
+        2,
+        3,
+        2507,
+        7585,
+        29491,
+        781,
+        781,
+        2698,
+        29474,
+        4,
+        3231,
+        29474,
+        29576,
+        2,
+    ]
     assert tokenized.weights == [0, 0, 0, 0, 0.5, 0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
 
 
 def test_golden_mask_tekken(tokenizers):
     # <s> [INST] Hi [/INST] Hello ! </s> [INST] Be ␣brief .\n\n By e [/INST] By e ! </s>
     tokenized = tokenize_sample(GOLDEN_SAMPLE, tokenizers["tekken"])
-    assert tokenized.tokens == [1, 3, 37133, 4, 22177, 1033, 2, 3, 5934, 13426, 1338, 3606, 1101, 4, 3606, 1101,
-                                1033, 2]
+    assert tokenized.tokens == [
+        1,
+        3,
+        37133,
+        4,
+        22177,
+        1033,
+        2,
+        3,
+        5934,
+        13426,
+        1338,
+        3606,
+        1101,
+        4,
+        3606,
+        1101,
+        1033,
+        2,
+    ]
     assert tokenized.weights == [0, 0, 0, 0, 0.5, 0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
 
 

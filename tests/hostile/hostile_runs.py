@@ -21,7 +21,10 @@ def write_config(folder: Path, model_dir: Path, **overrides) -> Path:
     """A YAML config of a short run over the demo data in folder/run; `a__b=value` sets cfg[a][b]."""
     cfg = {
         "run_dir": str(folder / "run"),
-        "seed": 0, "seq_len": 64, "batch_size": 1, "max_steps": 2,
+        "seed": 0,
+        "seq_len": 64,
+        "batch_size": 1,
+        "max_steps": 2,
         "model": {"path": str(model_dir), "dtype": "fp32", "attention": "sdpa"},
         "data": {"train": str(REPO / "data/demo/train.jsonl"), "num_workers": 0, "cache_dir": str(folder / "cache")},
         "lora": {"rank": 4, "alpha": 8, "targets": ["wq", "wv"]},
@@ -46,8 +49,7 @@ def environment(**extra: str) -> dict:
 
 
 def run_command(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, env=env or environment(), capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    return subprocess.run(command, cwd=REPO, env=env or environment(), capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def train(config: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -65,7 +67,7 @@ def assert_refused(result: subprocess.CompletedProcess, code: int, *named: objec
     assert result.returncode == code, f"exit {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors, result.stderr[-2000:]
-    message = result.stderr[result.stderr.index("error: "):]
+    message = result.stderr[result.stderr.index("error: ") :]
     for name in named:
         assert str(name) in message, f"{name} not in: {message}"
     return message
@@ -75,8 +77,10 @@ def rewrite_manifest(folder: Path) -> None:
     """What whoever edits a checkpoint can do: make its manifest match the files as they are now."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size,
-                                                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        files[path.relative_to(folder).as_posix()] = {
+            "bytes": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
     (folder / "manifest.json").write_text(json.dumps({"files": files}))
 
 

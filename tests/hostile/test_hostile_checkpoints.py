@@ -9,18 +9,15 @@ from the newest intact one.
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from hostile_runs import assert_refused, copy_run, rewrite_manifest, tailor, train, write_config
+
 from model.tiny import write_tiny_model
 
 
@@ -58,8 +55,12 @@ def payloads(marker: Path) -> dict[str, bytes]:
 def craft(folder: Path, payload: bytes) -> None:
     """Every file that holds numbers becomes the payload, DCP's pickled index and shard (the old layout) are added,
     and the manifest is made to match: the checksums cannot tell, since whoever wrote the files wrote it."""
-    for path in [folder / "lora.safetensors", *folder.glob("state/*.safetensors"),
-                 folder / "state/.metadata", folder / "state/__0_0.distcp"]:
+    for path in [
+        folder / "lora.safetensors",
+        *folder.glob("state/*.safetensors"),
+        folder / "state/.metadata",
+        folder / "state/__0_0.distcp",
+    ]:
         path.write_bytes(payload)
     rewrite_manifest(folder)
 

@@ -14,9 +14,16 @@ from model.args import (
 )
 
 MISTRAL_7B_V01 = {  # the params.json shipped with Mistral 7B v0.1
-    "dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
-    "norm_eps": 1e-05, "sliding_window": 4096, "vocab_size": 32000,
-}  # fmt: skip
+    "dim": 4096,
+    "n_layers": 32,
+    "head_dim": 128,
+    "hidden_dim": 14336,
+    "n_heads": 32,
+    "n_kv_heads": 8,
+    "norm_eps": 1e-05,
+    "sliding_window": 4096,
+    "vocab_size": 32000,
+}
 
 
 def test_real_params_json_parses_with_defaults():
@@ -26,8 +33,14 @@ def test_real_params_json_parses_with_defaults():
 
 
 def test_moe_and_tolerated_keys():
-    d = {**MISTRAL_7B_V01, "moe": {"num_experts": 8, "num_experts_per_tok": 2}, "max_seq_len": 32768,
-         "lora": {"rank": 16}, "_version": "0.0.1", "vision_encoder": {"hidden_size": 1024}}  # fmt: skip
+    d = {
+        **MISTRAL_7B_V01,
+        "moe": {"num_experts": 8, "num_experts_per_tok": 2},
+        "max_seq_len": 32768,
+        "lora": {"rank": 16},
+        "_version": "0.0.1",
+        "vision_encoder": {"hidden_size": 1024},
+    }
     assert ModelArgs.from_dict(d).moe == MoeArgs(8, 2)
 
 

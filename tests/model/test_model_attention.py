@@ -89,8 +89,9 @@ def test_auto_on_gpu_prefers_a_fused_backend():
     assert "varlen" not in available_backends("cuda", torch.float32)  # flash kernels are fp16/bf16 only
 
 
-def flash_varlen_reference(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False,
-                           is_causal=False):
+def flash_varlen_reference(
+    q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, is_causal=False
+):
     """flash attention's varlen contract, on the CPU: documents cut by cu_seqlens (int32); query i of a document sees
     its keys in [i - window_size[0], i + window_size[1]] (-1: no limit), or the keys up to i when is_causal; with
     enable_gqa, query head h reads K/V head h // (heads / kv heads), otherwise the heads must be equal."""

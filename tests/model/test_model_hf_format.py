@@ -36,8 +36,9 @@ def test_rotary_permutation_turns_interleaved_pairs_into_halves():
 
 def test_lora_b_takes_the_weight_permutation():
     """Exporting adapters to HF must give the HF weight of the merged model: P(W + B A) = P(W) + P(B) A."""
-    args = ModelArgs(dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
-                     vocab_size=10)  # fmt: skip
+    args = ModelArgs(
+        dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, norm_eps=1e-5, vocab_size=10
+    )
     for module, rows in (("wq", 32), ("wk", 16)):
         w, b, a = torch.randn(rows, 32), torch.randn(rows, 4), torch.randn(4, 32)
         hf_name, hf_w = convert_tensor_to_hf(f"layers.0.attention.{module}.weight", w, args)

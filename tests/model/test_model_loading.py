@@ -6,8 +6,8 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors.torch import load_file, save_file
 
 from model.args import load_model_args
-from model.lora import LoRAArgs, merge_lora
 from model.loading import load_model, save_model_folder
+from model.lora import LoRAArgs, merge_lora
 from model.tiny import TOKENIZER_FILES, random_state_dict, write_tiny_model
 
 SEQLENS = [9, 14]
@@ -53,12 +53,16 @@ def rewrite_weights(src, dst, edit):
     "edit, words",
     [
         (lambda s: s.pop("layers.1.ffn_norm.weight"), "missing tensor(s) ['layers.1.ffn_norm.weight']"),
-        (lambda s: s.update({"layers.0.attention.wk.weight": torch.zeros(3, 64)}),
-         "tensor 'layers.0.attention.wk.weight' has shape (3, 64), the model's params expect (32, 64)"),
-        (lambda s: s.update({"layers.2.attention.wk.weight": torch.zeros(32, 64)}),
-         "unexpected tensor 'layers.2.attention.wk.weight'"),
+        (
+            lambda s: s.update({"layers.0.attention.wk.weight": torch.zeros(3, 64)}),
+            "tensor 'layers.0.attention.wk.weight' has shape (3, 64), the model's params expect (32, 64)",
+        ),
+        (
+            lambda s: s.update({"layers.2.attention.wk.weight": torch.zeros(32, 64)}),
+            "unexpected tensor 'layers.2.attention.wk.weight'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_checkpoints_name_the_tensor_and_file(edit, words, tiny_folder, tmp_path):
     folder = rewrite_weights(tiny_folder("mistral-7b"), tmp_path / "bad", edit)
     with pytest.raises(ValueError) as err:
@@ -104,8 +108,9 @@ def test_tiny_models_are_deterministic_per_seed(tmp_path):
     assert (a / "consolidated.safetensors").read_bytes() == (b / "consolidated.safetensors").read_bytes()
     args = load_model_args(a)
     other = random_state_dict(args, seed=4)
-    assert not torch.equal(other["layers.0.attention.wq.weight"], load_file(a / "consolidated.safetensors")[
-        "layers.0.attention.wq.weight"])  # fmt: skip
+    assert not torch.equal(
+        other["layers.0.attention.wq.weight"], load_file(a / "consolidated.safetensors")["layers.0.attention.wq.weight"]
+    )
 
 
 @pytest.mark.parametrize("arch", ["mistral-7b-v0.1", "nemo-12b", "codestral-22b", "mixtral-8x7b"])

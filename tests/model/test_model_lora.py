@@ -69,8 +69,11 @@ def test_targets_cover_every_expert_and_optionally_the_output_head(make_model):
         LoRAArgs(targets=("q_proj",))
     with pytest.raises(ValueError, match="targets must name at least one module"):
         LoRAArgs(targets=())
-    for bad, words in [(dict(rank=0), "rank must be >= 1, got 0"), (dict(alpha=0.0), "alpha must be > 0"),
-                       (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0")]:
+    for bad, words in [
+        (dict(rank=0), "rank must be >= 1, got 0"),
+        (dict(alpha=0.0), "alpha must be > 0"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    ]:
         with pytest.raises(ValueError, match=words):
             LoRAArgs(**bad)
 

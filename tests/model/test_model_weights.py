@@ -3,9 +3,9 @@ request), and header-only specs that match what is read."""
 
 import pytest
 import torch
+from multimodal import VISION_TOWER
 
 from model.weights import read_weights, vision_tower_specs, weight_specs
-from multimodal import VISION_TOWER
 
 
 @pytest.mark.parametrize("layout", ["native", "hf"])

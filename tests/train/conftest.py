@@ -23,10 +23,17 @@ def write_config(tmp_path, tiny_model_dir):
     def write(**overrides) -> Path:
         cfg = {
             "run_dir": str(tmp_path / "run"),
-            "seed": 0, "seq_len": 128, "batch_size": 2, "max_steps": 16,
+            "seed": 0,
+            "seq_len": 128,
+            "batch_size": 2,
+            "max_steps": 16,
             "model": {"path": str(tiny_model_dir), "dtype": "fp32", "attention": "sdpa"},
-            "data": {"train": str(REPO / "data/demo/train.jsonl"), "eval": str(REPO / "data/demo/eval.jsonl"),
-                     "num_workers": 0, "cache_dir": str(tmp_path / "cache")},
+            "data": {
+                "train": str(REPO / "data/demo/train.jsonl"),
+                "eval": str(REPO / "data/demo/eval.jsonl"),
+                "num_workers": 0,
+                "cache_dir": str(tmp_path / "cache"),
+            },
             "lora": {"rank": 8, "alpha": 16, "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]},
             "optim": {"lr": 2e-2, "weight_decay": 0.0, "warmup_steps": 2},
             "eval": {"freq": 8, "max_batches": 2},

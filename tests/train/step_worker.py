@@ -24,8 +24,9 @@ def main(config: str, out: str) -> None:
     cfg = load_config(config)
     dist_info = init_distributed()
     tokenizer = load_tokenizer(cfg.model.path)
-    batches = build_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1,
-                                 cache_dir=Path(cfg.data.cache_dir))[:2]
+    batches = build_eval_batches(
+        cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1, cache_dir=Path(cfg.data.cache_dir)
+    )[:2]
     mine = batches if dist_info.world_size == 1 else [batches[dist_info.rank]]
     model = build_training_model(cfg, dist_info)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)

@@ -23,16 +23,22 @@ def tokenizer_file(tmp_path):
 
 
 def save(run_dir, step, tokenizer_file, keep=3):
-    state = {"layers.0.attention.wq.lora_A.weight": torch.full((4, 8), float(step)),
-             "layers.0.attention.wq.lora_B.weight": torch.zeros(8, 4)}
+    state = {
+        "layers.0.attention.wq.lora_A.weight": torch.full((4, 8), float(step)),
+        "layers.0.attention.wq.lora_B.weight": torch.zeros(8, 4),
+    }
     return save_adapter_checkpoint(run_dir, step, state, PARAMS, LoRAArgs(**LORA), tokenizer_file, keep=keep)
 
 
 def test_adapter_checkpoint_contents(tmp_path, tokenizer_file):
     folder = save(tmp_path / "run", 100, tokenizer_file)
     assert folder == tmp_path / "run" / "checkpoints" / "checkpoint_000100"
-    assert sorted(p.name for p in folder.iterdir()) == ["lora.safetensors", "manifest.json", "params.json",
-                                                        "tokenizer.model.v3"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "lora.safetensors",
+        "manifest.json",
+        "params.json",
+        "tokenizer.model.v3",
+    ]
     weights = load_file(folder / "lora.safetensors")
     assert weights["layers.0.attention.wq.lora_A.weight"].dtype == torch.float32
     assert weights["layers.0.attention.wq.lora_A.weight"][0, 0].item() == 100.0
@@ -79,8 +85,10 @@ def test_leftovers_of_killed_writes_and_deletions_are_cleared_by_the_next_save(t
 
 
 def test_merged_checkpoint_streams_the_weights_into_a_model_folder(tmp_path, tokenizer_file):
-    weights = {"tok_embeddings.weight": torch.arange(32 * 8, dtype=torch.float32).reshape(32, 8).to(torch.bfloat16),
-               "norm.weight": torch.ones(8)}
+    weights = {
+        "tok_embeddings.weight": torch.arange(32 * 8, dtype=torch.float32).reshape(32, 8).to(torch.bfloat16),
+        "norm.weight": torch.ones(8),
+    }
     specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in weights.items()}
     handed_out = []
 
@@ -92,8 +100,12 @@ def test_merged_checkpoint_streams_the_weights_into_a_model_folder(tmp_path, tok
     params = dict(PARAMS, lora=dict(LORA, scaling=2.0))
     folder = save_merged_checkpoint(tmp_path / "run", 7, specs, stream(), params, tokenizer_file, keep=1)
     assert handed_out == ["tok_embeddings.weight", "norm.weight"]
-    assert sorted(p.name for p in folder.iterdir()) == ["consolidated.safetensors", "manifest.json", "params.json",
-                                                        "tokenizer.model.v3"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "consolidated.safetensors",
+        "manifest.json",
+        "params.json",
+        "tokenizer.model.v3",
+    ]
     written = load_file(folder / "consolidated.safetensors")
     assert written["tok_embeddings.weight"].dtype == torch.bfloat16
     torch.testing.assert_close(written, weights, rtol=0, atol=0)

@@ -64,27 +64,30 @@ def test_command_line_overrides(tmp_path):
     assert (cfg.optim.lr, cfg.max_steps, cfg.lora.targets) == (3e-5, 50, ("wq", "wv"))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
-    ("seq_lenn=8", "unknown key 'seq_lenn'; did you mean 'seq_len'?"),
-    ("max_steps=0", "max_steps must be >= 1, got 0"),
-    ("seq_len=long", "seq_len must be an integer, got 'long'"),
-    ("model.dtype=fp8", "model.dtype is 'fp8'; expected one of bf16 | fp32 | fp16"),
-    ("lora.rank=1.5", "lora.rank must be an integer, got 1.5"),
-    ("lora.targets=[wq,attn]", "lora.targets has 'attn'"),
-    ("lora.targets=[]", "lora.targets must name at least one module"),
-    ("lora.rank=0", "lora.rank must be >= 1, got 0"),
-    ("lora.alpha=-1", "lora.alpha must be > 0, got -1.0"),
-    ("lora.dropout=1", "lora.dropout must be in [0, 1), got 1.0"),
-    ("model.attention=flash", "model.attention is 'flash'; expected one of auto | sdpa | varlen | flex | xformers"),
-    ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
-    ("optim.min_lr=1.0", "optim.min_lr must be in [0, optim.lr]"),
-    ("eval.enabled=maybe", "eval.enabled must be true or false, got 'maybe'"),
-    ("data.eval=[]", "eval is on but data.eval is empty"),
-    ("data.train=a.jsonl:0", "weights must be > 0"),
-    ("lora=3", "lora must be a mapping"),
-    ("nonsense", "is not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+        ("seq_lenn=8", "unknown key 'seq_lenn'; did you mean 'seq_len'?"),
+        ("max_steps=0", "max_steps must be >= 1, got 0"),
+        ("seq_len=long", "seq_len must be an integer, got 'long'"),
+        ("model.dtype=fp8", "model.dtype is 'fp8'; expected one of bf16 | fp32 | fp16"),
+        ("lora.rank=1.5", "lora.rank must be an integer, got 1.5"),
+        ("lora.targets=[wq,attn]", "lora.targets has 'attn'"),
+        ("lora.targets=[]", "lora.targets must name at least one module"),
+        ("lora.rank=0", "lora.rank must be >= 1, got 0"),
+        ("lora.alpha=-1", "lora.alpha must be > 0, got -1.0"),
+        ("lora.dropout=1", "lora.dropout must be in [0, 1), got 1.0"),
+        ("model.attention=flash", "model.attention is 'flash'; expected one of auto | sdpa | varlen | flex | xformers"),
+        ("optim.betas=[0.9]", "optim.betas must be two numbers in [0, 1)"),
+        ("optim.min_lr=1.0", "optim.min_lr must be in [0, optim.lr]"),
+        ("eval.enabled=maybe", "eval.enabled must be true or false, got 'maybe'"),
+        ("data.eval=[]", "eval is on but data.eval is empty"),
+        ("data.train=a.jsonl:0", "weights must be > 0"),
+        ("lora=3", "lora must be a mapping"),
+        ("nonsense", "is not of the form key=value"),
+    ],
+)
 def test_each_mistake_is_named(tmp_path, override, message):
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, MISTRAL_FINETUNE_7B), [override])

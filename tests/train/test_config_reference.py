@@ -8,8 +8,15 @@ import typing
 from pathlib import Path
 
 from finetune.config import TrainConfig, translate_mistral_finetune_keys
-from finetune.config_reference import (END, START, config_rows, field_comments, readme_block, render_config_reference,
-                                       write_readme)
+from finetune.config_reference import (
+    END,
+    START,
+    config_rows,
+    field_comments,
+    readme_block,
+    render_config_reference,
+    write_readme,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -25,7 +32,8 @@ def all_dataclasses(cls=TrainConfig) -> set[type]:
 
 def test_readme_holds_the_generated_reference():
     assert readme_block(README.read_text(encoding="utf-8")) == render_config_reference(), (
-        "README.md's config reference is stale: run `python -m finetune.config_reference README.md`")
+        "README.md's config reference is stale: run `python -m finetune.config_reference README.md`"
+    )
 
 
 def test_write_readme_replaces_only_the_block(tmp_path):
@@ -42,7 +50,8 @@ def test_every_field_has_a_comment():
     undocumented = [f"{c.__name__}.{name}" for c in classes for name, text in field_comments(c).items() if not text]
     assert not undocumented, f"add a comment (its meaning, for the README) to these fields in config.py: {undocumented}"
     assert {f.name for c in classes for f in dataclasses.fields(c)} == {
-        name for c in classes for name in field_comments(c)}
+        name for c in classes for name in field_comments(c)
+    }
 
 
 def test_comments_are_read_from_their_line_and_the_lines_above():
@@ -56,8 +65,12 @@ def test_comments_are_read_from_their_line_and_the_lines_above():
         c: int = 3  # and on the line
         d: int = 4
 
-    assert field_comments(Example) == {"a": "on the line", "b": "above, on two lines", "c": "above and on the line",
-                                       "d": ""}
+    assert field_comments(Example) == {
+        "a": "on the line",
+        "b": "above, on two lines",
+        "c": "above and on the line",
+        "d": "",
+    }
 
 
 def test_rows_carry_types_and_yaml_defaults():
@@ -74,8 +87,11 @@ def test_rows_carry_types_and_yaml_defaults():
 def mistral_finetune_moves() -> list[tuple[str, str]]:
     """(old, new) of every `move(old, new)` in translate_mistral_finetune_keys."""
     tree = ast.parse(inspect.getsource(translate_mistral_finetune_keys))
-    return [(node.args[0].value, node.args[1].value) for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "move"]
+    return [
+        (node.args[0].value, node.args[1].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "move"
+    ]
 
 
 def test_every_mistral_finetune_key_is_documented_where_it_lands():

@@ -124,10 +124,17 @@ def test_eval_metrics_are_token_weighted_over_all_batches():
 
     torch.manual_seed(0)
     model = EmbeddingLM()
-    batches = [SimpleNamespace(tokens=torch.tensor([1, 2, 3, 4]), targets=torch.tensor([2, 3, 4, 5]),
-                               weights=torch.tensor([0.0, 1.0, 0.5, 1.0]), seqlens=[4]),
-               SimpleNamespace(tokens=torch.tensor([5, 6]), targets=torch.tensor([6, 7]),
-                               weights=torch.tensor([0.0, 1.0]), seqlens=[2])]
+    batches = [
+        SimpleNamespace(
+            tokens=torch.tensor([1, 2, 3, 4]),
+            targets=torch.tensor([2, 3, 4, 5]),
+            weights=torch.tensor([0.0, 1.0, 0.5, 1.0]),
+            seqlens=[4],
+        ),
+        SimpleNamespace(
+            tokens=torch.tensor([5, 6]), targets=torch.tensor([6, 7]), weights=torch.tensor([0.0, 1.0]), seqlens=[2]
+        ),
+    ]
     loss_model = CausalLMWithLoss(model).train()
     metrics = evaluate(loss_model, batches, torch.device("cpu"))
 

@@ -8,15 +8,27 @@ import pytest
 from finetune.config import TrainConfig
 from finetune.training.monitoring import MetricsLogger, format_eval_line, format_summary, format_train_line
 
-TRAIN_RECORD = dict(kind="train", step=20, max_steps=100, loss=2.34567, lr=2e-4, grad_norm=0.8123, tokens=40960,
-                    trained_tokens=512, tokens_per_s=12345.6, trained_tokens_per_s=3210.4, elapsed_s=100.0,
-                    peak_memory_gib=12.34)
+TRAIN_RECORD = dict(
+    kind="train",
+    step=20,
+    max_steps=100,
+    loss=2.34567,
+    lr=2e-4,
+    grad_norm=0.8123,
+    tokens=40960,
+    trained_tokens=512,
+    tokens_per_s=12345.6,
+    trained_tokens_per_s=3210.4,
+    elapsed_s=100.0,
+    peak_memory_gib=12.34,
+)
 
 
 def test_records_round_trip_through_metrics_jsonl(tmp_path):
     logger = MetricsLogger(tmp_path, TrainConfig())
-    eval_record = dict(kind="eval", step=20, eval_loss=1.5, eval_perplexity=4.4817, eval_token_accuracy=0.75,
-                       eval_tokens=96)
+    eval_record = dict(
+        kind="eval", step=20, eval_loss=1.5, eval_perplexity=4.4817, eval_token_accuracy=0.75, eval_tokens=96
+    )
     logger.log(TRAIN_RECORD)
     logger.log(eval_record)
     logger.close()
@@ -27,8 +39,16 @@ def test_records_round_trip_through_metrics_jsonl(tmp_path):
 def test_the_train_line_carries_the_numbers(monkeypatch):
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)
     line = format_train_line(TRAIN_RECORD)
-    for text in ("step  20/100", "loss 2.3457", "lr 2.00e-04", "grad norm 0.812", "tok/s 12,346", "(trained 3,210)",
-                 "peak mem 12.3 GiB", "ETA 0:06:40"):  # 100 s for 20 steps: 80 more steps take 400 s
+    for text in (
+        "step  20/100",
+        "loss 2.3457",
+        "lr 2.00e-04",
+        "grad norm 0.812",
+        "tok/s 12,346",
+        "(trained 3,210)",
+        "peak mem 12.3 GiB",
+        "ETA 0:06:40",
+    ):  # 100 s for 20 steps: 80 more steps take 400 s
         assert text in line
     assert not line.startswith("[")
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
@@ -38,9 +58,16 @@ def test_the_train_line_carries_the_numbers(monkeypatch):
 def test_eval_line_and_summary():
     metrics = dict(eval_loss=1.5, eval_perplexity=4.4817, eval_token_accuracy=0.75)
     assert format_eval_line(dict(step=20, **metrics)) == (
-        "eval at step 20: loss 1.5000  perplexity 4.48  token accuracy 75.0%")
-    summary = format_summary(steps=100, tokens=409600, seconds=3725, train_loss=1.25, eval_metrics=metrics,
-                             checkpoint="runs/x/checkpoints/checkpoint_000100")
+        "eval at step 20: loss 1.5000  perplexity 4.48  token accuracy 75.0%"
+    )
+    summary = format_summary(
+        steps=100,
+        tokens=409600,
+        seconds=3725,
+        train_loss=1.25,
+        eval_metrics=metrics,
+        checkpoint="runs/x/checkpoints/checkpoint_000100",
+    )
     assert summary.splitlines() == [
         "done: 100 steps, 409,600 tokens in 1:02:05",
         "  final train loss 1.2500",

@@ -32,8 +32,9 @@ def fails(config: Path, message: str) -> None:
 def model_copy(tiny_model_dir: Path, folder: Path, tokenizer: bool = True, **params) -> Path:
     """The tiny model's params.json (with `params` changed) and tokenizer: all that pre-flight reads."""
     folder.mkdir()
-    (folder / "params.json").write_text(json.dumps({**json.loads((tiny_model_dir / "params.json").read_text()),
-                                                    **params}))
+    (folder / "params.json").write_text(
+        json.dumps({**json.loads((tiny_model_dir / "params.json").read_text()), **params})
+    )
     if tokenizer:
         shutil.copy(tiny_model_dir / "tokenizer.model.v3", folder)
     return folder
@@ -50,8 +51,10 @@ def test_model_folder_that_does_not_exist(write_config, tmp_path):
 
 def test_model_folder_without_params(write_config, tmp_path):
     (tmp_path / "empty").mkdir()
-    fails(write_config(model__path=str(tmp_path / "empty")),
-          f"model.path: {tmp_path / 'empty'} has neither params.json nor config.json")
+    fails(
+        write_config(model__path=str(tmp_path / "empty")),
+        f"model.path: {tmp_path / 'empty'} has neither params.json nor config.json",
+    )
 
 
 def test_train_data_that_does_not_exist(write_config, tmp_path):
@@ -62,8 +65,10 @@ def test_train_data_that_does_not_exist(write_config, tmp_path):
 def test_train_folder_without_jsonl(write_config, tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("hello")
-    fails(write_config(data__train=str(tmp_path / "data")),
-          f"data.train[0]: the folder {tmp_path / 'data'} holds no .jsonl file")
+    fails(
+        write_config(data__train=str(tmp_path / "data")),
+        f"data.train[0]: the folder {tmp_path / 'data'} holds no .jsonl file",
+    )
 
 
 def test_eval_data_is_needed_only_when_eval_is_on(write_config, tmp_path):
@@ -74,9 +79,11 @@ def test_eval_data_is_needed_only_when_eval_is_on(write_config, tmp_path):
 
 def test_tokenizer_that_does_not_match_the_model_vocab(write_config, tiny_model_dir, tmp_path):
     model = model_copy(tiny_model_dir, tmp_path / "model", vocab_size=32000)
-    fails(write_config(model__path=str(model)),
-          f"model.path: {model}: the tokenizer tokenizer.model.v3 has 32768 tokens but the model's "
-          "params.json/config.json says vocab_size 32000")
+    fails(
+        write_config(model__path=str(model)),
+        f"model.path: {model}: the tokenizer tokenizer.model.v3 has 32768 tokens but the model's "
+        "params.json/config.json says vocab_size 32000",
+    )
 
 
 def test_model_folder_without_tokenizer(write_config, tiny_model_dir, tmp_path):
@@ -86,9 +93,11 @@ def test_model_folder_without_tokenizer(write_config, tiny_model_dir, tmp_path):
 
 def test_seq_len_longer_than_the_model_declares(write_config, tiny_model_dir, tmp_path):
     model = model_copy(tiny_model_dir, tmp_path / "model", max_seq_len=64)
-    fails(write_config(model__path=str(model)),
-          f"seq_len 128 is longer than the max_seq_len 64 that {model / 'params.json'} declares; "
-          "set seq_len to 64 or less")
+    fails(
+        write_config(model__path=str(model)),
+        f"seq_len 128 is longer than the max_seq_len 64 that {model / 'params.json'} declares; "
+        "set seq_len to 64 or less",
+    )
     check(write_config(model__path=str(model), seq_len=64))
 
 
@@ -98,8 +107,10 @@ def test_seq_len_longer_than_a_hugging_face_folder_declares(write_config, tiny_m
     hf_config = dict(args_to_hf_config(load_model_args(tiny_model_dir)), max_position_embeddings=96)
     (model / "config.json").write_text(json.dumps(hf_config))
     shutil.copy(tiny_model_dir / "tokenizer.model.v3", model)
-    fails(write_config(model__path=str(model)), f"seq_len 128 is longer than the max_position_embeddings 96 that "
-                                                f"{model / 'config.json'} declares")
+    fails(
+        write_config(model__path=str(model)),
+        f"seq_len 128 is longer than the max_position_embeddings 96 that {model / 'config.json'} declares",
+    )
 
 
 def test_seq_len_may_pass_the_sliding_window(write_config, tiny_model_dir, tmp_path):
@@ -117,8 +128,11 @@ def test_too_little_disk_for_the_checkpoints(write_config, tmp_path, monkeypatch
     needed = 4 * checkpoint_bytes(load_config(config), load_model_args(load_config(config).model.path))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(2 * needed, needed + 1, needed - 1))
-    fails(config, f"run_dir: {tmp_path / 'run'} has 0.0 GiB free, but its checkpoints need about 0.0 GiB more "
-                  f"(4 of about 0.00 GiB each: checkpoint.keep 3 and the one being written)")
+    fails(
+        config,
+        f"run_dir: {tmp_path / 'run'} has 0.0 GiB free, but its checkpoints need about 0.0 GiB more "
+        f"(4 of about 0.00 GiB each: checkpoint.keep 3 and the one being written)",
+    )
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(2 * needed, needed, needed))
     check(config)
 
@@ -137,8 +151,14 @@ def test_checkpoint_size_counts_every_lora_matrix(write_config):
 
 def test_train_py_stops_on_a_preflight_error_before_any_work(write_config, tmp_path):
     config = write_config(data__train=str(tmp_path / "missing.jsonl"))
-    result = subprocess.run([sys.executable, "train.py", str(config)], cwd=REPO, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    result = subprocess.run(
+        [sys.executable, "train.py", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: data.train[0]: {tmp_path / 'missing.jsonl'} does not exist"
     assert not (tmp_path / "run").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import REPO, free_port, records, subprocess_env
 from safetensors.torch import load_file
 
 from finetune.checkpoints.folders import save_adapter_checkpoint, verify_checkpoint, write_atomically
@@ -24,7 +25,6 @@ from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
 from finetune.training.resume import ResumeError, load_training_state, prepare_run_dir, read_resume_point
-from launching import REPO, free_port, records, subprocess_env
 from model.lora import LoRAArgs, lora_state_dict
 
 TIMEOUT = 300
@@ -35,14 +35,22 @@ SHORT_RUN = dict(max_steps=16, lora__dropout=0.1, checkpoint__freq=4, checkpoint
 
 
 def train(config: Path, *overrides: str, expect: int = 0, **extra_env) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "train.py", str(config), *overrides], cwd=REPO, env=subprocess_env(**extra_env),
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, "train.py", str(config), *overrides],
+        cwd=REPO,
+        env=subprocess_env(**extra_env),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == expect, f"exit {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
 
 def launch(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
@@ -98,13 +106,19 @@ def test_a_torn_or_damaged_checkpoint_is_skipped_and_reported(write_config, tmp_
 
     result = train(config)
     assert f"skipped {torn}: a save or a deletion that was cut short" in result.stdout
-    assert f"skipped {checkpoints / 'checkpoint_000012'}: state/tensors_rank_0.safetensors checksum mismatch" in result.stdout
+    assert (
+        f"skipped {checkpoints / 'checkpoint_000012'}: state/tensors_rank_0.safetensors checksum mismatch"
+        in result.stdout
+    )
     assert f"resuming from {checkpoints / 'checkpoint_000008'} (step 8 of 12)" in result.stdout
     assert "dropped the 5 records after step 8" in result.stdout  # 4 train records and the eval at step 12
     assert (checkpoints / "checkpoint_000012/lora.safetensors").read_bytes() == adapters
     assert numbers(run_dir) == uninterrupted
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_000004", "checkpoint_000008",
-                                                             "checkpoint_000012"]  # the torn one is gone
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "checkpoint_000004",
+        "checkpoint_000008",
+        "checkpoint_000012",
+    ]  # the torn one is gone
     assert verify_checkpoint(checkpoints / "checkpoint_000012") is None
 
 
@@ -128,8 +142,18 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_0(write_config, tmp_path):
 
 
 def torchrun(config: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-            "train.py", str(config), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "train.py",
+        str(config),
+        *overrides,
+    ]
 
 
 def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank(write_config, tmp_path):
@@ -137,8 +161,14 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     and one process can continue from the same checkpoint, resharding the weights and optimizer state."""
     two_ranks = dict(batch_size=1, max_steps=12, lora__dropout=0.1, eval__enabled=False, checkpoint__freq=100)
     reference = tmp_path / "reference"
-    run = subprocess.run(torchrun(write_config(run_dir=str(reference), **two_ranks)), cwd=REPO, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=TIMEOUT)
+    run = subprocess.run(
+        torchrun(write_config(run_dir=str(reference), **two_ranks)),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
 
     config = write_config(**two_ranks)
@@ -154,15 +184,28 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     assert "resume with: the same torchrun command" in output
     assert verify_checkpoint(folder) is None
     state = sorted(p.name for p in (folder / "state").iterdir())
-    assert state == ["progress.json", "rank_0.json", "rank_1.json", "tensors_rank_0.safetensors",
-                     "tensors_rank_1.safetensors"]
+    assert state == [
+        "progress.json",
+        "rank_0.json",
+        "rank_1.json",
+        "tensors_rank_0.safetensors",
+        "tensors_rank_1.safetensors",
+    ]
 
     # The sharded state loads into one process exactly: the weights are the adapters the 2 ranks saved.
     cfg = load_config(config)
     model = build_training_model(cfg, CPU)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    loader = build_train_loader(cfg.data, load_tokenizer(cfg.model.path), seq_len=cfg.seq_len, batch_size=1, rank=0,
-                                world_size=1, seed=cfg.seed, cache_dir=Path(cfg.data.cache_dir))
+    loader = build_train_loader(
+        cfg.data,
+        load_tokenizer(cfg.model.path),
+        seq_len=cfg.seq_len,
+        batch_size=1,
+        rank=0,
+        world_size=1,
+        seed=cfg.seed,
+        cache_dir=Path(cfg.data.cache_dir),
+    )
     progress = load_training_state(read_resume_point(folder), model, optimizer, loader, cfg.seed, CPU)
     assert progress.step == last and progress.tokens == last * 2 * cfg.seq_len
     saved = load_file(folder / "lora.safetensors")
@@ -176,10 +219,18 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     cfg.lora.rank = 4
     other = build_training_model(cfg, CPU)
     with pytest.raises(ResumeError, match="its training state does not fit this model: Size mismatch"):
-        load_training_state(read_resume_point(folder), other, build_optimizer(
-            [p for p in other.parameters() if p.requires_grad], cfg.optim), loader, cfg.seed, CPU)
+        load_training_state(
+            read_resume_point(folder),
+            other,
+            build_optimizer([p for p in other.parameters() if p.requires_grad], cfg.optim),
+            loader,
+            cfg.seed,
+            CPU,
+        )
 
-    run = subprocess.run(torchrun(config), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    run = subprocess.run(
+        torchrun(config), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     final = "checkpoints/checkpoint_000012/lora.safetensors"
     assert (run_dir / final).read_bytes() == (reference / final).read_bytes(), f"stopped at step {last}"
@@ -210,8 +261,10 @@ def test_nonfinite_steps_are_skipped_and_counted(write_config, tmp_path):
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(write_config, tmp_path):
     config = write_config(max_steps=8, eval__enabled=False, checkpoint__freq=2, optim__max_consecutive_nonfinite=3)
     result = train(config, expect=2, TAILOR_TEST_NONFINITE_STEPS="2,3,4")
-    assert ("error: step 4: the loss or the gradients were not finite in 3 steps in a row (steps 2 to 4; "
-            "optim.max_consecutive_nonfinite is 3), so the run stops") in result.stderr
+    assert (
+        "error: step 4: the loss or the gradients were not finite in 3 steps in a row (steps 2 to 4; "
+        "optim.max_consecutive_nonfinite is 3), so the run stops"
+    ) in result.stderr
     assert "a lower optim.lr" in result.stderr and "tailor validate" in result.stderr
     checkpoint_2 = tmp_path / "run" / "checkpoints" / "checkpoint_000002"
     assert f"resume: auto continues from the newest checkpoint, {checkpoint_2}" in result.stderr
@@ -223,8 +276,10 @@ def test_a_used_run_dir_is_refused_without_resume(write_config, tmp_path):
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 1.0}\n')
     result = train(write_config(), "resume=false", expect=2)
-    assert (f"error: run_dir {run_dir} already holds a run (metrics.jsonl) and resume is false, so it is left as "
-            "it is. To continue that run, set resume: auto (the default)") in result.stderr
+    assert (
+        f"error: run_dir {run_dir} already holds a run (metrics.jsonl) and resume is false, so it is left as "
+        "it is. To continue that run, set resume: auto (the default)"
+    ) in result.stderr
     assert f"choose another run_dir (e.g. run_dir={run_dir}-2 on the command line)" in result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
     assert (run_dir / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1, "loss": 1.0}\n'
@@ -242,8 +297,15 @@ def fake_checkpoint(run_dir: Path, step: int, with_state: bool = True) -> Path:
         (folder / "lora.safetensors").write_bytes(b"adapters")
         if with_state:
             (folder / "state").mkdir()
-            progress = dict(world_size=1, step=step, tokens=0, trained_tokens=0, nonfinite_in_a_row=0,
-                            nonfinite_skipped=0, elapsed_s=0.0)
+            progress = dict(
+                world_size=1,
+                step=step,
+                tokens=0,
+                trained_tokens=0,
+                nonfinite_in_a_row=0,
+                nonfinite_skipped=0,
+                elapsed_s=0.0,
+            )
             (folder / "state" / "progress.json").write_text(json.dumps(progress))
             (folder / "state" / "rank_0.json").write_text("{}")
             (folder / "state" / "tensors_rank_0.safetensors").write_bytes(b"tensors")
@@ -255,8 +317,9 @@ def test_manifest_catches_missing_resized_and_altered_files(tmp_path):
     tokenizer_file = tmp_path / "tokenizer.model.v3"
     tokenizer_file.write_bytes(b"tokenizer")
     state = {"layers.0.attention.wq.lora_A.weight": torch.ones(4, 8)}
-    folder = save_adapter_checkpoint(tmp_path / "run", 10, state, {"dim": 8}, LoRAArgs(rank=4, alpha=8.0), tokenizer_file,
-                                     keep=1)
+    folder = save_adapter_checkpoint(
+        tmp_path / "run", 10, state, {"dim": 8}, LoRAArgs(rank=4, alpha=8.0), tokenizer_file, keep=1
+    )
     assert verify_checkpoint(folder) is None
     manifest = json.loads((folder / "manifest.json").read_text())["files"]
     assert sorted(manifest) == ["lora.safetensors", "params.json", "tokenizer.model.v3"]
@@ -303,8 +366,11 @@ def test_an_explicit_checkpoint_must_be_intact_and_the_newest_of_its_run_dir(wri
     cfg = load_config(write_config())
     older, newer = fake_checkpoint(Path(cfg.run_dir), 4), fake_checkpoint(Path(cfg.run_dir), 8)
     cfg.resume = str(older)
-    with pytest.raises(ResumeError, match="holds later checkpoints \\(checkpoint_000008\\): continuing there would "
-                                          "mix two runs. Resume into another run_dir"):
+    with pytest.raises(
+        ResumeError,
+        match="holds later checkpoints \\(checkpoint_000008\\): continuing there would "
+        "mix two runs. Resume into another run_dir",
+    ):
         prepare_run_dir(cfg, CPU)
     cfg.resume, cfg.run_dir = str(older), str(tmp_path / "branch")
     assert prepare_run_dir(cfg, CPU).folder == older  # a new run_dir may branch off any checkpoint
@@ -332,12 +398,15 @@ def test_running_out_of_gpu_memory_ends_in_advice_and_keeps_the_checkpoints(writ
     (hook / "sitecustomize.py").write_text(
         "import torch\nimport finetune.training.train_step as module\nreal, calls = module.train_step, []\n"
         "def train_step(*args, **kwargs):\n    calls.append(1)\n    if len(calls) == 6:\n"
-        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)')\n"
-        "    return real(*args, **kwargs)\nmodule.train_step = train_step\n")
+        "        raise torch.OutOfMemoryError(\n"
+        "            'CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)')\n"
+        "    return real(*args, **kwargs)\nmodule.train_step = train_step\n"
+    )
     config = write_config(max_steps=8, eval__enabled=False, checkpoint__freq=4)
     env = dict(subprocess_env(), PYTHONPATH=f"{hook}{os.pathsep}{REPO}")
-    result = subprocess.run([sys.executable, "train.py", str(config)], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, "train.py", str(config)], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "error: out of GPU memory: CUDA out of memory. Tried to allocate 20.00 GiB" in result.stderr
     assert "a lower seq_len" in result.stderr and "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import REPO, free_port, subprocess_env
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.config import load_config
@@ -18,16 +19,24 @@ from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
 from finetune.training.parallel import prefetch_plan
 from finetune.training.train_step import train_step
-from launching import REPO, free_port, subprocess_env
 
 WORKER = Path(__file__).with_name("step_worker.py")
 
 
 def run_worker(config: Path, out: Path, ranks: int) -> dict:
-    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-                                      "--master-port", str(free_port())]
-    result = subprocess.run([sys.executable, *launcher, str(WORKER), str(config), str(out)], env=subprocess_env(), cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+    launcher = (
+        []
+        if ranks == 1
+        else ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(free_port())]
+    )
+    result = subprocess.run(
+        [sys.executable, *launcher, str(WORKER), str(config), str(out)],
+        env=subprocess_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     return torch.load(out, weights_only=True)
 
@@ -46,8 +55,9 @@ def test_one_and_two_ranks_give_the_same_losses_and_adapters(write_config, tmp_p
 def test_step_loss_is_token_weighted_and_only_adapters_change(write_config):
     cfg = load_config(write_config())
     tokenizer = load_tokenizer(cfg.model.path)
-    batches = build_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1,
-                                 cache_dir=Path(cfg.data.cache_dir))[:2]
+    batches = build_eval_batches(
+        cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1, cache_dir=Path(cfg.data.cache_dir)
+    )[:2]
     batches[1].weights[batches[1].weights > 0] *= 0.5  # unequal weights tell a token mean from a mean of means
     device = torch.device("cpu")
     model = build_training_model(cfg, DistInfo(0, 1, 0, device))
@@ -76,12 +86,22 @@ def test_step_loss_is_token_weighted_and_only_adapters_change(write_config):
 def test_activation_checkpointing_changes_memory_not_numbers(write_config):
     """No checkpointing, whole blocks recomputed, or only the feed-forward: the same loss and gradients."""
     results = []
-    for overrides in (dict(model__activation_checkpointing=False), dict(model__checkpointing_scope="block"),
-                      dict(model__checkpointing_scope="mlp")):
+    for overrides in (
+        dict(model__activation_checkpointing=False),
+        dict(model__checkpointing_scope="block"),
+        dict(model__checkpointing_scope="mlp"),
+    ):
         cfg = load_config(write_config(**overrides))
         tokenizer = load_tokenizer(cfg.model.path)
-        batch = build_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1,
-                                   cache_dir=Path(cfg.data.cache_dir))[0]
+        batch = build_eval_batches(
+            cfg.data,
+            tokenizer,
+            seq_len=cfg.seq_len,
+            batch_size=1,
+            rank=0,
+            world_size=1,
+            cache_dir=Path(cfg.data.cache_dir),
+        )[0]
         model = build_training_model(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
         model.model.layers[0].attention.wq.lora_B.weight.data.fill_(0.01)  # so that every LoRA A gets a gradient
         sums = model(**loss_inputs(batch, torch.device("cpu")))
@@ -122,13 +142,22 @@ class HostReads(TorchDispatchMode):
 
 
 def three_steps(cfg, device: torch.device, check):
-    batches = build_eval_batches(cfg.data, load_tokenizer(cfg.model.path), seq_len=cfg.seq_len, batch_size=1, rank=0,
-                                 world_size=1, cache_dir=Path(cfg.data.cache_dir))[:3]
+    batches = build_eval_batches(
+        cfg.data,
+        load_tokenizer(cfg.model.path),
+        seq_len=cfg.seq_len,
+        batch_size=1,
+        rank=0,
+        world_size=1,
+        cache_dir=Path(cfg.data.cache_dir),
+    )[:3]
     model = build_training_model(cfg, DistInfo(0, 1, 0, device))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     results = [train_step(model, optimizer, batches[:1], device, max_grad_norm=1.0, world_size=1)]  # warm up
     with check():
-        results += [train_step(model, optimizer, batches[1:], device, max_grad_norm=1.0, world_size=1) for _ in range(2)]
+        results += [
+            train_step(model, optimizer, batches[1:], device, max_grad_norm=1.0, world_size=1) for _ in range(2)
+        ]
     return batches, results
 
 
@@ -139,8 +168,9 @@ def test_a_step_reads_nothing_back_from_the_device(write_config):
     batches, results = three_steps(cfg, torch.device("cpu"), lambda: counter)
     assert counter.reads == []
     trained = sum(int((b.weights > 0).sum()) for b in batches[1:])
-    assert [(s.outcome().finite, s.outcome().stop_requested, s.outcome().trained_tokens)
-            for s in results[1:]] == [(True, False, trained)] * 2
+    assert [(s.outcome().finite, s.outcome().stop_requested, s.outcome().trained_tokens) for s in results[1:]] == [
+        (True, False, trained)
+    ] * 2
     assert counter.reads == []  # the outcome is read outside the counted steps
     assert results[2].loss.item() < results[1].loss.item()
 
@@ -169,12 +199,16 @@ def test_compiled_blocks_give_the_eager_numbers_and_compile_once(write_config):
     other document lengths run the compiled code without compiling again."""
     eager = three_steps(load_config(write_config()), torch.device("cpu"), contextlib.nullcontext)[1]
     try:
-        compiled = three_steps(load_config(write_config(model__compile=True)), torch.device("cpu"),
-                               lambda: torch.compiler.set_stance("fail_on_recompile"))[1]
+        compiled = three_steps(
+            load_config(write_config(model__compile=True)),
+            torch.device("cpu"),
+            lambda: torch.compiler.set_stance("fail_on_recompile"),
+        )[1]
     finally:
         torch._dynamo.reset()
-    torch.testing.assert_close(torch.stack([s.loss for s in compiled]), torch.stack([s.loss for s in eager]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.stack([s.loss for s in compiled]), torch.stack([s.loss for s in eager]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_compiled_blocks_under_fsdp2_with_deeper_prefetch_match_one_process(write_config, tmp_path):

@@ -5,15 +5,16 @@ import subprocess
 import sys
 
 import pytest
-from safetensors.torch import load_file
-
 from launching import REPO, free_port, records, subprocess_env
+from safetensors.torch import load_file
 
 TIMEOUT = 600
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT, **kwargs)
+    result = subprocess.run(
+        command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT, **kwargs
+    )
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
@@ -40,11 +41,18 @@ def test_one_process_learns_and_writes_checkpoints(write_config, tmp_path):
     assert adapter["layers.0.attention.wq.lora_A.weight"].shape == (8, 64)
     assert adapter["layers.1.feed_forward.w2.lora_B.weight"].abs().sum() > 0
     params = json.loads((final / "params.json").read_text())
-    assert params["lora"] == {"rank": 8, "alpha": 16.0, "scaling": 2.0, "dropout": 0.0,
-                              "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]}
+    assert params["lora"] == {
+        "rank": 8,
+        "alpha": 16.0,
+        "scaling": 2.0,
+        "dropout": 0.0,
+        "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"],
+    }
     assert params["vocab_size"] == 32768
     assert (final / "tokenizer.model.v3").is_file()
-    assert "final eval loss" in result.stdout and str(final.relative_to(tmp_path)) in result.stdout.replace(str(tmp_path) + "/", "")
+    assert "final eval loss" in result.stdout and str(final.relative_to(tmp_path)) in result.stdout.replace(
+        str(tmp_path) + "/", ""
+    )
     assert (run_dir / "config.yaml").is_file()
 
 
@@ -57,8 +65,19 @@ def test_checkpoint_rotation_keeps_the_newest(write_config, tmp_path):
 
 def test_two_ranks_with_torchrun_learn(write_config, tmp_path):
     config = write_config(batch_size=1)
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "train.py", str(config)])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "train.py",
+            str(config),
+        ]
+    )
     train = records(tmp_path / "run", "train")
     assert [r["step"] for r in train] == list(range(1, 17))
     assert train[0]["tokens"] == 2 * 128  # one sequence per rank
@@ -73,10 +92,32 @@ def test_two_nodes_on_one_machine(write_config, tmp_path):
     endpoint = f"127.0.0.1:{free_port()}"
     env = subprocess_env()
     agents = [
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                          "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-                          "--rdzv-id", "tailor-test", "train.py", str(config)],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(node),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "tailor-test",
+                "train.py",
+                str(config),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for node in (0, 1)
     ]
     outputs = [agent.communicate(timeout=TIMEOUT)[0] for agent in agents]

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from finetune.after.plot import INSTALL_HINT, PlotError, read_curves
 from finetune.cli import main
 from finetune.training.monitoring import format_summary
-from finetune.after.plot import INSTALL_HINT, PlotError, read_curves
 
 COLORS = {"train loss": "#1f77b4", "eval loss": "#ff7f0e", "learning rate": "#2ca02c", "tokens/s": "#9467bd"}
 
@@ -20,11 +20,31 @@ def write_metrics(run_dir, steps=60, tail=""):
     for step in range(1, steps + 1):
         lr = 1e-4 * min(1.0, step / 5) * (0.5 * (1 + math.cos(math.pi * step / steps)))
         loss = float("nan") if step == 7 else 3.0 * math.exp(-step / 20) + 0.5  # step 7 was skipped: not finite
-        lines.append(json.dumps(dict(kind="train", step=step, loss=loss, lr=lr, tokens_per_s=1000.0 + 10 * step,
-                                     grad_norm=1.0, skipped=step == 7)))
+        lines.append(
+            json.dumps(
+                dict(
+                    kind="train",
+                    step=step,
+                    loss=loss,
+                    lr=lr,
+                    tokens_per_s=1000.0 + 10 * step,
+                    grad_norm=1.0,
+                    skipped=step == 7,
+                )
+            )
+        )
         if step % 20 == 0:
-            lines.append(json.dumps(dict(kind="eval", step=step, eval_loss=3.0 * math.exp(-step / 25) + 0.7,
-                                         eval_perplexity=2.0, eval_token_accuracy=0.5)))
+            lines.append(
+                json.dumps(
+                    dict(
+                        kind="eval",
+                        step=step,
+                        eval_loss=3.0 * math.exp(-step / 25) + 0.7,
+                        eval_perplexity=2.0,
+                        eval_token_accuracy=0.5,
+                    )
+                )
+            )
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail)
 
 
@@ -56,7 +76,7 @@ def test_plot_draws_every_curve_into_one_png(tmp_path, capsys):
     pixels = matplotlib.image.imread(out)[..., :3]
     assert pixels.shape[:2] == (900, 900)
     for curve, color in COLORS.items():
-        rgb = np.array([int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+        rgb = np.array([int(color[i : i + 2], 16) / 255 for i in (1, 3, 5)])
         drawn = (np.abs(pixels - rgb).max(axis=-1) < 0.05).sum()
         assert drawn > 200, f"the {curve} curve is missing from the plot"
 
@@ -65,9 +85,14 @@ def test_plot_draws_every_curve_into_one_png(tmp_path, capsys):
     assert custom.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("case, message", [("no folder", "run folder not found"),
-                                           ("no metrics", "metrics.jsonl not found"),
-                                           ("no train step", "holds no train step yet")])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no folder", "run folder not found"),
+        ("no metrics", "metrics.jsonl not found"),
+        ("no train step", "holds no train step yet"),
+    ],
+)
 def test_nothing_to_plot_is_a_clear_error(tmp_path, capsys, case, message):
     run_dir = tmp_path / "run"
     if case != "no folder":
@@ -95,6 +120,7 @@ def test_without_matplotlib_the_error_names_the_extra(tmp_path, capsys, monkeypa
 
 
 def test_the_training_summary_names_the_plot_command():
-    summary = format_summary(steps=10, tokens=100, seconds=5, train_loss=1.0, eval_metrics=None, checkpoint=None,
-                             run_dir="runs/my run")
+    summary = format_summary(
+        steps=10, tokens=100, seconds=5, train_loss=1.0, eval_metrics=None, checkpoint=None, run_dir="runs/my run"
+    )
     assert summary.splitlines()[-1] == "  plot the curves: tailor plot 'runs/my run'"

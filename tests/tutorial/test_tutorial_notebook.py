@@ -28,11 +28,15 @@ def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny matmuls: a second thread only costs wake-ups (tests/conftest.py)
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    notebook.cells.append(nbformat.v4.new_code_cell(
-        "print(json.dumps({'checkpoint': str(checkpoint), 'plot': str(plot_path), 'answer': answer,"
-        " 'base_answer': base_answer}))"))
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises at a failing cell
+    notebook.cells.append(
+        nbformat.v4.new_code_cell(
+            "print(json.dumps({'checkpoint': str(checkpoint), 'plot': str(plot_path), 'answer': answer,"
+            " 'base_answer': base_answer}))"
+        )
+    )
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()  # raises at a failing cell
 
     produced = json.loads(notebook.cells[-1].outputs[0]["text"])
     assert (Path(produced["checkpoint"]) / "lora.safetensors").is_file()
