@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from finetune import exit_codes
 from finetune.config import ConfigError, load_config, resolve_cache_dir, save_config
 from finetune.data import DataError, build_eval_batches, build_train_loader
 from finetune.training.distributed import barrier, destroy, init_distributed
@@ -141,15 +142,18 @@ def main(argv: list[str]) -> int:
 
 
 def run(argv: list[str]) -> int:
-    """main, with the errors a user can cause ending in `error: ...` and exit 2 (README: Errors and exit codes)."""
+    """main, with the errors a user can cause ending in `error: ...` and an exit code of finetune/exit_codes.py."""
     try:
         return main(argv)
-    except (ConfigError, DataError, PreflightError, ResumeError, NonFiniteError) as error:
+    except (ConfigError, DataError, PreflightError, ResumeError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_codes.NOT_FINITE
     except torch.OutOfMemoryError as error:
         print(f"error: {out_of_memory_message(error)}", file=sys.stderr)
-        return 2
+        return exit_codes.OUT_OF_MEMORY
 
 
 if __name__ == "__main__":

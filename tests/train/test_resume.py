@@ -18,6 +18,7 @@ import torch
 from launching import REPO, free_port, records, subprocess_env
 from safetensors.torch import load_file
 
+from finetune import exit_codes
 from finetune.checkpoints.folders import save_adapter_checkpoint, verify_checkpoint, write_atomically
 from finetune.config import ConfigError, config_from_dict, load_config
 from finetune.data import build_train_loader, load_tokenizer
@@ -260,7 +261,7 @@ def test_nonfinite_steps_are_skipped_and_counted(write_config, tmp_path):
 
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(write_config, tmp_path):
     config = write_config(max_steps=8, eval__enabled=False, checkpoint__freq=2, optim__max_consecutive_nonfinite=3)
-    result = train(config, expect=2, TAILOR_TEST_NONFINITE_STEPS="2,3,4")
+    result = train(config, expect=exit_codes.NOT_FINITE, TAILOR_TEST_NONFINITE_STEPS="2,3,4")
     assert (
         "error: step 4: the loss or the gradients were not finite in 3 steps in a row (steps 2 to 4; "
         "optim.max_consecutive_nonfinite is 3), so the run stops"
@@ -392,7 +393,7 @@ def test_resume_and_nonfinite_settings_in_the_config(write_config):
 
 def test_running_out_of_gpu_memory_ends_in_advice_and_keeps_the_checkpoints(write_config, tmp_path):
     """A CUDA out-of-memory error at step 6 (raised by a stand-in train_step, as no GPU is here) after the checkpoint
-    of step 4: exit 2, what to change, and the checkpoint is there for the same command to resume from."""
+    of step 4: exit 4 (exit_codes.OUT_OF_MEMORY), what to change, and the checkpoint is there to resume from."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
@@ -407,7 +408,7 @@ def test_running_out_of_gpu_memory_ends_in_advice_and_keeps_the_checkpoints(writ
     result = subprocess.run(
         [sys.executable, "train.py", str(config)], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT
     )
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == exit_codes.OUT_OF_MEMORY, result.stderr[-3000:]
     assert "error: out of GPU memory: CUDA out of memory. Tried to allocate 20.00 GiB" in result.stderr
     assert "a lower seq_len" in result.stderr and "Traceback" not in result.stderr
     assert verify_checkpoint(tmp_path / "run/checkpoints/checkpoint_000004") is None
