@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from finetune import exit_codes
+from finetune.checkpoints.training_state import Progress, ResumeError, load_training_state, save_checkpoint
 from finetune.config import ConfigError, load_config, resolve_cache_dir, save_config
 from finetune.data import DataError, build_eval_batches, build_train_loader
 from finetune.training.distributed import barrier, destroy, init_distributed
@@ -25,17 +26,10 @@ from finetune.training.model_setup import build_training_model
 from finetune.training.monitoring import MetricsLogger, format_eval_line, format_summary
 from finetune.training.optim import build_optimizer, lr_at_step, set_lr
 from finetune.training.preflight import PreflightError, run_preflight_checks
-from finetune.training.resume import (
-    Progress,
-    ResumeError,
-    StopSignal,
-    load_training_state,
-    prepare_run_dir,
-    resume_command,
-    save_checkpoint,
-    train_data_seed,
-)
+from finetune.training.rng import train_data_seed
+from finetune.training.run_start import prepare_run_dir
 from finetune.training.step_log import StepLog
+from finetune.training.stop_signal import StopSignal, resume_command
 from finetune.training.train_step import NonFiniteError, inject_test_nonfinite, out_of_memory_message, train_step
 
 

@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 
 from finetune import exit_codes
 from finetune.checkpoints.folders import save_adapter_checkpoint, verify_checkpoint, write_atomically
+from finetune.checkpoints.training_state import ResumeError, load_training_state, read_resume_point
 from finetune.config import ConfigError, config_from_dict, load_config
 from finetune.data import build_train_loader, load_tokenizer
 from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
-from finetune.training.resume import ResumeError, load_training_state, prepare_run_dir, read_resume_point
+from finetune.training.run_start import prepare_run_dir
 from model.lora import LoRAArgs, lora_state_dict
 
 TIMEOUT = 300
