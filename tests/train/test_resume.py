@@ -283,7 +283,7 @@ def test_a_used_run_dir_is_refused_without_resume(write_config, tmp_path):
         "it is. To continue that run, set resume: auto (the default)"
     ) in result.stderr
     assert f"choose another run_dir (e.g. run_dir={run_dir}-2 on the command line)" in result.stderr
-    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "run.lock"]
     assert (run_dir / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1, "loss": 1.0}\n'
 
 
