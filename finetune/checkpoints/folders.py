@@ -1,13 +1,13 @@
 """Checkpoints in run_dir/checkpoints/checkpoint_{step:06d}/, each written aside and renamed into place.
 
 A checkpoint holds the adapters (lora.safetensors, params.json, the tokenizer file), or the merged model with
-`save_adapters: false`, then `state/` for resume (finetune/training/resume.py), and, written last, `manifest.json`: the
-size and sha256 of every other file. Every rank writes its part into `checkpoint_X.tmp/`; rank 0 then writes the
-manifest and renames the folder in one step. A checkpoint folder therefore appears whole or not at all: a run
-killed while writing leaves only a `.tmp` folder, which is never listed and is cleared by the next save. Only the
-newest `keep` are kept; an old one is renamed to `.old` before it is deleted, so a run killed while deleting never
-leaves half a checkpoint under a complete name either. The manifest catches what renaming cannot: a file that a
-disk, a copy or a hand damaged later.
+`save_adapters: false`, then `state/` for resume (finetune/checkpoints/training_state.py), and, written last,
+`manifest.json`: the size and sha256 of every other file. Every rank writes its part into `checkpoint_X.tmp/`;
+rank 0 then writes the manifest and renames the folder in one step. A checkpoint folder therefore appears whole or
+not at all: a run killed while writing leaves only a `.tmp` folder, which is never listed and is cleared by the next
+save. Only the newest `keep` are kept; an old one is renamed to `.old` before it is deleted, so a run killed while
+deleting never leaves half a checkpoint under a complete name either. The manifest catches what renaming cannot: a
+file that a disk, a copy or a hand damaged later.
 """
 
 from __future__ import annotations

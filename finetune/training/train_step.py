@@ -26,7 +26,7 @@ from finetune.training.loss import loss_inputs
 from model.attention import to_device
 
 if TYPE_CHECKING:
-    from finetune.training.resume import StopSignal
+    from finetune.training.stop_signal import StopSignal
 
 
 class NonFiniteError(RuntimeError):

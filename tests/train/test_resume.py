@@ -19,12 +19,13 @@ from safetensors.torch import load_file
 
 from finetune import exit_codes
 from finetune.checkpoints.folders import save_adapter_checkpoint, verify_checkpoint, write_atomically
+from finetune.checkpoints.training_state import ResumeError, load_training_state, read_resume_point
 from finetune.config import ConfigError, config_from_dict, load_config
 from finetune.data import build_train_loader, load_tokenizer
 from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
-from finetune.training.resume import ResumeError, load_training_state, prepare_run_dir, read_resume_point
+from finetune.training.run_start import prepare_run_dir
 from model.lora import LoRAArgs, lora_state_dict
 
 TIMEOUT = 300
@@ -305,7 +306,7 @@ def test_a_used_run_dir_is_refused_without_resume(write_config, tmp_path):
         "it is. To continue that run, set resume: auto (the default)"
     ) in result.stderr
     assert f"choose another run_dir (e.g. run_dir={run_dir}-2 on the command line)" in result.stderr
-    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "run.lock"]
     assert (run_dir / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1, "loss": 1.0}\n'
 
 
