@@ -4,7 +4,6 @@ End to end with train.py (one process, and 2 ranks under torchrun), then the pie
 """
 
 import json
-import os
 import random
 import re
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import REPO, free_port, records, subprocess_env
+from launching import REPO, free_port, hook_folder, records, subprocess_env
 from safetensors.torch import load_file
 
 import train as train_script
@@ -37,11 +36,11 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 SHORT_RUN = dict(max_steps=16, lora__dropout=0.1, checkpoint__freq=4, checkpoint__keep=2, eval__freq=4)
 
 
-def train(config: Path, *overrides: str, expect: int = 0, **extra_env) -> subprocess.CompletedProcess:
+def train(config: Path, *overrides: str, expect: int = 0, hook: Path | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "train.py", str(config), *overrides],
         cwd=REPO,
-        env=subprocess_env(**extra_env),
+        env=subprocess_env(hook),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -269,9 +268,33 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     assert records(branch, "train")[-1]["loss"] < 0.7 * records(run_dir, "train")[0]["loss"]  # trained weights
 
 
+NONFINITE_STEPS_HOOK = """
+import dataclasses
+import torch
+import finetune.training.train_step as module
+
+real, calls = module.train_step, []
+
+def train_step(loss_model, optimizer, micro_batches, *args, **kwargs):
+    calls.append(1)
+    if len(calls) in STEPS:
+        nan = torch.tensor(float("nan"))
+        micro_batches = [dataclasses.replace(b, weights=torch.where(b.weights > 0, nan, 0.0)) for b in micro_batches]
+    return real(loss_model, optimizer, micro_batches, *args, **kwargs)
+
+module.train_step = train_step
+"""
+
+
+def nonfinite_steps(tmp_path: Path, steps: set[int]) -> Path:
+    """A hook that makes the loss of these optimizer steps (counted from 1 in a fresh run) NaN on every rank: their
+    trained tokens get NaN loss weights before train_step sees them."""
+    return hook_folder(tmp_path / "hook", f"STEPS = {sorted(steps)}\n{NONFINITE_STEPS_HOOK}")
+
+
 def test_nonfinite_steps_are_skipped_and_counted(write_config, tmp_path):
     config = write_config(max_steps=4, eval__enabled=False, checkpoint__freq=2, checkpoint__keep=3)
-    result = train(config, TAILOR_TEST_NONFINITE_STEPS="3,4")
+    result = train(config, hook=nonfinite_steps(tmp_path, {3, 4}))
     assert "step 3: the loss or the gradients are not finite, so the step is skipped (1 in a row" in result.stdout
     assert "2 steps skipped" in result.stdout
     run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
@@ -286,7 +309,7 @@ def test_nonfinite_steps_are_skipped_and_counted(write_config, tmp_path):
 
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(write_config, tmp_path):
     config = write_config(max_steps=8, eval__enabled=False, checkpoint__freq=2, optim__max_consecutive_nonfinite=3)
-    result = train(config, expect=exit_codes.NOT_FINITE, TAILOR_TEST_NONFINITE_STEPS="2,3,4")
+    result = train(config, expect=exit_codes.NOT_FINITE, hook=nonfinite_steps(tmp_path, {2, 3, 4}))
     assert (
         "error: step 4: the loss or the gradients were not finite in 3 steps in a row (steps 2 to 4; "
         "optim.max_consecutive_nonfinite is 3), so the run stops"
@@ -419,21 +442,16 @@ def test_resume_and_nonfinite_settings_in_the_config(write_config):
 def test_running_out_of_gpu_memory_ends_in_advice_and_keeps_the_checkpoints(write_config, tmp_path):
     """A CUDA out-of-memory error at step 6 (raised by a stand-in train_step, as no GPU is here) after the checkpoint
     of step 4: exit 4 (exit_codes.OUT_OF_MEMORY), what to change, and the checkpoint is there to resume from."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
+    hook = hook_folder(
+        tmp_path / "hook",
         "import torch\nimport finetune.training.train_step as module\nreal, calls = module.train_step, []\n"
         "def train_step(*args, **kwargs):\n    calls.append(1)\n    if len(calls) == 6:\n"
         "        raise torch.OutOfMemoryError(\n"
         "            'CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)')\n"
-        "    return real(*args, **kwargs)\nmodule.train_step = train_step\n"
+        "    return real(*args, **kwargs)\nmodule.train_step = train_step\n",
     )
     config = write_config(max_steps=8, eval__enabled=False, checkpoint__freq=4)
-    env = dict(subprocess_env(), PYTHONPATH=f"{hook}{os.pathsep}{REPO}")
-    result = subprocess.run(
-        [sys.executable, "train.py", str(config)], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT
-    )
-    assert result.returncode == exit_codes.OUT_OF_MEMORY, result.stderr[-3000:]
+    result = train(config, expect=exit_codes.OUT_OF_MEMORY, hook=hook)
     assert "error: out of GPU memory: CUDA out of memory. Tried to allocate 20.00 GiB" in result.stderr
     assert "a lower seq_len" in result.stderr and "Traceback" not in result.stderr
     assert verify_checkpoint(tmp_path / "run/checkpoints/checkpoint_000004") is None
