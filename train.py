@@ -6,7 +6,7 @@
 The same command resumes a run that was stopped, killed or preempted (`resume: auto`, the default); SIGTERM or
 Ctrl-C finishes the step (with several ranks, also the one queued behind it), saves a checkpoint and exits 0.
 
-The wiring of the data path, nothing more: config ► data ► model ► loop (see ../shared/DESIGN.md).
+The wiring of the data path, nothing more: config ► data ► model ► loop. docs/architecture.md maps every module.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from finetune.training.run_lock import RunLockedError, lock_run_dir
 from finetune.training.run_start import prepare_run_dir
 from finetune.training.step_log import StepLog
 from finetune.training.stop_signal import StopSignal, resume_command
-from finetune.training.train_step import NonFiniteError, inject_test_nonfinite, out_of_memory_message, train_step
+from finetune.training.train_step import NonFiniteError, out_of_memory_message, train_step
 
 
 def main(argv: list[str]) -> int:
@@ -93,7 +93,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
     for step in range(progress.step + 1, cfg.max_steps + 1):
         lr = lr_at_step(step, cfg.optim, cfg.max_steps)
         set_lr(optimizer, lr)
-        micro_batches = inject_test_nonfinite(step, [next(train_batches) for _ in range(cfg.grad_accumulation)])
+        micro_batches = [next(train_batches) for _ in range(cfg.grad_accumulation)]
         sums = train_step(
             loss_model, optimizer, micro_batches, dist_info.device, cfg.optim.max_grad_norm, dist_info.world_size, stop
         )

@@ -79,7 +79,9 @@ class CheckpointConfig:
     # steps between checkpoints; there is always one at the end, and 0 means only there (mistral-finetune:
     # `ckpt_freq`)
     freq: int = 100
-    keep: int = 3  # the newest N checkpoints are kept (mistral-finetune: `num_ckpt_keep`)
+    # the newest N intact checkpoints are kept; a damaged one is renamed aside (`.damaged`), never counted
+    # (mistral-finetune: `num_ckpt_keep`)
+    keep: int = 3
     # false: write the merged full model instead of the adapters (mistral-finetune: `save_adapters`)
     save_adapters: bool = True
 

@@ -1,4 +1,4 @@
-"""Build the model for training: meta init, LoRA, checkpointing and sharding, then the weights."""
+"""Build the model for training: meta init, LoRA, parallelism (finetune/training/parallel.py), then the weights."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ import torch
 from finetune.config import TrainConfig
 from finetune.training.distributed import DistInfo
 from finetune.training.loss import CausalLMWithLoss
-from finetune.training.parallel import (
-    DTYPES,
-    enable_activation_checkpointing,
-    load_streamed_weights,
-    lora_init_tensors,
-    shard_model,
-)
+from finetune.training.parallel import DTYPES, apply_parallelism, load_streamed_weights, lora_init_tensors
 from model.args import ModelArgs, load_model_args
 from model.lora import inject_lora, mark_only_lora_trainable
 from model.transformer import Transformer
@@ -34,19 +28,11 @@ def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithL
     """The LoRA model wrapped with its loss, sharded when there is more than one process, weights loaded."""
     model_dir = Path(cfg.model.path)
     args = load_model_args(model_dir)
-    dtype = DTYPES[cfg.model.dtype]
     model = build_meta_model(cfg, args)
     mark_only_lora_trainable(model)
     loss_model = CausalLMWithLoss(model)
 
-    if cfg.model.activation_checkpointing:
-        for block in model.layers:
-            enable_activation_checkpointing(block if cfg.model.checkpointing_scope == "block" else block.feed_forward)
-    if cfg.model.compile:
-        for block in model.layers:
-            block.compile()
-    if dist_info.world_size > 1:
-        shard_model(loss_model, model.layers, compute_dtype=dtype, prefetch=cfg.model.fsdp_prefetch)
+    apply_parallelism(loss_model, model.layers, cfg.model, dist_info.world_size)
 
     loss_model.to_empty(device=dist_info.device)
     is_loader = dist_info.rank == 0
