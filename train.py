@@ -104,8 +104,8 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
             loss_model, optimizer, micro_batches, dist_info.device, cfg.optim.max_grad_norm, dist_info.world_size, stop
         )
         is_last = step == cfg.max_steps
-        evaluates = bool(eval_batches) and (step % cfg.eval.freq == 0 or is_last)
-        saves = cfg.checkpoint.enabled and (step % cfg.checkpoint.freq == 0 or is_last)
+        evaluates = bool(eval_batches) and (is_last or (cfg.eval.freq > 0 and step % cfg.eval.freq == 0))
+        saves = cfg.checkpoint.enabled and (is_last or (cfg.checkpoint.freq > 0 and step % cfg.checkpoint.freq == 0))
         stopping_alone = stop.requested and dist_info.world_size == 1  # no other rank to agree with: stop now
         steps.add(step, lr, sums, read_now=evaluates or saves or stopping_alone)
         stopping = steps.stop_requested or stopping_alone  # several ranks stop on the step they agreed on
