@@ -41,6 +41,7 @@ PROGRESS = "progress.json"
 # Only the LoRA weights are trainable: the frozen base model is never saved. strict=False because the model's
 # state dict has the frozen weights too, which loading leaves as they are.
 STATE_DICT_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+NO_TRAINING_STATE = f"no training state ({STATE}/{PROGRESS}): adapters only"  # not damaged, but not resumable
 
 
 class ResumeError(ValueError):
@@ -80,7 +81,7 @@ def why_not_resumable(folder: Path) -> str | None:
     if problem is not None:
         return problem
     if not (folder / STATE / PROGRESS).is_file():
-        return f"no training state ({STATE}/{PROGRESS}): adapters only"
+        return NO_TRAINING_STATE
     problem = _progress_problem(folder / STATE / PROGRESS)
     if problem is not None:
         return problem

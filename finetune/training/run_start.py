@@ -8,8 +8,14 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from finetune.checkpoints.folders import checkpoint_step, list_checkpoints, list_debris
-from finetune.checkpoints.training_state import ResumeError, ResumePoint, read_resume_point, why_not_resumable
+from finetune.checkpoints.folders import checkpoint_step, list_checkpoints, list_debris, set_aside
+from finetune.checkpoints.training_state import (
+    NO_TRAINING_STATE,
+    ResumeError,
+    ResumePoint,
+    read_resume_point,
+    why_not_resumable,
+)
 from finetune.config import TrainConfig
 from finetune.training.distributed import DistInfo, is_initialized
 
@@ -18,9 +24,9 @@ def prepare_run_dir(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint | None
     """Decide where this run starts (rank 0 decides and tells every rank) and make run_dir ready for it.
 
     `resume: false` refuses a run_dir that already holds a run. `auto` continues from the newest intact checkpoint,
-    reporting each one it skips and the leftovers of saves cut short, or starts at step 0 when there is none. A
-    checkpoint folder continues from that one. metrics.jsonl keeps only the records up to the starting step, so it
-    reads as one run. Returns None for a start at step 0.
+    reporting each one it skips (a damaged one is renamed aside) and the leftovers of saves cut short, or starts at
+    step 0 when there is none. A checkpoint folder continues from that one. metrics.jsonl keeps only the records up
+    to the starting step, so it reads as one run. Returns None for a start at step 0.
     """
     answer: ResumePoint | str | None = None
     if dist_info.is_main:
@@ -60,7 +66,14 @@ def _choose_start(cfg: TrainConfig) -> ResumePoint | None:
             point = read_resume_point(folder)
             print(f"resuming from {folder} (step {point.step} of {cfg.max_steps})", flush=True)
             return point
-        print(f"skipped {folder}: {problem}", flush=True)
+        if problem == NO_TRAINING_STATE:
+            print(f"skipped {folder}: {problem}", flush=True)
+        else:
+            aside = set_aside(folder)
+            print(
+                f"skipped {folder}: {problem}; renamed to {aside.name}, which tailor never uses, counts or deletes",
+                flush=True,
+            )
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
         print(f"no intact checkpoint in {run_dir / 'checkpoints'}: starting from step 0", flush=True)
     return None

@@ -17,6 +17,7 @@ import torch
 from launching import REPO, free_port, hook_folder, records, subprocess_env
 from safetensors.torch import load_file
 
+import train as train_script
 from finetune import exit_codes
 from finetune.checkpoints.folders import save_adapter_checkpoint, verify_checkpoint, write_atomically
 from finetune.checkpoints.training_state import ResumeError, load_training_state, read_resume_point
@@ -64,7 +65,11 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
 
 def numbers(run_dir: Path) -> list[tuple]:
     """What must be equal between two runs: every train step's loss and gradient norm, every eval."""
-    return [(r["kind"], r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss")) for r in records(run_dir)]
+    return [
+        (r["kind"], r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss"))
+        for r in records(run_dir)
+        if r["kind"] in ("train", "eval")  # not the data report each launch writes
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,9 +113,9 @@ def test_a_torn_or_damaged_checkpoint_is_skipped_and_reported(write_config, tmp_
     result = train(config)
     assert f"skipped {torn}: a save or a deletion that was cut short" in result.stdout
     assert (
-        f"skipped {checkpoints / 'checkpoint_000012'}: state/tensors_rank_0.safetensors checksum mismatch"
-        in result.stdout
-    )
+        f"skipped {checkpoints / 'checkpoint_000012'}: state/tensors_rank_0.safetensors checksum mismatch; renamed to "
+        "checkpoint_000012.damaged, which tailor never uses, counts or deletes"
+    ) in result.stdout
     assert f"resuming from {checkpoints / 'checkpoint_000008'} (step 8 of 12)" in result.stdout
     assert "dropped the 5 records after step 8" in result.stdout  # 4 train records and the eval at step 12
     assert (checkpoints / "checkpoint_000012/lora.safetensors").read_bytes() == adapters
@@ -119,8 +124,31 @@ def test_a_torn_or_damaged_checkpoint_is_skipped_and_reported(write_config, tmp_
         "checkpoint_000004",
         "checkpoint_000008",
         "checkpoint_000012",
-    ]  # the torn one is gone
+        "checkpoint_000012.damaged",
+    ]  # the torn one is gone, the damaged one set aside
+    assert (checkpoints / "checkpoint_000012.damaged/state/tensors_rank_0.safetensors").read_bytes() == damaged
     assert verify_checkpoint(checkpoints / "checkpoint_000012") is None
+
+
+def test_a_damaged_newer_checkpoint_is_set_aside_and_never_counted_by_rotation(write_config, tmp_path, capsys):
+    """The case found: resume past a damaged newer checkpoint, save with keep: 1 (which deleted the good one and
+    kept the damaged one), resume again (which started from step 0)."""
+    config = write_config(max_steps=4, eval__enabled=False, checkpoint__freq=2, checkpoint__keep=2)
+    assert train_script.run([str(config)]) == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "checkpoint_000004" / "lora.safetensors").write_bytes(b"damaged")
+    capsys.readouterr()
+
+    assert train_script.run([str(config), "max_steps=3", "checkpoint.keep=1"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped {checkpoints / 'checkpoint_000004'}: lora.safetensors has 7 bytes" in out
+    assert f"resuming from {checkpoints / 'checkpoint_000002'} (step 2 of 3)" in out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_000003", "checkpoint_000004.damaged"]
+    assert (checkpoints / "checkpoint_000004.damaged" / "lora.safetensors").read_bytes() == b"damaged"
+
+    assert train_script.run([str(config), "max_steps=5", "checkpoint.keep=1"]) == 0
+    assert f"resuming from {checkpoints / 'checkpoint_000003'} (step 3 of 5)" in capsys.readouterr().out
+    assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 3, 4, 5]
 
 
 def test_ctrl_c_finishes_the_step_saves_and_exits_0(write_config, tmp_path):
