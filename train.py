@@ -6,37 +6,34 @@
 The same command resumes a run that was stopped, killed or preempted (`resume: auto`, the default); SIGTERM or
 Ctrl-C finishes the step (with several ranks, also the one queued behind it), saves a checkpoint and exits 0.
 
-The wiring of the data path, nothing more: config ► data ► model ► loop (see ../shared/DESIGN.md).
+The wiring of the data path, nothing more: config ► data ► model ► loop. docs/architecture.md maps every module.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
 import torch
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune import exit_codes
-from finetune.config import ConfigError, load_config, resolve_cache_dir, save_config
+from finetune.checkpoints.training_state import Progress, ResumeError, load_training_state, save_checkpoint
+from finetune.config import ConfigError, TrainConfig, load_config, resolve_cache_dir, save_config
 from finetune.data import DataError, build_eval_batches, build_train_loader
-from finetune.training.distributed import barrier, destroy, init_distributed
+from finetune.training.distributed import DistInfo, barrier, destroy, init_distributed
 from finetune.training.eval import evaluate
 from finetune.training.model_setup import build_training_model
 from finetune.training.monitoring import MetricsLogger, format_eval_line, format_summary
 from finetune.training.optim import build_optimizer, lr_at_step, set_lr
 from finetune.training.preflight import PreflightError, run_preflight_checks
-from finetune.training.resume import (
-    Progress,
-    ResumeError,
-    StopSignal,
-    load_training_state,
-    prepare_run_dir,
-    resume_command,
-    save_checkpoint,
-    train_data_seed,
-)
+from finetune.training.rng import train_data_seed
+from finetune.training.run_lock import RunLockedError, lock_run_dir
+from finetune.training.run_start import prepare_run_dir
 from finetune.training.step_log import StepLog
-from finetune.training.train_step import NonFiniteError, inject_test_nonfinite, out_of_memory_message, train_step
+from finetune.training.stop_signal import StopSignal, resume_command
+from finetune.training.train_step import NonFiniteError, out_of_memory_message, train_step
 
 
 def main(argv: list[str]) -> int:
@@ -46,6 +43,11 @@ def main(argv: list[str]) -> int:
     cfg = load_config(argv[0], argv[1:])
     tokenizer = run_preflight_checks(cfg)  # paths, tokenizer, seq_len, disk: before any heavy work
     dist_info = init_distributed()
+    with lock_run_dir(Path(cfg.run_dir), dist_info, command=" ".join(map(shlex.quote, [sys.argv[0], *argv]))):
+        return fine_tune(cfg, tokenizer, dist_info, argv)  # one run per run_dir: another one exits 3
+
+
+def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo, argv: list[str]) -> int:
     start = prepare_run_dir(cfg, dist_info)  # None: from step 0; else the checkpoint to resume from
     if start is not None and start.step >= cfg.max_steps:
         if dist_info.is_main:
@@ -91,7 +93,7 @@ def main(argv: list[str]) -> int:
     for step in range(progress.step + 1, cfg.max_steps + 1):
         lr = lr_at_step(step, cfg.optim, cfg.max_steps)
         set_lr(optimizer, lr)
-        micro_batches = inject_test_nonfinite(step, [next(train_batches) for _ in range(cfg.grad_accumulation)])
+        micro_batches = [next(train_batches) for _ in range(cfg.grad_accumulation)]
         sums = train_step(
             loss_model, optimizer, micro_batches, dist_info.device, cfg.optim.max_grad_norm, dist_info.world_size, stop
         )
@@ -148,6 +150,9 @@ def run(argv: list[str]) -> int:
     except (ConfigError, DataError, PreflightError, ResumeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_codes.USAGE
+    except RunLockedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_codes.RUN_LOCKED
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_codes.NOT_FINITE

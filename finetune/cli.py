@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 
@@ -169,6 +171,7 @@ def _resolve(reference: str):
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """All commands for `--help`; with `only`, the arguments of that one command (importing just its module)."""
     parser = argparse.ArgumentParser(prog="tailor", description="LoRA fine-tuning for Mistral models")
+    parser.add_argument("--version", action="version", version=f"tailor {_version()}")
     subparsers = parser.add_subparsers(metavar="COMMAND")
     for name, help_text, add_arguments, run in COMMANDS:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -176,6 +179,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             _resolve(add_arguments)(sub)
             sub.set_defaults(run=run)
     return parser
+
+
+def _version() -> str:
+    try:
+        return version("tailor")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH that was never pip-installed
+        return "(not installed: run pip install -e . in the repository)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _resolve(args.run)(args)
+    except BrokenPipeError:  # `tailor tokenize ... | head` read what it wanted and closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 0
     except (ValueError, OSError) as error:  # the user's mistake (a bad path, file, option or config): named, exit 2
         print(f"error: {error}", file=sys.stderr)
         return 2

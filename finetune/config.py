@@ -83,7 +83,9 @@ class CheckpointConfig:
     enabled: bool = True  # save checkpoints (mistral-finetune: `no_ckpt`, inverted)
     # steps between checkpoints; there is always one at the end (mistral-finetune: `ckpt_freq`)
     freq: int = 100
-    keep: int = 3  # the newest N checkpoints are kept (mistral-finetune: `num_ckpt_keep`)
+    # the newest N intact checkpoints are kept; a damaged one is renamed aside (`.damaged`), never counted
+    # (mistral-finetune: `num_ckpt_keep`)
+    keep: int = 3
     # false: write the merged full model instead of the adapters (mistral-finetune: `save_adapters`)
     save_adapters: bool = True
 
@@ -92,7 +94,6 @@ class CheckpointConfig:
 class WandbConfig:
     project: str = ""  # W&B project; empty: W&B off (mistral-finetune: `wandb.project`)
     run_name: str = ""  # W&B run name; empty: W&B picks one (mistral-finetune: `wandb.run_name`)
-    key: str = ""  # API key; prefer the WANDB_API_KEY environment variable (mistral-finetune: `wandb.key`)
     offline: bool = False  # log locally, sync later (mistral-finetune: `wandb.offline`)
 
 
@@ -151,9 +152,24 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     return config_from_dict(raw, source=str(path))
 
 
+def refuse_secrets(raw: dict, source: str) -> None:
+    """An API key in a config would be copied into run_dir/config.yaml and the trackers' run parameters: W&B
+    reads its key from the environment instead. An empty key (mistral-finetune's `key: ""`) holds no secret."""
+    wandb = raw.get("logging", {}).get("wandb") if isinstance(raw.get("logging"), dict) else None
+    if isinstance(wandb, dict) and "key" in wandb:
+        if wandb["key"]:
+            raise ConfigError(
+                f"{source}: logging.wandb.key: an API key is not read from a config, where it would be saved in "
+                "run_dir/config.yaml and sent with the run's settings; remove it and set the WANDB_API_KEY "
+                "environment variable (or run `wandb login` once)"
+            )
+        wandb.pop("key")
+
+
 def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
     if isinstance(raw.get("resume"), bool):  # YAML reads `resume: false` as a boolean; true means auto
         raw = dict(raw, resume="auto" if raw["resume"] else "false")
+    refuse_secrets(raw, source)
     cfg = _build(TrainConfig, raw, prefix="", source=source)
     check_config(cfg, source)
     return cfg

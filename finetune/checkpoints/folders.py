@@ -1,13 +1,17 @@
 """Checkpoints in run_dir/checkpoints/checkpoint_{step:06d}/, each written aside and renamed into place.
 
 A checkpoint holds the adapters (lora.safetensors, params.json, the tokenizer file), or the merged model with
-`save_adapters: false`, then `state/` for resume (finetune/training/resume.py), and, written last, `manifest.json`: the
-size and sha256 of every other file. Every rank writes its part into `checkpoint_X.tmp/`; rank 0 then writes the
-manifest and renames the folder in one step. A checkpoint folder therefore appears whole or not at all: a run
-killed while writing leaves only a `.tmp` folder, which is never listed and is cleared by the next save. Only the
-newest `keep` are kept; an old one is renamed to `.old` before it is deleted, so a run killed while deleting never
-leaves half a checkpoint under a complete name either. The manifest catches what renaming cannot: a file that a
-disk, a copy or a hand damaged later.
+`save_adapters: false`, then `state/` for resume (finetune/checkpoints/training_state.py), and, written last,
+`manifest.json`: the size and sha256 of every other file. Every rank writes its part into `checkpoint_X.tmp/`;
+rank 0 then writes the manifest and renames the folder in one step. A checkpoint folder therefore appears whole or
+not at all: a run killed while writing leaves only a `.tmp` folder, which is never listed and is cleared by the next
+save. The manifest catches what renaming cannot: a file that a disk, a copy or a hand damaged later.
+
+Rotation keeps the newest `keep` *intact* checkpoints: each one it would keep is verified (the one just written
+is known whole), and a damaged one is neither counted nor deleted but renamed aside to `checkpoint_X.damaged`, with
+a message, for a person to look at; resume does the same with each damaged one it skips. An old intact one is
+renamed to `.old` before it is deleted, so a run killed while deleting never leaves half a checkpoint under a
+complete name either.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from model.lora import LoRAArgs, lora_state_dict, merged_state_dict
 
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{6,})")
 DEBRIS_NAME = re.compile(r"checkpoint_\d{6,}\.(tmp|old)")  # a write or a deletion cut short
+DAMAGED_SUFFIX = ".damaged"
 MANIFEST = "manifest.json"
 
 
@@ -76,9 +81,33 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
     return _publish(staging, final)
 
 
-def remove_old_checkpoints(run_dir: Path, keep: int) -> None:
-    for old in list_checkpoints(run_dir)[:-keep]:
-        _delete(old)
+def remove_old_checkpoints(run_dir: Path, keep: int, written: Path) -> None:
+    """Keep the newest `keep` intact checkpoints (`written`, just published, is one): a damaged one is set aside,
+    older intact ones are deleted."""
+    kept = 0
+    for folder in reversed(list_checkpoints(run_dir)):
+        if kept == keep:
+            _delete(folder)
+            continue
+        problem = None if folder == written else verify_checkpoint(folder)
+        if problem is None:
+            kept += 1
+        else:
+            aside = set_aside(folder)
+            print(
+                f"{folder}: {problem}; renamed to {aside.name}, which tailor never uses, counts or deletes", flush=True
+            )
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint to `checkpoint_X.damaged` (or `.damaged2`, ...): it is never listed, chosen or
+    counted again, and never deleted, so a person can look at what went wrong."""
+    aside, number = folder.with_name(folder.name + DAMAGED_SUFFIX), 1
+    while aside.exists():
+        number += 1
+        aside = folder.with_name(f"{folder.name}{DAMAGED_SUFFIX}{number}")
+    os.replace(folder, aside)
+    return aside
 
 
 def _stage(final: Path) -> Path:
@@ -194,7 +223,7 @@ def save_adapter_checkpoint(
     path = write_atomically(
         checkpoint_path(run_dir, step), lambda folder: _write_adapters(folder, lora_state, params, lora, tokenizer_file)
     )
-    remove_old_checkpoints(run_dir, keep)
+    remove_old_checkpoints(run_dir, keep, path)
     return path
 
 
@@ -211,7 +240,7 @@ def save_merged_checkpoint(
     path = write_atomically(
         checkpoint_path(run_dir, step), lambda folder: _write_merged(folder, specs, tensors, params, tokenizer_file)
     )
-    remove_old_checkpoints(run_dir, keep)
+    remove_old_checkpoints(run_dir, keep, path)
     return path
 
 
@@ -272,5 +301,5 @@ def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: 
     barrier()  # every rank's files are written
     if is_main:
         _publish(staging, final)
-        remove_old_checkpoints(run_dir, cfg.checkpoint.keep)
+        remove_old_checkpoints(run_dir, cfg.checkpoint.keep, final)
     return final

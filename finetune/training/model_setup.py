@@ -1,4 +1,4 @@
-"""Build the model for training: meta init, LoRA, checkpointing and sharding, then the weights."""
+"""Build the model for training: meta init, LoRA, parallelism (finetune/training/parallel.py), then the weights."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ import torch
 from finetune.config import ConfigError, TrainConfig
 from finetune.training.distributed import DistInfo
 from finetune.training.loss import CausalLMWithLoss
-from finetune.training.parallel import (
-    compute_dtype,
-    enable_activation_checkpointing,
-    load_streamed_weights,
-    lora_init_tensors,
-    shard_model,
-)
+from finetune.training.parallel import apply_parallelism, compute_dtype, load_streamed_weights, lora_init_tensors
 from model.args import ModelArgs, load_model_args
 from model.lora import inject_lora, mark_only_lora_trainable
 from model.quantize import QuantizationUnavailable, is_quantized_name, nf4_shard_problem, quantize_frozen_linears
@@ -54,14 +48,7 @@ def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithL
     mark_only_lora_trainable(model)
     loss_model = CausalLMWithLoss(model)
 
-    if cfg.model.activation_checkpointing:
-        for block in model.layers:
-            enable_activation_checkpointing(block if cfg.model.checkpointing_scope == "block" else block.feed_forward)
-    if cfg.model.compile:
-        for block in model.layers:
-            block.compile()
-    if dist_info.world_size > 1:
-        shard_model(loss_model, model.layers, compute_dtype=dtype, prefetch=cfg.model.fsdp_prefetch)
+    apply_parallelism(loss_model, model.layers, cfg.model, dist_info.world_size, dtype)
 
     loss_model.to_empty(device=dist_info.device)
     is_loader = dist_info.rank == 0

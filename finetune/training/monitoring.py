@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shlex
 import sys
@@ -37,9 +36,7 @@ class MetricsLogger:
             self.tensorboard = writer and writer.SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         if log.wandb.project:
             self.wandb = _optional_import("wandb", "wandb")
-            if self.wandb:
-                if log.wandb.key and not os.environ.get("WANDB_API_KEY"):
-                    os.environ["WANDB_API_KEY"] = log.wandb.key
+            if self.wandb:  # it reads its API key from WANDB_API_KEY or `wandb login`, never from the config
                 self.wandb.init(
                     project=log.wandb.project,
                     name=log.wandb.run_name or None,

@@ -1,7 +1,8 @@
 """Parallelism applied to an unchanged model, in one place.
 
-The model is built on the meta device (no memory), LoRA is injected, every block gets activation
-checkpointing and FSDP2 `fully_shard`, and only then is memory allocated, shard by shard. Rank 0 streams
+The model is built on the meta device (no memory), LoRA is injected, then `apply_parallelism` gives every block
+activation checkpointing, compilation and FSDP2 `fully_shard` as the config asks, and only then is memory
+allocated, shard by shard. Rank 0 streams
 the checkpoint one tensor at a time and scatters each to the ranks' shards, so N ranks on a node never
 hold N copies of the model in CPU memory, and rank 0 holds one tensor at a time. With `model.quantize: nf4`,
 each frozen projection is quantized as it arrives, on the device (model/quantize.py).
@@ -10,6 +11,7 @@ each frozen projection is quantized as it arrives, on the device (model/quantize
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -20,6 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from model.lora import LoRALinear, init_lora_
 from model.quantize import assign_nf4, is_nf4, to_nf4
+
+if TYPE_CHECKING:
+    from finetune.config import ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -32,6 +37,23 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def apply_parallelism(
+    root: nn.Module, blocks: nn.ModuleList, settings: ModelConfig, world_size: int, dtype: torch.dtype
+) -> None:
+    """Everything that changes how the (meta-device) model runs, in the order it must happen: activation
+    checkpointing inside each block, each block compiled with its checkpointing, then FSDP2 over the blocks and
+    `root` when there is more than one rank, computing in `dtype`. Names and numbers stay those of the unchanged
+    model."""
+    if settings.activation_checkpointing:
+        for block in blocks:
+            enable_activation_checkpointing(block if settings.checkpointing_scope == "block" else block.feed_forward)
+    if settings.compile:
+        for block in blocks:
+            block.compile()
+    if world_size > 1:
+        shard_model(root, blocks, compute_dtype=dtype, prefetch=settings.fsdp_prefetch)
 
 
 def enable_activation_checkpointing(block: nn.Module) -> None:

@@ -25,6 +25,8 @@ from model.lora import is_lora_name
 # fp32 moments.
 CHECKPOINT_BYTES_PER_LORA_PARAMETER = 4 + 4 + 8
 GIB = 2**30
+# configs/demo.yaml's model: `tailor demo` makes it on first use, so on a fresh clone it is not there yet
+DEMO_MODEL = Path("artifacts/tiny-mistral")
 
 
 class PreflightError(ValueError):
@@ -50,6 +52,11 @@ def run_preflight_checks(cfg: TrainConfig) -> MistralTokenizer:
 
 
 def check_model_folder(folder: Path) -> None:
+    if folder == DEMO_MODEL and not folder.exists():
+        raise PreflightError(
+            f"model.path: {folder} does not exist yet: it is the demo's tiny model, made on first use by "
+            "`python -m finetune demo`; run that once, then this command trains it again"
+        )
     if not folder.is_dir():
         raise PreflightError(
             f"model.path: {folder} is not a folder (expected params.json and consolidated.safetensors, "

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from finetune.checkpoints.folders import list_checkpoints
+from finetune.checkpoints.training_state import Progress
 from finetune.config import TrainConfig
 from finetune.training.monitoring import MetricsLogger, format_train_line, peak_memory_gib, train_record
-from finetune.training.resume import Progress
 from finetune.training.train_step import StepSums, raise_if_diverged
 
 

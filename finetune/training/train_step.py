@@ -12,8 +12,6 @@ finetune/training/step_log.py).
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +26,7 @@ from finetune.training.loss import loss_inputs
 from model.attention import to_device
 
 if TYPE_CHECKING:
-    from finetune.training.resume import StopSignal
+    from finetune.training.stop_signal import StopSignal
 
 
 class NonFiniteError(RuntimeError):
@@ -184,16 +182,3 @@ def out_of_memory_message(error: BaseException) -> str:
         "micro-batches); more GPUs (FSDP shards the weights over them). Checkpoints already saved are kept: with "
         "resume: auto the same command continues from the newest one."
     )
-
-
-# Test hook, the only one: TAILOR_TEST_NONFINITE_STEPS="3,4" makes the loss of optimizer steps 3 and 4 NaN on every
-# rank (their trained tokens get NaN loss weights), so tests can check that such steps are skipped, counted and
-# stopped on. Nothing else reads it.
-NONFINITE_TEST_STEPS = "TAILOR_TEST_NONFINITE_STEPS"
-
-
-def inject_test_nonfinite(step: int, micro_batches: list) -> list:
-    if str(step) not in os.environ.get(NONFINITE_TEST_STEPS, "").split(","):
-        return micro_batches
-    nan = torch.tensor(float("nan"))
-    return [dataclasses.replace(b, weights=torch.where(b.weights > 0, nan, 0.0)) for b in micro_batches]

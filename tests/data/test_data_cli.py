@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,8 @@ import yaml
 
 from finetune.cli import main
 from finetune.data import tokenize_sample
+
+REPO = Path(__file__).resolve().parents[2]
 
 TOOL = {
     "type": "function",
@@ -164,3 +168,26 @@ def test_python_dash_m_finetune_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "validate" in result.stdout and "tokenize" in result.stdout
+
+
+def test_tokenize_into_a_pipe_closed_early_ends_quietly(tmp_path, model_dirs, write_jsonl, chat):
+    """`tailor tokenize ... | head -1`: head closes the pipe after one line; tokenize stops without a word."""
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(i, turns=3, words=40) for i in range(2000)])
+    reader = subprocess.Popen(["head", "-c", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune", "tokenize", "--model", str(model_dirs["v3"]), str(data)],
+        stdout=reader.stdin,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=REPO,
+    )
+    reader.stdin.close()
+    reader.wait()
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_version():
+    result = subprocess.run([sys.executable, "-m", "finetune", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert re.fullmatch(r"tailor \d+\.\d+\.\d+\S*\n", result.stdout)

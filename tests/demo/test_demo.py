@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,23 @@ def test_demo_learns_and_answers_held_out_prompts(tmp_path):
     assert "the adapters learned the skill" in result.stdout
     right, total = map(int, re.search(r"(\d+) of (\d+) exactly right", result.stdout).groups())
     assert total == 32 and right >= 28, result.stdout[-2000:]
+
+
+def test_training_the_demo_config_on_a_fresh_clone_says_to_run_the_demo_first(tmp_path):
+    """The README's first Launching command, before the demo has made its model: one clear line, exit 2."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    shutil.copytree(REPO / "data", tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "configs/demo.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: model.path: artifacts/tiny-mistral does not exist yet: it is the demo's tiny model, made on first "
+        "use by `python -m finetune demo`; run that once, then this command trains it again"
+    ]
+    assert not (tmp_path / "runs").exists()

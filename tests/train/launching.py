@@ -8,9 +8,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def subprocess_env(**extra: str) -> dict:
-    """One thread per process (several share 2 cores) and the repository importable."""
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+def subprocess_env(hook: Path | None = None, **extra: str) -> dict:
+    """One thread per process (several share 2 cores) and the repository importable; with `hook` (hook_folder),
+    the hook runs first in every Python process started with this environment."""
+    path = str(REPO) if hook is None else f"{hook}{os.pathsep}{REPO}"
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **extra)
+
+
+def hook_folder(folder: Path, source: str) -> Path:
+    """`folder` with a sitecustomize.py that runs `source` as a process starts: the tests' seam into a train.py (or
+    torchrun's ranks) they start, e.g. to wrap a function of tailor. The product holds no switch for tests."""
+    folder.mkdir(parents=True)
+    (folder / "sitecustomize.py").write_text(source, encoding="utf-8")
+    return folder
 
 
 def free_port() -> int:

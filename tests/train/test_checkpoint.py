@@ -52,6 +52,29 @@ def test_rotation_keeps_the_newest(tmp_path, tokenizer_file):
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint_000030", "checkpoint_000040"]
 
 
+def test_rotation_keeps_the_newest_intact_and_sets_a_damaged_one_aside(tmp_path, tokenizer_file, capsys):
+    run_dir = tmp_path / "run"
+    for step in (10, 20, 30):
+        save(run_dir, step, tokenizer_file, keep=3)
+    damaged = run_dir / "checkpoints" / "checkpoint_000030"
+    (damaged / "params.json").write_text("{}")
+    save(run_dir, 40, tokenizer_file, keep=2)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint_000020", "checkpoint_000040"]
+    assert (run_dir / "checkpoints" / "checkpoint_000030.damaged" / "params.json").read_text() == "{}"
+    out = capsys.readouterr().out
+    assert f"{damaged}: params.json has 2 bytes, the manifest says" in out
+    assert "; renamed to checkpoint_000030.damaged, which tailor never uses, counts or deletes" in out
+    damaged_again = run_dir / "checkpoints" / "checkpoint_000040"
+    (damaged_again / "lora.safetensors").unlink()
+    save(run_dir, 30, tokenizer_file, keep=1)  # a resumed run saving step 30 again
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint_000030"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "checkpoint_000030",
+        "checkpoint_000030.damaged",
+        "checkpoint_000040.damaged",
+    ]
+
+
 def test_a_failed_write_leaves_no_checkpoint(tmp_path, tokenizer_file, monkeypatch):
     save(tmp_path / "run", 10, tokenizer_file)
 

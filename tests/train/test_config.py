@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.config import ConfigError, DataSource, load_config
+from finetune.config import ConfigError, DataSource, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,3 +107,22 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.max_steps >= 1
     assert yaml.safe_load(path.read_text())  # and it is plain YAML
+
+
+@pytest.mark.parametrize("where", ["wandb:\n  key: 0123abcd\n", "logging:\n  wandb:\n    key: 0123abcd\n"])
+def test_an_api_key_in_a_config_is_refused(tmp_path, where):
+    """A key would be saved in run_dir/config.yaml and sent with the trackers' run settings: W&B reads the
+    environment (WANDB_API_KEY) instead."""
+    text = MISTRAL_FINETUNE_7B.split("wandb:")[0] + where
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    assert "logging.wandb.key: an API key is not read from a config" in str(error.value)
+    assert "WANDB_API_KEY" in str(error.value) and "0123abcd" not in str(error.value)
+    with pytest.raises(ConfigError, match="logging.wandb.key"):
+        load_config(write(tmp_path, MISTRAL_FINETUNE_7B), ["logging.wandb.key=0123abcd"])
+
+
+def test_an_empty_api_key_holds_no_secret_and_is_nowhere_in_the_saved_config(tmp_path):
+    cfg = load_config(write(tmp_path, MISTRAL_FINETUNE_7B))  # mistral-finetune's example has `key: ""`
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert "key" not in yaml.safe_load((tmp_path / "saved.yaml").read_text())["logging"]["wandb"]

@@ -2,6 +2,8 @@
 
 import builtins
 import json
+import sys
+import types
 
 import pytest
 
@@ -98,3 +100,26 @@ def test_missing_trackers_warn_once_each_and_the_run_goes_on(tmp_path, monkeypat
     logger.log(TRAIN_RECORD)
     logger.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == TRAIN_RECORD
+
+
+def test_the_trackers_get_the_settings_and_never_an_api_key(tmp_path, monkeypatch):
+    """W&B takes its key from the environment; the run settings it and MLflow record hold none."""
+    sent = {}
+    fake_wandb = types.SimpleNamespace(init=lambda **kw: sent.update(wandb=kw["config"]), log=print, finish=print)
+    fake_mlflow = types.SimpleNamespace(
+        set_tracking_uri=print,
+        set_experiment=print,
+        start_run=lambda: None,
+        log_params=lambda params: sent.update(mlflow=params),
+        end_run=print,
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", fake_mlflow)
+    monkeypatch.setenv("WANDB_API_KEY", "0123abcd-secret")
+    cfg = TrainConfig()
+    cfg.logging.wandb.project, cfg.logging.mlflow.tracking_uri = "tailor-test", str(tmp_path / "mlruns")
+    MetricsLogger(tmp_path, cfg).close()
+    for tracker in ("wandb", "mlflow"):
+        assert sent[tracker]["logging.wandb.project"] == "tailor-test"
+        assert not [k for k in sent[tracker] if "key" in k]
+        assert "0123abcd-secret" not in json.dumps(sent[tracker])

@@ -4,7 +4,6 @@ End to end with train.py (one process, and 2 ranks under torchrun), then the pie
 """
 
 import json
-import os
 import random
 import re
 import signal
@@ -15,17 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import REPO, free_port, records, subprocess_env
+from launching import REPO, free_port, hook_folder, records, subprocess_env
 from safetensors.torch import load_file
 
+import train as train_script
 from finetune import exit_codes
 from finetune.checkpoints.folders import save_adapter_checkpoint, verify_checkpoint, write_atomically
+from finetune.checkpoints.training_state import ResumeError, load_training_state, read_resume_point
 from finetune.config import ConfigError, config_from_dict, load_config
 from finetune.data import build_train_loader, load_tokenizer
 from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
-from finetune.training.resume import ResumeError, load_training_state, prepare_run_dir, read_resume_point
+from finetune.training.run_start import prepare_run_dir
 from model.lora import LoRAArgs, lora_state_dict
 
 TIMEOUT = 300
@@ -35,11 +36,11 @@ CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 SHORT_RUN = dict(max_steps=16, lora__dropout=0.1, checkpoint__freq=4, checkpoint__keep=2, eval__freq=4)
 
 
-def train(config: Path, *overrides: str, expect: int = 0, **extra_env) -> subprocess.CompletedProcess:
+def train(config: Path, *overrides: str, expect: int = 0, hook: Path | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "train.py", str(config), *overrides],
         cwd=REPO,
-        env=subprocess_env(**extra_env),
+        env=subprocess_env(hook),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -108,9 +109,9 @@ def test_a_torn_or_damaged_checkpoint_is_skipped_and_reported(write_config, tmp_
     result = train(config)
     assert f"skipped {torn}: a save or a deletion that was cut short" in result.stdout
     assert (
-        f"skipped {checkpoints / 'checkpoint_000012'}: state/tensors_rank_0.safetensors checksum mismatch"
-        in result.stdout
-    )
+        f"skipped {checkpoints / 'checkpoint_000012'}: state/tensors_rank_0.safetensors checksum mismatch; renamed to "
+        "checkpoint_000012.damaged, which tailor never uses, counts or deletes"
+    ) in result.stdout
     assert f"resuming from {checkpoints / 'checkpoint_000008'} (step 8 of 12)" in result.stdout
     assert "dropped the 5 records after step 8" in result.stdout  # 4 train records and the eval at step 12
     assert (checkpoints / "checkpoint_000012/lora.safetensors").read_bytes() == adapters
@@ -119,8 +120,31 @@ def test_a_torn_or_damaged_checkpoint_is_skipped_and_reported(write_config, tmp_
         "checkpoint_000004",
         "checkpoint_000008",
         "checkpoint_000012",
-    ]  # the torn one is gone
+        "checkpoint_000012.damaged",
+    ]  # the torn one is gone, the damaged one set aside
+    assert (checkpoints / "checkpoint_000012.damaged/state/tensors_rank_0.safetensors").read_bytes() == damaged
     assert verify_checkpoint(checkpoints / "checkpoint_000012") is None
+
+
+def test_a_damaged_newer_checkpoint_is_set_aside_and_never_counted_by_rotation(write_config, tmp_path, capsys):
+    """The case found: resume past a damaged newer checkpoint, save with keep: 1 (which deleted the good one and
+    kept the damaged one), resume again (which started from step 0)."""
+    config = write_config(max_steps=4, eval__enabled=False, checkpoint__freq=2, checkpoint__keep=2)
+    assert train_script.run([str(config)]) == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "checkpoint_000004" / "lora.safetensors").write_bytes(b"damaged")
+    capsys.readouterr()
+
+    assert train_script.run([str(config), "max_steps=3", "checkpoint.keep=1"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped {checkpoints / 'checkpoint_000004'}: lora.safetensors has 7 bytes" in out
+    assert f"resuming from {checkpoints / 'checkpoint_000002'} (step 2 of 3)" in out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_000003", "checkpoint_000004.damaged"]
+    assert (checkpoints / "checkpoint_000004.damaged" / "lora.safetensors").read_bytes() == b"damaged"
+
+    assert train_script.run([str(config), "max_steps=5", "checkpoint.keep=1"]) == 0
+    assert f"resuming from {checkpoints / 'checkpoint_000003'} (step 3 of 5)" in capsys.readouterr().out
+    assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 3, 4, 5]
 
 
 def test_ctrl_c_finishes_the_step_saves_and_exits_0(write_config, tmp_path):
@@ -244,9 +268,33 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     assert records(branch, "train")[-1]["loss"] < 0.7 * records(run_dir, "train")[0]["loss"]  # trained weights
 
 
+NONFINITE_STEPS_HOOK = """
+import dataclasses
+import torch
+import finetune.training.train_step as module
+
+real, calls = module.train_step, []
+
+def train_step(loss_model, optimizer, micro_batches, *args, **kwargs):
+    calls.append(1)
+    if len(calls) in STEPS:
+        nan = torch.tensor(float("nan"))
+        micro_batches = [dataclasses.replace(b, weights=torch.where(b.weights > 0, nan, 0.0)) for b in micro_batches]
+    return real(loss_model, optimizer, micro_batches, *args, **kwargs)
+
+module.train_step = train_step
+"""
+
+
+def nonfinite_steps(tmp_path: Path, steps: set[int]) -> Path:
+    """A hook that makes the loss of these optimizer steps (counted from 1 in a fresh run) NaN on every rank: their
+    trained tokens get NaN loss weights before train_step sees them."""
+    return hook_folder(tmp_path / "hook", f"STEPS = {sorted(steps)}\n{NONFINITE_STEPS_HOOK}")
+
+
 def test_nonfinite_steps_are_skipped_and_counted(write_config, tmp_path):
     config = write_config(max_steps=4, eval__enabled=False, checkpoint__freq=2, checkpoint__keep=3)
-    result = train(config, TAILOR_TEST_NONFINITE_STEPS="3,4")
+    result = train(config, hook=nonfinite_steps(tmp_path, {3, 4}))
     assert "step 3: the loss or the gradients are not finite, so the step is skipped (1 in a row" in result.stdout
     assert "2 steps skipped" in result.stdout
     run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
@@ -261,7 +309,7 @@ def test_nonfinite_steps_are_skipped_and_counted(write_config, tmp_path):
 
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(write_config, tmp_path):
     config = write_config(max_steps=8, eval__enabled=False, checkpoint__freq=2, optim__max_consecutive_nonfinite=3)
-    result = train(config, expect=exit_codes.NOT_FINITE, TAILOR_TEST_NONFINITE_STEPS="2,3,4")
+    result = train(config, expect=exit_codes.NOT_FINITE, hook=nonfinite_steps(tmp_path, {2, 3, 4}))
     assert (
         "error: step 4: the loss or the gradients were not finite in 3 steps in a row (steps 2 to 4; "
         "optim.max_consecutive_nonfinite is 3), so the run stops"
@@ -282,7 +330,7 @@ def test_a_used_run_dir_is_refused_without_resume(write_config, tmp_path):
         "it is. To continue that run, set resume: auto (the default)"
     ) in result.stderr
     assert f"choose another run_dir (e.g. run_dir={run_dir}-2 on the command line)" in result.stderr
-    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "run.lock"]
     assert (run_dir / "metrics.jsonl").read_text() == '{"kind": "train", "step": 1, "loss": 1.0}\n'
 
 
@@ -394,21 +442,16 @@ def test_resume_and_nonfinite_settings_in_the_config(write_config):
 def test_running_out_of_gpu_memory_ends_in_advice_and_keeps_the_checkpoints(write_config, tmp_path):
     """A CUDA out-of-memory error at step 6 (raised by a stand-in train_step, as no GPU is here) after the checkpoint
     of step 4: exit 4 (exit_codes.OUT_OF_MEMORY), what to change, and the checkpoint is there to resume from."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
+    hook = hook_folder(
+        tmp_path / "hook",
         "import torch\nimport finetune.training.train_step as module\nreal, calls = module.train_step, []\n"
         "def train_step(*args, **kwargs):\n    calls.append(1)\n    if len(calls) == 6:\n"
         "        raise torch.OutOfMemoryError(\n"
         "            'CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)')\n"
-        "    return real(*args, **kwargs)\nmodule.train_step = train_step\n"
+        "    return real(*args, **kwargs)\nmodule.train_step = train_step\n",
     )
     config = write_config(max_steps=8, eval__enabled=False, checkpoint__freq=4)
-    env = dict(subprocess_env(), PYTHONPATH=f"{hook}{os.pathsep}{REPO}")
-    result = subprocess.run(
-        [sys.executable, "train.py", str(config)], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT
-    )
-    assert result.returncode == exit_codes.OUT_OF_MEMORY, result.stderr[-3000:]
+    result = train(config, expect=exit_codes.OUT_OF_MEMORY, hook=hook)
     assert "error: out of GPU memory: CUDA out of memory. Tried to allocate 20.00 GiB" in result.stderr
     assert "a lower seq_len" in result.stderr and "Traceback" not in result.stderr
     assert verify_checkpoint(tmp_path / "run/checkpoints/checkpoint_000004") is None

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from finetune.after.plot import INSTALL_HINT, PlotError, read_curves
+from finetune.after.plot import INSTALL_HINT, PlotError, loss_scale, plain_number, read_curves
 from finetune.cli import main
 from finetune.training.monitoring import format_summary
 
@@ -124,3 +124,21 @@ def test_the_training_summary_names_the_plot_command():
         steps=10, tokens=100, seconds=5, train_loss=1.0, eval_metrics=None, checkpoint=None, run_dir="runs/my run"
     )
     assert summary.splitlines()[-1] == "  plot the curves: tailor plot 'runs/my run'"
+
+
+def test_loss_goes_on_a_log_scale_when_it_spans_more_than_a_decade():
+    falling = [10.4 * math.exp(-step / 10) + 0.02 for step in range(200)]  # 10.4 down to 0.02: flat at 0 if linear
+    assert loss_scale(falling) == "log"
+    assert loss_scale([3.5, 2.9, 2.1, 1.8]) == "linear"  # within a decade: linear reads better
+    assert loss_scale([0.0, 2.0]) == "linear"  # a zero has no logarithm
+
+
+def test_learning_rate_ticks_are_plain_numbers():
+    assert [plain_number(v) for v in (0.0, 1e-4, 1.5e-4, 2e-5, 0.01, 1.0)] == [
+        "0",
+        "0.0001",
+        "0.00015",
+        "0.00002",
+        "0.01",
+        "1",
+    ]

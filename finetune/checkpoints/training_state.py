@@ -1,4 +1,4 @@
-"""Resume a run exactly: what a checkpoint saves for it, where a run starts, and how a run stops to be resumed.
+"""The training state of a checkpoint: what an exact resume needs beside the adapters, saved and loaded.
 
 Beside the adapters, each checkpoint has a state/ folder with what they alone do not hold:
 
@@ -21,28 +21,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import shlex
-import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from finetune.checkpoints.folders import (
-    checkpoint_step,
-    list_checkpoints,
-    list_debris,
-    save_training_checkpoint,
-    verify_checkpoint,
-)
+from finetune.checkpoints.folders import save_training_checkpoint, verify_checkpoint
 from finetune.checkpoints.tensor_state import TensorStateError, load_tensors, save_tensors, tensors_file
 from finetune.config import TrainConfig
-from finetune.training.distributed import DistInfo, is_initialized
+from finetune.training.distributed import DistInfo
+from finetune.training.rng import derived_seed, rng_state, seed_rngs, set_rng_state
 
 if TYPE_CHECKING:
     from finetune.training.train_step import StepOutcome
@@ -52,6 +41,7 @@ PROGRESS = "progress.json"
 # Only the LoRA weights are trainable: the frozen base model is never saved. strict=False because the model's
 # state dict has the frozen weights too, which loading leaves as they are.
 STATE_DICT_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+NO_TRAINING_STATE = f"no training state ({STATE}/{PROGRESS}): adapters only"  # not damaged, but not resumable
 
 
 class ResumeError(ValueError):
@@ -84,78 +74,6 @@ class ResumePoint:
     world_size: int  # of the run that saved it
 
 
-# ---------------------------------------------------------------------------------------------------
-# Where a run starts
-
-
-def prepare_run_dir(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint | None:
-    """Decide where this run starts (rank 0 decides and tells every rank) and make run_dir ready for it.
-
-    `resume: false` refuses a run_dir that already holds a run. `auto` continues from the newest intact checkpoint,
-    reporting each one it skips and the leftovers of saves cut short, or starts at step 0 when there is none. A
-    checkpoint folder continues from that one. metrics.jsonl keeps only the records up to the starting step, so it
-    reads as one run. Returns None for a start at step 0.
-    """
-    answer: ResumePoint | str | None = None
-    if dist_info.is_main:
-        try:
-            answer = _choose_start(cfg)
-            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            _cut_metrics(Path(cfg.run_dir) / "metrics.jsonl", answer.step if answer else 0)
-        except ResumeError as error:
-            answer = str(error)  # every rank raises it, rather than waiting for rank 0
-    if is_initialized():
-        box = [answer]
-        dist.broadcast_object_list(box, src=0)
-        answer = box[0]
-    if isinstance(answer, str):
-        raise ResumeError(answer)
-    return answer
-
-
-def _choose_start(cfg: TrainConfig) -> ResumePoint | None:
-    run_dir = Path(cfg.run_dir)
-    if cfg.resume == "false":
-        used = [name for name in ("metrics.jsonl", "checkpoints") if (run_dir / name).exists()]
-        if used:
-            raise ResumeError(
-                f"run_dir {run_dir} already holds a run ({' and '.join(used)}) and resume is false, so it is left "
-                f"as it is. To continue that run, set resume: auto (the default) or resume: <a checkpoint folder>; "
-                f"to start a new one, choose another run_dir (e.g. run_dir={run_dir}-2 on the command line)."
-            )
-        return None
-    if cfg.resume != "auto":
-        return _explicit_start(Path(cfg.resume), run_dir)
-    for debris in list_debris(run_dir):
-        print(f"skipped {debris}: a save or a deletion that was cut short; the next save removes it", flush=True)
-    for folder in reversed(list_checkpoints(run_dir)):
-        problem = why_not_resumable(folder)
-        if problem is None:
-            point = read_resume_point(folder)
-            print(f"resuming from {folder} (step {point.step} of {cfg.max_steps})", flush=True)
-            return point
-        print(f"skipped {folder}: {problem}", flush=True)
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
-        print(f"no intact checkpoint in {run_dir / 'checkpoints'}: starting from step 0", flush=True)
-    return None
-
-
-def _explicit_start(folder: Path, run_dir: Path) -> ResumePoint:
-    problem = why_not_resumable(folder)
-    if problem is not None:
-        raise ResumeError(f"resume: {folder}: {problem}")
-    point = read_resume_point(folder)
-    later = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) > point.step]
-    if later:
-        raise ResumeError(
-            f"resume: {folder} is at step {point.step}, but {run_dir / 'checkpoints'} holds later checkpoints "
-            f"({', '.join(c.name for c in later)}): continuing there would mix two runs. Resume into another "
-            "run_dir (run_dir=... on the command line), or move those checkpoints away."
-        )
-    print(f"resuming from {folder} (step {point.step})", flush=True)
-    return point
-
-
 def why_not_resumable(folder: Path) -> str | None:
     """None for an intact checkpoint with a training state; else what is wrong with it, in words."""
     folder = Path(folder)
@@ -163,7 +81,7 @@ def why_not_resumable(folder: Path) -> str | None:
     if problem is not None:
         return problem
     if not (folder / STATE / PROGRESS).is_file():
-        return f"no training state ({STATE}/{PROGRESS}): adapters only"
+        return NO_TRAINING_STATE
     problem = _progress_problem(folder / STATE / PROGRESS)
     if problem is not None:
         return problem
@@ -215,45 +133,6 @@ def _progress_problem(path: Path) -> str | None:
     return None
 
 
-def _cut_metrics(path: Path, step: int) -> None:
-    """Drop the records after `step` (and a line cut short by a kill), which this run writes anew."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if (recorded := _record_step(line)) is not None and recorded <= step]
-    if len(kept) == len(lines):
-        return
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(staging, path)
-    print(
-        f"{path}: dropped the {len(lines) - len(kept)} records after step {step}, which this run writes anew",
-        flush=True,
-    )
-
-
-def _record_step(line: str) -> int | None:
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def train_data_seed(seed: int, start: ResumePoint | None, world_size: int) -> int:
-    """The data loader's seed: the config's, unless the run resumes on another number of ranks (module docstring)."""
-    if start is None or start.world_size == world_size:
-        return seed
-    return _derived_seed(seed, start.step)
-
-
-def _derived_seed(*numbers: int) -> int:
-    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
-
-
-# ---------------------------------------------------------------------------------------------------
-# Saving and loading the training state
-
-
 def save_checkpoint(cfg: TrainConfig, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> Path:
     """The checkpoint of step `progress.step`: the adapters and the training state. A collective."""
 
@@ -298,7 +177,7 @@ def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed:
                 f"{path}: not a data position and random state that tailor writes ({type(error).__name__}: {error})"
             ) from None
     else:
-        seed_rngs(_derived_seed(seed, start.step, dist_info.rank))
+        seed_rngs(derived_seed(seed, start.step, dist_info.rank))
         if dist_info.is_main:
             print(
                 f"{start.folder} was saved by {start.world_size} ranks and this run has {dist_info.world_size}: "
@@ -315,69 +194,3 @@ def _write_json(path: Path, value: dict) -> None:
         json.dump(value, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def rng_state(device: torch.device) -> dict:
-    """This process's random generators (torch, CUDA, numpy, Python) as JSON-able lists."""
-    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {
-        "torch": torch.get_rng_state().tolist(),
-        "numpy": [kind, keys.tolist(), position, has_gauss, cached_gauss],
-        "python": [version, list(internal), gauss_next],
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
-
-
-def seed_rngs(seed: int) -> None:
-    torch.manual_seed(seed)  # CUDA's generators too
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Stopping to be resumed
-
-
-class StopSignal:
-    """SIGTERM (a scheduler's preemption; torchrun forwards it to its workers) or SIGINT (Ctrl-C) asks the run to
-    stop: the step in flight finishes, a checkpoint is saved, and the process exits 0. The handler only notes the
-    signal; train_step lets the ranks agree on it, so that they all stop after the same step (with several ranks
-    the agreement is read a step late, finetune/training/step_log.py, so the step queued behind finishes too)."""
-
-    def __init__(self) -> None:
-        self.name: str | None = None
-
-    @classmethod
-    def install(cls) -> StopSignal:
-        stop = cls()
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, stop._note)
-        return stop
-
-    @property
-    def requested(self) -> bool:
-        return self.name is not None
-
-    def _note(self, number: int, frame) -> None:
-        self.name = self.name or signal.Signals(number).name
-
-
-def resume_command(argv: list[str]) -> str:
-    """How to resume: the command that started this run (`resume: auto`, the default, does the rest)."""
-    command = " ".join(shlex.quote(a) for a in argv)
-    if "LOCAL_WORLD_SIZE" in os.environ:  # started by torchrun, whose options this process cannot see
-        return f"the same torchrun command (torchrun ... {command})"
-    return f"python {command}"

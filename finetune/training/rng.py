@@ -1,0 +1,55 @@
+"""The random generators a run draws from (torch, CUDA, numpy, Python): saved with a checkpoint as JSON, restored on
+resume, or seeded anew from (seed, step) when a run resumes on another number of ranks."""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from finetune.checkpoints.training_state import ResumePoint
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random generators (torch, CUDA, numpy, Python) as JSON-able lists."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached_gauss],
+        "python": [version, list(internal), gauss_next],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
+
+
+def seed_rngs(seed: int) -> None:
+    torch.manual_seed(seed)  # CUDA's generators too
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def derived_seed(*numbers: int) -> int:
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
+
+def train_data_seed(seed: int, start: ResumePoint | None, world_size: int) -> int:
+    """The data loader's seed: the config's, unless the run resumes on another number of ranks, whose data position
+    has no counterpart here (finetune/checkpoints/training_state.py)."""
+    if start is None or start.world_size == world_size:
+        return seed
+    return derived_seed(seed, start.step)

@@ -1,0 +1,39 @@
+"""How a run stops to be resumed: SIGTERM or Ctrl-C noted, and the command that resumes it."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's preemption; torchrun forwards it to its workers) or SIGINT (Ctrl-C) asks the run to
+    stop: the step in flight finishes, a checkpoint is saved, and the process exits 0. The handler only notes the
+    signal; train_step lets the ranks agree on it, so that they all stop after the same step (with several ranks
+    the agreement is read a step late, finetune/training/step_log.py, so the step queued behind finishes too)."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+
+    @classmethod
+    def install(cls) -> StopSignal:
+        stop = cls()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, stop._note)
+        return stop
+
+    @property
+    def requested(self) -> bool:
+        return self.name is not None
+
+    def _note(self, number: int, frame) -> None:
+        self.name = self.name or signal.Signals(number).name
+
+
+def resume_command(argv: list[str]) -> str:
+    """How to resume: the command that started this run (`resume: auto`, the default, does the rest)."""
+    command = " ".join(shlex.quote(a) for a in argv)
+    if "LOCAL_WORLD_SIZE" in os.environ:  # started by torchrun, whose options this process cannot see
+        return f"the same torchrun command (torchrun ... {command})"
+    return f"python {command}"
