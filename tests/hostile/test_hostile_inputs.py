@@ -183,3 +183,18 @@ def test_training_refuses_a_hostile_line_before_the_model_loads(case, model_dir,
     train = data_file(tmp_path, line)
     code = TRAIN.run([str(write_config(tmp_path, model_dir, train))])
     ended(code, capsys, exit_codes.USAGE, f"error: {train}:2: ", words, "data.on_bad_sample: skip")
+
+
+def test_skipped_lines_are_counted_before_step_1_in_metrics_and_in_the_summary(model_dir, tmp_path, capsys):
+    """The case found: a 60-line file, 49 lines dropped with data.on_bad_sample: skip, and nothing said anywhere."""
+    lines = [json.dumps(GOOD).encode()] * 11 + [line for line, kind, _ in HOSTILE_LINES.values() if kind][:21] * 3
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"\n".join(lines[:60]) + b"\n")
+    config = write_config(tmp_path, model_dir, train, data={"on_bad_sample": "skip"})
+    output = ended(TRAIN.run([str(config)]), capsys, exit_codes.OK, "49 bad lines skipped (")
+    before_step_1, _, after = output.partition("\nstep 1")
+    assert f"data train {train}: 1 file(s), 60 lines, 11 samples" in before_step_1
+    assert "49 bad lines skipped" in before_step_1 and "49 bad lines skipped" in after.split("done: ")[1]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert (records[0]["kind"], records[0]["step"], records[0]["bad_lines"]) == ("data", 0, 49)
+    assert records[0]["sources"][0]["bad_lines"]["lone_surrogate"] == 9
