@@ -22,6 +22,7 @@ from finetune import exit_codes
 from finetune.checkpoints.training_state import Progress, ResumeError, load_training_state, save_checkpoint
 from finetune.config import ConfigError, TrainConfig, load_config, resolve_cache_dir
 from finetune.data import DataError, build_eval_batches, build_train_loader
+from finetune.data.report import data_report
 from finetune.training.config_record import record_config
 from finetune.training.distributed import DistInfo, barrier, destroy, init_distributed
 from finetune.training.eval import evaluate
@@ -76,6 +77,9 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
     )
     if cfg.eval.max_batches is not None:
         eval_batches = eval_batches[: cfg.eval.max_batches]
+    data = data_report(cfg.data, tokenizer, seq_len=cfg.seq_len, cache_dir=cache_dir, with_eval=cfg.eval.enabled)
+    if dist_info.is_main:  # every line skipped or left out, every sample cut, counted before step 1
+        print("\n".join(data.lines()), flush=True)
 
     # Model: LoRA on a frozen base, sharded over the ranks, with its loss; a resumed run's state loaded into it.
     loss_model = build_training_model(cfg, dist_info)
@@ -86,6 +90,8 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
     if dist_info.is_main:  # the run is accepted: its settings are on record
         record_config(cfg, start)
     logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
+    if logger:
+        logger.log(data.record(progress.step))
 
     # The loop. The device runs one step ahead of the host: a step's outcome is read once the next one is queued.
     stop = StopSignal.install()
@@ -99,8 +105,8 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
             loss_model, optimizer, micro_batches, dist_info.device, cfg.optim.max_grad_norm, dist_info.world_size, stop
         )
         is_last = step == cfg.max_steps
-        evaluates = bool(eval_batches) and (step % cfg.eval.freq == 0 or is_last)
-        saves = cfg.checkpoint.enabled and (step % cfg.checkpoint.freq == 0 or is_last)
+        evaluates = bool(eval_batches) and (is_last or (cfg.eval.freq > 0 and step % cfg.eval.freq == 0))
+        saves = cfg.checkpoint.enabled and (is_last or (cfg.checkpoint.freq > 0 and step % cfg.checkpoint.freq == 0))
         stopping_alone = stop.requested and dist_info.world_size == 1  # no other rank to agree with: stop now
         steps.add(step, lr, sums, read_now=evaluates or saves or stopping_alone)
         stopping = steps.stop_requested or stopping_alone  # several ranks stop on the step they agreed on
@@ -136,6 +142,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
                 ),
                 flush=True,
             )
+            print("\n".join(f"  {line}" for line in data.summary()), flush=True)
             if progress.nonfinite_skipped:
                 print(f"  {progress.nonfinite_skipped} steps skipped: the loss or the gradients were not finite")
         logger.close()

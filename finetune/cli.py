@@ -114,7 +114,7 @@ COMMANDS = [  # name, help, "module:add_arguments", "module:run"; modules are im
     ),
     (
         "demo",
-        "make a tiny model, fine-tune it on the shipped data, and show what it learned (CPU, ~2 minutes)",
+        "make a tiny model, fine-tune it on the shipped data, and show what it learned (CPU, a few minutes)",
         "finetune.after.demo:add_arguments",
         "finetune.after.demo:run",
     ),

@@ -67,14 +67,17 @@ class OptimConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = True  # evaluate on data.eval (mistral-finetune: `no_eval`, inverted)
-    freq: int = 100  # steps between evaluations; there is always one at the end (mistral-finetune: `eval_freq`)
+    # steps between evaluations; there is always one at the end, and 0 means only there (mistral-finetune:
+    # `eval_freq`)
+    freq: int = 100
     max_batches: int | None = None  # evaluate on at most this many batches; null: the whole eval set
 
 
 @dataclass
 class CheckpointConfig:
     enabled: bool = True  # save checkpoints (mistral-finetune: `no_ckpt`, inverted)
-    # steps between checkpoints; there is always one at the end (mistral-finetune: `ckpt_freq`)
+    # steps between checkpoints; there is always one at the end, and 0 means only there (mistral-finetune:
+    # `ckpt_freq`)
     freq: int = 100
     # the newest N intact checkpoints are kept; a damaged one is renamed aside (`.damaged`), never counted
     # (mistral-finetune: `num_ckpt_keep`)
@@ -300,10 +303,36 @@ def _is_number(text: str) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # mistral-finetune compatibility
 
+# mistral-finetune's TrainArgs defaults (its finetune/args.py, finetune/data/args.py, model/args.py) where they
+# differ from tailor's. A config of its, one with `model_id_or_path` (which TrainArgs requires), means what it meant
+# there: no evaluation unless asked, eval and checkpoint only at the end, its learning rate, warmup and LoRA size.
+MISTRAL_FINETUNE_DEFAULTS = {
+    "no_eval": True,
+    "eval_freq": 0,
+    "ckpt_freq": 0,
+    "optim": {"lr": 3e-4, "pct_start": 0.3},
+    "lora": {"rank": 16, "scaling": 2.0},
+}
+
+
+def is_mistral_finetune_config(raw: dict) -> bool:
+    return "model_id_or_path" in raw
+
 
 def translate_mistral_finetune_keys(raw: dict) -> dict:
-    """Rewrite mistral-finetune's keys (example/7B.yaml) into tailor's; tailor's own keys pass through."""
+    """Rewrite mistral-finetune's keys (every key of its TrainArgs) into tailor's; tailor's own keys pass through.
+    What cannot mean the same here is refused, naming the key and the reason (README: mistral-finetune's configs)."""
+    mistral_finetune = is_mistral_finetune_config(raw)
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    if mistral_finetune:
+        for key, default in MISTRAL_FINETUNE_DEFAULTS.items():
+            if isinstance(default, dict):
+                section = raw.setdefault(key, {})
+                if isinstance(section, dict):
+                    for leaf, value in default.items():
+                        section.setdefault(leaf, value)
+            else:
+                raw.setdefault(key, default)
 
     def move(old: str, new: str, transform=lambda v: v) -> None:
         if old in raw:
@@ -311,21 +340,37 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
             target = raw.setdefault(section, {}) if section else raw
             target[leaf] = transform(raw.pop(old))
 
+    def at_least_one_or_end(value):  # mistral-finetune: a frequency below 1 means "only at the end"
+        return max(value, 0) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    def bounded_keep(value):
+        if value is None:
+            raise ConfigError(
+                "num_ckpt_keep: null (keep every checkpoint) is not supported: each kept checkpoint holds the "
+                "training state too; give a number, e.g. max_steps / ckpt_freq + 1 to keep them all"
+            )
+        return value
+
+    if isinstance(raw.get("checkpoint"), bool):  # mistral-finetune: activation checkpointing on/off
+        raw.setdefault("model", {})["activation_checkpointing"] = raw.pop("checkpoint")
     move("model_id_or_path", "model.path")
     move("num_microbatches", "grad_accumulation")
     move("max_norm", "optim.max_grad_norm")
     move("log_freq", "logging.freq")
-    move("eval_freq", "eval.freq")
+    move("eval_freq", "eval.freq", at_least_one_or_end)
     move("no_eval", "eval.enabled", lambda v: not v if isinstance(v, bool) else v)
-    move("ckpt_freq", "checkpoint.freq")
+    move("ckpt_freq", "checkpoint.freq", at_least_one_or_end)
     move("no_ckpt", "checkpoint.enabled", lambda v: not v if isinstance(v, bool) else v)
     move("save_adapters", "checkpoint.save_adapters")
-    move("num_ckpt_keep", "checkpoint.keep")
+    move("num_ckpt_keep", "checkpoint.keep", bounded_keep)
     move("wandb", "logging.wandb")
     move("mlflow", "logging.mlflow")
-    raw.pop("world_size", None)  # informational in mistral-finetune; torchrun decides here
-    if isinstance(raw.get("checkpoint"), bool):  # mistral-finetune: activation checkpointing on/off
-        raw.setdefault("model", {})["activation_checkpointing"] = raw.pop("checkpoint")
+    raw.pop("world_size", None)  # set from the environment in mistral-finetune, never by the YAML; torchrun decides
+    logging = raw.get("logging")
+    for tracker in ("wandb", "mlflow"):  # mistral-finetune's None: off, or the default name
+        section = logging.get(tracker) if isinstance(logging, dict) else None
+        if isinstance(section, dict):
+            logging[tracker] = {k: v for k, v in section.items() if v is not None}
 
     optim = raw.get("optim")
     if isinstance(optim, dict) and "pct_start" in optim:
@@ -342,15 +387,43 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
 
     data = raw.get("data")
     if isinstance(data, dict):
-        instruct = data.pop("instruct", None)
-        if isinstance(instruct, dict) and "shuffle" in instruct:
-            data.setdefault("shuffle", instruct["shuffle"])
-        train = [s for key in ("instruct_data", "data") for s in parse_data_sources(data.pop(key, None), f"data.{key}")]
-        if train:
-            data["train"] = parse_data_sources(data.get("train"), "data.train") + train
-        if "eval_instruct_data" in data:
-            data["eval"] = parse_data_sources(data.pop("eval_instruct_data"), "data.eval_instruct_data")
+        _translate_mistral_finetune_data(data, mistral_finetune)
     return raw
+
+
+def _translate_mistral_finetune_data(data: dict, mistral_finetune: bool) -> None:
+    """Its `instruct_data` and `data` (pretrain) strings become data.train; its shuffles, one per kind of data
+    (`data.instruct.shuffle`, default true; `data.shuffle`, pretrain data, default false), become tailor's one
+    data.shuffle when the kinds present agree."""
+    instruct = data.pop("instruct", None)
+    instruct = instruct if isinstance(instruct, dict) else {}
+    if instruct.get("dynamic_chunk_fn_call") is False:
+        raise ConfigError(
+            "data.instruct.dynamic_chunk_fn_call: false is not supported: tailor trains every assistant message and "
+            "tool call of a conversation in one sample, which is what mistral-finetune's chunking (true) gives; "
+            "remove the key, and give whole conversations rather than chunked ones"
+        )
+    has_instruct, has_pretrain = bool(data.get("instruct_data")), bool(data.get("data"))
+    if mistral_finetune:
+        shuffles = {}
+        if has_instruct or "shuffle" in instruct:
+            shuffles["data.instruct.shuffle"] = instruct.get("shuffle", True)
+        if has_pretrain or "shuffle" in data:
+            shuffles["data.shuffle (pretrain data)"] = data.pop("shuffle", False)
+        if len(set(shuffles.values())) > 1:
+            raise ConfigError(
+                f"{' and '.join(f'{k}: {str(v).lower()}' for k, v in shuffles.items())} differ: tailor shuffles "
+                "all train sources or none (data.shuffle); set both alike"
+            )
+        if shuffles:
+            data["shuffle"] = next(iter(shuffles.values()))
+    elif "shuffle" in instruct:
+        data.setdefault("shuffle", instruct["shuffle"])
+    train = [s for key in ("instruct_data", "data") for s in parse_data_sources(data.pop(key, None), f"data.{key}")]
+    if train:
+        data["train"] = parse_data_sources(data.get("train"), "data.train") + train
+    if "eval_instruct_data" in data:
+        data["eval"] = parse_data_sources(data.pop("eval_instruct_data"), "data.eval_instruct_data")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -385,13 +458,13 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
         f"optim.max_consecutive_nonfinite must be >= 1, got {o.max_consecutive_nonfinite}",
     )
     require(bool(cfg.resume), "resume must be auto, false, or a checkpoint folder; got an empty string")
-    require(cfg.eval.freq >= 1, f"eval.freq must be >= 1, got {cfg.eval.freq}")
+    require(cfg.eval.freq >= 0, f"eval.freq must be >= 0 (0: only at the end), got {cfg.eval.freq}")
     require(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1, "eval.max_batches must be >= 1 or null")
     require(
         not cfg.eval.enabled or bool(cfg.data.eval),
         "eval is on but data.eval is empty: add eval files, or set eval.enabled: false",
     )
-    require(cfg.checkpoint.freq >= 1, f"checkpoint.freq must be >= 1, got {cfg.checkpoint.freq}")
+    require(cfg.checkpoint.freq >= 0, f"checkpoint.freq must be >= 0 (0: only at the end), got {cfg.checkpoint.freq}")
     require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     require(cfg.logging.freq >= 1, f"logging.freq must be >= 1, got {cfg.logging.freq}")
     require(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")

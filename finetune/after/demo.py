@@ -1,4 +1,4 @@
-"""`tailor demo`: the whole path on a CPU in about two minutes.
+"""`tailor demo`: the whole path on a CPU in a few minutes (README: the figures measured).
 
 Makes a tiny random Mistral on first use (artifacts/tiny-mistral, with mistral-common's v3 tokenizer), trains
 LoRA adapters with `train.py configs/demo.yaml` on the shipped greetings (data/demo), then reports how far the

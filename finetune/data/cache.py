@@ -11,7 +11,9 @@ One entry:
     sample_lines.npy  int64 [n], the line of each sample in the source file (from 1)
     span_starts.npy   int64 [n+1], sample i's trained spans are spans[span_starts[i]:span_starts[i+1]]
     spans.npy         (begin, end, weight): tokens[begin:end] of the sample have this loss weight
-    errors.jsonl      {"line", "kind", "message", "fixable"} for each bad line
+    errors.jsonl      {"line", "kind", "message", "fixable"} for each bad line (left out)
+    warnings.jsonl    {"line", "kind", "message"} for each warning of a usable line (finetune/data/errors.py's
+                      SampleWarning); a line whose warning is in LEFT_OUT is left out too
     meta.json         counts; written last
 Weights are stored as spans because they are constant over whole messages: 12 bytes per assistant
 message instead of 4 per token.
@@ -33,11 +35,11 @@ from pathlib import Path
 import mistral_common
 import numpy as np
 
-from finetune.data.errors import SampleFault
-from finetune.data.jsonl import line_aligned_ranges, parse_line, read_lines
-from finetune.data.tokenize import tokenize_sample_spans
+from finetune.data.errors import LEFT_OUT, SampleFault
+from finetune.data.jsonl import line_aligned_ranges, read_lines
+from finetune.data.tokenize import tokenize_line
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 assert array.array("I").itemsize == 4, "tokens.bin holds uint32"
 CHUNK_BYTES = 8 << 20  # one task for a worker process; files below this are tokenized in-process
 SPAN_DTYPE = np.dtype([("begin", "<i4"), ("end", "<i4"), ("weight", "<f4")])
@@ -76,6 +78,10 @@ class TokenizedFile:
 
     def faults(self) -> list[Fault]:
         with open(self.entry / "errors.jsonl", encoding="utf-8") as f:
+            return [Fault(**json.loads(line)) for line in f]
+
+    def warnings(self) -> list[Fault]:
+        with open(self.entry / "warnings.jsonl", encoding="utf-8") as f:
             return [Fault(**json.loads(line)) for line in f]
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,10 +140,14 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
     tasks = [(path, start, end, str(out / f"part{k:05d}")) for k, (start, end) in enumerate(ranges)]
     lines_per_part = pool.tokenize_ranges(tasks)
 
-    with open(out / "tokens.bin", "wb") as tokens, open(out / "errors.jsonl", "w", encoding="utf-8") as errors:
+    counts_by_kind: dict[str, dict[str, int]] = {"errors": {}, "warnings": {}}
+    with (
+        open(out / "tokens.bin", "wb") as tokens,
+        open(out / "errors.jsonl", "w", encoding="utf-8") as errors,
+        open(out / "warnings.jsonl", "w", encoding="utf-8") as warnings,
+    ):
         lengths, lines, n_spans, spans = [], [], [], []
         first_line = 1
-        errors_by_kind: dict[str, int] = {}
         for (_, _, _, prefix), n_lines in zip(tasks, lines_per_part):
             with open(f"{prefix}.tokens", "rb") as f:
                 shutil.copyfileobj(f, tokens, 16 << 20)
@@ -146,12 +156,14 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
             lines.append(arrays["lines"] + (first_line - 1))
             n_spans.append(arrays["n_spans"])
             spans.append(arrays["spans"])
-            with open(f"{prefix}.errors.jsonl", encoding="utf-8") as f:
-                for record in map(json.loads, f):
-                    record["line"] += first_line - 1
-                    errors_by_kind[record["kind"]] = errors_by_kind.get(record["kind"], 0) + 1
-                    errors.write(json.dumps(record, ensure_ascii=False) + "\n")
-            for suffix in (".tokens", ".npz", ".errors.jsonl"):
+            for name, records in (("errors", errors), ("warnings", warnings)):
+                counts = counts_by_kind[name]
+                with open(f"{prefix}.{name}.jsonl", encoding="utf-8") as f:
+                    for record in map(json.loads, f):
+                        record["line"] += first_line - 1
+                        counts[record["kind"]] = counts.get(record["kind"], 0) + 1
+                        records.write(json.dumps(record) + "\n")
+            for suffix in (".tokens", ".npz", ".errors.jsonl", ".warnings.jsonl"):
                 os.remove(prefix + suffix)
             first_line += n_lines
 
@@ -169,7 +181,9 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
         "n_samples": len(lengths),
         "n_tokens": int(lengths.sum()),
         "n_trained_tokens": trained,
-        "errors_by_kind": errors_by_kind,
+        "errors_by_kind": counts_by_kind["errors"],
+        "warnings_by_kind": counts_by_kind["warnings"],
+        "n_left_out": sum(n for kind, n in counts_by_kind["warnings"].items() if kind in LEFT_OUT),
         "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -180,14 +194,22 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
     path, start, end, prefix = task
     lengths, lines, n_spans, spans = [], [], [], []
     n_lines = 0
-    with open(f"{prefix}.tokens", "wb") as tokens_out, open(f"{prefix}.errors.jsonl", "w", encoding="utf-8") as errors:
+    with (
+        open(f"{prefix}.tokens", "wb") as tokens_out,
+        open(f"{prefix}.errors.jsonl", "w", encoding="utf-8") as errors,
+        open(f"{prefix}.warnings.jsonl", "w", encoding="utf-8") as warnings,
+    ):
         pending: list[int] = []
         for n_lines, raw in enumerate(read_lines(path, start, end), 1):
             try:
-                sample_tokens, sample_spans = tokenize_sample_spans(parse_line(raw), tokenizer, train_on)
+                sample_tokens, sample_spans, sample_warnings = tokenize_line(raw, tokenizer, train_on)
             except SampleFault as fault:
                 record = {"line": n_lines, "kind": fault.kind, "message": fault.message, "fixable": fault.fixable}
-                errors.write(json.dumps(record, ensure_ascii=False) + "\n")
+                errors.write(json.dumps(record) + "\n")
+                continue
+            for kind, message in sample_warnings:
+                warnings.write(json.dumps({"line": n_lines, "kind": kind, "message": message}) + "\n")
+            if any(kind in LEFT_OUT for kind, _ in sample_warnings):
                 continue
             pending += sample_tokens
             lengths.append(len(sample_tokens))

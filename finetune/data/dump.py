@@ -1,7 +1,8 @@
 """`tailor tokenize`: what each line of a file becomes, so a user can check the masking before training.
 
 Every line gives `{"line": n, "tokens": [...], "weights": [...]}` (weights[i]: how much predicting tokens[i]
-counts) or `{"line": n, "error": "..."}`. `render_sample` shows the decoded text with the trained spans
+counts), with `"warnings": [...]` when the line has any (finetune/data/errors.py's SampleWarning), or
+`{"line": n, "error": "..."}`. `render_sample` shows the decoded text with the trained spans
 highlighted: green when fully trained, yellow when weighted below 1, control tokens dimmed.
 """
 
@@ -15,8 +16,8 @@ from typing import TextIO
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
 from finetune.data.errors import SampleFault
-from finetune.data.jsonl import parse_line, read_lines
-from finetune.data.tokenize import tokenize_sample
+from finetune.data.jsonl import read_lines
+from finetune.data.tokenize import span_weights, tokenize_line
 
 GREEN, YELLOW, DIM, RESET = "\033[1;32m", "\033[33m", "\033[2m", "\033[0m"
 
@@ -25,11 +26,14 @@ def tokenize_file(path: str | Path, tokenizer, train_on: str = "all") -> Iterato
     """One record per line of the file, in order."""
     for n, raw in enumerate(read_lines(path), 1):
         try:
-            sample = tokenize_sample(parse_line(raw), tokenizer, train_on)
+            tokens, spans, warnings = tokenize_line(raw, tokenizer, train_on)
         except SampleFault as fault:
             yield {"line": n, "error": fault.message}
             continue
-        yield {"line": n, "tokens": sample.tokens, "weights": sample.weights}
+        record = {"line": n, "tokens": tokens, "weights": span_weights(len(tokens), spans)}
+        if warnings:
+            record["warnings"] = [message for _, message in warnings]
+        yield record
 
 
 def write_records(records: Iterator[dict], out: TextIO) -> int:

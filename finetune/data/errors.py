@@ -1,7 +1,9 @@
-"""The two ways data goes wrong: one bad sample (SampleFault) and a run that must stop (DataError); and how
-a library's error is quoted in a one-line report."""
+"""How data goes wrong: one bad sample (SampleFault), one usable but doubtful sample (SampleWarning), and a run
+that must stop (DataError); and how a library's error is quoted in a one-line report."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 
 class SampleFault(ValueError):
@@ -12,6 +14,23 @@ class SampleFault(ValueError):
         self.kind = kind
         self.message = message
         self.fixable = fixable  # `tailor validate --fix` can repair it safely
+
+
+class SampleWarning(NamedTuple):
+    """A line that is used, but perhaps not as its author meant (a duplicate key, two assistant turns in a row):
+    shown with FILE:LINE by `tailor validate` and counted, never an error. `nothing_to_train` also leaves the
+    sample out of training (LEFT_OUT)."""
+
+    kind: str
+    message: str
+
+
+NOTHING_TO_TRAIN = SampleWarning(
+    "nothing_to_train",
+    "no assistant message is trained (all weights are 0, or train_on: last and the last one has weight 0): "
+    "left out of training",
+)
+LEFT_OUT = frozenset({NOTHING_TO_TRAIN.kind})  # warnings whose sample is not trained
 
 
 class DataError(ValueError):

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finetune.data.errors import SampleFault
+from finetune.data.errors import SampleFault, SampleWarning
 
 BOM = b"\xef\xbb\xbf"
+# A UTF-16 surrogate written as a JSON escape: the only way one gets into a line, since UTF-8 cannot encode it.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Deeper values are refused: no sample needs them, and every reader that recurses (JSON, pydantic, our checks)
+# then stays far from Python's recursion limit, whatever the stack depth it is called at.
+MAX_NESTING = 100
 
 
 def line_aligned_ranges(path: str | Path, chunk_bytes: int) -> list[tuple[int, int]]:
@@ -44,8 +51,9 @@ def read_lines(path: str | Path, start: int = 0, end: int | None = None) -> Iter
             yield line
 
 
-def parse_line(raw: bytes) -> Any:
-    """The JSON value of one line; SampleFault if the line is not one clean UTF-8 JSON value."""
+def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
+    """The JSON value of one line; SampleFault if the line is not one clean UTF-8 JSON value of text a tokenizer
+    can read. A key repeated in one object (JSON keeps the last) is appended to `warnings`."""
     line = raw.rstrip(b"\r\n")
     if line.startswith(BOM):
         raise SampleFault(
@@ -62,7 +70,57 @@ def parse_line(raw: bytes) -> Any:
         raise SampleFault(
             "not_utf8", f"not valid UTF-8: byte 0x{line[e.start]:02x} at column {e.start + 1}; save the file as UTF-8"
         ) from None
+    repeated: list[str] = []
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+        value = dict(pairs)
+        if len(value) != len(pairs):
+            repeated.extend(k for i, (k, _) in enumerate(pairs) if any(k == other for other, _ in pairs[:i]))
+        return value
+
+    too_deep = SampleFault("too_deeply_nested", f"JSON nested more than {MAX_NESTING} levels deep")
     try:
-        return json.loads(text)
+        value = json.loads(text, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as e:
+        if e.msg.startswith("Invalid control character"):  # a raw NUL, tab or line feed inside a string
+            raise SampleFault(
+                "invalid_json",
+                f"invalid JSON: control character 0x{ord(text[e.pos]):02x} inside a string at column {e.colno} "
+                "(JSON writes it as an escape, \\u00XX)",
+            ) from None
         raise SampleFault("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise too_deep from None
+    except ValueError:  # Python reads integers of at most sys.get_int_max_str_digits() digits
+        raise SampleFault(
+            "number_too_long", f"invalid JSON: a number has more than {sys.get_int_max_str_digits()} digits"
+        ) from None
+    if line.count(b"[") + line.count(b"{") > MAX_NESTING and nesting(value) > MAX_NESTING:
+        raise too_deep
+    if SURROGATE_ESCAPE.search(line):  # a pair (\ud83d\ude00) is one character; a lone half is not text
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SampleFault(
+                "lone_surrogate",
+                f"holds \\u{ord(e.object[e.start]):04x}, half of a UTF-16 surrogate pair without its other half: "
+                "not a character any tokenizer can read",
+            ) from None
+    if warnings is not None:
+        warnings.extend(
+            SampleWarning("duplicate_key", f"key {key!r} appears twice in one JSON object; the last one is used")
+            for key in dict.fromkeys(repeated)
+        )
+    return value
+
+
+def nesting(value: Any) -> int:
+    """How many lists and objects deep a JSON value goes, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest

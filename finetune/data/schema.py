@@ -3,6 +3,7 @@
 Pretrain `{"text": ...}`; instruct `{"messages": [...]}` with optional `"tools"`: the formats of
 Mistral's fine-tuning API and of OpenAI's chat API. `check_sample` raises a SampleFault that says
 what is wrong in words a user can act on; message numbers count from 1, as a person reads the file.
+`sample_warnings` lists what a checked sample says that its author may not have meant (the sample is used).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 import re
 from typing import Any
 
-from finetune.data.errors import SampleFault
+from finetune.data.errors import SampleFault, SampleWarning
+from finetune.data.jsonl import MAX_NESTING, nesting
 
 ROLES = ("system", "user", "assistant", "tool")
 TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")  # what Mistral's tokenizers (v3 and later) accept
@@ -37,6 +39,64 @@ def check_sample(sample: Any) -> None:
     _check_legacy_openai(sample)
     tool_names = _check_tools(sample.get("tools"))
     _check_messages(sample["messages"], tool_names)
+
+
+# The keys each part of a sample is read for; any other key is ignored, with a warning (a typo such as "wieght").
+SAMPLE_KEYS = {"text", "messages", "tools"}
+MESSAGE_KEYS = {
+    "system": {"role", "content"},
+    "user": {"role", "content"},
+    "assistant": {"role", "content", "tool_calls", "weight"},
+    "tool": {"role", "content", "tool_call_id", "name"},
+}
+# Keys that OpenAI's and Mistral's exports carry and that change nothing: no warning for them.
+QUIET_KEYS = {"id", "metadata", "name", "prefix", "refusal", "tool_choice", "parallel_tool_calls"}
+
+
+def sample_warnings(sample: dict) -> list[SampleWarning]:
+    """What a checked (usable) sample says that its author may not have meant: each is used as mistral-common
+    reads it, and shown so that a careful user can look before spending GPU hours."""
+    warnings = []
+
+    def warn(kind: str, message: str) -> None:
+        warnings.append(SampleWarning(kind, message))
+
+    for key in sorted(set(sample) - SAMPLE_KEYS - QUIET_KEYS):
+        warn("unknown_key", f"key {key!r} is not read (a sample has text, or messages and tools)")
+    if "text" in sample:
+        return warnings
+    messages = sample["messages"]
+    unanswered: dict[str, int] = {}  # tool call id -> the message that made the call
+    seen_user = False
+    for i, m in enumerate(messages, 1):
+        role, previous = m["role"], messages[i - 2]["role"] if i > 1 else None
+        for key in sorted(set(m) - MESSAGE_KEYS[role] - QUIET_KEYS):
+            warn("unknown_key", f"message {i} ({role}): key {key!r} is not read")
+        if role == previous and role in ("user", "assistant"):
+            how = "joined into one message" if role == "user" else "each encoded as an answer to the same prompt"
+            warn(f"two_{role}_messages", f"messages {i - 1} and {i} are both from the {role} ({how})")
+        if role == "system" and seen_user:
+            warn(
+                "late_system_message",
+                f"message {i} is a system message after a user message; where it goes depends on the tokenizer "
+                "(`tailor tokenize --show` shows it)",
+            )
+        if role != "tool" and unanswered:
+            for call_id, caller in unanswered.items():
+                warn("unanswered_tool_call", f"tool call {call_id!r} of message {caller} has no tool result")
+            unanswered = {}
+        if role == "assistant":
+            for j, call in enumerate(m.get("tool_calls") or [], 1):
+                unanswered[call["id"]] = i
+                if call.get("type", "function") != "function":
+                    warn(
+                        "tool_call_type",
+                        f"message {i} tool call {j} has type {call['type']!r}; it is read as a function call",
+                    )
+        elif role == "tool":
+            unanswered.pop(m["tool_call_id"], None)
+        seen_user |= role == "user"
+    return warnings
 
 
 def _check_legacy_openai(sample: dict) -> None:
@@ -203,11 +263,19 @@ def _check_assistant(m: dict, i: int, tool_names: set[str] | None) -> list[str]:
                 fixable=isinstance(arguments, dict),
             )
         try:
-            json.loads(arguments)
+            parsed = json.loads(arguments)
         except json.JSONDecodeError as e:
             raise SampleFault(
                 "arguments_not_json", f"{where} ({name}): arguments are not valid JSON ({e.msg} at character {e.pos})"
             ) from None
+        except (RecursionError, ValueError):  # nested past Python's limit, or a number past its digit limit
+            parsed = None
+        if parsed is None and arguments.strip() != "null" or nesting(parsed) > MAX_NESTING:
+            raise SampleFault(
+                "arguments_not_json",
+                f"{where} ({name}): arguments are not valid JSON that can be read (nested more than {MAX_NESTING} "
+                "levels, or a number of too many digits)",
+            )
         ids.append(call_id)
     return ids
 

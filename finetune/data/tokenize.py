@@ -29,8 +29,9 @@ from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, 
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from finetune.data.errors import SampleFault, first_line
-from finetune.data.schema import check_sample
+from finetune.data.errors import NOTHING_TO_TRAIN, SampleFault, SampleWarning, first_line
+from finetune.data.jsonl import parse_line
+from finetune.data.schema import check_sample, sample_warnings
 from finetune.data.text_encoders import with_fast_text_encoder
 
 # mistral-common's own file names, newest first; a plain `tokenizer.model` (a Hugging Face copy) is the fallback.
@@ -98,19 +99,39 @@ def check_tokenizer_vocab(tokenizer: MistralTokenizer, vocab_size: int, model_di
 # Samples
 
 
+WeightSpan = tuple[int, int, float]  # tokens[begin:end] have this loss weight; tokens outside every span have 0
+
+
+def tokenize_line(
+    raw: bytes, tokenizer: MistralTokenizer, train_on: str = "all"
+) -> tuple[list[int], list[WeightSpan], list[SampleWarning]]:
+    """One line of a .jsonl file -> its tokens, trained spans and warnings; SampleFault when it is unusable.
+
+    No spans means nothing to train: the NOTHING_TO_TRAIN warning says so, and the sample is left out."""
+    warnings: list[SampleWarning] = []
+    sample = parse_line(raw, warnings)
+    tokens, spans = tokenize_sample_spans(sample, tokenizer, train_on)
+    warnings += sample_warnings(sample)
+    if not spans:
+        warnings.append(NOTHING_TO_TRAIN)
+    return tokens, spans, warnings
+
+
 def tokenize_sample(sample: dict, tokenizer: MistralTokenizer, train_on: str = "all") -> TokenizedSample:
     """Tokens and per-token loss weights of one sample; raises SampleFault for a bad sample.
 
     train_on: "all" trains every assistant message (times its "weight"), "last" only the last one.
     """
     tokens, spans = tokenize_sample_spans(sample, tokenizer, train_on)
-    weights = [0.0] * len(tokens)
+    return TokenizedSample(tokens, span_weights(len(tokens), spans))
+
+
+def span_weights(n_tokens: int, spans: list[WeightSpan]) -> list[float]:
+    """The per-token loss weights that spans describe."""
+    weights = [0.0] * n_tokens
     for begin, end, weight in spans:
         weights[begin:end] = [weight] * (end - begin)
-    return TokenizedSample(tokens, weights)
-
-
-WeightSpan = tuple[int, int, float]  # tokens[begin:end] have this loss weight; tokens outside every span have 0
+    return weights
 
 
 def tokenize_sample_spans(
@@ -119,14 +140,16 @@ def tokenize_sample_spans(
     """tokenize_sample with the weights as spans, which is what the cache stores (no per-token work)."""
     check_sample(sample)
     encoder = _sample_encoder(tokenizer)
-    if "text" in sample:
-        tokens = encoder.raw.encode(sample["text"], bos=True, eos=True)
-        return tokens, [(1, len(tokens), 1.0)]
     try:
+        if "text" in sample:
+            tokens = encoder.raw.encode(sample["text"], bos=True, eos=True)
+            return tokens, [(1, len(tokens), 1.0)]
         return encoder.encode_chat(sample, train_on)
     except SampleFault:
         raise
-    except (MistralCommonException, ValueError, AssertionError) as e:  # a conversation its template cannot express
+    # A conversation its template cannot express (mistral-common's and pydantic's errors are ValueErrors), or text
+    # the tokenizer's C++ core refuses (RuntimeError): one bad line, never a crash of the whole file.
+    except (MistralCommonException, ValueError, AssertionError, RuntimeError) as e:
         raise SampleFault(
             "tokenizer_rejected", f"the {encoder.version} tokenizer cannot encode this sample: {first_line(e)}"
         ) from None
@@ -181,11 +204,6 @@ class _SampleEncoder:
             else:
                 new, _ = self.instruct.encode_system_message(message)
             tokens += new
-        if not spans:
-            raise SampleFault(
-                "nothing_to_train",
-                "no assistant message is trained (all weights are 0, or train_on: last and the last one has weight 0)",
-            )
         return tokens, spans
 
     def _messages(self, sample: dict) -> list:

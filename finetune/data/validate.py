@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from finetune.data.cache import TokenizedFile, open_tokenized_files
-from finetune.data.errors import SampleFault
+from finetune.data.errors import LEFT_OUT, SampleFault
 from finetune.data.jsonl import BOM, parse_line, read_lines
 from finetune.data.repair import repair_sample
 from finetune.data.sources import source_files
@@ -57,6 +57,7 @@ def validate(
     paths = list(dict.fromkeys(splits["train"] + splits["eval"]))
     files = dict(zip(paths, open_tokenized_files(paths, tokenizer, cfg.data.train_on, cache_dir, cfg.data.num_workers)))
     faults = print_faults(files, max_per_kind, out)
+    print_warnings(files, max_per_kind, out)
     print_statistics(splits, files, cfg.seq_len, out)
     print_epochs_and_eta(cfg, files, gpus, throughput, out)
     if fix_dir is not None:
@@ -89,6 +90,26 @@ def print_faults(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextI
     else:
         print("no faults\n", file=out)
     return counts
+
+
+def print_warnings(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextIO) -> None:
+    """Lines that are used but perhaps not as meant (errors.py's SampleWarning); they leave the exit status as is."""
+    counts: Counter = Counter()
+    for path, file in files.items():
+        for warning in file.warnings():
+            counts[warning.kind] += 1
+            if counts[warning.kind] <= max_per_kind:
+                print(f"{path}:{warning.line}: warning: {warning.message}", file=out)
+    if counts:
+        hidden = sum(n - max_per_kind for n in counts.values() if n > max_per_kind)
+        more = f"; {hidden} more not shown (--max-per-kind N shows more)" if hidden else ""
+        kinds = ", ".join(f"{kind} {n}" for kind, n in counts.most_common())
+        left_out = sum(n for kind, n in counts.items() if kind in LEFT_OUT)
+        print(
+            f"\n{sum(counts.values())} warnings ({kinds}){more}; {left_out} of these lines are left out of training, "
+            "the others are trained as read; warnings do not change the exit status\n",
+            file=out,
+        )
 
 
 def print_statistics(

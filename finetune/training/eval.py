@@ -19,7 +19,7 @@ def evaluate(loss_model: nn.Module, batches: list, device: torch.device) -> dict
     # loss sum, weight sum, correct, trained targets; fp64 so the sums do not depend on the rank count
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for batch in batches:
-        sums = loss_model(**loss_inputs(batch, device))
+        sums = loss_model(**loss_inputs(batch, device), accuracy=True)
         totals += torch.stack([sums.loss_sum, sums.weight_sum, sums.correct, sums.n_trained]).to(totals)
     loss_model.train(was_training)
     loss_sum, weight_sum, correct, trained = all_reduce_sum(totals).tolist()

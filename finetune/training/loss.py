@@ -1,23 +1,29 @@
-"""Cross-entropy over the output head, chunk by chunk, so the fp32 logits of a whole sequence never exist.
+"""Cross-entropy over the output head, chunk by chunk, with the gradients computed in the forward pass.
 
 With Nemo's 131072-token vocabulary, the logits of 32768 tokens are 17 GB in fp32. Here each chunk of
-`chunk_size` tokens is projected, upcast, reduced to its loss, and dropped; backward recomputes the chunk's
-logits (activation checkpointing per chunk), so peak memory is that of one chunk, forward and backward.
+`chunk_size` tokens is projected, upcast and reduced to its loss, and while its softmax is at hand the chunk's
+gradients with respect to its hidden states (and the head's weight, and the head's LoRA, when they are trained)
+are computed and kept; then the chunk's logits are dropped. Backward only scales what was stored, as fused linear
+cross-entropy kernels do: no logits are recomputed, so the head runs two large matmuls per chunk where recomputing
+them in backward ran three, and the peak memory stays that of one chunk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from model.attention import to_device
+from model.lora import LoRALinear
 
-DEFAULT_CHUNK_SIZE = 2048
+# Tokens per chunk. The loss holds two [chunk, vocab] fp32 tensors at a time and the unchunked loss three [tokens,
+# vocab] ones, so at 1024 its memory is under 1/8 of the unchunked loss's from about 5,500 trained tokens on (the
+# shipped configs train at 8192 to 32768 tokens a sequence; benchmarks/RESULTS.md), and a chunk is still a large
+# matmul.
+DEFAULT_CHUNK_SIZE = 1024
 
 
 @dataclass
@@ -26,17 +32,83 @@ class LossSums:
 
     loss_sum: torch.Tensor  # Σ weight · CE, fp32, differentiable
     weight_sum: torch.Tensor  # Σ weight
-    correct: torch.Tensor  # trained targets (weight > 0) whose argmax is the target
     n_trained: torch.Tensor  # targets with weight > 0
+    correct: torch.Tensor | None  # trained targets whose argmax is the target; counted when asked for (eval)
 
 
-def _chunk_loss(
-    project: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = project(hidden).float()
-    ce = F.cross_entropy(logits, targets, reduction="none")
-    correct = ((logits.argmax(-1) == targets) & (weights > 0)).sum()
-    return (ce * weights).sum(), correct
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Σ weight · CE of `hidden @ weight.T + scaling · (lora_input @ lora_a.T) @ lora_b.T`, chunk by chunk, and the
+    number of trained targets whose argmax is right when `accuracy`. With `take_grads`, the gradient of every input
+    that requires one is made in forward; backward multiplies them by the incoming gradient, in place, once."""
+
+    @staticmethod
+    def forward(
+        ctx, hidden, lora_input, weight, lora_a, lora_b, targets, weights, scaling, chunk_size, take_grads, accuracy
+    ):
+        inputs = (hidden, lora_input, weight, lora_a, lora_b)
+        wants = [take_grads and need for need in ctx.needs_input_grad[:5]]
+        # Every chunk writes its rows of the hidden states' gradient; the others add up over chunks (the LoRA
+        # factors' in fp32) from zero, so an empty batch still gives the head its gradient and FSDP's
+        # reduce-scatters stay matched across ranks.
+        grads = [
+            None
+            if not want
+            else torch.empty_like(t)
+            if i == 0
+            else torch.zeros_like(t, dtype=torch.float32 if i > 2 else None)
+            for i, (t, want) in enumerate(zip(inputs, wants))
+        ]
+        grad_hidden, grad_lora_input, grad_weight, grad_a, grad_b = grads
+        shared_input = lora_input is hidden  # no dropout on the head's adapter: one input, one gradient
+        if shared_input:
+            grad_lora_input = grad_hidden
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            h, t, w = hidden[chunk], targets[chunk, None], weights[chunk, None]
+            logits = F.linear(h, weight)
+            if lora_a is not None:
+                x = lora_input[chunk]
+                u = F.linear(x, lora_a)
+                logits.addmm_(u, lora_b.t(), alpha=scaling)
+            if accuracy:
+                correct += ((logits.argmax(-1, keepdim=True) == t) & (w > 0)).sum()
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            del logits
+            loss_sum -= (log_probs.gather(1, t) * w).sum()
+            if not any(wants):
+                del log_probs
+                continue
+            # d(Σ w·CE)/d logits = w · (softmax - one_hot(target)), made in place of the log-probabilities, and cast
+            # to the compute dtype as autograd casts it back through `.float()`
+            grad_logits = log_probs.exp_().mul_(w).scatter_add_(1, t, -w).to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad_logits, weight, out=grad_hidden[chunk])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h)
+            if lora_a is not None:
+                if grad_b is not None:
+                    grad_b.add_(grad_logits.t().mm(u), alpha=scaling)
+                grad_u = grad_logits.mm(lora_b).mul_(scaling)
+                if grad_lora_input is not None:
+                    grad_lora_input[chunk].addmm_(grad_u, lora_a)
+                if grad_a is not None:
+                    grad_a.add_(grad_u.t().mm(x))
+            del log_probs, grad_logits  # before the next chunk's logits: two [chunk, vocab] tensors at most
+        if grad_a is not None:
+            grad_a = grad_a.to(lora_a.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(lora_b.dtype)
+        ctx.grads = (grad_hidden, None if shared_input else grad_lora_input, grad_weight, grad_a, grad_b)
+        ctx.mark_non_differentiable(correct)
+        return loss_sum, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grads = [None if g is None else g.mul_(grad_loss) for g in ctx.grads]
+        ctx.grads = None  # scaled in place: a second backward through the same loss has nothing left
+        return (*grads, *[None] * 6)
 
 
 def chunked_cross_entropy(
@@ -45,24 +117,37 @@ def chunked_cross_entropy(
     targets: torch.Tensor,
     weights: torch.Tensor,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    accuracy: bool = False,
 ) -> LossSums:
-    """Weighted CE of `output(hidden)` against `targets`; `output` is the head module or its weight [V, dim]."""
-    project = output if isinstance(output, nn.Module) else (lambda h: F.linear(h, output))
+    """Weighted CE of `output(hidden)` against `targets`; `output` is the head (an nn.Linear, or a LoRALinear
+    computed as its forward does) or its weight [vocab, dim]. `accuracy` also counts the trained targets whose
+    argmax is right: eval's token accuracy, an argmax over the vocabulary per token that training does not need."""
+    lora_input = lora_a = lora_b = None
+    scaling = 0.0
+    if isinstance(output, torch.Tensor):
+        weight = output
+    else:
+        weight = output.weight
+        if isinstance(output, LoRALinear) and not output.merged:
+            # as LoRALinear.forward: its fp32 factors cast to the activations' dtype (differentiably), dropout first
+            lora_input = output.dropout(hidden)
+            lora_a, lora_b = output.lora_A.weight.to(hidden.dtype), output.lora_B.weight.to(hidden.dtype)
+            scaling = output.scaling
     weights = weights.float()
-    loss_sum = hidden.new_zeros((), dtype=torch.float32)
-    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    # No trained target at all still runs one empty chunk: the loss stays differentiable (backward works) and the
-    # head joins backward on every rank, so FSDP's gradient reduce-scatters stay matched across ranks.
-    for start in range(0, hidden.shape[0], chunk_size) or [0]:
-        chunk = slice(start, start + chunk_size)
-        args = (project, hidden[chunk], targets[chunk], weights[chunk])
-        if torch.is_grad_enabled():
-            loss, right = checkpoint(_chunk_loss, *args, use_reentrant=False)
-        else:
-            loss, right = _chunk_loss(*args)
-        loss_sum = loss_sum + loss
-        correct = correct + right
-    return LossSums(loss_sum, weights.sum(), correct, (weights > 0).sum())
+    loss_sum, correct = _FusedLinearCrossEntropy.apply(
+        hidden,
+        lora_input,
+        weight,
+        lora_a,
+        lora_b,
+        targets,
+        weights,
+        scaling,
+        chunk_size,
+        torch.is_grad_enabled(),
+        accuracy,
+    )
+    return LossSums(loss_sum, weights.sum(), (weights > 0).sum(), correct if accuracy else None)
 
 
 class CausalLMWithLoss(nn.Module):
@@ -81,11 +166,12 @@ class CausalLMWithLoss(nn.Module):
         positions: torch.Tensor,
         targets: torch.Tensor,
         weights: torch.Tensor,
+        accuracy: bool = False,
     ) -> LossSums:
         """`positions` are the indices of the trained targets (weight > 0); `targets` and `weights` are theirs.
         In instruction data most targets are prompt tokens with weight 0: their logits are never computed."""
         hidden = self.model.hidden_states(tokens, seqlens)[positions]
-        return chunked_cross_entropy(hidden, self.model.output, targets, weights, self.chunk_size)
+        return chunked_cross_entropy(hidden, self.model.output, targets, weights, self.chunk_size, accuracy)
 
 
 def loss_inputs(batch, device: torch.device) -> dict:

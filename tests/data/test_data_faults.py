@@ -8,11 +8,14 @@ import pytest
 
 from finetune.data import DataError, SampleFault, build_eval_batches, build_train_loader, tokenize_sample
 from finetune.data.config import DataConfig, DataSource
+from finetune.data.errors import SampleWarning
 from finetune.data.jsonl import parse_line
+from finetune.data.tokenize import tokenize_line
 
 TOOL = {"type": "function", "function": {"name": "lookup", "description": "", "parameters": {"type": "object"}}}
 USER = {"role": "user", "content": "Hi"}
 ANSWER = {"role": "assistant", "content": "Hello"}
+TOOL_RESULT = {"role": "tool", "tool_call_id": "abcDEF123", "content": "42"}
 
 
 def call(id="abcDEF123", name="lookup", arguments="{}"):
@@ -142,7 +145,6 @@ SAMPLE_FAULTS = [
         {"messages": [USER, {"role": "assistant", "function_call": {"name": "lookup", "arguments": "{}"}}]},
         'message 2 uses OpenAI\'s legacy function-calling form ("function_call")',
     ),
-    ("nothing_to_train", {"messages": [USER, {**ANSWER, "weight": 0}]}, "no assistant message is trained"),
 ]
 
 
@@ -166,6 +168,12 @@ LINE_FAULTS = [
         "invalid JSON: Expecting property name enclosed in double quotes at column 14",
     ),
     ("invalid_json", b'{"text": "a"} {"text": "b"}\n', "invalid JSON: Extra data at column 15"),
+    ("invalid_json", b'{"text": "a\x00b"}\n', "invalid JSON: control character 0x00 inside a string at column 12"),
+    ("lone_surrogate", b'{"text": "a \\ud800 b"}\n', "holds \\ud800, half of a UTF-16 surrogate pair"),
+    ("lone_surrogate", b'{"text": "a", "\\udfff": 1}\n', "holds \\udfff"),
+    ("too_deeply_nested", b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "nested more than 100 levels"),
+    ("too_deeply_nested", b'{"text": "a", "x": ' + b"[" * 101 + b"]" * 101 + b"}\n", "nested more than 100 levels"),
+    ("number_too_long", b'{"text": "a", "n": ' + b"9" * 5000 + b"}\n", "a number has more than 4300 digits"),
 ]
 
 
@@ -175,6 +183,14 @@ def test_line_fault(kind, raw, words):
         parse_line(raw)
     assert caught.value.kind == kind
     assert words in caught.value.message
+
+
+def test_a_surrogate_pair_and_a_nesting_of_100_are_read():
+    assert parse_line(b'{"text": "\\ud83d\\ude00"}') == {"text": "\U0001f600"}
+    deep = parse_line(b'{"x": ' + b"[" * 99 + b"]" * 99 + b"}")["x"]
+    for _ in range(98):
+        (deep,) = deep
+    assert deep == []
 
 
 def test_catalogue_has_more_than_twenty_kinds():
@@ -212,3 +228,46 @@ def test_skipped_bad_samples_are_counted(tmp_path, tokenizers, write_jsonl, chat
         )
         == 1
     )
+
+
+# (kind, sample, words the warning must hold): usable lines that a careful user wants to hear about
+SAMPLE_WARNINGS = [
+    ("unknown_key", {"text": "a", "lang": "en"}, "key 'lang' is not read"),
+    ("unknown_key", {"messages": [USER, {**ANSWER, "wieght": 0}]}, "message 2 (assistant): key 'wieght' is not read"),
+    ("two_user_messages", {"messages": [USER, USER, ANSWER]}, "messages 1 and 2 are both from the user"),
+    ("two_assistant_messages", {"messages": [USER, ANSWER, ANSWER]}, "messages 2 and 3 are both from the assistant"),
+    (
+        "late_system_message",
+        {"messages": [USER, ANSWER, {"role": "system", "content": "Be brief"}, USER, ANSWER]},
+        "message 3 is a system message after a user message",
+    ),
+    ("unanswered_tool_call", calling(call(), after=(USER, ANSWER)), "tool call 'abcDEF123' of message 2 has no tool"),
+    (
+        "tool_call_type",
+        calling({**call(), "type": "retrieval"}, after=()),
+        "message 2 tool call 1 has type 'retrieval'; it is read as a function call",
+    ),
+    ("nothing_to_train", {"messages": [USER, {**ANSWER, "weight": 0}]}, "no assistant message is trained"),
+]
+
+
+@pytest.mark.parametrize(
+    "kind,sample,words", SAMPLE_WARNINGS, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(SAMPLE_WARNINGS)]
+)
+def test_sample_warning(tokenizers, kind, sample, words):
+    _, _, warnings = tokenize_line(json.dumps(sample).encode(), tokenizers["v7"])
+    assert [w.kind for w in warnings] == [kind]
+    assert words in warnings[0].message
+
+
+def test_a_repeated_key_is_a_warning_and_the_last_value_is_used(tokenizers):
+    tokens, _, warnings = tokenize_line(b'{"text": "first", "text": "second"}', tokenizers["v3"])
+    assert warnings == [
+        SampleWarning("duplicate_key", "key 'text' appears twice in one JSON object; the last one is used")
+    ]
+    assert tokens == tokenize_sample({"text": "second"}, tokenizers["v3"]).tokens
+
+
+def test_a_clean_sample_has_no_warning(tokenizers):
+    for sample in ({"text": "a"}, {"messages": [USER, ANSWER]}, calling(call(), after=(TOOL_RESULT, ANSWER))):
+        assert tokenize_line(json.dumps(sample).encode(), tokenizers["v7"])[2] == []

@@ -17,7 +17,9 @@ from finetune.data import (
     read_vocab_size,
     tokenize_sample,
 )
+from finetune.data.errors import NOTHING_TO_TRAIN
 from finetune.data.text_encoders import WordMemoSentencePiece, fast_text_encoder, word_memo_is_exact
+from finetune.data.tokenize import tokenize_line
 
 WEATHER_TOOL = {
     "type": "function",
@@ -236,10 +238,13 @@ def test_train_on_last_and_weight_zero(tokenizers):
     assert tokenize_sample(unweighted_first, tokenizer).weights == last.weights
 
 
-def test_nothing_to_train_is_a_fault(tokenizers):
+def test_nothing_to_train_is_a_warning_with_every_weight_0(tokenizers):
     sample = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "weight": 0}]}
-    with pytest.raises(SampleFault, match="no assistant message is trained"):
-        tokenize_sample(sample, tokenizers["v3"])
+    tokenized = tokenize_sample(sample, tokenizers["v3"])
+    assert tokenized.tokens == reference_tokens(tokenizers["v3"], sample)
+    assert set(tokenized.weights) == {0.0}
+    _, spans, warnings = tokenize_line(json.dumps(sample).encode(), tokenizers["v3"])
+    assert spans == [] and warnings == [NOTHING_TO_TRAIN]
 
 
 def test_pretrain_text_trains_every_token_but_bos(tokenizers):

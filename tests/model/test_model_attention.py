@@ -1,5 +1,9 @@
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,11 +125,8 @@ def test_the_varlen_backend_asks_flash_attention_for_the_right_thing(monkeypatch
     W - 1 keys back), causality and GQA, checked against flash attention's contract."""
     import model.attention as attention_module
 
-    monkeypatch.setattr(attention_module, "varlen_attn", flash_varlen_reference)
-    if torch_has == "neither":
-        monkeypatch.setattr(attention_module, "_VARLEN_ARGS", {"is_causal"})
-    else:
-        monkeypatch.setattr(attention_module, "_VARLEN_ARGS", {"window_size", "enable_gqa"})
+    arguments = {"is_causal"} if torch_has == "neither" else {"window_size", "enable_gqa"}
+    monkeypatch.setattr(attention_module, "_varlen", lambda: (flash_varlen_reference, arguments))
     q, k, v = qkv(sum(SEQLENS))
     mask = attention_module.DocumentMask(SEQLENS, "varlen", sliding_window, torch.device("cpu"))
     if torch_has == "neither" and sliding_window:
@@ -134,3 +135,16 @@ def test_the_varlen_backend_asks_flash_attention_for_the_right_thing(monkeypatch
         return
     expected = naive_attention(q, k, v, SEQLENS, sliding_window)
     torch.testing.assert_close(mask.attend(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_importing_the_model_and_training_loads_no_attention_backend():
+    """torch.nn.attention.varlen loads torch._dynamo (over a second of start-up, for every command): it and
+    xformers are imported when their backend is first used, never by importing train.py, the CLI or the model."""
+    code = (
+        "import sys, train, finetune.cli, model.generate\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch.nn.attention.varlen', 'xformers') if m in sys.modules))"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

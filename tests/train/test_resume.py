@@ -65,7 +65,11 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen) -> None:
 
 def numbers(run_dir: Path) -> list[tuple]:
     """What must be equal between two runs: every train step's loss and gradient norm, every eval."""
-    return [(r["kind"], r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss")) for r in records(run_dir)]
+    return [
+        (r["kind"], r["step"], r.get("loss"), r.get("grad_norm"), r.get("eval_loss"))
+        for r in records(run_dir)
+        if r["kind"] in ("train", "eval")  # not the data report each launch writes
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "tutorials" / "finetune_mistral_7b.ipynb"
@@ -51,3 +53,21 @@ def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch):
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the loss plot is not displayed in the notebook"
     assert any(f"plot the curves: tailor plot {work}" in o.get("text", "") for o in outputs), "training names the plot"
+
+
+def test_without_tailor_installed_the_install_cell_asks_for_its_source(tmp_path, monkeypatch):
+    """Opened in Colab as it is: no placeholder URL is cloned; the first step names the parameter to set."""
+    monkeypatch.setenv("TAILOR_TUTORIAL_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.delenv("TAILOR_SOURCE", raising=False)
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    assert "YOUR-ORG" not in json.dumps(notebook)
+    parameters, install = [cell for cell in notebook.cells if cell.cell_type == "code"][:2]
+    assert "TAILOR_SOURCE = " in parameters.source
+    blocked = nbformat.v4.new_code_cell("import sys\nsys.modules['finetune'] = None  # as in a fresh Colab kernel")
+    notebook.cells = [blocked, parameters, install]
+    with pytest.raises(CellExecutionError) as error:
+        NotebookClient(
+            notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
+    assert "set TAILOR_SOURCE in the first cell to tailor's git URL" in str(error.value)
+    assert not (tmp_path / "tailor").exists()  # nothing was cloned

@@ -1,0 +1,200 @@
+"""Hostile inputs: data lines, config files and overrides, model folders.
+
+Each case goes through the real entry points in this process (train.run, finetune.cli.main): no traceback, the
+documented exit code (finetune/exit_codes.py), and a message naming the place: FILE:LINE for a data line, the key
+for a config, the file for a model folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune import exit_codes
+from finetune.cli import main as tailor
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}
+
+
+def load_train_module():
+    """train.py is a script beside the package, not a module of it."""
+    spec = importlib.util.spec_from_file_location("train_entry_point", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TRAIN = load_train_module()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from model.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", arch="mistral-7b", tokenizer="v3")
+
+
+def write_config(folder: Path, model_dir: Path, train: Path, **sections) -> Path:
+    """A config of a 2-step CPU run on `train`; `sections` replace or extend the top-level keys."""
+    cfg = {
+        "run_dir": str(folder / "run"),
+        "seq_len": 64,
+        "max_steps": 2,
+        "model": {"path": str(model_dir), "dtype": "fp32", "attention": "sdpa"},
+        "data": {"train": str(train), "num_workers": 0, "cache_dir": str(folder / "cache")},
+        "lora": {"rank": 2, "alpha": 4, "targets": ["wq"]},
+        "eval": {"enabled": False},
+        "checkpoint": {"enabled": False},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def ended(code: int, capsys, expected: int, *named: object) -> str:
+    """The command returned `expected` (no exception escaped: that would be the traceback), and its output holds
+    each of `named`. Returns stdout and stderr together."""
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert "Traceback" not in output, output[-3000:]
+    assert code == expected, f"exit {code}:\n{output[-3000:]}"
+    for name in named:
+        assert str(name) in output, f"{name!r} not in:\n{output[-3000:]}"
+    return output
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data lines: each is line 2 of a train file, between good lines. Its fault kind, and words of its message.
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+HOSTILE_LINES = {
+    "lone surrogate in a message": (
+        b'{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "x"}]}',
+        "lone_surrogate",
+        "holds \\ud800",
+    ),
+    "lone low surrogate in text": (b'{"text": "a \\udc00 b"}', "lone_surrogate", "holds \\udc00"),
+    "surrogate pair reversed": (b'{"text": "\\ude00\\ud83d"}', "lone_surrogate", "half of a UTF-16 surrogate"),
+    "100,000 nested brackets": (b'{"text": ' + DEEP + b"}", "too_deeply_nested", "nested more than 100"),
+    "deep objects": (b'{"text": "a", "x": ' + b'{"a": ' * 2000 + b"1" + b"}" * 2001, "too_deeply_nested", "nested"),
+    "unclosed 100,000 brackets": (b"[" * 100_000, "too_deeply_nested", "nested"),
+    "5,000-digit number": (b'{"text": "a", "n": ' + b"7" * 5000 + b"}", "number_too_long", "4300 digits"),
+    "5,000-digit weight": (
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": '
+        + b"1" * 5000
+        + b"}]}",
+        "number_too_long",
+        "4300 digits",
+    ),
+    "invalid UTF-8": (b'{"text": "caf\xe9"}', "not_utf8", "byte 0xe9"),
+    "overlong UTF-8 encoding": (b'{"text": "\xc0\xaf"}', "not_utf8", "byte 0xc0"),
+    "UTF-8 encoded surrogate": (b'{"text": "\xed\xa0\x80"}', "not_utf8", "byte 0xed"),
+    "raw NUL byte": (b'{"text": "a\x00b"}', "invalid_json", "control character 0x00"),
+    "NUL bytes only": (b"\x00\x00\x00\x00", "invalid_json", "invalid JSON"),
+    "UTF-16 line": ('{"text": "a"}'.encode("utf-16"), "not_utf8", "not valid UTF-8"),
+    "BOM mid-file": (b'\xef\xbb\xbf{"text": "a"}', "bom", "byte-order mark"),
+    "NaN weight": (
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": NaN}]}',
+        "bad_weight",
+        "weight nan",
+    ),
+    "infinite weight": (
+        b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 1e999}]}',
+        "bad_weight",
+        "weight inf",
+    ),
+    "truncated line": (b'{"messages": [{"role": "user", "content": "q"}, {"role": "assis', "invalid_json", "column"),
+    "a bare string": (b'"just text"', "not_an_object", "got a string"),
+    "null": (b"null", "not_an_object", "got null"),
+    "tool call arguments nested 100,000 deep": (
+        json.dumps(
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "abcdefghi", "function": {"name": "f", "arguments": "[" * 100_000}}],
+                    },
+                ],
+            }
+        ).encode(),
+        "arguments_not_json",
+        "arguments are not valid JSON",
+    ),
+    "tool parameters nested 99 deep": (
+        json.dumps(
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": json.loads('{"a": ' * 96 + "1" + "}" * 96)},
+                    }
+                ],
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            }
+        ).encode(),
+        None,  # accepted: 99 levels is within the limit, and mistral-common reads it
+        None,
+    ),
+}
+
+
+def data_file(folder: Path, line: bytes) -> Path:
+    path = folder / "train.jsonl"
+    good = json.dumps(GOOD).encode()
+    path.write_bytes(b"\n".join([good, line, good, good]) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("case", HOSTILE_LINES)
+def test_validate_names_a_hostile_line_and_goes_on(case, model_dir, tmp_path, capsys):
+    line, kind, words = HOSTILE_LINES[case]
+    train = data_file(tmp_path, line)
+    code = tailor(["validate", str(write_config(tmp_path, model_dir, train))])
+    if kind is None:
+        ended(code, capsys, exit_codes.OK, "no faults")
+        return
+    output = ended(code, capsys, exit_codes.DATA_FAULTS, f"{train}:2: ", words, f"1 bad lines ({kind} 1)")
+    assert f"{train}:1:" not in output and f"{train}:3:" not in output  # the good lines around it are read
+
+
+@pytest.mark.parametrize("case", [c for c, (_, kind, _) in HOSTILE_LINES.items() if kind])
+def test_tokenize_names_a_hostile_line(case, model_dir, tmp_path, capsys):
+    line, kind, words = HOSTILE_LINES[case]
+    train = data_file(tmp_path, line)
+    code = tailor(["tokenize", str(train), "--model", str(model_dir)])
+    output = ended(code, capsys, exit_codes.DATA_FAULTS)
+    records = [json.loads(r) for r in output.splitlines() if r.startswith("{")]
+    assert [r["line"] for r in records] == [1, 2, 3, 4] and words in records[1]["error"]
+    assert all("tokens" in r for r in records[:1] + records[2:])
+
+
+@pytest.mark.parametrize("case", ["lone surrogate in a message", "100,000 nested brackets", "5,000-digit number"])
+def test_training_refuses_a_hostile_line_before_the_model_loads(case, model_dir, tmp_path, capsys):
+    line, kind, words = HOSTILE_LINES[case]
+    train = data_file(tmp_path, line)
+    code = TRAIN.run([str(write_config(tmp_path, model_dir, train))])
+    ended(code, capsys, exit_codes.USAGE, f"error: {train}:2: ", words, "data.on_bad_sample: skip")
+
+
+def test_skipped_lines_are_counted_before_step_1_in_metrics_and_in_the_summary(model_dir, tmp_path, capsys):
+    """The case found: a 60-line file, 49 lines dropped with data.on_bad_sample: skip, and nothing said anywhere."""
+    lines = [json.dumps(GOOD).encode()] * 11 + [line for line, kind, _ in HOSTILE_LINES.values() if kind][:21] * 3
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"\n".join(lines[:60]) + b"\n")
+    config = write_config(tmp_path, model_dir, train, data={"on_bad_sample": "skip"})
+    output = ended(TRAIN.run([str(config)]), capsys, exit_codes.OK, "49 bad lines skipped (")
+    before_step_1, _, after = output.partition("\nstep 1")
+    assert f"data train {train}: 1 file(s), 60 lines, 11 samples" in before_step_1
+    assert "49 bad lines skipped" in before_step_1 and "49 bad lines skipped" in after.split("done: ")[1]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert (records[0]["kind"], records[0]["step"], records[0]["bad_lines"]) == ("data", 0, 49)
+    assert records[0]["sources"][0]["bad_lines"]["lone_surrogate"] == 9
