@@ -56,13 +56,16 @@ def tokenizer_path(name: str) -> Path:
     return Path(mistral_common.__file__).parent / "data" / TOKENIZER_FILES[name].source
 
 
-def tiny_args(arch: str, vocab_size: int) -> ModelArgs:
+def tiny_args(arch: str, vocab_size: int, width: int = 1) -> ModelArgs:
+    """`width` multiplies dim, head_dim and hidden_dim: at 4, every projection holds whole NF4 scale groups
+    (16384 weights) on each of 2 ranks, so QLoRA runs on it (model/quantize.py)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     real = ARCHITECTURES[arch]
+    sizes = {**_SMALL, **_SMALL_BY_ARCH.get(arch, {})}
     return replace(
         real,
-        **{**_SMALL, **_SMALL_BY_ARCH.get(arch, {})},
+        **{key: value * width if key in ("dim", "head_dim", "hidden_dim") else value for key, value in sizes.items()},
         vocab_size=vocab_size,
         sliding_window=_TINY_SLIDING_WINDOW if real.sliding_window else None,
         moe=MoeArgs(_TINY_EXPERTS, real.moe.num_experts_per_tok) if real.moe else None,
@@ -87,15 +90,21 @@ def random_state_dict(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]
 
 
 def write_tiny_model(
-    folder: str | Path, arch: str = "mistral-7b", tokenizer: str = "v3", seed: int = 0, layout: str = "native"
+    folder: str | Path,
+    arch: str = "mistral-7b",
+    tokenizer: str = "v3",
+    seed: int = 0,
+    layout: str = "native",
+    width: int = 1,
 ) -> Path:
     """Write a random model folder: `native` (params.json + consolidated.safetensors), `sharded` (two
     consolidated-0000N-of-00002.safetensors), `pth` (legacy consolidated.00.pth) or `hf` (config.json +
-    model.safetensors with HF names and rotary layout). The same seed gives the same model in every layout."""
+    model.safetensors with HF names and rotary layout). The same seed gives the same model in every layout;
+    `width` as in `tiny_args`."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     source = tokenizer_path(tokenizer)
-    args = tiny_args(arch, TOKENIZER_FILES[tokenizer].vocab_size)
+    args = tiny_args(arch, TOKENIZER_FILES[tokenizer].vocab_size, width)
     state = random_state_dict(args, seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
