@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import types
@@ -24,6 +25,7 @@ from finetune.data.config import DataConfig, DataSource
 from finetune.data.errors import first_line
 from model.attention import BACKENDS
 from model.lora import LoRAArgs
+from model.quantize import INSTALL_HINT
 
 
 class ConfigError(ValueError):
@@ -42,7 +44,12 @@ class ModelConfig:
     # required: the model folder, params.json + consolidated*.safetensors + a tokenizer file, or a Hugging Face
     # folder (mistral-finetune: `model_id_or_path`)
     path: str = ""
-    dtype: Literal["bf16", "fp32", "fp16"] = "bf16"  # frozen weights and compute; LoRA weights stay fp32
+    # frozen weights and compute: `bf16`; `fp16` for GPUs without bf16 (T4, V100), with dynamic loss scaling;
+    # `fp32`; or `auto`: bf16 on a GPU that has it, else fp16, and fp32 on CPU. LoRA weights stay fp32
+    dtype: Literal["bf16", "fp32", "fp16", "auto"] = "bf16"
+    # `nf4`: QLoRA, every frozen attention and feed-forward weight stored in 4 bits (NormalFloat, torchao; install
+    # with `pip install -e ".[qlora]"`) and dequantized per matmul; embeddings, norms and the head stay in `dtype`
+    quantize: Literal["none", "nf4"] = "none"
     # `auto` picks the fastest available: `varlen` (flash attention) on a recent GPU, `sdpa` on CPU
     attention: Literal[("auto", *BACKENDS)] = "auto"
     # recompute each block in the backward pass: far less memory (mistral-finetune: `checkpoint`)
@@ -535,6 +542,16 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     require(cfg.logging.freq >= 1, f"logging.freq must be >= 1, got {cfg.logging.freq}")
     require(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.model.quantize == "nf4":
+        require(
+            importlib.util.find_spec("torchao") is not None,
+            f"model.quantize is nf4, which needs torchao: {INSTALL_HINT}",
+        )
+        require(
+            cfg.checkpoint.save_adapters,
+            "checkpoint.save_adapters: false with model.quantize: nf4 would merge into the 4-bit weights; keep the "
+            "adapters and run `tailor merge`, which merges them into the original weights",
+        )
 
 
 def resolve_cache_dir(cfg: TrainConfig) -> Path:
