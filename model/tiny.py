@@ -2,7 +2,8 @@
 
 Each keeps what makes its architecture different at a small size: grouped-query attention, Nemo's and Small's
 attention width different from `dim`, Mistral 7B v0.1's sliding window, Mixtral's top-2 experts. The folder
-holds a tokenizer file copied from mistral-common's bundled data, so everything runs offline.
+holds a tokenizer file copied from mistral-common's bundled data (model/tokenizer_files.py), so everything runs
+offline.
 """
 
 from __future__ import annotations
@@ -12,30 +13,16 @@ import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
 
-import mistral_common
 import torch
 from safetensors.torch import save_file
 
 from model.args import ARCHITECTURES, ModelArgs, MoeArgs, args_to_hf_config, write_params
 from model.hf_format import convert_tensor_to_hf
 from model.loading import save_model_folder
+from model.tokenizer_files import TOKENIZER_FILES, tokenizer_path
 from model.transformer import Transformer
 
-
-class TokenizerFile(NamedTuple):
-    source: str  # file name in mistral_common/data/
-    filename: str  # name written in the model folder
-    vocab_size: int
-
-
-TOKENIZER_FILES = {
-    "v1": TokenizerFile("tokenizer.model.v1", "tokenizer.model.v1", 32000),
-    "v3": TokenizerFile("mistral_instruct_tokenizer_240323.model.v3", "tokenizer.model.v3", 32768),
-    "v7": TokenizerFile("mistral_instruct_tokenizer_241114.model.v7", "tokenizer.model.v7", 32768),
-    "tekken": TokenizerFile("tekken_240911.json", "tekken.json", 131072),
-}
 LAYOUTS = ("native", "hf", "pth", "sharded")
 
 _SMALL = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2)
@@ -47,13 +34,6 @@ _SMALL_BY_ARCH = {
 }
 _TINY_SLIDING_WINDOW = 8
 _TINY_EXPERTS = 4
-
-
-def tokenizer_path(name: str) -> Path:
-    """The bundled mistral-common file behind a short tokenizer name ("v1", "v3", "v7", "tekken")."""
-    if name not in TOKENIZER_FILES:
-        raise ValueError(f"unknown tokenizer {name!r}; expected one of {sorted(TOKENIZER_FILES)}")
-    return Path(mistral_common.__file__).parent / "data" / TOKENIZER_FILES[name].source
 
 
 def tiny_args(arch: str, vocab_size: int, width: int = 1) -> ModelArgs:
