@@ -20,9 +20,10 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune import exit_codes
 from finetune.checkpoints.training_state import Progress, ResumeError, load_training_state, save_checkpoint
-from finetune.config import ConfigError, TrainConfig, load_config, resolve_cache_dir, save_config
+from finetune.config import ConfigError, TrainConfig, load_config, resolve_cache_dir
 from finetune.data import DataError, build_eval_batches, build_train_loader
 from finetune.data.report import data_report
+from finetune.training.config_record import record_config
 from finetune.training.distributed import DistInfo, barrier, destroy, init_distributed
 from finetune.training.eval import evaluate
 from finetune.training.model_setup import build_training_model
@@ -87,7 +88,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
         load_training_state(start, loss_model, optimizer, train_batches, cfg.seed, dist_info) if start else Progress()
     )
     if dist_info.is_main:  # the run is accepted: its settings are on record
-        save_config(cfg, run_dir / "config.yaml")
+        record_config(cfg, start)
     logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
     if logger:
         logger.log(data.record(progress.step))
