@@ -20,8 +20,10 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune import exit_codes
 from finetune.checkpoints.training_state import Progress, ResumeError, load_training_state, save_checkpoint
-from finetune.config import ConfigError, TrainConfig, load_config, resolve_cache_dir, save_config
+from finetune.config import ConfigError, TrainConfig, load_config, resolve_cache_dir
 from finetune.data import DataError, build_eval_batches, build_train_loader
+from finetune.data.report import data_report
+from finetune.training.config_record import record_config
 from finetune.training.console import Console
 from finetune.training.distributed import DistInfo, barrier, destroy, init_distributed
 from finetune.training.eval import evaluate
@@ -77,6 +79,9 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
     )
     if cfg.eval.max_batches is not None:
         eval_batches = eval_batches[: cfg.eval.max_batches]
+    data = data_report(cfg.data, tokenizer, seq_len=cfg.seq_len, cache_dir=cache_dir, with_eval=cfg.eval.enabled)
+    if dist_info.is_main:  # every line skipped or left out, every sample cut, counted before step 1
+        print("\n".join(data.lines()), flush=True)
 
     # Model: LoRA on a frozen base, sharded over the ranks, with its loss; a resumed run's state loaded into it.
     loss_model = build_training_model(cfg, dist_info)
@@ -85,9 +90,11 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
         load_training_state(start, loss_model, optimizer, train_batches, cfg.seed, dist_info) if start else Progress()
     )
     if dist_info.is_main:  # the run is accepted: its settings are on record, and what it will do is shown
-        save_config(cfg, run_dir / "config.yaml")
+        record_config(cfg, start)
         print(describe_run(cfg, dist_info, loss_model, train_batches, eval_batches), flush=True)
     logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
+    if logger:
+        logger.log(data.record(progress.step))
     console = Console(cfg.max_steps, progress.step, train_data_tokens(train_batches)) if dist_info.is_main else None
 
     # The loop. The device runs one step ahead of the host: a step's outcome is read once the next one is queued.
@@ -140,6 +147,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
                 ),
                 flush=True,
             )
+            print("\n".join(f"  {line}" for line in data.summary()), flush=True)
             if progress.nonfinite_skipped:
                 print(f"  {progress.nonfinite_skipped} steps skipped: the loss or the gradients were not finite")
         logger.close()

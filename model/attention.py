@@ -17,28 +17,46 @@ Backends (all compute the same thing; `sdpa` is the reference the others are tes
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 
 try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
-try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:
     flex_attention = None
-try:
-    import xformers.ops as xops
-    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
-except ImportError:
-    xops = None
 
 BACKENDS = ("sdpa", "varlen", "flex", "xformers")
-_VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
 _compiled_flex = None
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+@cache
+def _varlen():
+    """`varlen_attn` and the names of its arguments, imported when the backend is first used: importing
+    torch.nn.attention.varlen loads torch._dynamo, over a second that a CPU run or `tailor validate` never needs."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+@cache
+def _xformers():
+    """xformers' attention and its block-diagonal mask, imported when the backend is first used."""
+    import xformers.ops as xops
+    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
+
+    return xops.memory_efficient_attention, BlockDiagonalCausalMask
 
 
 def available_backends(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
@@ -47,12 +65,12 @@ def available_backends(device: torch.device | str, dtype: torch.dtype | None = N
     if device.type != "cuda":
         return ["sdpa"] + (["flex"] if flex_attention is not None else [])
     found = []
-    if varlen_attn is not None and dtype in (None, torch.float16, torch.bfloat16):
+    if _installed("torch.nn.attention.varlen") and dtype in (None, torch.float16, torch.bfloat16):
         if torch.cuda.get_device_capability(device) >= (8, 0):
             found.append("varlen")
     if flex_attention is not None:
         found.append("flex")
-    if xops is not None:
+    if _installed("xformers"):
         found.append("xformers")
     return found + ["sdpa"]
 
@@ -87,7 +105,7 @@ class DocumentMask:
         elif backend == "flex":
             self.block_mask = _flex_block_mask(document_ids(self.seqlens, device), sliding_window)
         elif backend == "xformers":
-            bias = BlockDiagonalCausalMask.from_seqlens(self.seqlens)
+            bias = _xformers()[1].from_seqlens(self.seqlens)
             self.bias = bias.make_local_attention(sliding_window) if sliding_window else bias
         else:
             raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
@@ -100,12 +118,13 @@ class DocumentMask:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=repeats > 1)
             return out[0].transpose(0, 1)
         if self.backend == "varlen":
+            varlen_attn, varlen_args = _varlen()
             kwargs = {}
-            if "enable_gqa" in _VARLEN_ARGS:
+            if "enable_gqa" in varlen_args:
                 kwargs["enable_gqa"] = repeats > 1
             else:
                 k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-            if "window_size" in _VARLEN_ARGS:
+            if "window_size" in varlen_args:
                 kwargs["window_size"] = (self.sliding_window - 1 if self.sliding_window else -1, 0)
             elif self.sliding_window:
                 raise ValueError("this PyTorch's varlen_attn has no window_size: use another attention backend")
@@ -118,20 +137,7 @@ class DocumentMask:
             flex = _compiled_flex_attention() if q.is_cuda else flex_attention
             return flex(q, k, v, block_mask=self.block_mask, enable_gqa=repeats > 1)[0].transpose(0, 1)
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=self.bias)[0]
-
-
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seqlens: list[int],
-    backend: str,
-    sliding_window: int | None,
-) -> torch.Tensor:
-    """Causal attention of packed documents: q [N, n_heads, head_dim], k/v [N, n_kv_heads, head_dim]."""
-    backend = resolve_backend(backend, q.device, q.dtype)
-    return DocumentMask(seqlens, backend, sliding_window, q.device).attend(q, k, v)
+        return _xformers()[0](q[None], k[None], v[None], attn_bias=self.bias)[0]
 
 
 def document_ids(seqlens: list[int], device: torch.device | str) -> torch.Tensor:

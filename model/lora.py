@@ -83,22 +83,11 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
         return y + self.scaling * F.linear(F.linear(self.dropout(x), a), b)
 
-    def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) · B A in fp32, the update merging adds to the weight."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
             self.weight.copy_(merged_weight(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling))
             self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Exact in fp32; with a bf16 weight, merge then unmerge rounds the weight twice."""
-        if self.merged:
-            self.weight.copy_(self.weight.float() - self.delta_weight())
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.lora_A.out_features}, scaling={self.scaling}"
@@ -151,12 +140,6 @@ def merge_lora(model: nn.Module) -> None:
         module.merge()
 
 
-def unmerge_lora(model: nn.Module) -> None:
-    """Subtract merged adapters back out of their weights. Idempotent."""
-    for module in lora_modules(model):
-        module.unmerge()
-
-
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base weights with every unmerged adapter added in, without touching the model: native names, each
     weight's own dtype, no LoRA keys. Sharded (DTensor) weights give merged weights sharded the same way."""
@@ -170,10 +153,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             tensor = merged_weight(tensor, module.lora_A.weight, module.lora_B.weight, module.scaling)
         merged[key] = tensor.detach()
     return merged
-
-
-def lora_parameter_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_parameters() if is_lora_name(name)]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import shlex
 import warnings
@@ -52,7 +53,7 @@ class MetricsLogger:
                 self.mlflow.log_params(_flat_config(cfg))
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(standard_json(record), allow_nan=False) + "\n")
         self.file.flush()
         step = record["step"]
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -73,6 +74,12 @@ class MetricsLogger:
             self.wandb.finish()
         if self.mlflow:
             self.mlflow.end_run()
+
+
+def standard_json(record: dict) -> dict:
+    """The record with each non-finite number (a skipped step's loss or gradient norm) as null: JSON has no NaN or
+    Infinity, and readers other than Python's reject them."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _optional_import(module: str, package: str):

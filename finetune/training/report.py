@@ -1,10 +1,10 @@
 """What a run is about to do, printed by rank 0 before its first step: the devices, the model and what LoRA trains
-of it, the data, and what `max_steps` makes of the data. A user reads what was understood before waiting for it.
+of it, and what `max_steps` makes of the data (whose own report, per source, finetune/data/report.py printed). A
+user reads what was understood before waiting for it.
 
     devices: 1 process on the CPU (world size 1); frozen weights fp32, LoRA weights fp32
     model: artifacts/tiny-mistral: Mistral, 2 layers, dim 64, 4 heads (2 KV), vocab 32,768: 4.26M parameters
     LoRA: rank 16, alpha 32 on wq wk wv wo w1 w2 w3 output: 1.18M trainable parameters (21.71% of 5.44M)
-    data: data/demo/train.jsonl: 400 samples, 10,692 tokens
     step: seq_len 256 x batch_size 2 x grad_accumulation 1 x 1 rank = 512 tokens; 200 steps = 102,400 tokens,
           9.58 epochs of data/demo/train.jsonl
     eval: 2 batches every 50 steps and at the end
@@ -30,10 +30,7 @@ def describe_run(
         f"model: {cfg.model.path}: {describe_architecture(args)}: {count(num_parameters(args))} parameters",
         describe_lora(cfg, model),
     ]
-    # The per-source data report (files, bad and overlong samples) belongs to finetune/data; these are the counts
-    # the epochs below are computed from.
-    for source in train_batches.sources:
-        lines.append(f"data: {source.name}: {len(source):,} samples, {int(source.lengths.sum()):,} tokens")
+    # each source's files, samples, tokens and losses were printed with the data (finetune/data/report.py)
     lines.append(describe_step(cfg, dist_info.world_size, train_batches))
     if eval_batches:
         when = f"every {cfg.eval.freq} steps and at the end" if cfg.eval.freq else "at the end"

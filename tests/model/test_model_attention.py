@@ -1,10 +1,14 @@
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from model.attention import BACKENDS, attention, available_backends, resolve_backend
+from model.attention import BACKENDS, DocumentMask, available_backends, resolve_backend
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SEQLENS = [5, 1, 11, 7]
@@ -14,6 +18,11 @@ def qkv(n, n_heads=4, n_kv_heads=2, head_dim=16, device="cpu", dtype=torch.float
     g = torch.Generator().manual_seed(seed)
     shapes = [(n, n_heads, head_dim), (n, n_kv_heads, head_dim), (n, n_kv_heads, head_dim)]
     return [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+
+
+def attention(q, k, v, seqlens, backend, sliding_window):
+    """What a Transformer layer computes: the backend resolved for the device and dtype, then its DocumentMask."""
+    return DocumentMask(seqlens, resolve_backend(backend, q.device, q.dtype), sliding_window, q.device).attend(q, k, v)
 
 
 def naive_attention(q, k, v, seqlens, sliding_window):
@@ -121,11 +130,8 @@ def test_the_varlen_backend_asks_flash_attention_for_the_right_thing(monkeypatch
     W - 1 keys back), causality and GQA, checked against flash attention's contract."""
     import model.attention as attention_module
 
-    monkeypatch.setattr(attention_module, "varlen_attn", flash_varlen_reference)
-    if torch_has == "neither":
-        monkeypatch.setattr(attention_module, "_VARLEN_ARGS", {"is_causal"})
-    else:
-        monkeypatch.setattr(attention_module, "_VARLEN_ARGS", {"window_size", "enable_gqa"})
+    arguments = {"is_causal"} if torch_has == "neither" else {"window_size", "enable_gqa"}
+    monkeypatch.setattr(attention_module, "_varlen", lambda: (flash_varlen_reference, arguments))
     q, k, v = qkv(sum(SEQLENS))
     mask = attention_module.DocumentMask(SEQLENS, "varlen", sliding_window, torch.device("cpu"))
     if torch_has == "neither" and sliding_window:
@@ -134,3 +140,16 @@ def test_the_varlen_backend_asks_flash_attention_for_the_right_thing(monkeypatch
         return
     expected = naive_attention(q, k, v, SEQLENS, sliding_window)
     torch.testing.assert_close(mask.attend(q, k, v), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_importing_the_model_and_training_loads_no_attention_backend():
+    """torch.nn.attention.varlen loads torch._dynamo (over a second of start-up, for every command): it and
+    xformers are imported when their backend is first used, never by importing train.py, the CLI or the model."""
+    code = (
+        "import sys, train, finetune.cli, model.generate\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch.nn.attention.varlen', 'xformers') if m in sys.modules))"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -74,7 +74,6 @@ def check_the_report_before_step_1(stdout: str, adapter: dict, tmp_path) -> None
         "devices: 1 process on the CPU (world size 1); frozen weights fp32, LoRA weights fp32",
         f"LoRA: rank 8, alpha 16 on wq wk wv wo w1 w2 w3 output: {trainable:,} trainable parameters "
         f"({trainable / (base + trainable):.2%} of {(base + trainable) / 1e6:.2f}M)",
-        f"data: {REPO / 'data/demo/train.jsonl'}: {len(samples)} samples, {tokens:,} tokens",
         f"step: seq_len 128 x batch_size 2 x grad_accumulation 1 x 1 rank = 256 tokens; 16 steps = 4,096 tokens, "
         f"{4096 / tokens:.2f} epochs of {REPO / 'data/demo/train.jsonl'}",
         "eval: 2 batches of 2 sequences per rank, every 8 steps and at the end",
