@@ -140,19 +140,6 @@ class DocumentMask:
         return _xformers()[0](q[None], k[None], v[None], attn_bias=self.bias)[0]
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    seqlens: list[int],
-    backend: str,
-    sliding_window: int | None,
-) -> torch.Tensor:
-    """Causal attention of packed documents: q [N, n_heads, head_dim], k/v [N, n_kv_heads, head_dim]."""
-    backend = resolve_backend(backend, q.device, q.dtype)
-    return DocumentMask(seqlens, backend, sliding_window, q.device).attend(q, k, v)
-
-
 def document_ids(seqlens: list[int], device: torch.device | str) -> torch.Tensor:
     """The document of every packed token: [0] * L0 + [1] * L1 + ..., made on the CPU (see to_device)."""
     return to_device(torch.repeat_interleave(torch.arange(len(seqlens)), torch.tensor(seqlens)), device)

@@ -23,6 +23,7 @@ from model.lora import (
     lora_modules,
     mark_only_lora_trainable,
 )
+from model.quantize import QUANTIZATIONS, assign_nf4, is_nf4, quantize_frozen_linears, to_nf4
 from model.transformer import Transformer
 from model.weights import read_weights
 
@@ -34,10 +35,12 @@ def load_model(
     device: torch.device | str = "cpu",
     attention_backend: str = "auto",
     lora: LoRAArgs | None = None,
+    quantize: str = "none",
 ) -> Transformer:
     """Build the model of a folder and fill it from its weights.
 
-    With `lora`, adapters are injected (fp32, A Kaiming-uniform, B zeros) and only they require grad. A
+    With `lora`, adapters are injected (fp32, A Kaiming-uniform, B zeros) and only they require grad. With
+    `quantize="nf4"`, the frozen projections are quantized as they are read, on `device` (model/quantize.py). A
     missing, unexpected, duplicated or mis-shaped tensor is a ValueError naming the tensor and the file.
     """
     folder = Path(path)
@@ -46,6 +49,10 @@ def load_model(
         model = Transformer(args, attention_backend).to(dtype)
     if lora is not None:
         inject_lora(model, lora)
+    if quantize == "nf4":
+        quantize_frozen_linears(model)
+    elif quantize != "none":
+        raise ValueError(f"quantize is {quantize!r}; expected one of {', '.join(QUANTIZATIONS)}")
     model.to_empty(device=device)
     params = {name: p for name, p in model.named_parameters() if not is_lora_name(name)}
     loaded = set()
@@ -59,7 +66,10 @@ def load_model(
                 f"{folder}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                 f"the model's params expect {tuple(params[name].shape)}"
             )
-        params[name].copy_(tensor)
+        if is_nf4(params[name]):
+            assign_nf4(model, name, to_nf4(tensor.to(device=device, dtype=dtype)))
+        else:
+            params[name].copy_(tensor)
         loaded.add(name)
     if missing := sorted(set(params) - loaded):
         raise ValueError(f"{folder}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")

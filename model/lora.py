@@ -86,22 +86,11 @@ class LoRALinear(nn.Module):
         # than in a multiply, an add and a copy over every [tokens, out] output, forward and backward
         return y.flatten(0, -2).addmm_(u.flatten(0, -2), b.t(), alpha=self.scaling).view_as(y)
 
-    def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) · B A in fp32, the update merging adds to the weight."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
             self.weight.copy_(merged_weight(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling))
             self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Exact in fp32; with a bf16 weight, merge then unmerge rounds the weight twice."""
-        if self.merged:
-            self.weight.copy_(self.weight.float() - self.delta_weight())
-            self.merged = False
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.lora_A.out_features}, scaling={self.scaling}"
@@ -154,12 +143,6 @@ def merge_lora(model: nn.Module) -> None:
         module.merge()
 
 
-def unmerge_lora(model: nn.Module) -> None:
-    """Subtract merged adapters back out of their weights. Idempotent."""
-    for module in lora_modules(model):
-        module.unmerge()
-
-
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base weights with every unmerged adapter added in, without touching the model: native names, each
     weight's own dtype, no LoRA keys. Sharded (DTensor) weights give merged weights sharded the same way."""
@@ -173,10 +156,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             tensor = merged_weight(tensor, module.lora_A.weight, module.lora_B.weight, module.scaling)
         merged[key] = tensor.detach()
     return merged
-
-
-def lora_parameter_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_parameters() if is_lora_name(name)]
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

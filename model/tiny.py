@@ -2,7 +2,8 @@
 
 Each keeps what makes its architecture different at a small size: grouped-query attention, Nemo's and Small's
 attention width different from `dim`, Mistral 7B v0.1's sliding window, Mixtral's top-2 experts. The folder
-holds a tokenizer file copied from mistral-common's bundled data, so everything runs offline.
+holds a tokenizer file copied from mistral-common's bundled data (model/tokenizer_files.py), so everything runs
+offline.
 """
 
 from __future__ import annotations
@@ -12,30 +13,16 @@ import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
 
-import mistral_common
 import torch
 from safetensors.torch import save_file
 
 from model.args import ARCHITECTURES, ModelArgs, MoeArgs, args_to_hf_config, write_params
 from model.hf_format import convert_tensor_to_hf
 from model.loading import save_model_folder
+from model.tokenizer_files import TOKENIZER_FILES, tokenizer_path
 from model.transformer import Transformer
 
-
-class TokenizerFile(NamedTuple):
-    source: str  # file name in mistral_common/data/
-    filename: str  # name written in the model folder
-    vocab_size: int
-
-
-TOKENIZER_FILES = {
-    "v1": TokenizerFile("tokenizer.model.v1", "tokenizer.model.v1", 32000),
-    "v3": TokenizerFile("mistral_instruct_tokenizer_240323.model.v3", "tokenizer.model.v3", 32768),
-    "v7": TokenizerFile("mistral_instruct_tokenizer_241114.model.v7", "tokenizer.model.v7", 32768),
-    "tekken": TokenizerFile("tekken_240911.json", "tekken.json", 131072),
-}
 LAYOUTS = ("native", "hf", "pth", "sharded")
 
 _SMALL = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2)
@@ -49,20 +36,16 @@ _TINY_SLIDING_WINDOW = 8
 _TINY_EXPERTS = 4
 
 
-def tokenizer_path(name: str) -> Path:
-    """The bundled mistral-common file behind a short tokenizer name ("v1", "v3", "v7", "tekken")."""
-    if name not in TOKENIZER_FILES:
-        raise ValueError(f"unknown tokenizer {name!r}; expected one of {sorted(TOKENIZER_FILES)}")
-    return Path(mistral_common.__file__).parent / "data" / TOKENIZER_FILES[name].source
-
-
-def tiny_args(arch: str, vocab_size: int) -> ModelArgs:
+def tiny_args(arch: str, vocab_size: int, width: int = 1) -> ModelArgs:
+    """`width` multiplies dim, head_dim and hidden_dim: at 4, every projection holds whole NF4 scale groups
+    (16384 weights) on each of 2 ranks, so QLoRA runs on it (model/quantize.py)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     real = ARCHITECTURES[arch]
+    sizes = {**_SMALL, **_SMALL_BY_ARCH.get(arch, {})}
     return replace(
         real,
-        **{**_SMALL, **_SMALL_BY_ARCH.get(arch, {})},
+        **{key: value * width if key in ("dim", "head_dim", "hidden_dim") else value for key, value in sizes.items()},
         vocab_size=vocab_size,
         sliding_window=_TINY_SLIDING_WINDOW if real.sliding_window else None,
         moe=MoeArgs(_TINY_EXPERTS, real.moe.num_experts_per_tok) if real.moe else None,
@@ -87,15 +70,21 @@ def random_state_dict(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]
 
 
 def write_tiny_model(
-    folder: str | Path, arch: str = "mistral-7b", tokenizer: str = "v3", seed: int = 0, layout: str = "native"
+    folder: str | Path,
+    arch: str = "mistral-7b",
+    tokenizer: str = "v3",
+    seed: int = 0,
+    layout: str = "native",
+    width: int = 1,
 ) -> Path:
     """Write a random model folder: `native` (params.json + consolidated.safetensors), `sharded` (two
     consolidated-0000N-of-00002.safetensors), `pth` (legacy consolidated.00.pth) or `hf` (config.json +
-    model.safetensors with HF names and rotary layout). The same seed gives the same model in every layout."""
+    model.safetensors with HF names and rotary layout). The same seed gives the same model in every layout;
+    `width` as in `tiny_args`."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     source = tokenizer_path(tokenizer)
-    args = tiny_args(arch, TOKENIZER_FILES[tokenizer].vocab_size)
+    args = tiny_args(arch, TOKENIZER_FILES[tokenizer].vocab_size, width)
     state = random_state_dict(args, seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

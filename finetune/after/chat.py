@@ -3,7 +3,8 @@
 Prompts are mistral-common's `encode_chat_completion` of the conversation, the same template training uses;
 replies come from model/generate.py (KV cache, batched) and end at EOS. With `--adapter`, the trained adapter
 runs beside the frozen weights as in training, or folded into them with `--merge` (faster, same answers up to
-rounding).
+rounding). An adapter trained with `model.quantize: nf4` runs on the NF4 base it was trained on (its params.json
+says so), or as `--quantize` says.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import torch
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from finetune.checkpoints.adapter import read_adapter
+from finetune.checkpoints.adapter import read_adapter, read_base_quantization
 from finetune.data.errors import first_line
 from finetune.data.tokenize import check_tokenizer_vocab, find_tokenizer_file
 from model.args import load_model_args
 from model.generate import generate
 from model.loading import load_model
 from model.lora import load_lora_state_dict, merge_lora
+from model.quantize import QUANTIZATIONS, QuantizationUnavailable
 from model.transformer import Transformer
 from model.weights import vision_tower_specs
 
@@ -40,9 +42,15 @@ class Sampling:
 
 
 def load_chat_model(
-    model_dir: str | Path, adapter_dir: str | Path | None = None, merge: bool = False
+    model_dir: str | Path, adapter_dir: str | Path | None = None, merge: bool = False, quantize: str = "none"
 ) -> tuple[Transformer, MistralTokenizer]:
-    """The model (on the GPU in bf16 when there is one, else CPU fp32) with its adapter, and its tokenizer."""
+    """The model (on the GPU in bf16 when there is one, else CPU fp32; `quantize="nf4"`: its frozen projections in
+    NF4) with its adapter, and its tokenizer."""
+    if merge and quantize != "none":
+        raise ValueError(
+            f"--merge on a {quantize} base would merge into its 4-bit weights: run `tailor merge` (into the original "
+            "weights) and chat with the merged folder, or leave --merge out"
+        )
     if not Path(model_dir).is_dir():
         raise ValueError(f"model folder not found: {model_dir}")
     tokenizer = MistralTokenizer.from_file(str(find_tokenizer_file(model_dir)))  # before minutes of loading
@@ -50,10 +58,10 @@ def load_chat_model(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if adapter_dir is None:
-        model = load_model(model_dir, dtype=dtype, device=device)
+        model = load_model(model_dir, dtype=dtype, device=device, quantize=quantize)
     else:
         state, lora = read_adapter(adapter_dir)
-        model = load_model(model_dir, dtype=dtype, device=device, lora=lora)
+        model = load_model(model_dir, dtype=dtype, device=device, lora=lora, quantize=quantize)
         try:
             load_lora_state_dict(model, state)
         except ValueError as e:
@@ -185,6 +193,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="a base or merged model folder")
     parser.add_argument("--adapter", type=Path, help="checkpoint folder holding lora.safetensors")
     parser.add_argument("--merge", action="store_true", help="fold the adapter into the weights before generating")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        help="store the frozen weights in NF4 (default: as the adapter was trained, else none)",
+    )
     parser.add_argument("--prompt", help="answer this one message and exit (default: an interactive loop)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--input", type=Path, help="JSON Lines of {'messages': [...]} conversations to answer")
@@ -204,7 +217,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prompt and --input exclude each other")
     if args.merge and args.adapter is None:
         raise ValueError("--merge needs --adapter")
-    model, tokenizer = load_chat_model(args.model, args.adapter, args.merge)
+    quantize = args.quantize
+    if quantize is None:
+        quantize = read_base_quantization(args.adapter) if args.adapter is not None else "none"
+        if quantize != "none":
+            print(
+                f"{args.adapter} was trained on a {quantize} base: the base is quantized the same way", file=sys.stderr
+            )
+    try:
+        model, tokenizer = load_chat_model(args.model, args.adapter, args.merge, quantize)
+    except QuantizationUnavailable as error:
+        raise ValueError(f"--quantize {quantize}: {error}") from None
     if tower := vision_tower_specs(args.model):
         print(f"{args.model}: the vision tower ({len(tower)} tensors) is not loaded: text chat only", file=sys.stderr)
     if args.input is not None:

@@ -20,7 +20,7 @@ import torch
 from finetune.checkpoints.adapter import base_params
 from finetune.checkpoints.streaming import staged_folder, write_safetensors
 from model.args import load_model_args, write_params
-from model.tiny import TOKENIZER_FILES, tokenizer_path
+from model.tokenizer_files import TOKENIZER_FILES, tokenizer_path
 from model.weights import TensorSpec, read_weights, weight_specs
 
 OLD_VOCAB_SIZE, NEW_VOCAB_SIZE = 32000, 32768

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoints.adapter import base_params, copy_tokenizer, read_adapter
+from finetune.checkpoints.adapter import base_params, copy_tokenizer, read_adapter, read_base_quantization
 from finetune.checkpoints.streaming import MERGED_WEIGHTS, staged_folder, write_safetensors
 from model.args import write_params
 from model.lora import merged_weight
@@ -66,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     out = merge_adapter(args.base, args.adapter, args.out)
     print(f"merged model written to {out}")
+    if (quantization := read_base_quantization(args.adapter)) != "none":
+        print(
+            f"the adapter was trained on {quantization.upper()}-quantized frozen weights; it is merged into "
+            f"{args.base}'s original weights, each in its stored dtype (never into dequantized {quantization} values)"
+        )
     if tower := vision_tower_specs(args.base):
         print(f"the base's vision tower ({len(tower)} tensors) is copied unchanged: LoRA trained the text decoder only")
     return 0

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from finetune.data.tokenize import find_tokenizer_file
 from model.args import load_model_args
 from model.lora import LORA_TARGETS, LoRAArgs
+from model.quantize import QUANTIZATIONS
 
 ADAPTER_FILE = "lora.safetensors"
 
@@ -75,15 +76,34 @@ def base_params(model_dir: str | Path) -> dict:
     return params
 
 
-def lora_entry(lora: LoRAArgs) -> dict:
-    """The `lora` entry of a checkpoint's params.json; mistral-inference reads rank and scaling (= alpha / rank)."""
-    return {
+def lora_entry(lora: LoRAArgs, base_quantization: str = "none") -> dict:
+    """The `lora` entry of a checkpoint's params.json; mistral-inference reads rank and scaling (= alpha / rank).
+    An adapter trained on a quantized base says so (`base_quantization`), for merge and chat to read."""
+    entry = {
         "rank": lora.rank,
         "alpha": lora.alpha,
         "scaling": lora.alpha / lora.rank,
         "dropout": lora.dropout,
         "targets": list(lora.targets),
     }
+    if base_quantization != "none":
+        entry["base_quantization"] = base_quantization
+    return entry
+
+
+def read_base_quantization(ckpt_dir: str | Path) -> str:
+    """How the base's frozen weights were stored while the adapter trained: "none", or "nf4" (QLoRA), from the
+    `lora` entry of the checkpoint's params.json. A file that is not a checkpoint's reads as "none": `read_adapter`
+    says what is wrong with it."""
+    params = Path(ckpt_dir) / "params.json"
+    try:
+        entry = json.loads(params.read_text(encoding="utf-8")).get("lora")
+        value = entry.get("base_quantization", "none") if isinstance(entry, dict) else "none"
+    except (OSError, ValueError, AttributeError):
+        return "none"
+    if value not in QUANTIZATIONS:
+        raise ValueError(f"{params}: lora.base_quantization is {value!r}; expected one of {', '.join(QUANTIZATIONS)}")
+    return value
 
 
 def params_with_lora(base_dir: str | Path, lora: LoRAArgs) -> dict:

@@ -245,11 +245,16 @@ def save_merged_checkpoint(
 
 
 def _write_adapters(
-    folder: Path, lora_state: dict[str, torch.Tensor], params: dict, lora: LoRAArgs, tokenizer_file: Path
+    folder: Path,
+    lora_state: dict[str, torch.Tensor],
+    params: dict,
+    lora: LoRAArgs,
+    tokenizer_file: Path,
+    base_quantization: str = "none",
 ) -> None:
     """lora.safetensors, params.json with the `lora` entry (`lora_entry`), and the tokenizer."""
     save_file({k: v.contiguous() for k, v in lora_state.items()}, folder / ADAPTER_FILE)
-    write_params(folder, dict(params, lora=lora_entry(lora)))
+    write_params(folder, dict(params, lora=lora_entry(lora, base_quantization)))
     shutil.copy2(tokenizer_file, folder / Path(tokenizer_file).name)
 
 
@@ -280,7 +285,7 @@ def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: 
     if cfg.checkpoint.save_adapters:
         state = full_state(lora_state_dict(model))
         if is_main:
-            _write_adapters(staging, state, params, cfg.lora, tokenizer_file)
+            _write_adapters(staging, state, params, cfg.lora, tokenizer_file, cfg.model.quantize)
     else:
         merged = merged_state_dict(model)  # sharded as the model is
         # Each weight is gathered by every rank in turn (a collective) and written by rank 0 before the next one.

@@ -25,13 +25,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
-from finetune.checkpoints.folders import save_training_checkpoint, verify_checkpoint
+from finetune.checkpoints.folders import list_checkpoints, save_training_checkpoint, verify_checkpoint
 from finetune.checkpoints.tensor_state import TensorStateError, load_tensors, save_tensors, tensors_file
 from finetune.config import TrainConfig
-from finetune.training.distributed import DistInfo
+from finetune.training.distributed import DistInfo, all_reduce_sum
 from finetune.training.rng import derived_seed, rng_state, seed_rngs, set_rng_state
+from finetune.training.train_step import NonFiniteError
 
 if TYPE_CHECKING:
     from finetune.training.train_step import StepOutcome
@@ -134,12 +137,28 @@ def _progress_problem(path: Path) -> str | None:
 
 
 def save_checkpoint(cfg: TrainConfig, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> Path:
-    """The checkpoint of step `progress.step`: the adapters and the training state. A collective."""
+    """The checkpoint of step `progress.step`: the adapters and the training state. A collective. Weights that are
+    not finite are never written: NonFiniteError, and the last good checkpoint stays the newest."""
+    _raise_if_not_finite(loss_model, progress.step, Path(cfg.run_dir))
 
     def write_state(folder: Path) -> None:
         save_training_state(folder / STATE, loss_model, optimizer, loader, progress, dist_info)
 
     return save_training_checkpoint(cfg, loss_model.model, progress.step, dist_info.is_main, write_state)
+
+
+def _raise_if_not_finite(loss_model, step: int, run_dir: Path) -> None:
+    """Count the non-finite values of the trained weights over every rank's shards (a collective)."""
+    shards = [p.to_local() if isinstance(p, DTensor) else p for p in loss_model.parameters() if p.requires_grad]
+    bad = all_reduce_sum(torch.stack([(~torch.isfinite(t.detach())).sum() for t in shards]).sum()).item()
+    if bad:
+        newest = (list_checkpoints(run_dir) or [None])[-1]
+        raise NonFiniteError(
+            f"step {step}: {bad} of the LoRA weights are not finite, so no checkpoint is written: "
+            + (f"the newest, {newest}, is kept, and resume: auto continues from it" if newest else "none was saved")
+            + ". Things to try: a lower optim.lr, a longer warmup (optim.warmup_steps), a lower optim.weight_decay "
+            "or optim.max_grad_norm; model.dtype bf16 or fp32 if it is fp16."
+        )
 
 
 def save_training_state(folder: Path, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> None:

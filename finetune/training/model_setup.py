@@ -2,43 +2,68 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from finetune.config import TrainConfig
+from finetune.config import ConfigError, TrainConfig
 from finetune.training.distributed import DistInfo
 from finetune.training.loss import CausalLMWithLoss
-from finetune.training.parallel import DTYPES, apply_parallelism, load_streamed_weights, lora_init_tensors
+from finetune.training.parallel import apply_parallelism, compute_dtype, load_streamed_weights, lora_init_tensors
 from model.args import ModelArgs, load_model_args
 from model.lora import inject_lora, mark_only_lora_trainable
+from model.quantize import QuantizationUnavailable, is_quantized_name, nf4_shard_problem, quantize_frozen_linears
 from model.transformer import Transformer
-from model.weights import read_weights, vision_tower_specs
+from model.weights import read_weights, vision_tower_specs, weight_specs
 
 
-def build_meta_model(cfg: TrainConfig, args: ModelArgs) -> Transformer:
+def build_meta_model(cfg: TrainConfig, args: ModelArgs, dtype: torch.dtype) -> Transformer:
     """The LoRA model on the meta device: every name and shape, no memory."""
     with torch.device("meta"):
-        model = Transformer(args, attention_backend=cfg.model.attention).to(DTYPES[cfg.model.dtype])
+        model = Transformer(args, attention_backend=cfg.model.attention).to(dtype)
         inject_lora(model, cfg.lora)
     return model
+
+
+def quantize_meta_model(model: Transformer, world_size: int) -> None:
+    """model.quantize: nf4 on the meta model: the frozen projections become NF4 parameters (no memory), to be
+    filled as the weights stream in. Each rank's rows of a weight must hold whole NF4 scale groups."""
+    for name, param in model.named_parameters():
+        if is_quantized_name(name) and (problem := nf4_shard_problem(name, tuple(param.shape), world_size)):
+            raise ConfigError(f"model.quantize: nf4 cannot store {problem}")
+    try:
+        quantize_frozen_linears(model)
+    except QuantizationUnavailable as error:
+        raise ConfigError(f"model.quantize: {error}") from None
 
 
 def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithLoss:
     """The LoRA model wrapped with its loss, sharded when there is more than one process, weights loaded."""
     model_dir = Path(cfg.model.path)
     args = load_model_args(model_dir)
-    model = build_meta_model(cfg, args)
+    dtype = compute_dtype(cfg.model.dtype, dist_info.device)
+    model = build_meta_model(cfg, args, dtype)
+    if cfg.model.quantize == "nf4":
+        quantize_meta_model(model, dist_info.world_size)
     mark_only_lora_trainable(model)
     loss_model = CausalLMWithLoss(model)
 
-    apply_parallelism(loss_model, model.layers, cfg.model, dist_info.world_size)
+    apply_parallelism(loss_model, model.layers, cfg.model, dist_info.world_size, dtype)
 
     loss_model.to_empty(device=dist_info.device)
     is_loader = dist_info.rank == 0
-    if is_loader and (tower := vision_tower_specs(model_dir)):
-        print(f"{model_dir}: the vision tower ({len(tower)} tensors) is not loaded: LoRA trains the text decoder")
-    filled = load_streamed_weights(loss_model, read_weights(model_dir) if is_loader else None, prefix="model.")
+    weights = None
+    if is_loader:
+        if tower := vision_tower_specs(model_dir):
+            print(f"{model_dir}: the vision tower ({len(tower)} tensors) is not loaded: LoRA trains the text decoder")
+        specs = weight_specs(model_dir)
+        size = sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs.values())
+        print(f"loading {model_dir}: {len(specs)} tensors, {size / 2**30:.2f} GiB", flush=True)
+        # a bar on a terminal only (disable=None): a log gets the line above
+        weights = tqdm(read_weights(model_dir), total=len(specs), desc="loading weights", unit="tensor", disable=None)
+    filled = load_streamed_weights(loss_model, weights, prefix="model.")
     filled |= load_streamed_weights(
         loss_model, lora_init_tensors(model, cfg.seed) if is_loader else None, prefix="model."
     )

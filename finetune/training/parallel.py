@@ -4,7 +4,8 @@ The model is built on the meta device (no memory), LoRA is injected, then `apply
 activation checkpointing, compilation and FSDP2 `fully_shard` as the config asks, and only then is memory
 allocated, shard by shard. Rank 0 streams
 the checkpoint one tensor at a time and scatters each to the ranks' shards, so N ranks on a node never
-hold N copies of the model in CPU memory, and rank 0 holds one tensor at a time.
+hold N copies of the model in CPU memory, and rank 0 holds one tensor at a time. With `model.quantize: nf4`,
+each frozen projection is quantized as it arrives, on the device (model/quantize.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from model.lora import LoRALinear, init_lora_
+from model.quantize import assign_nf4, is_nf4, to_nf4
 
 if TYPE_CHECKING:
     from finetune.config import ModelConfig
@@ -27,10 +29,23 @@ if TYPE_CHECKING:
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def apply_parallelism(root: nn.Module, blocks: nn.ModuleList, settings: ModelConfig, world_size: int) -> None:
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """model.dtype as a torch dtype; `auto`: bf16 on a GPU that has it (Ampere and later), fp16 on one without
+    (T4, V100), fp32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def apply_parallelism(
+    root: nn.Module, blocks: nn.ModuleList, settings: ModelConfig, world_size: int, dtype: torch.dtype
+) -> None:
     """Everything that changes how the (meta-device) model runs, in the order it must happen: activation
     checkpointing inside each block, each block compiled with its checkpointing, then FSDP2 over the blocks and
-    `root` when there is more than one rank. Names and numbers stay those of the unchanged model."""
+    `root` when there is more than one rank, computing in `dtype`. Names and numbers stay those of the unchanged
+    model."""
     if settings.activation_checkpointing:
         for block in blocks:
             enable_activation_checkpointing(block if settings.checkpointing_scope == "block" else block.feed_forward)
@@ -38,7 +53,7 @@ def apply_parallelism(root: nn.Module, blocks: nn.ModuleList, settings: ModelCon
         for block in blocks:
             block.compile()
     if world_size > 1:
-        shard_model(root, blocks, compute_dtype=DTYPES[settings.dtype], prefetch=settings.fsdp_prefetch)
+        shard_model(root, blocks, compute_dtype=dtype, prefetch=settings.fsdp_prefetch)
 
 
 def enable_activation_checkpointing(block: nn.Module) -> None:
@@ -116,7 +131,10 @@ def load_streamed_weights(
             raise ValueError(
                 f"checkpoint tensor {name!r} has shape {tuple(full.shape)}; the model expects {_full_shape(param)}"
             )
-        _copy_full_into(param, full)
+        if is_nf4(param):
+            _quantize_into(module, key, param, full)
+        else:
+            _copy_full_into(param, full)
         filled.add(key)
 
 
@@ -132,6 +150,20 @@ def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
             param.to_local().copy_(shard.to_local())
         else:
             param.copy_(full)
+
+
+def _quantize_into(module: nn.Module, key: str, param: torch.Tensor, full: torch.Tensor) -> None:
+    """Rank 0's full tensor, in the compute dtype on the device, quantized whole by every rank (the same blocks
+    and scales as in one process, whatever the number of ranks), and each rank keeps its rows."""
+    full = full.to(device=param.device, dtype=param.dtype)
+    if not isinstance(param, DTensor):
+        assign_nf4(module, key, to_nf4(full))
+        return
+    dist.broadcast(full, src=0)
+    mesh = param.device_mesh
+    rows = torch.chunk(to_nf4(full), mesh.size(), dim=0)[mesh.get_local_rank()]
+    shard = DTensor.from_local(rows, mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride())
+    assign_nf4(module, key, shard)
 
 
 def lora_init_tensors(module: nn.Module, seed: int) -> Iterator[tuple[str, torch.Tensor]]:

@@ -10,13 +10,14 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.config import TrainConfig
 from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
 from finetune.data.config import DataSource
 from finetune.training.model_setup import build_meta_model
-from finetune.training.parallel import DTYPES
+from finetune.training.parallel import compute_dtype
 from model.args import ModelArgs, load_model_args, num_parameters
 from model.lora import is_lora_name
 
@@ -113,11 +114,12 @@ def check_run_dir(run_dir: Path) -> None:
 def checkpoint_bytes(cfg: TrainConfig, args: ModelArgs) -> int:
     """About how large one checkpoint is: the LoRA parameters counted on a meta model (no memory), times the
     bytes each takes (CHECKPOINT_BYTES_PER_LORA_PARAMETER), plus the merged model when that is what is saved."""
-    model = build_meta_model(cfg, args)
+    dtype = compute_dtype(cfg.model.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_meta_model(cfg, args, dtype)
     lora_parameters = sum(p.numel() for name, p in model.named_parameters() if is_lora_name(name))
     size = lora_parameters * CHECKPOINT_BYTES_PER_LORA_PARAMETER
     if not cfg.checkpoint.save_adapters:
-        size += num_parameters(args) * DTYPES[cfg.model.dtype].itemsize
+        size += num_parameters(args) * dtype.itemsize
     return size
 
 

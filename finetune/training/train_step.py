@@ -71,19 +71,12 @@ class StepOutcome:
 
 @dataclass
 class StepSums:
-    """Sums over the step's micro-batches and all ranks, on the device, and the step's outcome on its way to the
-    host: `outcome()` waits, at most, for this step to finish on the device."""
+    """A step as the loop sees it: its tokens, counted on the host, and its outcome on its way from the device:
+    `outcome()` waits, at most, for this step to finish on the device."""
 
-    loss_sum: torch.Tensor
-    weight_sum: torch.Tensor
     tokens: int  # all tokens of the step, all ranks
-    grad_norm: torch.Tensor
     pending: HostCopy  # a StepOutcome's values
     _outcome: StepOutcome | None = None
-
-    @property
-    def loss(self) -> torch.Tensor:
-        return self.loss_sum / self.weight_sum.clamp_min(1e-12)
 
     def outcome(self) -> StepOutcome:
         if self._outcome is None:
@@ -141,7 +134,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.tokens.numel() for b in micro_batches) * world_size
     outcome = torch.stack([*flags.double(), trained, (loss_sum / step_weight).double(), grad_norm.double()])
-    return StepSums(loss_sum, step_weight, tokens, grad_norm, pending=HostCopy(outcome))
+    return StepSums(tokens, pending=HostCopy(outcome))
 
 
 def skip_step_if_nonfinite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:

@@ -183,3 +183,134 @@ def test_training_refuses_a_hostile_line_before_the_model_loads(case, model_dir,
     train = data_file(tmp_path, line)
     code = TRAIN.run([str(write_config(tmp_path, model_dir, train))])
     ended(code, capsys, exit_codes.USAGE, f"error: {train}:2: ", words, "data.on_bad_sample: skip")
+
+
+def test_skipped_lines_are_counted_before_step_1_in_metrics_and_in_the_summary(model_dir, tmp_path, capsys):
+    """The case found: a 60-line file, 49 lines dropped with data.on_bad_sample: skip, and nothing said anywhere."""
+    lines = [json.dumps(GOOD).encode()] * 11 + [line for line, kind, _ in HOSTILE_LINES.values() if kind][:21] * 3
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"\n".join(lines[:60]) + b"\n")
+    config = write_config(tmp_path, model_dir, train, data={"on_bad_sample": "skip"})
+    output = ended(TRAIN.run([str(config)]), capsys, exit_codes.OK, "49 bad lines skipped (")
+    before_step_1, _, after = output.partition("\nstep 1")
+    assert f"data train {train}: 1 file(s), 60 lines, 11 samples" in before_step_1
+    assert "49 bad lines skipped" in before_step_1 and "49 bad lines skipped" in after.split("done: ")[1]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert (records[0]["kind"], records[0]["step"], records[0]["bad_lines"]) == ("data", 0, 49)
+    assert records[0]["sources"][0]["bad_lines"]["lone_surrogate"] == 9
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config overrides: each is refused as the override's fault, naming it and the key, before anything is read.
+
+HOSTILE_OVERRIDES = {
+    "seed=-1": "seed must be in [0, 2**32)",
+    f"seed={2**70}": "no setting here takes a number beyond",
+    "seed=2**70": "seed must be an integer",
+    "optim.lr=.inf": "optim.lr must be a finite number, got inf",
+    "optim.lr=.nan": "optim.lr must be a finite number, got nan",
+    "optim.lr=-1e-4": "optim.lr must be in (0, 1]",
+    "optim.lr=10": "optim.lr must be in (0, 1]",
+    "optim.weight_decay=.inf": "optim.weight_decay must be a finite number",
+    "optim.weight_decay=-0.1": "optim.weight_decay must be >= 0",
+    "optim.weight_decay=1e5": "times optim.lr",
+    "optim.min_lr=.nan": "optim.min_lr must be a finite number",
+    "optim.eps=0": "optim.eps must be > 0",
+    "optim.betas=[.nan, 0.9]": "optim.betas[0] must be a finite number",
+    "optim.betas=[0.9, 1.0]": "optim.betas must be two numbers in [0, 1)",
+    "optim.max_grad_norm=-.inf": "optim.max_grad_norm must be a finite number",
+    "optim.warmup_fraction=2": "optim.warmup_fraction must be in [0, 1]",
+    "optim.warmup_steps=-1": "optim.warmup_steps must be >= 0",
+    "lora.alpha=.inf": "lora.alpha must be a finite number",
+    "lora.rank=0": "rank must be >= 1",
+    "lora.dropout=1": "dropout must be in [0, 1)",
+    "max_steps=-5": "max_steps must be >= 1",
+    "seq_len=0": "seq_len must be >= 1",
+    "seq_len=99999999999": "no setting here takes a number beyond",
+    "batch_size=1.5": "batch_size must be an integer",
+    "eval.freq=-1": "eval.freq must be >= 0",
+    "checkpoint.keep=0": "checkpoint.keep must be >= 1",
+    "logging.freq=-1": "logging.freq must be >= 1",
+    "data.num_workers=-1": "data.num_workers must be >= 0",
+    "model.dtype=fp8": "model.dtype is 'fp8'; expected one of",
+    "optim.lrr=1e-4": "did you mean 'optim.lr'?",
+    "optim.lr=[": "the value is not valid YAML",
+    "optim.lr.peak=1": "optim.lr must be a number, got {'peak': 1}",
+    "optim.lr=1e-4 ; optim.lr.peak=1": "lr is not a section",
+    "optim.lr": "is not of the form key=value",
+    "data.train=a.jsonl:-1": "weights must be > 0",
+}
+
+
+@pytest.mark.parametrize("override", HOSTILE_OVERRIDES)
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_a_bad_override_is_named_as_such(command, override, model_dir, tmp_path, capsys):
+    config = write_config(tmp_path, model_dir, data_file(tmp_path, json.dumps(GOOD).encode()))
+    overrides = override.split(" ; ")  # the last is the bad one
+    if command == "train":
+        code = TRAIN.run([str(config), *overrides])
+    else:
+        code = tailor(["validate", str(config), *overrides])
+    output = ended(code, capsys, exit_codes.USAGE, f"error: override {overrides[-1]!r}", HOSTILE_OVERRIDES[override])
+    assert str(config) not in output  # the file is not at fault
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config files: each is refused naming the file (and the line or the key) before anything is read.
+
+
+def config_text(folder: Path, model_dir: Path) -> str:
+    return write_config(folder, model_dir, data_file(folder, json.dumps(GOOD).encode())).read_text()
+
+
+HOSTILE_CONFIGS = {  # name -> (the file's bytes from a good config's text, words after "error: CONFIG")
+    "UTF-16 with a BOM": (lambda text: text.encode("utf-16"), ": the file is UTF-16, not UTF-8"),
+    "UTF-16 without a BOM": (lambda text: text.encode("utf-16-le"), ": the file is UTF-16, not UTF-8"),
+    "Latin-1": (lambda text: (text + "# café\n").encode("latin-1"), ":21: not valid UTF-8 (byte 0xe9)"),
+    "a key twice": (lambda text: (text + "seed: 1\nseed: 2\n").encode(), ":22: not valid YAML: key 'seed' appears"),
+    "a nested key twice": (
+        lambda text: (text + "optim:\n  lr: 1.0e-4\n  lr: 1.0e-3\n").encode(),
+        ":23: not valid YAML: key 'lr' appears twice",
+    ),
+    "a python tag": (
+        lambda text: (text + "seed: !!python/object/apply:os.system ['touch pwned']\n").encode(),
+        ":21: not valid YAML: could not determine a constructor",
+    ),
+    "an unclosed bracket": (lambda text: (text + "x: [1, 2\n").encode(), ": not valid YAML"),
+    "a tab indent": (lambda text: text.replace("  path", "\tpath", 1).encode(), ": not valid YAML"),
+    "10,000 nested brackets": (lambda text: ("x: " + "[" * 10_000 + "]" * 10_000).encode(), ": not valid YAML"),
+    "a list at the top": (lambda text: b"- run_dir: x\n", ": the top level must be a mapping"),
+    "empty": (lambda text: b"", ": run_dir is required"),
+    "NUL bytes": (lambda text: b"\x00" * 16, ": not valid YAML"),
+    "seed -1": (lambda text: (text + "seed: -1\n").encode(), ": seed must be in [0, 2**32)"),
+    "seed 2**70": (lambda text: (text + f"seed: {2**70}\n").encode(), ": seed is 1180591620717411303424"),
+    "lr .inf": (lambda text: (text + "optim:\n  lr: .inf\n").encode(), ": optim.lr must be a finite number, got inf"),
+    "weight_decay .inf": (
+        lambda text: (text + "optim:\n  weight_decay: .inf\n").encode(),
+        ": optim.weight_decay must be a finite number, got inf",
+    ),
+    "a source weight .nan": (
+        lambda text: text.replace("  train: ", "  train:\n  - weight: .nan\n    path: ").encode(),
+        "data.train[0].weight must be a finite number",
+    ),
+    "a section that is a list": (lambda text: (text + "optim: [1, 2]\n").encode(), ": optim must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_CONFIGS)
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_a_bad_config_file_is_named(command, case, model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_bytes, words = HOSTILE_CONFIGS[case]
+    config = tmp_path / "hostile.yaml"
+    config.write_bytes(make_bytes(config_text(tmp_path, model_dir)))
+    code = TRAIN.run([str(config)]) if command == "train" else tailor(["validate", str(config)])
+    ended(code, capsys, exit_codes.USAGE, f"error: {config}", words)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_utf8_bom_is_read_as_utf8(model_dir, tmp_path, capsys):
+    config = tmp_path / "bom.yaml"
+    config.write_bytes(b"\xef\xbb\xbf" + config_text(tmp_path, model_dir).encode())
+    ended(tailor(["validate", str(config)]), capsys, exit_codes.OK, "no faults")

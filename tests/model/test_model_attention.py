@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.attention import BACKENDS, attention, available_backends, resolve_backend
+from model.attention import BACKENDS, DocumentMask, available_backends, resolve_backend
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SEQLENS = [5, 1, 11, 7]
@@ -18,6 +18,11 @@ def qkv(n, n_heads=4, n_kv_heads=2, head_dim=16, device="cpu", dtype=torch.float
     g = torch.Generator().manual_seed(seed)
     shapes = [(n, n_heads, head_dim), (n, n_kv_heads, head_dim), (n, n_kv_heads, head_dim)]
     return [torch.randn(s, generator=g).to(device, dtype) for s in shapes]
+
+
+def attention(q, k, v, seqlens, backend, sliding_window):
+    """What a Transformer layer computes: the backend resolved for the device and dtype, then its DocumentMask."""
+    return DocumentMask(seqlens, resolve_backend(backend, q.device, q.dtype), sliding_window, q.device).attend(q, k, v)
 
 
 def naive_attention(q, k, v, seqlens, sliding_window):

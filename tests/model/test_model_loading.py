@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 from model.args import load_model_args
 from model.loading import load_model, save_model_folder
 from model.lora import LoRAArgs, merge_lora
-from model.tiny import TOKENIZER_FILES, random_state_dict, write_tiny_model
+from model.tiny import random_state_dict, write_tiny_model
+from model.tokenizer_files import TOKENIZER_FILES
 
 SEQLENS = [9, 14]
 

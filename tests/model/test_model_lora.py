@@ -11,12 +11,10 @@ from model.lora import (
     init_lora_weights,
     inject_lora,
     load_lora_state_dict,
-    lora_parameter_names,
     lora_state_dict,
     mark_only_lora_trainable,
     merge_lora,
     merged_state_dict,
-    unmerge_lora,
 )
 from model.transformer import Transformer
 
@@ -78,20 +76,16 @@ def test_targets_cover_every_expert_and_optionally_the_output_head(make_model):
             LoRAArgs(**bad)
 
 
-def test_merged_equals_unmerged_and_unmerge_restores(make_model, random_tokens):
+def test_merged_equals_unmerged(make_model, random_tokens):
     model = make_model("mixtral-8x7b")
     inject_lora(model, LoRAArgs(rank=4, alpha=8.0, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")))
     randomize_lora_b(model)
     tokens = random_tokens(sum(SEQLENS))
-    base_wq = model.layers[0].attention.wq.weight.clone()
     with torch.no_grad():
         unmerged = model(tokens, SEQLENS)
         merge_lora(model)
         merge_lora(model)  # idempotent: the second call must not add the update twice
         torch.testing.assert_close(model(tokens, SEQLENS), unmerged, rtol=1e-4, atol=1e-4)
-        unmerge_lora(model)
-        unmerge_lora(model)
-    torch.testing.assert_close(model.layers[0].attention.wq.weight, base_wq, rtol=0, atol=1e-6)
 
 
 def test_merged_state_dict_leaves_the_model_unmerged(make_model):
@@ -116,7 +110,7 @@ def test_only_lora_parameters_train(make_model, random_tokens):
     inject_lora(model, LoRAArgs(rank=4))
     mark_only_lora_trainable(model)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert trainable == lora_parameter_names(model) and trainable
+    assert trainable == list(lora_state_dict(model)) and trainable
     assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
     model(random_tokens(sum(SEQLENS)), SEQLENS).float().logsumexp(-1).sum().backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}

@@ -30,13 +30,14 @@ def main(config: str, out: str) -> None:
     mine = batches if dist_info.world_size == 1 else [batches[dist_info.rank]]
     model = build_training_model(cfg, dist_info)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
-    losses = []
+    losses, grad_norms = [], []
     for _ in range(3):
         sums = train_step(model, optimizer, mine, dist_info.device, max_grad_norm=1.0, world_size=dist_info.world_size)
-        losses.append(sums.loss.item())
+        losses.append(sums.outcome().loss)
+        grad_norms.append(sums.outcome().grad_norm)
     adapters = full_state(lora_state_dict(model.model))
     if dist_info.is_main:
-        torch.save({"losses": losses, "adapters": adapters}, out)
+        torch.save({"losses": losses, "grad_norms": grad_norms, "adapters": adapters}, out)
     destroy()
 
 

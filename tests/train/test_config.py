@@ -71,7 +71,7 @@ def test_command_line_overrides(tmp_path):
         ("seq_lenn=8", "unknown key 'seq_lenn'; did you mean 'seq_len'?"),
         ("max_steps=0", "max_steps must be >= 1, got 0"),
         ("seq_len=long", "seq_len must be an integer, got 'long'"),
-        ("model.dtype=fp8", "model.dtype is 'fp8'; expected one of bf16 | fp32 | fp16"),
+        ("model.dtype=fp8", "model.dtype is 'fp8'; expected one of bf16 | fp32 | fp16 | auto"),
         ("lora.rank=1.5", "lora.rank must be an integer, got 1.5"),
         ("lora.targets=[wq,attn]", "lora.targets has 'attn'"),
         ("lora.targets=[]", "lora.targets must name at least one module"),

@@ -75,7 +75,7 @@ def test_comments_are_read_from_their_line_and_the_lines_above():
 
 def test_rows_carry_types_and_yaml_defaults():
     rows = {key: (kind, default) for key, kind, default, _ in config_rows()}
-    assert rows["model.dtype"] == ("bf16 / fp32 / fp16", "`bf16`")
+    assert rows["model.dtype"] == ("bf16 / fp32 / fp16 / auto", "`bf16`")
     assert rows["optim.warmup_steps"] == ("integer or null", "`null`")
     assert rows["lora.targets"] == ("list of strings", "`[wq, wk, wv, wo, w1, w2, w3]`")
     assert rows["data.train"] == ("list of {path, weight}", "`[]`")

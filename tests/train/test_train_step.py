@@ -47,6 +47,7 @@ def test_one_and_two_ranks_give_the_same_losses_and_adapters(write_config, tmp_p
     two = run_worker(config, tmp_path / "two.pt", ranks=2)
     assert one["losses"][0] > 9.0 and one["losses"][2] < one["losses"][0]
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(two["grad_norms"]), torch.tensor(one["grad_norms"]), rtol=1e-4, atol=1e-5)
     assert one["adapters"].keys() == two["adapters"].keys()
     for name, tensor in one["adapters"].items():
         torch.testing.assert_close(two["adapters"][name], tensor, rtol=1e-3, atol=1e-5, msg=name)
@@ -69,13 +70,12 @@ def test_step_loss_is_token_weighted_and_only_adapters_change(write_config):
 
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     sums = train_step(model, optimizer, batches, device, max_grad_norm=1.0, world_size=1)
-    torch.testing.assert_close(sums.loss, expected)
     assert sums.tokens == 2 * cfg.seq_len
     outcome = sums.outcome()
     assert outcome.trained_tokens == sum(int((b.weights > 0).sum()) for b in batches)
     assert outcome.finite and not outcome.stop_requested
     assert outcome.loss == pytest.approx(expected.item(), rel=1e-6)
-    assert outcome.grad_norm == pytest.approx(sums.grad_norm.item(), rel=1e-6) and outcome.grad_norm > 0
+    assert outcome.grad_norm > 0  # before clipping; test_one_and_two_ranks_... checks its value against 2 ranks'
 
     # B starts at zero, so the first step moves every B and (without weight decay) nothing else, A included.
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
@@ -172,7 +172,7 @@ def test_a_step_reads_nothing_back_from_the_device(write_config):
         (True, False, trained)
     ] * 2
     assert counter.reads == []  # the outcome is read outside the counted steps
-    assert results[2].loss.item() < results[1].loss.item()
+    assert results[2].outcome().loss < results[1].outcome().loss
 
 
 @pytest.mark.gpu
@@ -207,7 +207,10 @@ def test_compiled_blocks_give_the_eager_numbers_and_compile_once(write_config):
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(
-        torch.stack([s.loss for s in compiled]), torch.stack([s.loss for s in eager]), rtol=1e-5, atol=1e-5
+        torch.tensor([s.outcome().loss for s in compiled]),
+        torch.tensor([s.outcome().loss for s in eager]),
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -217,6 +220,7 @@ def test_compiled_blocks_under_fsdp2_with_deeper_prefetch_match_one_process(writ
     config = write_config(optim__lr=1e-3, model__compile=True, model__fsdp_prefetch=2)
     two = run_worker(config, tmp_path / "two.pt", ranks=2)
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(two["grad_norms"]), torch.tensor(one["grad_norms"]), rtol=1e-4, atol=1e-5)
     for name, tensor in one["adapters"].items():
         torch.testing.assert_close(two["adapters"][name], tensor, rtol=1e-3, atol=1e-5, msg=name)
 
