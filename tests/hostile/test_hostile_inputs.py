@@ -478,3 +478,18 @@ def test_a_damaged_model_folder_is_refused_in_preflight_naming_the_file(case, mo
     ended(code, capsys, exit_codes.USAGE, "error: model.path: ", folder / file if file != "." else folder, words)
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
     assert not (tmp_path / "cache").exists()  # refused before any data was read
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [line for line, kind, _ in HOSTILE_LINES.values() if kind][:5],
+        [json.dumps({"messages": [GOOD["messages"][0], {**GOOD["messages"][1], "weight": 0}]}).encode()] * 3,
+    ],
+    ids=["every line bad", "every sample with nothing to train"],
+)
+def test_a_file_with_no_usable_sample_is_refused_before_the_model_loads(lines, model_dir, tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"\n".join(lines) + b"\n")
+    config = write_config(tmp_path, model_dir, train, data={"on_bad_sample": "skip"})
+    ended(TRAIN.run([str(config)]), capsys, exit_codes.USAGE, f"error: {train}: no usable sample in {len(lines)} lines")
