@@ -34,6 +34,7 @@ from pathlib import Path
 
 import mistral_common
 import numpy as np
+from tqdm import tqdm
 
 from finetune.data.errors import LEFT_OUT, SampleFault
 from finetune.data.jsonl import line_aligned_ranges, read_lines
@@ -138,6 +139,7 @@ def _build_locked(path: Path, entry: Path, pool: _WorkerPool, blocking: bool) ->
 def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
     ranges = line_aligned_ranges(path, CHUNK_BYTES)
     tasks = [(path, start, end, str(out / f"part{k:05d}")) for k, (start, end) in enumerate(ranges)]
+    print(f"tokenizing {path} ({path.stat().st_size / 2**20:,.1f} MiB) into the cache", flush=True)
     lines_per_part = pool.tokenize_ranges(tasks)
 
     counts_by_kind: dict[str, dict[str, int]] = {"errors": {}, "warnings": {}}
@@ -251,14 +253,24 @@ class _WorkerPool:
         self.pool = None
 
     def tokenize_ranges(self, tasks: list) -> list[int]:
+        """The lines of each (path, start, end, prefix) range, tokenized; on a terminal (disable=None), a bar over
+        the file's bytes."""
         if len(tasks) == 1 or self.num_workers == 0:
-            return [_tokenize_range(task, *self.args) for task in tasks]
-        if self.pool is None:
-            # fork: workers inherit the loaded tokenizer instead of loading it again (Tekken takes a second)
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            self.pool = context.Pool(self.num_workers, initializer=_init_worker, initargs=self.args)
-        return self.pool.map(_tokenize_range_in_worker, tasks, chunksize=1)
+            results = (_tokenize_range(task, *self.args) for task in tasks)
+        else:
+            if self.pool is None:
+                # fork: workers inherit the loaded tokenizer instead of loading it again (Tekken takes a second)
+                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+                context = multiprocessing.get_context(method)
+                self.pool = context.Pool(self.num_workers, initializer=_init_worker, initargs=self.args)
+            results = self.pool.imap(_tokenize_range_in_worker, tasks, chunksize=1)
+        path, _, size, _ = tasks[-1]
+        lines = []
+        with tqdm(total=size, desc=f"tokenizing {path.name}", unit="B", unit_scale=True, disable=None) as bar:
+            for (_, start, end, _), n in zip(tasks, results):
+                lines.append(n)
+                bar.update(end - start)
+        return lines
 
     def __enter__(self) -> _WorkerPool:
         return self

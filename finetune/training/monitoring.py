@@ -6,7 +6,6 @@ import json
 import math
 import resource
 import shlex
-import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -143,16 +142,12 @@ def format_duration(seconds: float) -> str:
 def format_train_line(record: dict) -> str:
     step, max_steps = record["step"], record["max_steps"]
     eta = record["elapsed_s"] / step * (max_steps - step)
-    line = (
+    return (
         f"step {step:>{len(str(max_steps))}}/{max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
         f"grad norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:,.0f} "
         f"(trained {record['trained_tokens_per_s']:,.0f})  peak mem {record['peak_memory_gib']:.1f} GiB  "
         f"ETA {format_duration(eta)}"
     )
-    if sys.stdout.isatty():
-        done = int(20 * step / max_steps)
-        line = f"[{'#' * done}{'.' * (20 - done)}] " + line
-    return line
 
 
 def format_eval_line(record: dict) -> str:
