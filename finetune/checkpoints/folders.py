@@ -185,7 +185,7 @@ def verify_checkpoint(folder: Path) -> str | None:
         files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
     except FileNotFoundError:
         return f"no {MANIFEST} (written by a save cut short, or by an older tailor)"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return f"{MANIFEST} is unreadable"
     if not isinstance(files, dict) or not all(
         isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str) for e in files.values()

@@ -105,7 +105,7 @@ def _rank_state_problem(path: Path) -> str | None:
     where = f"{STATE}/{path.name}"
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         return f"{where} is unreadable ({type(error).__name__})"
     if not (
         isinstance(saved, dict)
@@ -141,7 +141,7 @@ def _progress_problem(path: Path) -> str | None:
     where = f"{STATE}/{PROGRESS}"
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         return f"{where} is unreadable ({type(error).__name__})"
     if not isinstance(saved, dict):
         return f"{where} is not a JSON object"
