@@ -7,12 +7,9 @@ import math
 import resource
 import shlex
 import warnings
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from finetune.config import TrainConfig
 
@@ -179,30 +176,3 @@ def format_summary(
     if run_dir:
         lines.append(f"  plot the curves: tailor plot {shlex.quote(str(run_dir))}")
     return "\n".join(lines)
-
-
-class PeakLiveBytes(TorchDispatchMode):
-    """`with PeakLiveBytes() as probe: ...`: the peak of the bytes held at once by tensors created inside the block
-    (forward and backward), on any device, so memory can be measured on a CPU too (tests, benchmarks). Tensors made
-    before it, like the inputs, are not counted. Storages are tracked by weak references, so a tensor counts for
-    exactly as long as something (a variable, the autograd graph) keeps it alive."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live:
-                    self.live[key] = weakref.finalize(storage, self._free, key, storage.nbytes())
-                    self.now += storage.nbytes()
-                    self.peak = max(self.peak, self.now)
-        return out
-
-    def _free(self, key, nbytes):
-        del self.live[key]
-        self.now -= nbytes
