@@ -134,6 +134,8 @@ HOSTILE_LINES = {
         "arguments_not_json",
         "arguments are not valid JSON",
     ),
+    "a 1 MB line": (b'{"text": "' + b"many words " * 100_000 + b'"}', None, None),  # read, and split by seq_len
+    "NUL escapes": (b'{"text": "a\\u0000b\\u0000"}', None, None),  # a NUL character written as JSON allows
     "tool parameters nested 99 deep": (
         json.dumps(
             {
