@@ -390,7 +390,8 @@ def fake_checkpoint(run_dir: Path, step: int, with_state: bool = True) -> Path:
                 elapsed_s=0.0,
             )
             (folder / "state" / "progress.json").write_text(json.dumps(progress))
-            (folder / "state" / "rank_0.json").write_text("{}")
+            rank_state = {"data": {}, "rng": {"torch": [], "numpy": [], "python": []}}
+            (folder / "state" / "rank_0.json").write_text(json.dumps(rank_state))
             (folder / "state" / "tensors_rank_0.safetensors").write_bytes(b"tensors")
 
     return write_atomically(run_dir / "checkpoints" / f"checkpoint_{step:06d}", write)
