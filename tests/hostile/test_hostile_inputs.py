@@ -478,3 +478,38 @@ def test_a_damaged_model_folder_is_refused_in_preflight_naming_the_file(case, mo
     ended(code, capsys, exit_codes.USAGE, "error: model.path: ", folder / file if file != "." else folder, words)
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
     assert not (tmp_path / "cache").exists()  # refused before any data was read
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [line for line, kind, _ in HOSTILE_LINES.values() if kind][:5],
+        [json.dumps({"messages": [GOOD["messages"][0], {**GOOD["messages"][1], "weight": 0}]}).encode()] * 3,
+    ],
+    ids=["every line bad", "every sample with nothing to train"],
+)
+def test_a_file_with_no_usable_sample_is_refused_before_the_model_loads(lines, model_dir, tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"\n".join(lines) + b"\n")
+    config = write_config(tmp_path, model_dir, train, data={"on_bad_sample": "skip"})
+    ended(TRAIN.run([str(config)]), capsys, exit_codes.USAGE, f"error: {train}: no usable sample in {len(lines)} lines")
+
+
+AFTER_TRAINING = {  # tailor commands that read a model folder, given the folder and a scratch folder
+    "chat": lambda model, out: ["chat", str(model), "--prompt", "hi", "--max-tokens", "2"],
+    "export-hf": lambda model, out: ["export-hf", "--model", str(model), "--out", str(out / "hf")],
+}
+
+
+@pytest.mark.parametrize(
+    "case", ["truncated weights", "a pickled .pth", "params.json not JSON", "params.json negative dim", "no weights"]
+)
+@pytest.mark.parametrize("command", AFTER_TRAINING)
+def test_commands_after_training_name_a_damaged_model_folder(command, case, model_dir, tmp_path, capsys):
+    damage, file, words = HOSTILE_MODEL_FOLDERS[case]
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    damage(folder)
+    code = tailor(AFTER_TRAINING[command](folder, tmp_path))
+    ended(code, capsys, exit_codes.USAGE, "error: ", folder / file if file != "." else folder, words)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "hf").exists()
