@@ -49,10 +49,10 @@ def run_preflight_checks(cfg: TrainConfig) -> MistralTokenizer:
     except ValueError as error:
         raise PreflightError(f"model.path: {error}") from None
     check_seq_len(cfg.seq_len, model_dir)
+    check_model_weights(cfg, args)
     check_run_dir(Path(cfg.run_dir))
     check_cache_dir(resolve_cache_dir(cfg))
     check_disk_space(cfg, args)
-    check_model_weights(cfg, args)
     return tokenizer
 
 
