@@ -11,6 +11,7 @@ The wiring of the data path, nothing more: config ► data ► model ► loop. d
 
 from __future__ import annotations
 
+import errno
 import shlex
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune import exit_codes
+from finetune.checkpoints.folders import CheckpointWriteError
 from finetune.checkpoints.training_state import Progress, ResumeError, load_training_state, save_checkpoint
 from finetune.config import ConfigError, TrainConfig, load_config, resolve_cache_dir
 from finetune.data import DataError, build_eval_batches, build_train_loader
@@ -166,6 +168,14 @@ def run(argv: list[str]) -> int:
     except RunLockedError as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_codes.RUN_LOCKED
+    except CheckpointWriteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_codes.WRITE_FAILED
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {error.filename}: {error.strerror}; free some space, then run the same command", file=sys.stderr)
+        return exit_codes.WRITE_FAILED
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_codes.NOT_FINITE

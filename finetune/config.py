@@ -161,7 +161,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 def read_yaml_mapping(path: Path) -> dict:
     """A YAML file's top-level mapping: UTF-8 (a leading byte-order mark is fine), no key twice in one mapping."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     if data.startswith((b"\xff\xfe", b"\xfe\xff")) or data[:2].count(0) == 1:
         raise ConfigError(f"{path}: the file is UTF-16, not UTF-8; save it as UTF-8")
     try:

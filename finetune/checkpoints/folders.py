@@ -41,6 +41,10 @@ DAMAGED_SUFFIX = ".damaged"
 MANIFEST = "manifest.json"
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, most often); the message names it and what was kept."""
+
+
 def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"checkpoint_{step:06d}"
 
@@ -68,17 +72,6 @@ def list_debris(run_dir: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------------
 # Writing
-
-
-def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_folder)`, then add the manifest and rename the folder to `final` in one step. One process."""
-    staging = _stage(final)
-    try:
-        write(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return _publish(staging, final)
 
 
 def remove_old_checkpoints(run_dir: Path, keep: int, written: Path) -> None:
@@ -181,7 +174,7 @@ def verify_checkpoint(folder: Path) -> str | None:
         files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
     except FileNotFoundError:
         return f"no {MANIFEST} (written by a save cut short, or by an older tailor)"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return f"{MANIFEST} is unreadable"
     if not isinstance(files, dict) or not all(
         isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str) for e in files.values()
@@ -208,40 +201,6 @@ def verify_checkpoint(folder: Path) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------
 # What a checkpoint holds
-
-
-def save_adapter_checkpoint(
-    run_dir: Path,
-    step: int,
-    lora_state: dict[str, torch.Tensor],
-    params: dict,
-    lora: LoRAArgs,
-    tokenizer_file: Path,
-    keep: int,
-) -> Path:
-    """The adapters alone, from one process (the training run adds state/ with save_training_checkpoint)."""
-    path = write_atomically(
-        checkpoint_path(run_dir, step), lambda folder: _write_adapters(folder, lora_state, params, lora, tokenizer_file)
-    )
-    remove_old_checkpoints(run_dir, keep, path)
-    return path
-
-
-def save_merged_checkpoint(
-    run_dir: Path,
-    step: int,
-    specs: dict[str, TensorSpec],
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    params: dict,
-    tokenizer_file: Path,
-    keep: int,
-) -> Path:
-    """A full model folder from one process: consolidated.safetensors, params.json without LoRA, tokenizer."""
-    path = write_atomically(
-        checkpoint_path(run_dir, step), lambda folder: _write_merged(folder, specs, tensors, params, tokenizer_file)
-    )
-    remove_old_checkpoints(run_dir, keep, path)
-    return path
 
 
 def _write_adapters(
@@ -275,11 +234,32 @@ def _write_merged(
 def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: Callable[[Path], None]) -> Path:
     """A collective: every rank gathers the adapters to rank 0, which writes them (or the merged model when
     `checkpoint.save_adapters` is false), and calls `write_state(folder)` to write its part of the training state;
-    then rank 0 writes the manifest, renames the folder into place and removes the oldest checkpoints."""
+    then rank 0 writes the manifest, renames the folder into place and removes the oldest checkpoints. A write that
+    fails (a full disk) removes the partial folder and raises CheckpointWriteError; the older checkpoints stay."""
     run_dir = Path(cfg.run_dir)
     final = checkpoint_path(run_dir, step)
     staging = _stage(final) if is_main else final.with_name(final.name + ".tmp")
     barrier()  # the folder exists, and no debris is being cleared, before any rank writes into it
+    try:
+        _write_parts(cfg, model, staging, is_main)
+        write_state(staging)
+        barrier()  # every rank's files are written
+        if is_main:
+            _publish(staging, final)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"{final} could not be written ({error.strerror or error}: {error.filename or staging}): the partial "
+            "folder is removed, and the checkpoints saved before are kept. Free some space (or lower "
+            "checkpoint.keep), then run the same command: resume: auto continues from the newest checkpoint."
+        ) from None
+    if is_main:
+        remove_old_checkpoints(run_dir, cfg.checkpoint.keep, final)
+    return final
+
+
+def _write_parts(cfg, model, staging: Path, is_main: bool) -> None:
+    """The adapters (or the merged model) and the tokenizer, gathered from every rank and written by rank 0."""
     params = model.args.to_dict()
     tokenizer_file = find_tokenizer_file(cfg.model.path)
     if cfg.checkpoint.save_adapters:
@@ -297,9 +277,3 @@ def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: 
         else:
             for _ in gathered:
                 pass
-    write_state(staging)
-    barrier()  # every rank's files are written
-    if is_main:
-        _publish(staging, final)
-        remove_old_checkpoints(run_dir, cfg.checkpoint.keep, final)
-    return final

@@ -93,6 +93,28 @@ def why_not_resumable(folder: Path) -> str | None:
         for name in (tensors_file(rank), f"rank_{rank}.json"):
             if not (folder / STATE / name).is_file():
                 return f"{STATE}/{name} is missing, though {world_size} ranks saved this state"
+    for rank in range(world_size):
+        problem = _rank_state_problem(folder / STATE / f"rank_{rank}.json")
+        if problem is not None:
+            return problem
+    return None
+
+
+def _rank_state_problem(path: Path) -> str | None:
+    """The shape of a rank's data position and random state; their values are checked as they are loaded."""
+    where = f"{STATE}/{path.name}"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        return f"{where} is unreadable ({type(error).__name__})"
+    if not (
+        isinstance(saved, dict)
+        and set(saved) == {"data", "rng"}
+        and isinstance(saved["data"], dict)
+        and isinstance(saved["rng"], dict)
+        and {"torch", "numpy", "python"} <= set(saved["rng"])
+    ):
+        return f"{where} is not a data position and random state that tailor writes"
     return None
 
 
@@ -119,7 +141,7 @@ def _progress_problem(path: Path) -> str | None:
     where = f"{STATE}/{PROGRESS}"
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         return f"{where} is unreadable ({type(error).__name__})"
     if not isinstance(saved, dict):
         return f"{where} is not a JSON object"

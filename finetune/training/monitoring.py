@@ -14,6 +14,7 @@ import torch
 from finetune.config import TrainConfig
 
 EXTRA_HINT = "pip install 'tailor[logging]'"
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
@@ -24,7 +25,7 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, cfg: TrainConfig):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.file = open(self.path, "a", encoding="utf-8")
         self.tensorboard = self.wandb = self.mlflow = None
         log = cfg.logging
