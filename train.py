@@ -26,6 +26,7 @@ from finetune.data.report import data_report
 from finetune.training.config_record import record_config
 from finetune.training.distributed import DistInfo, barrier, destroy, init_distributed
 from finetune.training.eval import evaluate
+from finetune.training.loss_scale import loss_scale_for
 from finetune.training.model_setup import build_training_model
 from finetune.training.monitoring import MetricsLogger, format_eval_line, format_summary
 from finetune.training.optim import build_optimizer, lr_at_step, set_lr
@@ -87,6 +88,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
     progress = (
         load_training_state(start, loss_model, optimizer, train_batches, cfg.seed, dist_info) if start else Progress()
     )
+    loss_scale = loss_scale_for(cfg, progress, dist_info.device)  # fp16 only
     if dist_info.is_main:  # the run is accepted: its settings are on record
         record_config(cfg, start)
     logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
@@ -102,7 +104,14 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
         set_lr(optimizer, lr)
         micro_batches = [next(train_batches) for _ in range(cfg.grad_accumulation)]
         sums = train_step(
-            loss_model, optimizer, micro_batches, dist_info.device, cfg.optim.max_grad_norm, dist_info.world_size, stop
+            loss_model,
+            optimizer,
+            micro_batches,
+            dist_info.device,
+            cfg.optim.max_grad_norm,
+            dist_info.world_size,
+            stop,
+            loss_scale,
         )
         is_last = step == cfg.max_steps
         evaluates = bool(eval_batches) and (is_last or (cfg.eval.freq > 0 and step % cfg.eval.freq == 0))
@@ -118,7 +127,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
                 print(format_eval_line(dict(step=step, **last_eval)), flush=True)
 
         if saves or stopping:
-            checkpoint_dir = save_checkpoint(cfg, loss_model, optimizer, train_batches, progress, dist_info)
+            checkpoint_dir = save_checkpoint(cfg, loss_model, optimizer, train_batches, progress, dist_info, loss_scale)
         if stopping:
             break
 
