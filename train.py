@@ -11,6 +11,7 @@ The wiring of the data path, nothing more: config ► data ► model ► loop. d
 
 from __future__ import annotations
 
+import errno
 import shlex
 import sys
 from pathlib import Path
@@ -19,11 +20,13 @@ import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune import exit_codes
+from finetune.checkpoints.folders import CheckpointWriteError
 from finetune.checkpoints.training_state import Progress, ResumeError, load_training_state, save_checkpoint
 from finetune.config import ConfigError, TrainConfig, load_config, resolve_cache_dir
 from finetune.data import DataError, build_eval_batches, build_train_loader
 from finetune.data.report import data_report
 from finetune.training.config_record import record_config
+from finetune.training.console import Console
 from finetune.training.distributed import DistInfo, barrier, destroy, init_distributed
 from finetune.training.eval import evaluate
 from finetune.training.loss_scale import loss_scale_for
@@ -31,6 +34,7 @@ from finetune.training.model_setup import build_training_model
 from finetune.training.monitoring import MetricsLogger, format_eval_line, format_summary
 from finetune.training.optim import build_optimizer, lr_at_step, set_lr
 from finetune.training.preflight import PreflightError, run_preflight_checks
+from finetune.training.report import describe_run, train_data_tokens
 from finetune.training.rng import train_data_seed
 from finetune.training.run_lock import RunLockedError, lock_run_dir
 from finetune.training.run_start import prepare_run_dir
@@ -89,15 +93,17 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
         load_training_state(start, loss_model, optimizer, train_batches, cfg.seed, dist_info) if start else Progress()
     )
     loss_scale = loss_scale_for(cfg, progress, dist_info.device)  # fp16 only
-    if dist_info.is_main:  # the run is accepted: its settings are on record
+    if dist_info.is_main:  # the run is accepted: its settings are on record, and what it will do is shown
         record_config(cfg, start)
+        print(describe_run(cfg, dist_info, loss_model, train_batches, eval_batches), flush=True)
     logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
     if logger:
         logger.log(data.record(progress.step))
+    console = Console(cfg.max_steps, progress.step, train_data_tokens(train_batches)) if dist_info.is_main else None
 
     # The loop. The device runs one step ahead of the host: a step's outcome is read once the next one is queued.
     stop = StopSignal.install()
-    steps = StepLog(cfg, progress, logger, dist_info.device)
+    steps = StepLog(cfg, progress, logger, dist_info.device, console)
     last_eval, checkpoint_dir = None, None
     for step in range(progress.step + 1, cfg.max_steps + 1):
         lr = lr_at_step(step, cfg.optim, cfg.max_steps)
@@ -124,7 +130,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
             last_eval = evaluate(loss_model, eval_batches, dist_info.device)
             if logger:
                 logger.log(dict(kind="eval", step=step, **last_eval))
-                print(format_eval_line(dict(step=step, **last_eval)), flush=True)
+                console.print(format_eval_line(dict(step=step, **last_eval)))
 
         if saves or stopping:
             checkpoint_dir = save_checkpoint(cfg, loss_model, optimizer, train_batches, progress, dist_info, loss_scale)
@@ -132,6 +138,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
             break
 
     if logger:
+        console.close()
         if progress.step < cfg.max_steps:
             print(
                 f"stopped at step {progress.step} ({stop.name or 'a signal to another rank'}): saved "
@@ -170,6 +177,14 @@ def run(argv: list[str]) -> int:
     except RunLockedError as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_codes.RUN_LOCKED
+    except CheckpointWriteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_codes.WRITE_FAILED
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {error.filename}: {error.strerror}; free some space, then run the same command", file=sys.stderr)
+        return exit_codes.WRITE_FAILED
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_codes.NOT_FINITE

@@ -24,10 +24,10 @@ import math
 import time
 
 import torch
+from live_bytes import PeakLiveBytes  # benchmarks/, beside this script
 
 from finetune.config import OptimConfig
 from finetune.training.loss import DEFAULT_CHUNK_SIZE, CausalLMWithLoss, chunked_cross_entropy
-from finetune.training.monitoring import PeakLiveBytes
 from finetune.training.optim import build_optimizer
 from finetune.training.parallel import enable_activation_checkpointing
 from finetune.training.train_step import train_step
@@ -164,7 +164,7 @@ def measure(name: str, model, step, batches, device, warmup: int) -> dict:
 
 def loss_memory(device: torch.device, tokens: int, vocab: int, dim: int, chunk_size: int) -> None:
     """Peak memory of forward + backward of the loss alone: naive full logits vs tailor's chunked loss. On a GPU
-    the allocator's peak; on a CPU the peak of live tensor bytes (finetune.training.monitoring.PeakLiveBytes)."""
+    the allocator's peak; on a CPU the peak of live tensor bytes (benchmarks/live_bytes.py)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     hidden = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
     weight = torch.randn(vocab, dim, device=device, dtype=dtype) * dim**-0.5

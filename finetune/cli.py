@@ -13,6 +13,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from finetune import exit_codes
+
 
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the training YAML file")
@@ -198,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _resolve(args.run)(args)
+    except KeyboardInterrupt:  # Ctrl-C: the user's own stop, not a fault to trace back
+        print("interrupted", file=sys.stderr)
+        return exit_codes.INTERRUPTED
     except BrokenPipeError:  # `tailor tokenize ... | head` read what it wanted and closed the pipe: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from finetune.data.config import DataConfig, DataSource
+from finetune.data.errors import first_line
 from model.attention import BACKENDS
 from model.lora import LoRAArgs
 from model.quantize import INSTALL_HINT
@@ -27,6 +30,9 @@ from model.quantize import INSTALL_HINT
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; the message names the key and the fault."""
+
+
+MAX_INT = 2**31 - 1  # beyond any step count, length or size a run can have: a typo, or an overflow further on
 
 
 # Each field's meaning is the comment on its line or just above it: the README's config reference is generated
@@ -145,16 +151,68 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}")
+    raw = read_yaml_mapping(path)
     raw = translate_mistral_finetune_keys(raw)
     for item in overrides:
         apply_override(raw, item)
-    return config_from_dict(raw, source=str(path))
+    try:
+        return config_from_dict(raw, source=str(path))
+    except ConfigError as error:
+        raise _blame_override(error, str(path), overrides) from None
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """A YAML file's top-level mapping: UTF-8 (a leading byte-order mark is fine), no key twice in one mapping."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or data[:2].count(0) == 1:
+        raise ConfigError(f"{path}: the file is UTF-16, not UTF-8; save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {problem or first_line(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, not {type(raw).__name__}")
+    return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: YAML would keep the last silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _blame_override(error: ConfigError, source: str, overrides: list[str]) -> ConfigError:
+    """An error about a key set on the command line names that override, not the YAML file."""
+    message = str(error).removeprefix(f"{source}: ")
+    for item in overrides:
+        parts = item.partition("=")[0].strip().split(".")
+        keys = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]  # optim.lr.x set optim.lr.x, optim.lr, optim
+        if any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", message) for key in keys):
+            return ConfigError(f"override {item!r}: {message}")
+    return error
 
 
 def refuse_secrets(raw: dict, source: str) -> None:
@@ -191,7 +249,10 @@ def apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    try:
+        node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML (quote it if it is a string)") from None
     translated = translate_mistral_finetune_keys(raw)
     raw.clear()
     raw.update(translated)
@@ -250,6 +311,8 @@ def _convert(value: Any, hint: Any, key: str, source: str):
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        if abs(value) > MAX_INT:
+            raise ConfigError(f"{source}: {key} is {value}; no setting here takes a number beyond {MAX_INT:,}")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML reads 6e-5 (no dot) as a string
@@ -259,6 +322,8 @@ def _convert(value: Any, hint: Any, key: str, source: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # .inf or .nan in YAML: accepted, they train nothing but non-finite numbers
+            raise ConfigError(f"{source}: {key} must be a finite number, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -451,9 +516,14 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
     require(cfg.model.fsdp_prefetch >= 1, f"model.fsdp_prefetch must be >= 1, got {cfg.model.fsdp_prefetch}")
     o = cfg.optim
-    require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    require(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}")
+    require(0 < o.lr <= 1, f"optim.lr must be in (0, 1], got {o.lr}")
     require(0 <= o.min_lr <= o.lr, f"optim.min_lr must be in [0, optim.lr], got {o.min_lr}")
     require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    require(  # AdamW multiplies the weights by 1 - lr * weight_decay every step
+        o.lr * o.weight_decay < 1,
+        f"optim.weight_decay {o.weight_decay} times optim.lr {o.lr} must be < 1, or every step zeroes the weights",
+    )
     require(
         len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
         f"optim.betas must be two numbers in [0, 1), got {o.betas}",

@@ -10,4 +10,5 @@ USAGE = 2  # the command, the config, a path, the model folder or a checkpoint i
 RUN_LOCKED = 3  # another process holds the run folder's lock: one run per run_dir
 OUT_OF_MEMORY = 4  # the device ran out of memory; the message says what to change first
 NOT_FINITE = 5  # the loss or the gradients stayed non-finite; the last good checkpoint is kept
+WRITE_FAILED = 6  # a file of the run could not be written (a full disk): the checkpoints saved before are kept
 INTERRUPTED = 130  # Ctrl-C where nothing could be saved (a training run saves first and exits 0)

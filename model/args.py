@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
@@ -34,6 +35,10 @@ class ModelArgs:
     moe: MoeArgs | None = None
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"key '{f.name}' must be a finite number > 0, got {value}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
@@ -90,11 +95,26 @@ def load_model_args(folder: str | Path) -> ModelArgs:
     folder = Path(folder)
     if (folder / "params.json").exists():
         path = folder / "params.json"
-        return ModelArgs.from_dict(json.loads(path.read_text()), source=str(path))
+        return ModelArgs.from_dict(read_json_object(path), source=str(path))
     if (folder / "config.json").exists():
         path = folder / "config.json"
-        return hf_config_to_args(json.loads(path.read_text()), source=str(path))
+        return hf_config_to_args(read_json_object(path), source=str(path))
     raise FileNotFoundError(f"{folder}: no params.json or config.json; is this a model folder?")
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object (params.json, config.json); anything else is a ValueError naming the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg} at column {e.colno}") from None
+    except (RecursionError, ValueError):  # nested past Python's limit, a number of more than 4300 digits
+        raise ValueError(f"{path}: not JSON that can be read (nested too deeply, or a number too long)") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object of keys, got {type(value).__name__}")
+    return value
 
 
 def args_to_hf_config(args: ModelArgs) -> dict:

@@ -81,7 +81,10 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        return y + self.scaling * F.linear(F.linear(self.dropout(x), a), b)
+        u = F.linear(self.dropout(x), a)
+        # y += scaling · u Bᵀ in one in-place addmm (autograd keeps x, not y): the scaling rides in the matmul rather
+        # than in a multiply, an add and a copy over every [tokens, out] output, forward and backward
+        return y.flatten(0, -2).addmm_(u.flatten(0, -2), b.t(), alpha=self.scaling).view_as(y)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -17,12 +17,13 @@ Reading never runs code: safetensors, or torch.load with weights_only.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from model.args import load_model_args
 from model.hf_format import convert_tensor_to_native, hf_to_native_name
@@ -87,13 +88,22 @@ def read_weights(folder: str | Path, vision_tower: bool = False) -> Iterator[tup
 def weight_specs(folder: str | Path, vision_tower: bool = False) -> dict[str, TensorSpec]:
     """Native name -> dtype and shape of every tensor `read_weights(folder, vision_tower)` yields, in the same
     order, read from the files' headers without reading the data (the rotary permutation keeps shapes)."""
+    return {name: spec for name, (_, spec) in weight_specs_by_file(folder, vision_tower).items()}
+
+
+def weight_specs_by_file(folder: str | Path, vision_tower: bool = False) -> dict[str, tuple[Path, TensorSpec]]:
+    """weight_specs, with the file each tensor is stored in: what a message about a tensor names. A name stored
+    twice is a ValueError naming both files."""
     files, layout = weight_files(folder)
-    specs = {}
+    specs: dict[str, tuple[Path, TensorSpec]] = {}
     for file in files:
         for name, spec in _read_specs(file):
             native = _native_name(name, layout, vision_tower)
-            if native is not None:
-                specs[native] = spec
+            if native is None:
+                continue
+            if native in specs:
+                raise ValueError(f"{file}: tensor {name!r} is also in {specs[native][0].name}; keep one copy")
+            specs[native] = (file, spec)
     return specs
 
 
@@ -113,11 +123,31 @@ def _native_name(name: str, layout: str, vision_tower: bool) -> str | None:
 
 def _read_file(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if file.suffix == ".pth":
-        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
+        yield from _load_pth(file).items()
     else:
-        with safe_open(file, framework="pt", device="cpu") as handle:
+        with _open_safetensors(file) as handle:
             for name in handle.keys():
                 yield name, handle.get_tensor(name)
+
+
+def _open_safetensors(file: Path):
+    """safe_open, with a damaged file (truncated, not safetensors) a ValueError that names it."""
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a complete safetensors file ({e}); copy or download it again") from None
+
+
+def _load_pth(file: Path) -> dict[str, torch.Tensor]:
+    """A legacy consolidated.00.pth, read with weights_only (no code runs); a damaged one is a ValueError naming it."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise ValueError(f"{file}: not a readable weights file ({reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{file}: holds no mapping of tensor names to tensors")
+    return state
 
 
 SAFETENSORS_DTYPES = {
@@ -138,10 +168,12 @@ SAFETENSORS_DTYPES = {
 
 def _read_specs(file: Path) -> Iterator[tuple[str, TensorSpec]]:
     if file.suffix == ".pth":  # memory-mapped: shapes without reading
-        for name, t in torch.load(file, map_location="cpu", weights_only=True, mmap=True).items():
+        for name, t in _load_pth(file).items():
             yield name, TensorSpec(t.dtype, tuple(t.shape))
     else:
-        with safe_open(file, framework="pt", device="cpu") as handle:
+        with _open_safetensors(file) as handle:
             for name in handle.keys():
                 s = handle.get_slice(name)
+                if s.get_dtype() not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"{file}: tensor {name!r} has dtype {s.get_dtype()}, which tailor does not read")
                 yield name, TensorSpec(SAFETENSORS_DTYPES[s.get_dtype()], tuple(s.get_shape()))

@@ -157,6 +157,14 @@ def read_conversations(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield number, conversation
 
 
+# What a line starting with "/" does in the interactive chat; such a line is never sent to the model.
+SLASH_COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "forget the conversation and start a new one",
+    "/exit": "quit (also Ctrl-D, or Ctrl-C at the prompt)",
+}
+
+
 def interactive_chat(
     model: Transformer,
     tokenizer: MistralTokenizer,
@@ -166,27 +174,39 @@ def interactive_chat(
     stdout: TextIO = sys.stdout,
 ) -> None:
     """A conversation on the terminal: each line is a user message, answered with the whole history in the
-    prompt. `/reset` forgets the history, `/exit` or end of input quits."""
-    stdout.write("Type a message; /reset starts a new conversation, /exit quits.\n")
+    prompt; a line starting with "/" is one of SLASH_COMMANDS. Ctrl-C while an answer is generated stops that
+    answer (the question is forgotten, the conversation goes on); at the prompt it quits, as end of input does."""
+    stdout.write("Type a message; /help lists the commands, Ctrl-C stops an answer.\n")
     history: list[dict] = []
     while True:
         stdout.write("> ")
         stdout.flush()
-        line = stdin.readline()
-        if not line or line.strip() == "/exit":
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            stdout.write("\n")
             return
         text = line.strip()
+        if not line or text == "/exit":
+            return
         if text == "/reset":
             history = []
             stdout.write("(new conversation)\n")
-            continue
-        if not text:
-            continue
-        history.append({"role": "user", "content": text})
-        system_message = [{"role": "system", "content": system}] if system else []
-        answer = chat_once(model, tokenizer, system_message + history, sampling)
-        history.append({"role": "assistant", "content": answer})
-        stdout.write(answer + "\n")
+        elif text == "/help":
+            stdout.write("".join(f"  {command:<7} {meaning}\n" for command, meaning in SLASH_COMMANDS.items()))
+        elif text.startswith("/"):
+            stdout.write(f"unknown command {text.split()[0]}; /help lists the commands\n")
+        elif text:
+            system_message = [{"role": "system", "content": system}] if system else []
+            try:
+                answer = chat_once(
+                    model, tokenizer, system_message + history + [{"role": "user", "content": text}], sampling
+                )
+            except KeyboardInterrupt:
+                stdout.write("\n(answer interrupted; the question is left out of the conversation)\n")
+                continue
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+            stdout.write(answer + "\n")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,9 @@
 """`tailor export-hf`: a base or merged model folder in Hugging Face's Mistral / Mixtral format.
 
-The output (config.json, model.safetensors, the mistral-common tokenizer file) loads with transformers'
-`AutoModelForCausalLM.from_pretrained` and serves with vLLM (`--tokenizer-mode mistral` reads the tokenizer file).
+The output (config.json, model.safetensors, the mistral-common tokenizer file and a tokenizer_config.json naming
+transformers' mistral-common tokenizer) loads with transformers' `AutoModelForCausalLM.from_pretrained` and
+`AutoTokenizer.from_pretrained` (the same ids as mistral-common, chats included, since it is mistral-common), and
+serves with vLLM (`--tokenizer-mode mistral` reads the tokenizer file).
 Names and the q/k rotary permutation are model/hf_format.py's; tensors stream one at a time, as in merge.
 """
 
@@ -22,6 +24,9 @@ from model.lora import is_lora_name
 from model.weights import TensorSpec, read_weights, vision_tower_specs, weight_specs
 
 HF_WEIGHTS = "model.safetensors"
+# transformers (5 and later) reads tekken.json / tokenizer.model.v* through mistral-common with this class: the exact
+# tokens and chat template of training. Without it, AutoTokenizer looks for a tokenizer.json and fails.
+HF_TOKENIZER_CONFIG = {"tokenizer_class": "MistralCommonBackend"}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -46,6 +51,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | N
         write_safetensors(staging / HF_WEIGHTS, hf_specs, hf_tensors(read_weights(model_dir), args, dtype))
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_tokenizer([model_dir], staging)
+        (staging / "tokenizer_config.json").write_text(json.dumps(HF_TOKENIZER_CONFIG, indent=2) + "\n")
     return Path(out_dir)
 
 

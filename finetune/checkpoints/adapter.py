@@ -34,7 +34,7 @@ def read_adapter(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoRAArg
             )
     try:
         entry = json.loads(params.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (ValueError, RecursionError) as error:
         raise ValueError(f"{params}: not JSON ({error})") from None
     entry = entry.get("lora") if isinstance(entry, dict) else None
     if not isinstance(entry, dict) or "rank" not in entry or not ({"alpha", "scaling"} & set(entry)):
@@ -99,7 +99,7 @@ def read_base_quantization(ckpt_dir: str | Path) -> str:
     try:
         entry = json.loads(params.read_text(encoding="utf-8")).get("lora")
         value = entry.get("base_quantization", "none") if isinstance(entry, dict) else "none"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return "none"
     if value not in QUANTIZATIONS:
         raise ValueError(f"{params}: lora.base_quantization is {value!r}; expected one of {', '.join(QUANTIZATIONS)}")

@@ -41,6 +41,10 @@ DAMAGED_SUFFIX = ".damaged"
 MANIFEST = "manifest.json"
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, most often); the message names it and what was kept."""
+
+
 def checkpoint_path(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"checkpoint_{step:06d}"
 
@@ -181,7 +185,7 @@ def verify_checkpoint(folder: Path) -> str | None:
         files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
     except FileNotFoundError:
         return f"no {MANIFEST} (written by a save cut short, or by an older tailor)"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return f"{MANIFEST} is unreadable"
     if not isinstance(files, dict) or not all(
         isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str) for e in files.values()
@@ -275,11 +279,32 @@ def _write_merged(
 def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: Callable[[Path], None]) -> Path:
     """A collective: every rank gathers the adapters to rank 0, which writes them (or the merged model when
     `checkpoint.save_adapters` is false), and calls `write_state(folder)` to write its part of the training state;
-    then rank 0 writes the manifest, renames the folder into place and removes the oldest checkpoints."""
+    then rank 0 writes the manifest, renames the folder into place and removes the oldest checkpoints. A write that
+    fails (a full disk) removes the partial folder and raises CheckpointWriteError; the older checkpoints stay."""
     run_dir = Path(cfg.run_dir)
     final = checkpoint_path(run_dir, step)
     staging = _stage(final) if is_main else final.with_name(final.name + ".tmp")
     barrier()  # the folder exists, and no debris is being cleared, before any rank writes into it
+    try:
+        _write_parts(cfg, model, staging, is_main)
+        write_state(staging)
+        barrier()  # every rank's files are written
+        if is_main:
+            _publish(staging, final)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"{final} could not be written ({error.strerror or error}: {error.filename or staging}): the partial "
+            "folder is removed, and the checkpoints saved before are kept. Free some space (or lower "
+            "checkpoint.keep), then run the same command: resume: auto continues from the newest checkpoint."
+        ) from None
+    if is_main:
+        remove_old_checkpoints(run_dir, cfg.checkpoint.keep, final)
+    return final
+
+
+def _write_parts(cfg, model, staging: Path, is_main: bool) -> None:
+    """The adapters (or the merged model) and the tokenizer, gathered from every rank and written by rank 0."""
     params = model.args.to_dict()
     tokenizer_file = find_tokenizer_file(cfg.model.path)
     if cfg.checkpoint.save_adapters:
@@ -297,9 +322,3 @@ def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: 
         else:
             for _ in gathered:
                 pass
-    write_state(staging)
-    barrier()  # every rank's files are written
-    if is_main:
-        _publish(staging, final)
-        remove_old_checkpoints(run_dir, cfg.checkpoint.keep, final)
-    return final

@@ -118,7 +118,7 @@ def _open(path: Path) -> tuple[set, dict, object]:
             raise ValueError(f"its {SHARD_DIMS} entry does not list its tensors")
     except FileNotFoundError:
         raise TensorStateError(f"{path} is missing") from None
-    except (SafetensorError, OSError, KeyError, ValueError) as error:
+    except (SafetensorError, OSError, KeyError, ValueError, RecursionError) as error:
         raise TensorStateError(
             f"{path} is not a training state tailor writes (a safetensors file with {SHARD_DIMS}): {error}"
         ) from None

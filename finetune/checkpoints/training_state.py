@@ -25,13 +25,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
-from finetune.checkpoints.folders import save_training_checkpoint, verify_checkpoint
+from finetune.checkpoints.folders import list_checkpoints, save_training_checkpoint, verify_checkpoint
 from finetune.checkpoints.tensor_state import TensorStateError, load_tensors, save_tensors, tensors_file
 from finetune.config import TrainConfig
-from finetune.training.distributed import DistInfo
+from finetune.training.distributed import DistInfo, all_reduce_sum
 from finetune.training.rng import derived_seed, rng_state, seed_rngs, set_rng_state
+from finetune.training.train_step import NonFiniteError
 
 if TYPE_CHECKING:
     from finetune.training.train_step import StepOutcome
@@ -92,6 +95,28 @@ def why_not_resumable(folder: Path) -> str | None:
         for name in (tensors_file(rank), f"rank_{rank}.json"):
             if not (folder / STATE / name).is_file():
                 return f"{STATE}/{name} is missing, though {world_size} ranks saved this state"
+    for rank in range(world_size):
+        problem = _rank_state_problem(folder / STATE / f"rank_{rank}.json")
+        if problem is not None:
+            return problem
+    return None
+
+
+def _rank_state_problem(path: Path) -> str | None:
+    """The shape of a rank's data position and random state; their values are checked as they are loaded."""
+    where = f"{STATE}/{path.name}"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        return f"{where} is unreadable ({type(error).__name__})"
+    if not (
+        isinstance(saved, dict)
+        and set(saved) == {"data", "rng"}
+        and isinstance(saved["data"], dict)
+        and isinstance(saved["rng"], dict)
+        and {"torch", "numpy", "python"} <= set(saved["rng"])
+    ):
+        return f"{where} is not a data position and random state that tailor writes"
     return None
 
 
@@ -118,7 +143,7 @@ def _progress_problem(path: Path) -> str | None:
     where = f"{STATE}/{PROGRESS}"
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         return f"{where} is unreadable ({type(error).__name__})"
     if not isinstance(saved, dict):
         return f"{where} is not a JSON object"
@@ -139,7 +164,9 @@ def save_checkpoint(
     cfg: TrainConfig, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo, loss_scale=None
 ) -> Path:
     """The checkpoint of step `progress.step`: the adapters and the training state (with fp16's `loss_scale`, a
-    finetune.training.loss_scale.DynamicLossScale, its state). A collective."""
+    finetune.training.loss_scale.DynamicLossScale, its state). A collective. Weights that are not finite are never
+    written: NonFiniteError, and the last good checkpoint stays the newest."""
+    _raise_if_not_finite(loss_model, progress.step, Path(cfg.run_dir))
     if loss_scale is not None:
         progress = replace(progress, **loss_scale.state())
 
@@ -147,6 +174,20 @@ def save_checkpoint(
         save_training_state(folder / STATE, loss_model, optimizer, loader, progress, dist_info)
 
     return save_training_checkpoint(cfg, loss_model.model, progress.step, dist_info.is_main, write_state)
+
+
+def _raise_if_not_finite(loss_model, step: int, run_dir: Path) -> None:
+    """Count the non-finite values of the trained weights over every rank's shards (a collective)."""
+    shards = [p.to_local() if isinstance(p, DTensor) else p for p in loss_model.parameters() if p.requires_grad]
+    bad = all_reduce_sum(torch.stack([(~torch.isfinite(t.detach())).sum() for t in shards]).sum()).item()
+    if bad:
+        newest = (list_checkpoints(run_dir) or [None])[-1]
+        raise NonFiniteError(
+            f"step {step}: {bad} of the LoRA weights are not finite, so no checkpoint is written: "
+            + (f"the newest, {newest}, is kept, and resume: auto continues from it" if newest else "none was saved")
+            + ". Things to try: a lower optim.lr, a longer warmup (optim.warmup_steps), a lower optim.weight_decay "
+            "or optim.max_grad_norm; model.dtype bf16 or fp32 if it is fp16."
+        )
 
 
 def save_training_state(folder: Path, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> None:

@@ -8,7 +8,6 @@ ranks that start together (torchrun) tokenize each file once and never read half
 One entry:
     tokens.bin        uint32, the tokens of all good samples, one after the other
     sample_starts.npy int64 [n+1], sample i is tokens[starts[i]:starts[i+1]]
-    sample_lines.npy  int64 [n], the line of each sample in the source file (from 1)
     span_starts.npy   int64 [n+1], sample i's trained spans are spans[span_starts[i]:span_starts[i+1]]
     spans.npy         (begin, end, weight): tokens[begin:end] of the sample have this loss weight
     errors.jsonl      {"line", "kind", "message", "fixable"} for each bad line (left out)
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import mistral_common
 import numpy as np
+from tqdm import tqdm
 
 from finetune.data.errors import LEFT_OUT, SampleFault
 from finetune.data.jsonl import line_aligned_ranges, read_lines
@@ -68,7 +68,6 @@ class TokenizedFile:
             else np.zeros(0, np.uint32)
         )
         self.sample_starts = np.asarray(np.load(entry / "sample_starts.npy", mmap_mode="r"))
-        self.sample_lines = np.asarray(np.load(entry / "sample_lines.npy", mmap_mode="r"))
         self.span_starts = np.asarray(np.load(entry / "span_starts.npy", mmap_mode="r"))
         self.spans = np.asarray(np.load(entry / "spans.npy", mmap_mode="r"))
         self.lengths = np.diff(self.sample_starts)
@@ -83,14 +82,6 @@ class TokenizedFile:
     def warnings(self) -> list[Fault]:
         with open(self.entry / "warnings.jsonl", encoding="utf-8") as f:
             return [Fault(**json.loads(line)) for line in f]
-
-    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens and loss weights of good sample i."""
-        start, end = self.sample_starts[i], self.sample_starts[i + 1]
-        weights = np.zeros(end - start, np.float32)
-        for begin, stop, weight in self.spans[self.span_starts[i] : self.span_starts[i + 1]]:
-            weights[begin:stop] = weight
-        return np.asarray(self.tokens[start:end]), weights
 
 
 def open_tokenized_files(
@@ -138,6 +129,7 @@ def _build_locked(path: Path, entry: Path, pool: _WorkerPool, blocking: bool) ->
 def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
     ranges = line_aligned_ranges(path, CHUNK_BYTES)
     tasks = [(path, start, end, str(out / f"part{k:05d}")) for k, (start, end) in enumerate(ranges)]
+    print(f"tokenizing {path} ({path.stat().st_size / 2**20:,.1f} MiB) into the cache", flush=True)
     lines_per_part = pool.tokenize_ranges(tasks)
 
     counts_by_kind: dict[str, dict[str, int]] = {"errors": {}, "warnings": {}}
@@ -146,14 +138,13 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
         open(out / "errors.jsonl", "w", encoding="utf-8") as errors,
         open(out / "warnings.jsonl", "w", encoding="utf-8") as warnings,
     ):
-        lengths, lines, n_spans, spans = [], [], [], []
+        lengths, n_spans, spans = [], [], []
         first_line = 1
         for (_, _, _, prefix), n_lines in zip(tasks, lines_per_part):
             with open(f"{prefix}.tokens", "rb") as f:
                 shutil.copyfileobj(f, tokens, 16 << 20)
             arrays = np.load(f"{prefix}.npz")
             lengths.append(arrays["lengths"])
-            lines.append(arrays["lines"] + (first_line - 1))
             n_spans.append(arrays["n_spans"])
             spans.append(arrays["spans"])
             for name, records in (("errors", errors), ("warnings", warnings)):
@@ -170,7 +161,6 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
     lengths = np.concatenate(lengths)
     spans = np.concatenate(spans).astype(SPAN_DTYPE) if spans else np.zeros(0, SPAN_DTYPE)
     np.save(out / "sample_starts.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    np.save(out / "sample_lines.npy", np.concatenate(lines).astype(np.int64))
     np.save(out / "span_starts.npy", np.concatenate([[0], np.cumsum(np.concatenate(n_spans))]).astype(np.int64))
     np.save(out / "spans.npy", spans)
     trained = int(((spans["end"] - spans["begin"]) * (spans["weight"] > 0)).sum())
@@ -192,7 +182,7 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
 def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) -> int:
     """Tokenize the lines of one byte range into part files; return the number of lines read."""
     path, start, end, prefix = task
-    lengths, lines, n_spans, spans = [], [], [], []
+    lengths, n_spans, spans = [], [], []
     n_lines = 0
     with (
         open(f"{prefix}.tokens", "wb") as tokens_out,
@@ -213,7 +203,6 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
                 continue
             pending += sample_tokens
             lengths.append(len(sample_tokens))
-            lines.append(n_lines)
             n_spans.append(len(sample_spans))
             spans += sample_spans
             if len(pending) > 1 << 20:
@@ -223,7 +212,6 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
     np.savez(
         f"{prefix}.npz",
         lengths=np.asarray(lengths, np.int64),
-        lines=np.asarray(lines, np.int64),
         n_spans=np.asarray(n_spans, np.int64),
         spans=np.asarray(spans, SPAN_DTYPE),
     )
@@ -251,14 +239,24 @@ class _WorkerPool:
         self.pool = None
 
     def tokenize_ranges(self, tasks: list) -> list[int]:
+        """The lines of each (path, start, end, prefix) range, tokenized; on a terminal (disable=None), a bar over
+        the file's bytes."""
         if len(tasks) == 1 or self.num_workers == 0:
-            return [_tokenize_range(task, *self.args) for task in tasks]
-        if self.pool is None:
-            # fork: workers inherit the loaded tokenizer instead of loading it again (Tekken takes a second)
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            self.pool = context.Pool(self.num_workers, initializer=_init_worker, initargs=self.args)
-        return self.pool.map(_tokenize_range_in_worker, tasks, chunksize=1)
+            results = (_tokenize_range(task, *self.args) for task in tasks)
+        else:
+            if self.pool is None:
+                # fork: workers inherit the loaded tokenizer instead of loading it again (Tekken takes a second)
+                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+                context = multiprocessing.get_context(method)
+                self.pool = context.Pool(self.num_workers, initializer=_init_worker, initargs=self.args)
+            results = self.pool.imap(_tokenize_range_in_worker, tasks, chunksize=1)
+        path, _, size, _ = tasks[-1]
+        lines = []
+        with tqdm(total=size, desc=f"tokenizing {path.name}", unit="B", unit_scale=True, disable=None) as bar:
+            for (_, start, end, _), n in zip(tasks, results):
+                lines.append(n)
+                bar.update(end - start)
+        return lines
 
     def __enter__(self) -> _WorkerPool:
         return self

@@ -71,6 +71,11 @@ def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
             "not_utf8", f"not valid UTF-8: byte 0x{line[e.start]:02x} at column {e.start + 1}; save the file as UTF-8"
         ) from None
     repeated: list[str] = []
+    constants: list[str] = []
+
+    def non_standard(name: str) -> float:  # NaN, Infinity, -Infinity: Python's JSON reads them, the standard has none
+        constants.append(name)
+        return float(name)
 
     def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
         value = dict(pairs)
@@ -80,7 +85,7 @@ def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
 
     too_deep = SampleFault("too_deeply_nested", f"JSON nested more than {MAX_NESTING} levels deep")
     try:
-        value = json.loads(text, object_pairs_hook=unique_keys)
+        value = json.loads(text, object_pairs_hook=unique_keys, parse_constant=non_standard)
     except json.JSONDecodeError as e:
         if e.msg.startswith("Invalid control character"):  # a raw NUL, tab or line feed inside a string
             raise SampleFault(
@@ -110,6 +115,10 @@ def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
         warnings.extend(
             SampleWarning("duplicate_key", f"key {key!r} appears twice in one JSON object; the last one is used")
             for key in dict.fromkeys(repeated)
+        )
+        warnings.extend(
+            SampleWarning("non_standard_json", f"{name} is not standard JSON; other tools may refuse this line")
+            for name in dict.fromkeys(constants)
         )
     return value
 

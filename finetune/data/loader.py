@@ -110,6 +110,12 @@ def build_train_loader(
     sources = open_sources(cfg.train, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
     bad = check_bad_samples(sources, cfg.on_bad_sample)
     for source in sources:
+        if len(source) == 0:
+            lines = sum(f.meta["n_lines"] for f in source.files)
+            raise DataError(
+                f"{source.name}: no usable sample in {lines:,} lines (bad lines skipped, or samples with nothing to "
+                "train left out); `tailor validate` lists them"
+            )
         if len(source) < world_size:
             raise DataError(f"{source.name}: {len(source)} usable samples cannot be shared by {world_size} ranks")
         fits = source.lengths - 1 <= seq_len

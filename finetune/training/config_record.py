@@ -46,7 +46,7 @@ def _read(path: Path) -> dict | None:
     """The recorded settings, or None when there is no readable record."""
     try:
         recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError, RecursionError):
         return None
     return recorded if isinstance(recorded, dict) else None
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from finetune.config import ConfigError, TrainConfig
 from finetune.training.distributed import DistInfo
@@ -14,7 +16,7 @@ from model.args import ModelArgs, load_model_args
 from model.lora import inject_lora, mark_only_lora_trainable
 from model.quantize import QuantizationUnavailable, is_quantized_name, nf4_shard_problem, quantize_frozen_linears
 from model.transformer import Transformer
-from model.weights import read_weights, vision_tower_specs
+from model.weights import read_weights, vision_tower_specs, weight_specs
 
 
 def build_meta_model(cfg: TrainConfig, args: ModelArgs, dtype: torch.dtype) -> Transformer:
@@ -52,9 +54,16 @@ def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithL
 
     loss_model.to_empty(device=dist_info.device)
     is_loader = dist_info.rank == 0
-    if is_loader and (tower := vision_tower_specs(model_dir)):
-        print(f"{model_dir}: the vision tower ({len(tower)} tensors) is not loaded: LoRA trains the text decoder")
-    filled = load_streamed_weights(loss_model, read_weights(model_dir) if is_loader else None, prefix="model.")
+    weights = None
+    if is_loader:
+        if tower := vision_tower_specs(model_dir):
+            print(f"{model_dir}: the vision tower ({len(tower)} tensors) is not loaded: LoRA trains the text decoder")
+        specs = weight_specs(model_dir)
+        size = sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs.values())
+        print(f"loading {model_dir}: {len(specs)} tensors, {size / 2**30:.2f} GiB", flush=True)
+        # a bar on a terminal only (disable=None): a log gets the line above
+        weights = tqdm(read_weights(model_dir), total=len(specs), desc="loading weights", unit="tensor", disable=None)
+    filled = load_streamed_weights(loss_model, weights, prefix="model.")
     filled |= load_streamed_weights(
         loss_model, lora_init_tensors(model, cfg.seed) if is_loader else None, prefix="model."
     )

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import shlex
-import sys
 import warnings
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from finetune.config import TrainConfig
 
 EXTRA_HINT = "pip install 'tailor[logging]'"
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
@@ -27,7 +25,7 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: Path, cfg: TrainConfig):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         self.file = open(self.path, "a", encoding="utf-8")
         self.tensorboard = self.wandb = self.mlflow = None
         log = cfg.logging
@@ -53,7 +51,7 @@ class MetricsLogger:
                 self.mlflow.log_params(_flat_config(cfg))
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(standard_json(record), allow_nan=False) + "\n")
         self.file.flush()
         step = record["step"]
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -74,6 +72,12 @@ class MetricsLogger:
             self.wandb.finish()
         if self.mlflow:
             self.mlflow.end_run()
+
+
+def standard_json(record: dict) -> dict:
+    """The record with each non-finite number (a skipped step's loss or gradient norm) as null: JSON has no NaN or
+    Infinity, and readers other than Python's reject them."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def _optional_import(module: str, package: str):
@@ -135,16 +139,12 @@ def format_duration(seconds: float) -> str:
 def format_train_line(record: dict) -> str:
     step, max_steps = record["step"], record["max_steps"]
     eta = record["elapsed_s"] / step * (max_steps - step)
-    line = (
+    return (
         f"step {step:>{len(str(max_steps))}}/{max_steps}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
         f"grad norm {record['grad_norm']:.3f}  tok/s {record['tokens_per_s']:,.0f} "
         f"(trained {record['trained_tokens_per_s']:,.0f})  peak mem {record['peak_memory_gib']:.1f} GiB  "
         f"ETA {format_duration(eta)}"
     )
-    if sys.stdout.isatty():
-        done = int(20 * step / max_steps)
-        line = f"[{'#' * done}{'.' * (20 - done)}] " + line
-    return line
 
 
 def format_eval_line(record: dict) -> str:
@@ -176,30 +176,3 @@ def format_summary(
     if run_dir:
         lines.append(f"  plot the curves: tailor plot {shlex.quote(str(run_dir))}")
     return "\n".join(lines)
-
-
-class PeakLiveBytes(TorchDispatchMode):
-    """`with PeakLiveBytes() as probe: ...`: the peak of the bytes held at once by tensors created inside the block
-    (forward and backward), on any device, so memory can be measured on a CPU too (tests, benchmarks). Tensors made
-    before it, like the inputs, are not counted. Storages are tracked by weak references, so a tensor counts for
-    exactly as long as something (a variable, the autograd graph) keeps it alive."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live:
-                    self.live[key] = weakref.finalize(storage, self._free, key, storage.nbytes())
-                    self.now += storage.nbytes()
-                    self.peak = max(self.peak, self.now)
-        return out
-
-    def _free(self, key, nbytes):
-        del self.live[key]
-        self.now -= nbytes

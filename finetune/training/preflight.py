@@ -5,21 +5,24 @@ Each failure is a PreflightError whose message names the config key, the path an
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from finetune.config import TrainConfig
+from finetune.config import TrainConfig, resolve_cache_dir
 from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
 from finetune.data.config import DataSource
+from finetune.training.config_record import CONFIG_FILE
 from finetune.training.model_setup import build_meta_model
+from finetune.training.monitoring import METRICS_FILE
 from finetune.training.parallel import compute_dtype
-from model.args import ModelArgs, load_model_args, num_parameters
+from finetune.training.run_lock import LOCK_FILE
+from model.args import ModelArgs, load_model_args, num_parameters, read_json_object
 from model.lora import is_lora_name
+from model.weights import weight_specs_by_file
 
 # Bytes per LoRA parameter in a checkpoint: fp32 in lora.safetensors, again in state/ for resume, and AdamW's two
 # fp32 moments.
@@ -47,7 +50,9 @@ def run_preflight_checks(cfg: TrainConfig) -> MistralTokenizer:
         raise PreflightError(f"model.path: {error}") from None
     check_seq_len(cfg.seq_len, model_dir)
     check_run_dir(Path(cfg.run_dir))
+    check_cache_dir(resolve_cache_dir(cfg))
     check_disk_space(cfg, args)
+    check_model_weights(cfg, args)
     return tokenizer
 
 
@@ -85,14 +90,45 @@ def check_tokenizer(model_dir: Path) -> MistralTokenizer:
     return tokenizer
 
 
+def check_model_weights(cfg: TrainConfig, args: ModelArgs) -> None:
+    """Every weight of the model that params.json (or config.json) describes is in the folder, once, with that
+    shape, and nothing else is: read from the files' headers only, so a truncated or damaged file, a missing
+    tensor or a mismatched shape stops the run before any weight is loaded, naming the file."""
+    model_dir = Path(cfg.model.path)
+    try:
+        stored = weight_specs_by_file(model_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise PreflightError(f"model.path: {error}") from None
+    described = next(model_dir / name for name in ("params.json", "config.json") if (model_dir / name).is_file())
+    model = build_meta_model(cfg, args, torch.float32)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters() if not is_lora_name(name)}
+    for name, (file, spec) in stored.items():
+        if name not in expected:
+            raise PreflightError(
+                f"model.path: {file}: tensor {name!r} is not a weight of the model that {described} describes"
+            )
+        if spec.shape != expected[name]:
+            raise PreflightError(
+                f"model.path: {file}: tensor {name!r} has shape {spec.shape}, but {described} describes "
+                f"{expected[name]}; are the weights and {described.name} from the same model?"
+            )
+    if missing := [name for name in expected if name not in stored]:
+        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise PreflightError(
+            f"model.path: {model_dir}: the weight files hold no tensor for {len(missing)} of the model's weights "
+            f"({shown}); is a shard missing?"
+        )
+
+
 def check_seq_len(seq_len: int, model_dir: Path) -> None:
     """seq_len may pass a sliding window (Mistral attends within it), never a length the model folder declares
     as its limit: positions beyond it were never trained."""
     for file, key in (("params.json", "max_seq_len"), ("config.json", "max_position_embeddings")):
         path = model_dir / file
         if path.is_file():
-            declared = json.loads(path.read_text(encoding="utf-8"))
-            limit = declared.get("text_config", declared).get(key)
+            declared = read_json_object(path)
+            declared = declared.get("text_config", declared)  # multimodal Hugging Face configs nest the text model
+            limit = declared.get(key) if isinstance(declared, dict) else None
             if isinstance(limit, int) and seq_len > limit:
                 raise PreflightError(
                     f"seq_len {seq_len} is longer than the {key} {limit} that {path} declares; "
@@ -102,13 +138,42 @@ def check_seq_len(seq_len: int, model_dir: Path) -> None:
 
 
 def check_run_dir(run_dir: Path) -> None:
+    """run_dir, and checkpoints/ in it, are folders this process can write; what tailor writes there as a file is
+    not a folder. A run_dir that does not exist is created."""
     if run_dir.exists() and not run_dir.is_dir():
         raise PreflightError(f"run_dir: {run_dir} is a file, not a folder; choose another run_dir")
-    existing = _nearest_existing(run_dir)
-    if not os.access(existing, os.W_OK):
+    check_writable("run_dir", run_dir)
+    for name in (CONFIG_FILE, METRICS_FILE, LOCK_FILE):
+        if (run_dir / name).is_dir():
+            raise PreflightError(
+                f"run_dir: {run_dir / name} is a folder, where tailor writes its {name} file; move it away"
+            )
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.exists() and not checkpoints.is_dir():
         raise PreflightError(
-            f"run_dir: {run_dir} cannot be created or written ({existing} is not writable); choose another run_dir"
+            f"run_dir: {checkpoints} is a file, where tailor keeps the checkpoint folders; move it away"
         )
+    if checkpoints.is_dir():
+        check_writable("run_dir", checkpoints)
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise PreflightError(f"data.cache_dir: {cache_dir} is a file, not a folder; choose another data.cache_dir")
+    check_writable("data.cache_dir", cache_dir)
+
+
+def check_writable(key: str, folder: Path) -> None:
+    """Create `folder` if need be, and a file in it: the one test that holds everywhere (os.access answers yes to
+    root, and on a read-only mount or a full disk only a write tells)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PreflightError(
+            f"{key}: {folder} cannot be written ({error.strerror or error}); choose another {key}, or make it writable"
+        ) from None
 
 
 def checkpoint_bytes(cfg: TrainConfig, args: ModelArgs) -> int:

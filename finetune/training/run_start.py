@@ -115,5 +115,5 @@ def _cut_metrics(path: Path, step: int) -> None:
 def _record_step(line: str) -> int | None:
     try:
         return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None

@@ -17,16 +17,25 @@ import torch
 from finetune.checkpoints.folders import list_checkpoints
 from finetune.checkpoints.training_state import Progress
 from finetune.config import TrainConfig
-from finetune.training.monitoring import MetricsLogger, format_train_line, peak_memory_gib, train_record
+from finetune.training.console import Console
+from finetune.training.monitoring import MetricsLogger, peak_memory_gib, train_record
 from finetune.training.train_step import StepSums, raise_if_diverged
 
 
 class StepLog:
-    """Reads the queued steps' outcomes into `progress`, logs them (rank 0 has the `logger`), raises NonFiniteError
-    after too many non-finite steps in a row, and tells the loop when some rank was asked to stop."""
+    """Reads the queued steps' outcomes into `progress`, logs them (rank 0 has the `logger` and the `console`),
+    raises NonFiniteError after too many non-finite steps in a row, and tells the loop when some rank was asked to
+    stop."""
 
-    def __init__(self, cfg: TrainConfig, progress: Progress, logger: MetricsLogger | None, device: torch.device):
-        self.cfg, self.progress, self.logger, self.device = cfg, progress, logger, device
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        progress: Progress,
+        logger: MetricsLogger | None,
+        device: torch.device,
+        console: Console | None = None,
+    ):
+        self.cfg, self.progress, self.logger, self.device, self.console = cfg, progress, logger, device, console
         self.started = time.perf_counter() - progress.elapsed_s  # training time, across resumes
         self.unread: list[tuple[int, float, StepSums]] = []  # steps queued on the device, oldest first
         self.stop_requested = False
@@ -49,14 +58,14 @@ class StepLog:
             self.last_loss = record["loss"]
             if self.logger:
                 self.logger.log(record)
-                print(format_train_line(record), flush=True)
+            if self.console:
+                self.console.train_step(record)
         if not outcome.finite:
             limit = self.cfg.optim.max_consecutive_nonfinite
-            if self.logger:
-                print(
+            if self.console:
+                self.console.print(
                     f"step {step}: the loss or the gradients are not finite, so the step is skipped "
-                    f"({progress.nonfinite_in_a_row} in a row; {limit} stop the run)",
-                    flush=True,
+                    f"({progress.nonfinite_in_a_row} in a row; {limit} stop the run)"
                 )
             raise_if_diverged(
                 step, progress.nonfinite_in_a_row, limit, lr, (list_checkpoints(Path(self.cfg.run_dir)) or [None])[-1]

@@ -1,11 +1,17 @@
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 from finetune.after.chat import (
+    SLASH_COMMANDS,
     Sampling,
     answer_conversations,
     answer_file,
@@ -16,6 +22,8 @@ from finetune.after.chat import (
     load_chat_model,
 )
 from finetune.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 GREEDY = Sampling(max_tokens=12)
 CONVERSATIONS = [
@@ -147,3 +155,64 @@ def test_cli(adapter_checkpoint, chat_model, tmp_path, capsys):
     assert "error: --input and --output go together" in capsys.readouterr().err
     assert main(["chat", str(tmp_path / "missing"), "--prompt", "Hi"]) == 2
     assert "error: model folder not found" in capsys.readouterr().err
+
+
+class Interrupted(io.StringIO):
+    """A terminal where the user presses Ctrl-C at the prompt."""
+
+    def readline(self, *args):
+        raise KeyboardInterrupt
+
+
+def test_slash_commands_are_listed_and_never_sent_to_the_model(chat_model, monkeypatch):
+    sent = []
+    monkeypatch.setattr("finetune.after.chat.chat_once", lambda model, tok, messages, sampling: sent.append(messages))
+    stdout = io.StringIO()
+    interactive_chat(*chat_model, GREEDY, stdin=io.StringIO("/help\n/model big\n/reset\n/exit\n"), stdout=stdout)
+    assert sent == []
+    printed = stdout.getvalue()
+    for command, meaning in SLASH_COMMANDS.items():
+        assert f"  {command:<7} {meaning}\n" in printed
+    assert "unknown command /model; /help lists the commands\n" in printed
+
+
+def test_ctrl_c_stops_the_answer_and_at_the_prompt_quits(chat_model, monkeypatch):
+    asked = []
+
+    def answer(model, tokenizer, messages, sampling):
+        asked.append(messages)
+        if len(asked) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the first answer is generated
+        return "an answer"
+
+    monkeypatch.setattr("finetune.after.chat.chat_once", answer)
+    stdout = io.StringIO()
+    interactive_chat(*chat_model, GREEDY, stdin=io.StringIO("first\nsecond\nthird\n"), stdout=stdout)
+    assert "(answer interrupted; the question is left out of the conversation)" in stdout.getvalue()
+    assert asked[1] == [{"role": "user", "content": "second"}]  # the interrupted question is not in the history
+    assert asked[2][:2] == [{"role": "user", "content": "second"}, {"role": "assistant", "content": "an answer"}]
+
+    stdout = io.StringIO()
+    interactive_chat(*chat_model, GREEDY, stdin=Interrupted(), stdout=stdout)  # returns: no traceback
+    assert stdout.getvalue().endswith("> \n")
+
+
+def test_ctrl_c_at_the_prompt_of_tailor_chat_exits_cleanly(adapter_checkpoint):
+    base, _ = adapter_checkpoint("mistral-7b")
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "chat", str(base)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    shown = b""
+    while not shown.endswith(b"> "):  # the prompt: the model is loaded and waits for a line
+        byte = chat.stdout.read(1)
+        assert byte, chat.stderr.read().decode()
+        shown += byte
+    chat.send_signal(signal.SIGINT)
+    out, err = chat.communicate(timeout=60)
+    assert chat.returncode == 0, err.decode()
+    assert b"Traceback" not in err and err.decode().strip() == ""

@@ -18,7 +18,12 @@ def test_merged_model_exported_to_hf_runs_in_transformers_as_in_tailor(
     base, checkpoint = adapter_checkpoint(arch)
     merged = merge_adapter(base, checkpoint, tmp_path / "merged")
     hf = export_hf(merged, tmp_path / "hf")
-    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model.v3"]
+    assert sorted(p.name for p in hf.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model.v3",
+        "tokenizer_config.json",
+    ]
 
     reference = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     model = adapted_model(base, checkpoint)
@@ -49,3 +54,28 @@ def test_export_casts_to_the_requested_dtype(tiny_folder, tmp_path, capsys):
         assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
     assert main(["export-hf", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert f"error: model folder not found: {tmp_path / 'nothing'}" in capsys.readouterr().err
+
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there, how are you?"},
+    {"role": "assistant", "content": "Fine, thanks."},
+    {"role": "user", "content": "Name three colours: été, 東京, ✓."},
+]
+
+
+@pytest.mark.parametrize("tokenizer", ["v3", "tekken"])
+def test_the_exported_folder_gives_mistral_commons_ids_through_auto_tokenizer(tokenizer, tiny_folder, tmp_path):
+    """SentencePiece v3 and Tekken: plain text and a chat, as training tokenizes them."""
+    transformers = pytest.importorskip("transformers")
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    hf = export_hf(tiny_folder(tokenizer=tokenizer), tmp_path / "hf")
+    auto = transformers.AutoTokenizer.from_pretrained(hf)
+    (file,) = [p for p in hf.iterdir() if p.name.startswith(("tokenizer.model", "tekken"))]
+    reference = MistralTokenizer.from_file(str(file))
+    text = "Fine-tuning Mistral: été, 東京, ✓ and 12345 tokens."
+    assert auto(text).input_ids == reference.instruct_tokenizer.tokenizer.encode(text, bos=True, eos=False)
+    expected = reference.encode_chat_completion(ChatCompletionRequest(messages=CHAT)).tokens
+    assert list(auto.apply_chat_template(CHAT, tokenize=True)["input_ids"]) == expected

@@ -3,6 +3,7 @@ and over every import statement (lazy ones inside functions included).
 
 - `model/` imports nothing from `finetune/`: the model is usable alone, for inference and export.
 - `finetune/data/` imports nothing from `model/`: data knows the tokenizer, never the network.
+- `finetune/after/` (merge, export, chat, ...) loads nothing from `finetune/training/`: it reads what training left.
 - No import cycle between modules, even through an import inside a function. Imports under `if TYPE_CHECKING:`
   never run and are left out.
 """
@@ -56,6 +57,14 @@ def test_importing_the_model_loads_nothing_from_finetune():
     loaded = loaded_after("\n".join(f"import {m}" for m in model_modules))
     assert set(model_modules) <= set(loaded)
     assert [m for m in loaded if m.split(".")[0] == "finetune"] == []
+
+
+def test_the_commands_after_training_load_nothing_of_the_training_loop():
+    """finetune/after/ reads what training left (checkpoints, model folders): a change to the loop cannot break it."""
+    after_modules = [m for m in product_modules() if m.startswith("finetune.after.")]
+    loaded = loaded_after("\n".join(f"import {m}" for m in after_modules))
+    assert set(after_modules) <= set(loaded) and len(after_modules) > 5
+    assert [m for m in loaded if m.startswith("finetune.training")] == []
 
 
 def test_importing_the_model_package_loads_only_what_is_asked_for():

@@ -6,10 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_train_throughput_runs_tailor_and_the_hf_baseline_on_a_tiny_model():
+    pytest.importorskip("transformers", reason="the baseline is transformers + PEFT (the dev extra)")
+    pytest.importorskip("peft", reason="the baseline is transformers + PEFT (the dev extra)")
     result = subprocess.run(
         [sys.executable, "benchmarks/train_throughput.py", "--arch", "tiny", "--steps", "1", "--warmup", "1"],
         cwd=REPO,

@@ -9,26 +9,17 @@ import json
 import shutil
 from pathlib import Path
 
-import mistral_common
 import pytest
 
 from finetune.data import load_tokenizer
-
-BUNDLED = Path(mistral_common.__file__).parent / "data"
-# name in the model folder <- bundled file, and the vocab_size its params.json declares
-TOKENIZER_FILES = {
-    "v1": ("tokenizer.model.v1", "tokenizer.model.v1", 32000),
-    "v3": ("tokenizer.model.v3", "mistral_instruct_tokenizer_240323.model.v3", 32768),
-    "v7": ("tokenizer.model.v7", "mistral_instruct_tokenizer_241114.model.v7", 32768),
-    "tekken": ("tekken.json", "tekken_240911.json", 131072),
-}
+from model.tokenizer_files import TOKENIZER_FILES, tokenizer_path
 
 
 def make_model_dir(root: Path, version: str) -> Path:
-    name, bundled, vocab_size = TOKENIZER_FILES[version]
+    tokenizer = TOKENIZER_FILES[version]
     model = root / f"model_{version}"
     model.mkdir(parents=True, exist_ok=True)
-    shutil.copy(BUNDLED / bundled, model / name)
+    shutil.copy(tokenizer_path(version), model / tokenizer.filename)
     (model / "params.json").write_text(
         json.dumps(
             {
@@ -39,7 +30,7 @@ def make_model_dir(root: Path, version: str) -> Path:
                 "n_heads": 4,
                 "n_kv_heads": 2,
                 "norm_eps": 1e-5,
-                "vocab_size": vocab_size,
+                "vocab_size": tokenizer.vocab_size,
                 "rope_theta": 1e6,
             }
         )

@@ -248,6 +248,7 @@ SAMPLE_WARNINGS = [
         "message 2 tool call 1 has type 'retrieval'; it is read as a function call",
     ),
     ("nothing_to_train", {"messages": [USER, {**ANSWER, "weight": 0}]}, "no assistant message is trained"),
+    ("non_standard_json", {"text": "a", "metadata": {"score": float("nan")}}, "NaN is not standard JSON"),
 ]
 
 

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 import finetune.data.cache as cache
-from finetune.data import DataError, build_eval_batches, build_train_loader
+from finetune.data import DataError, build_eval_batches, build_train_loader, tokenize_sample
 from finetune.data.cache import open_tokenized_files
 from finetune.data.config import DataConfig, DataSource
-from finetune.data.sources import open_sources
 
 
 def documents_of(batch, seq_len, known: dict) -> list[int]:
@@ -32,9 +31,10 @@ def chat_file(tmp_path, write_jsonl, chat):
     return write_jsonl(tmp_path / "train.jsonl", [chat(i, turns=1 + i % 3) for i in range(40)])
 
 
-def inputs_to_sample(path, tokenizer, cache_dir) -> dict:
-    (source,) = open_sources([DataSource(str(path))], tokenizer, "all", cache_dir, 0)
-    return {tuple(source.files[0].sample(i)[0][:-1].tolist()): i for i in range(len(source))}
+def inputs_to_sample(path, tokenizer) -> dict:
+    """Each line's inputs (its tokens but the last), as tokenize_sample makes them -> the line's index."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return {tuple(tokenize_sample(json.loads(line), tokenizer).tokens[:-1]): i for i, line in enumerate(lines)}
 
 
 def loader(path, tokenizer, cache_dir, rank=0, world_size=1, seed=0, **data):
@@ -46,7 +46,7 @@ def loader(path, tokenizer, cache_dir, rank=0, world_size=1, seed=0, **data):
 
 def test_two_ranks_read_disjoint_shares_that_cover_the_data(tmp_path, tokenizers, chat_file):
     tokenizer, cache_dir = tokenizers["v3"], tmp_path / "cache"
-    known = inputs_to_sample(chat_file, tokenizer, cache_dir)
+    known = inputs_to_sample(chat_file, tokenizer)
     per_rank = []
     for rank in (0, 1):
         rank_loader = loader(chat_file, tokenizer, cache_dir, rank=rank, world_size=2)
@@ -142,7 +142,7 @@ def test_parallel_build_equals_in_process_build(tmp_path, tokenizers, write_json
     (serial,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "serial", num_workers=0)
     monkeypatch.setattr(cache, "CHUNK_BYTES", 2000)  # about 5 lines per worker task
     (parallel,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "parallel", num_workers=2)
-    for name in ("sample_starts", "sample_lines", "span_starts", "spans"):
+    for name in ("sample_starts", "span_starts", "spans"):
         assert getattr(parallel, name).tolist() == getattr(serial, name).tolist()
     assert parallel.tokens.tolist() == serial.tokens.tolist()
     assert [f.line for f in parallel.faults()] == [i + 1 for i in range(0, 120, 7)]

@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from finetune.data import tokenize_sample
 from finetune.data.config import DataSource
 from finetune.data.packing import LOOKAHEAD, PAD_TOKEN, DocumentFeed, Piece, make_batch, pack_sequence
 from finetune.data.sources import open_sources
@@ -138,7 +139,8 @@ def test_feed_state_round_trips():
 
 
 def test_cached_store_writes_the_sample_slices(tmp_path, tokenizers, write_jsonl):
-    """TokenizedSource.write clips weight spans to a piece exactly as slicing the sample's weights does."""
+    """TokenizedSource.write gives a piece of a cached sample exactly as slicing tokenize_sample's tokens and weights
+    does."""
     samples = [
         {
             "messages": [
@@ -153,8 +155,9 @@ def test_cached_store_writes_the_sample_slices(tmp_path, tokenizers, write_jsonl
     data = write_jsonl(tmp_path / "d.jsonl", samples)
     (source,) = open_sources([DataSource(str(data))], tokenizers["v3"], "all", tmp_path / "cache", 0)
     rng = np.random.default_rng(0)
-    for doc in range(len(source)):
-        tokens, weights = source.files[0].sample(doc)
+    for doc, sample in enumerate(samples):
+        expected = tokenize_sample(sample, tokenizers["v3"])
+        tokens, weights = np.asarray(expected.tokens), np.asarray(expected.weights, np.float32)
         n = len(tokens) - 1
         for _ in range(20):
             begin = int(rng.integers(0, n))

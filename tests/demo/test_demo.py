@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# The demo took 185 s on the 2-core test machine under a load average of 4 to 5 (README, "The two commands"). Ten
+# times that is the limit: a newcomer's first `pytest` on a slower or busier machine passes, and a demo that hangs
+# still ends the test.
+MEASURED_DEMO_S = 185
 
 
 def test_demo_learns_and_answers_held_out_prompts(tmp_path):
@@ -21,7 +25,7 @@ def test_demo_learns_and_answers_held_out_prompts(tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=10 * MEASURED_DEMO_S,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

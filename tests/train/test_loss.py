@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.live_bytes import PeakLiveBytes
 from finetune.training import loss as loss_module
 from finetune.training.eval import evaluate
 from finetune.training.loss import CausalLMWithLoss, chunked_cross_entropy, loss_inputs
-from finetune.training.monitoring import PeakLiveBytes
 from model.lora import LoRALinear
 
 

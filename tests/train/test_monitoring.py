@@ -1,6 +1,7 @@
 """Metrics reach metrics.jsonl intact, the console lines carry the numbers, and a missing tracker never stops a run."""
 
 import builtins
+import io
 import json
 import sys
 import types
@@ -8,6 +9,7 @@ import types
 import pytest
 
 from finetune.config import TrainConfig
+from finetune.training.console import Console
 from finetune.training.monitoring import MetricsLogger, format_eval_line, format_summary, format_train_line
 
 TRAIN_RECORD = dict(
@@ -38,8 +40,7 @@ def test_records_round_trip_through_metrics_jsonl(tmp_path):
     assert [json.loads(line) for line in lines] == [TRAIN_RECORD, eval_record]
 
 
-def test_the_train_line_carries_the_numbers(monkeypatch):
-    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+def test_the_train_line_carries_the_numbers():
     line = format_train_line(TRAIN_RECORD)
     for text in (
         "step  20/100",
@@ -52,9 +53,36 @@ def test_the_train_line_carries_the_numbers(monkeypatch):
         "ETA 0:06:40",
     ):  # 100 s for 20 steps: 80 more steps take 400 s
         assert text in line
-    assert not line.startswith("[")
-    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
-    assert format_train_line(TRAIN_RECORD).startswith("[####................] step  20/100")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_piped_the_console_prints_a_line_per_logged_step():
+    out = io.StringIO()
+    console = Console(max_steps=100, steps_done=0, data_tokens=20480, stream=out)
+    console.train_step(TRAIN_RECORD)
+    console.print("eval at step 20: ...")
+    console.close()
+    assert out.getvalue().splitlines() == [format_train_line(TRAIN_RECORD), "eval at step 20: ..."]
+
+
+def test_on_a_terminal_the_console_is_one_line_updated_in_place():
+    out = Terminal()
+    console = Console(max_steps=100, steps_done=10, data_tokens=20480, stream=out)  # resumed at step 10
+    console.train_step(TRAIN_RECORD)
+    console.print("eval at step 20: loss 1.5")
+    console.train_step(dict(TRAIN_RECORD, step=21, tokens=43008, loss=2.25))
+    console.close()
+    text = out.getvalue()
+    assert "\n" not in text.split("eval at step 20")[0]  # redrawn with carriage returns, not new lines
+    screen = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]  # what a terminal shows of each line
+    assert "eval at step 20: loss 1.5" in screen
+    last = screen[-1]
+    for shown in ("train:", "21/100", "epoch 2.10", "loss 2.2500", "tok/s 12,346", "<"):  # "<": elapsed<ETA
+        assert shown in last, last
 
 
 def test_eval_line_and_summary():

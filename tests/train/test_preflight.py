@@ -30,11 +30,12 @@ def fails(config: Path, message: str) -> None:
 
 
 def model_copy(tiny_model_dir: Path, folder: Path, tokenizer: bool = True, **params) -> Path:
-    """The tiny model's params.json (with `params` changed) and tokenizer: all that pre-flight reads."""
+    """The tiny model's params.json (with `params` changed), weights and tokenizer: all that pre-flight reads."""
     folder.mkdir()
     (folder / "params.json").write_text(
         json.dumps({**json.loads((tiny_model_dir / "params.json").read_text()), **params})
     )
+    shutil.copy(tiny_model_dir / "consolidated.safetensors", folder)
     if tokenizer:
         shutil.copy(tiny_model_dir / "tokenizer.model.v3", folder)
     return folder

@@ -303,12 +303,42 @@ def test_nonfinite_steps_are_skipped_and_counted(write_config, tmp_path):
     assert "2 steps skipped" in result.stdout
     run_dir, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
     assert [r["skipped"] for r in records(run_dir, "train")] == [False, False, True, True]
+    # standard JSON: a non-finite number is null, never a bare NaN that strict readers reject
+    strict = [
+        json.loads(line, parse_constant=pytest.fail) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [(r["loss"], r["grad_norm"]) for r in strict if r["kind"] == "train"][2:] == [(None, None), (None, None)]
     # nothing moved: the weights and the optimizer state after step 4 are those after step 2
     for name in ("lora.safetensors", "state/tensors_rank_0.safetensors"):
         after_2, after_4 = (checkpoints / f"checkpoint_00000{step}" / name for step in (2, 4))
         assert after_2.read_bytes() == after_4.read_bytes(), name
     progress = json.loads((checkpoints / "checkpoint_000004/state/progress.json").read_text())
     assert progress["nonfinite_in_a_row"] == 2 and progress["nonfinite_skipped"] == 2
+
+
+def test_weights_that_are_not_finite_are_never_saved(write_config, tmp_path, monkeypatch, capsys):
+    """Weights that turned non-finite (here made NaN after step 3, as an infinite learning rate would) end the run
+    with exit 5 at the next save, which writes nothing: the last good checkpoint stays the newest."""
+    real, calls = train_script.train_step, []
+
+    def train_step(loss_model, *args, **kwargs):
+        sums = real(loss_model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                next(p for p in loss_model.parameters() if p.requires_grad)[0, 0] = float("nan")
+        return sums
+
+    monkeypatch.setattr(train_script, "train_step", train_step)
+    config = write_config(max_steps=6, eval__enabled=False, checkpoint__freq=2)
+    assert train_script.run([str(config)]) == exit_codes.NOT_FINITE
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (
+        f"error: step 4: 1 of the LoRA weights are not finite, so no checkpoint is written: the newest, "
+        f"{checkpoints / 'checkpoint_000002'}, is kept, and resume: auto continues from it"
+    ) in capsys.readouterr().err
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_000002"]
+    assert verify_checkpoint(checkpoints / "checkpoint_000002") is None
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run(write_config, tmp_path):
@@ -362,7 +392,8 @@ def fake_checkpoint(run_dir: Path, step: int, with_state: bool = True) -> Path:
                 loss_scale_good_steps=0,
             )
             (folder / "state" / "progress.json").write_text(json.dumps(progress))
-            (folder / "state" / "rank_0.json").write_text("{}")
+            rank_state = {"data": {}, "rng": {"torch": [], "numpy": [], "python": []}}
+            (folder / "state" / "rank_0.json").write_text(json.dumps(rank_state))
             (folder / "state" / "tensors_rank_0.safetensors").write_bytes(b"tensors")
 
     return write_atomically(run_dir / "checkpoints" / f"checkpoint_{step:06d}", write)

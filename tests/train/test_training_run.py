@@ -5,8 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from launching import REPO, free_port, records, subprocess_env
 from safetensors.torch import load_file
+
+from finetune.data import load_tokenizer, tokenize_sample
+from model.args import load_model_args, num_parameters
 
 TIMEOUT = 600
 
@@ -54,6 +58,29 @@ def test_one_process_learns_and_writes_checkpoints(write_config, tmp_path):
         str(tmp_path) + "/", ""
     )
     assert (run_dir / "config.yaml").is_file()
+    check_the_report_before_step_1(result.stdout, adapter, tmp_path)
+
+
+def check_the_report_before_step_1(stdout: str, adapter: dict, tmp_path) -> None:
+    """The plan printed before step 1, checked against the adapter saved and the data tokenized here."""
+    report = stdout[: stdout.index("step  1/16")]
+    model_dir = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["path"]
+    trainable = sum(t.numel() for t in adapter.values())
+    base = num_parameters(load_model_args(model_dir))
+    tokenizer = load_tokenizer(model_dir)
+    samples = [json.loads(line) for line in (REPO / "data/demo/train.jsonl").read_text().splitlines()]
+    tokens = sum(len(tokenize_sample(s, tokenizer).tokens) for s in samples)
+    expected = [
+        "devices: 1 process on the CPU (world size 1); frozen weights fp32, LoRA weights fp32",
+        f"LoRA: rank 8, alpha 16 on wq wk wv wo w1 w2 w3 output: {trainable:,} trainable parameters "
+        f"({trainable / (base + trainable):.2%} of {(base + trainable) / 1e6:.2f}M)",
+        f"step: seq_len 128 x batch_size 2 x grad_accumulation 1 x 1 rank = 256 tokens; 16 steps = 4,096 tokens, "
+        f"{4096 / tokens:.2f} epochs of {REPO / 'data/demo/train.jsonl'}",
+        "eval: 2 batches of 2 sequences per rank, every 8 steps and at the end",
+    ]
+    for line in expected:
+        assert line in report.splitlines(), f"{line!r} not in\n{report}"
+    assert f"Mistral, 2 layers, dim 64, 4 heads (2 KV), vocab 32,768: {base / 1e6:.2f}M parameters" in report
 
 
 def test_checkpoint_rotation_keeps_the_newest(write_config, tmp_path):

@@ -1,0 +1,99 @@
+"""What a run is about to do, printed by rank 0 before its first step: the devices, the model and what LoRA trains
+of it, and what `max_steps` makes of the data (whose own report, per source, finetune/data/report.py printed). A
+user reads what was understood before waiting for it.
+
+    devices: 1 process on the CPU (world size 1); frozen weights fp32, LoRA weights fp32
+    model: artifacts/tiny-mistral: Mistral, 2 layers, dim 64, 4 heads (2 KV), vocab 32,768: 4.26M parameters
+    LoRA: rank 16, alpha 32 on wq wk wv wo w1 w2 w3 output: 1.18M trainable parameters (21.71% of 5.44M)
+    step: seq_len 256 x batch_size 2 x grad_accumulation 1 x 1 rank = 512 tokens; 200 steps = 102,400 tokens,
+          9.58 epochs of data/demo/train.jsonl
+    eval: 2 batches every 50 steps and at the end
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from finetune.config import TrainConfig
+from finetune.data.loader import TrainLoader
+from finetune.training.distributed import DistInfo
+from model.args import ModelArgs, load_model_args, num_parameters
+
+
+def describe_run(
+    cfg: TrainConfig, dist_info: DistInfo, model: nn.Module, train_batches: TrainLoader, eval_batches: list
+) -> str:
+    args = load_model_args(cfg.model.path)
+    lines = [
+        f"devices: {describe_devices(dist_info)}; frozen weights {cfg.model.dtype}, LoRA weights fp32",
+        f"model: {cfg.model.path}: {describe_architecture(args)}: {count(num_parameters(args))} parameters",
+        describe_lora(cfg, model),
+    ]
+    # each source's files, samples, tokens and losses were printed with the data (finetune/data/report.py)
+    lines.append(describe_step(cfg, dist_info.world_size, train_batches))
+    if eval_batches:
+        when = f"every {cfg.eval.freq} steps and at the end" if cfg.eval.freq else "at the end"
+        lines.append(f"eval: {len(eval_batches)} batches of {cfg.batch_size} sequences per rank, {when}")
+    else:
+        lines.append("eval: off")
+    return "\n".join(lines)
+
+
+def describe_devices(dist_info: DistInfo) -> str:
+    processes = f"{dist_info.world_size} process{'es' if dist_info.world_size > 1 else ''}"
+    if dist_info.device.type == "cuda":
+        name = torch.cuda.get_device_name(dist_info.device)
+        where = f"a {name}" if dist_info.world_size == 1 else f"one GPU each (rank 0: {name})"
+    else:
+        where = "the CPU"
+    return f"{processes} on {where} (world size {dist_info.world_size})"
+
+
+def describe_architecture(args: ModelArgs) -> str:
+    kind = (
+        f"Mixtral ({args.moe.num_experts} experts, {args.moe.num_experts_per_tok} per token)" if args.moe else "Mistral"
+    )
+    return (
+        f"{kind}, {args.n_layers} layers, dim {args.dim}, {args.n_heads} heads ({args.n_kv_heads} KV), "
+        f"vocab {args.vocab_size:,}"
+    )
+
+
+def describe_lora(cfg: TrainConfig, model: nn.Module) -> str:
+    """Counted on the model as built (DTensor shards count their whole tensor), so what is trained is what is shown."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (
+        f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {' '.join(cfg.lora.targets)}: "
+        f"{count(trainable)} trainable parameters ({trainable / total:.2%} of {count(total)})"
+    )
+
+
+def describe_step(cfg: TrainConfig, world_size: int, train_batches: TrainLoader) -> str:
+    """Tokens per optimizer step, and the epochs of each source that max_steps makes (weights are shares of tokens)."""
+    per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accumulation * world_size
+    total = per_step * cfg.max_steps
+    weight_sum = sum(s.weight for s in train_batches.sources)
+    epochs = []
+    for source in train_batches.sources:
+        tokens = int(source.lengths.sum())
+        share = source.weight / weight_sum
+        epochs.append(f"{total * share / tokens:.2f} epochs of {source.name}" if tokens else f"{source.name}: empty")
+    ranks = f"{world_size} rank{'s' if world_size > 1 else ''}"
+    return (
+        f"step: seq_len {cfg.seq_len} x batch_size {cfg.batch_size} x grad_accumulation {cfg.grad_accumulation} x "
+        f"{ranks} = {per_step:,} tokens; {cfg.max_steps} steps = {total:,} tokens, {', '.join(epochs)}"
+    )
+
+
+def train_data_tokens(train_batches: TrainLoader) -> int:
+    """Tokens of one pass over every train source: the unit of the epoch the progress bar shows."""
+    return sum(int(source.lengths.sum()) for source in train_batches.sources)
+
+
+def count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:,}"
