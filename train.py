@@ -149,7 +149,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
                 ),
                 flush=True,
             )
-            print("\n".join(f"  {line}" for line in data.summary()), flush=True)
+            print("\n".join(f"  {line}" for line in data.summary(train_batches.counts)), flush=True)
             if progress.nonfinite_skipped:
                 print(f"  {progress.nonfinite_skipped} steps skipped: the loss or the gradients were not finite")
         logger.close()
