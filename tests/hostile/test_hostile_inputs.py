@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from finetune import exit_codes
 from finetune.cli import main as tailor
-from model.tiny import tokenizer_path, write_tiny_model
+from model.tiny import write_tiny_model
+from model.tokenizer_files import tokenizer_path
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}
