@@ -32,6 +32,7 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; the message names the key and the fault."""
 
 
+MAX_SEQ_LEN = 2**20  # a packed batch holds seq_len tokens: a typo of a few digits would fill the host's memory
 MAX_INT = 2**31 - 1  # beyond any step count, length or size a run can have: a typo, or an overflow further on
 
 
@@ -512,6 +513,10 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     require(bool(cfg.data.train), "data.train is required: at least one .jsonl file or folder")
     for key in ("seq_len", "batch_size", "grad_accumulation", "max_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    require(
+        cfg.seq_len <= MAX_SEQ_LEN,
+        f"seq_len must be at most {MAX_SEQ_LEN:,} (2**20; no Mistral model has a longer context), got {cfg.seq_len:,}",
+    )
     require(cfg.model.fsdp_prefetch >= 1, f"model.fsdp_prefetch must be >= 1, got {cfg.model.fsdp_prefetch}")
     o = cfg.optim
     require(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}")
