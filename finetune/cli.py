@@ -134,6 +134,8 @@ def _shown(records, tokenizer, path: Path):
         else:
             trained = sum(w > 0 for w in record["weights"])
             print(f"── {path}:{record['line']}: {len(record['tokens'])} tokens, {trained} trained")
+            for warning in record.get("warnings", []):
+                print(f"{path}:{record['line']}: warning: {warning}")
             print(render_sample(record["tokens"], record["weights"], tokenizer, color) + "\n")
         yield record
 
