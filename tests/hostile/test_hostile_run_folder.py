@@ -20,6 +20,7 @@ from hostile_runs import copy_run, rewrite_manifest, write_config
 
 import finetune.checkpoints.folders as folders
 import finetune.checkpoints.training_state as training_state
+import finetune.training.monitoring as monitoring
 import train
 from finetune import exit_codes
 from finetune.checkpoints.folders import verify_checkpoint
@@ -354,3 +355,27 @@ def test_a_disk_that_fills_during_a_save_keeps_the_older_checkpoints(case, model
     assert file in message and "the checkpoints saved before are kept" in message
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_000001"]  # no partial folder left
     assert verify_checkpoint(checkpoints / "checkpoint_000001") is None
+
+
+class FullDisk:
+    """A file whose writes fail as on a full disk once `room` of them went through."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, text: str) -> int:
+        self.room -= 1
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_a_disk_that_fills_while_metrics_are_written_names_the_file(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(monitoring, "open", lambda *args, **kwargs: FullDisk(open(*args, **kwargs), 2), raising=False)
+    code = train.run([str(write_config(tmp_path, model_dir, max_steps=4))])
+    run_dir = tmp_path / "run"
+    ended(code, capsys, exit_codes.WRITE_FAILED, f"error: {run_dir / 'metrics.jsonl'}: No space left on device")
+    assert verify_checkpoint(run_dir / "checkpoints" / "checkpoint_000001") is None  # saved before the disk filled
