@@ -21,34 +21,71 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. seq_len=4096")
     p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs of the planned run, for epochs and ETA")
     p.add_argument(
+        "--device",
+        choices=("h100", "h200", "a100", "cpu"),
+        help="the device of the ETA (default: this machine's GPU, else the CPU, which gets no estimate)",
+    )
+    p.add_argument(
         "--fix",
         type=Path,
         metavar="OUT_DIR",
-        help="write the files to OUT_DIR with safe repairs applied and the other bad lines removed",
+        help="write OUT_DIR/train/<k>-<name> and OUT_DIR/eval/<k>-<name> with safe repairs applied and the other bad "
+        "lines removed, and OUT_DIR/config.yaml, the config reading them",
     )
     p.add_argument("--max-per-kind", type=int, default=10, metavar="N", help="faults shown per kind (default 10)")
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from finetune.config import load_config, resolve_cache_dir
-    from finetune.data.validate import validate
+    import dataclasses
+    import functools
+
+    from finetune.config import load_config, resolve_cache_dir, save_config
+    from finetune.data.validate import fixed_layout, validate
     from finetune.training.eta import tokens_per_second_per_gpu
 
     if args.gpus < 1:
         print(f"error: --gpus must be at least 1, got {args.gpus}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     cfg = load_config(args.config, args.overrides)
-    return validate(
+    gpu, device = _eta_device(args.device)
+    status = validate(
         cfg,
         cache_dir=resolve_cache_dir(cfg),
-        throughput=tokens_per_second_per_gpu,
+        throughput=None if gpu is None else functools.partial(tokens_per_second_per_gpu, gpu=gpu),
+        device=device,
         gpus=args.gpus,
         fix_dir=args.fix,
         max_per_kind=args.max_per_kind,
     )
+    if args.fix is not None and status != exit_codes.USAGE:
+        train, eval_ = (
+            [source for source, _ in fixed_layout(sources, split, args.fix)]
+            for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval))
+        )
+        fixed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=train, eval=eval_))
+        save_config(fixed, args.fix / "config.yaml")
+        print(f"wrote {args.fix / 'config.yaml'}: {args.config} with data.train and data.eval reading the files above")
+    return status
+
+
+def _eta_device(choice: str | None) -> tuple[str | None, str]:
+    """(the GPU kind whose figures the ETA uses, or None for no estimate; the device's name), from --device or else
+    this machine: its GPU, or its CPU."""
+    from finetune.training.eta import GPU_NAMES, gpu_kind
+
+    if choice is not None:
+        return (None, "CPU") if choice == "cpu" else (choice, GPU_NAMES[choice])
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "CPU"
+    name = torch.cuda.get_device_name(0)
+    return gpu_kind(name), name
 
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
+    from finetune.data.config import TRAIN_ON
+
     p.add_argument("file", type=Path, help="a .jsonl file of samples")
     p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR", help="the model folder (its tokenizer)")
     p.add_argument(
@@ -61,7 +98,7 @@ def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show", action="store_true", help="print the decoded text with the trained spans highlighted")
     p.add_argument(
         "--train-on",
-        choices=("all", "last"),
+        choices=TRAIN_ON,
         default="all",
         help="train every assistant message, or only the last one (data.train_on)",
     )
@@ -97,6 +134,8 @@ def _shown(records, tokenizer, path: Path):
         else:
             trained = sum(w > 0 for w in record["weights"])
             print(f"── {path}:{record['line']}: {len(record['tokens'])} tokens, {trained} trained")
+            for warning in record.get("warnings", []):
+                print(f"{path}:{record['line']}: warning: {warning}")
             print(render_sample(record["tokens"], record["weights"], tokenizer, color) + "\n")
         yield record
 

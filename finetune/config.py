@@ -75,6 +75,8 @@ class OptimConfig:
     warmup_fraction: float = 0.05  # warmup as a share of max_steps (mistral-finetune: `optim.pct_start`)
     # steps in a row skipped for a non-finite loss or gradient before the run stops
     max_consecutive_nonfinite: int = 5
+    # with model.dtype fp16: finite steps in a row after which the loss scale doubles (it halves on an overflow)
+    loss_scale_growth_interval: int = 2000
 
 
 @dataclass
@@ -533,6 +535,10 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     require(
         o.max_consecutive_nonfinite >= 1,
         f"optim.max_consecutive_nonfinite must be >= 1, got {o.max_consecutive_nonfinite}",
+    )
+    require(
+        o.loss_scale_growth_interval >= 1,
+        f"optim.loss_scale_growth_interval must be >= 1, got {o.loss_scale_growth_interval}",
     )
     require(bool(cfg.resume), "resume must be auto, false, or a checkpoint folder; got an empty string")
     require(cfg.eval.freq >= 0, f"eval.freq must be >= 0 (0: only at the end), got {cfg.eval.freq}")

@@ -74,17 +74,6 @@ def list_debris(run_dir: Path) -> list[Path]:
 # Writing
 
 
-def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_folder)`, then add the manifest and rename the folder to `final` in one step. One process."""
-    staging = _stage(final)
-    try:
-        write(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return _publish(staging, final)
-
-
 def remove_old_checkpoints(run_dir: Path, keep: int, written: Path) -> None:
     """Keep the newest `keep` intact checkpoints (`written`, just published, is one): a damaged one is set aside,
     older intact ones are deleted."""
@@ -212,40 +201,6 @@ def verify_checkpoint(folder: Path) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------
 # What a checkpoint holds
-
-
-def save_adapter_checkpoint(
-    run_dir: Path,
-    step: int,
-    lora_state: dict[str, torch.Tensor],
-    params: dict,
-    lora: LoRAArgs,
-    tokenizer_file: Path,
-    keep: int,
-) -> Path:
-    """The adapters alone, from one process (the training run adds state/ with save_training_checkpoint)."""
-    path = write_atomically(
-        checkpoint_path(run_dir, step), lambda folder: _write_adapters(folder, lora_state, params, lora, tokenizer_file)
-    )
-    remove_old_checkpoints(run_dir, keep, path)
-    return path
-
-
-def save_merged_checkpoint(
-    run_dir: Path,
-    step: int,
-    specs: dict[str, TensorSpec],
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    params: dict,
-    tokenizer_file: Path,
-    keep: int,
-) -> Path:
-    """A full model folder from one process: consolidated.safetensors, params.json without LoRA, tokenizer."""
-    path = write_atomically(
-        checkpoint_path(run_dir, step), lambda folder: _write_merged(folder, specs, tensors, params, tokenizer_file)
-    )
-    remove_old_checkpoints(run_dir, keep, path)
-    return path
 
 
 def _write_adapters(

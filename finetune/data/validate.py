@@ -7,14 +7,15 @@ first training step starts without tokenizing anything.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from finetune import exit_codes
 from finetune.data.cache import TokenizedFile, open_tokenized_files
+from finetune.data.config import DataSource
 from finetune.data.errors import LEFT_OUT, SampleFault
 from finetune.data.jsonl import BOM, parse_line, read_lines
 from finetune.data.repair import repair_sample
@@ -32,17 +33,20 @@ def validate(
     cfg: TrainConfig,
     *,
     cache_dir: Path,
-    throughput: Throughput,
+    throughput: Throughput | None,
+    device: str,
     gpus: int = 1,
     fix_dir: Path | None = None,
     max_per_kind: int = 10,
     out: TextIO | None = None,
 ) -> int:
-    """Print faults, statistics, epochs and ETA; write fixed files to fix_dir. Returns the exit status.
+    """Print faults, statistics, epochs and an ETA on `gpus` x `device` (none without `throughput`: a CPU); write
+    fixed files to fix_dir. Returns the exit status (finetune/exit_codes.py): 1 when training would refuse the
+    data or skip lines of it, 2 when the model folder's tokenizer cannot be read.
 
     `cache_dir` (finetune.config.resolve_cache_dir) and `throughput` (finetune.training.eta's
-    tokens_per_second_per_gpu) are passed in: they need the config and the model's shape, which the data path
-    never imports."""
+    tokens_per_second_per_gpu for the device) are passed in: they need the config and the model's shape, which the
+    data path never imports."""
     out = out or sys.stdout
     try:
         tokenizer = load_tokenizer(cfg.model.path)
@@ -52,18 +56,37 @@ def validate(
             "eval": [f for s in cfg.data.eval for f in source_files(s)],
         }
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=out)
-        return 1
+        print(f"error: {e}", file=sys.stderr)
+        return exit_codes.USAGE
     paths = list(dict.fromkeys(splits["train"] + splits["eval"]))
     files = dict(zip(paths, open_tokenized_files(paths, tokenizer, cfg.data.train_on, cache_dir, cfg.data.num_workers)))
     faults = print_faults(files, max_per_kind, out)
     print_warnings(files, max_per_kind, out)
     print_statistics(splits, files, cfg.seq_len, out)
-    print_epochs_and_eta(cfg, files, gpus, throughput, out)
+    refused = print_sources_training_refuses(cfg, files, gpus, out)
+    print_epochs_and_eta(cfg, files, gpus, device, throughput, out)
     if fix_dir is not None:
-        write_fixed_files(files, tokenizer, cfg.data.train_on, fix_dir, out)
-        return 0
-    return 1 if faults else 0
+        write_fixed_files(cfg, files, tokenizer, fix_dir, out)
+        return exit_codes.DATA_FAULTS if refused else exit_codes.OK
+    return exit_codes.DATA_FAULTS if faults or refused else exit_codes.OK
+
+
+def print_sources_training_refuses(cfg: TrainConfig, files: dict[Path, TokenizedFile], ranks: int, out: TextIO) -> int:
+    """Train sources with fewer usable samples than ranks (an empty file, one whose every line is bad): training
+    stops on them before its first step, so validation fails on them too. Returns how many."""
+    refused = 0
+    for source in cfg.data.train:
+        samples = sum(files[p].meta["n_samples"] for p in source_files(source))
+        if samples < ranks:
+            refused += 1
+            print(
+                f"{source.path}: {samples} usable samples cannot be shared by {ranks} rank(s): training refuses "
+                "this train source",
+                file=out,
+            )
+    if refused:
+        print(file=out)
+    return refused
 
 
 def print_faults(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextIO) -> Counter:
@@ -141,12 +164,17 @@ def print_statistics(
 
 
 def print_epochs_and_eta(
-    cfg: TrainConfig, files: dict[Path, TokenizedFile], gpus: int, throughput: Throughput, out: TextIO
+    cfg: TrainConfig,
+    files: dict[Path, TokenizedFile],
+    gpus: int,
+    device: str,
+    throughput: Throughput | None,
+    out: TextIO,
 ) -> None:
     per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accumulation * gpus
     total = per_step * cfg.max_steps
     print(
-        f"max_steps {cfg.max_steps} x {gpus} GPU(s) x batch_size {cfg.batch_size} x grad_accumulation "
+        f"max_steps {cfg.max_steps} x {gpus} rank(s) x batch_size {cfg.batch_size} x grad_accumulation "
         f"{cfg.grad_accumulation} x seq_len {cfg.seq_len} = {total:,} tokens",
         file=out,
     )
@@ -156,13 +184,20 @@ def print_epochs_and_eta(
         share = source.weight / weight_sum
         epochs = f"{total * share / tokens:.2f} epochs" if tokens else "no usable samples"
         print(f"  {source.path} (weight {source.weight:g}, {share:.0%} of tokens): {epochs}", file=out)
+    if throughput is None:
+        print(
+            f"ETA on {gpus} x {device}: not estimated, tailor has no figures for the {device}; --device h100, h200 "
+            "or a100 gives the ETA on one of those GPUs",
+            file=out,
+        )
+        return
     try:
         rate, origin = throughput(cfg.model.path)
     except (OSError, KeyError, ValueError) as e:
         print(f"ETA: unknown ({e})", file=out)
         return
     print(
-        f"ETA on {gpus} GPU(s): {format_eta(total / (rate * gpus))} at {rate:,.0f} tokens/s per GPU ({origin})",
+        f"ETA on {gpus} x {device}: {format_eta(total / (rate * gpus))} at {rate:,.0f} tokens/s per GPU ({origin})",
         file=out,
     )
 
@@ -179,27 +214,46 @@ def format_eta(seconds: float) -> str:
 # --fix
 
 
-def write_fixed_files(files: dict[Path, TokenizedFile], tokenizer, train_on: str, fix_dir: Path, out: TextIO) -> None:
-    """Write every file to fix_dir (same layout below their common folder): bad lines repaired or removed."""
-    common = Path(os.path.commonpath([p.resolve().parent for p in files]))
-    for path, file in files.items():
-        target = Path(fix_dir) / path.resolve().relative_to(common)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        bad_lines = {fault.line for fault in file.faults()}
-        kept = repaired = removed = 0
-        with open(target, "wb") as f:
-            for n, raw in enumerate(read_lines(path), 1):
-                if n not in bad_lines:
-                    f.write(raw if raw.endswith(b"\n") else raw + b"\n")
-                    kept += 1
-                    continue
-                fixed = repair_line(raw, n, tokenizer, train_on)
-                if fixed is None:
-                    removed += 1
-                else:
-                    f.write(fixed)
-                    repaired += 1
-        print(f"wrote {target}: {kept:,} lines kept, {repaired:,} repaired, {removed:,} removed", file=out)
+def fixed_layout(sources: list[DataSource], split: str, fix_dir: Path) -> list[tuple[DataSource, dict[Path, Path]]]:
+    """Where --fix writes a split's sources: source k at OUT/<split>/<k>-<its name>, a file, or a folder with the
+    source folder's .jsonl files at their places below it. Each with the source that reads it there (same weight)
+    and {original file: repaired file}."""
+    layout = []
+    for k, source in enumerate(sources):
+        path = Path(source.path).expanduser()
+        target = (Path(fix_dir) / split / f"{k}-{path.name}").absolute()
+        files = {path: target} if path.is_file() else {f: target / f.relative_to(path) for f in source_files(source)}
+        layout.append((DataSource(str(target), source.weight), files))
+    return layout
+
+
+def write_fixed_files(
+    cfg: TrainConfig, files: dict[Path, TokenizedFile], tokenizer, fix_dir: Path, out: TextIO
+) -> None:
+    """Write every train and eval file where fixed_layout says, bad lines repaired or removed."""
+    for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        for _, targets in fixed_layout(sources, split, fix_dir):
+            for path, target in targets.items():
+                write_fixed_file(path, files[path], tokenizer, cfg.data.train_on, target, out)
+
+
+def write_fixed_file(path: Path, file: TokenizedFile, tokenizer, train_on: str, target: Path, out: TextIO) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    bad_lines = {fault.line for fault in file.faults()}
+    kept = repaired = removed = 0
+    with open(target, "wb") as f:
+        for n, raw in enumerate(read_lines(path), 1):
+            if n not in bad_lines:
+                f.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                kept += 1
+                continue
+            fixed = repair_line(raw, n, tokenizer, train_on)
+            if fixed is None:
+                removed += 1
+            else:
+                f.write(fixed)
+                repaired += 1
+    print(f"wrote {target}: {kept:,} lines kept, {repaired:,} repaired, {removed:,} removed", file=out)
 
 
 def repair_line(raw: bytes, line: int, tokenizer, train_on: str) -> bytes | None:

@@ -1,10 +1,10 @@
-"""How long a run will take: tokens to process / (GPUs x tokens per second per GPU).
+"""How long a run will take on a kind of GPU: tokens to process / (GPUs x tokens per second per GPU).
 
-Tokens per second per GPU come from MEASURED (tailor's own training throughput, filled in from
-benchmarks/RESULTS.md as model sizes get measured) and, for a model not measured yet, from its parameter
-count: LoRA training with activation checkpointing costs about 6 N FLOPs per token (forward, recomputed
-forward, backward through the frozen weights; no weight gradients), and we assume 40% of an H100's
-dense bf16 peak. Such an estimate is printed as one.
+Tokens per second per GPU come from MEASURED (tailor's own training throughput on that GPU, filled in from
+benchmarks/RESULTS.md as model sizes get measured) and, for a model not measured yet, from its parameter count:
+LoRA training with activation checkpointing costs about 6 N FLOPs per token (forward, recomputed forward, backward
+through the frozen weights; no weight gradients), and we assume 40% of the GPU's dense bf16 peak. Such an estimate
+is printed as one. A CPU gets no estimate: it is for trying the path, not for training real models.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 
 from model.args import active_parameters, load_model_args, num_parameters
 
-MEASURED: dict[str, float] = {}  # model name (see model_name) -> tokens / s / GPU measured with tailor
-H100_BF16_PEAK_FLOPS = 989e12
+# Dense bf16 peak (no sparsity) of the GPUs an estimate can be made for, from NVIDIA's data sheets (SXM parts).
+GPU_PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
+GPU_NAMES = {"h100": "H100", "h200": "H200", "a100": "A100"}
+MEASURED: dict[tuple[str, str], float] = {}  # (model name (see model_name), GPU kind) -> tokens / s / GPU
 ASSUMED_UTILISATION = 0.4
 
 
@@ -23,15 +25,20 @@ def model_name(total_parameters: int, experts: int) -> str:
     return size + (f" ({experts} experts)" if experts > 1 else "")
 
 
-def tokens_per_second_per_gpu(model_dir: str | Path) -> tuple[float, str]:
-    """(tokens / s / GPU, where the number comes from), for the model in params.json or config.json."""
+def gpu_kind(device_name: str) -> str | None:
+    """The GPU_PEAK_BF16_FLOPS key of a CUDA device name ("NVIDIA H100 80GB HBM3" -> "h100"), None if unknown."""
+    return next((kind for kind in GPU_PEAK_BF16_FLOPS if kind in device_name.lower()), None)
+
+
+def tokens_per_second_per_gpu(model_dir: str | Path, gpu: str) -> tuple[float, str]:
+    """(tokens / s on one `gpu`, where the number comes from), for the model in params.json or config.json."""
     args = load_model_args(model_dir)
     name = model_name(num_parameters(args), args.moe.num_experts if args.moe else 1)
-    if name in MEASURED:
-        return MEASURED[name], f"measured for {name}"
+    if (name, gpu) in MEASURED:
+        return MEASURED[name, gpu], f"measured for {name} on {GPU_NAMES[gpu]}"
     active = active_parameters(args)
-    rate = ASSUMED_UTILISATION * H100_BF16_PEAK_FLOPS / (6 * active)
+    rate = ASSUMED_UTILISATION * GPU_PEAK_BF16_FLOPS[gpu] / (6 * active)
     return rate, (
         f"estimated for a {name} model from its {active:,} active parameters at "
-        f"{ASSUMED_UTILISATION:.0%} of H100 bf16 peak; not measured"
+        f"{ASSUMED_UTILISATION:.0%} of {GPU_NAMES[gpu]} bf16 peak; not measured"
     )

@@ -49,18 +49,19 @@ def run_preflight_checks(cfg: TrainConfig) -> MistralTokenizer:
     except ValueError as error:
         raise PreflightError(f"model.path: {error}") from None
     check_seq_len(cfg.seq_len, model_dir)
+    check_model_weights(cfg, args)
     check_run_dir(Path(cfg.run_dir))
     check_cache_dir(resolve_cache_dir(cfg))
     check_disk_space(cfg, args)
-    check_model_weights(cfg, args)
     return tokenizer
 
 
 def check_model_folder(folder: Path) -> None:
     if folder == DEMO_MODEL and not folder.exists():
         raise PreflightError(
-            f"model.path: {folder} does not exist yet: it is the demo's tiny model, made on first use by "
-            "`python -m finetune demo`; run that once, then this command trains it again"
+            f"model.path: {folder} does not exist yet: it is the demo's tiny model, made by `python -m finetune demo` "
+            "(which trains runs/demo too); run that once first, then this command with another run_dir "
+            "(e.g. run_dir=runs/demo2) trains again"
         )
     if not folder.is_dir():
         raise PreflightError(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from finetune.cli import main
@@ -77,7 +78,7 @@ def test_validate_reports_faults_statistics_epochs_and_eta(tmp_path, model_dirs,
     )
     eval_ = write_jsonl(tmp_path / "data" / "eval.jsonl", [chat(3)])
     config = write_config(tmp_path, model_dirs["v3"], [train], [eval_])
-    assert main(["validate", str(config), "--gpus", "4"]) == 1
+    assert main(["validate", str(config), "--gpus", "2", "--device", "h100"]) == 1
     out = capsys.readouterr().out
     assert f'{train}:3: sample uses OpenAI\'s legacy function-calling form ("functions")' in out
     assert f"{train}:4: invalid JSON: Expecting property name enclosed in double quotes at column 2" in out
@@ -89,8 +90,31 @@ def test_validate_reports_faults_statistics_epochs_and_eta(tmp_path, model_dirs,
     assert header.split() == ["file", "split", "lines", "bad", "samples", "tokens", "trained", ">", "seq_len", "64"]
     assert train_row.split()[:5] == [str(train), "train", "8", "5", "3"]
     assert train_row.split()[-1] == "1"  # chat(1) is longer than seq_len
-    assert "max_steps 10 x 4 GPU(s) x batch_size 2 x grad_accumulation 1 x seq_len 64 = 5,120 tokens" in out
-    assert "epochs" in out and "ETA on 4 GPU(s): 1 min" in out and "not measured" in out
+    assert "max_steps 10 x 2 rank(s) x batch_size 2 x grad_accumulation 1 x seq_len 64 = 2,560 tokens" in out
+    assert "epochs" in out and "ETA on 2 x H100: 1 min" in out and "at 40% of H100 bf16 peak; not measured" in out
+
+
+def test_the_eta_names_its_device(tmp_path, model_dirs, write_jsonl, chat, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(4)])
+    config = write_config(tmp_path, model_dirs["v3"], [train], [train])
+    assert main(["validate", str(config), "--device", "cpu"]) == 0
+    assert "ETA on 1 x CPU: not estimated, tailor has no figures for the CPU; --device h100, h200 or a100" in (
+        capsys.readouterr().out
+    )
+    etas = {}
+    for device in ("h100", "a100"):
+        assert main(["validate", str(config), "--device", device, "--gpus", "2"]) == 0
+        eta = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ETA on"))
+        assert eta.startswith(f"ETA on 2 x {device.upper()}: ") and f"of {device.upper()} bf16 peak" in eta
+        etas[device] = float(eta.split(" at ")[1].split(" tokens/s")[0].replace(",", ""))
+    assert etas["h100"] / etas["a100"] == pytest.approx(989 / 312, rel=1e-3)  # the GPUs' dense bf16 peaks
+
+
+def test_an_empty_train_file_fails_validation_as_training_refuses_it(tmp_path, model_dirs, write_jsonl, chat, capsys):
+    train, eval_ = tmp_path / "train.jsonl", write_jsonl(tmp_path / "eval.jsonl", [chat(0)])
+    train.write_text("")
+    assert main(["validate", str(write_config(tmp_path, model_dirs["v3"], [train], [eval_]))]) == 1
+    assert f"{train}: 0 usable samples cannot be shared by 1 rank(s): training refuses" in capsys.readouterr().out
 
 
 def test_validate_fix_repairs_and_removes(tmp_path, model_dirs, tokenizers, write_jsonl, chat, capsys):
@@ -101,8 +125,8 @@ def test_validate_fix_repairs_and_removes(tmp_path, model_dirs, tokenizers, writ
     config = write_config(tmp_path, model_dirs["v3"], [train], [eval_])
     assert main(["validate", str(config), "--fix", str(tmp_path / "fixed")]) == 0
     out = capsys.readouterr().out
-    assert f"wrote {tmp_path / 'fixed' / 'train.jsonl'}: 1 lines kept, 3 repaired, 2 removed" in out
-    fixed = [json.loads(line) for line in (tmp_path / "fixed" / "train.jsonl").read_text().splitlines()]
+    assert f"wrote {tmp_path / 'fixed' / 'train' / '0-train.jsonl'}: 1 lines kept, 3 repaired, 2 removed" in out
+    fixed = [json.loads(line) for line in (tmp_path / "fixed" / "train" / "0-train.jsonl").read_text().splitlines()]
     assert fixed[0] == chat(0) and fixed[3] == chat(1)
     legacy = fixed[1]
     assert legacy["tools"] == [TOOL]
@@ -115,11 +139,35 @@ def test_validate_fix_repairs_and_removes(tmp_path, model_dirs, tokenizers, writ
     assert no_ids["messages"][2]["tool_call_id"] == call["id"]
     for sample in fixed:
         tokenize_sample(sample, tokenizers["v3"])
-    assert (tmp_path / "fixed" / "more" / "eval.jsonl").read_text() == eval_.read_text()
+    assert (tmp_path / "fixed" / "eval" / "0-eval.jsonl").read_text() == eval_.read_text()
 
-    config = write_config(tmp_path, model_dirs["v3"], [tmp_path / "fixed" / "train.jsonl"], [eval_])
-    assert main(["validate", str(config)]) == 0
+    fixed_config = tmp_path / "fixed" / "config.yaml"  # the same run, reading the repaired files
+    written = yaml.safe_load(fixed_config.read_text())
+    assert written["data"]["train"] == [{"path": str(tmp_path / "fixed" / "train" / "0-train.jsonl"), "weight": 1.0}]
+    assert written["data"]["eval"] == [{"path": str(tmp_path / "fixed" / "eval" / "0-eval.jsonl"), "weight": 1.0}]
+    assert written["seq_len"] == 64 and written["run_dir"] == str(tmp_path / "run")
+    assert main(["validate", str(fixed_config)]) == 0
     assert "no faults" in capsys.readouterr().out
+
+
+def test_fix_lays_out_each_source_under_its_split_and_number(tmp_path, model_dirs, write_jsonl, chat, capsys):
+    folder = tmp_path / "chats"
+    write_jsonl(folder / "a.jsonl", [chat(0)])
+    write_jsonl(folder / "deeper" / "b.jsonl", [chat(1), "{broken"])
+    other = write_jsonl(tmp_path / "elsewhere" / "a.jsonl", [chat(2)])  # the same name as a file of the folder
+    config = write_config(tmp_path, model_dirs["v3"], [folder, other], [other])
+    assert main(["validate", str(config), "--fix", str(tmp_path / "out")]) == 0
+    written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert written == [
+        "config.yaml",
+        "eval/0-a.jsonl",
+        "train/0-chats/a.jsonl",
+        "train/0-chats/deeper/b.jsonl",
+        "train/1-a.jsonl",
+    ]
+    assert (tmp_path / "out" / "train" / "0-chats" / "deeper" / "b.jsonl").read_text() == json.dumps(chat(1)) + "\n"
+    sources = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["data"]["train"]
+    assert [s["path"] for s in sources] == [str(tmp_path / "out/train/0-chats"), str(tmp_path / "out/train/1-a.jsonl")]
 
 
 def test_validate_config_and_model_errors(tmp_path, model_dirs, write_jsonl, chat, capsys):
@@ -131,8 +179,8 @@ def test_validate_config_and_model_errors(tmp_path, model_dirs, write_jsonl, cha
     (tmp_path / "model" / "tekken.json").write_bytes((model_dirs["tekken"] / "tekken.json").read_bytes())
     (tmp_path / "model" / "params.json").write_text(json.dumps({"vocab_size": 32768}))
     config = write_config(tmp_path, tmp_path / "model", [train], [train])
-    assert main(["validate", str(config)]) == 1
-    assert "tekken.json has 131072 tokens but" in capsys.readouterr().out
+    assert main(["validate", str(config)]) == 2  # the model folder is wrong, not the data
+    assert "tekken.json has 131072 tokens but" in capsys.readouterr().err
 
 
 def test_tokenize_writes_tokens_and_weights_per_line(tmp_path, model_dirs, tokenizers, write_jsonl, chat, capsys):

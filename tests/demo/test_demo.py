@@ -49,7 +49,8 @@ def test_training_the_demo_config_on_a_fresh_clone_says_to_run_the_demo_first(tm
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "error: model.path: artifacts/tiny-mistral does not exist yet: it is the demo's tiny model, made on first "
-        "use by `python -m finetune demo`; run that once, then this command trains it again"
+        "error: model.path: artifacts/tiny-mistral does not exist yet: it is the demo's tiny model, made by `python -m "
+        "finetune demo` (which trains runs/demo too); run that once first, then this command with another run_dir "
+        "(e.g. run_dir=runs/demo2) trains again"
     ]
     assert not (tmp_path / "runs").exists()

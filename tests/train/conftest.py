@@ -4,8 +4,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from finetune.checkpoints.folders import save_training_checkpoint
+from finetune.config import load_config
+from model.loading import load_model
 from model.tiny import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,3 +59,28 @@ def write_config(tmp_path, tiny_model_dir):
 
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture
+def tiny_lora_model(write_config, tiny_model_dir):
+    """The tiny model in fp32 with the LoRA adapters of write_config's lora section."""
+    return load_model(tiny_model_dir, dtype=torch.float32, lora=load_config(write_config()).lora)
+
+
+@pytest.fixture
+def save_checkpoint(write_config, tiny_lora_model):
+    """`save_checkpoint(step, keep=3, write_state=None, **config_overrides)` -> the folder that training's own save
+    (save_training_checkpoint, in one process) writes under tmp_path/run for tiny_lora_model, whose lora_A weights
+    then all hold `step`; `write_state(folder)` writes the files of a training state (none by default)."""
+
+    def save(step: int, keep: int = 3, write_state=None, **overrides) -> Path:
+        cfg = load_config(write_config(checkpoint__keep=keep, **overrides))
+        with torch.no_grad():
+            for name, param in tiny_lora_model.named_parameters():
+                if ".lora_A." in name:
+                    param.fill_(float(step))
+        return save_training_checkpoint(
+            cfg, tiny_lora_model, step, is_main=True, write_state=write_state or (lambda _: None)
+        )
+
+    return save

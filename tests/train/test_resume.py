@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import train as train_script
 from finetune import exit_codes
-from finetune.checkpoints.folders import save_adapter_checkpoint, verify_checkpoint, write_atomically
+from finetune.checkpoints.folders import verify_checkpoint
 from finetune.checkpoints.tensor_state import save_tensors
 from finetune.checkpoints.training_state import ResumeError, load_training_state, read_resume_point
 from finetune.config import ConfigError, config_from_dict, load_config
@@ -29,7 +29,7 @@ from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
 from finetune.training.rng import rng_state
 from finetune.training.run_start import prepare_run_dir
-from model.lora import LoRAArgs, lora_state_dict
+from model.lora import lora_state_dict
 
 TIMEOUT = 300
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -374,38 +374,33 @@ def test_a_used_run_dir_is_refused_without_resume(write_config, tmp_path):
 # In process
 
 
-def fake_checkpoint(run_dir: Path, step: int, with_state: bool = True) -> Path:
-    """A checkpoint folder with a manifest; with the files of a training state (of the right shape, though holding
-    no tensor: their values are read only as the state is loaded), or adapters only."""
+def fake_checkpoint(save_checkpoint, step: int, with_state: bool = True) -> Path:
+    """Training's own save of the tiny model under tmp_path/run, with the files of a training state (of the right
+    shape, though holding no tensor: their values are read only as the state is loaded), or adapters only."""
 
-    def write(folder: Path) -> None:
-        (folder / "lora.safetensors").write_bytes(b"adapters")
-        if with_state:
-            (folder / "state").mkdir()
-            progress = dict(
-                world_size=1,
-                step=step,
-                tokens=0,
-                trained_tokens=0,
-                nonfinite_in_a_row=0,
-                nonfinite_skipped=0,
-                elapsed_s=0.0,
-            )
-            (folder / "state" / "progress.json").write_text(json.dumps(progress))
-            rank_state = {"data": {}, "rng": rng_state(torch.device("cpu"))}
-            (folder / "state" / "rank_0.json").write_text(json.dumps(rank_state))
-            save_tensors(folder / "state" / "tensors_rank_0.safetensors", {}, {"state": {}})
+    def write_state(folder: Path) -> None:
+        (folder / "state").mkdir()
+        progress = dict(
+            world_size=1,
+            step=step,
+            tokens=0,
+            trained_tokens=0,
+            nonfinite_in_a_row=0,
+            nonfinite_skipped=0,
+            elapsed_s=0.0,
+            loss_scale=0.0,
+            loss_scale_good_steps=0,
+        )
+        (folder / "state" / "progress.json").write_text(json.dumps(progress))
+        rank_state = {"data": {}, "rng": rng_state(torch.device("cpu"))}
+        (folder / "state" / "rank_0.json").write_text(json.dumps(rank_state))
+        save_tensors(folder / "state" / "tensors_rank_0.safetensors", {}, {"state": {}})
 
-    return write_atomically(run_dir / "checkpoints" / f"checkpoint_{step:06d}", write)
+    return save_checkpoint(step, keep=10, write_state=write_state if with_state else None)
 
 
-def test_manifest_catches_missing_resized_and_altered_files(tmp_path):
-    tokenizer_file = tmp_path / "tokenizer.model.v3"
-    tokenizer_file.write_bytes(b"tokenizer")
-    state = {"layers.0.attention.wq.lora_A.weight": torch.ones(4, 8)}
-    folder = save_adapter_checkpoint(
-        tmp_path / "run", 10, state, {"dim": 8}, LoRAArgs(rank=4, alpha=8.0), tokenizer_file, keep=1
-    )
+def test_manifest_catches_missing_resized_and_altered_files(save_checkpoint):
+    folder = save_checkpoint(10, keep=1)
     assert verify_checkpoint(folder) is None
     manifest = json.loads((folder / "manifest.json").read_text())["files"]
     assert sorted(manifest) == ["lora.safetensors", "params.json", "tokenizer.model.v3"]
@@ -421,12 +416,12 @@ def test_manifest_catches_missing_resized_and_altered_files(tmp_path):
     assert verify_checkpoint(folder).startswith("no manifest.json")
 
 
-def test_auto_resume_takes_the_newest_checkpoint_with_a_training_state(write_config, tmp_path, capsys):
+def test_auto_resume_takes_the_newest_checkpoint_with_a_training_state(write_config, save_checkpoint, capsys):
     cfg = load_config(write_config())
     run_dir = Path(cfg.run_dir)
-    fake_checkpoint(run_dir, 4)
-    fake_checkpoint(run_dir, 8)
-    fake_checkpoint(run_dir, 12, with_state=False)  # e.g. adapters saved by an older tailor
+    fake_checkpoint(save_checkpoint, 4)
+    fake_checkpoint(save_checkpoint, 8)
+    fake_checkpoint(save_checkpoint, 12, with_state=False)  # e.g. adapters saved by an older tailor
     lines = [json.dumps({"kind": "train", "step": step}) for step in range(1, 14)]
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"kind": "tr')  # the last line cut short by a kill
     start = prepare_run_dir(cfg, CPU)
@@ -448,9 +443,9 @@ def test_auto_resume_without_a_checkpoint_starts_over_and_says_so(write_config, 
     assert (run_dir / "metrics.jsonl").read_text() == ""
 
 
-def test_an_explicit_checkpoint_must_be_intact_and_the_newest_of_its_run_dir(write_config, tmp_path):
+def test_an_explicit_checkpoint_must_be_intact_and_the_newest_of_its_run_dir(write_config, save_checkpoint, tmp_path):
     cfg = load_config(write_config())
-    older, newer = fake_checkpoint(Path(cfg.run_dir), 4), fake_checkpoint(Path(cfg.run_dir), 8)
+    older, newer = fake_checkpoint(save_checkpoint, 4), fake_checkpoint(save_checkpoint, 8)
     cfg.resume = str(older)
     with pytest.raises(
         ResumeError,
@@ -460,7 +455,8 @@ def test_an_explicit_checkpoint_must_be_intact_and_the_newest_of_its_run_dir(wri
         prepare_run_dir(cfg, CPU)
     cfg.resume, cfg.run_dir = str(older), str(tmp_path / "branch")
     assert prepare_run_dir(cfg, CPU).folder == older  # a new run_dir may branch off any checkpoint
-    (newer / "lora.safetensors").write_bytes(b"other!!!")
+    adapters = (newer / "lora.safetensors").read_bytes()
+    (newer / "lora.safetensors").write_bytes(adapters[:-1] + bytes([adapters[-1] ^ 1]))  # same size, other bytes
     cfg.resume = str(newer)
     with pytest.raises(ResumeError, match=re.escape(f"resume: {newer}: lora.safetensors checksum mismatch")):
         prepare_run_dir(cfg, CPU)
