@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ import finetune.training.monitoring as monitoring
 import train
 from finetune import exit_codes
 from finetune.checkpoints.folders import verify_checkpoint
+from finetune.checkpoints.training_state import Progress
 from finetune.training.distributed import DistInfo
 from finetune.training.run_lock import lock_run_dir
 from model.tiny import write_tiny_model
@@ -107,9 +109,7 @@ def list_outside(checkpoint: Path) -> None:
 
 def progress(**fields):
     """progress.json as tailor writes it at step 2, with `fields` changed (None: left out)."""
-    saved = dict(
-        world_size=1, step=2, tokens=128, trained_tokens=10, nonfinite_in_a_row=0, nonfinite_skipped=0, elapsed_s=1.0
-    )
+    saved = {"world_size": 1, **asdict(Progress(step=2, tokens=128, trained_tokens=10, elapsed_s=1.0))}
     saved.update(fields)
     return json.dumps({k: v for k, v in saved.items() if v is not None})
 
