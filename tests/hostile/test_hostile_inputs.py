@@ -235,6 +235,7 @@ HOSTILE_OVERRIDES = {
     "max_steps=-5": "max_steps must be >= 1",
     "seq_len=0": "seq_len must be >= 1",
     "seq_len=99999999999": "no setting here takes a number beyond",
+    "seq_len=1048577": "seq_len must be at most 1,048,576",
     "batch_size=1.5": "batch_size must be an integer",
     "eval.freq=-1": "eval.freq must be >= 0",
     "checkpoint.keep=0": "checkpoint.keep must be >= 1",
@@ -552,3 +553,24 @@ def test_ambiguous_lines_are_warnings_with_file_and_line(model_dir, tmp_path, ca
     assert f"{train}:6: warning: no assistant message is trained" in shown
 
     ended(TRAIN.run([str(config)]), capsys, exit_codes.OK, "1 samples left out (nothing_to_train 1)")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "params.json not JSON",
+        "params.json without vocab_size",
+        "no tokenizer",
+        "truncated tokenizer",
+        "a tokenizer of another vocabulary",
+        "config.json not JSON",
+    ],
+)
+def test_validate_names_a_damaged_model_folder(case, model_dir, tmp_path, capsys):
+    damage, file, words = HOSTILE_MODEL_FOLDERS[case]
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    damage(folder)
+    config = write_config(tmp_path, folder, data_file(tmp_path, json.dumps(GOOD).encode()))
+    code = tailor(["validate", str(config)])
+    ended(code, capsys, exit_codes.USAGE, "error: ", folder / file if file != "." else folder, words)
