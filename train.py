@@ -22,13 +22,14 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from finetune import exit_codes
 from finetune.checkpoints.folders import CheckpointWriteError
 from finetune.checkpoints.training_state import Progress, ResumeError, load_training_state, save_checkpoint
-from finetune.config import ConfigError, TrainConfig, load_config, resolve_cache_dir
+from finetune.config import ConfigError, TrainConfig, due_at, load_config, resolve_cache_dir
 from finetune.data import DataError, build_eval_batches, build_train_loader
 from finetune.data.report import data_report
 from finetune.training.config_record import record_config
 from finetune.training.console import Console
 from finetune.training.distributed import DistInfo, barrier, destroy, init_distributed
 from finetune.training.eval import evaluate
+from finetune.training.loss_scale import loss_scale_for
 from finetune.training.model_setup import build_training_model
 from finetune.training.monitoring import MetricsLogger, format_eval_line, format_summary
 from finetune.training.optim import build_optimizer, lr_at_step, set_lr
@@ -91,6 +92,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
     progress = (
         load_training_state(start, loss_model, optimizer, train_batches, cfg.seed, dist_info) if start else Progress()
     )
+    loss_scale = loss_scale_for(cfg, progress, dist_info.device)  # fp16 only
     if dist_info.is_main:  # the run is accepted: its settings are on record, and what it will do is shown
         record_config(cfg, start)
         print(describe_run(cfg, dist_info, loss_model, train_batches, eval_batches), flush=True)
@@ -108,11 +110,17 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
         set_lr(optimizer, lr)
         micro_batches = [next(train_batches) for _ in range(cfg.grad_accumulation)]
         sums = train_step(
-            loss_model, optimizer, micro_batches, dist_info.device, cfg.optim.max_grad_norm, dist_info.world_size, stop
+            loss_model,
+            optimizer,
+            micro_batches,
+            dist_info.device,
+            cfg.optim.max_grad_norm,
+            dist_info.world_size,
+            stop,
+            loss_scale,
         )
-        is_last = step == cfg.max_steps
-        evaluates = bool(eval_batches) and (is_last or (cfg.eval.freq > 0 and step % cfg.eval.freq == 0))
-        saves = cfg.checkpoint.enabled and (is_last or (cfg.checkpoint.freq > 0 and step % cfg.checkpoint.freq == 0))
+        evaluates = bool(eval_batches) and due_at(step, cfg.eval.freq, cfg.max_steps)
+        saves = cfg.checkpoint.enabled and due_at(step, cfg.checkpoint.freq, cfg.max_steps)
         stopping_alone = stop.requested and dist_info.world_size == 1  # no other rank to agree with: stop now
         steps.add(step, lr, sums, read_now=evaluates or saves or stopping_alone)
         stopping = steps.stop_requested or stopping_alone  # several ranks stop on the step they agreed on
@@ -124,7 +132,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
                 console.print(format_eval_line(dict(step=step, **last_eval)))
 
         if saves or stopping:
-            checkpoint_dir = save_checkpoint(cfg, loss_model, optimizer, train_batches, progress, dist_info)
+            checkpoint_dir = save_checkpoint(cfg, loss_model, optimizer, train_batches, progress, dist_info, loss_scale)
         if stopping:
             break
 
@@ -149,7 +157,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
                 ),
                 flush=True,
             )
-            print("\n".join(f"  {line}" for line in data.summary()), flush=True)
+            print("\n".join(f"  {line}" for line in data.summary(train_batches.counts)), flush=True)
             if progress.nonfinite_skipped:
                 print(f"  {progress.nonfinite_skipped} steps skipped: the loss or the gradients were not finite")
         logger.close()

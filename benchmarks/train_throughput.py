@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --arch mistral-7b --seq-len 8192 --steps 10
     python benchmarks/train_throughput.py --arch tiny --steps 3            # a smoke test on CPU
+    python benchmarks/train_throughput.py --cpu-compare                     # tailor vs HF + PEFT on this CPU
 
 A random-init model of the architecture (bf16 on a GPU), LoRA rank 16 on every linear layer, activation
 checkpointing, packed documents of random lengths. Prints tokens/s per GPU, MFU and peak memory, and with
@@ -13,6 +14,14 @@ gradient, so forward (2 N) and the input gradients of backward (2 N), with N the
 (model.args.active_parameters: attention, its experts and the router for MoE, the output head; not the embedding,
 a lookup); attention adds 12 x layers x heads x head_dim x mean context (QK^T and AV: 4 forward, 8 backward).
 Recomputation by checkpointing is not counted, as is customary. The peak is measured here with a large bf16 matmul.
+
+`--cpu-compare` measures the two side by side on a CPU, where a shared machine's load drifts: a small Mistral (dim
+512, 4 layers, GQA 8/2 heads, SwiGLU 1792) at vocabularies 32768 and 131072, fp32 at 1024 tokens a step and bf16 at
+2048, with every target trained and with instruct-shaped batches (chats of alternating prompt and answer spans,
+about half the targets trained; HF gets the prompt labels as -100). For each case it builds both models once, then
+alternates timed runs (tailor, HF, tailor, HF, ...), so both see the same load, and prints the median tokens/s of
+each with the spread (min-max) and the ratio of the medians; then the peak of the bytes held at once by tensors
+made during one step of each (activations, logits, gradients: benchmarks/live_bytes.py).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import argparse
 import dataclasses
 import gc
 import math
+import os
+import statistics
 import time
 
 import torch
@@ -55,14 +66,27 @@ def random_documents(seq_len: int, generator: torch.Generator) -> list[int]:
     return lengths
 
 
-def make_batches(args: ModelArgs, seq_len: int, count: int) -> list:
+def chat_weights(seqlens: list[int], generator: torch.Generator) -> torch.Tensor:
+    """Loss weights shaped like chat data: each document alternates a prompt span (weight 0) and an answer span
+    (weight 1), each of 8 to 128 tokens, so about half the targets are trained."""
+    weights = []
+    for length in seqlens:
+        trained = False
+        while length > 0:
+            span = min(int(torch.randint(8, 129, (), generator=generator)), length)
+            weights += [float(trained)] * span
+            length, trained = length - span, not trained
+    return torch.tensor(weights)
+
+
+def make_batches(args: ModelArgs, seq_len: int, count: int, instruct: bool = False) -> list:
     generator = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(count):
         tokens = torch.randint(0, args.vocab_size, (seq_len + 1,), generator=generator)
         batch = type("Batch", (), {})()
-        batch.tokens, batch.targets = tokens[:-1], tokens[1:]
-        batch.weights, batch.seqlens = torch.ones(seq_len), random_documents(seq_len, generator)
+        batch.tokens, batch.targets, batch.seqlens = tokens[:-1], tokens[1:], random_documents(seq_len, generator)
+        batch.weights = chat_weights(batch.seqlens, generator) if instruct else torch.ones(seq_len)
         batches.append(batch)
     return batches
 
@@ -138,7 +162,9 @@ def hf_step(model, optimizer, batch, device) -> None:
     """The same tokens as one sequence: HF's SDPA path has no block-diagonal mask for packed documents, so it
     attends across documents (more attention FLOPs than tailor; the MFU below counts tailor's)."""
     tokens = batch.tokens[None].to(device)
-    out = model(input_ids=tokens, labels=tokens)  # transformers shifts the labels itself
+    labels = tokens.clone()  # transformers shifts the labels itself: label i + 1 is the target of position i
+    labels[0, 1:][batch.weights[:-1] == 0] = -100
+    out = model(input_ids=tokens, labels=labels)
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -206,6 +232,76 @@ def loss_memory(device: torch.device, tokens: int, vocab: int, dim: int, chunk_s
     )
 
 
+CPU_COMPARE_SHAPE = dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=64, hidden_dim=1792)
+CPU_COMPARE_RUNS = ((torch.float32, 1024), (torch.bfloat16, 2048))  # dtype, tokens a step
+
+
+def timed_run(model, step, optimizer, batches, device) -> float:
+    """tokens/s of one run: a step on each batch."""
+    start = time.perf_counter()
+    for batch in batches:
+        step(model, optimizer, batch, device)
+    return sum(b.tokens.numel() for b in batches) / (time.perf_counter() - start)
+
+
+def step_peak_bytes(model, step, optimizer, batch, device) -> int:
+    with PeakLiveBytes() as probe:
+        step(model, optimizer, batch, device)
+    return probe.peak
+
+
+def cpu_compare(vocabs: list[int], layers: int | None, runs: int, steps: int, warmup: int) -> None:
+    """tailor and transformers + PEFT in alternating runs on this CPU (see the module's docstring)."""
+    device = torch.device("cpu")
+    shape = dict(CPU_COMPARE_SHAPE, n_layers=layers or CPU_COMPARE_SHAPE["n_layers"])
+    print(
+        f"cpu-compare: torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, model "
+        f"{shape}, LoRA rank 16 on {', '.join(TARGETS)}, checkpointing per block, fused AdamW; {runs} alternating runs "
+        f"of {steps} steps after {warmup} warmup; load average {os.getloadavg()[0]:.1f} at the start"
+    )
+    for vocab in vocabs:
+        args = dataclasses.replace(ARCHITECTURES["mistral-7b"], **shape, vocab_size=vocab)
+        for dtype, seq_len in CPU_COMPARE_RUNS:
+            tailor = build_tailor(args, device, dtype, "auto", compile_blocks=False)
+            hf = build_hf(args, device, dtype)
+            sides = {"tailor": (tailor, tailor_step), "transformers+peft": (hf, hf_step)}
+            optimizers = {
+                name: build_optimizer([p for p in m.parameters() if p.requires_grad], OptimConfig(lr=1e-5))
+                for name, (m, _) in sides.items()
+            }
+            for instruct in (False, True):
+                batches = make_batches(args, seq_len, warmup + steps, instruct)
+                trained = sum(float(b.weights.sum()) for b in batches) / sum(b.weights.numel() for b in batches)
+                speeds = {name: [] for name in sides}
+                for name, (model, step) in sides.items():
+                    timed_run(model, step, optimizers[name], batches[:warmup], device)
+                for _ in range(runs):
+                    for name, (model, step) in sides.items():
+                        speeds[name].append(timed_run(model, step, optimizers[name], batches[warmup:], device))
+                peaks = {
+                    name: step_peak_bytes(model, step, optimizers[name], batches[-1], device) / 2**30
+                    for name, (model, step) in sides.items()
+                }
+                medians = {name: statistics.median(v) for name, v in speeds.items()}
+                case = "instruct-shaped" if instruct else "every target"
+                print(
+                    f"vocab {vocab}, {str(dtype).removeprefix('torch.')}, {seq_len} tokens a step, {case} "
+                    f"({trained:.0%} of targets trained), load average {os.getloadavg()[0]:.1f}:"
+                )
+                for name in sides:
+                    print(
+                        f"  {name:>18}: median {medians[name]:,.0f} tokens/s (runs {min(speeds[name]):,.0f} to "
+                        f"{max(speeds[name]):,.0f}), step peak {peaks[name]:.2f} GiB"
+                    )
+                ours, theirs = medians["tailor"], medians["transformers+peft"]
+                print(
+                    f"  tailor / HF: {ours / theirs:.2f}x tokens/s, "
+                    f"{peaks['tailor'] / peaks['transformers+peft']:.2f}x step peak memory"
+                )
+            del tailor, hf, sides, optimizers
+            gc.collect()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="mistral-7b", choices=["tiny", *ARCHITECTURES])
@@ -223,7 +319,17 @@ def main() -> None:
         "on a CPU at reduced size (2048 tokens, chunks of 128: the same 16 chunks as 32768 tokens "
         "in chunks of 2048) and a hidden size of 64",
     )
+    parser.add_argument(
+        "--cpu-compare",
+        action="store_true",
+        help="tailor vs transformers + PEFT on this CPU, alternating runs (see above); uses --steps, --warmup, "
+        "--layers, --runs and --vocabs",
+    )
+    parser.add_argument("--runs", type=int, default=3, help="--cpu-compare: timed runs of each side")
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[32768, 131072], help="--cpu-compare: vocabularies")
     opts = parser.parse_args()
+    if opts.cpu_compare:
+        return cpu_compare(opts.vocabs, opts.layers, opts.runs, opts.steps, opts.warmup)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if opts.loss_memory:

@@ -84,6 +84,8 @@ def _eta_device(choice: str | None) -> tuple[str | None, str]:
 
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
+    from finetune.data.config import TRAIN_ON
+
     p.add_argument("file", type=Path, help="a .jsonl file of samples")
     p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR", help="the model folder (its tokenizer)")
     p.add_argument(
@@ -96,7 +98,7 @@ def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show", action="store_true", help="print the decoded text with the trained spans highlighted")
     p.add_argument(
         "--train-on",
-        choices=("all", "last"),
+        choices=TRAIN_ON,
         default="all",
         help="train every assistant message, or only the last one (data.train_on)",
     )
@@ -132,6 +134,8 @@ def _shown(records, tokenizer, path: Path):
         else:
             trained = sum(w > 0 for w in record["weights"])
             print(f"── {path}:{record['line']}: {len(record['tokens'])} tokens, {trained} trained")
+            for warning in record.get("warnings", []):
+                print(f"{path}:{record['line']}: warning: {warning}")
             print(render_sample(record["tokens"], record["weights"], tokenizer, color) + "\n")
         yield record
 

@@ -32,6 +32,7 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; the message names the key and the fault."""
 
 
+MAX_SEQ_LEN = 2**20  # a packed batch holds seq_len tokens: a typo of a few digits would fill the host's memory
 MAX_INT = 2**31 - 1  # beyond any step count, length or size a run can have: a typo, or an overflow further on
 
 
@@ -75,6 +76,8 @@ class OptimConfig:
     warmup_fraction: float = 0.05  # warmup as a share of max_steps (mistral-finetune: `optim.pct_start`)
     # steps in a row skipped for a non-finite loss or gradient before the run stops
     max_consecutive_nonfinite: int = 5
+    # with model.dtype fp16: finite steps in a row after which the loss scale doubles (it halves on an overflow)
+    loss_scale_growth_interval: int = 2000
 
 
 @dataclass
@@ -523,6 +526,10 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     require(bool(cfg.data.train), "data.train is required: at least one .jsonl file or folder")
     for key in ("seq_len", "batch_size", "grad_accumulation", "max_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    require(
+        cfg.seq_len <= MAX_SEQ_LEN,
+        f"seq_len must be at most {MAX_SEQ_LEN:,} (2**20; no Mistral model has a longer context), got {cfg.seq_len:,}",
+    )
     require(cfg.model.fsdp_prefetch >= 1, f"model.fsdp_prefetch must be >= 1, got {cfg.model.fsdp_prefetch}")
     o = cfg.optim
     require(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}")
@@ -545,6 +552,10 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
         o.max_consecutive_nonfinite >= 1,
         f"optim.max_consecutive_nonfinite must be >= 1, got {o.max_consecutive_nonfinite}",
     )
+    require(
+        o.loss_scale_growth_interval >= 1,
+        f"optim.loss_scale_growth_interval must be >= 1, got {o.loss_scale_growth_interval}",
+    )
     require(bool(cfg.resume), "resume must be auto, false, or a checkpoint folder; got an empty string")
     require(cfg.eval.freq >= 0, f"eval.freq must be >= 0 (0: only at the end), got {cfg.eval.freq}")
     require(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1, "eval.max_batches must be >= 1 or null")
@@ -566,6 +577,12 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
             "checkpoint.save_adapters: false with model.quantize: nf4 would merge into the 4-bit weights; keep the "
             "adapters and run `tailor merge`, which merges them into the original weights",
         )
+
+
+def due_at(step: int, freq: int, max_steps: int) -> bool:
+    """Whether what is done every `freq` steps (eval.freq, checkpoint.freq) is done at `step`: at each multiple of
+    freq, and always at the last step; freq 0 means at the last step only."""
+    return step == max_steps or (freq > 0 and step % freq == 0)
 
 
 def resolve_cache_dir(cfg: TrainConfig) -> Path:

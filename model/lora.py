@@ -181,5 +181,5 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     if problems:
         raise ValueError("LoRA state dict does not match the model: " + "; ".join(problems))
     if any(m.merged for m in lora_modules(model)):
-        raise ValueError("cannot load adapters into a merged model: unmerge_lora(model) first")
+        raise ValueError("cannot load adapters into a merged model: load them before merge_lora(model)")
     model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +61,8 @@ class Progress:
     nonfinite_in_a_row: int = 0  # steps skipped for a non-finite loss or gradient, up to this one
     nonfinite_skipped: int = 0  # all such steps
     elapsed_s: float = 0.0  # training time, across resumes
+    loss_scale: float = 0.0  # fp16's dynamic loss scale as saved (0: the run does not scale its loss)
+    loss_scale_good_steps: int = 0  # finite steps in a row since the loss scale last changed, as saved
 
     def count(self, step: int, tokens: int, outcome: StepOutcome, elapsed_s: float) -> None:
         self.step, self.elapsed_s = step, elapsed_s
@@ -158,10 +160,15 @@ def _progress_problem(path: Path) -> str | None:
     return None
 
 
-def save_checkpoint(cfg: TrainConfig, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> Path:
-    """The checkpoint of step `progress.step`: the adapters and the training state. A collective. Weights that are
-    not finite are never written: NonFiniteError, and the last good checkpoint stays the newest."""
+def save_checkpoint(
+    cfg: TrainConfig, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo, loss_scale=None
+) -> Path:
+    """The checkpoint of step `progress.step`: the adapters and the training state (with fp16's `loss_scale`, a
+    finetune.training.loss_scale.DynamicLossScale, its state). A collective. Weights that are not finite are never
+    written: NonFiniteError, and the last good checkpoint stays the newest."""
     _raise_if_not_finite(loss_model, progress.step, Path(cfg.run_dir))
+    if loss_scale is not None:
+        progress = replace(progress, **loss_scale.state())
 
     def write_state(folder: Path) -> None:
         save_training_state(folder / STATE, loss_model, optimizer, loader, progress, dist_info)

@@ -12,6 +12,8 @@ from typing import Literal
 
 # Each field's meaning is the comment on its line or just above it (the README's config reference is made of them).
 
+TRAIN_ON = ("all", "last")  # also `tailor tokenize --train-on`'s choices
+
 
 @dataclass
 class DataSource:
@@ -27,7 +29,7 @@ class DataConfig:
     train: list[DataSource] = field(default_factory=list)
     # the same, for evaluation; required while eval is enabled (mistral-finetune: `data.eval_instruct_data`)
     eval: list[DataSource] = field(default_factory=list)
-    train_on: Literal["all", "last"] = "all"  # train on every assistant message, or only the last one
+    train_on: Literal[TRAIN_ON] = "all"  # train on every assistant message, or only the last one
     # `error` stops before the first step at a bad line, naming file and line; `skip` leaves it out and counts it
     on_bad_sample: Literal["error", "skip"] = "error"
     # a sample longer than seq_len: `split` into pieces of seq_len, `truncate`, or `drop`; each case is counted

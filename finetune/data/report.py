@@ -53,11 +53,14 @@ class DataReport:
                 out.append(f"  {s.warnings:,} lines with warnings (`tailor validate` lists them)")
         return out
 
-    def summary(self) -> list[str]:
-        """The counts again, for the end of the run: what of the data was not trained as written."""
+    def summary(self, met: dict[str, int] | None = None) -> list[str]:
+        """The counts again, for the end of the run: what of the data was not trained as written. `met`: the train
+        loader's counts of what packing did to the overlong samples it drew (TrainLoader.counts, this rank's)."""
         losses = [
             f"{s.split} {s.path}: {line}" for s in self.sources for line in _losses(s, self.seq_len, self.overlong)
         ]
+        if met:
+            losses.append(f"while training, this rank's packing: {_kinds(met)}")
         return losses or ["data: every line trained as written"]
 
     def record(self, step: int) -> dict:

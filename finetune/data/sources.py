@@ -50,8 +50,8 @@ class TokenizedSource:
         k = bisect.bisect_right(self.first_doc, doc) - 1
         return self.files[k], doc - self.first_doc[k]
 
-    def predictions(self, doc: int) -> int:
-        return int(self.lengths[doc]) - 1
+    def predictions(self, docs: int | np.ndarray) -> int | np.ndarray:
+        return self.lengths[docs] - 1
 
     def is_trained(self, doc: int, begin: int, end: int) -> bool:
         file, i = self._locate(doc)

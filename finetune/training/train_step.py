@@ -26,6 +26,7 @@ from finetune.training.loss import loss_inputs
 from model.attention import to_device
 
 if TYPE_CHECKING:
+    from finetune.training.loss_scale import DynamicLossScale
     from finetune.training.stop_signal import StopSignal
 
 
@@ -97,6 +98,7 @@ def train_step(
     max_grad_norm: float,
     world_size: int,
     stop: StopSignal | None = None,
+    loss_scale: DynamicLossScale | None = None,
 ) -> StepSums:
     """Forward and backward every micro-batch, clip, and step the optimizer unless something was not finite.
 
@@ -106,7 +108,8 @@ def train_step(
 
     Nothing here reads the device: the optimizer (fused AdamW, finetune/training/optim.py) skips a non-finite step by
     itself, and `stop` is read on the host after the backward (a signal that came during the step is in this
-    step's outcome) and agreed by all ranks on the device.
+    step's outcome) and agreed by all ranks on the device. In fp16, `loss_scale` scales each backward and unscales
+    the gradients before clipping, and learns from the step's outcome (finetune/training/loss_scale.py).
     """
     weights = torch.stack([b.weights.sum() for b in micro_batches]).sum().float()
     step_weight = all_reduce_sum(to_device(weights, device)).clamp_min(1e-12)
@@ -116,12 +119,15 @@ def train_step(
     for i, batch in enumerate(micro_batches):
         _set_gradient_sync(loss_model, i == len(micro_batches) - 1)
         micro = loss_model(**loss_inputs(batch, device))
-        (micro.loss_sum * (world_size / step_weight)).backward()
+        loss = micro.loss_sum * (world_size / step_weight)
+        (loss_scale.scaled(loss) if loss_scale else loss).backward()
         loss_sum += micro.loss_sum.detach()
         trained += micro.n_trained
     loss_sum, trained = all_reduce_sum(torch.stack([loss_sum, trained]))
     loss_sum = loss_sum.float()
     params = [p for p in loss_model.parameters() if p.requires_grad]
+    if loss_scale:
+        loss_scale.unscale_(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
@@ -131,6 +137,8 @@ def train_step(
     if is_initialized():
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # the loss and the norm are global already; the stop is not
     skip_step_if_nonfinite(optimizer, flags[0])
+    if loss_scale:
+        loss_scale.update(flags[0])
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.tokens.numel() for b in micro_batches) * world_size
     outcome = torch.stack([*flags.double(), trained, (loss_sum / step_weight).double(), grad_norm.double()])

@@ -20,8 +20,10 @@ class ListStore:
         self.docs = [np.arange(n) + 1000 * i for i, n in enumerate(lengths)]
         self.weights = weights or [np.r_[0.0, np.ones(n - 1)] for n in lengths]
 
-    def predictions(self, doc):
-        return len(self.docs[doc]) - 1
+    def predictions(self, docs):
+        if np.ndim(docs) == 0:
+            return len(self.docs[docs]) - 1
+        return np.array([len(self.docs[doc]) for doc in docs], dtype=np.int64) - 1
 
     def is_trained(self, doc, begin, end):
         return bool(self.weights[doc][begin + 1 : end + 1].any())

@@ -51,6 +51,7 @@ def test_bad_lines_left_out_samples_and_overlong_samples_are_counted_per_source(
         f"train {noisy}: 1 samples left out (nothing_to_train 1)",
         f"train {noisy}: 1 samples longer than seq_len 64: truncated to seq_len",
     ]
+    assert report.summary({"overlong_truncated": 3})[-1] == "while training, this rank's packing: overlong_truncated 3"
     record = report.record(step=0)
     assert (record["kind"], record["bad_lines"], record["left_out"], record["overlong"]) == ("data", 4, 1, 1)
     assert record["sources"][0]["bad_lines"] == noisy_report.bad_lines

@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from finetune import exit_codes
 from finetune.cli import main as tailor
-from model.tiny import tokenizer_path, write_tiny_model
+from model.tiny import write_tiny_model
+from model.tokenizer_files import tokenizer_path
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}
@@ -234,6 +235,7 @@ HOSTILE_OVERRIDES = {
     "max_steps=-5": "max_steps must be >= 1",
     "seq_len=0": "seq_len must be >= 1",
     "seq_len=99999999999": "no setting here takes a number beyond",
+    "seq_len=1048577": "seq_len must be at most 1,048,576",
     "batch_size=1.5": "batch_size must be an integer",
     "eval.freq=-1": "eval.freq must be >= 0",
     "checkpoint.keep=0": "checkpoint.keep must be >= 1",
@@ -513,3 +515,62 @@ def test_commands_after_training_name_a_damaged_model_folder(command, case, mode
     code = tailor(AFTER_TRAINING[command](folder, tmp_path))
     ended(code, capsys, exit_codes.USAGE, "error: ", folder / file if file != "." else folder, words)
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "hf").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ambiguous lines: used, shown as warnings with FILE:LINE, and the exit code is that of a clean file.
+
+USER, ANSWER = GOOD["messages"]
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+CALL = {"id": "abcDEF123", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+AMBIGUOUS_LINES = {  # line -> words of its warning
+    b'{"text": "a", "text": "b"}': "key 'text' appears twice in one JSON object; the last one is used",
+    json.dumps({"messages": [USER, ANSWER, ANSWER]}).encode(): "messages 2 and 3 are both from the assistant",
+    json.dumps(
+        {"tools": TOOLS, "messages": [USER, {"role": "assistant", "tool_calls": [{**CALL, "type": "x"}]}]}
+    ).encode(): "tool call 1 has type 'x'; it is read as a function call",
+    json.dumps(
+        {"tools": TOOLS, "messages": [USER, {"role": "assistant", "tool_calls": [CALL]}, USER, ANSWER]}
+    ).encode(): "tool call 'abcDEF123' of message 2 has no tool result",
+    json.dumps({"messages": [USER, {**ANSWER, "weight": 0}]}).encode(): "no assistant message is trained",
+    json.dumps({"messages": [USER, {**ANSWER, "wieght": 0}]}).encode(): "key 'wieght' is not read",
+}
+
+
+def test_ambiguous_lines_are_warnings_with_file_and_line(model_dir, tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"\n".join([json.dumps(GOOD).encode(), *AMBIGUOUS_LINES]) + b"\n")
+    config = write_config(tmp_path, model_dir, train)
+    output = ended(tailor(["validate", str(config)]), capsys, exit_codes.OK, "no faults", "warnings do not change")
+    for line, words in enumerate(AMBIGUOUS_LINES.values(), 2):
+        assert f"{train}:{line}: warning: " in output and words in output
+
+    dumped = ended(tailor(["tokenize", str(train), "--model", str(model_dir)]), capsys, 0)
+    records = [json.loads(r) for r in dumped.splitlines()]
+    assert "warnings" not in records[0]
+    assert [words in r["warnings"][0] for r, words in zip(records[1:], AMBIGUOUS_LINES.values())] == [True] * 6
+    shown = ended(tailor(["tokenize", str(train), "--model", str(model_dir), "--show"]), capsys, 0)
+    assert f"{train}:6: warning: no assistant message is trained" in shown
+
+    ended(TRAIN.run([str(config)]), capsys, exit_codes.OK, "1 samples left out (nothing_to_train 1)")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "params.json not JSON",
+        "params.json without vocab_size",
+        "no tokenizer",
+        "truncated tokenizer",
+        "a tokenizer of another vocabulary",
+        "config.json not JSON",
+    ],
+)
+def test_validate_names_a_damaged_model_folder(case, model_dir, tmp_path, capsys):
+    damage, file, words = HOSTILE_MODEL_FOLDERS[case]
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    damage(folder)
+    config = write_config(tmp_path, folder, data_file(tmp_path, json.dumps(GOOD).encode()))
+    code = tailor(["validate", str(config)])
+    ended(code, capsys, exit_codes.USAGE, "error: ", folder / file if file != "." else folder, words)

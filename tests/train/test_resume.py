@@ -386,6 +386,8 @@ def fake_checkpoint(save_checkpoint, step: int, with_state: bool = True) -> Path
             nonfinite_in_a_row=0,
             nonfinite_skipped=0,
             elapsed_s=0.0,
+            loss_scale=0.0,
+            loss_scale_good_steps=0,
         )
         (folder / "state" / "progress.json").write_text(json.dumps(progress))
         rank_state = {"data": {}, "rng": {"torch": [], "numpy": [], "python": []}}
