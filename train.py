@@ -182,7 +182,8 @@ def run(argv: list[str]) -> int:
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"error: {error.filename}: {error.strerror}; free some space, then run the same command", file=sys.stderr)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror}; free some space, then run the same command", file=sys.stderr)
         return exit_codes.WRITE_FAILED
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)
