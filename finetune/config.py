@@ -568,6 +568,12 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
         )
 
 
+def due_at(step: int, freq: int, max_steps: int) -> bool:
+    """Whether what is done every `freq` steps (eval.freq, checkpoint.freq) is done at `step`: at each multiple of
+    freq, and always at the last step; freq 0 means at the last step only."""
+    return step == max_steps or (freq > 0 and step % freq == 0)
+
+
 def resolve_cache_dir(cfg: TrainConfig) -> Path:
     """Where tokenized data is cached: data.cache_dir, or .tailor_cache beside run_dir, shared by later runs."""
     if cfg.data.cache_dir:
