@@ -574,3 +574,14 @@ def test_validate_names_a_damaged_model_folder(case, model_dir, tmp_path, capsys
     config = write_config(tmp_path, folder, data_file(tmp_path, json.dumps(GOOD).encode()))
     code = tailor(["validate", str(config)])
     ended(code, capsys, exit_codes.USAGE, "error: ", folder / file if file != "." else folder, words)
+
+
+@pytest.mark.parametrize(
+    "case", ["lone surrogate in a message", "100,000 nested brackets", "5,000-digit number", "invalid UTF-8"]
+)
+def test_chat_input_names_a_hostile_line(case, model_dir, tmp_path, capsys):
+    line, kind, words = HOSTILE_LINES[case]
+    conversations = data_file(tmp_path, line)
+    code = tailor(["chat", str(model_dir), "--input", str(conversations), "--output", str(tmp_path / "out.jsonl")])
+    ended(code, capsys, exit_codes.USAGE, f"error: {conversations}:2: ", words)
+    assert not (tmp_path / "out.jsonl").exists()
