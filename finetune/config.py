@@ -381,13 +381,24 @@ def _is_number(text: str) -> bool:
 # mistral-finetune's TrainArgs defaults (its finetune/args.py, finetune/data/args.py, model/args.py) where they
 # differ from tailor's. A config of its, one with `model_id_or_path` (which TrainArgs requires), means what it meant
 # there: no evaluation unless asked, eval and checkpoint only at the end, its learning rate, warmup and LoRA size.
-MISTRAL_FINETUNE_DEFAULTS = {
-    "no_eval": True,
-    "eval_freq": 0,
-    "ckpt_freq": 0,
-    "optim": {"lr": 3e-4, "pct_start": 0.3},
-    "lora": {"rank": 16, "scaling": 2.0},
-}
+MISTRAL_FINETUNE_DEFAULTS = [  # (its key, its default, tailor's keys that set the same and so win over the default)
+    ("no_eval", True, ["eval.enabled"]),
+    ("eval_freq", 0, ["eval.freq"]),
+    ("ckpt_freq", 0, ["checkpoint.freq"]),
+    ("optim.lr", 3e-4, []),
+    ("optim.pct_start", 0.3, ["optim.warmup_fraction", "optim.warmup_steps"]),
+    ("lora.rank", 16, []),
+    ("lora.scaling", 2.0, ["lora.alpha"]),
+]
+
+
+def _has_key(raw: dict, dotted: str) -> bool:
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def is_mistral_finetune_config(raw: dict) -> bool:
@@ -400,14 +411,14 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
     mistral_finetune = is_mistral_finetune_config(raw)
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     if mistral_finetune:
-        for key, default in MISTRAL_FINETUNE_DEFAULTS.items():
-            if isinstance(default, dict):
-                section = raw.setdefault(key, {})
-                if isinstance(section, dict):
-                    for leaf, value in default.items():
-                        section.setdefault(leaf, value)
-            else:
-                raw.setdefault(key, default)
+        for key, default, same in MISTRAL_FINETUNE_DEFAULTS:
+            if not any(_has_key(raw, k) for k in [key, *same]):
+                *sections, leaf = key.split(".")
+                node = raw
+                for section in sections:
+                    node = node.setdefault(section, {})
+                if isinstance(node, dict):  # a section of the wrong type is named by the checks later
+                    node[leaf] = default
 
     def move(old: str, new: str, transform=lambda v: v) -> None:
         if old in raw:
