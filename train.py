@@ -22,7 +22,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from finetune import exit_codes
 from finetune.checkpoints.folders import CheckpointWriteError
 from finetune.checkpoints.training_state import Progress, ResumeError, load_training_state, save_checkpoint
-from finetune.config import ConfigError, TrainConfig, load_config, resolve_cache_dir
+from finetune.config import ConfigError, TrainConfig, due_at, load_config, resolve_cache_dir
 from finetune.data import DataError, build_eval_batches, build_train_loader
 from finetune.data.report import data_report
 from finetune.training.config_record import record_config
@@ -119,9 +119,8 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
             stop,
             loss_scale,
         )
-        is_last = step == cfg.max_steps
-        evaluates = bool(eval_batches) and (is_last or (cfg.eval.freq > 0 and step % cfg.eval.freq == 0))
-        saves = cfg.checkpoint.enabled and (is_last or (cfg.checkpoint.freq > 0 and step % cfg.checkpoint.freq == 0))
+        evaluates = bool(eval_batches) and due_at(step, cfg.eval.freq, cfg.max_steps)
+        saves = cfg.checkpoint.enabled and due_at(step, cfg.checkpoint.freq, cfg.max_steps)
         stopping_alone = stop.requested and dist_info.world_size == 1  # no other rank to agree with: stop now
         steps.add(step, lr, sums, read_now=evaluates or saves or stopping_alone)
         stopping = steps.stop_requested or stopping_alone  # several ranks stop on the step they agreed on
@@ -183,7 +182,8 @@ def run(argv: list[str]) -> int:
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        print(f"error: {error.filename}: {error.strerror}; free some space, then run the same command", file=sys.stderr)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror}; free some space, then run the same command", file=sys.stderr)
         return exit_codes.WRITE_FAILED
     except NonFiniteError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Memory measured on a CPU: the peak of the bytes held at once by the tensors made inside a block.
 
 CUDA has `torch.cuda.max_memory_allocated`; a CPU has no allocator statistics per tensor, and the process's resident
-memory moves with the allocator's caching. The benchmarks (train_throughput.py's loss memory) and the loss's memory
-test use this probe instead.
+memory moves with the allocator's caching. train_throughput.py measures a step's and the loss's memory on a CPU with
+this probe, and the loss's memory test (tests/train/test_loss.py) uses it too.
 """
 
 from __future__ import annotations

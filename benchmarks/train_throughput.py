@@ -21,7 +21,7 @@ Recomputation by checkpointing is not counted, as is customary. The peak is meas
 about half the targets trained; HF gets the prompt labels as -100). For each case it builds both models once, then
 alternates timed runs (tailor, HF, tailor, HF, ...), so both see the same load, and prints the median tokens/s of
 each with the spread (min-max) and the ratio of the medians; then the peak of the bytes held at once by tensors
-made during one step of each (activations, logits, gradients: finetune.training.monitoring.PeakLiveBytes).
+made during one step of each (activations, logits, gradients: benchmarks/live_bytes.py).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ class ConfigError(ValueError):
     """A user mistake in the configuration; the message names the key and the fault."""
 
 
+MAX_SEQ_LEN = 2**20  # a packed batch holds seq_len tokens: a typo of a few digits would fill the host's memory
 MAX_INT = 2**31 - 1  # beyond any step count, length or size a run can have: a typo, or an overflow further on
 
 
@@ -380,13 +381,24 @@ def _is_number(text: str) -> bool:
 # mistral-finetune's TrainArgs defaults (its finetune/args.py, finetune/data/args.py, model/args.py) where they
 # differ from tailor's. A config of its, one with `model_id_or_path` (which TrainArgs requires), means what it meant
 # there: no evaluation unless asked, eval and checkpoint only at the end, its learning rate, warmup and LoRA size.
-MISTRAL_FINETUNE_DEFAULTS = {
-    "no_eval": True,
-    "eval_freq": 0,
-    "ckpt_freq": 0,
-    "optim": {"lr": 3e-4, "pct_start": 0.3},
-    "lora": {"rank": 16, "scaling": 2.0},
-}
+MISTRAL_FINETUNE_DEFAULTS = [  # (its key, its default, tailor's keys that set the same and so win over the default)
+    ("no_eval", True, ["eval.enabled"]),
+    ("eval_freq", 0, ["eval.freq"]),
+    ("ckpt_freq", 0, ["checkpoint.freq"]),
+    ("optim.lr", 3e-4, []),
+    ("optim.pct_start", 0.3, ["optim.warmup_fraction", "optim.warmup_steps"]),
+    ("lora.rank", 16, []),
+    ("lora.scaling", 2.0, ["lora.alpha"]),
+]
+
+
+def _has_key(raw: dict, dotted: str) -> bool:
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def is_mistral_finetune_config(raw: dict) -> bool:
@@ -399,14 +411,14 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
     mistral_finetune = is_mistral_finetune_config(raw)
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     if mistral_finetune:
-        for key, default in MISTRAL_FINETUNE_DEFAULTS.items():
-            if isinstance(default, dict):
-                section = raw.setdefault(key, {})
-                if isinstance(section, dict):
-                    for leaf, value in default.items():
-                        section.setdefault(leaf, value)
-            else:
-                raw.setdefault(key, default)
+        for key, default, same in MISTRAL_FINETUNE_DEFAULTS:
+            if not any(_has_key(raw, k) for k in [key, *same]):
+                *sections, leaf = key.split(".")
+                node = raw
+                for section in sections:
+                    node = node.setdefault(section, {})
+                if isinstance(node, dict):  # a section of the wrong type is named by the checks later
+                    node[leaf] = default
 
     def move(old: str, new: str, transform=lambda v: v) -> None:
         if old in raw:
@@ -514,6 +526,10 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     require(bool(cfg.data.train), "data.train is required: at least one .jsonl file or folder")
     for key in ("seq_len", "batch_size", "grad_accumulation", "max_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    require(
+        cfg.seq_len <= MAX_SEQ_LEN,
+        f"seq_len must be at most {MAX_SEQ_LEN:,} (2**20; no Mistral model has a longer context), got {cfg.seq_len:,}",
+    )
     require(cfg.model.fsdp_prefetch >= 1, f"model.fsdp_prefetch must be >= 1, got {cfg.model.fsdp_prefetch}")
     o = cfg.optim
     require(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32), got {cfg.seed}")
@@ -561,6 +577,12 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
             "checkpoint.save_adapters: false with model.quantize: nf4 would merge into the 4-bit weights; keep the "
             "adapters and run `tailor merge`, which merges them into the original weights",
         )
+
+
+def due_at(step: int, freq: int, max_steps: int) -> bool:
+    """Whether what is done every `freq` steps (eval.freq, checkpoint.freq) is done at `step`: at each multiple of
+    freq, and always at the last step; freq 0 means at the last step only."""
+    return step == max_steps or (freq > 0 and step % freq == 0)
 
 
 def resolve_cache_dir(cfg: TrainConfig) -> Path:

@@ -32,6 +32,15 @@ def tensors_file(rank: int) -> str:
     return f"tensors_rank_{rank}.safetensors"
 
 
+def tensors_file_problem(path: Path) -> str | None:
+    """None when `path` is a training state tailor writes (read from its header only, no tensor); else why not."""
+    try:
+        _open(path)
+    except TensorStateError as error:
+        return str(error)
+    return None
+
+
 def save_tensors(path: Path, model_state: dict, optim_state: dict) -> None:
     """This rank's part of `get_state_dict(model, optimizer)`: its shards of the weights and of AdamW's state."""
     local, shard_dims = {}, {}

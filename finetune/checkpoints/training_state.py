@@ -30,10 +30,16 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from finetune.checkpoints.folders import list_checkpoints, save_training_checkpoint, verify_checkpoint
-from finetune.checkpoints.tensor_state import TensorStateError, load_tensors, save_tensors, tensors_file
+from finetune.checkpoints.tensor_state import (
+    TensorStateError,
+    load_tensors,
+    save_tensors,
+    tensors_file,
+    tensors_file_problem,
+)
 from finetune.config import TrainConfig
 from finetune.training.distributed import DistInfo, all_reduce_sum
-from finetune.training.rng import derived_seed, rng_state, seed_rngs, set_rng_state
+from finetune.training.rng import derived_seed, rng_state, rng_state_problem, seed_rngs, set_rng_state
 from finetune.training.train_step import NonFiniteError
 
 if TYPE_CHECKING:
@@ -96,9 +102,11 @@ def why_not_resumable(folder: Path) -> str | None:
             if not (folder / STATE / name).is_file():
                 return f"{STATE}/{name} is missing, though {world_size} ranks saved this state"
     for rank in range(world_size):
-        problem = _rank_state_problem(folder / STATE / f"rank_{rank}.json")
+        problem = _rank_state_problem(folder / STATE / f"rank_{rank}.json") or tensors_file_problem(
+            folder / STATE / tensors_file(rank)
+        )
         if problem is not None:
-            return problem
+            return problem.replace(str(folder / STATE), STATE)
     return None
 
 
@@ -117,7 +125,8 @@ def _rank_state_problem(path: Path) -> str | None:
         and {"torch", "numpy", "python"} <= set(saved["rng"])
     ):
         return f"{where} is not a data position and random state that tailor writes"
-    return None
+    problem = rng_state_problem(saved["rng"])
+    return f"{where} holds no random state that can be restored ({problem})" if problem else None
 
 
 def read_resume_point(folder: Path) -> ResumePoint:

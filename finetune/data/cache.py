@@ -16,6 +16,13 @@ One entry:
     meta.json         counts; written last
 Weights are stored as spans because they are constant over whole messages: 12 bytes per assistant
 message instead of 4 per token.
+
+A file worth splitting is cut at line starts into parts that the worker processes share (several parts each, so
+one slow part cannot leave a worker idle for long); a small one is tokenized in-process, where starting workers
+would cost more than they save. SentencePiece tokenizers encode text word by word through a memo
+(finetune/data/text_encoders.py), which `<cache_dir>/word_memo/` keeps between builds and runs, per tokenizer file:
+a build starts with the words earlier builds encoded rather than with none. It is plain JSON, checked when read
+(a memo that is not one is rebuilt, and the run says so).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import array
 import fcntl
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -33,15 +41,21 @@ from pathlib import Path
 
 import mistral_common
 import numpy as np
+import sentencepiece
 from tqdm import tqdm
 
 from finetune.data.errors import LEFT_OUT, SampleFault
 from finetune.data.jsonl import line_aligned_ranges, read_lines
-from finetune.data.tokenize import tokenize_line
+from finetune.data.text_encoders import WordMemoSentencePiece
+from finetune.data.tokenize import tokenize_line, word_memo
 
 CACHE_FORMAT = 2
 assert array.array("I").itemsize == 4, "tokens.bin holds uint32"
-CHUNK_BYTES = 8 << 20  # one task for a worker process; files below this are tokenized in-process
+PART_BYTES = 8 << 20  # the most of a file one worker task takes
+PARTS_PER_WORKER = 4
+# Smaller files are tokenized in-process. Measured here: a pool of 2 workers starts and stops in about 0.25 s, about
+# what one process takes to tokenize 1.3 MB, so splitting pays from a few MB on.
+MIN_SPLIT_BYTES = 2 << 20
 SPAN_DTYPE = np.dtype([("begin", "<i4"), ("end", "<i4"), ("weight", "<f4")])
 
 
@@ -97,13 +111,57 @@ def open_tokenized_files(
             [CACHE_FORMAT, _digest_of_file(path, cache_dir), tokenizer_digest, train_on, mistral_common.__version__]
         )
         entries[path] = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:32]
+    memo = word_memo(tokenizer)
+    # per tokenizer file and SentencePiece version: the ids are what that pair makes of each word
+    memo_key = hashlib.sha256(f"{tokenizer_digest}|{sentencepiece.__version__}".encode()).hexdigest()[:32]
+    memo_file = cache_dir / "word_memo" / f"{memo_key}.json"
+    to_build = [path for path, entry in entries.items() if not (entry / "meta.json").exists()]
+    if memo is not None and to_build:
+        _load_word_memo(memo_file, memo, tokenizer.instruct_tokenizer.tokenizer.n_words)
     with _WorkerPool(tokenizer, train_on, num_workers) as pool:
         # First build what no other process is building, then wait for the rest: ranks share the work.
         for blocking in (False, True):
             for path, entry in entries.items():
                 if not (entry / "meta.json").exists():
                     _build_locked(path, entry, pool, blocking)
+    if memo is not None and to_build:
+        _save_word_memo(memo_file, memo)
     return [TokenizedFile(path, entry) for path, entry in entries.items()]
+
+
+def _load_word_memo(path: Path, memo: WordMemoSentencePiece, n_words: int) -> None:
+    """Words -> ids saved by earlier builds, if the file is one: a JSON object of lists of ids in the vocabulary."""
+    if not path.exists():
+        return
+    try:
+        words = json.loads(path.read_text(encoding="utf-8"))
+        valid = isinstance(words, dict) and all(
+            type(ids) is list and ids and all(type(i) is int and 0 <= i < n_words for i in ids)
+            for ids in words.values()
+        )
+    except (OSError, ValueError):
+        valid = False
+    if not valid:
+        print(f"{path}: not a word memo this tokenizer wrote; it is rebuilt", flush=True)
+        return
+    memo.remember(words)
+
+
+def _save_word_memo(path: Path, memo: WordMemoSentencePiece) -> None:
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(memo.words(), ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def part_ranges(path: Path, num_workers: int) -> list[tuple[int, int]]:
+    """The byte ranges of a file's worker tasks, each starting at a line: the whole file when it is small or there
+    are no workers, else at least PARTS_PER_WORKER parts per worker of at most PART_BYTES."""
+    size = path.stat().st_size
+    if num_workers == 0 or size < MIN_SPLIT_BYTES:
+        return [(0, size)]
+    parts = max(math.ceil(size / PART_BYTES), PARTS_PER_WORKER * num_workers)
+    return line_aligned_ranges(path, math.ceil(size / parts))
 
 
 def _build_locked(path: Path, entry: Path, pool: _WorkerPool, blocking: bool) -> None:
@@ -127,7 +185,7 @@ def _build_locked(path: Path, entry: Path, pool: _WorkerPool, blocking: bool) ->
 
 
 def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
-    ranges = line_aligned_ranges(path, CHUNK_BYTES)
+    ranges = part_ranges(path, pool.num_workers)
     tasks = [(path, start, end, str(out / f"part{k:05d}")) for k, (start, end) in enumerate(ranges)]
     print(f"tokenizing {path} ({path.stat().st_size / 2**20:,.1f} MiB) into the cache", flush=True)
     lines_per_part = pool.tokenize_ranges(tasks)
@@ -154,6 +212,10 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
                         record["line"] += first_line - 1
                         counts[record["kind"]] = counts.get(record["kind"], 0) + 1
                         records.write(json.dumps(record) + "\n")
+            if os.path.exists(f"{prefix}.words.json"):  # what a worker's word memo learned, for the memo file
+                with open(f"{prefix}.words.json", encoding="utf-8") as f:
+                    pool.memo.remember(json.load(f))
+                os.remove(f"{prefix}.words.json")
             for suffix in (".tokens", ".npz", ".errors.jsonl", ".warnings.jsonl"):
                 os.remove(prefix + suffix)
             first_line += n_lines
@@ -209,6 +271,10 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
                 tokens_out.write(array.array("I", pending).tobytes())  # 3x faster than numpy from a list
                 pending = []
         tokens_out.write(array.array("I", pending).tobytes())
+    memo = word_memo(tokenizer)
+    if memo is not None:
+        with open(f"{prefix}.words.json", "w", encoding="utf-8") as f:
+            json.dump(memo.learned(), f, ensure_ascii=False)
     np.savez(
         f"{prefix}.npz",
         lengths=np.asarray(lengths, np.int64),
@@ -236,6 +302,7 @@ class _WorkerPool:
     def __init__(self, tokenizer, train_on: str, num_workers: int):
         self.args = (tokenizer, train_on)
         self.num_workers = num_workers
+        self.memo = word_memo(tokenizer)  # this process's: it gathers what the workers' memos learn
         self.pool = None
 
     def tokenize_ranges(self, tasks: list) -> list[int]:

@@ -93,6 +93,11 @@ def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
                 f"invalid JSON: control character 0x{ord(text[e.pos]):02x} inside a string at column {e.colno} "
                 "(JSON writes it as an escape, \\u00XX)",
             ) from None
+        nuls = line.count(b"\x00")
+        if 0 < nuls < len(line) <= 3 * nuls:  # every other byte NUL, but not all: UTF-16 (or UTF-32) text
+            raise SampleFault(
+                "not_utf8", "the line is UTF-16, not UTF-8 (NUL bytes between characters); save the file as UTF-8"
+            ) from None
         raise SampleFault("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:
         raise too_deep from None

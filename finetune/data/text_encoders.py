@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
-from itertools import chain
+from itertools import chain, islice
 from typing import Any
 
 import tiktoken
@@ -41,6 +41,7 @@ class WordMemoSentencePiece:
     def __init__(self, processor: Any):
         self._processor = processor
         self._memo: dict[str, list[int]] = {}
+        self._reported = 0  # words in the memo before those `learned` has not returned yet (a dict keeps order)
         self._starts_word = [processor.id_to_piece(i).startswith("▁") for i in range(processor.get_piece_size())]
 
     def __call__(self, text: str) -> list[int]:
@@ -81,6 +82,21 @@ class WordMemoSentencePiece:
         if len(self._memo) < self.max_words:
             self._memo.update((keys[i], found[i]) for i in missing)
 
+    def words(self) -> dict[str, list[int]]:
+        return self._memo
+
+    def learned(self) -> dict[str, list[int]]:
+        """The words remembered since the last call: what a worker process hands back to the cache's memo file."""
+        new = dict(islice(self._memo.items(), self._reported, None))
+        self._reported = len(self._memo)
+        return new
+
+    def remember(self, words: dict[str, list[int]]) -> None:
+        """Take words encoded elsewhere (a memo file, a worker), as far as the bound allows."""
+        room = max(self.max_words - len(self._memo), 0)
+        self._memo.update(islice(((w, ids) for w, ids in words.items() if w not in self._memo), room))
+        self._reported = len(self._memo)  # known elsewhere already: not for `learned` to hand back
+
 
 def word_memo_is_exact(tokenizer: SentencePieceTokenizer) -> bool:
     """True when splitting at spaces cannot change SentencePiece's output for this model."""
@@ -95,13 +111,13 @@ class _FastEncode:
 
     def __init__(self, inner: Any, encode_text):
         self._inner = inner
-        self._encode_text = encode_text
+        self.encode_text = encode_text
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
-        ids = self._encode_text(s)
+        ids = self.encode_text(s)
         if bos:
             ids = [self._inner.bos_id, *ids]
         if eos:

@@ -31,7 +31,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from finetune.data.errors import NOTHING_TO_TRAIN, SampleFault, SampleWarning, first_line
 from finetune.data.jsonl import parse_line
 from finetune.data.schema import check_sample, sample_warnings
-from finetune.data.text_encoders import with_fast_text_encoder
+from finetune.data.text_encoders import WordMemoSentencePiece, with_fast_text_encoder
 
 # mistral-common's own file names, newest first; a plain `tokenizer.model` (a Hugging Face copy) is the fallback.
 TOKENIZER_PATTERNS = ("tekken*.json", "tokenizer.model.v*", "*.model.v*")
@@ -271,6 +271,12 @@ class _SampleEncoder:
 
 
 _ENCODERS: weakref.WeakKeyDictionary[MistralTokenizer, _SampleEncoder] = weakref.WeakKeyDictionary()
+
+
+def word_memo(tokenizer: MistralTokenizer) -> WordMemoSentencePiece | None:
+    """The word memo that encodes this tokenizer's text, when it has one (SentencePiece; Tekken has none)."""
+    encode_text = _sample_encoder(tokenizer).raw.encode_text
+    return encode_text if isinstance(encode_text, WordMemoSentencePiece) else None
 
 
 def _sample_encoder(tokenizer: MistralTokenizer) -> _SampleEncoder:

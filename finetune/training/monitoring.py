@@ -51,8 +51,11 @@ class MetricsLogger:
                 self.mlflow.log_params(_flat_config(cfg))
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(standard_json(record), allow_nan=False) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(standard_json(record), allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as error:  # a full disk: name the file, which a write error does not
+            raise OSError(error.errno, error.strerror, str(self.path)) from None
         step = record["step"]
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         prefix = record.get("kind", "train")
@@ -74,10 +77,16 @@ class MetricsLogger:
             self.mlflow.end_run()
 
 
-def standard_json(record: dict) -> dict:
-    """The record with each non-finite number (a skipped step's loss or gradient norm) as null: JSON has no NaN or
-    Infinity, and readers other than Python's reject them."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+def standard_json(value):
+    """`value` with each non-finite number (a skipped step's loss or gradient norm) as null, at any depth: JSON has
+    no NaN or Infinity, and readers other than Python's reject them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: standard_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [standard_json(v) for v in value]
+    return value
 
 
 def _optional_import(module: str, package: str):

@@ -37,6 +37,20 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
 
 
+def rng_state_problem(state: dict) -> str | None:
+    """None when `state` (from rng_state) can be restored; else why not. Tried on throwaway generators, so the
+    process's own are untouched."""
+    try:
+        torch.Generator().set_state(torch.tensor(state["torch"], dtype=torch.uint8))
+        kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+        np.random.RandomState().set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gauss))
+        version, internal, gauss_next = state["python"]
+        random.Random().setstate((version, tuple(internal), gauss_next))
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def seed_rngs(seed: int) -> None:
     torch.manual_seed(seed)  # CUDA's generators too
     np.random.seed(seed % 2**32)

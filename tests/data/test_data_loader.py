@@ -13,6 +13,7 @@ import finetune.data.cache as cache
 from finetune.data import DataError, build_eval_batches, build_train_loader, tokenize_sample
 from finetune.data.cache import open_tokenized_files
 from finetune.data.config import DataConfig, DataSource
+from finetune.data.tokenize import word_memo
 
 
 def documents_of(batch, seq_len, known: dict) -> list[int]:
@@ -140,13 +141,59 @@ def test_parallel_build_equals_in_process_build(tmp_path, tokenizers, write_json
     samples = [chat(i, turns=1 + i % 3) if i % 7 else "{bad json" for i in range(120)]
     data = write_jsonl(tmp_path / "d.jsonl", samples)
     (serial,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "serial", num_workers=0)
-    monkeypatch.setattr(cache, "CHUNK_BYTES", 2000)  # about 5 lines per worker task
+    monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(cache, "PART_BYTES", 2000)  # about 5 lines per worker task
     (parallel,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "parallel", num_workers=2)
     for name in ("sample_starts", "span_starts", "spans"):
         assert getattr(parallel, name).tolist() == getattr(serial, name).tolist()
     assert parallel.tokens.tolist() == serial.tokens.tolist()
     assert [f.line for f in parallel.faults()] == [i + 1 for i in range(0, 120, 7)]
     assert parallel.meta["n_lines"] == 120 and parallel.meta["errors_by_kind"] == {"invalid_json": 18}
+
+
+def test_a_file_worth_splitting_gives_every_worker_several_parts(tmp_path, write_jsonl, chat, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(i, turns=1 + i % 3) for i in range(200)])
+    size = data.stat().st_size
+    assert cache.part_ranges(data, num_workers=2) == [(0, size)]  # small: in-process
+    monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", size // 2)
+    assert cache.part_ranges(data, num_workers=0) == [(0, size)]
+    ranges = cache.part_ranges(data, num_workers=2)
+    assert len(ranges) == 2 * cache.PARTS_PER_WORKER  # a file under PART_BYTES still gives each worker 4 parts
+    assert ranges[0][0] == 0 and ranges[-1][1] == size and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    raw = data.read_bytes()
+    assert all(raw[start - 1 : start] == b"\n" for start, _ in ranges[1:])  # each starts a line
+    assert max(end - start for start, end in ranges) < 2 * size / len(ranges)  # about equal shares
+
+
+def test_the_word_memo_is_kept_with_the_cache_and_gives_the_same_tokens(
+    tmp_path, model_dirs, write_jsonl, chat, monkeypatch, capsys
+):
+    """A later build (another file, a new process's tokenizer) starts with the words earlier builds encoded, whether
+    a worker or the process itself encoded them; the tokens are those of a cold build; a damaged memo is rebuilt."""
+    from finetune.data import load_tokenizer
+
+    first = write_jsonl(tmp_path / "a.jsonl", [chat(i, turns=2) for i in range(60)])
+    second = write_jsonl(tmp_path / "b.jsonl", [chat(i + 1000, turns=2) for i in range(60)])
+    monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(cache, "PART_BYTES", 3000)
+    open_tokenized_files([first], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=2)
+    (memo_file,) = (tmp_path / "cache" / "word_memo").iterdir()
+    saved = json.loads(memo_file.read_text())
+    assert len(saved) > 100
+
+    fresh = load_tokenizer(model_dirs["v3"])  # a new run: its memo starts empty, then reads the file
+    (warm,) = open_tokenized_files([second], fresh, "all", tmp_path / "cache", num_workers=0)
+    assert set(saved) <= set(word_memo(fresh).words())
+    (cold,) = open_tokenized_files([second], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cold", num_workers=0)
+    assert warm.tokens.tolist() == cold.tokens.tolist() and warm.spans.tolist() == cold.spans.tolist()
+    assert len(json.loads(memo_file.read_text())) > len(saved)  # the second file's new words were added
+
+    memo_file.write_text(json.dumps({"the": [10**9]}))  # an id outside the vocabulary
+    other = write_jsonl(tmp_path / "c.jsonl", [chat(i + 2000) for i in range(5)])
+    capsys.readouterr()
+    open_tokenized_files([other], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=0)
+    assert "not a word memo this tokenizer wrote; it is rebuilt" in capsys.readouterr().out
+    assert all(ids != [10**9] for ids in json.loads(memo_file.read_text()).values())
 
 
 def _build_in_child(path, cache_dir, log):

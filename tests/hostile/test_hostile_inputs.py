@@ -105,6 +105,7 @@ HOSTILE_LINES = {
     "raw NUL byte": (b'{"text": "a\x00b"}', "invalid_json", "control character 0x00"),
     "NUL bytes only": (b"\x00\x00\x00\x00", "invalid_json", "invalid JSON"),
     "UTF-16 line": ('{"text": "a"}'.encode("utf-16"), "not_utf8", "not valid UTF-8"),
+    "UTF-16-LE line": ('{"text": "a"}'.encode("utf-16-le"), "not_utf8", "the line is UTF-16, not UTF-8"),
     "BOM mid-file": (b'\xef\xbb\xbf{"text": "a"}', "bom", "byte-order mark"),
     "NaN weight": (
         b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": NaN}]}',
@@ -235,6 +236,7 @@ HOSTILE_OVERRIDES = {
     "max_steps=-5": "max_steps must be >= 1",
     "seq_len=0": "seq_len must be >= 1",
     "seq_len=99999999999": "no setting here takes a number beyond",
+    "seq_len=1048577": "seq_len must be at most 1,048,576",
     "batch_size=1.5": "batch_size must be an integer",
     "eval.freq=-1": "eval.freq must be >= 0",
     "checkpoint.keep=0": "checkpoint.keep must be >= 1",
@@ -552,3 +554,47 @@ def test_ambiguous_lines_are_warnings_with_file_and_line(model_dir, tmp_path, ca
     assert f"{train}:6: warning: no assistant message is trained" in shown
 
     ended(TRAIN.run([str(config)]), capsys, exit_codes.OK, "1 samples left out (nothing_to_train 1)")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "params.json not JSON",
+        "params.json without vocab_size",
+        "no tokenizer",
+        "truncated tokenizer",
+        "a tokenizer of another vocabulary",
+        "config.json not JSON",
+    ],
+)
+def test_validate_names_a_damaged_model_folder(case, model_dir, tmp_path, capsys):
+    damage, file, words = HOSTILE_MODEL_FOLDERS[case]
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    damage(folder)
+    config = write_config(tmp_path, folder, data_file(tmp_path, json.dumps(GOOD).encode()))
+    code = tailor(["validate", str(config)])
+    ended(code, capsys, exit_codes.USAGE, "error: ", folder / file if file != "." else folder, words)
+
+
+@pytest.mark.parametrize(
+    "case", ["lone surrogate in a message", "100,000 nested brackets", "5,000-digit number", "invalid UTF-8"]
+)
+def test_chat_input_names_a_hostile_line(case, model_dir, tmp_path, capsys):
+    line, kind, words = HOSTILE_LINES[case]
+    conversations = data_file(tmp_path, line)
+    code = tailor(["chat", str(model_dir), "--input", str(conversations), "--output", str(tmp_path / "out.jsonl")])
+    ended(code, capsys, exit_codes.USAGE, f"error: {conversations}:2: ", words)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_hugging_face_folder_with_an_unknown_tensor_is_named(tmp_path, capsys):
+    folder = write_tiny_model(tmp_path / "hf", arch="mistral-7b", tokenizer="v3", layout="hf")
+    save_file({"model.layers.0.self_attn.rotary.scale": torch.zeros(2)}, folder / "model-extra.safetensors")
+    config = write_config(tmp_path, folder, data_file(tmp_path, json.dumps(GOOD).encode()))
+    ended(
+        TRAIN.run([str(config)]),
+        capsys,
+        exit_codes.USAGE,
+        f"error: model.path: {folder / 'model-extra.safetensors'}: tensor 'model.layers.0.self_attn.rotary.scale'",
+    )

@@ -12,17 +12,21 @@ from __future__ import annotations
 import errno
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from hostile_runs import copy_run, rewrite_manifest, write_config
+from safetensors.torch import save as safetensors_bytes
 
 import finetune.checkpoints.folders as folders
 import finetune.checkpoints.training_state as training_state
+import finetune.training.monitoring as monitoring
 import train
 from finetune import exit_codes
 from finetune.checkpoints.folders import verify_checkpoint
+from finetune.checkpoints.training_state import Progress
 from finetune.training.distributed import DistInfo
 from finetune.training.run_lock import lock_run_dir
 from model.tiny import write_tiny_model
@@ -105,9 +109,7 @@ def list_outside(checkpoint: Path) -> None:
 
 def progress(**fields):
     """progress.json as tailor writes it at step 2, with `fields` changed (None: left out)."""
-    saved = dict(
-        world_size=1, step=2, tokens=128, trained_tokens=10, nonfinite_in_a_row=0, nonfinite_skipped=0, elapsed_s=1.0
-    )
+    saved = {"world_size": 1, **asdict(Progress(step=2, tokens=128, trained_tokens=10, elapsed_s=1.0))}
     saved.update(fields)
     return json.dumps({k: v for k, v in saved.items() if v is not None})
 
@@ -163,6 +165,18 @@ DAMAGED = {  # name: (damage, what the message says)
     "a flipped byte in the adapters": (flip_a_byte("lora.safetensors"), "lora.safetensors checksum mismatch"),
     "params.json edited": (write("params.json", "{}", manifest=False), "params.json has 2 bytes, the manifest says"),
     "the state folder is gone": (remove("state"), "no training state (state/progress.json): adapters only"),
+    "rank_0.json's random state is not one": (
+        write(R, '{"data": {}, "rng": {"torch": [1, 2], "numpy": [], "python": []}}'),
+        f"{R} holds no random state that can be restored",
+    ),
+    "the tensors file is a pickle": (
+        write("state/tensors_rank_0.safetensors", b"\x80\x04\x95" + b"\x00" * 64),
+        "state/tensors_rank_0.safetensors is not a training state tailor writes",
+    ),
+    "the tensors file has no shard dimensions": (
+        write("state/tensors_rank_0.safetensors", safetensors_bytes({"model/x": torch.zeros(2)})),
+        "state/tensors_rank_0.safetensors is not a training state tailor writes (a safetensors file with shard_dims)",
+    ),
 }
 
 
@@ -193,33 +207,6 @@ def test_resume_auto_sets_a_damaged_checkpoint_aside_and_goes_on(case, trained, 
     else:
         assert "renamed to checkpoint_000002.damaged, which tailor never uses, counts or deletes" in out
         assert names == ["checkpoint_000002", "checkpoint_000002.damaged", "checkpoint_000003"]
-
-
-STATE_EDITED = {  # edited with a manifest to match, found as the state is loaded: refused by name either way
-    "rank_0.json's random state is not one": (
-        write(R, '{"data": {}, "rng": {"torch": [1, 2], "numpy": [], "python": []}}'),
-        "state/rank_0.json: not a data position and random state that tailor writes",
-    ),
-    "the tensors file is not safetensors": (
-        write("state/tensors_rank_0.safetensors", b"\x80\x04\x95" + b"\x00" * 64),
-        "tensors_rank_0.safetensors is not a training state tailor writes",
-    ),
-}
-
-
-@pytest.mark.parametrize("resume", ["auto", "PATH"])
-@pytest.mark.parametrize("case", STATE_EDITED)
-def test_an_edited_state_with_a_matching_manifest_is_refused_by_name(
-    case, resume, trained, model_dir, tmp_path, capsys
-):
-    damage, problem = STATE_EDITED[case]
-    run_dir = copy_run(trained, tmp_path)
-    checkpoint = run_dir / "checkpoints" / "checkpoint_000002"
-    damage(checkpoint)
-    overrides = [] if resume == "auto" else [f"resume={checkpoint}"]
-    code = train.run([str(write_config(tmp_path, model_dir, max_steps=3)), *overrides])
-    ended(code, capsys, exit_codes.USAGE, problem)
-    assert verify_checkpoint(run_dir / "checkpoints" / "checkpoint_000001") is None
 
 
 @pytest.mark.parametrize("resume", ["auto", "PATH"])
@@ -354,3 +341,27 @@ def test_a_disk_that_fills_during_a_save_keeps_the_older_checkpoints(case, model
     assert file in message and "the checkpoints saved before are kept" in message
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_000001"]  # no partial folder left
     assert verify_checkpoint(checkpoints / "checkpoint_000001") is None
+
+
+class FullDisk:
+    """A file whose writes fail as on a full disk once `room` of them went through."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, text: str) -> int:
+        self.room -= 1
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_a_disk_that_fills_while_metrics_are_written_names_the_file(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(monitoring, "open", lambda *args, **kwargs: FullDisk(open(*args, **kwargs), 2), raising=False)
+    code = train.run([str(write_config(tmp_path, model_dir, max_steps=4))])
+    run_dir = tmp_path / "run"
+    ended(code, capsys, exit_codes.WRITE_FAILED, f"error: {run_dir / 'metrics.jsonl'}: No space left on device")
+    assert verify_checkpoint(run_dir / "checkpoints" / "checkpoint_000001") is None  # saved before the disk filled

@@ -20,12 +20,14 @@ from safetensors.torch import load_file
 import train as train_script
 from finetune import exit_codes
 from finetune.checkpoints.folders import verify_checkpoint
+from finetune.checkpoints.tensor_state import save_tensors
 from finetune.checkpoints.training_state import ResumeError, load_training_state, read_resume_point
 from finetune.config import ConfigError, config_from_dict, load_config
 from finetune.data import build_train_loader, load_tokenizer
 from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
+from finetune.training.rng import rng_state
 from finetune.training.run_start import prepare_run_dir
 from model.lora import lora_state_dict
 
@@ -373,8 +375,8 @@ def test_a_used_run_dir_is_refused_without_resume(write_config, tmp_path):
 
 
 def fake_checkpoint(save_checkpoint, step: int, with_state: bool = True) -> Path:
-    """Training's own save of the tiny model under tmp_path/run, with the files of a training state (their contents
-    are not read before the state is loaded), or adapters only."""
+    """Training's own save of the tiny model under tmp_path/run, with the files of a training state (of the right
+    shape, though holding no tensor: their values are read only as the state is loaded), or adapters only."""
 
     def write_state(folder: Path) -> None:
         (folder / "state").mkdir()
@@ -390,9 +392,9 @@ def fake_checkpoint(save_checkpoint, step: int, with_state: bool = True) -> Path
             loss_scale_good_steps=0,
         )
         (folder / "state" / "progress.json").write_text(json.dumps(progress))
-        rank_state = {"data": {}, "rng": {"torch": [], "numpy": [], "python": []}}
+        rank_state = {"data": {}, "rng": rng_state(torch.device("cpu"))}
         (folder / "state" / "rank_0.json").write_text(json.dumps(rank_state))
-        (folder / "state" / "tensors_rank_0.safetensors").write_bytes(b"tensors")
+        save_tensors(folder / "state" / "tensors_rank_0.safetensors", {}, {"state": {}})
 
     return save_checkpoint(step, keep=10, write_state=write_state if with_state else None)
 
