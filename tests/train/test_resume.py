@@ -274,6 +274,42 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     assert records(branch, "train")[-1]["loss"] < 0.7 * records(run_dir, "train")[0]["loss"]  # trained weights
 
 
+RANK_1_DISK_FULL_HOOK = """
+import errno, os
+import finetune.checkpoints.training_state as module
+
+real, calls = module._write_json, []
+
+def _write_json(path, value):
+    calls.append(1)
+    if os.environ.get("RANK") == "1" and len(calls) > 1:  # rank 1 writes one file a save: the second save fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return real(path, value)
+
+module._write_json = _write_json
+"""
+
+
+def test_a_disk_full_on_one_rank_ends_every_rank_and_keeps_the_older_checkpoints(write_config, tmp_path):
+    """Rank 1 cannot write its part of the second checkpoint: both ranks end (none waits for the other), the partial
+    folder is removed and the first checkpoint stays intact."""
+    config = write_config(batch_size=1, max_steps=4, eval__enabled=False, checkpoint__freq=1)
+    hook = hook_folder(tmp_path / "hook", RANK_1_DISK_FULL_HOOK)
+    result = subprocess.run(
+        torchrun(config), cwd=REPO, env=subprocess_env(hook), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    # torchrun reports a failed worker with a traceback of its own; tailor's ranks show none, and exit 6
+    assert f'File "{REPO}' not in result.stderr and "terminate called" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count(f"exitcode  : {exit_codes.WRITE_FAILED} (pid") == 2  # both ranks, as torchrun says
+    checkpoints = tmp_path / "run" / "checkpoints"
+    failed = checkpoints / "checkpoint_000002"
+    assert f"error: {failed} could not be written (No space left on device: " in result.stderr
+    assert "rank_1.json): the partial folder is removed" in result.stderr
+    assert f"error: {failed} could not be written (on another rank)" in result.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_000001"]
+    assert verify_checkpoint(checkpoints / "checkpoint_000001") is None
+
+
 NONFINITE_STEPS_HOOK = """
 import dataclasses
 import torch
