@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import REPO, free_port, hook_folder, records, subprocess_env
+from launching import REPO, hook_folder, records, subprocess_env, torchrun
 from safetensors.torch import load_file
 
 import train as train_script
@@ -170,21 +170,6 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_0(write_config, tmp_path):
     resumed = train(config, "max_steps=" + str(last + 2))
     assert f"resuming from {folder}" in resumed.stdout
     assert [r["step"] for r in records(run_dir, "train")] == list(range(1, last + 3))
-
-
-def torchrun(config: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        "train.py",
-        str(config),
-        *overrides,
-    ]
 
 
 def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank(write_config, tmp_path):
