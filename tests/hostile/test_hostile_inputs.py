@@ -304,6 +304,14 @@ HOSTILE_CONFIGS = {  # name -> (the file's bytes from a good config's text, word
         lambda text: text.replace("  train: ", "  train:\n  - weight: .nan\n    path: ").encode(),
         "data.train[0].weight must be a finite number",
     ),
+    "mistral-finetune's log_freq into a number": (
+        lambda text: (text + "logging: 7\nlog_freq: 5\n").encode(),
+        ": logging must be a mapping (mistral-finetune's log_freq goes in it), got 7",
+    ),
+    "mistral-finetune's checkpoint into a string": (
+        lambda text: b"model: x\ncheckpoint: true\n",
+        ": model must be a mapping (mistral-finetune's checkpoint goes in it), got 'x'",
+    ),
     "a section that is a list": (lambda text: (text + "optim: [1, 2]\n").encode(), ": optim must be a mapping"),
 }
 
