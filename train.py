@@ -191,6 +191,8 @@ def run(argv: list[str]) -> int:
     except torch.OutOfMemoryError as error:
         print(f"error: {out_of_memory_message(error)}", file=sys.stderr)
         return exit_codes.OUT_OF_MEMORY
+    finally:
+        destroy()  # with several ranks, an error too leaves the process group closed: no abort at exit
 
 
 if __name__ == "__main__":

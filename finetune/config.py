@@ -153,10 +153,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     raw = read_yaml_mapping(path)
-    raw = translate_mistral_finetune_keys(raw)
-    for item in overrides:
-        apply_override(raw, item)
     try:
+        raw = translate_mistral_finetune_keys(raw)
+        for item in overrides:
+            apply_override(raw, item)
         return config_from_dict(raw, source=str(path))
     except ConfigError as error:
         raise _blame_override(error, str(path), overrides) from None
@@ -206,14 +206,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _blame_override(error: ConfigError, source: str, overrides: list[str]) -> ConfigError:
-    """An error about a key set on the command line names that override, not the YAML file."""
+    """An error about a key set on the command line names that override; any other names the YAML file."""
+    if str(error).startswith("override "):
+        return error
     message = str(error).removeprefix(f"{source}: ")
     for item in overrides:
         parts = item.partition("=")[0].strip().split(".")
         keys = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]  # optim.lr.x set optim.lr.x, optim.lr, optim
         if any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", message) for key in keys):
             return ConfigError(f"override {item!r}: {message}")
-    return error
+    return ConfigError(f"{source}: {message}")
 
 
 def refuse_secrets(raw: dict, source: str) -> None:
@@ -381,13 +383,24 @@ def _is_number(text: str) -> bool:
 # mistral-finetune's TrainArgs defaults (its finetune/args.py, finetune/data/args.py, model/args.py) where they
 # differ from tailor's. A config of its, one with `model_id_or_path` (which TrainArgs requires), means what it meant
 # there: no evaluation unless asked, eval and checkpoint only at the end, its learning rate, warmup and LoRA size.
-MISTRAL_FINETUNE_DEFAULTS = {
-    "no_eval": True,
-    "eval_freq": 0,
-    "ckpt_freq": 0,
-    "optim": {"lr": 3e-4, "pct_start": 0.3},
-    "lora": {"rank": 16, "scaling": 2.0},
-}
+MISTRAL_FINETUNE_DEFAULTS = [  # (its key, its default, tailor's keys that set the same and so win over the default)
+    ("no_eval", True, ["eval.enabled"]),
+    ("eval_freq", 0, ["eval.freq"]),
+    ("ckpt_freq", 0, ["checkpoint.freq"]),
+    ("optim.lr", 3e-4, []),
+    ("optim.pct_start", 0.3, ["optim.warmup_fraction", "optim.warmup_steps"]),
+    ("lora.rank", 16, []),
+    ("lora.scaling", 2.0, ["lora.alpha"]),
+]
+
+
+def _has_key(raw: dict, dotted: str) -> bool:
+    node = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def is_mistral_finetune_config(raw: dict) -> bool:
@@ -400,19 +413,21 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
     mistral_finetune = is_mistral_finetune_config(raw)
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     if mistral_finetune:
-        for key, default in MISTRAL_FINETUNE_DEFAULTS.items():
-            if isinstance(default, dict):
-                section = raw.setdefault(key, {})
-                if isinstance(section, dict):
-                    for leaf, value in default.items():
-                        section.setdefault(leaf, value)
-            else:
-                raw.setdefault(key, default)
+        for key, default, same in MISTRAL_FINETUNE_DEFAULTS:
+            if not any(_has_key(raw, k) for k in [key, *same]):
+                *sections, leaf = key.split(".")
+                node = raw
+                for section in sections:
+                    node = node.setdefault(section, {})
+                if isinstance(node, dict):  # a section of the wrong type is named by the checks later
+                    node[leaf] = default
 
     def move(old: str, new: str, transform=lambda v: v) -> None:
         if old in raw:
             section, _, leaf = new.rpartition(".")
             target = raw.setdefault(section, {}) if section else raw
+            if not isinstance(target, dict):
+                raise ConfigError(f"{section} must be a mapping (mistral-finetune's {old} goes in it), got {target!r}")
             target[leaf] = transform(raw.pop(old))
 
     def at_least_one_or_end(value):  # mistral-finetune: a frequency below 1 means "only at the end"
@@ -427,7 +442,10 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
         return value
 
     if isinstance(raw.get("checkpoint"), bool):  # mistral-finetune: activation checkpointing on/off
-        raw.setdefault("model", {})["activation_checkpointing"] = raw.pop("checkpoint")
+        model = raw.setdefault("model", {})
+        if not isinstance(model, dict):
+            raise ConfigError(f"model must be a mapping (mistral-finetune's checkpoint goes in it), got {model!r}")
+        model["activation_checkpointing"] = raw.pop("checkpoint")
     move("model_id_or_path", "model.path")
     move("num_microbatches", "grad_accumulation")
     move("max_norm", "optim.max_grad_norm")

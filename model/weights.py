@@ -98,7 +98,10 @@ def weight_specs_by_file(folder: str | Path, vision_tower: bool = False) -> dict
     specs: dict[str, tuple[Path, TensorSpec]] = {}
     for file in files:
         for name, spec in _read_specs(file):
-            native = _native_name(name, layout, vision_tower)
+            try:
+                native = _native_name(name, layout, vision_tower)
+            except ValueError as e:  # a Hugging Face name the converter does not know
+                raise ValueError(f"{file}: {e}") from None
             if native is None:
                 continue
             if native in specs:

@@ -22,7 +22,8 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.checkpoints.adapter import read_adapter, read_base_quantization
-from finetune.data.errors import first_line
+from finetune.data.errors import SampleFault, first_line
+from finetune.data.jsonl import parse_line, read_lines
 from finetune.data.tokenize import check_tokenizer_vocab, find_tokenizer_file
 from model.args import load_model_args
 from model.generate import generate
@@ -138,23 +139,22 @@ def answer_file(
 
 def read_conversations(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, conversation) of each non-blank line; a final assistant message becomes `reference`."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-                raise ValueError(f"{path}:{number}: expected an object with a non-empty 'messages' list of objects")
-            conversation = {"messages": messages}
-            if messages[-1].get("role") == "assistant":
-                conversation = {"messages": messages[:-1], "reference": messages[-1].get("content")}
-            if record.get("tools"):
-                conversation["tools"] = record["tools"]
-            yield number, conversation
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = parse_line(line)  # the training data's reader: any bytes give a value or a fault, never a crash
+        except SampleFault as fault:
+            raise ValueError(f"{path}:{number}: {fault.message}") from None
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise ValueError(f"{path}:{number}: expected an object with a non-empty 'messages' list of objects")
+        conversation = {"messages": messages}
+        if messages[-1].get("role") == "assistant":
+            conversation = {"messages": messages[:-1], "reference": messages[-1].get("content")}
+        if record.get("tools"):
+            conversation["tools"] = record["tools"]
+        yield number, conversation
 
 
 # What a line starting with "/" does in the interactive chat; such a line is never sent to the model.

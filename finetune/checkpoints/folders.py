@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from finetune.checkpoints.adapter import ADAPTER_FILE, lora_entry
 from finetune.checkpoints.streaming import MERGED_WEIGHTS, TensorSpec, write_safetensors
 from finetune.data.tokenize import find_tokenizer_file
-from finetune.training.distributed import barrier
+from finetune.training.distributed import all_reduce_sum, barrier
 from finetune.training.parallel import full_state
 from model.args import write_params
 from model.lora import LoRAArgs, lora_state_dict, merged_state_dict
@@ -235,27 +235,45 @@ def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: 
     """A collective: every rank gathers the adapters to rank 0, which writes them (or the merged model when
     `checkpoint.save_adapters` is false), and calls `write_state(folder)` to write its part of the training state;
     then rank 0 writes the manifest, renames the folder into place and removes the oldest checkpoints. A write that
-    fails (a full disk) removes the partial folder and raises CheckpointWriteError; the older checkpoints stay."""
+    fails on any rank (a full disk) makes every rank raise CheckpointWriteError, rather than wait for the others,
+    and the partial folder is removed; the older checkpoints stay."""
     run_dir = Path(cfg.run_dir)
     final = checkpoint_path(run_dir, step)
     staging = _stage(final) if is_main else final.with_name(final.name + ".tmp")
     barrier()  # the folder exists, and no debris is being cleared, before any rank writes into it
+    device = next(model.parameters()).device  # where the ranks agree (NCCL reduces on the GPU)
     try:
         _write_parts(cfg, model, staging, is_main)
         write_state(staging)
-        barrier()  # every rank's files are written
+        failure = None
+    except OSError as error:
+        failure = error
+    _raise_if_any_failed(failure, final, staging, is_main, device)  # every rank's files are written, or all raise
+    try:
         if is_main:
             _publish(staging, final)
     except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointWriteError(
-            f"{final} could not be written ({error.strerror or error}: {error.filename or staging}): the partial "
-            "folder is removed, and the checkpoints saved before are kept. Free some space (or lower "
-            "checkpoint.keep), then run the same command: resume: auto continues from the newest checkpoint."
-        ) from None
+        failure = error
+    _raise_if_any_failed(failure, final, staging, is_main, device)
     if is_main:
         remove_old_checkpoints(run_dir, cfg.checkpoint.keep, final)
     return final
+
+
+def _raise_if_any_failed(
+    failure: OSError | None, final: Path, staging: Path, is_main: bool, device: torch.device
+) -> None:
+    """A collective: whether a write failed on any rank; if so, rank 0 removes the partial folder and all raise."""
+    if all_reduce_sum(torch.tensor([float(failure is not None)], device=device)).item() == 0:
+        return
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    what = f"{failure.strerror or failure}: {failure.filename or staging}" if failure else "on another rank"
+    raise CheckpointWriteError(
+        f"{final} could not be written ({what}): the partial folder is removed, and the checkpoints saved before "
+        "are kept. Free some space (or lower checkpoint.keep), then run the same command: resume: auto continues "
+        "from the newest checkpoint."
+    )
 
 
 def _write_parts(cfg, model, staging: Path, is_main: bool) -> None:

@@ -5,7 +5,6 @@ Other lines of the run (eval, skipped steps) are printed above the bar, never th
 from __future__ import annotations
 
 import sys
-from typing import TextIO
 
 from tqdm import tqdm
 
@@ -13,9 +12,9 @@ from finetune.training.monitoring import format_train_line
 
 
 class Console:
-    def __init__(self, max_steps: int, steps_done: int, data_tokens: int, stream: TextIO | None = None):
+    def __init__(self, max_steps: int, steps_done: int, data_tokens: int):
         """`data_tokens`: the tokens of one pass over the train data, for the epoch shown (tokens trained / it)."""
-        self.stream = stream or sys.stdout
+        self.stream = sys.stdout
         self.data_tokens = data_tokens
         self.bar = None
         if self.stream.isatty():

@@ -3,11 +3,13 @@ of it, and what `max_steps` makes of the data (whose own report, per source, fin
 user reads what was understood before waiting for it.
 
     devices: 1 process on the CPU (world size 1); frozen weights fp32, LoRA weights fp32
-    model: artifacts/tiny-mistral: Mistral, 2 layers, dim 64, 4 heads (2 KV), vocab 32,768: 4.26M parameters
-    LoRA: rank 16, alpha 32 on wq wk wv wo w1 w2 w3 output: 1.18M trainable parameters (21.71% of 5.44M)
+    model: artifacts/tiny-mistral: Mistral, 2 layers, dim 64, 4 heads (2 KV), vocab 32,768: 4.27M parameters
+    LoRA: rank 16, alpha 32 on wq wk wv wo w1 w2 w3 output: 558,080 trainable parameters (11.56% of 4.83M)
     step: seq_len 256 x batch_size 2 x grad_accumulation 1 x 1 rank = 512 tokens; 200 steps = 102,400 tokens,
-          9.58 epochs of data/demo/train.jsonl
-    eval: 2 batches every 50 steps and at the end
+        12.15 epochs of data/demo/train.jsonl
+    eval: 2 batches of 2 sequences per rank, every 50 steps and at the end
+
+(`python train.py configs/demo.yaml`, the step line wrapped here.)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from finetune.config import TrainConfig
 from finetune.data.loader import TrainLoader
 from finetune.training.distributed import DistInfo
+from finetune.training.memory_estimate import describe_memory
 from model.args import ModelArgs, load_model_args, num_parameters
 
 
@@ -32,6 +35,7 @@ def describe_run(
     ]
     # each source's files, samples, tokens and losses were printed with the data (finetune/data/report.py)
     lines.append(describe_step(cfg, dist_info.world_size, train_batches))
+    lines.append(describe_memory(cfg, dist_info.world_size, dist_info.device))
     if eval_batches:
         when = f"every {cfg.eval.freq} steps and at the end" if cfg.eval.freq else "at the end"
         lines.append(f"eval: {len(eval_batches)} batches of {cfg.batch_size} sequences per rank, {when}")

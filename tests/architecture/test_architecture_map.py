@@ -1,5 +1,6 @@
 """docs/architecture.md is the map of the house: it names every module of the product (any .py under finetune/ and
-model/, and train.py), and nothing else. An empty __init__.py only marks a package and needs no line."""
+model/, and train.py), and nothing else. An empty __init__.py only marks a package and needs no line. The README's
+Layout, the user's short map, names every folder of finetune/ and no path that does not exist."""
 
 import re
 from pathlib import Path
@@ -39,3 +40,20 @@ def test_a_module_path_is_read_from_the_map_as_written():
 def test_the_entry_points_point_at_the_map():
     assert "docs/architecture.md" in (REPO / "train.py").read_text(encoding="utf-8")
     assert "docs/architecture.md" in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def readme_layout() -> list[str]:
+    """The paths that begin the lines of the README's Layout block."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("\n## Layout\n") :]
+    block = section[section.index("```\n") + 4 :]
+    block = block[: block.index("```")]
+    return [line.split()[0] for line in block.splitlines() if line and not line.startswith(" ")]
+
+
+def test_the_readme_layout_names_every_folder_of_the_product_and_only_paths_that_exist():
+    listed = readme_layout()
+    assert [path for path in listed if not (REPO / path).exists()] == []
+    packages = [f"finetune/{p.name}/" for p in (REPO / "finetune").iterdir() if (p / "__init__.py").exists()]
+    assert len(packages) >= 4
+    assert sorted({*packages, "model/", "train.py", "docs/architecture.md"} - set(listed)) == []

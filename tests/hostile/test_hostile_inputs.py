@@ -105,6 +105,7 @@ HOSTILE_LINES = {
     "raw NUL byte": (b'{"text": "a\x00b"}', "invalid_json", "control character 0x00"),
     "NUL bytes only": (b"\x00\x00\x00\x00", "invalid_json", "invalid JSON"),
     "UTF-16 line": ('{"text": "a"}'.encode("utf-16"), "not_utf8", "not valid UTF-8"),
+    "UTF-16-LE line": ('{"text": "a"}'.encode("utf-16-le"), "not_utf8", "the line is UTF-16, not UTF-8"),
     "BOM mid-file": (b'\xef\xbb\xbf{"text": "a"}', "bom", "byte-order mark"),
     "NaN weight": (
         b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": NaN}]}',
@@ -302,6 +303,14 @@ HOSTILE_CONFIGS = {  # name -> (the file's bytes from a good config's text, word
     "a source weight .nan": (
         lambda text: text.replace("  train: ", "  train:\n  - weight: .nan\n    path: ").encode(),
         "data.train[0].weight must be a finite number",
+    ),
+    "mistral-finetune's log_freq into a number": (
+        lambda text: (text + "logging: 7\nlog_freq: 5\n").encode(),
+        ": logging must be a mapping (mistral-finetune's log_freq goes in it), got 7",
+    ),
+    "mistral-finetune's checkpoint into a string": (
+        lambda text: b"model: x\ncheckpoint: true\n",
+        ": model must be a mapping (mistral-finetune's checkpoint goes in it), got 'x'",
     ),
     "a section that is a list": (lambda text: (text + "optim: [1, 2]\n").encode(), ": optim must be a mapping"),
 }
@@ -574,3 +583,26 @@ def test_validate_names_a_damaged_model_folder(case, model_dir, tmp_path, capsys
     config = write_config(tmp_path, folder, data_file(tmp_path, json.dumps(GOOD).encode()))
     code = tailor(["validate", str(config)])
     ended(code, capsys, exit_codes.USAGE, "error: ", folder / file if file != "." else folder, words)
+
+
+@pytest.mark.parametrize(
+    "case", ["lone surrogate in a message", "100,000 nested brackets", "5,000-digit number", "invalid UTF-8"]
+)
+def test_chat_input_names_a_hostile_line(case, model_dir, tmp_path, capsys):
+    line, kind, words = HOSTILE_LINES[case]
+    conversations = data_file(tmp_path, line)
+    code = tailor(["chat", str(model_dir), "--input", str(conversations), "--output", str(tmp_path / "out.jsonl")])
+    ended(code, capsys, exit_codes.USAGE, f"error: {conversations}:2: ", words)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_hugging_face_folder_with_an_unknown_tensor_is_named(tmp_path, capsys):
+    folder = write_tiny_model(tmp_path / "hf", arch="mistral-7b", tokenizer="v3", layout="hf")
+    save_file({"model.layers.0.self_attn.rotary.scale": torch.zeros(2)}, folder / "model-extra.safetensors")
+    config = write_config(tmp_path, folder, data_file(tmp_path, json.dumps(GOOD).encode()))
+    ended(
+        TRAIN.run([str(config)]),
+        capsys,
+        exit_codes.USAGE,
+        f"error: model.path: {folder / 'model-extra.safetensors'}: tensor 'model.layers.0.self_attn.rotary.scale'",
+    )

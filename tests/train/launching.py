@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,6 +22,22 @@ def hook_folder(folder: Path, source: str) -> Path:
     folder.mkdir(parents=True)
     (folder / "sitecustomize.py").write_text(source, encoding="utf-8")
     return folder
+
+
+def torchrun(config: Path, *overrides: str) -> list[str]:
+    """The command of a 2-rank run of train.py on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "train.py",
+        str(config),
+        *overrides,
+    ]
 
 
 def free_port() -> int:

@@ -91,6 +91,16 @@ def test_the_defaults_are_mistral_finetunes(tmp_path):
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (16, 32.0, 0.0)
     assert (cfg.seq_len, cfg.batch_size, cfg.max_steps, cfg.seed) == (2048, 1, 100, 0)
     assert cfg.data.shuffle is True
+    # tailor's own keys in such a config win over mistral-finetune's defaults for the same setting
+    mixed = load_config(
+        write(
+            tmp_path,
+            "model_id_or_path: /m\nrun_dir: /r\ndata: {instruct_data: a.jsonl, eval: b.jsonl}\n"
+            "lora: {rank: 8, alpha: 4}\noptim: {warmup_steps: 3}\neval: {enabled: true, freq: 7}\n",
+        )
+    )
+    assert (mixed.lora.alpha, mixed.optim.warmup_steps, mixed.optim.warmup_fraction) == (4.0, 3, 0.05)
+    assert (mixed.eval.enabled, mixed.eval.freq, mixed.checkpoint.freq) == (True, 7, 0)
     # a tailor config keeps tailor's defaults
     tailor = load_config(write(tmp_path, "model: {path: /m}\nrun_dir: /r\ndata: {train: a.jsonl, eval: b.jsonl}\n"))
     assert (tailor.eval.enabled, tailor.eval.freq, tailor.optim.lr, tailor.lora.rank) == (True, 100, 1e-4, 64)

@@ -60,18 +60,20 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_piped_the_console_prints_a_line_per_logged_step():
+def test_piped_the_console_prints_a_line_per_logged_step(monkeypatch):
     out = io.StringIO()
-    console = Console(max_steps=100, steps_done=0, data_tokens=20480, stream=out)
+    monkeypatch.setattr("sys.stdout", out)
+    console = Console(max_steps=100, steps_done=0, data_tokens=20480)
     console.train_step(TRAIN_RECORD)
     console.print("eval at step 20: ...")
     console.close()
     assert out.getvalue().splitlines() == [format_train_line(TRAIN_RECORD), "eval at step 20: ..."]
 
 
-def test_on_a_terminal_the_console_is_one_line_updated_in_place():
+def test_on_a_terminal_the_console_is_one_line_updated_in_place(monkeypatch):
     out = Terminal()
-    console = Console(max_steps=100, steps_done=10, data_tokens=20480, stream=out)  # resumed at step 10
+    monkeypatch.setattr("sys.stdout", out)
+    console = Console(max_steps=100, steps_done=10, data_tokens=20480)  # resumed at step 10
     console.train_step(TRAIN_RECORD)
     console.print("eval at step 20: loss 1.5")
     console.train_step(dict(TRAIN_RECORD, step=21, tokens=43008, loss=2.25))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import REPO, free_port, hook_folder, records, subprocess_env
+from launching import REPO, hook_folder, records, subprocess_env, torchrun
 from safetensors.torch import load_file
 
 import train as train_script
@@ -172,21 +172,6 @@ def test_ctrl_c_finishes_the_step_saves_and_exits_0(write_config, tmp_path):
     assert [r["step"] for r in records(run_dir, "train")] == list(range(1, last + 3))
 
 
-def torchrun(config: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        "train.py",
-        str(config),
-        *overrides,
-    ]
-
-
 def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank(write_config, tmp_path):
     """Preemption of a 2-rank run (torchrun forwards SIGTERM to its workers); the same command resumes it exactly,
     and one process can continue from the same checkpoint, resharding the weights and optimizer state."""
@@ -272,6 +257,42 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     assert f"{folder} was saved by 2 ranks and this run has 1" in one_rank.stdout
     assert [r["step"] for r in records(branch, "train")] == [last + 1, last + 2]
     assert records(branch, "train")[-1]["loss"] < 0.7 * records(run_dir, "train")[0]["loss"]  # trained weights
+
+
+RANK_1_DISK_FULL_HOOK = """
+import errno, os
+import finetune.checkpoints.training_state as module
+
+real, calls = module._write_json, []
+
+def _write_json(path, value):
+    calls.append(1)
+    if os.environ.get("RANK") == "1" and len(calls) > 1:  # rank 1 writes one file a save: the second save fails
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return real(path, value)
+
+module._write_json = _write_json
+"""
+
+
+def test_a_disk_full_on_one_rank_ends_every_rank_and_keeps_the_older_checkpoints(write_config, tmp_path):
+    """Rank 1 cannot write its part of the second checkpoint: both ranks end (none waits for the other), the partial
+    folder is removed and the first checkpoint stays intact."""
+    config = write_config(batch_size=1, max_steps=4, eval__enabled=False, checkpoint__freq=1)
+    hook = hook_folder(tmp_path / "hook", RANK_1_DISK_FULL_HOOK)
+    result = subprocess.run(
+        torchrun(config), cwd=REPO, env=subprocess_env(hook), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    # torchrun reports a failed worker with a traceback of its own; tailor's ranks show none, and exit 6
+    assert f'File "{REPO}' not in result.stderr and "terminate called" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count(f"exitcode  : {exit_codes.WRITE_FAILED} (pid") == 2  # both ranks, as torchrun says
+    checkpoints = tmp_path / "run" / "checkpoints"
+    failed = checkpoints / "checkpoint_000002"
+    assert f"error: {failed} could not be written (No space left on device: " in result.stderr
+    assert "rank_1.json): the partial folder is removed" in result.stderr
+    assert f"error: {failed} could not be written (on another rank)" in result.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_000001"]
+    assert verify_checkpoint(checkpoints / "checkpoint_000001") is None
 
 
 NONFINITE_STEPS_HOOK = """

@@ -1,6 +1,7 @@
 """One run per run_dir: a second run exits 3 naming the holder at once, and a holder killed with -9 leaves no lock."""
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launching import REPO, records, subprocess_env
+from launching import REPO, records, subprocess_env, torchrun
 
 import train
 from finetune import exit_codes
@@ -52,6 +53,19 @@ def test_a_second_run_in_the_same_run_dir_exits_3_and_a_killed_holder_blocks_not
     assert "no intact checkpoint" in capsys.readouterr().out
     assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] != holder.pid  # the file now names this process
     assert [r["step"] for r in records(run_dir, "train")] == [1, 2]
+
+
+def test_every_rank_of_a_second_run_exits_3(write_config, tmp_path):
+    """Rank 0 finds the run folder held and tells rank 1: both exit 3, before either reads the folder."""
+    config = write_config(eval__enabled=False)
+    with lock_run_dir(tmp_path / "run", CPU, command="train.py first.yaml"):
+        result = subprocess.run(
+            torchrun(config), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300
+        )
+    assert result.stderr.count(f"error: run_dir {tmp_path / 'run'} is in use by another run (pid {os.getpid()}") == 2
+    assert f"exitcode  : {exit_codes.RUN_LOCKED} (pid" in result.stderr, result.stderr[-3000:]  # as torchrun saw it
+    assert f'File "{REPO}' not in result.stderr  # torchrun's own report aside, no traceback
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run.lock"]
 
 
 def test_the_lock_is_held_until_released(tmp_path: Path):
