@@ -271,10 +271,6 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
                 tokens_out.write(array.array("I", pending).tobytes())  # 3x faster than numpy from a list
                 pending = []
         tokens_out.write(array.array("I", pending).tobytes())
-    memo = word_memo(tokenizer)
-    if memo is not None:
-        with open(f"{prefix}.words.json", "w", encoding="utf-8") as f:
-            json.dump(memo.learned(), f, ensure_ascii=False)
     np.savez(
         f"{prefix}.npz",
         lengths=np.asarray(lengths, np.int64),
@@ -293,7 +289,13 @@ def _init_worker(tokenizer, train_on: str) -> None:
 
 
 def _tokenize_range_in_worker(task: tuple[Path, int, int, str]) -> int:
-    return _tokenize_range(task, *_WORKER_ARGS)
+    """_tokenize_range, and the words the worker's memo learned on the way, for the main process's memo file."""
+    n_lines = _tokenize_range(task, *_WORKER_ARGS)
+    memo = word_memo(_WORKER_ARGS[0])
+    if memo is not None:
+        # json.dumps, not json.dump: dump streams through the pure-Python encoder, many times slower
+        Path(f"{task[3]}.words.json").write_text(json.dumps(memo.learned(), ensure_ascii=False), encoding="utf-8")
+    return n_lines
 
 
 class _WorkerPool:
