@@ -33,6 +33,12 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
         "lines removed, and OUT_DIR/config.yaml, the config reading them",
     )
     p.add_argument("--max-per-kind", type=int, default=10, metavar="N", help="faults shown per kind (default 10)")
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GB",
+        help="GiB of each GPU of the planned run, to check the memory estimate fits (default: this machine's GPU)",
+    )
 
 
 def run_validate(args: argparse.Namespace) -> int:
@@ -45,6 +51,9 @@ def run_validate(args: argparse.Namespace) -> int:
 
     if args.gpus < 1:
         print(f"error: --gpus must be at least 1, got {args.gpus}", file=sys.stderr)
+        return exit_codes.USAGE
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        print(f"error: --gpu-memory must be a number of GiB above 0, got {args.gpu_memory}", file=sys.stderr)
         return exit_codes.USAGE
     cfg = load_config(args.config, args.overrides)
     gpu, device = _eta_device(args.device)
@@ -65,7 +74,28 @@ def run_validate(args: argparse.Namespace) -> int:
         fixed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=train, eval=eval_))
         save_config(fixed, args.fix / "config.yaml")
         print(f"wrote {args.fix / 'config.yaml'}: {args.config} with data.train and data.eval reading the files above")
+    if status != exit_codes.USAGE:
+        print(_memory_line(cfg, args.gpus, args.gpu_memory))
     return status
+
+
+def _memory_line(cfg, gpus: int, gpu_memory: float | None) -> str:
+    """The memory estimate per GPU (finetune/training/memory_estimate.py), and whether it fits --gpu-memory or this
+    machine's GPU."""
+    import torch
+
+    from finetune.training.memory_estimate import GIB, config_estimate, fit_report
+
+    try:
+        estimate = config_estimate(cfg, gpus)
+    except (ValueError, OSError) as error:
+        return f"memory: no estimate ({error})"
+    if gpu_memory is not None:
+        return fit_report(cfg, estimate, gpu_memory * GIB, f"a {gpu_memory:g} GiB GPU")
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return fit_report(cfg, estimate, torch.cuda.get_device_properties(0).total_memory, f"this {name}")
+    return f"memory: {estimate.summary()}; give --gpu-memory GB to check it fits a GPU"
 
 
 def _eta_device(choice: str | None) -> tuple[str | None, str]:

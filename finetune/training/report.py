@@ -20,6 +20,7 @@ from torch import nn
 from finetune.config import TrainConfig
 from finetune.data.loader import TrainLoader
 from finetune.training.distributed import DistInfo
+from finetune.training.memory_estimate import describe_memory
 from model.args import ModelArgs, load_model_args, num_parameters
 
 
@@ -34,6 +35,7 @@ def describe_run(
     ]
     # each source's files, samples, tokens and losses were printed with the data (finetune/data/report.py)
     lines.append(describe_step(cfg, dist_info.world_size, train_batches))
+    lines.append(describe_memory(cfg, dist_info.world_size, dist_info.device))
     if eval_batches:
         when = f"every {cfg.eval.freq} steps and at the end" if cfg.eval.freq else "at the end"
         lines.append(f"eval: {len(eval_batches)} batches of {cfg.batch_size} sequences per rank, {when}")

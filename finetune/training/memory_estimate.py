@@ -1,0 +1,172 @@
+"""Peak memory per GPU of a training run, from its config and the model's shape: formulas a reader can check.
+
+With N = seq_len · batch_size tokens per rank, W ranks, b bytes per value of the compute dtype (2 for bf16/fp16,
+4 for fp32), L layers, d = dim, q = n_heads · head_dim, k = n_kv_heads · head_dim, h = hidden_dim, V = vocab:
+
+    weights      the frozen projections: P_proj · 2 bytes in bf16 (4 in fp32), or P_proj · 4.127 / 8 in NF4
+                 (model/quantize.py); the embeddings, norms, router and head: P_rest · b. FSDP divides them by W,
+                 and holds whole, beside its shard, the blocks it has gathered (the one computing and
+                 `model.fsdp_prefetch` ahead) and the root's embeddings, norm and head.
+    lora         P_lora · 16 / W: fp32 weights (4), their fp32 gradients (4), AdamW's two fp32 moments (8).
+    activations  with `model.activation_checkpointing` and scope `block`: every block keeps its input, L · N · d · b,
+                 and backward recomputes one block at a time: N · (a_attn + a_mlp), where, per token,
+                     a_attn = (4 + 2b) d + b (q + 2k) + (4 + b) (q + k) + b q   (norm in fp32, q k v, rotary in
+                              fp32, attention output, the residual)
+                     a_mlp  = (4 + 2b) d + 4 b h                                (norm, w1 and w3 outputs, silu,
+                              their product)
+                 scope `mlp` keeps the attention's activations of every block: L · N · (d b + a_attn) + N · a_mlp;
+                 without checkpointing every block keeps its activations: L · N · (a_attn + a_mlp). An MoE layer's
+                 a_mlp is per chosen expert: times num_experts_per_tok. (Measured on CPU for one block of dim 1024:
+                 checkpointing keeps d b a token and peaks at 1.05 (a_attn + a_mlp) in backward; without, a block
+                 keeps 0.8 (a_attn + a_mlp). CPU's attention also holds n_heads · N · 4 bytes of scores a token, which
+                 the GPU's flash attention does not: left out.)
+    loss         one chunk of the chunked loss, C = min(N, 2048) trained tokens: C · V · (b + c + 4): its logits in
+                 the compute dtype, their fp32 copy (c = 4; none in fp32, c = 0), and one fp32 array beside them
+                 (the log-probabilities, then their gradient).
+
+Not counted: the CUDA context and cuBLAS / attention workspaces (outside PyTorch's allocator), allocator
+fragmentation, and a vision tower (never loaded). `fits` keeps 10% of the GPU for them. The figure compares with
+torch.cuda.max_memory_allocated; tests/train/test_memory_estimate.py checks it against measured peaks on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from finetune.config import TrainConfig
+from finetune.training.loss import DEFAULT_CHUNK_SIZE
+from finetune.training.precision import DTYPES, compute_dtype
+from model.args import ModelArgs, load_model_args
+from model.quantize import NF4_BITS_PER_WEIGHT
+
+GIB = 2**30
+HEADROOM = 0.10  # of the GPU's memory, kept for what the formulas leave out (the module docstring)
+LORA_BYTES_PER_PARAMETER = 4 + 4 + 8
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU, by what holds them."""
+
+    weights: float
+    lora: float
+    activations: float
+    loss: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.lora + self.activations + self.loss
+
+    def summary(self) -> str:
+        parts = ", ".join(
+            f"{name} {getattr(self, name) / GIB:.2f}" for name in ("weights", "lora", "activations", "loss")
+        )
+        return f"about {self.total / GIB:.1f} GiB per GPU ({parts} GiB)"
+
+
+def projection_parameters(args: ModelArgs) -> int:
+    """The weights `model.quantize: nf4` stores in 4 bits: wq wk wv wo, and w1 w2 w3 of every expert."""
+    q, k = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    experts = args.moe.num_experts if args.moe else 1
+    return args.n_layers * (2 * args.dim * q + 2 * args.dim * k + 3 * args.dim * args.hidden_dim * experts)
+
+
+def other_parameters(args: ModelArgs) -> int:
+    """Embeddings, head, norms and the MoE router: always in the compute dtype."""
+    router = args.moe.num_experts * args.dim if args.moe else 0
+    return 2 * args.vocab_size * args.dim + args.dim + args.n_layers * (2 * args.dim + router)
+
+
+def lora_parameters(args: ModelArgs, cfg: TrainConfig) -> int:
+    q, k = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    experts = args.moe.num_experts if args.moe else 1
+    shapes = {  # (in, out) of each target, and how many a layer has
+        "wq": (args.dim, q, 1),
+        "wk": (args.dim, k, 1),
+        "wv": (args.dim, k, 1),
+        "wo": (q, args.dim, 1),
+        "w1": (args.dim, args.hidden_dim, experts),
+        "w3": (args.dim, args.hidden_dim, experts),
+        "w2": (args.hidden_dim, args.dim, experts),
+    }
+    r = cfg.lora.rank
+    per_layer = sum(r * (i + o) * n for t, (i, o, n) in shapes.items() if t in cfg.lora.targets)
+    head = r * (args.dim + args.vocab_size) if "output" in cfg.lora.targets else 0
+    return args.n_layers * per_layer + head
+
+
+def estimate_memory(args: ModelArgs, cfg: TrainConfig, world_size: int, dtype: torch.dtype) -> MemoryEstimate:
+    """The module docstring's formulas for this config on `world_size` ranks computing in `dtype`."""
+    b = dtype.itemsize
+    d, h, L, V = args.dim, args.hidden_dim, args.n_layers, args.vocab_size
+    q, k = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    n = cfg.seq_len * cfg.batch_size
+
+    proj_bytes = projection_parameters(args) * (NF4_BITS_PER_WEIGHT / 8 if cfg.model.quantize == "nf4" else b)
+    rest_bytes = other_parameters(args) * b
+    weights = (proj_bytes + rest_bytes) / world_size
+    if world_size > 1:
+        gathered_blocks = min(L, 1 + cfg.model.fsdp_prefetch)
+        weights += gathered_blocks * proj_bytes / L + rest_bytes
+
+    lora = lora_parameters(args, cfg) * LORA_BYTES_PER_PARAMETER / world_size
+
+    a_attn = (4 + 2 * b) * d + b * (q + 2 * k) + (4 + b) * (q + k) + b * q
+    a_mlp = ((4 + 2 * b) * d + 4 * b * h) * (args.moe.num_experts_per_tok if args.moe else 1)
+    kept = d * b  # a block's input
+    if not cfg.model.activation_checkpointing:
+        activations = L * n * (a_attn + a_mlp)
+    elif cfg.model.checkpointing_scope == "mlp":
+        activations = L * n * (kept + a_attn) + n * a_mlp
+    else:
+        activations = L * n * kept + n * (a_attn + a_mlp)
+
+    loss = min(n, DEFAULT_CHUNK_SIZE) * V * (b + (0 if b == 4 else 4) + 4)
+    return MemoryEstimate(weights, lora, activations, loss)
+
+
+def fits(estimate: MemoryEstimate, gpu_bytes: float) -> bool:
+    return estimate.total <= (1 - HEADROOM) * gpu_bytes
+
+
+def first_change(cfg: TrainConfig, estimate: MemoryEstimate, gpu_bytes: float) -> str:
+    """The setting to change first when the estimate does not fit: the one that frees the most, in the order a user
+    would give up least: checkpointing, then 4-bit weights, then shorter sequences."""
+    budget = (1 - HEADROOM) * gpu_bytes
+    if not cfg.model.activation_checkpointing or cfg.model.checkpointing_scope == "mlp":
+        return "model.activation_checkpointing: true with model.checkpointing_scope: block"
+    if cfg.model.quantize == "none" and estimate.weights > estimate.total - budget:
+        return 'model.quantize: nf4 (4-bit frozen weights, pip install -e ".[qlora]")'
+    if cfg.batch_size > 1:
+        return "batch_size: 1 with a higher grad_accumulation (the same batch in more micro-batches)"
+    if estimate.activations + estimate.loss > estimate.total - budget:
+        return f"a lower seq_len (activations grow with it; {cfg.seq_len} now)"
+    return "more GPUs (FSDP shards the weights over them)"
+
+
+def fit_report(cfg: TrainConfig, estimate: MemoryEstimate, gpu_bytes: float, where: str) -> str:
+    """One line: the estimate, and whether it fits `where` (a GPU of gpu_bytes), with the setting to change first."""
+    if fits(estimate, gpu_bytes):
+        return f"memory: {estimate.summary()}: fits {where} ({gpu_bytes / GIB:.3g} GiB, 10% kept free)"
+    return (
+        f"memory: {estimate.summary()}: does NOT fit {where} ({gpu_bytes / GIB:.3g} GiB, 10% kept free); "
+        f"change first: {first_change(cfg, estimate, gpu_bytes)}"
+    )
+
+
+def config_estimate(cfg: TrainConfig, world_size: int) -> MemoryEstimate:
+    """The estimate for a run of `cfg` on `world_size` GPUs, from the model folder's params (no weights read).
+    `auto` computes in 2 bytes a value on a GPU, bf16 or fp16 alike."""
+    dtype = torch.bfloat16 if cfg.model.dtype == "auto" else DTYPES[cfg.model.dtype]
+    return estimate_memory(load_model_args(cfg.model.path), cfg, world_size, dtype)
+
+
+def describe_memory(cfg: TrainConfig, world_size: int, device: torch.device) -> str:
+    """The line a run shows before step 1: the estimate, and on a GPU whether it fits and what to change first."""
+    estimate = estimate_memory(load_model_args(cfg.model.path), cfg, world_size, compute_dtype(cfg.model.dtype, device))
+    if device.type != "cuda":
+        return f"memory: {estimate.summary()} (as on a GPU; this run is on the CPU)"
+    name = torch.cuda.get_device_name(device)
+    return fit_report(cfg, estimate, torch.cuda.get_device_properties(device).total_memory, f"the {name}")
