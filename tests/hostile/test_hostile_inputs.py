@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from finetune import exit_codes
 from finetune.cli import main as tailor
+from model.args import args_to_hf_config, load_model_args
 from model.tiny import write_tiny_model
 from model.tokenizer_files import tokenizer_path
 
@@ -440,6 +441,17 @@ HOSTILE_MODEL_FOLDERS = {  # name -> (damage, the file the message names, words 
         "key 'norm_eps' must be a finite number > 0, got nan",
     ),
     "params.json zero heads": (edit_params(n_kv_heads=0), "params.json", "key 'n_kv_heads' must be a finite"),
+    "params.json null heads": (edit_params(n_heads=None), "params.json", "key 'n_heads' must be int, got None"),
+    "config.json with 0 heads": (
+        lambda folder: (
+            (folder / "config.json").write_text(
+                json.dumps({**args_to_hf_config(load_model_args(folder)), "num_attention_heads": 0})
+            ),
+            remove("params.json")(folder),
+        ),
+        "config.json",
+        "key 'num_attention_heads' must be a positive integer, got 0",
+    ),
     "params.json unknown key": (edit_params(dimm=64), "params.json", "unknown key(s) ['dimm']"),
     "config.json of llama": (
         lambda folder: (
