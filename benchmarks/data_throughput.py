@@ -1,12 +1,17 @@
 """Tokens per second of the data path, on generated multi-turn chat of realistic lengths.
 
-    python benchmarks/data_throughput.py [--samples 12000] [--workers 2] [--repeat 1]
+    python benchmarks/data_throughput.py [--samples 12000] [--runs 3]
 
-For SentencePiece v3 and Tekken it measures, on the same generated file:
+For SentencePiece v3 and Tekken it measures, on the same generated file, in alternating runs (each path once per
+round, round after round, so a shared machine's changing load falls on all of them alike), and prints the median
+of each with the spread (min-max) and the ratios of the medians:
 1. reference: what mistral-finetune's data path does per sample, in one process: json.loads, mistral-common
-   messages, its finetuning validator, the stock per-message encoders, a boolean mask;
-2. tailor: tokenize + mask + cache + pack: `open_sources` from an empty cache with `--workers` worker
-   processes, then packing every sample once into seq_len sequences;
+   messages (UserMessage, FinetuningAssistantMessage), its finetuning validator (MistralRequestValidatorV3's
+   validate_messages), the stock per-message encoders of mistral-common's instruct tokenizer (encode_user_message,
+   encode_assistant_message), a boolean mask; no packing, no cache;
+2. tailor: tokenize + mask + cache + pack: `open_sources` into a cache with no entry for the file, then packing
+   every sample once into seq_len sequences; with 0 workers (in-process) and with 2, each with a cold word memo (an
+   empty cache folder, as a first run) and with a warm one (the memo that earlier builds left in the cache folder);
 3. cache reads: TrainLoader batches read back from the cache built in 2.
 
 The text is made of words drawn from a Zipf law, as natural language is: real English words first, then a
@@ -23,6 +28,7 @@ import random
 import re
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -162,9 +168,15 @@ def reference_path(path: Path, tokenizer) -> tuple[Stopwatch, int]:
     return watch, n_tokens
 
 
-def tailor_path(path: Path, tokenizer, cache_dir: Path, workers: int, seq_len: int) -> tuple[Stopwatch, float]:
-    """Tokenize + mask + cache (from empty) + pack every sample once; returns the time and the padding share."""
-    shutil.rmtree(cache_dir, ignore_errors=True)
+def tailor_path(
+    path: Path, tokenizer, cache_dir: Path, workers: int, seq_len: int, warm_memo: bool
+) -> tuple[Stopwatch, float]:
+    """Tokenize + mask + cache + pack every sample once, from a cache with no entry for the file (and with the word
+    memo of earlier builds when `warm_memo`); returns the time and the padding share."""
+    for entry in cache_dir.glob("*") if cache_dir.exists() else []:
+        if entry.name != "word_memo" or not warm_memo:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    tokenizer = load_tokenizer(tokenizer)  # a new process's tokenizer: its in-memory memo starts empty
     with Stopwatch() as watch:
         (source,) = open_sources([DataSource(str(path))], tokenizer, "all", cache_dir, workers)
         feed = DocumentFeed(lambda epoch: np.arange(len(source)) if epoch == 0 else None)
@@ -193,10 +205,9 @@ def cache_read_tokens_per_second(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=12_000)
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=1, help="keep the fastest of N runs (a shared machine is noisy)")
+    parser.add_argument("--runs", type=int, default=3, help="alternating rounds; medians and spread are reported")
     args = parser.parse_args()
 
     bundled = Path(mistral_common.__file__).parent / "data"
@@ -205,31 +216,53 @@ def main() -> None:
         data = tmp / "chat.jsonl"
         make_chat_file(data, args.samples)
         print(
-            f"data: {args.samples} generated chats, {data.stat().st_size / 1e6:.1f} MB; {os.cpu_count()} cores; "
-            f"workers {args.workers}; seq_len {args.seq_len}"
+            f"data: {args.samples} generated chats, {data.stat().st_size / 2**20:.1f} MiB; {os.cpu_count()} cores; "
+            f"seq_len {args.seq_len}; {args.runs} alternating runs; load average {os.getloadavg()[0]:.1f} at the start"
         )
         for name, file in TOKENIZERS.items():
             model = tmp / name.replace(" ", "_")
             model.mkdir()
             shutil.copy(bundled / file, model / file.replace("mistral_instruct_tokenizer_240323.", "tokenizer."))
             tokenizer = load_tokenizer(model)
-            reference, n = min((reference_path(data, tokenizer) for _ in range(args.repeat)), key=lambda r: r[0].wall)
-            ours, padding = min(
-                (tailor_path(data, tokenizer, tmp / "cache", args.workers, args.seq_len) for _ in range(args.repeat)),
-                key=lambda r: r[0].wall,
+            paths = {
+                "reference (mistral-finetune's per-sample work), 1 process": lambda tokenizer=tokenizer: reference_path(
+                    data, tokenizer
+                ),
+                **{
+                    f"tailor, {workers} workers, {memo} word memo": (
+                        lambda workers=workers, memo=memo, model=model: tailor_path(
+                            data, model, tmp / f"cache-{workers}-{memo}", workers, args.seq_len, memo == "warm"
+                        )
+                    )
+                    for workers in (0, 2)
+                    for memo in ("cold", "warm")
+                },
+            }
+            for path in paths.values():  # a first build leaves the warm memo's words; nothing of it is timed
+                path()
+            walls = {label: [] for label in paths}
+            for _ in range(args.runs):
+                for label, path in paths.items():
+                    watch, result = path()
+                    walls[label].append(watch.wall)
+                    if label.startswith("reference"):
+                        n = result
+                    else:
+                        padding = result
+            reads = cache_read_tokens_per_second(
+                data, tokenizer, tmp / "cache-2-warm", args.seq_len, args.batch_size, 200
             )
-            reads = max(
-                cache_read_tokens_per_second(data, tokenizer, tmp / "cache", args.seq_len, args.batch_size, 200)
-                for _ in range(args.repeat)
-            )
+            reference = statistics.median(next(iter(walls.values())))
+            print(f"{name}: {n / 1e6:.2f}M tokens; load average {os.getloadavg()[0]:.1f} at the end")
+            for label, times in walls.items():
+                median = statistics.median(times)
+                print(
+                    f"  {label:<58} {n / median / 1e6:5.2f}M tok/s (median; runs {n / max(times) / 1e6:.2f} to "
+                    f"{n / min(times) / 1e6:.2f}), {reference / median:.2f}x the reference"
+                )
             print(
-                f"{name}: {n / 1e6:.1f}M tokens (load average {os.getloadavg()[0]:.1f})\n"
-                f"  reference, mistral-finetune's per-sample work in 1 process: {n / reference.wall / 1e6:5.2f}M "
-                f"tok/s wall, {n / reference.cpu / 1e6:5.2f}M per CPU-second\n"
-                f"  tailor tokenize+mask+cache+pack, {args.workers} workers:      {n / ours.wall / 1e6:5.2f}M "
-                f"tok/s wall, {n / ours.cpu / 1e6:5.2f}M per CPU-second; {reference.wall / ours.wall:.2f}x the "
-                f"reference (wall); padding {padding:.1%}\n"
-                f"  cache reads, TrainLoader batches of {args.batch_size} x {args.seq_len}: {reads / 1e6:.1f}M tok/s"
+                f"  padding at seq_len {args.seq_len}: {padding:.1%}; cache reads, TrainLoader batches of "
+                f"{args.batch_size} x {args.seq_len}: {reads / 1e6:.1f}M tok/s"
             )
 
 

@@ -33,8 +33,10 @@ import math
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
+import yaml
 from live_bytes import PeakLiveBytes  # benchmarks/, beside this script
 
 from finetune.config import OptimConfig
@@ -48,6 +50,15 @@ from model.tiny import tiny_args
 from model.transformer import Transformer
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIGS = {
+    "mistral-7b-v0.3.yaml": "mistral-7b",
+    "nemo-12b.yaml": "nemo-12b",
+    "small-24b.yaml": "small-24b",
+    "mixtral-8x7b.yaml": "mixtral-8x7b",
+    "mixtral-8x22b.yaml": "mixtral-8x22b",
+}
+CPU_LOSS_MEMORY_SCALE = 8  # 32768 tokens x 131072 fp32 logits are 17 GB, three times over on the naive path
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -315,9 +326,9 @@ def main() -> None:
     parser.add_argument(
         "--loss-memory",
         action="store_true",
-        help="only compare the loss's peak memory with the naive path at seq-len x the arch's vocab; "
-        "on a CPU at reduced size (2048 tokens, chunks of 128: the same 16 chunks as 32768 tokens "
-        "in chunks of 2048) and a hidden size of 64",
+        help="only compare the loss's peak memory with the naive path at seq-len x the arch's vocab, in chunks of "
+        "the default size; on a CPU, at each shipped config's seq_len and vocabulary, with the tokens and the "
+        "chunk both divided by 8 (the same number of chunks) and a hidden size of 64",
     )
     parser.add_argument(
         "--cpu-compare",
@@ -336,7 +347,14 @@ def main() -> None:
         args = model_args(opts.arch, opts.layers)
         if device.type == "cuda":
             return loss_memory(device, opts.seq_len, args.vocab_size, args.dim, DEFAULT_CHUNK_SIZE)
-        return loss_memory(device, 2048, args.vocab_size, 64, 128)
+        for config, arch in SHIPPED_CONFIGS.items():
+            seq_len = yaml.safe_load((REPO / "configs" / config).read_text())["seq_len"]
+            scaled = CPU_LOSS_MEMORY_SCALE
+            print(
+                f"{config} ({arch}), seq_len {seq_len}, default chunk {DEFAULT_CHUNK_SIZE}, both divided by {scaled}:"
+            )
+            loss_memory(device, seq_len // scaled, ARCHITECTURES[arch].vocab_size, 64, DEFAULT_CHUNK_SIZE // scaled)
+        return None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args = model_args(opts.arch, opts.layers)
     seq_len = min(opts.seq_len, 256) if device.type == "cpu" else opts.seq_len

@@ -153,10 +153,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     raw = read_yaml_mapping(path)
-    raw = translate_mistral_finetune_keys(raw)
-    for item in overrides:
-        apply_override(raw, item)
     try:
+        raw = translate_mistral_finetune_keys(raw)
+        for item in overrides:
+            apply_override(raw, item)
         return config_from_dict(raw, source=str(path))
     except ConfigError as error:
         raise _blame_override(error, str(path), overrides) from None
@@ -206,14 +206,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _blame_override(error: ConfigError, source: str, overrides: list[str]) -> ConfigError:
-    """An error about a key set on the command line names that override, not the YAML file."""
+    """An error about a key set on the command line names that override; any other names the YAML file."""
+    if str(error).startswith("override "):
+        return error
     message = str(error).removeprefix(f"{source}: ")
     for item in overrides:
         parts = item.partition("=")[0].strip().split(".")
         keys = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]  # optim.lr.x set optim.lr.x, optim.lr, optim
         if any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", message) for key in keys):
             return ConfigError(f"override {item!r}: {message}")
-    return error
+    return ConfigError(f"{source}: {message}")
 
 
 def refuse_secrets(raw: dict, source: str) -> None:
@@ -424,6 +426,8 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
         if old in raw:
             section, _, leaf = new.rpartition(".")
             target = raw.setdefault(section, {}) if section else raw
+            if not isinstance(target, dict):
+                raise ConfigError(f"{section} must be a mapping (mistral-finetune's {old} goes in it), got {target!r}")
             target[leaf] = transform(raw.pop(old))
 
     def at_least_one_or_end(value):  # mistral-finetune: a frequency below 1 means "only at the end"
@@ -438,7 +442,10 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
         return value
 
     if isinstance(raw.get("checkpoint"), bool):  # mistral-finetune: activation checkpointing on/off
-        raw.setdefault("model", {})["activation_checkpointing"] = raw.pop("checkpoint")
+        model = raw.setdefault("model", {})
+        if not isinstance(model, dict):
+            raise ConfigError(f"model must be a mapping (mistral-finetune's checkpoint goes in it), got {model!r}")
+        model["activation_checkpointing"] = raw.pop("checkpoint")
     move("model_id_or_path", "model.path")
     move("num_microbatches", "grad_accumulation")
     move("max_norm", "optim.max_grad_norm")

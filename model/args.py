@@ -62,7 +62,7 @@ class ModelArgs:
             value = d[f.name]
             if f.name == "moe" and value is not None:
                 value = _parse_moe(value, source)
-            elif value is not None:
+            elif value is not None or f.default is not None:  # null only where the field's default is null
                 value = _check_number(value, float if f.name in ("norm_eps", "rope_theta") else int, source, f.name)
             values[f.name] = value
         try:
@@ -153,6 +153,10 @@ def hf_config_to_args(cfg: dict, source: str = "config.json") -> ModelArgs:
         raise ValueError(f"{source}: scaled rotary embeddings are not supported")
     if cfg.get("tie_word_embeddings"):
         raise ValueError(f"{source}: tied input/output embeddings are not supported")
+    for key in ("hidden_size", "num_attention_heads"):  # head_dim may be their quotient
+        value = cfg.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{source}: key '{key}' must be a positive integer, got {value!r}")
     try:
         d = {
             "dim": cfg["hidden_size"],

@@ -111,12 +111,12 @@ def open_tokenized_files(
             [CACHE_FORMAT, _digest_of_file(path, cache_dir), tokenizer_digest, train_on, mistral_common.__version__]
         )
         entries[path] = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:32]
-    memo = word_memo(tokenizer)
+    to_build = [path for path, entry in entries.items() if not (entry / "meta.json").exists()]
+    memo = word_memo(tokenizer) if to_build else None  # a run that finds its files cached builds no encoder
     # per tokenizer file and SentencePiece version: the ids are what that pair makes of each word
     memo_key = hashlib.sha256(f"{tokenizer_digest}|{sentencepiece.__version__}".encode()).hexdigest()[:32]
     memo_file = cache_dir / "word_memo" / f"{memo_key}.json"
-    to_build = [path for path, entry in entries.items() if not (entry / "meta.json").exists()]
-    if memo is not None and to_build:
+    if memo is not None:
         _load_word_memo(memo_file, memo, tokenizer.instruct_tokenizer.tokenizer.n_words)
     with _WorkerPool(tokenizer, train_on, num_workers) as pool:
         # First build what no other process is building, then wait for the rest: ranks share the work.
@@ -124,7 +124,7 @@ def open_tokenized_files(
             for path, entry in entries.items():
                 if not (entry / "meta.json").exists():
                     _build_locked(path, entry, pool, blocking)
-    if memo is not None and to_build:
+    if memo is not None:
         _save_word_memo(memo_file, memo)
     return [TokenizedFile(path, entry) for path, entry in entries.items()]
 
@@ -302,8 +302,12 @@ class _WorkerPool:
     def __init__(self, tokenizer, train_on: str, num_workers: int):
         self.args = (tokenizer, train_on)
         self.num_workers = num_workers
-        self.memo = word_memo(tokenizer)  # this process's: it gathers what the workers' memos learn
         self.pool = None
+
+    @property
+    def memo(self) -> WordMemoSentencePiece | None:
+        """This process's word memo: it gathers what the workers' memos learn."""
+        return word_memo(self.args[0])
 
     def tokenize_ranges(self, tasks: list) -> list[int]:
         """The lines of each (path, start, end, prefix) range, tokenized; on a terminal (disable=None), a bar over

@@ -53,7 +53,8 @@ def read_lines(path: str | Path, start: int = 0, end: int | None = None) -> Iter
 
 def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
     """The JSON value of one line; SampleFault if the line is not one clean UTF-8 JSON value of text a tokenizer
-    can read. A key repeated in one object (JSON keeps the last) is appended to `warnings`."""
+    can read. A key repeated in one object (JSON keeps the last) and NaN or Infinity (which the JSON standard does
+    not have) are appended to `warnings`."""
     line = raw.rstrip(b"\r\n")
     if line.startswith(BOM):
         raise SampleFault(
@@ -83,7 +84,6 @@ def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
             repeated.extend(k for i, (k, _) in enumerate(pairs) if any(k == other for other, _ in pairs[:i]))
         return value
 
-    too_deep = SampleFault("too_deeply_nested", f"JSON nested more than {MAX_NESTING} levels deep")
     try:
         value = json.loads(text, object_pairs_hook=unique_keys, parse_constant=non_standard)
     except json.JSONDecodeError as e:
@@ -100,13 +100,13 @@ def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
             ) from None
         raise SampleFault("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:
-        raise too_deep from None
+        raise _too_deep() from None
     except ValueError:  # Python reads integers of at most sys.get_int_max_str_digits() digits
         raise SampleFault(
             "number_too_long", f"invalid JSON: a number has more than {sys.get_int_max_str_digits()} digits"
         ) from None
     if line.count(b"[") + line.count(b"{") > MAX_NESTING and nesting(value) > MAX_NESTING:
-        raise too_deep
+        raise _too_deep()
     if SURROGATE_ESCAPE.search(line):  # a pair (\ud83d\ude00) is one character; a lone half is not text
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
@@ -126,6 +126,10 @@ def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
             for name in dict.fromkeys(constants)
         )
     return value
+
+
+def _too_deep() -> SampleFault:
+    return SampleFault("too_deeply_nested", f"JSON nested more than {MAX_NESTING} levels deep")
 
 
 def nesting(value: Any) -> int:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.distributed.tensor import DTensor
 
-from finetune.training.parallel import compute_dtype
+from finetune.training.precision import compute_dtype
 
 if TYPE_CHECKING:
     from finetune.checkpoints.training_state import Progress

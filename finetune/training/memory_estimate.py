@@ -37,7 +37,7 @@ import torch
 
 from finetune.config import TrainConfig
 from finetune.training.loss import DEFAULT_CHUNK_SIZE
-from finetune.training.parallel import DTYPES, compute_dtype
+from finetune.training.precision import DTYPES, compute_dtype
 from model.args import ModelArgs, load_model_args
 from model.quantize import NF4_BITS_PER_WEIGHT
 

@@ -11,7 +11,8 @@ from tqdm import tqdm
 from finetune.config import ConfigError, TrainConfig
 from finetune.training.distributed import DistInfo
 from finetune.training.loss import CausalLMWithLoss
-from finetune.training.parallel import apply_parallelism, compute_dtype, load_streamed_weights, lora_init_tensors
+from finetune.training.parallel import apply_parallelism, load_streamed_weights, lora_init_tensors
+from finetune.training.precision import compute_dtype
 from model.args import ModelArgs, load_model_args
 from model.lora import inject_lora, mark_only_lora_trainable
 from model.quantize import QuantizationUnavailable, is_quantized_name, nf4_shard_problem, quantize_frozen_linears

@@ -26,18 +26,6 @@ from model.quantize import assign_nf4, is_nf4, to_nf4
 if TYPE_CHECKING:
     from finetune.config import ModelConfig
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """model.dtype as a torch dtype; `auto`: bf16 on a GPU that has it (Ampere and later), fp16 on one without
-    (T4, V100), fp32 on CPU."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-
 
 def apply_parallelism(
     root: nn.Module, blocks: nn.ModuleList, settings: ModelConfig, world_size: int, dtype: torch.dtype

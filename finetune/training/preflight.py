@@ -18,7 +18,7 @@ from finetune.data.config import DataSource
 from finetune.training.config_record import CONFIG_FILE
 from finetune.training.model_setup import build_meta_model
 from finetune.training.monitoring import METRICS_FILE
-from finetune.training.parallel import compute_dtype
+from finetune.training.precision import compute_dtype
 from finetune.training.run_lock import LOCK_FILE
 from model.args import ModelArgs, load_model_args, num_parameters, read_json_object
 from model.lora import is_lora_name

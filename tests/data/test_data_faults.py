@@ -249,6 +249,13 @@ SAMPLE_WARNINGS = [
     ),
     ("nothing_to_train", {"messages": [USER, {**ANSWER, "weight": 0}]}, "no assistant message is trained"),
     ("non_standard_json", {"text": "a", "metadata": {"score": float("nan")}}, "NaN is not standard JSON"),
+    ("template_text", {"text": "<s>[INST] Hi [/INST] Yo</s>"}, "\"text\" holds '[INST]', chat-template text"),
+    (
+        "template_text",
+        {"messages": [USER, {"role": "assistant", "content": "Yo<|im_end|>"}]},
+        "message 2 (assistant) holds '<|im_end|>'",
+    ),
+    ("duplicate_tool", calling(call(), tools=(TOOL, TOOL), after=()), "tools declare 'lookup' 2 times"),
 ]
 
 

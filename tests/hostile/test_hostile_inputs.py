@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from finetune import exit_codes
 from finetune.cli import main as tailor
+from model.args import args_to_hf_config, load_model_args
 from model.tiny import write_tiny_model
 from model.tokenizer_files import tokenizer_path
 
@@ -304,6 +305,14 @@ HOSTILE_CONFIGS = {  # name -> (the file's bytes from a good config's text, word
         lambda text: text.replace("  train: ", "  train:\n  - weight: .nan\n    path: ").encode(),
         "data.train[0].weight must be a finite number",
     ),
+    "mistral-finetune's log_freq into a number": (
+        lambda text: (text + "logging: 7\nlog_freq: 5\n").encode(),
+        ": logging must be a mapping (mistral-finetune's log_freq goes in it), got 7",
+    ),
+    "mistral-finetune's checkpoint into a string": (
+        lambda text: b"model: x\ncheckpoint: true\n",
+        ": model must be a mapping (mistral-finetune's checkpoint goes in it), got 'x'",
+    ),
     "a section that is a list": (lambda text: (text + "optim: [1, 2]\n").encode(), ": optim must be a mapping"),
 }
 
@@ -432,6 +441,17 @@ HOSTILE_MODEL_FOLDERS = {  # name -> (damage, the file the message names, words 
         "key 'norm_eps' must be a finite number > 0, got nan",
     ),
     "params.json zero heads": (edit_params(n_kv_heads=0), "params.json", "key 'n_kv_heads' must be a finite"),
+    "params.json null heads": (edit_params(n_heads=None), "params.json", "key 'n_heads' must be int, got None"),
+    "config.json with 0 heads": (
+        lambda folder: (
+            (folder / "config.json").write_text(
+                json.dumps({**args_to_hf_config(load_model_args(folder)), "num_attention_heads": 0})
+            ),
+            remove("params.json")(folder),
+        ),
+        "config.json",
+        "key 'num_attention_heads' must be a positive integer, got 0",
+    ),
     "params.json unknown key": (edit_params(dimm=64), "params.json", "unknown key(s) ['dimm']"),
     "config.json of llama": (
         lambda folder: (

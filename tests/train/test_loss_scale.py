@@ -18,7 +18,7 @@ from finetune.training.distributed import DistInfo
 from finetune.training.loss_scale import INITIAL_SCALE, DynamicLossScale, loss_scale_for
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
-from finetune.training.parallel import compute_dtype
+from finetune.training.precision import compute_dtype
 from finetune.training.train_step import train_step
 from model.lora import lora_state_dict
 
