@@ -168,6 +168,7 @@ LINE_FAULTS = [
         "invalid JSON: Expecting property name enclosed in double quotes at column 14",
     ),
     ("invalid_json", b'{"text": "a"} {"text": "b"}\n', "invalid JSON: Extra data at column 15"),
+    ("invalid_json", b"[\n", "a line holding only '['; is the file one (pretty-printed) JSON document"),
     ("invalid_json", b'{"text": "a\x00b"}\n', "invalid JSON: control character 0x00 inside a string at column 12"),
     ("lone_surrogate", b'{"text": "a \\ud800 b"}\n', "holds \\ud800, half of a UTF-16 surrogate pair"),
     ("lone_surrogate", b'{"text": "a", "\\udfff": 1}\n', "holds \\udfff"),
