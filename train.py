@@ -154,6 +154,7 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
                     eval_metrics=last_eval,
                     checkpoint=checkpoint_dir,
                     run_dir=run_dir,
+                    model_dir=Path(cfg.model.path) if cfg.checkpoint.save_adapters else None,  # else: a merged model
                 ),
                 flush=True,
             )

@@ -76,7 +76,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter computes in the input's dtype: its fp32 weights are cast (r x in, out x r: small), never the
-        activations, as FSDP's mixed precision casts them on several GPUs; their gradients stay fp32."""
+        activations, as FSDP's mixed precision casts them on several GPUs; their gradients stay fp32. With an NF4
+        weight (model/quantize.py), F.linear is torchao's linear_nf4: the weight dequantized for this matmul only."""
         y = F.linear(x, self.weight)
         if self.merged:
             return y

@@ -98,6 +98,12 @@ def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
             raise SampleFault(
                 "not_utf8", "the line is UTF-16, not UTF-8 (NUL bytes between characters); save the file as UTF-8"
             ) from None
+        if text.strip() in ("[", "{"):  # the first line of a pretty-printed JSON document
+            raise SampleFault(
+                "invalid_json",
+                f"invalid JSON: a line holding only {text.strip()!r}; is the file one (pretty-printed) JSON document "
+                "rather than JSON Lines, one sample per line?",
+            ) from None
         raise SampleFault("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:
         raise _too_deep() from None

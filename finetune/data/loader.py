@@ -141,6 +141,11 @@ def build_eval_batches(
 ) -> list[Batch]:
     sources = open_sources(cfg.eval, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
     check_bad_samples(sources, cfg.on_bad_sample)
+    for source in sources:
+        if len(source) == 0:
+            raise DataError(
+                f"{source.name}: no usable sample to evaluate on; remove it from data.eval, or set eval.enabled: false"
+            )
     counts: Counter = Counter()
     sequences = []  # the global list, identical on every rank
     for source in sources:

@@ -50,7 +50,7 @@ class DataReport:
             )
             out += [f"  {line}" for line in _losses(s, self.seq_len, self.overlong)]
             if s.warnings:
-                out.append(f"  {s.warnings:,} lines with warnings (`tailor validate` lists them)")
+                out.append(f"  {s.warnings:,} warnings (`tailor validate` lists them with FILE:LINE)")
         return out
 
     def summary(self, met: dict[str, int] | None = None) -> list[str]:

@@ -64,7 +64,12 @@ def sample_warnings(sample: dict) -> list[SampleWarning]:
     for key in sorted(set(sample) - SAMPLE_KEYS - QUIET_KEYS):
         warn("unknown_key", f"key {key!r} is not read (a sample has text, or messages and tools)")
     if "text" in sample:
+        if found := _template_text(sample["text"]):
+            warn("template_text", f'"text" holds {found!r}, {TEMPLATE_TEXT_IS}')
         return warnings
+    names = [tool["function"]["name"] for tool in sample.get("tools") or []]
+    for name in sorted({name for name in names if names.count(name) > 1}):
+        warn("duplicate_tool", f"tools declare {name!r} {names.count(name)} times; the model sees each declaration")
     messages = sample["messages"]
     unanswered: dict[str, int] = {}  # tool call id -> the message that made the call
     seen_user = False
@@ -72,6 +77,8 @@ def sample_warnings(sample: dict) -> list[SampleWarning]:
         role, previous = m["role"], messages[i - 2]["role"] if i > 1 else None
         for key in sorted(set(m) - MESSAGE_KEYS[role] - QUIET_KEYS):
             warn("unknown_key", f"message {i} ({role}): key {key!r} is not read")
+        if isinstance(m.get("content"), str) and (found := _template_text(m["content"])):
+            warn("template_text", f"message {i} ({role}) holds {found!r}, {TEMPLATE_TEXT_IS}")
         if role == previous and role in ("user", "assistant"):
             how = "joined into one message" if role == "user" else "each encoded as an answer to the same prompt"
             warn(f"two_{role}_messages", f"messages {i - 1} and {i} are both from the {role} ({how})")
@@ -97,6 +104,16 @@ def sample_warnings(sample: dict) -> list[SampleWarning]:
             unanswered.pop(m["tool_call_id"], None)
         seen_user |= role == "user"
     return warnings
+
+
+# Chat-template markers written out as text: the tokenizer encodes them as plain characters, never as the control
+# tokens they look like, so they are almost always data templated twice (or with another model's template).
+TEMPLATE_TEXT = ("[INST]", "[/INST]", "<s>", "</s>", "[TOOL_CALLS]", "<|im_start|>", "<|im_end|>", "<|eot_id|>")
+TEMPLATE_TEXT_IS = "chat-template text that is trained as plain characters, not as a control token (templated twice?)"
+
+
+def _template_text(text: str) -> str | None:
+    return next((marker for marker in TEMPLATE_TEXT if marker in text), None)
 
 
 def _check_legacy_openai(sample: dict) -> None:

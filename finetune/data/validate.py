@@ -72,8 +72,9 @@ def validate(
 
 
 def print_sources_training_refuses(cfg: TrainConfig, files: dict[Path, TokenizedFile], ranks: int, out: TextIO) -> int:
-    """Train sources with fewer usable samples than ranks (an empty file, one whose every line is bad): training
-    stops on them before its first step, so validation fails on them too. Returns how many."""
+    """Train sources with fewer usable samples than ranks (an empty file, one whose every line is bad), and eval
+    sources without one while eval is on: training stops on them before its first step, so validation fails on them
+    too. Returns how many."""
     refused = 0
     for source in cfg.data.train:
         samples = sum(files[p].meta["n_samples"] for p in source_files(source))
@@ -84,6 +85,10 @@ def print_sources_training_refuses(cfg: TrainConfig, files: dict[Path, Tokenized
                 "this train source",
                 file=out,
             )
+    for source in cfg.data.eval if cfg.eval.enabled else []:
+        if not sum(files[p].meta["n_samples"] for p in source_files(source)):
+            refused += 1
+            print(f"{source.path}: no usable sample to evaluate on: training refuses this eval source", file=out)
     if refused:
         print(file=out)
     return refused

@@ -171,7 +171,9 @@ def format_summary(
     eval_metrics: dict | None,
     checkpoint: Path | None,
     run_dir: Path | None = None,
+    model_dir: Path | None = None,
 ) -> str:
+    """The end of a run in a few lines; with `model_dir` (the base of an adapter checkpoint), how to chat with it."""
     lines = [f"done: {steps} steps, {tokens:,} tokens in {format_duration(seconds)}"]
     if train_loss is not None:
         lines.append(f"  final train loss {train_loss:.4f}")
@@ -184,4 +186,8 @@ def format_summary(
         lines.append(f"  last checkpoint: {checkpoint}")
     if run_dir:
         lines.append(f"  plot the curves: tailor plot {shlex.quote(str(run_dir))}")
+    if model_dir and checkpoint:
+        lines.append(
+            f"  chat with it: tailor chat {shlex.quote(str(model_dir))} --adapter {shlex.quote(str(checkpoint))}"
+        )
     return "\n".join(lines)

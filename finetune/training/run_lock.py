@@ -2,7 +2,7 @@
 
 The lock is `flock` on the open file, so the kernel releases it when the process ends, however it ends: a `kill -9`
 leaves nothing stale to clear, and the file itself (which says who holds it) may stay. A second run in the same
-run_dir stops before it reads or writes anything there, with exit code 3 and the holder's pid, host, command and
+run_dir stops before it changes anything there, with exit code 3 and the holder's pid, host, command and
 start time. Two runs in one folder would interleave metrics.jsonl and delete each other's checkpoints.
 """
 

@@ -18,6 +18,7 @@ from finetune.checkpoints.training_state import (
 )
 from finetune.config import TrainConfig
 from finetune.training.distributed import DistInfo, is_initialized
+from finetune.training.monitoring import METRICS_FILE
 
 
 def prepare_run_dir(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint | None:
@@ -33,7 +34,7 @@ def prepare_run_dir(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint | None
         try:
             answer = _choose_start(cfg)
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            _cut_metrics(Path(cfg.run_dir) / "metrics.jsonl", answer.step if answer else 0)
+            _cut_metrics(Path(cfg.run_dir) / METRICS_FILE, answer.step if answer else 0)
         except ResumeError as error:
             answer = str(error)  # every rank raises it, rather than waiting for rank 0
     if is_initialized():
@@ -48,7 +49,7 @@ def prepare_run_dir(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint | None
 def _choose_start(cfg: TrainConfig) -> ResumePoint | None:
     run_dir = Path(cfg.run_dir)
     if cfg.resume == "false":
-        used = [name for name in ("metrics.jsonl", "checkpoints") if (run_dir / name).exists()]
+        used = [name for name in (METRICS_FILE, "checkpoints") if (run_dir / name).exists()]
         if used:
             raise ResumeError(
                 f"run_dir {run_dir} already holds a run ({' and '.join(used)}) and resume is false, so it is left "
@@ -74,7 +75,7 @@ def _choose_start(cfg: TrainConfig) -> ResumePoint | None:
                 f"skipped {folder}: {problem}; renamed to {aside.name}, which tailor never uses, counts or deletes",
                 flush=True,
             )
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+    if (run_dir / METRICS_FILE).exists() or (run_dir / "checkpoints").exists():
         print(f"no intact checkpoint in {run_dir / 'checkpoints'}: starting from step 0", flush=True)
     return None
 

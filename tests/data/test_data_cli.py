@@ -110,11 +110,17 @@ def test_the_eta_names_its_device(tmp_path, model_dirs, write_jsonl, chat, capsy
     assert etas["h100"] / etas["a100"] == pytest.approx(989 / 312, rel=1e-3)  # the GPUs' dense bf16 peaks
 
 
-def test_an_empty_train_file_fails_validation_as_training_refuses_it(tmp_path, model_dirs, write_jsonl, chat, capsys):
+def test_an_empty_train_or_eval_file_fails_validation_as_training_refuses_it(
+    tmp_path, model_dirs, write_jsonl, chat, capsys
+):
     train, eval_ = tmp_path / "train.jsonl", write_jsonl(tmp_path / "eval.jsonl", [chat(0)])
     train.write_text("")
     assert main(["validate", str(write_config(tmp_path, model_dirs["v3"], [train], [eval_]))]) == 1
     assert f"{train}: 0 usable samples cannot be shared by 1 rank(s): training refuses" in capsys.readouterr().out
+    config = write_config(tmp_path, model_dirs["v3"], [eval_], [train])  # an empty eval file, eval on
+    assert main(["validate", str(config)]) == 1
+    assert f"{train}: no usable sample to evaluate on: training refuses this eval source" in capsys.readouterr().out
+    assert main(["validate", str(config), "eval.enabled=false"]) == 0
 
 
 def test_validate_fix_repairs_and_removes(tmp_path, model_dirs, tokenizers, write_jsonl, chat, capsys):

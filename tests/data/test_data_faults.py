@@ -168,6 +168,7 @@ LINE_FAULTS = [
         "invalid JSON: Expecting property name enclosed in double quotes at column 14",
     ),
     ("invalid_json", b'{"text": "a"} {"text": "b"}\n', "invalid JSON: Extra data at column 15"),
+    ("invalid_json", b"[\n", "a line holding only '['; is the file one (pretty-printed) JSON document"),
     ("invalid_json", b'{"text": "a\x00b"}\n', "invalid JSON: control character 0x00 inside a string at column 12"),
     ("lone_surrogate", b'{"text": "a \\ud800 b"}\n', "holds \\ud800, half of a UTF-16 surrogate pair"),
     ("lone_surrogate", b'{"text": "a", "\\udfff": 1}\n', "holds \\udfff"),
@@ -249,6 +250,13 @@ SAMPLE_WARNINGS = [
     ),
     ("nothing_to_train", {"messages": [USER, {**ANSWER, "weight": 0}]}, "no assistant message is trained"),
     ("non_standard_json", {"text": "a", "metadata": {"score": float("nan")}}, "NaN is not standard JSON"),
+    ("template_text", {"text": "<s>[INST] Hi [/INST] Yo</s>"}, "\"text\" holds '[INST]', chat-template text"),
+    (
+        "template_text",
+        {"messages": [USER, {"role": "assistant", "content": "Yo<|im_end|>"}]},
+        "message 2 (assistant) holds '<|im_end|>'",
+    ),
+    ("duplicate_tool", calling(call(), tools=(TOOL, TOOL), after=()), "tools declare 'lookup' 2 times"),
 ]
 
 

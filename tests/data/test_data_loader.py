@@ -99,6 +99,16 @@ def test_sources_are_mixed_by_weight(tmp_path, tokenizers, write_jsonl):
     assert abs((firsts == alpha_first).mean() - 0.75) < 0.05
 
 
+def test_an_eval_source_without_a_usable_sample_is_named(tmp_path, tokenizers, write_jsonl, chat):
+    empty, good = tmp_path / "empty.jsonl", write_jsonl(tmp_path / "eval.jsonl", [chat(0)])
+    empty.write_text("")
+    cfg = DataConfig(eval=[DataSource(str(good)), DataSource(str(empty))])
+    with pytest.raises(DataError, match=f"{empty}: no usable sample to evaluate on; remove it from data.eval"):
+        build_eval_batches(
+            cfg, tokenizers["v3"], seq_len=64, batch_size=1, rank=0, world_size=1, cache_dir=tmp_path / "cache"
+        )
+
+
 def test_eval_is_the_same_for_any_number_of_ranks(tmp_path, tokenizers, write_jsonl, chat):
     data = write_jsonl(tmp_path / "eval.jsonl", [chat(i, turns=1 + i % 4, words=3 + i) for i in range(23)])
     cfg = DataConfig(eval=[DataSource(str(data))])

@@ -46,6 +46,7 @@ def test_bad_lines_left_out_samples_and_overlong_samples_are_counted_per_source(
     assert "  4 bad lines skipped (invalid_json 2, blank_line 1, not_an_object 1)" in lines
     assert "  1 samples left out (nothing_to_train 1)" in lines
     assert "  1 samples longer than seq_len 64: truncated to seq_len" in lines
+    assert "  2 warnings (`tailor validate` lists them with FILE:LINE)" in lines
     assert report.summary() == [
         f"train {noisy}: 4 bad lines skipped (invalid_json 2, blank_line 1, not_an_object 1)",
         f"train {noisy}: 1 samples left out (nothing_to_train 1)",

@@ -258,7 +258,11 @@ def link_to_unwritable(path: Path) -> None:
 
 FOLDER_FAULTS = {  # name: (what is done to tmp_path, the override, what the message says)
     "run_dir is a file": (lambda t: make_file(t / "run"), [], "run_dir: {t}/run is a file, not a folder"),
-    "run_dir cannot be created": (lambda t: None, [f"run_dir={UNWRITABLE}/tailor/run"], "run_dir: "),
+    "run_dir cannot be created": (
+        lambda t: None,
+        [f"run_dir={UNWRITABLE}/tailor/run"],
+        f"run_dir: {UNWRITABLE}/tailor/run cannot be written",
+    ),
     "run_dir is not writable": (lambda t: link_to_unwritable(t / "run"), [], "run_dir: {t}/run cannot be written"),
     "checkpoints/ is a file": (
         lambda t: make_file(t / "run/checkpoints"),

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.config import ConfigError, DataSource, due_at, load_config, save_config
+from finetune.config import ConfigError, DataSource, due_at, load_config, read_yaml_mapping, save_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,6 +100,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "a: [1, 2"))
+
+
+def test_a_key_twice_is_an_error_but_yaml_merge_keys_may_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"config.yaml:3: not valid YAML: key 'lr' appears twice in one mapping"):
+        read_yaml_mapping(write(tmp_path, "optim:\n  lr: 1.0e-4\n  lr: 1.0e-3\n"))
+    merged = "base: &base\n  lr: 1.0e-4\n  eps: 1.0e-8\noptim:\n  <<: *base\n  lr: 3.0e-4\n"
+    assert read_yaml_mapping(write(tmp_path, merged))["optim"] == {"lr": 3.0e-4, "eps": 1.0e-8}
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

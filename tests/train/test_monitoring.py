@@ -106,6 +106,12 @@ def test_eval_line_and_summary():
         "  final eval loss 1.5000 (perplexity 4.48, token accuracy 75.0%)",
         "  last checkpoint: runs/x/checkpoints/checkpoint_000100",
     ]
+    with_model = format_summary(
+        100, 409600, 3725, 1.25, None, "runs/x/checkpoints/checkpoint_000100", None, "my models/7b"
+    )
+    assert with_model.splitlines()[-1] == (
+        "  chat with it: tailor chat 'my models/7b' --adapter runs/x/checkpoints/checkpoint_000100"
+    )
 
 
 def test_missing_trackers_warn_once_each_and_the_run_goes_on(tmp_path, monkeypatch):

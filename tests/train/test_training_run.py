@@ -58,6 +58,8 @@ def test_one_process_learns_and_writes_checkpoints(write_config, tmp_path):
         str(tmp_path) + "/", ""
     )
     assert (run_dir / "config.yaml").is_file()
+    model_dir = yaml.safe_load(config.read_text())["model"]["path"]
+    assert f"  chat with it: tailor chat {model_dir} --adapter {final}" in result.stdout.splitlines()
     check_the_report_before_step_1(result.stdout, adapter, tmp_path)
 
 
