@@ -29,22 +29,8 @@ from finetune.checkpoints.folders import verify_checkpoint
 from finetune.checkpoints.training_state import Progress
 from finetune.training.distributed import DistInfo
 from finetune.training.run_lock import lock_run_dir
-from model.tiny import write_tiny_model
 
 UNWRITABLE = Path("/sys/fs")  # a folder where even root cannot create a file (sysfs), unlike a chmod-ed one
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", arch="mistral-7b", tokenizer="v3")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, model_dir) -> Path:
-    """A run of 2 steps with a checkpoint after each: checkpoint_000001 and checkpoint_000002."""
-    folder = tmp_path_factory.mktemp("trained")
-    assert train.run([str(write_config(folder, model_dir))]) == 0
-    return folder / "run"
 
 
 def ended(code: int, capsys, expected: int, *named: object) -> str:
