@@ -182,6 +182,9 @@ def test_validate_config_and_model_errors(tmp_path, model_dirs, write_jsonl, cha
     config = write_config(tmp_path, model_dirs["v3"], [train], [train])
     assert main(["validate", str(config), "seq_lenn=3"]) == 2
     assert "unknown key 'seq_lenn'; did you mean 'seq_len'?" in capsys.readouterr().err
+    missing = tmp_path / "nope.jsonl"
+    assert main(["validate", str(config), f"data.eval=[{train},{missing}]"]) == 2
+    assert capsys.readouterr().err == f"error: data.eval[1]: {missing}: no such file or folder\n"
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "tekken.json").write_bytes((model_dirs["tekken"] / "tekken.json").read_bytes())
     (tmp_path / "model" / "params.json").write_text(json.dumps({"vocab_size": 32768}))
