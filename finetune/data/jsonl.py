@@ -64,7 +64,7 @@ def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
             fixable=True,
         )
     if not line.strip():
-        raise SampleFault("blank_line", "blank line (`tailor validate --fix` removes it)", fixable=True)
+        raise SampleFault("blank_line", "blank line (`tailor validate --fix` removes it)")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:

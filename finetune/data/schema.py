@@ -8,6 +8,7 @@ what is wrong in words a user can act on; message numbers count from 1, as a per
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from typing import Any
@@ -53,6 +54,11 @@ MESSAGE_KEYS = {
 QUIET_KEYS = {"id", "metadata", "name", "prefix", "refusal", "tool_choice", "parallel_tool_calls"}
 
 
+def _did_you_mean(key: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f" (read here: {', '.join(sorted(known))})"
+
+
 def sample_warnings(sample: dict) -> list[SampleWarning]:
     """What a checked (usable) sample says that its author may not have meant: each is used as mistral-common
     reads it, and shown so that a careful user can look before spending GPU hours."""
@@ -62,7 +68,7 @@ def sample_warnings(sample: dict) -> list[SampleWarning]:
         warnings.append(SampleWarning(kind, message))
 
     for key in sorted(set(sample) - SAMPLE_KEYS - QUIET_KEYS):
-        warn("unknown_key", f"key {key!r} is not read (a sample has text, or messages and tools)")
+        warn("unknown_key", f"key {key!r} is not read{_did_you_mean(key, SAMPLE_KEYS)}")
     if "text" in sample:
         if found := _template_text(sample["text"]):
             warn("template_text", f'"text" holds {found!r}, {TEMPLATE_TEXT_IS}')
@@ -76,7 +82,9 @@ def sample_warnings(sample: dict) -> list[SampleWarning]:
     for i, m in enumerate(messages, 1):
         role, previous = m["role"], messages[i - 2]["role"] if i > 1 else None
         for key in sorted(set(m) - MESSAGE_KEYS[role] - QUIET_KEYS):
-            warn("unknown_key", f"message {i} ({role}): key {key!r} is not read")
+            warn(
+                "unknown_key", f"message {i} ({role}): key {key!r} is not read{_did_you_mean(key, MESSAGE_KEYS[role])}"
+            )
         if isinstance(m.get("content"), str) and (found := _template_text(m["content"])):
             warn("template_text", f"message {i} ({role}) holds {found!r}, {TEMPLATE_TEXT_IS}")
         if role == previous and role in ("user", "assistant"):

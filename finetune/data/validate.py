@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TextIO
 from finetune import exit_codes
 from finetune.data.cache import TokenizedFile, open_tokenized_files
 from finetune.data.config import DataSource
-from finetune.data.errors import LEFT_OUT, SampleFault
+from finetune.data.errors import LEFT_OUT, DataError, SampleFault
 from finetune.data.jsonl import BOM, parse_line, read_lines
 from finetune.data.repair import repair_sample
 from finetune.data.sources import source_files
@@ -52,8 +52,8 @@ def validate(
         tokenizer = load_tokenizer(cfg.model.path)
         check_tokenizer_vocab(tokenizer, read_vocab_size(cfg.model.path), cfg.model.path)
         splits = {
-            "train": [f for s in cfg.data.train for f in source_files(s)],
-            "eval": [f for s in cfg.data.eval for f in source_files(s)],
+            split: _split_files(split, sources)
+            for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval))
         }
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -69,6 +69,17 @@ def validate(
         write_fixed_files(cfg, files, tokenizer, fix_dir, out)
         return exit_codes.DATA_FAULTS if refused else exit_codes.OK
     return exit_codes.DATA_FAULTS if faults or refused else exit_codes.OK
+
+
+def _split_files(split: str, sources: list[DataSource]) -> list[Path]:
+    """The files of a split's sources; a missing path is named by its key, as training's pre-flight names it."""
+    files = []
+    for i, source in enumerate(sources):
+        try:
+            files += source_files(source)
+        except DataError as error:
+            raise DataError(f"data.{split}[{i}]: {error}") from None
+    return files
 
 
 def print_sources_training_refuses(cfg: TrainConfig, files: dict[Path, TokenizedFile], ranks: int, out: TextIO) -> int:

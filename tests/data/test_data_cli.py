@@ -85,7 +85,7 @@ def test_validate_reports_faults_statistics_epochs_and_eta(tmp_path, model_dirs,
     assert f"{train}:5: message 1 has role 'bot'; expected system, user, assistant or tool" in out
     assert f"{train}:6: blank line" in out
     assert f"{train}:7: message 2 tool call 1 has no id" in out
-    assert "5 bad lines (" in out and "3 have a safe repair (--fix OUT_DIR applies it)" in out
+    assert "5 bad lines (" in out and "2 have a safe repair (--fix OUT_DIR applies it)" in out  # not the blank line
     header, train_row = [line for line in out.splitlines() if line.startswith("file") or " train " in line]
     assert header.split() == ["file", "split", "lines", "bad", "samples", "tokens", "trained", ">", "seq_len", "64"]
     assert train_row.split()[:5] == [str(train), "train", "8", "5", "3"]
@@ -131,6 +131,7 @@ def test_validate_fix_repairs_and_removes(tmp_path, model_dirs, tokenizers, writ
     config = write_config(tmp_path, model_dirs["v3"], [train], [eval_])
     assert main(["validate", str(config), "--fix", str(tmp_path / "fixed")]) == 0
     out = capsys.readouterr().out
+    assert "5 bad lines (" in out and "3 have a safe repair" in out  # the repairs --fix then makes
     assert f"wrote {tmp_path / 'fixed' / 'train' / '0-train.jsonl'}: 1 lines kept, 3 repaired, 2 removed" in out
     fixed = [json.loads(line) for line in (tmp_path / "fixed" / "train" / "0-train.jsonl").read_text().splitlines()]
     assert fixed[0] == chat(0) and fixed[3] == chat(1)
@@ -181,6 +182,9 @@ def test_validate_config_and_model_errors(tmp_path, model_dirs, write_jsonl, cha
     config = write_config(tmp_path, model_dirs["v3"], [train], [train])
     assert main(["validate", str(config), "seq_lenn=3"]) == 2
     assert "unknown key 'seq_lenn'; did you mean 'seq_len'?" in capsys.readouterr().err
+    missing = tmp_path / "nope.jsonl"
+    assert main(["validate", str(config), f"data.eval=[{train},{missing}]"]) == 2
+    assert capsys.readouterr().err == f"error: data.eval[1]: {missing}: no such file or folder\n"
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "tekken.json").write_bytes((model_dirs["tekken"] / "tekken.json").read_bytes())
     (tmp_path / "model" / "params.json").write_text(json.dumps({"vocab_size": 32768}))

@@ -233,8 +233,12 @@ def test_skipped_bad_samples_are_counted(tmp_path, tokenizers, write_jsonl, chat
 
 # (kind, sample, words the warning must hold): usable lines that a careful user wants to hear about
 SAMPLE_WARNINGS = [
-    ("unknown_key", {"text": "a", "lang": "en"}, "key 'lang' is not read"),
-    ("unknown_key", {"messages": [USER, {**ANSWER, "wieght": 0}]}, "message 2 (assistant): key 'wieght' is not read"),
+    ("unknown_key", {"text": "a", "lang": "en"}, "key 'lang' is not read (read here: messages, text, tools)"),
+    (
+        "unknown_key",
+        {"messages": [USER, {**ANSWER, "wieght": 0}]},
+        "message 2 (assistant): key 'wieght' is not read; did you mean 'weight'?",
+    ),
     ("two_user_messages", {"messages": [USER, USER, ANSWER]}, "messages 1 and 2 are both from the user"),
     ("two_assistant_messages", {"messages": [USER, ANSWER, ANSWER]}, "messages 2 and 3 are both from the assistant"),
     (

@@ -18,23 +18,6 @@ import pytest
 import torch
 from hostile_runs import assert_refused, copy_run, rewrite_manifest, tailor, train, write_config
 
-from model.tiny import write_tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", arch="mistral-7b", tokenizer="v3")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, model_dir) -> Path:
-    """A run of 2 steps with a checkpoint after each: checkpoint_000001 and checkpoint_000002."""
-    folder = tmp_path_factory.mktemp("trained")
-    result = train(write_config(folder, model_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return folder / "run"
-
-
 # ---------------------------------------------------------------------------------------------------
 # Crafted to run code
 

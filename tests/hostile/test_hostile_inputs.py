@@ -7,7 +7,6 @@ for a config, the file for a model folder.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+import train as train_script
 from finetune import exit_codes
 from finetune.cli import main as tailor
 from model.args import args_to_hf_config, load_model_args
@@ -28,22 +28,6 @@ from model.tokenizer_files import tokenizer_path
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}
-
-
-def load_train_module():
-    """train.py is a script beside the package, not a module of it."""
-    spec = importlib.util.spec_from_file_location("train_entry_point", REPO / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN = load_train_module()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model", arch="mistral-7b", tokenizer="v3")
 
 
 def write_config(folder: Path, model_dir: Path, train: Path, **sections) -> Path:
@@ -191,7 +175,7 @@ def test_tokenize_names_a_hostile_line(case, model_dir, tmp_path, capsys):
 def test_training_refuses_a_hostile_line_before_the_model_loads(case, model_dir, tmp_path, capsys):
     line, kind, words = HOSTILE_LINES[case]
     train = data_file(tmp_path, line)
-    code = TRAIN.run([str(write_config(tmp_path, model_dir, train))])
+    code = train_script.run([str(write_config(tmp_path, model_dir, train))])
     ended(code, capsys, exit_codes.USAGE, f"error: {train}:2: ", words, "data.on_bad_sample: skip")
 
 
@@ -201,7 +185,7 @@ def test_skipped_lines_are_counted_before_step_1_in_metrics_and_in_the_summary(m
     train = tmp_path / "train.jsonl"
     train.write_bytes(b"\n".join(lines[:60]) + b"\n")
     config = write_config(tmp_path, model_dir, train, data={"on_bad_sample": "skip"})
-    output = ended(TRAIN.run([str(config)]), capsys, exit_codes.OK, "49 bad lines skipped (")
+    output = ended(train_script.run([str(config)]), capsys, exit_codes.OK, "49 bad lines skipped (")
     before_step_1, _, after = output.partition("\nstep 1")
     assert f"data train {train}: 1 file(s), 60 lines, 11 samples" in before_step_1
     assert "49 bad lines skipped" in before_step_1 and "49 bad lines skipped" in after.split("done: ")[1]
@@ -259,7 +243,7 @@ def test_a_bad_override_is_named_as_such(command, override, model_dir, tmp_path,
     config = write_config(tmp_path, model_dir, data_file(tmp_path, json.dumps(GOOD).encode()))
     overrides = override.split(" ; ")  # the last is the bad one
     if command == "train":
-        code = TRAIN.run([str(config), *overrides])
+        code = train_script.run([str(config), *overrides])
     else:
         code = tailor(["validate", str(config), *overrides])
     output = ended(code, capsys, exit_codes.USAGE, f"error: override {overrides[-1]!r}", HOSTILE_OVERRIDES[override])
@@ -324,7 +308,7 @@ def test_a_bad_config_file_is_named(command, case, model_dir, tmp_path, capsys, 
     make_bytes, words = HOSTILE_CONFIGS[case]
     config = tmp_path / "hostile.yaml"
     config.write_bytes(make_bytes(config_text(tmp_path, model_dir)))
-    code = TRAIN.run([str(config)]) if command == "train" else tailor(["validate", str(config)])
+    code = train_script.run([str(config)]) if command == "train" else tailor(["validate", str(config)])
     ended(code, capsys, exit_codes.USAGE, f"error: {config}", words)
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
 
@@ -497,7 +481,7 @@ def test_a_damaged_model_folder_is_refused_in_preflight_naming_the_file(case, mo
     shutil.copytree(model_dir, folder)
     damage(folder)
     config = write_config(tmp_path, folder, data_file(tmp_path, json.dumps(GOOD).encode()))
-    code = TRAIN.run([str(config)])
+    code = train_script.run([str(config)])
     ended(code, capsys, exit_codes.USAGE, "error: model.path: ", folder / file if file != "." else folder, words)
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
     assert not (tmp_path / "cache").exists()  # refused before any data was read
@@ -515,7 +499,12 @@ def test_a_file_with_no_usable_sample_is_refused_before_the_model_loads(lines, m
     train = tmp_path / "train.jsonl"
     train.write_bytes(b"\n".join(lines) + b"\n")
     config = write_config(tmp_path, model_dir, train, data={"on_bad_sample": "skip"})
-    ended(TRAIN.run([str(config)]), capsys, exit_codes.USAGE, f"error: {train}: no usable sample in {len(lines)} lines")
+    ended(
+        train_script.run([str(config)]),
+        capsys,
+        exit_codes.USAGE,
+        f"error: {train}: no usable sample in {len(lines)} lines",
+    )
 
 
 AFTER_TRAINING = {  # tailor commands that read a model folder, given the folder and a scratch folder
@@ -573,7 +562,7 @@ def test_ambiguous_lines_are_warnings_with_file_and_line(model_dir, tmp_path, ca
     shown = ended(tailor(["tokenize", str(train), "--model", str(model_dir), "--show"]), capsys, 0)
     assert f"{train}:6: warning: no assistant message is trained" in shown
 
-    ended(TRAIN.run([str(config)]), capsys, exit_codes.OK, "1 samples left out (nothing_to_train 1)")
+    ended(train_script.run([str(config)]), capsys, exit_codes.OK, "1 samples left out (nothing_to_train 1)")
 
 
 @pytest.mark.parametrize(
@@ -613,7 +602,7 @@ def test_a_hugging_face_folder_with_an_unknown_tensor_is_named(tmp_path, capsys)
     save_file({"model.layers.0.self_attn.rotary.scale": torch.zeros(2)}, folder / "model-extra.safetensors")
     config = write_config(tmp_path, folder, data_file(tmp_path, json.dumps(GOOD).encode()))
     ended(
-        TRAIN.run([str(config)]),
+        train_script.run([str(config)]),
         capsys,
         exit_codes.USAGE,
         f"error: model.path: {folder / 'model-extra.safetensors'}: tensor 'model.layers.0.self_attn.rotary.scale'",

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from launching import REPO, free_port, records, subprocess_env
+from launching import REPO, free_port, records, subprocess_env, torchrun
 from safetensors.torch import load_file
 
 from finetune.data import load_tokenizer, tokenize_sample
@@ -94,19 +94,7 @@ def test_checkpoint_rotation_keeps_the_newest(write_config, tmp_path):
 
 def test_two_ranks_with_torchrun_learn(write_config, tmp_path):
     config = write_config(batch_size=1)
-    run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            "train.py",
-            str(config),
-        ]
-    )
+    run(torchrun(config))
     train = records(tmp_path / "run", "train")
     assert [r["step"] for r in train] == list(range(1, 17))
     assert train[0]["tokens"] == 2 * 128  # one sequence per rank
