@@ -241,7 +241,12 @@ def _resolve(reference: str):
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """All commands for `--help`; with `only`, the arguments of that one command (importing just its module)."""
-    parser = argparse.ArgumentParser(prog="tailor", description="LoRA fine-tuning for Mistral models")
+    parser = argparse.ArgumentParser(
+        prog="tailor",
+        description="LoRA fine-tuning for Mistral models",
+        epilog="Training is not a tailor command: `python train.py CONFIG [KEY=VALUE ...]` on one device, "
+        "`torchrun --nproc-per-node N train.py CONFIG` on N GPUs.",
+    )
     parser.add_argument("--version", action="version", version=f"tailor {_version()}")
     subparsers = parser.add_subparsers(metavar="COMMAND")
     for name, help_text, add_arguments, run in COMMANDS:

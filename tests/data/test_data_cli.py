@@ -249,3 +249,9 @@ def test_version():
     result = subprocess.run([sys.executable, "-m", "finetune", "--version"], capture_output=True, text=True)
     assert result.returncode == 0
     assert re.fullmatch(r"tailor \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+def test_help_says_how_to_train():
+    result = subprocess.run([sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "`python train.py CONFIG [KEY=VALUE ...]` on one device" in " ".join(result.stdout.split())
