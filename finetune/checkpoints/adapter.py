@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from finetune.checkpoints.manifest import MANIFEST, verify_checkpoint
 from finetune.data.tokenize import find_tokenizer_file
 from model.args import load_model_args
 from model.lora import LORA_TARGETS, LoRAArgs
@@ -22,10 +23,14 @@ ADAPTER_FILE = "lora.safetensors"
 
 def read_adapter(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoRAArgs]:
     """The adapter weights (native names) and LoRA settings of a checkpoint folder written by the trainer:
-    `lora.safetensors` and a params.json with a `lora` entry. mistral-finetune's entry, which has `scaling` but
-    no `alpha`, reads too."""
+    `lora.safetensors` and a params.json with a `lora` entry, verified against its manifest. mistral-finetune's
+    folders (no manifest; a `lora` entry with `scaling` but no `alpha`) read too."""
     folder = Path(ckpt_dir)
     weights, params = folder / ADAPTER_FILE, folder / "params.json"
+    if (folder / MANIFEST).exists():  # a tailor checkpoint: damaged files are refused, never merged or chatted with
+        problem = verify_checkpoint(folder)
+        if problem is not None:
+            raise ValueError(f"{folder}: {problem}")
     for path in (weights, params):
         if not path.is_file():
             raise ValueError(

@@ -5,7 +5,8 @@ A checkpoint holds the adapters (lora.safetensors, params.json, the tokenizer fi
 `manifest.json`: the size and sha256 of every other file. Every rank writes its part into `checkpoint_X.tmp/`;
 rank 0 then writes the manifest and renames the folder in one step. A checkpoint folder therefore appears whole or
 not at all: a run killed while writing leaves only a `.tmp` folder, which is never listed and is cleared by the next
-save. The manifest catches what renaming cannot: a file that a disk, a copy or a hand damaged later.
+save. The manifest (finetune/checkpoints/manifest.py) catches what renaming cannot: a file that a disk, a copy or
+a hand damaged later.
 
 Rotation keeps the newest `keep` *intact* checkpoints: each one it would keep is verified (the one just written
 is known whole), and a damaged one is neither counted nor deleted but renamed aside to `checkpoint_X.damaged`, with
@@ -16,8 +17,6 @@ complete name either.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.checkpoints.adapter import ADAPTER_FILE, lora_entry
+from finetune.checkpoints.manifest import verify_checkpoint, write_manifest
 from finetune.checkpoints.streaming import MERGED_WEIGHTS, TensorSpec, write_safetensors
 from finetune.data.tokenize import find_tokenizer_file
 from finetune.training.distributed import all_reduce_sum, barrier
@@ -38,7 +38,6 @@ from model.lora import LoRAArgs, lora_state_dict, merged_state_dict
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d{6,})")
 DEBRIS_NAME = re.compile(r"checkpoint_\d{6,}\.(tmp|old)")  # a write or a deletion cut short
 DAMAGED_SUFFIX = ".damaged"
-MANIFEST = "manifest.json"
 
 
 class CheckpointWriteError(RuntimeError):
@@ -112,11 +111,7 @@ def _stage(final: Path) -> Path:
 
 def _publish(staging: Path, final: Path) -> Path:
     """Make every file durable, list it in the manifest (written last), and rename the folder into place."""
-    files = {path.relative_to(staging).as_posix(): _describe(path, sync=True) for path in _files_under(staging)}
-    with open(staging / MANIFEST, "w", encoding="utf-8") as f:
-        json.dump({"files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    write_manifest(staging)
     for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
         _fsync_folder(folder)
     if final.exists():  # the same step saved again (e.g. a resumed run): the new one wins
@@ -124,20 +119,6 @@ def _publish(staging: Path, final: Path) -> Path:
     os.replace(staging, final)
     _fsync_folder(final.parent)
     return final
-
-
-def _files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
-def _describe(path: Path, sync: bool = False) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-        if sync:
-            os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -159,44 +140,6 @@ def _clear_debris(folder: Path) -> None:
         for path in folder.iterdir():
             if path.is_dir() and DEBRIS_NAME.fullmatch(path.name):
                 shutil.rmtree(path)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checking
-
-
-def verify_checkpoint(folder: Path) -> str | None:
-    """None when every file the manifest lists is there with its size and checksum; else what is wrong, in words."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return "not a folder"
-    try:
-        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
-    except FileNotFoundError:
-        return f"no {MANIFEST} (written by a save cut short, or by an older tailor)"
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return f"{MANIFEST} is unreadable"
-    if not isinstance(files, dict) or not all(
-        isinstance(e, dict) and type(e.get("bytes")) is int and isinstance(e.get("sha256"), str) for e in files.values()
-    ):
-        return f"{MANIFEST} is not a list of files with their bytes and sha256"
-    if not files:
-        return f"{MANIFEST} lists no files"
-    present = {p.relative_to(folder).as_posix() for p in _files_under(folder)} - {MANIFEST}
-    if present - set(files):
-        return f"{MANIFEST} does not list {', '.join(sorted(present - set(files))[:3])}"
-    for name, expected in files.items():
-        path = folder / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            return f"{MANIFEST} names a file outside the checkpoint: {name}"
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
-    for name, expected in files.items():  # the slow part, once every file is known to be there
-        if _describe(folder / name)["sha256"] != expected["sha256"]:
-            return f"{name} checksum mismatch"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from finetune.checkpoints.folders import list_checkpoints, save_training_checkpoint, verify_checkpoint
+from finetune.checkpoints.folders import list_checkpoints, save_training_checkpoint
+from finetune.checkpoints.manifest import verify_checkpoint
 from finetune.checkpoints.tensor_state import (
     TensorStateError,
     load_tensors,

@@ -25,8 +25,9 @@ import finetune.checkpoints.training_state as training_state
 import finetune.training.monitoring as monitoring
 import train
 from finetune import exit_codes
-from finetune.checkpoints.folders import verify_checkpoint
+from finetune.checkpoints.manifest import verify_checkpoint
 from finetune.checkpoints.training_state import Progress
+from finetune.cli import main as tailor
 from finetune.training.distributed import DistInfo
 from finetune.training.run_lock import lock_run_dir
 
@@ -222,6 +223,22 @@ def test_resume_from_what_is_not_a_checkpoint(where, problem, model_dir, tmp_pat
         target.mkdir(parents=True)
     code = train.run([str(write_config(tmp_path, model_dir)), f"resume={target}"])
     ended(code, capsys, exit_codes.USAGE, f"resume: {target}: {problem}")
+
+
+AFTER_TRAINING = {  # the commands that read a checkpoint's adapters
+    "merge": lambda model, checkpoint, out: ["merge", "--base", model, "--adapter", checkpoint, "--out", out],
+    "export-peft": lambda model, checkpoint, out: ["export-peft", "--adapter", checkpoint, "--out", out],
+    "chat": lambda model, checkpoint, out: ["chat", model, "--adapter", checkpoint, "--prompt", "hi"],
+}
+
+
+@pytest.mark.parametrize("command", AFTER_TRAINING)
+def test_damaged_adapters_are_never_merged_exported_or_chatted_with(command, trained, model_dir, tmp_path, capsys):
+    checkpoint = copy_run(trained, tmp_path) / "checkpoints" / "checkpoint_000002"
+    flip_a_byte("lora.safetensors")(checkpoint)
+    code = tailor([str(a) for a in AFTER_TRAINING[command](model_dir, checkpoint, tmp_path / "out")])
+    ended(code, capsys, exit_codes.USAGE, f"{checkpoint}: lora.safetensors checksum mismatch")
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------------------------------

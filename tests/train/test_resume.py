@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import train as train_script
 from finetune import exit_codes
-from finetune.checkpoints.folders import verify_checkpoint
+from finetune.checkpoints.manifest import verify_checkpoint
 from finetune.checkpoints.tensor_state import save_tensors
 from finetune.checkpoints.training_state import ResumeError, load_training_state, read_resume_point
 from finetune.config import ConfigError, config_from_dict, load_config
