@@ -48,6 +48,7 @@ def run_validate(args: argparse.Namespace) -> int:
     from finetune.config import load_config, resolve_cache_dir, save_config
     from finetune.data.validate import fixed_layout, validate
     from finetune.training.eta import tokens_per_second_per_gpu
+    from finetune.training.preflight import PreflightError, check_model_folder
 
     if args.gpus < 1:
         print(f"error: --gpus must be at least 1, got {args.gpus}", file=sys.stderr)
@@ -56,6 +57,11 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"error: --gpu-memory must be a number of GiB above 0, got {args.gpu_memory}", file=sys.stderr)
         return exit_codes.USAGE
     cfg = load_config(args.config, args.overrides)
+    try:
+        check_model_folder(Path(cfg.model.path))
+    except PreflightError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_codes.USAGE
     gpu, device = _eta_device(args.device)
     status = validate(
         cfg,
@@ -241,7 +247,12 @@ def _resolve(reference: str):
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """All commands for `--help`; with `only`, the arguments of that one command (importing just its module)."""
-    parser = argparse.ArgumentParser(prog="tailor", description="LoRA fine-tuning for Mistral models")
+    parser = argparse.ArgumentParser(
+        prog="tailor",
+        description="LoRA fine-tuning for Mistral models",
+        epilog="Training is not a tailor command: `python train.py CONFIG [KEY=VALUE ...]` on one device, "
+        "`torchrun --nproc-per-node N train.py CONFIG` on N GPUs.",
+    )
     parser.add_argument("--version", action="version", version=f"tailor {_version()}")
     subparsers = parser.add_subparsers(metavar="COMMAND")
     for name, help_text, add_arguments, run in COMMANDS:

@@ -51,6 +51,10 @@ def validate(
     try:
         tokenizer = load_tokenizer(cfg.model.path)
         check_tokenizer_vocab(tokenizer, read_vocab_size(cfg.model.path), cfg.model.path)
+    except (OSError, ValueError) as e:
+        print(f"error: model.path: {e}", file=sys.stderr)
+        return exit_codes.USAGE
+    try:
         splits = {
             split: _split_files(split, sources)
             for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval))

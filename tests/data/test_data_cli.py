@@ -185,12 +185,14 @@ def test_validate_config_and_model_errors(tmp_path, model_dirs, write_jsonl, cha
     missing = tmp_path / "nope.jsonl"
     assert main(["validate", str(config), f"data.eval=[{train},{missing}]"]) == 2
     assert capsys.readouterr().err == f"error: data.eval[1]: {missing}: no such file or folder\n"
+    assert main(["validate", str(config), f"model.path={tmp_path / 'nowhere'}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: model.path: {tmp_path / 'nowhere'} is not a folder")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "tekken.json").write_bytes((model_dirs["tekken"] / "tekken.json").read_bytes())
     (tmp_path / "model" / "params.json").write_text(json.dumps({"vocab_size": 32768}))
     config = write_config(tmp_path, tmp_path / "model", [train], [train])
     assert main(["validate", str(config)]) == 2  # the model folder is wrong, not the data
-    assert "tekken.json has 131072 tokens but" in capsys.readouterr().err
+    assert "error: model.path: " in (err := capsys.readouterr().err) and "tekken.json has 131072 tokens but" in err
 
 
 def test_tokenize_writes_tokens_and_weights_per_line(tmp_path, model_dirs, tokenizers, write_jsonl, chat, capsys):
@@ -249,3 +251,9 @@ def test_version():
     result = subprocess.run([sys.executable, "-m", "finetune", "--version"], capture_output=True, text=True)
     assert result.returncode == 0
     assert re.fullmatch(r"tailor \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+def test_help_says_how_to_train():
+    result = subprocess.run([sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "`python train.py CONFIG [KEY=VALUE ...]` on one device" in " ".join(result.stdout.split())

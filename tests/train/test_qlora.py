@@ -208,3 +208,14 @@ def test_nf4_settings_are_checked_before_training(write_config, tiny_model_dir, 
     cfg = load_config(write_config(model__quantize="nf4"))
     with pytest.raises(ConfigError, match=r"model.quantize: nf4 cannot store layers.0.attention.wq.weight \[64, 64\]"):
         build_training_model(cfg, CPU)
+
+
+def test_without_torchao_nf4_is_a_config_error_naming_the_key_and_the_extra(nf4_config, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r'model.quantize is nf4, which needs torchao: pip install -e "\.\[qlora\]"'):
+        load_config(nf4_config())
