@@ -156,7 +156,10 @@ def run_tokenize(args: argparse.Namespace) -> int:
     if args.output is None:
         return 1 if write_records(records, sys.stdout) else 0
     with open(args.output, "w", encoding="utf-8") as out:
-        return 1 if write_records(records, out) else 0
+        errors = write_records(records, out)
+    failed = f'; {errors} line(s) could not be tokenized: their records hold "error"' if errors else ""
+    print(f"wrote {args.output}{failed}")
+    return 1 if errors else 0
 
 
 def _shown(records, tokenizer, path: Path):

@@ -199,6 +199,7 @@ def test_tokenize_writes_tokens_and_weights_per_line(tmp_path, model_dirs, token
     data = write_jsonl(tmp_path / "d.jsonl", [chat(0), {"messages": [{"role": "user", "content": "x"}]}])
     out = tmp_path / "tokens.jsonl"
     assert main(["tokenize", "--model", str(model_dirs["tekken"]), str(data), "-o", str(out)]) == 1
+    assert capsys.readouterr().out == f'wrote {out}; 1 line(s) could not be tokenized: their records hold "error"\n'
     first, second = [json.loads(line) for line in out.read_text().splitlines()]
     expected = tokenize_sample(chat(0), tokenizers["tekken"])
     assert first == {"line": 1, "tokens": expected.tokens, "weights": expected.weights}
