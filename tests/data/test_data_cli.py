@@ -156,6 +156,15 @@ def test_validate_fix_repairs_and_removes(tmp_path, model_dirs, tokenizers, writ
     assert main(["validate", str(fixed_config)]) == 0
     assert "no faults" in capsys.readouterr().out
 
+    written = {p: p.read_bytes() for p in (tmp_path / "fixed").rglob("*") if p.is_file()}
+    assert main(["validate", str(config), "--fix", str(tmp_path / "fixed")]) == 2  # never written over
+    fixed_dir = tmp_path / "fixed"
+    assert (
+        capsys.readouterr().err
+        == f"error: --fix {fixed_dir} already exists and is not empty; choose a new output folder\n"
+    )
+    assert {p: p.read_bytes() for p in (tmp_path / "fixed").rglob("*") if p.is_file()} == written
+
 
 def test_fix_lays_out_each_source_under_its_split_and_number(tmp_path, model_dirs, write_jsonl, chat, capsys):
     folder = tmp_path / "chats"
