@@ -58,7 +58,10 @@ def fine_tune(cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo
     start = prepare_run_dir(cfg, dist_info)  # None: from step 0; else the checkpoint to resume from
     if start is not None and start.step >= cfg.max_steps:
         if dist_info.is_main:
-            print(f"nothing to train: {start.folder} is at step {start.step}, and max_steps is {cfg.max_steps}")
+            print(
+                f"nothing to train: {start.folder} is at step {start.step}, and max_steps is {cfg.max_steps}; a "
+                "higher max_steps trains on, another run_dir starts afresh"
+            )
         destroy()
         return 0
     torch.manual_seed(cfg.seed)

@@ -56,6 +56,9 @@ def run_validate(args: argparse.Namespace) -> int:
     if args.gpu_memory is not None and not args.gpu_memory > 0:
         print(f"error: --gpu-memory must be a number of GiB above 0, got {args.gpu_memory}", file=sys.stderr)
         return exit_codes.USAGE
+    if args.fix is not None and args.fix.exists() and (not args.fix.is_dir() or any(args.fix.iterdir())):
+        print(f"error: --fix {args.fix} already exists and is not empty; choose a new output folder", file=sys.stderr)
+        return exit_codes.USAGE
     cfg = load_config(args.config, args.overrides)
     try:
         check_model_folder(Path(cfg.model.path))
@@ -156,7 +159,10 @@ def run_tokenize(args: argparse.Namespace) -> int:
     if args.output is None:
         return 1 if write_records(records, sys.stdout) else 0
     with open(args.output, "w", encoding="utf-8") as out:
-        return 1 if write_records(records, out) else 0
+        errors = write_records(records, out)
+    failed = f'; {errors} line(s) could not be tokenized: their records hold "error"' if errors else ""
+    print(f"wrote {args.output}{failed}")
+    return 1 if errors else 0
 
 
 def _shown(records, tokenizer, path: Path):

@@ -307,7 +307,8 @@ def _convert(value: Any, hint: Any, key: str, source: str):
         if inner is DataSource:
             return parse_data_sources(value, key, source)
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+            example = f" in brackets, e.g. [{value}]" if isinstance(value, str) else ""
+            raise ConfigError(f"{source}: {key} must be a list{example}, got {value!r}")
         return origin(_convert(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):

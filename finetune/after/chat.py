@@ -179,9 +179,9 @@ def interactive_chat(
     stdout.write("Type a message; /help lists the commands, Ctrl-C stops an answer.\n")
     history: list[dict] = []
     while True:
-        stdout.write("> ")
-        stdout.flush()
-        try:
+        try:  # the prompt is inside: a Ctrl-C just after it is written is still a Ctrl-C at the prompt
+            stdout.write("> ")
+            stdout.flush()
             line = stdin.readline()
         except KeyboardInterrupt:
             stdout.write("\n")

@@ -34,6 +34,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = load_config(DEMO_CONFIG, args.overrides)
     model_dir, run_dir = Path(cfg.model.path), Path(cfg.run_dir)
+    if run_dir.exists() and not _is_demo_run(run_dir, model_dir):
+        print(
+            f"error: run_dir: {run_dir} holds something other than a demo run, and the demo starts its run_dir "
+            "afresh: give another run_dir",
+            file=sys.stderr,
+        )
+        return 2
     if not model_dir.exists():
         print(f"making a tiny random Mistral in {model_dir} (first use only)")
         write_tiny_model(model_dir, arch="mistral-7b", tokenizer="v3", seed=0)
@@ -45,6 +52,18 @@ def run(args: argparse.Namespace) -> int:
     if training.returncode != 0:
         return training.returncode
     return report(run_dir, model_dir, Path(cfg.data.eval[0].path))
+
+
+def _is_demo_run(run_dir: Path, model_dir: Path) -> bool:
+    """An empty folder, or a run of the demo's model: what the demo may delete to start again."""
+    from finetune.config import ConfigError, load_config
+
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        return True
+    try:
+        return Path(load_config(run_dir / "config.yaml").model.path) == model_dir
+    except ConfigError:
+        return False
 
 
 def report(run_dir: Path, model_dir: Path, eval_file: Path) -> int:

@@ -27,7 +27,15 @@ HF_WEIGHTS = "model.safetensors"
 # transformers (5 and later) reads tekken.json / tokenizer.model.v* through mistral-common with this class: the exact
 # tokens and chat template of training. Without it, AutoTokenizer looks for a tokenizer.json and fails.
 HF_TOKENIZER_CONFIG = {"tokenizer_class": "MistralCommonBackend"}
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# PyTorch's names, and the config's (model.dtype) for the same types
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -72,6 +72,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.ticker
 
     out = Path(out) if out is not None else Path(run_dir) / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig, (loss_ax, lr_ax, speed_ax) = plt.subplots(3, 1, figsize=(9, 9), sharex=True, height_ratios=(2, 1, 1))
     loss_ax.plot(*zip(*curves["loss"]), label="train loss", linewidth=1)
     if curves["eval_loss"]:  # a few points: markers show where the evaluations were

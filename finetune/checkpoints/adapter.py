@@ -27,6 +27,10 @@ def read_adapter(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoRAArg
     folders (no manifest; a `lora` entry with `scaling` but no `alpha`) read too."""
     folder = Path(ckpt_dir)
     weights, params = folder / ADAPTER_FILE, folder / "params.json"
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such checkpoint folder")
+    if (folder / "checkpoints").is_dir():
+        raise ValueError(f"{folder} is a run folder; give one of its checkpoints, {folder}/checkpoints/checkpoint_N")
     if (folder / MANIFEST).exists():  # a tailor checkpoint: damaged files are refused, never merged or chatted with
         problem = verify_checkpoint(folder)
         if problem is not None:

@@ -148,9 +148,10 @@ def print_warnings(files: dict[Path, TokenizedFile], max_per_kind: int, out: Tex
         more = f"; {hidden} more not shown (--max-per-kind N shows more)" if hidden else ""
         kinds = ", ".join(f"{kind} {n}" for kind, n in counts.most_common())
         left_out = sum(n for kind, n in counts.items() if kind in LEFT_OUT)
+        used = f"{left_out} of these lines are left out of training, the others" if left_out else "these lines"
         print(
-            f"\n{sum(counts.values())} warnings ({kinds}){more}; {left_out} of these lines are left out of training, "
-            "the others are trained as read; warnings do not change the exit status\n",
+            f"\n{sum(counts.values())} warnings ({kinds}){more}; {used} are trained as read; warnings do not change "
+            "the exit status\n",
             file=out,
         )
 

@@ -52,6 +52,9 @@ def test_export_casts_to_the_requested_dtype(tiny_folder, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     with safe_open(out / "model.safetensors", "pt") as handle:
         assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
+    as_in_the_config = tmp_path / "hf_fp16"  # model.dtype's names work too
+    assert main(["export-hf", "--model", str(tiny_folder()), "--out", str(as_in_the_config), "--dtype", "fp16"]) == 0
+    assert json.loads((as_in_the_config / "config.json").read_text())["torch_dtype"] == "float16"
     assert main(["export-hf", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert f"error: model folder not found: {tmp_path / 'nothing'}" in capsys.readouterr().err
 

@@ -124,6 +124,13 @@ def test_user_errors_name_the_folder_and_the_fault(adapter_checkpoint, tmp_path,
     base, checkpoint = adapter_checkpoint("mistral-7b")
     with pytest.raises(ValueError, match=f"{tmp_path}: no lora.safetensors"):
         read_adapter(tmp_path)
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'gone'}: no such checkpoint folder$"):
+        read_adapter(tmp_path / "gone")
+    run_dir = checkpoint.parent.parent
+    with pytest.raises(
+        ValueError, match=f"^{run_dir} is a run folder; give one of its checkpoints, {run_dir}/checkpoints/"
+    ):
+        read_adapter(run_dir)
     no_lora = tmp_path / "no_lora"
     no_lora.mkdir()
     (no_lora / "lora.safetensors").write_bytes((checkpoint / "lora.safetensors").read_bytes())

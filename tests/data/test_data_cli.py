@@ -123,6 +123,27 @@ def test_an_empty_train_or_eval_file_fails_validation_as_training_refuses_it(
     assert main(["validate", str(config), "eval.enabled=false"]) == 0
 
 
+def test_warnings_are_summed_up_with_what_training_does_with_their_lines(
+    tmp_path, model_dirs, write_jsonl, chat, capsys
+):
+    typo = chat(1)
+    typo["messages"][-1]["wieght"] = 0
+    untrained = chat(2)
+    untrained["messages"][-1]["weight"] = 0
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(0), typo, chat(3)])
+    config = write_config(tmp_path, model_dirs["v3"], [train], [train])
+    assert main(["validate", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"{train}:2: warning: message 2 (assistant): key 'wieght' is not read; did you mean 'weight'?" in out
+    assert "1 warnings (unknown_key 1); these lines are trained as read; warnings do not change the exit" in out
+    write_jsonl(train, [chat(0), typo, untrained, chat(3)])
+    assert main(["validate", str(config)]) == 0
+    assert (
+        "2 warnings (unknown_key 1, nothing_to_train 1); 1 of these lines are left out of training, the others are "
+        "trained as read"
+    ) in capsys.readouterr().out
+
+
 def test_validate_fix_repairs_and_removes(tmp_path, model_dirs, tokenizers, write_jsonl, chat, capsys):
     train = write_jsonl(
         tmp_path / "data" / "train.jsonl", [chat(0), LEGACY, "{broken", "", NO_IDS, "\ufeff" + json.dumps(chat(1))]
@@ -155,6 +176,15 @@ def test_validate_fix_repairs_and_removes(tmp_path, model_dirs, tokenizers, writ
     assert written["seq_len"] == 64 and written["run_dir"] == str(tmp_path / "run")
     assert main(["validate", str(fixed_config)]) == 0
     assert "no faults" in capsys.readouterr().out
+
+    written = {p: p.read_bytes() for p in (tmp_path / "fixed").rglob("*") if p.is_file()}
+    assert main(["validate", str(config), "--fix", str(tmp_path / "fixed")]) == 2  # never written over
+    fixed_dir = tmp_path / "fixed"
+    assert (
+        capsys.readouterr().err
+        == f"error: --fix {fixed_dir} already exists and is not empty; choose a new output folder\n"
+    )
+    assert {p: p.read_bytes() for p in (tmp_path / "fixed").rglob("*") if p.is_file()} == written
 
 
 def test_fix_lays_out_each_source_under_its_split_and_number(tmp_path, model_dirs, write_jsonl, chat, capsys):
@@ -199,6 +229,7 @@ def test_tokenize_writes_tokens_and_weights_per_line(tmp_path, model_dirs, token
     data = write_jsonl(tmp_path / "d.jsonl", [chat(0), {"messages": [{"role": "user", "content": "x"}]}])
     out = tmp_path / "tokens.jsonl"
     assert main(["tokenize", "--model", str(model_dirs["tekken"]), str(data), "-o", str(out)]) == 1
+    assert capsys.readouterr().out == f'wrote {out}; 1 line(s) could not be tokenized: their records hold "error"\n'
     first, second = [json.loads(line) for line in out.read_text().splitlines()]
     expected = tokenize_sample(chat(0), tokenizers["tekken"])
     assert first == {"line": 1, "tokens": expected.tokens, "weights": expected.weights}

@@ -188,22 +188,24 @@ def test_the_word_memo_is_kept_with_the_cache_and_gives_the_same_tokens(
     monkeypatch.setattr(cache, "PART_BYTES", 3000)
     open_tokenized_files([first], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=2)
     (memo_file,) = (tmp_path / "cache" / "word_memo").iterdir()
-    saved = json.loads(memo_file.read_text())
-    assert len(saved) > 100
+    saved = cache.read_words(memo_file, 32768)
+    assert len(saved) > 100 and saved == {w: word_memo(load_tokenizer(model_dirs["v3"]))(w) for w in saved}
 
     fresh = load_tokenizer(model_dirs["v3"])  # a new run: its memo starts empty, then reads the file
     (warm,) = open_tokenized_files([second], fresh, "all", tmp_path / "cache", num_workers=0)
     assert set(saved) <= set(word_memo(fresh).words())
     (cold,) = open_tokenized_files([second], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cold", num_workers=0)
     assert warm.tokens.tolist() == cold.tokens.tolist() and warm.spans.tolist() == cold.spans.tolist()
-    assert len(json.loads(memo_file.read_text())) > len(saved)  # the second file's new words were added
+    assert len(cache.read_words(memo_file, 32768)) > len(saved)  # the second file's new words were added
 
-    memo_file.write_text(json.dumps({"the": [10**9]}))  # an id outside the vocabulary
+    cache.write_words(memo_file, {"the": [10**9]})  # an id outside the vocabulary
     other = write_jsonl(tmp_path / "c.jsonl", [chat(i + 2000) for i in range(5)])
     capsys.readouterr()
     open_tokenized_files([other], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=0)
     assert "not a word memo this tokenizer wrote; it is rebuilt" in capsys.readouterr().out
-    assert all(ids != [10**9] for ids in json.loads(memo_file.read_text()).values())
+    assert all(ids != [10**9] for ids in cache.read_words(memo_file, 32768).values())
+    memo_file.write_bytes(b"not an npz")
+    assert cache.read_words(memo_file, 32768) is None
 
 
 def _build_in_child(path, cache_dir, log):

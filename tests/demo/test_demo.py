@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from finetune.after.demo import _is_demo_run
+from finetune.cli import main
+from finetune.config import load_config, save_config
+
 REPO = Path(__file__).resolve().parents[2]
 # The demo took 185 s on the 2-core test machine under a load average of 4 to 5 (README, "The two commands"). Ten
 # times that is the limit: a newcomer's first `pytest` on a slower or busier machine passes, and a demo that hangs
@@ -54,3 +58,25 @@ def test_training_the_demo_config_on_a_fresh_clone_says_to_run_the_demo_first(tm
         "(e.g. run_dir=runs/demo2) trains again"
     ]
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_demo_starts_afresh_only_a_run_of_its_own(tmp_path, monkeypatch, capsys):
+    """The demo deletes its run_dir to start again: never one that holds anything but a run of the demo's model."""
+    monkeypatch.chdir(REPO)
+    other_run = tmp_path / "important"
+    other_run.mkdir()
+    (other_run / "config.yaml").write_text("run_dir: important\nmodel:\n  path: models/mistral-7b\n")
+    overrides = [f"run_dir={other_run}", f"model.path={tmp_path / 'tiny-mistral'}"]
+    assert main(["demo", *overrides]) == 2
+    assert capsys.readouterr().err == (
+        f"error: run_dir: {other_run} holds something other than a demo run, and the demo starts its run_dir "
+        "afresh: give another run_dir\n"
+    )
+    assert sorted(p.name for p in other_run.iterdir()) == ["config.yaml"]
+    assert not (tmp_path / "tiny-mistral").exists()  # refused before any work
+
+    demo_run = tmp_path / "demo"
+    demo_run.mkdir()
+    assert _is_demo_run(demo_run, tmp_path / "tiny-mistral")  # empty: nothing to lose
+    save_config(load_config(REPO / "configs/demo.yaml", overrides), demo_run / "config.yaml")  # as training saves it
+    assert _is_demo_run(demo_run, tmp_path / "tiny-mistral")

@@ -75,6 +75,7 @@ def test_command_line_overrides(tmp_path):
         ("lora.rank=1.5", "lora.rank must be an integer, got 1.5"),
         ("lora.targets=[wq,attn]", "lora.targets has 'attn'"),
         ("lora.targets=[]", "lora.targets must name at least one module"),
+        ("lora.targets=wq,wv", "lora.targets must be a list in brackets, e.g. [wq,wv], got 'wq,wv'"),
         ("lora.rank=0", "lora.rank must be >= 1, got 0"),
         ("lora.alpha=-1", "lora.alpha must be > 0, got -1.0"),
         ("lora.dropout=1", "lora.dropout must be in [0, 1), got 1.0"),

@@ -48,5 +48,7 @@ def test_a_resume_with_other_settings_keeps_the_earlier_record_and_says_the_new_
 
     capsys.readouterr()
     assert train.run([str(config), "max_steps=8", "optim.min_lr=0.001"]) == 0  # nothing to train, nothing changed
-    assert "settings changed" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "settings changed" not in out
+    assert "is at step 8, and max_steps is 8; a higher max_steps trains on, another run_dir starts afresh" in out
     assert sorted(p.name for p in Path(run_dir).glob("config*")) == ["config.step_000004.yaml", "config.yaml"]

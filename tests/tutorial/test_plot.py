@@ -80,7 +80,7 @@ def test_plot_draws_every_curve_into_one_png(tmp_path, capsys):
         drawn = (np.abs(pixels - rgb).max(axis=-1) < 0.05).sum()
         assert drawn > 200, f"the {curve} curve is missing from the plot"
 
-    custom = tmp_path / "elsewhere.png"
+    custom = tmp_path / "plots" / "elsewhere.png"  # its folder is made
     assert main(["plot", str(run_dir), "-o", str(custom)]) == 0
     assert custom.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
