@@ -111,13 +111,20 @@ def why_not_resumable(folder: Path) -> str | None:
     return None
 
 
+def _read_state_json(path: Path) -> tuple[object, str | None]:
+    """A state file's JSON value, or why it cannot be read: damage, never an exception (deep nesting included)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except (OSError, ValueError, RecursionError) as error:
+        return None, f"{STATE}/{path.name} is unreadable ({type(error).__name__})"
+
+
 def _rank_state_problem(path: Path) -> str | None:
     """The shape of a rank's data position and random state; their values are checked as they are loaded."""
     where = f"{STATE}/{path.name}"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as error:
-        return f"{where} is unreadable ({type(error).__name__})"
+    saved, problem = _read_state_json(path)
+    if problem:
+        return problem
     if not (
         isinstance(saved, dict)
         and set(saved) == {"data", "rng"}
@@ -151,10 +158,9 @@ def _read_progress_file(folder: Path) -> dict:
 
 def _progress_problem(path: Path) -> str | None:
     where = f"{STATE}/{PROGRESS}"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as error:
-        return f"{where} is unreadable ({type(error).__name__})"
+    saved, problem = _read_state_json(path)
+    if problem:
+        return problem
     if not isinstance(saved, dict):
         return f"{where} is not a JSON object"
     fields = {"world_size": int, **{name: type(value) for name, value in asdict(Progress()).items()}}

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_train_step import run_worker
 
 from finetune.after.chat import load_chat_model
+from finetune.checkpoints.manifest import MANIFEST, write_manifest
 from finetune.config import ConfigError, load_config
 from finetune.data import build_eval_batches, load_tokenizer
 from finetune.training.distributed import DistInfo
@@ -195,6 +196,8 @@ def test_merge_of_an_nf4_adapter_goes_into_the_original_weights(nf4_run, tmp_pat
     params = json.loads((bf16 / "params.json").read_text())
     del params["lora"]["base_quantization"]
     (bf16 / "params.json").write_text(json.dumps(params))
+    (bf16 / MANIFEST).unlink()
+    write_manifest(bf16)  # as a bf16 run writes it
     for source, out in ((checkpoint, "peft-nf4"), (bf16, "peft-bf16")):
         assert main(["export-peft", "--adapter", str(source), "--out", str(tmp_path / out)]) == 0
     for name in ("adapter_model.safetensors", "adapter_config.json"):
