@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,34 +24,65 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model.args import ARCHITECTURES  # noqa: E402
-from model.quantize import QUANTIZED_LINEARS, to_nf4  # noqa: E402
+from model.quantize import QUANTIZED_LINEARS, is_quantized_name, to_nf4  # noqa: E402
 from model.tiny import write_tiny_model  # noqa: E402
 from model.transformer import TransformerBlock, document_positions, rotary_table  # noqa: E402
 
+VARIANTS = {  # name: (model.quantize, projection weights of the model folder)
+    "bf16": ("none", "original"),
+    "nf4": ("nf4", "original"),
+    # the control: bf16 LoRA on a base whose projections hold deq(nf4(W)) as plain bf16 tensors. Equal to the NF4
+    # run, the gap is the 4-bit base's; equal to the bf16 run, it is the NF4 code path's
+    "bf16 on deq(nf4(W))": ("none", "dequantized"),
+}
 
-def demo_task(steps: int, workdir: Path) -> dict:
-    model_dir = write_tiny_model(workdir / "model", width=4)
+
+def write_dequantized_model(model_dir: Path, folder: Path) -> Path:
+    """A copy of `model_dir` whose quantized projections are replaced by their NF4 round trip, in bf16 (as the NF4
+    run dequantizes them for its matmuls)."""
+    shutil.copytree(model_dir, folder)
+    path = folder / "consolidated.safetensors"
+    state = load_file(path)
+    for name, tensor in state.items():
+        if is_quantized_name(name):
+            state[name] = to_nf4(tensor.to(torch.bfloat16)).get_original_weight().to(tensor.dtype)
+    save_file(state, path)
+    return folder
+
+
+def demo_task(steps: int, seed: int, workdir: Path) -> dict:
+    """Each variant's eval loss and token accuracy at half and all of `steps`, with config seed `seed` (LoRA
+    initialization and data order; the random base is the same for every seed)."""
+    model_dir = workdir / "model"
+    if not model_dir.exists():
+        write_tiny_model(model_dir, width=4)
+        write_dequantized_model(model_dir, workdir / "model-dequantized")
     demo = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     results = {}
-    for name, quantize in (("bf16", "none"), ("nf4", "nf4")):
-        cfg = dict(demo, run_dir=str(workdir / name), max_steps=steps)
-        cfg["model"] = dict(demo["model"], path=str(model_dir), dtype="bf16", quantize=quantize)
+    for name, (quantize, weights) in VARIANTS.items():
+        path = model_dir if weights == "original" else workdir / "model-dequantized"
+        run_dir = workdir / f"{name.replace(' ', '_')}-seed{seed}"
+        cfg = dict(demo, run_dir=str(run_dir), max_steps=steps, seed=seed)
+        cfg["model"] = dict(demo["model"], path=str(path), dtype="bf16", quantize=quantize)
         cfg["data"] = dict(demo["data"], cache_dir=str(workdir / "cache"))
         cfg["data"]["train"], cfg["data"]["eval"] = (str(REPO / demo["data"][k]) for k in ("train", "eval"))
-        cfg["eval"] = dict(demo["eval"], freq=steps)
+        cfg["eval"] = dict(demo["eval"], freq=steps // 2)
         cfg["checkpoint"] = dict(demo["checkpoint"], enabled=False)
-        config = workdir / f"{name}.yaml"
+        config = workdir / f"{run_dir.name}.yaml"
         config.write_text(yaml.safe_dump(cfg))
         subprocess.run([sys.executable, str(REPO / "train.py"), str(config)], cwd=REPO, check=True, capture_output=True)
-        lines = [json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()]
-        last = [r for r in lines if r["kind"] == "eval"][-1]
-        results[name] = {"eval_loss": last["eval_loss"], "token_accuracy": last.get("eval_token_accuracy")}
-    results["ratio"] = results["nf4"]["eval_loss"] / results["bf16"]["eval_loss"]
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in lines if r["kind"] == "eval"]
+        results[name] = {
+            "eval_loss": {r["step"]: r["eval_loss"] for r in evals},
+            "token_accuracy": evals[-1].get("eval_token_accuracy"),
+        }
     return results
 
 
@@ -101,12 +133,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="demo-task steps (configs/demo.yaml: 200)")
     parser.add_argument("--layers", type=int, default=2, help="7B-shaped blocks")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="config seeds of the demo runs")
+    parser.add_argument("--skip-layers", action="store_true", help="the demo task only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qlora-quality-") as workdir:
-        demo = demo_task(args.steps, Path(workdir))
-    print(f"demo task, {args.steps} steps: eval loss bf16 {demo['bf16']['eval_loss']:.4f}, NF4 "
-          f"{demo['nf4']['eval_loss']:.4f} (NF4 / bf16 = {demo['ratio']:.3f}); token accuracy bf16 "
-          f"{demo['bf16']['token_accuracy']:.1%}, NF4 {demo['nf4']['token_accuracy']:.1%}")  # fmt: skip
+        for seed in args.seeds:
+            demo = demo_task(args.steps, seed, Path(workdir))
+            bf16 = demo["bf16"]["eval_loss"][args.steps]
+            for name, result in demo.items():
+                losses = ", ".join(f"step {step} {loss:.4f}" for step, loss in result["eval_loss"].items())
+                ratio = result["eval_loss"][args.steps] / bf16
+                print(
+                    f"demo task, seed {seed}, {name}: eval loss {losses} (/ bf16 = {ratio:.3f}); token accuracy "
+                    f"{result['token_accuracy']:.1%}",
+                    flush=True,
+                )
+    if args.skip_layers:
+        return
     layers = seven_b_layers(args.layers)
     weights = ", ".join(f"{k} {v:.4f}" for k, v in layers["weight_error"].items())
     print(f"7B-shaped layers: NF4 round-trip error ||W - deq(nf4(W))|| / ||W||: {weights}")

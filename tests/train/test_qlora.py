@@ -23,7 +23,7 @@ from finetune.training.eval import evaluate
 from finetune.training.loss import CausalLMWithLoss
 from finetune.training.model_setup import build_training_model
 from model.loading import load_model
-from model.lora import merged_weight
+from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable, merged_weight
 from model.quantize import NF4_BITS_PER_WEIGHT, QUANTIZED_LINEARS, is_nf4
 from model.tiny import write_tiny_model
 from model.weights import read_weights
@@ -70,6 +70,36 @@ def test_nf4_forward_is_the_dequantized_models_and_only_projections_are_quantize
         error = (reference.get_parameter(name) - original[name]).norm() / original[name].norm()
         assert 0.02 < error < 0.15, (name, error)
     assert NF4_BITS_PER_WEIGHT == pytest.approx(4.127, abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_gradients_through_an_nf4_base_are_those_on_its_dequantized_weights(wide_model_dir, dtype):
+    # whether training on an NF4 base differs from bf16 training by the 4-bit base alone, or also by the code path:
+    # torchao's linear_nf4 (its backward to the input, the dtype of its matmul) under LoRA, in both compute dtypes
+    quantized = load_model(wide_model_dir, dtype=dtype, quantize="nf4")
+    reference = load_model(wide_model_dir, dtype=dtype)
+    with torch.no_grad():
+        for name, param in quantized.named_parameters():
+            if is_nf4(param):
+                reference.get_parameter(name).copy_(param.get_original_weight())
+    lora = LoRAArgs(rank=4, alpha=8, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    generator = torch.Generator().manual_seed(0)
+    for model in (quantized, reference):
+        inject_lora(model, lora)
+        mark_only_lora_trainable(model)
+    adapters = {
+        n: torch.randn(p.shape, generator=generator) / 10 for n, p in quantized.named_parameters() if p.requires_grad
+    }
+    tokens = torch.randint(0, 32768, (40,), generator=generator)
+    grads = []
+    for model in (quantized, reference):
+        model.load_state_dict(adapters, strict=False)
+        logits = model(tokens, [25, 15])
+        torch.nn.functional.cross_entropy(logits[:-1].float(), tokens[1:]).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert len(grads[0]) == 2 * 7 * 2 and all(g.abs().sum() > 0 for g in grads[0].values())
+    for name in adapters:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
 
 
 def test_nf4_trains_and_two_fsdp2_ranks_equal_one(nf4_config, tmp_path):
