@@ -2,10 +2,13 @@
 
     python benchmarks/qlora_quality.py                  both parts
     python benchmarks/qlora_quality.py --steps 20       a shorter demo run (the smoke test)
+    python benchmarks/qlora_quality.py --steps 120 --seeds 0 1 --skip-layers    the demo task, two seeds
 
 1. The tiny demo task (data/demo, configs/demo.yaml's settings) on the demo's tiny Mistral at width 4 (dim 256:
-   NF4 needs whole scale groups of 16384 weights), trained by train.py twice, bf16 and bf16 + `model.quantize:
-   nf4`, same seed and data: the final eval loss and token accuracy of each, and their ratio (goal: NF4 within 10%).
+   NF4 needs whole scale groups of 16384 weights), trained by train.py three times per seed: bf16, bf16 +
+   `model.quantize: nf4`, and the control, bf16 on a base whose projections are deq(nf4(W)); same seed and data:
+   the eval loss at half and all of the steps, the final token accuracy, and each final loss over bf16's
+   (goal: NF4 within 10%).
 2. Random 7B-shaped layers (Mistral 7B v0.3's dim 4096, GQA 32/8 heads, SwiGLU 14336, `--layers` blocks of
    N(0, 1/fan_in) weights, the width model/tiny.py uses): each projection's NF4 round-trip error
    ‖W − deq(nf4(W))‖ / ‖W‖, and the blocks' output on 512 random tokens with NF4 projections against bf16 ones:
