@@ -48,6 +48,7 @@ class WordMemoSentencePiece:
         self._processor = processor
         self.threads = threads  # for `prepare`'s batched calls
         self._memo: dict[str, list[int]] = {}
+        self._split: dict[str, list[str] | None] = {}
         self._reported = 0  # words in the memo before those `learned` has not returned yet (a dict keeps order)
         self._starts_word = [processor.id_to_piece(i).startswith("▁") for i in range(processor.get_piece_size())]
 
@@ -69,16 +70,18 @@ class WordMemoSentencePiece:
     def prepare(self, texts: list[str]) -> None:
         """Learn the words of these texts that the memo does not know yet, in one batched call: SentencePiece
         encodes a list in C++ threads. Each word is encoded alone, as a miss in `__call__` would be."""
+        # the texts' words, kept for `__call__` (this batch's only), which then need not split the texts again
+        self._split = dict(zip(texts, map(self._words, texts)))
         room = self.max_words - len(self._memo)
         if room <= 0:
             return
-        words = dict.fromkeys(chain.from_iterable(filter(None, map(self._words, texts))))  # in order: a stable memo
+        words = dict.fromkeys(chain.from_iterable(filter(None, self._split.values())))  # in order: a stable memo
         new = [word for word in words if word not in self._memo][:room]
         if new:
             self._memo.update(zip(new, self._processor.encode(new, num_threads=self.threads)))
 
     def __call__(self, text: str) -> list[int]:
-        keys = self._words(text)
+        keys = self._split.pop(text, None) or self._words(text)
         if keys is None:
             return self._processor.encode(text)
         found = list(map(self._memo.get, keys))
