@@ -1,6 +1,6 @@
 """Tokens per second of the data path, on generated multi-turn chat of realistic lengths.
 
-    python benchmarks/data_throughput.py [--samples 12000] [--runs 3]
+    python benchmarks/data_throughput.py [--samples 12000] [--runs 3] [--workers 0 2] [--processes]
 
 For SentencePiece v3 and Tekken it measures, on the same generated file, in alternating runs (each path once per
 round, round after round, so a shared machine's changing load falls on all of them alike), and prints the median
@@ -13,6 +13,11 @@ of each with the spread (min-max) and the ratios of the medians:
    every sample once into seq_len sequences; with 0 workers (in-process) and with 2, each with a cold word memo (an
    empty cache folder, as a first run) and with a warm one (the memo that earlier builds left in the cache folder);
 3. cache reads: TrainLoader batches read back from the cache built in 2.
+
+With --processes it times whole processes instead, the way a user meets them, alternating fresh interpreters
+(imports, tokenizer loading and start-up included): `python -m finetune validate CONFIG` (tailor validate, an empty
+cache folder each run, as a first run) against `python benchmarks/data_throughput.py --reference-process FILE MODEL`,
+the reference above in a process that imports only what it needs (mistral-common).
 
 The text is made of words drawn from a Zipf law, as natural language is: real English words first, then a
 long tail of English-looking made-up words, so that neither tokenizer (nor tailor's word memo) sees an
@@ -29,24 +34,21 @@ import re
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from pydoc_data.topics import topics as pydoc_topics
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mistral_common
+import numpy as np
+from mistral_common.protocol.instruct.messages import FinetuningAssistantMessage, UserMessage
+from mistral_common.protocol.instruct.validator import MistralRequestValidatorV3, ValidationMode
 
-import mistral_common  # noqa: E402
-import numpy as np  # noqa: E402
-from mistral_common.protocol.instruct.messages import FinetuningAssistantMessage, UserMessage  # noqa: E402
-from mistral_common.protocol.instruct.validator import MistralRequestValidatorV3, ValidationMode  # noqa: E402
-
-from finetune.data import build_train_loader, load_tokenizer  # noqa: E402
-from finetune.data.config import DataConfig, DataSource  # noqa: E402
-from finetune.data.packing import DocumentFeed, make_batch, pack_sequence  # noqa: E402
-from finetune.data.sources import open_sources  # noqa: E402
+# tailor's modules are imported where they are used: the --reference-process mode imports only what the reference
+# does (mistral-common), so that its start-up is the reference's own.
+REPO = Path(__file__).resolve().parents[1]
 
 TOKENIZERS = {"SentencePiece v3": "mistral_instruct_tokenizer_240323.model.v3", "Tekken": "tekken_240911.json"}
 
@@ -61,6 +63,8 @@ def make_vocabulary(rng: random.Random, size: int = 80_000) -> tuple[list[str], 
     The frequent words are the real ones of Python's own documentation (pydoc_data); the long tail is made
     by a letter-trigram model of those words, so rare words have the length and letters of English ones.
     """
+    from pydoc_data.topics import topics as pydoc_topics
+
     corpus = re.findall(r"[a-z]+", " ".join(pydoc_topics.values()).lower())
     real = [w for w, _ in Counter(corpus).most_common() if len(w) > 1 or w in "ai"]
     following: dict[str, list[str]] = {}
@@ -173,6 +177,11 @@ def tailor_path(
 ) -> tuple[Stopwatch, float]:
     """Tokenize + mask + cache + pack every sample once, from a cache with no entry for the file (and with the word
     memo of earlier builds when `warm_memo`); returns the time and the padding share."""
+    from finetune.data import load_tokenizer
+    from finetune.data.config import DataSource
+    from finetune.data.packing import DocumentFeed, make_batch, pack_sequence
+    from finetune.data.sources import open_sources
+
     for entry in cache_dir.glob("*") if cache_dir.exists() else []:
         if entry.name != "word_memo" or not warm_memo:
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
@@ -191,6 +200,9 @@ def tailor_path(
 def cache_read_tokens_per_second(
     path: Path, tokenizer, cache_dir: Path, seq_len: int, batch_size: int, n_batches: int
 ) -> float:
+    from finetune.data import build_train_loader
+    from finetune.data.config import DataConfig, DataSource
+
     cfg = DataConfig(train=[DataSource(str(path))], num_workers=0)
     loader = build_train_loader(
         cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, rank=0, world_size=1, seed=0, cache_dir=cache_dir
@@ -202,68 +214,143 @@ def cache_read_tokens_per_second(
     return n_batches * batch_size * seq_len / (time.perf_counter() - start)
 
 
+def make_model_folder(folder: Path, tokenizer_file: str) -> Path:
+    """A model folder as `tailor validate` reads it: the bundled tokenizer and a params.json of its vocabulary."""
+    folder.mkdir()
+    name = tokenizer_file.replace("mistral_instruct_tokenizer_240323.", "tokenizer.")
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / tokenizer_file, folder / name)
+    vocab = 131072 if name.startswith("tekken") else 32768
+    params = {"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4, "n_kv_heads": 2}
+    params |= {"norm_eps": 1e-5, "vocab_size": vocab, "rope_theta": 1e6}
+    (folder / "params.json").write_text(json.dumps(params))
+    return folder
+
+
+def in_process(args, tmp: Path, data: Path) -> None:
+    from finetune.data import load_tokenizer
+
+    for name, file in TOKENIZERS.items():
+        model = make_model_folder(tmp / name.replace(" ", "_"), file)
+        tokenizer = load_tokenizer(model)
+        paths = {
+            "reference (mistral-finetune's per-sample work), 1 process": lambda tokenizer=tokenizer: reference_path(
+                data, tokenizer
+            ),
+            **{
+                f"tailor, {workers} workers, {memo} word memo": (
+                    lambda workers=workers, memo=memo, model=model: tailor_path(
+                        data, model, tmp / f"cache-{workers}-{memo}", workers, args.seq_len, memo == "warm"
+                    )
+                )
+                for workers in args.workers
+                for memo in ("cold", "warm")
+            },
+        }
+        for path in paths.values():  # a first build leaves the warm memo's words; nothing of it is timed
+            path()
+        walls = {label: [] for label in paths}
+        for _ in range(args.runs):
+            for label, path in paths.items():
+                watch, result = path()
+                walls[label].append(watch.wall)
+                if label.startswith("reference"):
+                    n = result
+                else:
+                    padding = result
+        reads = cache_read_tokens_per_second(
+            data, tokenizer, tmp / f"cache-{args.workers[-1]}-warm", args.seq_len, args.batch_size, 200
+        )
+        reference = statistics.median(next(iter(walls.values())))
+        print(f"{name}: {n / 1e6:.2f}M tokens; load average {os.getloadavg()[0]:.1f} at the end")
+        for label, times in walls.items():
+            median = statistics.median(times)
+            print(
+                f"  {label:<58} {n / median / 1e6:5.2f}M tok/s (median; runs {n / max(times) / 1e6:.2f} to "
+                f"{n / min(times) / 1e6:.2f}), {reference / median:.2f}x the reference"
+            )
+        print(
+            f"  padding at seq_len {args.seq_len}: {padding:.1%}; cache reads, TrainLoader batches of "
+            f"{args.batch_size} x {args.seq_len}: {reads / 1e6:.1f}M tok/s"
+        )
+
+
+def whole_processes(args, tmp: Path, data: Path) -> None:
+    """Fresh interpreters, alternating: the reference process against `tailor validate` with an empty cache."""
+    import yaml
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for name, file in TOKENIZERS.items():
+        model = make_model_folder(tmp / name.replace(" ", "_"), file)
+        commands = {"reference process (mistral-common only)": [sys.executable, __file__, "--reference-process"]}
+        commands["reference process (mistral-common only)"] += [str(data), str(model)]
+        caches = {}
+        for workers in args.workers:
+            config = tmp / f"{model.name}-{workers}.yaml"
+            caches[workers] = tmp / f"validate-cache-{model.name}-{workers}"
+            settings = {"run_dir": str(tmp / "run"), "model": {"path": str(model)}, "seq_len": args.seq_len}
+            settings |= {"max_steps": 10, "batch_size": 1, "eval": {"enabled": False}}
+            settings["data"] = {"train": [str(data)], "cache_dir": str(caches[workers]), "num_workers": workers}
+            config.write_text(yaml.safe_dump(settings))
+            commands[f"tailor validate, {workers} workers, empty cache"] = [
+                sys.executable, "-m", "finetune", "validate", str(config)
+            ]  # fmt: skip
+        walls = {label: [] for label in commands}
+        for round_ in range(args.runs + 1):  # the first round warms the file system's page cache; not counted
+            for label, command in commands.items():
+                for cache in caches.values():
+                    shutil.rmtree(cache, ignore_errors=True)
+                start = time.perf_counter()
+                result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+                wall = time.perf_counter() - start
+                if result.returncode != 0:
+                    raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+                if round_:
+                    walls[label].append(wall)
+        reference = statistics.median(next(iter(walls.values())))
+        print(f"{name}: whole processes, load average {os.getloadavg()[0]:.1f} at the end")
+        for label, times in walls.items():
+            median = statistics.median(times)
+            print(
+                f"  {label:<45} {median:6.2f} s (median; runs {min(times):.2f} to {max(times):.2f}), "
+                f"{reference / median:.2f}x the reference"
+            )
+
+
+def reference_process(data: Path, model: Path) -> None:
+    """The reference in a process of its own: mistral-common's tokenizer from the model folder, then its work."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    (tokenizer_file,) = [p for p in model.iterdir() if p.name != "params.json"]
+    tokenizer = MistralTokenizer.from_file(str(tokenizer_file), mode=ValidationMode.finetuning)
+    watch, n = reference_path(data, tokenizer)
+    print(f"{n} tokens in {watch.wall:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=12_000)
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3, help="alternating rounds; medians and spread are reported")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="data.num_workers values to time")
+    parser.add_argument("--data", type=Path, help="a .jsonl file to read (generated there, of --samples, if missing)")
+    parser.add_argument("--processes", action="store_true", help="time whole processes: tailor validate")
+    parser.add_argument("--reference-process", nargs=2, type=Path, metavar=("FILE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reference_process:
+        return reference_process(*args.reference_process)
+    sys.path.insert(0, str(REPO))
 
-    bundled = Path(mistral_common.__file__).parent / "data"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data = tmp / "chat.jsonl"
-        make_chat_file(data, args.samples)
+        data = args.data or tmp / "chat.jsonl"
+        if not data.exists():  # a --data file that does not exist yet is generated there and kept
+            make_chat_file(data, args.samples)
         print(
-            f"data: {args.samples} generated chats, {data.stat().st_size / 2**20:.1f} MiB; {os.cpu_count()} cores; "
-            f"seq_len {args.seq_len}; {args.runs} alternating runs; load average {os.getloadavg()[0]:.1f} at the start"
+            f"data: {data.stat().st_size / 2**20:.1f} MiB of chats; {os.cpu_count()} cores; seq_len {args.seq_len}; "
+            f"{args.runs} alternating runs; load average {os.getloadavg()[0]:.1f} at the start"
         )
-        for name, file in TOKENIZERS.items():
-            model = tmp / name.replace(" ", "_")
-            model.mkdir()
-            shutil.copy(bundled / file, model / file.replace("mistral_instruct_tokenizer_240323.", "tokenizer."))
-            tokenizer = load_tokenizer(model)
-            paths = {
-                "reference (mistral-finetune's per-sample work), 1 process": lambda tokenizer=tokenizer: reference_path(
-                    data, tokenizer
-                ),
-                **{
-                    f"tailor, {workers} workers, {memo} word memo": (
-                        lambda workers=workers, memo=memo, model=model: tailor_path(
-                            data, model, tmp / f"cache-{workers}-{memo}", workers, args.seq_len, memo == "warm"
-                        )
-                    )
-                    for workers in (0, 2)
-                    for memo in ("cold", "warm")
-                },
-            }
-            for path in paths.values():  # a first build leaves the warm memo's words; nothing of it is timed
-                path()
-            walls = {label: [] for label in paths}
-            for _ in range(args.runs):
-                for label, path in paths.items():
-                    watch, result = path()
-                    walls[label].append(watch.wall)
-                    if label.startswith("reference"):
-                        n = result
-                    else:
-                        padding = result
-            reads = cache_read_tokens_per_second(
-                data, tokenizer, tmp / "cache-2-warm", args.seq_len, args.batch_size, 200
-            )
-            reference = statistics.median(next(iter(walls.values())))
-            print(f"{name}: {n / 1e6:.2f}M tokens; load average {os.getloadavg()[0]:.1f} at the end")
-            for label, times in walls.items():
-                median = statistics.median(times)
-                print(
-                    f"  {label:<58} {n / median / 1e6:5.2f}M tok/s (median; runs {n / max(times) / 1e6:.2f} to "
-                    f"{n / min(times) / 1e6:.2f}), {reference / median:.2f}x the reference"
-                )
-            print(
-                f"  padding at seq_len {args.seq_len}: {padding:.1%}; cache reads, TrainLoader batches of "
-                f"{args.batch_size} x {args.seq_len}: {reads / 1e6:.1f}M tok/s"
-            )
+        (whole_processes if args.processes else in_process)(args, tmp, data)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from model.quantize import QUANTIZED_LINEARS, is_quantized_name, to_nf4  # noqa:
 from model.tiny import write_tiny_model  # noqa: E402
 from model.transformer import TransformerBlock, document_positions, rotary_table  # noqa: E402
 
+HELD_OUT = [json.loads(line) for line in (REPO / "data/demo/eval.jsonl").read_text().splitlines()]
 VARIANTS = {  # name: (model.quantize, projection weights of the model folder)
     "bf16": ("none", "original"),
     "nf4": ("nf4", "original"),
@@ -59,16 +61,18 @@ def write_dequantized_model(model_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def demo_task(steps: int, seed: int, workdir: Path) -> dict:
-    """Each variant's eval loss and token accuracy at half and all of `steps`, with config seed `seed` (LoRA
-    initialization and data order; the random base is the same for every seed)."""
+def demo_task(steps: int, seed: int, workdir: Path, variants: list[str], lr: float | None) -> dict:
+    """Each variant's eval loss at half and all of `steps` (train loss and gradient norm at every step), final token
+    accuracy, and greedy answers to the held-out prompts, with config seed `seed` (LoRA initialization and data
+    order; the random base is the same for every seed)."""
     model_dir = workdir / "model"
     if not model_dir.exists():
         write_tiny_model(model_dir, width=4)
         write_dequantized_model(model_dir, workdir / "model-dequantized")
     demo = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
     results = {}
-    for name, (quantize, weights) in VARIANTS.items():
+    for name in variants:
+        quantize, weights = VARIANTS[name]
         path = model_dir if weights == "original" else workdir / "model-dequantized"
         run_dir = workdir / f"{name.replace(' ', '_')}-seed{seed}"
         cfg = dict(demo, run_dir=str(run_dir), max_steps=steps, seed=seed)
@@ -76,17 +80,51 @@ def demo_task(steps: int, seed: int, workdir: Path) -> dict:
         cfg["data"] = dict(demo["data"], cache_dir=str(workdir / "cache"))
         cfg["data"]["train"], cfg["data"]["eval"] = (str(REPO / demo["data"][k]) for k in ("train", "eval"))
         cfg["eval"] = dict(demo["eval"], freq=steps // 2)
-        cfg["checkpoint"] = dict(demo["checkpoint"], enabled=False)
+        cfg["checkpoint"] = dict(demo["checkpoint"], freq=steps, keep=1)  # the final adapter, for the answers
+        cfg["logging"] = dict(demo["logging"], freq=1)  # every step's loss and gradient norm: where runs part
+        if lr is not None:
+            cfg["optim"] = dict(demo["optim"], lr=lr, min_lr=lr / 10)
         config = workdir / f"{run_dir.name}.yaml"
         config.write_text(yaml.safe_dump(cfg))
+        if run_dir.exists():  # a kept folder of an earlier invocation: this one starts afresh
+            shutil.rmtree(run_dir)
         subprocess.run([sys.executable, str(REPO / "train.py"), str(config)], cwd=REPO, check=True, capture_output=True)
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in lines if r["kind"] == "eval"]
         results[name] = {
             "eval_loss": {r["step"]: r["eval_loss"] for r in evals},
             "token_accuracy": evals[-1].get("eval_token_accuracy"),
+            "answers": held_out_answers(path, run_dir / "checkpoints" / f"checkpoint_{steps:06d}", quantize),
         }
     return results
+
+
+def held_out_answers(model_dir: Path, checkpoint: Path, quantize: str) -> list[str]:
+    """The trained adapter's greedy answers to data/demo/eval.jsonl's prompts, as `tailor chat --adapter` (and the
+    demo's report) gives them: on CPU in fp32, the base quantized as in training."""
+    from finetune.after.chat import Sampling, answer_conversations, load_chat_model
+
+    model, tokenizer = load_chat_model(model_dir, checkpoint, quantize=quantize)
+    prompts = [{"messages": c["messages"][:-1]} for c in HELD_OUT]
+    return answer_conversations(model, tokenizer, prompts, Sampling(max_tokens=32), batch_size=len(prompts))
+
+
+def compare_runs(demo: dict, steps: int) -> list[str]:
+    """One line per variant: its eval losses, their ratio to bf16's, and its held-out answers: exactly right, and
+    the same as bf16's."""
+    expected = [c["messages"][-1]["content"] for c in HELD_OUT]
+    bf16 = demo.get("bf16")
+    lines = []
+    for name, result in demo.items():
+        losses = ", ".join(f"step {step} {loss:.4f}" for step, loss in result["eval_loss"].items())
+        ratio = result["eval_loss"][steps] / bf16["eval_loss"][steps] if bf16 else float("nan")
+        right = sum(a == e for a, e in zip(result["answers"], expected))
+        same = sum(a == b for a, b in zip(result["answers"], bf16["answers"])) if bf16 else 0
+        lines.append(
+            f"{name}: eval loss {losses} (/ bf16 = {ratio:.3f}); token accuracy {result['token_accuracy']:.1%}; "
+            f"held-out answers exactly right {right}/{len(expected)}, the same as bf16's {same}/{len(expected)}"
+        )
+    return lines
 
 
 @torch.no_grad()
@@ -132,27 +170,79 @@ def seven_b_layers(layers: int) -> dict:
     }
 
 
+def first_parting(workdir: Path, seed: int, names: tuple[str, str]) -> str:
+    """The first step whose train loss or gradient norm differs between two runs of a seed (logged at every step)."""
+    runs = []
+    for name in names:
+        path = workdir / f"{name.replace(' ', '_')}-seed{seed}" / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        runs.append({r["step"]: (r["loss"], r["grad_norm"]) for r in records if r["kind"] == "train"})
+    for step in sorted(runs[0]):
+        if runs[0][step] != runs[1].get(step):
+            pair = f"{runs[0][step]} against {runs[1].get(step)}"
+            return f"{names[0]} and {names[1]} part at step {step}: (loss, grad norm) {pair}"
+    return f"{names[0]} and {names[1]}: the same train loss and gradient norm at all {len(runs[0])} steps"
+
+
+@torch.no_grad()
+def bitsandbytes_test_errors(samples: int = 20) -> tuple[float, float]:
+    """NF4's mean |W - deq(nf4(W))| and mean |W - deq(nf4(W))| / |W| on N(0, 1) 1024 x 1024 weights, blocks of 64: the
+    quantities bitsandbytes' tests/test_functional.py (TestQuantize4BitFunctional.test_4bit_quant) bounds by the
+    averages it measured for its NF4 (0.072792 and 0.203299 at block size 64)."""
+    absolute, relative = [], []
+    for i in range(samples):
+        w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(i))
+        error = (w - to_nf4(w).get_original_weight()).abs()
+        absolute.append(error.mean().item())
+        relative.append((error / (w.abs() + 1e-8)).mean().item())
+    return statistics.mean(absolute), statistics.mean(relative)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="demo-task steps (configs/demo.yaml: 200)")
+    parser.add_argument("--lr", type=float, help="demo-task learning rate (configs/demo.yaml: 1e-2; min_lr lr/10)")
     parser.add_argument("--layers", type=int, default=2, help="7B-shaped blocks")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="config seeds of the demo runs")
     parser.add_argument("--skip-layers", action="store_true", help="the demo task only")
+    parser.add_argument("--skip-demo", action="store_true", help="the layers only")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="demo runs per seed"
+    )
+    parser.add_argument(
+        "--keep", type=Path, metavar="DIR", help="work in DIR and keep its run folders (default: a temporary folder)"
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="qlora-quality-") as workdir:
-        for seed in args.seeds:
-            demo = demo_task(args.steps, seed, Path(workdir))
-            bf16 = demo["bf16"]["eval_loss"][args.steps]
+    with tempfile.TemporaryDirectory(prefix="qlora-quality-") as temporary:
+        workdir = args.keep or Path(temporary)
+        workdir.mkdir(parents=True, exist_ok=True)
+        ratios = {}
+        for seed in [] if args.skip_demo else args.seeds:
+            demo = demo_task(args.steps, seed, workdir, args.variants, args.lr)
+            for line in compare_runs(demo, args.steps):
+                print(f"demo task, seed {seed}, {line}", flush=True)
+            if {"nf4", "bf16 on deq(nf4(W))"} <= demo.keys():
+                print(f"demo task, seed {seed}: {first_parting(workdir, seed, ('nf4', 'bf16 on deq(nf4(W))'))}")
             for name, result in demo.items():
-                losses = ", ".join(f"step {step} {loss:.4f}" for step, loss in result["eval_loss"].items())
-                ratio = result["eval_loss"][args.steps] / bf16
+                if "bf16" in demo:
+                    ratios.setdefault(name, []).append(
+                        result["eval_loss"][args.steps] / demo["bf16"]["eval_loss"][args.steps]
+                    )
+        for name, values in ratios.items():
+            if name != "bf16" and len(values) > 1:
+                quartiles = statistics.quantiles(values, n=4, method="inclusive")
+                median = statistics.median(values)
                 print(
-                    f"demo task, seed {seed}, {name}: eval loss {losses} (/ bf16 = {ratio:.3f}); token accuracy "
-                    f"{result['token_accuracy']:.1%}",
-                    flush=True,
+                    f"demo task, {name} / bf16 eval loss over {len(values)} seeds: median {median:.3f}, "
+                    f"quartiles {quartiles[0]:.3f} to {quartiles[2]:.3f}, range {min(values):.3f} to {max(values):.3f}"
                 )
     if args.skip_layers:
         return
+    absolute, relative = bitsandbytes_test_errors()
+    print(
+        f"N(0, 1) 1024 x 1024 weights (bitsandbytes' NF4 test): mean |W - deq(nf4(W))| {absolute:.6f}, "
+        f"mean |W - deq(nf4(W))| / |W| {relative:.6f} (bitsandbytes' NF4, block 64: 0.072792, 0.203299)"
+    )
     layers = seven_b_layers(args.layers)
     weights = ", ".join(f"{k} {v:.4f}" for k, v in layers["weight_error"].items())
     print(f"7B-shaped layers: NF4 round-trip error ||W - deq(nf4(W))|| / ||W||: {weights}")

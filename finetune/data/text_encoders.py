@@ -11,12 +11,18 @@ for the file at hand, and the tests compare both against the originals on every 
   tiktoken, so `encode_ordinary` returns the same ids about three times faster. And rather than adding
   the number of special tokens to every id in Python, we give tiktoken ranks shifted by that number:
   BPE only compares ranks, so the merges are the same and the ids come out final.
+
+Both encode a batch of texts in one call whose work runs in C++ or Rust threads, outside the GIL, on every core
+this process may use: `prepare(texts)` is told the texts of a batch of lines before their chat templates ask for
+them one by one (the SentencePiece memo learns the batch's new words; Tekken encodes the batch's texts).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain, islice
 from typing import Any
 
@@ -38,23 +44,46 @@ class WordMemoSentencePiece:
     # come early, so the memo then holds the words that matter.
     max_words = 200_000
 
-    def __init__(self, processor: Any):
+    def __init__(self, processor: Any, threads: int = 1):
         self._processor = processor
+        self.threads = threads  # for `prepare`'s batched calls
         self._memo: dict[str, list[int]] = {}
+        self._split: dict[str, list[str] | None] = {}
         self._reported = 0  # words in the memo before those `learned` has not returned yet (a dict keeps order)
         self._starts_word = [processor.id_to_piece(i).startswith("▁") for i in range(processor.get_piece_size())]
 
-    def __call__(self, text: str) -> list[int]:
+    @staticmethod
+    def _words(text: str) -> list[str] | None:
+        """The memo keys of a text, or None when it has none or cannot be split safely."""
         if "▁" in text:  # a literal '▁' is a space to SentencePiece: no safe split
-            return self._processor.encode(text)
+            return None
         keys = text.split(" ")  # the words, when no two spaces touch and none starts or ends the text
         if "" in keys:
             keys = _WORD.findall(text)
             if not keys:
-                return self._processor.encode(text)
+                return None
             trailing = len(text) - len(text.rstrip(" "))
             if trailing:
                 keys[-1] += " " * trailing
+        return keys
+
+    def prepare(self, texts: list[str]) -> None:
+        """Learn the words of these texts that the memo does not know yet, in one batched call: SentencePiece
+        encodes a list in C++ threads. Each word is encoded alone, as a miss in `__call__` would be."""
+        # the texts' words, kept for `__call__` (this batch's only), which then need not split the texts again
+        self._split = dict(zip(texts, map(self._words, texts)))
+        room = self.max_words - len(self._memo)
+        if room <= 0:
+            return
+        words = dict.fromkeys(chain.from_iterable(filter(None, self._split.values())))  # in order: a stable memo
+        new = [word for word in words if word not in self._memo][:room]
+        if new:
+            self._memo.update(zip(new, self._processor.encode(new, num_threads=self.threads)))
+
+    def __call__(self, text: str) -> list[int]:
+        keys = self._split.pop(text, None) or self._words(text)
+        if keys is None:
+            return self._processor.encode(text)
         found = list(map(self._memo.get, keys))
         if None in found:
             self._fill_misses(keys, found)
@@ -125,22 +154,52 @@ class _FastEncode:
         return ids
 
 
-def fast_text_encoder(raw: Any):
-    """A function text -> ids equal to `raw.encode(text, bos=False, eos=False)`, as fast as is exact."""
+class PreparedTiktoken:
+    """`encode_ordinary(text)` of a tiktoken Encoding, reading first the texts that `prepare` encoded together:
+    tiktoken's Rust core releases the GIL, so a thread per core encodes a batch at once."""
+
+    def __init__(self, encoding: tiktoken.Encoding, threads: int = 1):
+        self._encoding = encoding
+        self.threads = threads
+        self._ready: dict[str, list[int]] = {}
+
+    def prepare(self, texts: list[str]) -> None:
+        """Encode these texts (those of the next lines) together; texts not asked for by then are dropped."""
+        texts = list(dict.fromkeys(texts))
+        if self.threads > 1 and len(texts) > 1:
+            with ThreadPoolExecutor(self.threads) as pool:
+                self._ready = dict(zip(texts, pool.map(self._encoding.encode_ordinary, texts, chunksize=16)))
+        else:
+            self._ready = dict(zip(texts, map(self._encoding.encode_ordinary, texts)))
+
+    def __call__(self, text: str) -> list[int]:
+        # pop: each list is handed out once, so a caller that appends to it changes no other text's ids
+        ids = self._ready.pop(text, None)
+        return self._encoding.encode_ordinary(text) if ids is None else ids
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container or taskset may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def fast_text_encoder(raw: Any, threads: int = 1):
+    """A function text -> ids equal to `raw.encode(text, bos=False, eos=False)`, as fast as is exact; those with a
+    `prepare(texts)` encode a batch of texts ahead in `threads` threads."""
     if isinstance(raw, SentencePieceTokenizer) and word_memo_is_exact(raw):
-        return WordMemoSentencePiece(raw._model)
+        return WordMemoSentencePiece(raw._model, threads)
     if isinstance(raw, Tekkenizer) and not raw._model._special_tokens:
         bpe, offset = raw._model, raw.num_special_tokens
         ranks = {piece: rank + offset for piece, rank in bpe._mergeable_ranks.items()}
         shifted = tiktoken.Encoding(
             name=f"{bpe.name}+{offset}", pat_str=bpe._pat_str, mergeable_ranks=ranks, special_tokens={}
         )
-        return shifted.encode_ordinary
+        return PreparedTiktoken(shifted, threads)
     return lambda text: raw.encode(text, bos=False, eos=False)
 
 
-def with_fast_text_encoder(instruct_tokenizer: Any) -> Any:
+def with_fast_text_encoder(instruct_tokenizer: Any, threads: int = 1) -> Any:
     """A copy of mistral-common's instruct tokenizer whose chat templates use `fast_text_encoder`."""
     fast = copy.copy(instruct_tokenizer)
-    fast.tokenizer = _FastEncode(instruct_tokenizer.tokenizer, fast_text_encoder(instruct_tokenizer.tokenizer))
+    fast.tokenizer = _FastEncode(instruct_tokenizer.tokenizer, fast_text_encoder(instruct_tokenizer.tokenizer, threads))
     return fast

@@ -31,7 +31,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from finetune.data.errors import NOTHING_TO_TRAIN, SampleFault, SampleWarning, first_line
 from finetune.data.jsonl import parse_line
 from finetune.data.schema import check_sample, sample_warnings
-from finetune.data.text_encoders import WordMemoSentencePiece, with_fast_text_encoder
+from finetune.data.text_encoders import WordMemoSentencePiece, usable_cores, with_fast_text_encoder
 
 # mistral-common's own file names, newest first; a plain `tokenizer.model` (a Hugging Face copy) is the fallback.
 TOKENIZER_PATTERNS = ("tekken*.json", "tokenizer.model.v*", "*.model.v*")
@@ -121,11 +121,55 @@ def tokenize_line(
     No spans means nothing to train: the NOTHING_TO_TRAIN warning says so, and the sample is left out."""
     warnings: list[SampleWarning] = []
     sample = parse_line(raw, warnings)
+    return _tokenize_parsed(sample, warnings, tokenizer, train_on)
+
+
+def _tokenize_parsed(
+    sample, warnings: list[SampleWarning], tokenizer: MistralTokenizer, train_on: str
+) -> tuple[list[int], list[WeightSpan], list[SampleWarning]]:
     tokens, spans = tokenize_sample_spans(sample, tokenizer, train_on)
     warnings += sample_warnings(sample)
     if not spans:
         warnings.append(NOTHING_TO_TRAIN)
     return tokens, spans, warnings
+
+
+def tokenize_lines(
+    raws: list[bytes], tokenizer: MistralTokenizer, train_on: str = "all"
+) -> list[tuple[list[int], list[WeightSpan], list[SampleWarning]] | SampleFault]:
+    """tokenize_line of each line (its SampleFault in its place when unusable), the same results; the text encoder
+    is first told every text of these lines, so that it encodes them in one batched call, on every core."""
+    parsed: list = []
+    for raw in raws:
+        warnings: list[SampleWarning] = []
+        try:
+            parsed.append((parse_line(raw, warnings), warnings))
+        except SampleFault as fault:
+            parsed.append(fault)
+    prepare = getattr(_sample_encoder(tokenizer).raw.encode_text, "prepare", None)
+    if prepare is not None:
+        prepare([text for item in parsed if not isinstance(item, SampleFault) for text in _texts(item[0])])
+    results: list = []
+    for item in parsed:
+        if isinstance(item, SampleFault):
+            results.append(item)
+            continue
+        try:
+            results.append(_tokenize_parsed(*item, tokenizer, train_on))
+        except SampleFault as fault:
+            results.append(fault)
+    return results
+
+
+def _texts(sample) -> list[str]:
+    """The strings of a parsed (not yet checked) sample that its chat template will encode as they are."""
+    if not isinstance(sample, dict):
+        return []
+    texts = [sample["text"]] if isinstance(sample.get("text"), str) else []
+    messages = sample.get("messages")
+    if isinstance(messages, list):
+        texts += [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return texts
 
 
 def tokenize_sample(sample: dict, tokenizer: MistralTokenizer, train_on: str = "all") -> TokenizedSample:
@@ -171,7 +215,7 @@ class _SampleEncoder:
     """mistral-common's normaliser and chat templates for one tokenizer, with the fast text encoder."""
 
     def __init__(self, tokenizer: MistralTokenizer):
-        self.instruct = with_fast_text_encoder(tokenizer.instruct_tokenizer)
+        self.instruct = with_fast_text_encoder(tokenizer.instruct_tokenizer, usable_cores())
         self.raw = self.instruct.tokenizer
         # The stock normaliser rebuilds assistant messages without their weight; asking it for
         # FinetuningAssistantMessage keeps the weight on each (merged) assistant message.
@@ -277,6 +321,13 @@ def word_memo(tokenizer: MistralTokenizer) -> WordMemoSentencePiece | None:
     """The word memo that encodes this tokenizer's text, when it has one (SentencePiece; Tekken has none)."""
     encode_text = _sample_encoder(tokenizer).raw.encode_text
     return encode_text if isinstance(encode_text, WordMemoSentencePiece) else None
+
+
+def set_encoder_threads(tokenizer: MistralTokenizer, threads: int) -> None:
+    """How many threads this process's text encoder uses for a batch of lines (worker processes share the cores)."""
+    encode_text = _sample_encoder(tokenizer).raw.encode_text
+    if hasattr(encode_text, "threads"):
+        encode_text.threads = threads
 
 
 def _sample_encoder(tokenizer: MistralTokenizer) -> _SampleEncoder:

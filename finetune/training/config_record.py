@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from finetune.checkpoints.training_state import ResumePoint
 from finetune.config import ConfigError, TrainConfig, config_from_dict, config_to_dict, save_config
 from finetune.training.optim import lr_at_step
+
+if TYPE_CHECKING:  # training_state imports torch.distributed.checkpoint (a second of start-up), which
+    # `tailor validate` reaches through preflight and never needs
+    from finetune.checkpoints.training_state import ResumePoint
 
 CONFIG_FILE = "config.yaml"
 SCHEDULE_KEYS = ("max_steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.warmup_fraction")

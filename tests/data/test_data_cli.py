@@ -288,3 +288,18 @@ def test_help_says_how_to_train():
     result = subprocess.run([sys.executable, "-m", "finetune", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "`python train.py CONFIG [KEY=VALUE ...]` on one device" in " ".join(result.stdout.split())
+
+
+def test_validate_imports_no_checkpoint_machinery():
+    """`tailor validate` is a short process a user runs often: what it imports (its command, the checks it shares with
+    training's pre-flight, the ETA and the memory estimate) leaves out torch.distributed.checkpoint and the training
+    state that needs it (a second of start-up on a busy 2-core machine)."""
+    code = (
+        "import sys, finetune.cli, finetune.data.validate, finetune.training.preflight, finetune.training.eta, "
+        "finetune.training.memory_estimate\n"
+        "print(sorted(m for m in ('torch.distributed.checkpoint', 'finetune.checkpoints.training_state') "
+        "if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
@@ -19,7 +20,7 @@ from finetune.data import (
 )
 from finetune.data.errors import NOTHING_TO_TRAIN
 from finetune.data.text_encoders import WordMemoSentencePiece, fast_text_encoder, word_memo_is_exact
-from finetune.data.tokenize import tokenize_line
+from finetune.data.tokenize import tokenize_line, tokenize_lines
 
 WEATHER_TOOL = {
     "type": "function",
@@ -313,9 +314,81 @@ def test_fast_text_encoder_equals_encode(tokenizers, version):
         assert fast(text) == raw.encode(text, bos=False, eos=False), repr(text)
 
 
+def _odd_texts(rng: random.Random) -> list[str]:
+    """Texts that stress word splitting: space runs, tabs and newlines, unicode, '▁', empty ones, very long words."""
+    alphabet = list("ab c  \n\t.,!é中😀1 2") + ["  ", "   ", "\n ", " \n", "\u00a0", "▁", "[INST]", "</s>"]
+    words = ["a", "the", "é", "中文", "😀", "1", "22", "\n", "\t", ".", ",!", "ab\nc", "[INST]", "x" * 3000]
+    texts = ["", " ", "  ", "x", " x", "x ", "Hello  world  ", "▁▁a", "".join(rng.choices("qzxjk", k=20_000))]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(1500)]
+    texts += [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(1500)]
+    return texts
+
+
+@pytest.mark.parametrize("version", ["v1", "v3", "v7", "tekken"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_text_encoder_prepared_in_batches_equals_encode(tokenizers, version, threads):
+    """`prepare` encodes a batch of texts at once (SentencePiece: the memo's new words; Tekken: the texts) in
+    `threads` threads; the ids handed out after it are the original's, for the texts prepared and for others."""
+    raw = tokenizers[version].instruct_tokenizer.tokenizer
+    fast = fast_text_encoder(raw, threads)
+    texts = _odd_texts(random.Random(1))
+    for batch in (texts[:2000], texts[1000:]):  # overlapping batches: known and new words, repeated texts
+        fast.prepare(batch)
+        for text in batch[::-1] + texts[:50]:  # in another order, with texts of an earlier batch
+            ids = fast(text)
+            assert ids == raw.encode(text, bos=False, eos=False), repr(text)
+            ids.append(-1)  # a caller may extend what it is given: no later answer changes
+    if version != "tekken":
+        assert len(fast.words()) > 1000  # the words were learned by prepare, not encoded one miss at a time
+
+
 def test_word_memo_is_bounded(tokenizers):
     memo = WordMemoSentencePiece(tokenizers["v3"].instruct_tokenizer.tokenizer._model)
     memo.max_words = 10
     for i in range(50):
         memo(f"word{i} other{i}")
     assert len(memo._memo) <= 12
+    memo = WordMemoSentencePiece(tokenizers["v3"].instruct_tokenizer.tokenizer._model)
+    memo.max_words = 10
+    memo.prepare([f"word{i} other{i}" for i in range(50)])
+    assert list(memo.words()) == ["word0", "other0", "word1", "other1", "word2", "other2", "word3", "other3", "word4"][
+        :10
+    ] + ["other4"]
+    memo.prepare(["more words here"])
+    assert len(memo.words()) == 10
+
+
+@pytest.mark.parametrize("version", ["v3", "tekken"])
+def test_lines_tokenized_in_a_batch_equal_one_by_one(tokenizers, model_dirs, version):
+    """tokenize_lines (what the cache uses: the texts of a batch of lines encoded together) gives each line what
+    tokenize_line gives it alone, faults and warnings included, with a fresh (cold) encoder on each side."""
+    rng = random.Random(2)
+    texts = _odd_texts(rng)
+    lines = [json.dumps(sample).encode() for sample in CONVERSATIONS.values()]
+    for k in range(300):
+        user, answer = rng.choice(texts), rng.choice(texts)
+        messages = [{"role": "user", "content": user or "?"}, {"role": "assistant", "content": answer or "!"}]
+        if k % 3 == 0:
+            messages.insert(0, {"role": "system", "content": rng.choice(texts) or "s"})
+        lines.append(json.dumps({"messages": messages}, ensure_ascii=k % 2 == 0).encode())
+    lines[5:5] = [b"not json", b'{"text": ""}', b'{"text": "a  b\\n c"}', b'{"messages": []}', b"\n"]
+    lines.append(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "weight": 0, "content": "b"}]}
+        ).encode()
+    )
+    batched = tokenize_lines(lines, load_tokenizer(model_dirs[version]))
+    one_by_one = load_tokenizer(model_dirs[version])
+    kinds = Counter()
+    for line, result in zip(lines, batched, strict=True):
+        try:
+            expected = tokenize_line(line, one_by_one)
+        except SampleFault as fault:
+            kinds[fault.kind] += 1
+            assert isinstance(result, SampleFault) and (result.kind, result.message) == (fault.kind, fault.message)
+            continue
+        assert result == expected
+    # the four bad lines inserted, and whitespace-only contents drawn from the odd texts
+    assert kinds["invalid_json"] == kinds["empty_text"] == kinds["no_messages"] == kinds["blank_line"] == 1
+    assert set(kinds) == {"invalid_json", "empty_text", "no_messages", "blank_line", "empty_content"}
+    assert sum(kinds.values()) < 20

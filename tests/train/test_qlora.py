@@ -2,6 +2,7 @@
 on 1 rank or 2 FSDP2 ranks alike, resumes bit for bit; eval and chat on an NF4 base give the run's numbers; merge
 goes into the original weights."""
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 from launching import REPO, records, subprocess_env
 from safetensors.torch import load_file
-from test_train_step import run_worker
+from test_train_step import run_worker, three_steps
 
 from finetune.after.chat import load_chat_model
 from finetune.checkpoints.manifest import MANIFEST, write_manifest
@@ -111,6 +112,26 @@ def test_nf4_trains_and_two_fsdp2_ranks_equal_one(nf4_config, tmp_path):
     for name, tensor in one["adapters"].items():
         assert tensor.dtype == torch.float32, name
         torch.testing.assert_close(two["adapters"][name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compiled_blocks_on_an_nf4_base_give_the_eager_losses_and_compile_once(nf4_config):
+    """model.compile with NF4 weights: inductor (on CPU here) compiles each block around torchao's dequantizing
+    matmul; three steps give the eager losses, and batches of other document lengths run without compiling again."""
+    eager = three_steps(load_config(nf4_config()), CPU.device, contextlib.nullcontext)[1]
+    torch._dynamo.utils.counters.clear()
+    try:
+        compiled = three_steps(
+            load_config(nf4_config(model__compile=True)),
+            CPU.device,
+            lambda: torch.compiler.set_stance("fail_on_recompile"),
+        )[1]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs > 0  # the blocks did run compiled
+    losses = torch.tensor([s.outcome().loss for s in compiled])
+    assert losses[2] < losses[0] - 1.0
+    torch.testing.assert_close(losses, torch.tensor([s.outcome().loss for s in eager]), rtol=1e-5, atol=1e-5)
 
 
 def train(config, run_dir) -> None:
