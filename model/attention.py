@@ -8,7 +8,8 @@ Backends (all compute the same thing; `sdpa` is the reference the others are tes
   than the document, that document's own L x L band mask). Runs everywhere, GQA without copying K/V
   (`enable_gqa`); it is the CPU default. One call per document rather than one over an N x N block-diagonal mask:
   the mask cost O(N^2) memory, and the scores between documents and of future tokens were all computed, then
-  masked; a causal kernel skips the future, and nothing is computed between documents.
+  masked; a causal kernel skips the future, and nothing is computed between documents. A compiled block still
+  takes the mask (see `DocumentMask.attend`).
 - `varlen`: flash attention over `cu_seqlens` (`torch.nn.attention.varlen`), CUDA with fp16/bf16 only. PyTorch
   2.11 has no `enable_gqa` there, so K/V heads are repeated for this backend when the argument is missing.
 - `flex`: FlexAttention with a document mask (compiled on CUDA). On CPU it runs forward only, unfused: PyTorch
@@ -100,6 +101,7 @@ class DocumentMask:
             raise ValueError(f"seqlens must be positive document lengths, got {seqlens}")
         self.seqlens, self.backend, self.sliding_window = list(seqlens), backend, sliding_window
         if backend == "sdpa":
+            self.doc = document_ids(self.seqlens, device)  # for a compiled block (see attend)
             starts = [0, *itertools.accumulate(self.seqlens)][:-1]
             self.documents = [
                 (start, length, _band_mask(length, sliding_window, device))
@@ -121,6 +123,15 @@ class DocumentMask:
         repeats = q.shape[1] // k.shape[1]
         if self.backend == "sdpa":
             q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, N, head_dim]: views
+            if torch.compiler.is_compiling():
+                # torch.compile would unroll the loop over documents into the graph and compile again for every
+                # other number of documents: a compiled block takes the N x N block-diagonal mask, made in its
+                # graph from the document ids (a tensor: only N is guarded); the numbers of one call per document.
+                idx = torch.arange(q.shape[2], device=q.device)
+                mask = _allowed(self.doc, idx[:, None], idx[None, :], self.sliding_window)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=repeats > 1)[0].transpose(
+                    0, 1
+                )
             outs = [
                 F.scaled_dot_product_attention(
                     *(t[:, :, start : start + length] for t in (q, k, v)),
