@@ -193,6 +193,12 @@ def read_words(path: Path, n_words: int) -> dict[str, list[int]] | None:
         return None
 
 
+def worker_processes(num_workers: int, cores: int) -> int:
+    """How many of the num_workers processes asked for can pay: no more than the cores this process may use (a
+    process beyond them only waits its turn, with a word memo of its own to fill), and none on one core."""
+    return 0 if cores < 2 else min(num_workers, cores)
+
+
 def part_ranges(path: Path, num_workers: int) -> list[tuple[int, int]]:
     """The byte ranges of a file's worker tasks, each starting at a line: the whole file when it is small or there
     are no workers, else at least PARTS_PER_WORKER parts per worker of at most PART_BYTES."""
@@ -226,7 +232,10 @@ def _build_locked(path: Path, entry: Path, pool: _WorkerPool, blocking: bool) ->
 def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
     ranges = part_ranges(path, pool.num_workers)
     tasks = [(path, start, end, str(out / f"part{k:05d}")) for k, (start, end) in enumerate(ranges)]
-    print(f"tokenizing {path} ({path.stat().st_size / 2**20:,.1f} MiB) into the cache", flush=True)
+    print(
+        f"tokenizing {path} ({path.stat().st_size / 2**20:,.1f} MiB) into the cache, {pool.describe(len(tasks))}",
+        flush=True,
+    )
     lines_per_part = pool.tokenize_ranges(tasks)
 
     counts_by_kind: dict[str, dict[str, int]] = {"errors": {}, "warnings": {}}
@@ -357,8 +366,21 @@ class _WorkerPool:
 
     def __init__(self, tokenizer, train_on: str, num_workers: int):
         self.args = (tokenizer, train_on)
-        self.num_workers = num_workers
+        self.num_workers = worker_processes(num_workers, usable_cores())
+        self.asked = num_workers
         self.pool = None
+
+    def describe(self, tasks: int) -> str:
+        """Where a file's tasks run, and why when that is not in the processes asked for."""
+        if self.num_workers and tasks > 1:
+            cores = usable_cores()
+            capped = f" ({self.asked} asked for, {cores} usable cores)" if self.asked != self.num_workers else ""
+            return f"in {self.num_workers} worker processes{capped}"
+        if not self.asked:
+            return "in this process"
+        if not self.num_workers:
+            return "in this process (one usable core: a worker process could only wait its turn)"
+        return f"in this process (under {MIN_SPLIT_BYTES >> 20} MiB: starting workers would cost more than they save)"
 
     @property
     def memo(self) -> WordMemoSentencePiece | None:
