@@ -50,7 +50,7 @@ from tqdm import tqdm
 from finetune.data.errors import LEFT_OUT, SampleFault
 from finetune.data.jsonl import line_aligned_ranges, read_lines
 from finetune.data.text_encoders import WordMemoSentencePiece, usable_cores
-from finetune.data.tokenize import learn_words, set_encoder_threads, tokenize_lines, word_memo
+from finetune.data.tokenize import set_encoder_threads, tokenize_lines, word_memo
 
 CACHE_FORMAT = 2
 assert array.array("I").itemsize == 4, "tokens.bin holds uint32"
@@ -397,12 +397,6 @@ class _WorkerPool:
                 # fork: workers inherit the loaded tokenizer instead of loading it again (Tekken takes a second)
                 method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
                 context = multiprocessing.get_context(method)
-                if method == "fork" and self.memo is not None:
-                    # and its word memo: learning the words of the file's start here, once, on every core, spares
-                    # each worker learning the same frequent words alone (a cold memo made 2 workers no faster)
-                    path, start, _, _ = tasks[0]
-                    learn_words(self.args[0], list(read_lines(path, start, start + PART_BYTES)))
-                    self.memo.learned()  # known here already: not for the workers to hand back
                 threads = max(1, usable_cores() // self.num_workers)
                 self.pool = context.Pool(self.num_workers, initializer=_init_worker, initargs=(*self.args, threads))
             results = self.pool.imap(_tokenize_range_in_worker, tasks, chunksize=1)

@@ -323,21 +323,6 @@ def word_memo(tokenizer: MistralTokenizer) -> WordMemoSentencePiece | None:
     return encode_text if isinstance(encode_text, WordMemoSentencePiece) else None
 
 
-def learn_words(tokenizer: MistralTokenizer, raws: list[bytes]) -> None:
-    """Teach the word memo (when the tokenizer has one) the words of these lines, in one batched call on every core;
-    lines that are not samples are passed over (tokenizing them reports them)."""
-    memo = word_memo(tokenizer)
-    if memo is None:
-        return
-    texts = []
-    for raw in raws:
-        try:
-            texts += _texts(parse_line(raw))
-        except SampleFault:
-            pass
-    memo.prepare(texts)
-
-
 def set_encoder_threads(tokenizer: MistralTokenizer, threads: int) -> None:
     """How many threads this process's text encoder uses for a batch of lines (worker processes share the cores)."""
     encode_text = _sample_encoder(tokenizer).raw.encode_text
