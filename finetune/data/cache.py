@@ -56,6 +56,7 @@ CACHE_FORMAT = 2
 assert array.array("I").itemsize == 4, "tokens.bin holds uint32"
 PART_BYTES = 8 << 20  # the most of a file one worker task takes
 PARTS_PER_WORKER = 4
+CORES_PER_WORKER = 2
 # Smaller files are tokenized in-process. Measured here: a pool of 2 workers starts and stops in about 0.25 s, about
 # what one process takes to tokenize 1.3 MB, so splitting pays from a few MB on.
 MIN_SPLIT_BYTES = 2 << 20
@@ -194,9 +195,11 @@ def read_words(path: Path, n_words: int) -> dict[str, list[int]] | None:
 
 
 def worker_processes(num_workers: int, cores: int) -> int:
-    """How many of the num_workers processes asked for can pay: no more than the cores this process may use (a
-    process beyond them only waits its turn, with a word memo of its own to fill), and none on one core."""
-    return 0 if cores < 2 else min(num_workers, cores)
+    """How many of the num_workers processes asked for can pay: one per two cores this process may use, and none
+    unless two or more: a process already encodes each batch's new words on every core, and a worker alone only adds
+    its start. Measured on 2 cores (benchmarks/RESULTS.md), 2 workers were slower than this process alone."""
+    workers = min(num_workers, cores // CORES_PER_WORKER)
+    return workers if workers >= 2 else 0
 
 
 def part_ranges(path: Path, num_workers: int) -> list[tuple[int, int]]:
@@ -379,7 +382,11 @@ class _WorkerPool:
         if not self.asked:
             return "in this process"
         if not self.num_workers:
-            return "in this process (one usable core: a worker process could only wait its turn)"
+            cores = usable_cores()
+            return (
+                f"in this process ({cores} usable cores: worker processes pay from {2 * CORES_PER_WORKER} cores on, "
+                "and this process encodes on every core)"
+            )
         return f"in this process (under {MIN_SPLIT_BYTES >> 20} MiB: starting workers would cost more than they save)"
 
     @property
