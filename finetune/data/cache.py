@@ -19,7 +19,9 @@ message instead of 4 per token.
 
 A file worth splitting is cut at line starts into parts that the worker processes share (several parts each, so
 one slow part cannot leave a worker idle for long); a small one is tokenized in-process, where starting workers
-would cost more than they save. SentencePiece tokenizers encode text word by word through a memo
+would cost more than they save, and so is every file on a machine of fewer than 4 usable cores (worker_processes).
+Lines are tokenized in batches, whose texts the text encoder sees first (finetune/data/tokenize.py's
+tokenize_lines). SentencePiece tokenizers encode text word by word through a memo
 (finetune/data/text_encoders.py), which `<cache_dir>/word_memo/` keeps between builds and runs, per tokenizer file:
 a build starts with the words earlier builds encoded rather than with none. It is flat numpy arrays (no pickle),
 checked when read (a memo that is not one is rebuilt, and the run says so).
