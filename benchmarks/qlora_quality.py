@@ -2,17 +2,24 @@
 
     python benchmarks/qlora_quality.py                  both parts
     python benchmarks/qlora_quality.py --steps 20       a shorter demo run (the smoke test)
-    python benchmarks/qlora_quality.py --steps 120 --seeds 0 1 --skip-layers    the demo task, two seeds
+    python benchmarks/qlora_quality.py --seeds 0 1 2 3 4 --variants bf16 nf4 --skip-layers    NF4 / bf16 over seeds
+    python benchmarks/qlora_quality.py --steps 120 --seeds 2 --variants nf4 "bf16 on deq(nf4(W))" --keep DIR
+                                                        NF4 against its control, run folders kept in DIR
+    python benchmarks/qlora_quality.py ... --keep DIR --trained     the runs kept in DIR read again, not retrained
 
-1. The tiny demo task (data/demo, configs/demo.yaml's settings) on the demo's tiny Mistral at width 4 (dim 256:
-   NF4 needs whole scale groups of 16384 weights), trained by train.py three times per seed: bf16, bf16 +
-   `model.quantize: nf4`, and the control, bf16 on a base whose projections are deq(nf4(W)); same seed and data:
-   the eval loss at half and all of the steps, the final token accuracy, and each final loss over bf16's
-   (goal: NF4 within 10%).
+1. The tiny demo task (data/demo, configs/demo.yaml's settings; `--lr` another learning rate) on the demo's tiny
+   Mistral at width 4 (dim 256: NF4 needs whole scale groups of 16384 weights), trained by train.py per seed and
+   variant: bf16, bf16 + `model.quantize: nf4`, and the control, bf16 on a base whose projections are deq(nf4(W));
+   same seed and data. Per run: the eval loss at half and all of the steps, the final token accuracy, each final
+   loss over bf16's (goal: NF4 within 10%), and the held-out prompts (data/demo/eval.jsonl) answered greedily by the
+   final adapter as `tailor chat --adapter` answers them: how many exactly right, how many the same as bf16's. Over
+   several seeds, the median and quartiles of each variant's ratio to bf16. Every step is logged: where NF4 and its
+   control part is printed (or that they never do, and whether their final adapters are bitwise equal).
 2. Random 7B-shaped layers (Mistral 7B v0.3's dim 4096, GQA 32/8 heads, SwiGLU 14336, `--layers` blocks of
    N(0, 1/fan_in) weights, the width model/tiny.py uses): each projection's NF4 round-trip error
    ‖W − deq(nf4(W))‖ / ‖W‖, and the blocks' output on 512 random tokens with NF4 projections against bf16 ones:
-   relative error of the hidden states, computed in bf16 as on a GPU.
+   relative error of the hidden states, computed in bf16 as on a GPU. First, NF4's error as the QLoRA reference
+   implementation's test measures it (bitsandbytes' tests/test_functional.py, test_4bit_quant), against its figures.
 """
 
 from __future__ import annotations
@@ -61,10 +68,11 @@ def write_dequantized_model(model_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def demo_task(steps: int, seed: int, workdir: Path, variants: list[str], lr: float | None) -> dict:
+def demo_task(steps: int, seed: int, workdir: Path, variants: list[str], lr: float | None, trained: bool) -> dict:
     """Each variant's eval loss at half and all of `steps` (train loss and gradient norm at every step), final token
     accuracy, and greedy answers to the held-out prompts, with config seed `seed` (LoRA initialization and data
-    order; the random base is the same for every seed)."""
+    order; the random base is the same for every seed). `trained`: the runs of the same settings kept in `workdir`
+    by an earlier invocation are read, not trained again."""
     model_dir = workdir / "model"
     if not model_dir.exists():
         write_tiny_model(model_dir, width=4)
@@ -85,10 +93,16 @@ def demo_task(steps: int, seed: int, workdir: Path, variants: list[str], lr: flo
         if lr is not None:
             cfg["optim"] = dict(demo["optim"], lr=lr, min_lr=lr / 10)
         config = workdir / f"{run_dir.name}.yaml"
-        config.write_text(yaml.safe_dump(cfg))
-        if run_dir.exists():  # a kept folder of an earlier invocation: this one starts afresh
-            shutil.rmtree(run_dir)
-        subprocess.run([sys.executable, str(REPO / "train.py"), str(config)], cwd=REPO, check=True, capture_output=True)
+        if trained:
+            if yaml.safe_load(config.read_text()) != cfg:
+                raise SystemExit(f"error: --trained: {config} holds other settings than this invocation's")
+        else:
+            config.write_text(yaml.safe_dump(cfg))
+            if run_dir.exists():  # a kept folder of an earlier invocation: this one starts afresh
+                shutil.rmtree(run_dir)
+            subprocess.run(
+                [sys.executable, str(REPO / "train.py"), str(config)], cwd=REPO, check=True, capture_output=True
+            )
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in lines if r["kind"] == "eval"]
         results[name] = {
@@ -110,8 +124,8 @@ def held_out_answers(model_dir: Path, checkpoint: Path, quantize: str) -> list[s
 
 
 def compare_runs(demo: dict, steps: int) -> list[str]:
-    """One line per variant: its eval losses, their ratio to bf16's, and its held-out answers: exactly right, and
-    the same as bf16's."""
+    """One line per variant: its eval losses, their ratio to bf16's, and its held-out answers: exactly right, with
+    the right greeting (the part before the comma: "Good night"; the name follows it), and the same as bf16's."""
     expected = [c["messages"][-1]["content"] for c in HELD_OUT]
     bf16 = demo.get("bf16")
     lines = []
@@ -119,10 +133,12 @@ def compare_runs(demo: dict, steps: int) -> list[str]:
         losses = ", ".join(f"step {step} {loss:.4f}" for step, loss in result["eval_loss"].items())
         ratio = result["eval_loss"][steps] / bf16["eval_loss"][steps] if bf16 else float("nan")
         right = sum(a == e for a, e in zip(result["answers"], expected))
+        greeting = sum(a.partition(",")[0] == e.partition(",")[0] for a, e in zip(result["answers"], expected))
         same = sum(a == b for a, b in zip(result["answers"], bf16["answers"])) if bf16 else 0
         lines.append(
             f"{name}: eval loss {losses} (/ bf16 = {ratio:.3f}); token accuracy {result['token_accuracy']:.1%}; "
-            f"held-out answers exactly right {right}/{len(expected)}, the same as bf16's {same}/{len(expected)}"
+            f"held-out answers exactly right {right}/{len(expected)}, greeting right {greeting}/{len(expected)}, "
+            f"the same as bf16's {same}/{len(expected)}"
         )
     return lines
 
@@ -170,18 +186,26 @@ def seven_b_layers(layers: int) -> dict:
     }
 
 
-def first_parting(workdir: Path, seed: int, names: tuple[str, str]) -> str:
-    """The first step whose train loss or gradient norm differs between two runs of a seed (logged at every step)."""
+def first_parting(workdir: Path, seed: int, steps: int, names: tuple[str, str]) -> str:
+    """The first step whose train loss or gradient norm differs between two runs of a seed (logged at every step),
+    else whether their final adapters are bitwise equal."""
+    folders = [workdir / f"{name.replace(' ', '_')}-seed{seed}" for name in names]
     runs = []
-    for name in names:
-        path = workdir / f"{name.replace(' ', '_')}-seed{seed}" / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()]
+    for folder in folders:
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         runs.append({r["step"]: (r["loss"], r["grad_norm"]) for r in records if r["kind"] == "train"})
     for step in sorted(runs[0]):
         if runs[0][step] != runs[1].get(step):
             pair = f"{runs[0][step]} against {runs[1].get(step)}"
             return f"{names[0]} and {names[1]} part at step {step}: (loss, grad norm) {pair}"
-    return f"{names[0]} and {names[1]}: the same train loss and gradient norm at all {len(runs[0])} steps"
+    adapters = [load_file(f / "checkpoints" / f"checkpoint_{steps:06d}" / "lora.safetensors") for f in folders]
+    equal = adapters[0].keys() == adapters[1].keys() and all(
+        torch.equal(v, adapters[1][k]) for k, v in adapters[0].items()
+    )
+    return (
+        f"{names[0]} and {names[1]}: the same train loss and gradient norm at all {len(runs[0])} steps; final "
+        f"adapters ({len(adapters[0])} tensors) {'bitwise equal' if equal else 'NOT equal'}"
+    )
 
 
 @torch.no_grad()
@@ -212,17 +236,23 @@ def main() -> None:
     parser.add_argument(
         "--keep", type=Path, metavar="DIR", help="work in DIR and keep its run folders (default: a temporary folder)"
     )
+    parser.add_argument(
+        "--trained", action="store_true", help="with --keep: read the runs kept there by an earlier invocation"
+    )
     args = parser.parse_args()
+    if args.trained and not args.keep:
+        parser.error("--trained reads the runs of --keep DIR")
     with tempfile.TemporaryDirectory(prefix="qlora-quality-") as temporary:
         workdir = args.keep or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
         ratios = {}
         for seed in [] if args.skip_demo else args.seeds:
-            demo = demo_task(args.steps, seed, workdir, args.variants, args.lr)
+            demo = demo_task(args.steps, seed, workdir, args.variants, args.lr, args.trained)
             for line in compare_runs(demo, args.steps):
                 print(f"demo task, seed {seed}, {line}", flush=True)
             if {"nf4", "bf16 on deq(nf4(W))"} <= demo.keys():
-                print(f"demo task, seed {seed}: {first_parting(workdir, seed, ('nf4', 'bf16 on deq(nf4(W))'))}")
+                parting = first_parting(workdir, seed, args.steps, ("nf4", "bf16 on deq(nf4(W))"))
+                print(f"demo task, seed {seed}: {parting}")
             for name, result in demo.items():
                 if "bf16" in demo:
                     ratios.setdefault(name, []).append(

@@ -4,8 +4,12 @@ A packed batch is N tokens made of documents of lengths `seqlens`. A token atten
 document only, and with a sliding window W to the last W of them (itself included), as in Mistral's models.
 
 Backends (all compute the same thing; `sdpa` is the reference the others are tested against):
-- `sdpa`: `scaled_dot_product_attention` with an explicit block-diagonal causal mask of N x N booleans. Runs
-  everywhere, GQA without copying K/V (`enable_gqa`); the mask costs O(N^2) memory, so it is the CPU default.
+- `sdpa`: `scaled_dot_product_attention` once per document, causal (`is_causal`; with a sliding window shorter
+  than the document, that document's own L x L band mask). Runs everywhere, GQA without copying K/V
+  (`enable_gqa`); it is the CPU default. One call per document rather than one over an N x N block-diagonal mask:
+  the mask cost O(N^2) memory, and the scores between documents and of future tokens were all computed, then
+  masked; a causal kernel skips the future, and nothing is computed between documents. A compiled block still
+  takes the mask (see `DocumentMask.attend`).
 - `varlen`: flash attention over `cu_seqlens` (`torch.nn.attention.varlen`), CUDA with fp16/bf16 only. PyTorch
   2.11 has no `enable_gqa` there, so K/V heads are repeated for this backend when the argument is missing.
 - `flex`: FlexAttention with a document mask (compiled on CUDA). On CPU it runs forward only, unfused: PyTorch
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import itertools
 from functools import cache
 
 import torch
@@ -96,9 +101,12 @@ class DocumentMask:
             raise ValueError(f"seqlens must be positive document lengths, got {seqlens}")
         self.seqlens, self.backend, self.sliding_window = list(seqlens), backend, sliding_window
         if backend == "sdpa":
-            doc = document_ids(self.seqlens, device)
-            idx = torch.arange(len(doc), device=device)
-            self.mask = _allowed(doc, idx[:, None], idx[None, :], sliding_window)
+            self.doc = document_ids(self.seqlens, device)  # for a compiled block (see attend)
+            starts = [0, *itertools.accumulate(self.seqlens)][:-1]
+            self.documents = [
+                (start, length, _band_mask(length, sliding_window, device))
+                for start, length in zip(starts, self.seqlens)
+            ]
         elif backend == "varlen":
             self.cu_seqlens = to_device(F.pad(torch.tensor(self.seqlens).cumsum(0), (1, 0)).to(torch.int32), device)
             self.max_seqlen = max(self.seqlens)
@@ -114,9 +122,26 @@ class DocumentMask:
         """q [N, n_heads, head_dim], k/v [N, n_kv_heads, head_dim] -> [N, n_heads, head_dim]."""
         repeats = q.shape[1] // k.shape[1]
         if self.backend == "sdpa":
-            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=repeats > 1)
-            return out[0].transpose(0, 1)
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, N, head_dim]: views
+            if torch.compiler.is_compiling():
+                # torch.compile would unroll the loop over documents into the graph and compile again for every
+                # other number of documents: a compiled block takes the N x N block-diagonal mask, made in its
+                # graph from the document ids (a tensor: only N is guarded); the numbers of one call per document.
+                idx = torch.arange(q.shape[2], device=q.device)
+                mask = _allowed(self.doc, idx[:, None], idx[None, :], self.sliding_window)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=repeats > 1)[0].transpose(
+                    0, 1
+                )
+            outs = [
+                F.scaled_dot_product_attention(
+                    *(t[:, :, start : start + length] for t in (q, k, v)),
+                    attn_mask=band,
+                    is_causal=band is None,
+                    enable_gqa=repeats > 1,
+                )[0].transpose(0, 1)
+                for start, length, band in self.documents
+            ]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
         if self.backend == "varlen":
             varlen_attn, varlen_args = _varlen()
             kwargs = {}
@@ -161,6 +186,14 @@ def _allowed(doc: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor, slidi
     if sliding_window:
         ok = ok & (q_idx - kv_idx < sliding_window)
     return ok
+
+
+def _band_mask(length: int, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """The L x L mask of one document when a sliding window cuts into it; None when plain causal attention is it."""
+    if not sliding_window or length <= sliding_window:
+        return None
+    back = torch.arange(length, device=device)[:, None] - torch.arange(length, device=device)[None, :]
+    return (back >= 0) & (back < sliding_window)
 
 
 def _flex_block_mask(doc: torch.Tensor, sliding_window: int | None):

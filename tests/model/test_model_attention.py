@@ -47,6 +47,24 @@ def test_sdpa_equals_naive_reference(sliding_window):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sliding_window", [None, 3, 11])
+def test_sdpa_per_document_gradients_equal_naive_reference(sliding_window):
+    """sdpa runs one causal attention per document (a band mask only where the window cuts into a document): the
+    gradients of q, k and v, which training needs, are those of attending token by token."""
+    seqlens = [5, 1, 11, 7, 16]  # a window of 11 cuts into the 16 only; 3 into all but the 1
+    grads = {}
+    for name in ("naive", "sdpa"):
+        q, k, v = (t.requires_grad_() for t in qkv(sum(seqlens)))
+        if name == "naive":
+            out = naive_attention(q, k, v, seqlens, sliding_window)
+        else:
+            out = attention(q, k, v, seqlens, "sdpa", sliding_window)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        grads[name] = [out, q.grad, k.grad, v.grad]
+    for got, expected in zip(grads["sdpa"], grads["naive"]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "sdpa"])
 @pytest.mark.parametrize("sliding_window", [None, 3])
 def test_cpu_backends_equal_sdpa(backend, sliding_window):
