@@ -5,6 +5,7 @@
     python benchmarks/qlora_quality.py --seeds 0 1 2 3 4 --variants bf16 nf4 --skip-layers    NF4 / bf16 over seeds
     python benchmarks/qlora_quality.py --steps 120 --seeds 2 --variants nf4 "bf16 on deq(nf4(W))" --keep DIR
                                                         NF4 against its control, run folders kept in DIR
+    python benchmarks/qlora_quality.py ... --keep DIR --trained     the runs kept in DIR read again, not retrained
 
 1. The tiny demo task (data/demo, configs/demo.yaml's settings; `--lr` another learning rate) on the demo's tiny
    Mistral at width 4 (dim 256: NF4 needs whole scale groups of 16384 weights), trained by train.py per seed and
@@ -67,10 +68,11 @@ def write_dequantized_model(model_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def demo_task(steps: int, seed: int, workdir: Path, variants: list[str], lr: float | None) -> dict:
+def demo_task(steps: int, seed: int, workdir: Path, variants: list[str], lr: float | None, trained: bool) -> dict:
     """Each variant's eval loss at half and all of `steps` (train loss and gradient norm at every step), final token
     accuracy, and greedy answers to the held-out prompts, with config seed `seed` (LoRA initialization and data
-    order; the random base is the same for every seed)."""
+    order; the random base is the same for every seed). `trained`: the runs of the same settings kept in `workdir`
+    by an earlier invocation are read, not trained again."""
     model_dir = workdir / "model"
     if not model_dir.exists():
         write_tiny_model(model_dir, width=4)
@@ -91,10 +93,16 @@ def demo_task(steps: int, seed: int, workdir: Path, variants: list[str], lr: flo
         if lr is not None:
             cfg["optim"] = dict(demo["optim"], lr=lr, min_lr=lr / 10)
         config = workdir / f"{run_dir.name}.yaml"
-        config.write_text(yaml.safe_dump(cfg))
-        if run_dir.exists():  # a kept folder of an earlier invocation: this one starts afresh
-            shutil.rmtree(run_dir)
-        subprocess.run([sys.executable, str(REPO / "train.py"), str(config)], cwd=REPO, check=True, capture_output=True)
+        if trained:
+            if yaml.safe_load(config.read_text()) != cfg:
+                raise SystemExit(f"error: --trained: {config} holds other settings than this invocation's")
+        else:
+            config.write_text(yaml.safe_dump(cfg))
+            if run_dir.exists():  # a kept folder of an earlier invocation: this one starts afresh
+                shutil.rmtree(run_dir)
+            subprocess.run(
+                [sys.executable, str(REPO / "train.py"), str(config)], cwd=REPO, check=True, capture_output=True
+            )
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in lines if r["kind"] == "eval"]
         results[name] = {
@@ -116,8 +124,8 @@ def held_out_answers(model_dir: Path, checkpoint: Path, quantize: str) -> list[s
 
 
 def compare_runs(demo: dict, steps: int) -> list[str]:
-    """One line per variant: its eval losses, their ratio to bf16's, and its held-out answers: exactly right, and
-    the same as bf16's."""
+    """One line per variant: its eval losses, their ratio to bf16's, and its held-out answers: exactly right, with
+    the right greeting (the part before the comma: "Good night"; the name follows it), and the same as bf16's."""
     expected = [c["messages"][-1]["content"] for c in HELD_OUT]
     bf16 = demo.get("bf16")
     lines = []
@@ -125,10 +133,12 @@ def compare_runs(demo: dict, steps: int) -> list[str]:
         losses = ", ".join(f"step {step} {loss:.4f}" for step, loss in result["eval_loss"].items())
         ratio = result["eval_loss"][steps] / bf16["eval_loss"][steps] if bf16 else float("nan")
         right = sum(a == e for a, e in zip(result["answers"], expected))
+        greeting = sum(a.partition(",")[0] == e.partition(",")[0] for a, e in zip(result["answers"], expected))
         same = sum(a == b for a, b in zip(result["answers"], bf16["answers"])) if bf16 else 0
         lines.append(
             f"{name}: eval loss {losses} (/ bf16 = {ratio:.3f}); token accuracy {result['token_accuracy']:.1%}; "
-            f"held-out answers exactly right {right}/{len(expected)}, the same as bf16's {same}/{len(expected)}"
+            f"held-out answers exactly right {right}/{len(expected)}, greeting right {greeting}/{len(expected)}, "
+            f"the same as bf16's {same}/{len(expected)}"
         )
     return lines
 
@@ -226,13 +236,18 @@ def main() -> None:
     parser.add_argument(
         "--keep", type=Path, metavar="DIR", help="work in DIR and keep its run folders (default: a temporary folder)"
     )
+    parser.add_argument(
+        "--trained", action="store_true", help="with --keep: read the runs kept there by an earlier invocation"
+    )
     args = parser.parse_args()
+    if args.trained and not args.keep:
+        parser.error("--trained reads the runs of --keep DIR")
     with tempfile.TemporaryDirectory(prefix="qlora-quality-") as temporary:
         workdir = args.keep or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
         ratios = {}
         for seed in [] if args.skip_demo else args.seeds:
-            demo = demo_task(args.steps, seed, workdir, args.variants, args.lr)
+            demo = demo_task(args.steps, seed, workdir, args.variants, args.lr, args.trained)
             for line in compare_runs(demo, args.steps):
                 print(f"demo task, seed {seed}, {line}", flush=True)
             if {"nf4", "bf16 on deq(nf4(W))"} <= demo.keys():

@@ -19,7 +19,9 @@ message instead of 4 per token.
 
 A file worth splitting is cut at line starts into parts that the worker processes share (several parts each, so
 one slow part cannot leave a worker idle for long); a small one is tokenized in-process, where starting workers
-would cost more than they save. SentencePiece tokenizers encode text word by word through a memo
+would cost more than they save, and so is every file on a machine of fewer than 4 usable cores (worker_processes).
+Lines are tokenized in batches, whose texts the text encoder sees first (finetune/data/tokenize.py's
+tokenize_lines). SentencePiece tokenizers encode text word by word through a memo
 (finetune/data/text_encoders.py), which `<cache_dir>/word_memo/` keeps between builds and runs, per tokenizer file:
 a build starts with the words earlier builds encoded rather than with none. It is flat numpy arrays (no pickle),
 checked when read (a memo that is not one is rebuilt, and the run says so).
@@ -56,6 +58,7 @@ CACHE_FORMAT = 2
 assert array.array("I").itemsize == 4, "tokens.bin holds uint32"
 PART_BYTES = 8 << 20  # the most of a file one worker task takes
 PARTS_PER_WORKER = 4
+CORES_PER_WORKER = 2
 # Smaller files are tokenized in-process. Measured here: a pool of 2 workers starts and stops in about 0.25 s, about
 # what one process takes to tokenize 1.3 MB, so splitting pays from a few MB on.
 MIN_SPLIT_BYTES = 2 << 20
@@ -193,6 +196,14 @@ def read_words(path: Path, n_words: int) -> dict[str, list[int]] | None:
         return None
 
 
+def worker_processes(num_workers: int, cores: int) -> int:
+    """How many of the num_workers processes asked for can pay: one per two cores this process may use, and none
+    unless two or more: a process already encodes each batch's new words on every core, and a worker alone only adds
+    its start. Measured on 2 cores (benchmarks/RESULTS.md), 2 workers were slower than this process alone."""
+    workers = min(num_workers, cores // CORES_PER_WORKER)
+    return workers if workers >= 2 else 0
+
+
 def part_ranges(path: Path, num_workers: int) -> list[tuple[int, int]]:
     """The byte ranges of a file's worker tasks, each starting at a line: the whole file when it is small or there
     are no workers, else at least PARTS_PER_WORKER parts per worker of at most PART_BYTES."""
@@ -226,7 +237,10 @@ def _build_locked(path: Path, entry: Path, pool: _WorkerPool, blocking: bool) ->
 def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
     ranges = part_ranges(path, pool.num_workers)
     tasks = [(path, start, end, str(out / f"part{k:05d}")) for k, (start, end) in enumerate(ranges)]
-    print(f"tokenizing {path} ({path.stat().st_size / 2**20:,.1f} MiB) into the cache", flush=True)
+    print(
+        f"tokenizing {path} ({path.stat().st_size / 2**20:,.1f} MiB) into the cache, {pool.describe(len(tasks))}",
+        flush=True,
+    )
     lines_per_part = pool.tokenize_ranges(tasks)
 
     counts_by_kind: dict[str, dict[str, int]] = {"errors": {}, "warnings": {}}
@@ -357,8 +371,25 @@ class _WorkerPool:
 
     def __init__(self, tokenizer, train_on: str, num_workers: int):
         self.args = (tokenizer, train_on)
-        self.num_workers = num_workers
+        self.num_workers = worker_processes(num_workers, usable_cores())
+        self.asked = num_workers
         self.pool = None
+
+    def describe(self, tasks: int) -> str:
+        """Where a file's tasks run, and why when that is not in the processes asked for."""
+        if self.num_workers and tasks > 1:
+            cores = usable_cores()
+            capped = f" ({self.asked} asked for, {cores} usable cores)" if self.asked != self.num_workers else ""
+            return f"in {self.num_workers} worker processes{capped}"
+        if not self.asked:
+            return "in this process"
+        if not self.num_workers:
+            cores = usable_cores()
+            return (
+                f"in this process ({cores} usable cores: worker processes pay from {2 * CORES_PER_WORKER} cores on, "
+                "and this process encodes on every core)"
+            )
+        return f"in this process (under {MIN_SPLIT_BYTES >> 20} MiB: starting workers would cost more than they save)"
 
     @property
     def memo(self) -> WordMemoSentencePiece | None:

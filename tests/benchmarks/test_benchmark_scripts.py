@@ -54,32 +54,28 @@ def test_the_loss_memory_benchmark_meets_its_goal_at_reduced_size_on_cpu():
 def test_the_qlora_quality_benchmark_finds_nf4_and_its_dequantized_control_the_same_run(tmp_path):
     """Two steps of the demo task on an NF4 base and on a bf16 base holding deq(nf4(W)): the same losses, gradient
     norms and final adapters bit for bit (the NF4 code path adds nothing to its base's error), each with its held-out
-    answers counted; the run folders kept where --keep says."""
+    answers counted; the run folders kept where --keep says, and read again by --trained."""
     pytest.importorskip("torchao", reason="NF4 is the qlora extra")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/qlora_quality.py",
-            "--steps",
-            "2",
-            "--skip-layers",
-            "--variants",
-            "nf4",
-            "bf16 on deq(nf4(W))",
-            "--keep",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"seed 0, nf4: eval loss step 1 \d\.\d{4}, step 2 \d\.\d{4}", result.stdout), result.stdout
-    assert len(re.findall(r"held-out answers exactly right \d+/32", result.stdout)) == 2
+
+    def benchmark(*extra: str) -> str:
+        command = ["--steps", "2", "--skip-layers", "--variants", "nf4", "bf16 on deq(nf4(W))", "--keep", str(tmp_path)]
+        result = subprocess.run(
+            [sys.executable, "benchmarks/qlora_quality.py", *command, *extra],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    trained = benchmark()
+    assert re.search(r"seed 0, nf4: eval loss step 1 \d\.\d{4}, step 2 \d\.\d{4}", trained), trained
+    assert len(re.findall(r"held-out answers exactly right \d+/32, greeting right \d+/32", trained)) == 2
     assert (
         "nf4 and bf16 on deq(nf4(W)): the same train loss and gradient norm at all 2 steps; "
-        "final adapters (30 tensors) bitwise equal" in result.stdout
+        "final adapters (30 tensors) bitwise equal" in trained
     )
     assert (tmp_path / "nf4-seed0" / "checkpoints" / "checkpoint_000002" / "lora.safetensors").is_file()
+    assert benchmark("--trained") == trained
