@@ -19,7 +19,8 @@ message instead of 4 per token.
 
 A file worth splitting is cut at line starts into parts that the worker processes share (several parts each, so
 one slow part cannot leave a worker idle for long); a small one is tokenized in-process, where starting workers
-would cost more than they save, and so is every file on a machine of fewer than 4 usable cores (worker_processes).
+would cost more than they save, and so is every file where worker processes cannot pay (worker_processes: fewer
+than 2 usable cores, or than 4 with the SentencePiece memo, whose batched calls use every core already).
 Lines are tokenized in batches, whose texts the text encoder sees first (finetune/data/tokenize.py's
 tokenize_lines). SentencePiece tokenizers encode text word by word through a memo
 (finetune/data/text_encoders.py), which `<cache_dir>/word_memo/` keeps between builds and runs, per tokenizer file:
@@ -41,6 +42,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import chain
 from pathlib import Path
 
@@ -58,7 +60,6 @@ CACHE_FORMAT = 2
 assert array.array("I").itemsize == 4, "tokens.bin holds uint32"
 PART_BYTES = 8 << 20  # the most of a file one worker task takes
 PARTS_PER_WORKER = 4
-CORES_PER_WORKER = 2
 # Smaller files are tokenized in-process. Measured here: a pool of 2 workers starts and stops in about 0.25 s, about
 # what one process takes to tokenize 1.3 MB, so splitting pays from a few MB on.
 MIN_SPLIT_BYTES = 2 << 20
@@ -196,11 +197,12 @@ def read_words(path: Path, n_words: int) -> dict[str, list[int]] | None:
         return None
 
 
-def worker_processes(num_workers: int, cores: int) -> int:
-    """How many of the num_workers processes asked for can pay: one per two cores this process may use, and none
-    unless two or more: a process already encodes each batch's new words on every core, and a worker alone only adds
-    its start. Measured on 2 cores (benchmarks/RESULTS.md), 2 workers were slower than this process alone."""
-    workers = min(num_workers, cores // CORES_PER_WORKER)
+def worker_processes(num_workers: int, cores: int, threaded: bool) -> int:
+    """How many of the num_workers processes asked for can pay: no more than the cores this process may use, or half
+    of them when the encoder is `threaded` (the SentencePiece memo: each process encodes a batch's new words on every
+    core), and none unless two or more, as a worker alone only adds its start. Measured on 2 cores
+    (benchmarks/RESULTS.md): 2 workers were slower than one process for SentencePiece v3, faster for Tekken."""
+    workers = min(num_workers, cores // (2 if threaded else 1))
     return workers if workers >= 2 else 0
 
 
@@ -371,9 +373,14 @@ class _WorkerPool:
 
     def __init__(self, tokenizer, train_on: str, num_workers: int):
         self.args = (tokenizer, train_on)
-        self.num_workers = worker_processes(num_workers, usable_cores())
         self.asked = num_workers
         self.pool = None
+
+    @cached_property
+    def num_workers(self) -> int:
+        """The worker processes to use (worker_processes), decided when a file is first built: a run that finds its
+        files cached builds no encoder."""
+        return worker_processes(self.asked, usable_cores(), threaded=self.memo is not None)
 
     def describe(self, tasks: int) -> str:
         """Where a file's tasks run, and why when that is not in the processes asked for."""
@@ -384,11 +391,12 @@ class _WorkerPool:
         if not self.asked:
             return "in this process"
         if not self.num_workers:
-            cores = usable_cores()
-            return (
-                f"in this process ({cores} usable cores: worker processes pay from {2 * CORES_PER_WORKER} cores on, "
-                "and this process encodes on every core)"
-            )
+            if self.memo is not None:
+                return (
+                    f"in this process ({usable_cores()} usable cores: with this tokenizer, worker processes pay from "
+                    "4 cores on, and this process encodes on every core)"
+                )
+            return f"in this process ({usable_cores()} usable core: a worker process could only wait its turn)"
         return f"in this process (under {MIN_SPLIT_BYTES >> 20} MiB: starting workers would cost more than they save)"
 
     @property

@@ -164,8 +164,11 @@ def test_parallel_build_equals_in_process_build(tmp_path, tokenizers, write_json
 
 
 def test_worker_processes_only_where_they_can_pay(tmp_path, tokenizers, write_jsonl, chat, monkeypatch, capsys):
-    assert [cache.worker_processes(2, cores) for cores in (1, 2, 3, 4, 16)] == [0, 0, 0, 2, 2]
-    assert [cache.worker_processes(workers, 8) for workers in (0, 1, 2, 3, 8)] == [0, 0, 2, 3, 4]
+    # SentencePiece's memo encodes on every core already: a worker per two cores; Tekken: a worker per core
+    assert [cache.worker_processes(2, cores, threaded=True) for cores in (1, 2, 3, 4, 16)] == [0, 0, 0, 2, 2]
+    assert [cache.worker_processes(workers, 8, threaded=True) for workers in (0, 1, 2, 3, 8)] == [0, 0, 2, 3, 4]
+    assert [cache.worker_processes(2, cores, threaded=False) for cores in (1, 2, 3, 16)] == [0, 2, 2, 2]
+    assert [cache.worker_processes(workers, 3, threaded=False) for workers in (0, 1, 2, 8)] == [0, 0, 2, 3]
     data = write_jsonl(tmp_path / "d.jsonl", [chat(i, turns=1 + i % 3) for i in range(60)])
     (serial,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "serial", num_workers=0)
     assert "into the cache, in this process\n" in capsys.readouterr().out
@@ -173,16 +176,22 @@ def test_worker_processes_only_where_they_can_pay(tmp_path, tokenizers, write_js
     (small,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "small", num_workers=2)
     assert "in this process (under 2 MiB: starting workers would cost more than they save)" in capsys.readouterr().out
     monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", 0)
-    monkeypatch.setattr(cache, "usable_cores", lambda: 2)
+    monkeypatch.setattr(cache, "usable_cores", lambda: 1)
     (one_core,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "one", num_workers=2)
-    expected = "in this process (2 usable cores: worker processes pay from 4 cores on, and this process encodes on"
-    assert expected in capsys.readouterr().out
-    monkeypatch.setattr(cache, "usable_cores", lambda: 4)
+    assert "in this process (1 usable core: a worker process could only wait its turn)" in capsys.readouterr().out
+    monkeypatch.setattr(cache, "usable_cores", lambda: 3)
     (capped,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "capped", num_workers=5)
-    assert "in 2 worker processes (5 asked for, 4 usable cores)" in capsys.readouterr().out
+    assert "in 3 worker processes (5 asked for, 3 usable cores)" in capsys.readouterr().out
     for built in (small, one_core, capped):  # nothing lost, nothing changed: the same cache wherever it was built
         assert built.tokens.tolist() == serial.tokens.tolist() and built.spans.tolist() == serial.spans.tolist()
         assert built.meta["n_samples"] == 60
+    monkeypatch.setattr(cache, "usable_cores", lambda: 2)  # SentencePiece v3 on 2 cores: this process
+    (v3_serial,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "v3-0", num_workers=0)
+    capsys.readouterr()
+    (v3,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "v3-2", num_workers=2)
+    expected = "in this process (2 usable cores: with this tokenizer, worker processes pay from 4 cores on, and this"
+    assert expected in capsys.readouterr().out
+    assert v3.tokens.tolist() == v3_serial.tokens.tolist() and v3.spans.tolist() == v3_serial.spans.tolist()
 
 
 def test_a_file_worth_splitting_gives_every_worker_several_parts(tmp_path, write_jsonl, chat, monkeypatch):
