@@ -1,4 +1,8 @@
-"""The process group: torchrun's environment in, rank and device out. One process without torchrun is rank 0 of 1."""
+"""The process group: torchrun's environment in, rank and device out. One process without torchrun is rank 0 of 1.
+
+FSDP, torch.distributed.tensor and torch.distributed.checkpoint are imported only where they are used (sharding,
+saving, resuming): `is_dtensor` tells a shard without them.
+"""
 
 from __future__ import annotations
 
