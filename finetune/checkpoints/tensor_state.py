@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+from finetune.training.distributed import is_dtensor
 
 SHARD_DIMS = "shard_dims"  # the metadata entry: {key: the dimension split over the ranks, or null when whole}
 
@@ -46,7 +47,7 @@ def save_tensors(path: Path, model_state: dict, optim_state: dict) -> None:
     local, shard_dims = {}, {}
     for key, value in _flatten(model_state, optim_state).items():
         shard_dims[key] = _shard_dim(value, key)
-        local[key] = (value.to_local() if isinstance(value, DTensor) else value).detach().cpu().contiguous()
+        local[key] = (value.to_local() if is_dtensor(value) else value).detach().cpu().contiguous()
     save_file(local, path, metadata={SHARD_DIMS: json.dumps(shard_dims)})
 
 
@@ -71,11 +72,11 @@ def load_tensors(paths: list[Path], model_state: dict, optim_state: dict) -> Non
             )
             continue
         full = full.to(template.device)
-        loaded[key] = (
-            distribute_tensor(full, template.device_mesh, template.placements, src_data_rank=None)
-            if isinstance(template, DTensor)
-            else full
-        )
+        if is_dtensor(template):
+            from torch.distributed.tensor import distribute_tensor  # with FSDP only: see is_dtensor
+
+            full = distribute_tensor(full, template.device_mesh, template.placements, src_data_rank=None)
+        loaded[key] = full
     if problems:
         raise TensorStateError(
             f"its training state does not fit this model: {'; '.join(problems[:5])}"
@@ -104,7 +105,7 @@ def _flatten(model_state: dict, optim_state: dict) -> dict[str, torch.Tensor]:
 
 
 def _shard_dim(value: torch.Tensor, key: str) -> int | None:
-    if not isinstance(value, DTensor):
+    if not is_dtensor(value):
         return None
     if len(value.placements) != 1 or not (value.placements[0].is_shard() or value.placements[0].is_replicate()):
         raise TypeError(f"{key} is placed {value.placements}; only one mesh dimension (FSDP2) is saved")

@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
 
 from finetune.checkpoints.folders import list_checkpoints, save_training_checkpoint
 from finetune.checkpoints.manifest import verify_checkpoint
@@ -39,7 +37,7 @@ from finetune.checkpoints.tensor_state import (
     tensors_file_problem,
 )
 from finetune.config import TrainConfig
-from finetune.training.distributed import DistInfo, all_reduce_sum
+from finetune.training.distributed import DistInfo, all_reduce_sum, is_dtensor
 from finetune.training.rng import derived_seed, rng_state, rng_state_problem, seed_rngs, set_rng_state
 from finetune.training.train_step import NonFiniteError
 
@@ -48,9 +46,6 @@ if TYPE_CHECKING:
 
 STATE = "state"
 PROGRESS = "progress.json"
-# Only the LoRA weights are trainable: the frozen base model is never saved. strict=False because the model's
-# state dict has the frozen weights too, which loading leaves as they are.
-STATE_DICT_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 NO_TRAINING_STATE = f"no training state ({STATE}/{PROGRESS}): adapters only"  # not damaged, but not resumable
 
 
@@ -194,7 +189,7 @@ def save_checkpoint(
 
 def _raise_if_not_finite(loss_model, step: int, run_dir: Path) -> None:
     """Count the non-finite values of the trained weights over every rank's shards (a collective)."""
-    shards = [p.to_local() if isinstance(p, DTensor) else p for p in loss_model.parameters() if p.requires_grad]
+    shards = [p.to_local() if is_dtensor(p) else p for p in loss_model.parameters() if p.requires_grad]
     bad = all_reduce_sum(torch.stack([(~torch.isfinite(t.detach())).sum() for t in shards]).sum()).item()
     if bad:
         newest = (list_checkpoints(run_dir) or [None])[-1]
@@ -208,9 +203,7 @@ def _raise_if_not_finite(loss_model, step: int, run_dir: Path) -> None:
 
 def save_training_state(folder: Path, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(
-        folder / tensors_file(dist_info.rank), *get_state_dict(loss_model, optimizer, options=STATE_DICT_OPTIONS)
-    )
+    save_tensors(folder / tensors_file(dist_info.rank), *_state_dicts(loss_model, optimizer))
     _write_json(
         folder / f"rank_{dist_info.rank}.json", {"data": loader.state_dict(), "rng": rng_state(dist_info.device)}
     )
@@ -218,16 +211,36 @@ def save_training_state(folder: Path, loss_model, optimizer, loader, progress: P
         _write_json(folder / PROGRESS, {"world_size": dist_info.world_size, **asdict(progress)})
 
 
+def _state_dict_options():
+    """Only the LoRA weights are trainable: the frozen base model is never saved. strict=False because the model's
+    state dict has the frozen weights too, which loading leaves as they are.
+
+    torch.distributed.checkpoint is imported here, at the first save or resume, not with train.py: it loads FSDP
+    and torch.distributed.tensor (most of a second), which `tailor validate` and a run's start never need."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _state_dicts(loss_model, optimizer) -> tuple[dict, dict]:
+    """The trained weights and AdamW's state, under the model's parameter names, sharded as this rank holds them."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(loss_model, optimizer, options=_state_dict_options())
+
+
 def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed: int, dist_info: DistInfo) -> Progress:
     """Load a checkpoint's state into the freshly built model, optimizer and data loader; returns the counters."""
     folder = start.folder / STATE
-    model_state, optim_state = get_state_dict(loss_model, optimizer, options=STATE_DICT_OPTIONS)
+    model_state, optim_state = _state_dicts(loss_model, optimizer)
     try:
         load_tensors([folder / tensors_file(rank) for rank in range(start.world_size)], model_state, optim_state)
     except TensorStateError as error:
         raise ResumeError(f"{start.folder}: {error}") from None
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
     set_state_dict(
-        loss_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=STATE_DICT_OPTIONS
+        loss_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=_state_dict_options()
     )
     progress = read_progress(start.folder)
     if start.world_size == dist_info.world_size:

@@ -19,7 +19,10 @@ message instead of 4 per token.
 
 A file worth splitting is cut at line starts into parts that the worker processes share (several parts each, so
 one slow part cannot leave a worker idle for long); a small one is tokenized in-process, where starting workers
-would cost more than they save. SentencePiece tokenizers encode text word by word through a memo
+would cost more than they save, and so is every file where worker processes cannot pay (worker_processes: fewer
+than 2 usable cores, or than 4 with the SentencePiece memo, whose batched calls use every core already).
+Lines are tokenized in batches, whose texts the text encoder sees first (finetune/data/tokenize.py's
+tokenize_lines). SentencePiece tokenizers encode text word by word through a memo
 (finetune/data/text_encoders.py), which `<cache_dir>/word_memo/` keeps between builds and runs, per tokenizer file:
 a build starts with the words earlier builds encoded rather than with none. It is flat numpy arrays (no pickle),
 checked when read (a memo that is not one is rebuilt, and the run says so).
@@ -39,6 +42,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import chain
 from pathlib import Path
 
@@ -193,6 +197,15 @@ def read_words(path: Path, n_words: int) -> dict[str, list[int]] | None:
         return None
 
 
+def worker_processes(num_workers: int, cores: int, threaded: bool) -> int:
+    """How many of the num_workers processes asked for can pay: no more than the cores this process may use, or half
+    of them when the encoder is `threaded` (the SentencePiece memo: each process encodes a batch's new words on every
+    core), and none unless two or more, as a worker alone only adds its start. Measured on 2 cores
+    (benchmarks/RESULTS.md): 2 workers were slower than one process for SentencePiece v3, faster for Tekken."""
+    workers = min(num_workers, cores // (2 if threaded else 1))
+    return workers if workers >= 2 else 0
+
+
 def part_ranges(path: Path, num_workers: int) -> list[tuple[int, int]]:
     """The byte ranges of a file's worker tasks, each starting at a line: the whole file when it is small or there
     are no workers, else at least PARTS_PER_WORKER parts per worker of at most PART_BYTES."""
@@ -226,7 +239,10 @@ def _build_locked(path: Path, entry: Path, pool: _WorkerPool, blocking: bool) ->
 def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
     ranges = part_ranges(path, pool.num_workers)
     tasks = [(path, start, end, str(out / f"part{k:05d}")) for k, (start, end) in enumerate(ranges)]
-    print(f"tokenizing {path} ({path.stat().st_size / 2**20:,.1f} MiB) into the cache", flush=True)
+    print(
+        f"tokenizing {path} ({path.stat().st_size / 2**20:,.1f} MiB) into the cache, {pool.describe(len(tasks))}",
+        flush=True,
+    )
     lines_per_part = pool.tokenize_ranges(tasks)
 
     counts_by_kind: dict[str, dict[str, int]] = {"errors": {}, "warnings": {}}
@@ -357,8 +373,31 @@ class _WorkerPool:
 
     def __init__(self, tokenizer, train_on: str, num_workers: int):
         self.args = (tokenizer, train_on)
-        self.num_workers = num_workers
+        self.asked = num_workers
         self.pool = None
+
+    @cached_property
+    def num_workers(self) -> int:
+        """The worker processes to use (worker_processes), decided when a file is first built: a run that finds its
+        files cached builds no encoder."""
+        return worker_processes(self.asked, usable_cores(), threaded=self.memo is not None)
+
+    def describe(self, tasks: int) -> str:
+        """Where a file's tasks run, and why when that is not in the processes asked for."""
+        if self.num_workers and tasks > 1:
+            cores = usable_cores()
+            capped = f" ({self.asked} asked for, {cores} usable cores)" if self.asked != self.num_workers else ""
+            return f"in {self.num_workers} worker processes{capped}"
+        if not self.asked:
+            return "in this process"
+        if not self.num_workers:
+            if self.memo is not None:
+                return (
+                    f"in this process ({usable_cores()} usable cores: with this tokenizer, worker processes pay from "
+                    "4 cores on, and this process encodes on every core)"
+                )
+            return f"in this process ({usable_cores()} usable core: a worker process could only wait its turn)"
+        return f"in this process (under {MIN_SPLIT_BYTES >> 20} MiB: starting workers would cost more than they save)"
 
     @property
     def memo(self) -> WordMemoSentencePiece | None:

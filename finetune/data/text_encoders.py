@@ -12,9 +12,10 @@ for the file at hand, and the tests compare both against the originals on every 
   the number of special tokens to every id in Python, we give tiktoken ranks shifted by that number:
   BPE only compares ranks, so the merges are the same and the ids come out final.
 
-Both encode a batch of texts in one call whose work runs in C++ or Rust threads, outside the GIL, on every core
-this process may use: `prepare(texts)` is told the texts of a batch of lines before their chat templates ask for
-them one by one (the SentencePiece memo learns the batch's new words; Tekken encodes the batch's texts).
+The SentencePiece memo is told the texts of a batch of lines before their chat templates ask for them one by one
+(`prepare`), and learns the batch's new words in one call that SentencePiece runs in C++ threads on every core this
+process may use. (Tekken gains nothing from the same: measured, tiktoken's threads made a build slower, since each
+text's call takes Python's lock back.)
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from itertools import chain, islice
 from typing import Any
 
@@ -154,38 +154,14 @@ class _FastEncode:
         return ids
 
 
-class PreparedTiktoken:
-    """`encode_ordinary(text)` of a tiktoken Encoding, reading first the texts that `prepare` encoded together:
-    tiktoken's Rust core releases the GIL, so a thread per core encodes a batch at once."""
-
-    def __init__(self, encoding: tiktoken.Encoding, threads: int = 1):
-        self._encoding = encoding
-        self.threads = threads
-        self._ready: dict[str, list[int]] = {}
-
-    def prepare(self, texts: list[str]) -> None:
-        """Encode these texts (those of the next lines) together; texts not asked for by then are dropped."""
-        texts = list(dict.fromkeys(texts))
-        if self.threads > 1 and len(texts) > 1:
-            with ThreadPoolExecutor(self.threads) as pool:
-                self._ready = dict(zip(texts, pool.map(self._encoding.encode_ordinary, texts, chunksize=16)))
-        else:
-            self._ready = dict(zip(texts, map(self._encoding.encode_ordinary, texts)))
-
-    def __call__(self, text: str) -> list[int]:
-        # pop: each list is handed out once, so a caller that appends to it changes no other text's ids
-        ids = self._ready.pop(text, None)
-        return self._encoding.encode_ordinary(text) if ids is None else ids
-
-
 def usable_cores() -> int:
     """The cores this process may run on (its affinity, which a container or taskset may narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def fast_text_encoder(raw: Any, threads: int = 1):
-    """A function text -> ids equal to `raw.encode(text, bos=False, eos=False)`, as fast as is exact; those with a
-    `prepare(texts)` encode a batch of texts ahead in `threads` threads."""
+    """A function text -> ids equal to `raw.encode(text, bos=False, eos=False)`, as fast as is exact; the word memo
+    encodes a batch's new words in `threads` threads."""
     if isinstance(raw, SentencePieceTokenizer) and word_memo_is_exact(raw):
         return WordMemoSentencePiece(raw._model, threads)
     if isinstance(raw, Tekkenizer) and not raw._model._special_tokens:
@@ -194,7 +170,7 @@ def fast_text_encoder(raw: Any, threads: int = 1):
         shifted = tiktoken.Encoding(
             name=f"{bpe.name}+{offset}", pat_str=bpe._pat_str, mergeable_ranks=ranks, special_tokens={}
         )
-        return PreparedTiktoken(shifted, threads)
+        return shifted.encode_ordinary
     return lambda text: raw.encode(text, bos=False, eos=False)
 
 

@@ -17,8 +17,7 @@ import yaml
 from finetune.config import ConfigError, TrainConfig, config_from_dict, config_to_dict, save_config
 from finetune.training.optim import lr_at_step
 
-if TYPE_CHECKING:  # training_state imports torch.distributed.checkpoint (a second of start-up), which
-    # `tailor validate` reaches through preflight and never needs
+if TYPE_CHECKING:
     from finetune.checkpoints.training_state import ResumePoint
 
 CONFIG_FILE = "config.yaml"

@@ -1,8 +1,13 @@
-"""The process group: torchrun's environment in, rank and device out. One process without torchrun is rank 0 of 1."""
+"""The process group: torchrun's environment in, rank and device out. One process without torchrun is rank 0 of 1.
+
+FSDP, torch.distributed.tensor and torch.distributed.checkpoint are imported only where they are used (sharding,
+saving, resuming): `is_dtensor` tells a shard without them.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -59,3 +64,11 @@ def barrier() -> None:
 def destroy() -> None:
     if is_initialized():
         dist.destroy_process_group()
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether `tensor` is a DTensor (an FSDP2 shard), without importing torch.distributed.tensor: that import takes
+    most of a second (it loads sympy), which a run on one device never needs, and until it happened nothing can be
+    a DTensor."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)

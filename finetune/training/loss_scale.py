@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch.distributed.tensor import DTensor
 
+from finetune.training.distributed import is_dtensor
 from finetune.training.precision import compute_dtype
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class DynamicLossScale:
     @torch.no_grad()
     def unscale_(self, params: list[torch.Tensor]) -> None:
         """Divide every gradient by the scale, in place (a sharded gradient shard by shard)."""
-        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+        grads = [p.grad.to_local() if is_dtensor(p.grad) else p.grad for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, self.scale.double().reciprocal().float())
 

@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+from finetune.training.distributed import is_dtensor
 from model.lora import LoRALinear, init_lora_
 from model.quantize import assign_nf4, is_nf4, to_nf4
 
@@ -69,6 +68,8 @@ def shard_model(root: nn.Module, blocks: nn.ModuleList, compute_dtype: torch.dty
     blocks are reached. The last block keeps its gathered weights after forward, since backward starts with it
     (and so does the root, FSDP's default for it).
     """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # with several ranks only: see is_dtensor
+
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(blocks):
         fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
@@ -132,7 +133,9 @@ def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
 
 def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
     with torch.no_grad():
-        if isinstance(param, DTensor):
+        if is_dtensor(param):
+            from torch.distributed.tensor import distribute_tensor
+
             full = full.to(device=param.device, dtype=param.dtype)
             shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0)
             param.to_local().copy_(shard.to_local())
@@ -144,9 +147,11 @@ def _quantize_into(module: nn.Module, key: str, param: torch.Tensor, full: torch
     """Rank 0's full tensor, in the compute dtype on the device, quantized whole by every rank (the same blocks
     and scales as in one process, whatever the number of ranks), and each rank keeps its rows."""
     full = full.to(device=param.device, dtype=param.dtype)
-    if not isinstance(param, DTensor):
+    if not is_dtensor(param):
         assign_nf4(module, key, to_nf4(full))
         return
+    from torch.distributed.tensor import DTensor
+
     dist.broadcast(full, src=0)
     mesh = param.device_mesh
     rows = torch.chunk(to_nf4(full), mesh.size(), dim=0)[mesh.get_local_rank()]
@@ -170,6 +175,5 @@ def lora_init_tensors(module: nn.Module, seed: int) -> Iterator[tuple[str, torch
 def full_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Gather sharded tensors into full CPU tensors (a collective: call it on every rank)."""
     return {
-        name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().to("cpu", copy=True)
-        for name, t in tensors.items()
+        name: (t.full_tensor() if is_dtensor(t) else t).detach().to("cpu", copy=True) for name, t in tensors.items()
     }

@@ -147,18 +147,51 @@ def test_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path, tokenizers,
     assert len(edited) == 41
 
 
-def test_parallel_build_equals_in_process_build(tmp_path, tokenizers, write_jsonl, chat, monkeypatch):
+def test_parallel_build_equals_in_process_build(tmp_path, tokenizers, write_jsonl, chat, monkeypatch, capsys):
     samples = [chat(i, turns=1 + i % 3) if i % 7 else "{bad json" for i in range(120)]
     data = write_jsonl(tmp_path / "d.jsonl", samples)
     (serial,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "serial", num_workers=0)
     monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", 0)
     monkeypatch.setattr(cache, "PART_BYTES", 2000)  # about 5 lines per worker task
+    monkeypatch.setattr(cache, "usable_cores", lambda: 4)  # workers, whatever cores the test machine gives
     (parallel,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "parallel", num_workers=2)
+    assert "into the cache, in 2 worker processes\n" in capsys.readouterr().out
     for name in ("sample_starts", "span_starts", "spans"):
         assert getattr(parallel, name).tolist() == getattr(serial, name).tolist()
     assert parallel.tokens.tolist() == serial.tokens.tolist()
     assert [f.line for f in parallel.faults()] == [i + 1 for i in range(0, 120, 7)]
     assert parallel.meta["n_lines"] == 120 and parallel.meta["errors_by_kind"] == {"invalid_json": 18}
+
+
+def test_worker_processes_only_where_they_can_pay(tmp_path, tokenizers, write_jsonl, chat, monkeypatch, capsys):
+    # SentencePiece's memo encodes on every core already: a worker per two cores; Tekken: a worker per core
+    assert [cache.worker_processes(2, cores, threaded=True) for cores in (1, 2, 3, 4, 16)] == [0, 0, 0, 2, 2]
+    assert [cache.worker_processes(workers, 8, threaded=True) for workers in (0, 1, 2, 3, 8)] == [0, 0, 2, 3, 4]
+    assert [cache.worker_processes(2, cores, threaded=False) for cores in (1, 2, 3, 16)] == [0, 2, 2, 2]
+    assert [cache.worker_processes(workers, 3, threaded=False) for workers in (0, 1, 2, 8)] == [0, 0, 2, 3]
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(i, turns=1 + i % 3) for i in range(60)])
+    (serial,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "serial", num_workers=0)
+    assert "into the cache, in this process\n" in capsys.readouterr().out
+    monkeypatch.setattr(cache, "usable_cores", lambda: 4)
+    (small,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "small", num_workers=2)
+    assert "in this process (under 2 MiB: starting workers would cost more than they save)" in capsys.readouterr().out
+    monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(cache, "usable_cores", lambda: 1)
+    (one_core,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "one", num_workers=2)
+    assert "in this process (1 usable core: a worker process could only wait its turn)" in capsys.readouterr().out
+    monkeypatch.setattr(cache, "usable_cores", lambda: 3)
+    (capped,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "capped", num_workers=5)
+    assert "in 3 worker processes (5 asked for, 3 usable cores)" in capsys.readouterr().out
+    for built in (small, one_core, capped):  # nothing lost, nothing changed: the same cache wherever it was built
+        assert built.tokens.tolist() == serial.tokens.tolist() and built.spans.tolist() == serial.spans.tolist()
+        assert built.meta["n_samples"] == 60
+    monkeypatch.setattr(cache, "usable_cores", lambda: 2)  # SentencePiece v3 on 2 cores: this process
+    (v3_serial,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "v3-0", num_workers=0)
+    capsys.readouterr()
+    (v3,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "v3-2", num_workers=2)
+    expected = "in this process (2 usable cores: with this tokenizer, worker processes pay from 4 cores on, and this"
+    assert expected in capsys.readouterr().out
+    assert v3.tokens.tolist() == v3_serial.tokens.tolist() and v3.spans.tolist() == v3_serial.spans.tolist()
 
 
 def test_a_file_worth_splitting_gives_every_worker_several_parts(tmp_path, write_jsonl, chat, monkeypatch):
@@ -186,6 +219,7 @@ def test_the_word_memo_is_kept_with_the_cache_and_gives_the_same_tokens(
     second = write_jsonl(tmp_path / "b.jsonl", [chat(i + 1000, turns=2) for i in range(60)])
     monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", 0)
     monkeypatch.setattr(cache, "PART_BYTES", 3000)
+    monkeypatch.setattr(cache, "usable_cores", lambda: 4)  # the words of worker processes too
     open_tokenized_files([first], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=2)
     (memo_file,) = (tmp_path / "cache" / "word_memo").iterdir()
     saved = cache.read_words(memo_file, 32768)

@@ -250,3 +250,15 @@ def test_bf16_like_on_gpus_one_process_and_two_fsdp2_ranks_follow_the_fp32_run(w
                 assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.98, name
                 assert (got - expected).norm() < 0.2 * expected.norm(), name
     assert one["losses"][2] < one["losses"][0] - 0.1
+
+
+def test_importing_train_loads_no_fsdp_nor_distributed_checkpoint():
+    """FSDP, torch.distributed.tensor (which loads sympy) and torch.distributed.checkpoint cost train.py about three
+    seconds of start-up that a run on one device, or `tailor validate`, never needs: they are imported where a run
+    with several ranks shards the model, or where a checkpoint is saved or resumed."""
+    heavy = ("torch.distributed.fsdp", "torch.distributed.tensor", "torch.distributed.checkpoint", "sympy")
+    code = f"import sys, train, finetune.cli\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
