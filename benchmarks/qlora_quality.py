@@ -245,7 +245,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qlora-quality-") as temporary:
         workdir = args.keep or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
-        ratios = {}
+        ratios, finals = {}, {}  # NF4 / bf16 per seed; each variant's final eval losses
         for seed in [] if args.skip_demo else args.seeds:
             demo = demo_task(args.steps, seed, workdir, args.variants, args.lr, args.trained)
             for line in compare_runs(demo, args.steps):
@@ -254,6 +254,7 @@ def main() -> None:
                 parting = first_parting(workdir, seed, args.steps, ("nf4", "bf16 on deq(nf4(W))"))
                 print(f"demo task, seed {seed}: {parting}")
             for name, result in demo.items():
+                finals.setdefault(name, []).append(result["eval_loss"][args.steps])
                 if "bf16" in demo:
                     ratios.setdefault(name, []).append(
                         result["eval_loss"][args.steps] / demo["bf16"]["eval_loss"][args.steps]
@@ -265,6 +266,15 @@ def main() -> None:
                 print(
                     f"demo task, {name} / bf16 eval loss over {len(values)} seeds: median {median:.3f}, "
                     f"quartiles {quartiles[0]:.3f} to {quartiles[2]:.3f}, range {min(values):.3f} to {max(values):.3f}"
+                )
+        if "bf16" in finals and len(finals["bf16"]) > 1:
+            # the expected final eval loss of each variant (the mean over seeds), and its spread between seeds: a ratio
+            # of means does not swing with one seed's spike as a per-seed ratio does
+            for name, values in finals.items():
+                print(
+                    f"demo task, {name}: final eval loss over {len(values)} seeds: mean {statistics.mean(values):.4f} "
+                    f"(standard deviation {statistics.stdev(values):.4f}), "
+                    f"{statistics.mean(values) / statistics.mean(finals['bf16']):.3f}x bf16's mean"
                 )
     if args.skip_layers:
         return
