@@ -37,4 +37,6 @@ class DataConfig:
     shuffle: bool = True  # reshuffle the train data every epoch (mistral-finetune: `data.instruct.shuffle`)
     # tokenized data, reused by later runs, `tailor validate` and every rank; null: .tailor_cache beside run_dir
     cache_dir: str | None = None
-    num_workers: int = 2  # tokenizer processes at most (cache.worker_processes); 0: in the training process
+    # tokenizer processes at most (one per usable core, per two with SentencePiece; never a lone one: see
+    # cache.worker_processes); 0 tokenizes in the training process
+    num_workers: int = 2
