@@ -91,8 +91,6 @@ def run_validate(args: argparse.Namespace) -> int:
 def _memory_line(cfg, gpus: int, gpu_memory: float | None) -> str:
     """The memory estimate per GPU (finetune/training/memory_estimate.py), and whether it fits --gpu-memory or this
     machine's GPU."""
-    import torch
-
     from finetune.training.memory_estimate import GIB, config_estimate, fit_report
 
     try:
@@ -101,9 +99,9 @@ def _memory_line(cfg, gpus: int, gpu_memory: float | None) -> str:
         return f"memory: no estimate ({error})"
     if gpu_memory is not None:
         return fit_report(cfg, estimate, gpu_memory * GIB, f"a {gpu_memory:g} GiB GPU")
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        return fit_report(cfg, estimate, torch.cuda.get_device_properties(0).total_memory, f"this {name}")
+    if (gpu := _this_gpu()) is not None:
+        name, memory = gpu
+        return fit_report(cfg, estimate, memory, f"this {name}")
     return f"memory: {estimate.summary()}; give --gpu-memory GB to check it fits a GPU"
 
 
@@ -114,12 +112,27 @@ def _eta_device(choice: str | None) -> tuple[str | None, str]:
 
     if choice is not None:
         return (None, "CPU") if choice == "cpu" else (choice, GPU_NAMES[choice])
+    if (gpu := _this_gpu()) is None:
+        return None, "CPU"
+    name = gpu[0]
+    return gpu_kind(name), name
+
+
+# The device files a GPU driver makes on Linux: NVIDIA's, ROCm's and WSL's. Without one, torch finds no GPU.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
+def _this_gpu() -> tuple[str, int] | None:
+    """This machine's first GPU as (name, bytes of memory), or None. torch is imported only where a GPU driver's
+    device file is there to answer: on a Linux machine without one, torch.cuda.is_available() is False, and
+    importing torch to hear it is over a second of `tailor validate`'s start-up."""
+    if sys.platform == "linux" and not any(os.path.exists(path) for path in GPU_DEVICE_FILES):
+        return None
     import torch
 
     if not torch.cuda.is_available():
-        return None, "CPU"
-    name = torch.cuda.get_device_name(0)
-    return gpu_kind(name), name
+        return None
+    return torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory
 
 
 def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:

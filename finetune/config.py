@@ -23,9 +23,7 @@ import yaml
 
 from finetune.data.config import DataConfig, DataSource
 from finetune.data.errors import first_line
-from model.attention import BACKENDS
-from model.lora import LoRAArgs
-from model.quantize import INSTALL_HINT
+from model.settings import BACKENDS, INSTALL_HINT, LoRAArgs
 
 
 class ConfigError(ValueError):
@@ -34,6 +32,12 @@ class ConfigError(ValueError):
 
 MAX_SEQ_LEN = 2**20  # a packed batch holds seq_len tokens: a typo of a few digits would fill the host's memory
 MAX_INT = 2**31 - 1  # beyond any step count, length or size a run can have: a typo, or an overflow further on
+# Tokens per chunk of the chunked loss (finetune/training/loss.py), kept here so that the memory estimate of
+# `tailor validate` reads it without torch. The loss holds two [chunk, vocab] fp32 tensors at a time and the
+# unchunked loss three [tokens, vocab] ones, so at 1024 its memory is under 1/8 of the unchunked loss's from about
+# 5,500 trained tokens on (the shipped configs train at 8192 to 32768 tokens a sequence; benchmarks/RESULTS.md),
+# and a chunk is still a large matmul.
+DEFAULT_CHUNK_SIZE = 1024
 
 
 # Each field's meaning is the comment on its line or just above it: the README's config reference is generated

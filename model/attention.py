@@ -29,12 +29,13 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from model.settings import BACKENDS
+
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:
     flex_attention = None
 
-BACKENDS = ("sdpa", "varlen", "flex", "xformers")
 _compiled_flex = None
 
 

@@ -9,45 +9,16 @@ updates are far smaller than bf16's resolution around the frozen weights.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
-
+from model.settings import LoRAArgs  # the adapters' settings, apart so that the config reads them without torch
 
 def is_lora_name(name: str) -> bool:
     """Whether a parameter or state-dict key belongs to an adapter."""
     return ".lora_A." in name or ".lora_B." in name
-
-
-@dataclass
-class LoRAArgs:
-    """The adapters' settings, defined and checked here once: the training config's `lora:` section is this class,
-    and a checkpoint's params.json `lora` entry is read back into it. Each field's comment is its documentation
-    (the README's config reference is generated from it)."""
-
-    rank: int = 64  # r in `y = W x + (alpha / r) · B A dropout(x)`
-    alpha: float = 128.0  # the update is scaled by alpha / rank (mistral-finetune: `lora.scaling`, that ratio)
-    dropout: float = 0.0  # dropout on the adapters' input
-    # modules to adapt (every MoE expert included): wq wk wv wo (attention), w1 w2 w3 (MLP), output (the head)
-    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-
-    def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for target in self.targets:
-            if target not in LORA_TARGETS:
-                raise ValueError(f"targets has {target!r}; expected some of {', '.join(sorted(LORA_TARGETS))}")
-        if not self.targets:
-            raise ValueError("targets must name at least one module")
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -21,12 +21,10 @@ from functools import cache
 import torch
 from torch import nn
 
+from model.settings import INSTALL_HINT, NF4_BLOCK, NF4_SCALER_BLOCK
+
 QUANTIZATIONS = ("none", "nf4")
 QUANTIZED_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-NF4_BLOCK = 64  # weights per absmax scale (QLoRA's)
-NF4_SCALER_BLOCK = 256  # scales per 8-bit group of the double quantization (QLoRA's)
-NF4_BITS_PER_WEIGHT = 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_SCALER_BLOCK)
-INSTALL_HINT = 'pip install -e ".[qlora]" (or pip install torchao)'
 
 
 class QuantizationUnavailable(ImportError):

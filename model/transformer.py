@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs
-from model.attention import BACKENDS, DocumentMask, resolve_backend, to_device
+from model.attention import DocumentMask, resolve_backend, to_device
+from model.settings import BACKENDS
 
 
 def document_positions(seqlens: list[int], device: torch.device | str) -> torch.Tensor:

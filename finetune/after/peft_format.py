@@ -24,7 +24,8 @@ from finetune.checkpoints.adapter import ADAPTER_FILE, copy_tokenizer, params_wi
 from finetune.checkpoints.streaming import staged_folder
 from model.args import load_model_args, write_params
 from model.hf_format import convert_tensor_to_hf, convert_tensor_to_native
-from model.lora import LORA_TARGETS, LoRAArgs, inject_lora, load_lora_state_dict
+from model.lora import inject_lora, load_lora_state_dict
+from model.settings import LORA_TARGETS, LoRAArgs
 from model.transformer import Transformer
 
 PEFT_PREFIX = "base_model.model."

@@ -5,13 +5,16 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from finetune.data.cache import Fault, TokenizedFile, open_tokenized_files
 from finetune.data.config import DataSource
 from finetune.data.errors import DataError
-from finetune.data.packing import Piece
+
+if TYPE_CHECKING:  # packing imports torch, which reading sources (`tailor validate`) never needs
+    from finetune.data.packing import Piece
 
 
 def source_files(source: DataSource) -> list[Path]:

@@ -16,15 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.config import DEFAULT_CHUNK_SIZE
 from model.attention import to_device
 from model.lora import LoRALinear
-
-# Tokens per chunk. The loss holds two [chunk, vocab] fp32 tensors at a time and the unchunked loss three [tokens,
-# vocab] ones, so at 1024 its memory is under 1/8 of the unchunked loss's from about 5,500 trained tokens on (the
-# shipped configs train at 8192 to 32768 tokens a sequence; benchmarks/RESULTS.md), and a chunk is still a large
-# matmul.
-DEFAULT_CHUNK_SIZE = 1024
-
 
 @dataclass
 class LossSums:

@@ -20,9 +20,9 @@ With N = seq_len · batch_size tokens per rank, W ranks, b bytes per value of th
                  checkpointing keeps d b a token and peaks at 1.05 (a_attn + a_mlp) in backward; without, a block
                  keeps 0.8 (a_attn + a_mlp). CPU's attention also holds n_heads · N · 4 bytes of scores a token, which
                  the GPU's flash attention does not: left out.)
-    loss         one chunk of the chunked loss, C = min(N, 2048) trained tokens: C · V · (b + c + 4): its logits in
-                 the compute dtype, their fp32 copy (c = 4; none in fp32, c = 0), and one fp32 array beside them
-                 (the log-probabilities, then their gradient).
+    loss         one chunk of the chunked loss, C = min(N, 1024) trained tokens (DEFAULT_CHUNK_SIZE):
+                 C · V · (b + c + 4): its logits in the compute dtype, their fp32 copy (c = 4; none in fp32, c = 0),
+                 and one fp32 array beside them (the log-probabilities, then their gradient).
 
 Not counted: the CUDA context and cuBLAS / attention workspaces (outside PyTorch's allocator), allocator
 fragmentation, and a vision tower (never loaded). `fits` keeps 10% of the GPU for them. The figure compares with
@@ -33,17 +33,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING
 
-from finetune.config import TrainConfig
-from finetune.training.loss import DEFAULT_CHUNK_SIZE
-from finetune.training.precision import DTYPES, compute_dtype
+from finetune.config import DEFAULT_CHUNK_SIZE, TrainConfig
 from model.args import ModelArgs, load_model_args
-from model.quantize import NF4_BITS_PER_WEIGHT
+from model.settings import NF4_BITS_PER_WEIGHT
 
 GIB = 2**30
 HEADROOM = 0.10  # of the GPU's memory, kept for what the formulas leave out (the module docstring)
 LORA_BYTES_PER_PARAMETER = 4 + 4 + 8
+# bytes per value of `model.dtype`, without torch (`tailor validate` estimates in a process that never loads it);
+# `auto` computes in 2 bytes a value on a GPU, bf16 or fp16 alike
+VALUE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "auto": 2}
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -97,9 +101,10 @@ def lora_parameters(args: ModelArgs, cfg: TrainConfig) -> int:
     return args.n_layers * per_layer + head
 
 
-def estimate_memory(args: ModelArgs, cfg: TrainConfig, world_size: int, dtype: torch.dtype) -> MemoryEstimate:
-    """The module docstring's formulas for this config on `world_size` ranks computing in `dtype`."""
-    b = dtype.itemsize
+def estimate_memory(args: ModelArgs, cfg: TrainConfig, world_size: int, value_bytes: int) -> MemoryEstimate:
+    """The module docstring's formulas for this config on `world_size` ranks computing in a dtype of `value_bytes`
+    bytes a value (b)."""
+    b = value_bytes
     d, h, L, V = args.dim, args.hidden_dim, args.n_layers, args.vocab_size
     q, k = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     n = cfg.seq_len * cfg.batch_size
@@ -157,15 +162,18 @@ def fit_report(cfg: TrainConfig, estimate: MemoryEstimate, gpu_bytes: float, whe
 
 
 def config_estimate(cfg: TrainConfig, world_size: int) -> MemoryEstimate:
-    """The estimate for a run of `cfg` on `world_size` GPUs, from the model folder's params (no weights read).
-    `auto` computes in 2 bytes a value on a GPU, bf16 or fp16 alike."""
-    dtype = torch.bfloat16 if cfg.model.dtype == "auto" else DTYPES[cfg.model.dtype]
-    return estimate_memory(load_model_args(cfg.model.path), cfg, world_size, dtype)
+    """The estimate for a run of `cfg` on `world_size` GPUs, from the model folder's params (no weights read)."""
+    return estimate_memory(load_model_args(cfg.model.path), cfg, world_size, VALUE_BYTES[cfg.model.dtype])
 
 
 def describe_memory(cfg: TrainConfig, world_size: int, device: torch.device) -> str:
     """The line a run shows before step 1: the estimate, and on a GPU whether it fits and what to change first."""
-    estimate = estimate_memory(load_model_args(cfg.model.path), cfg, world_size, compute_dtype(cfg.model.dtype, device))
+    import torch
+
+    from finetune.training.precision import compute_dtype
+
+    dtype = compute_dtype(cfg.model.dtype, device)
+    estimate = estimate_memory(load_model_args(cfg.model.path), cfg, world_size, dtype.itemsize)
     if device.type != "cuda":
         return f"memory: {estimate.summary()} (as on a GPU; this run is on the CPU)"
     name = torch.cuda.get_device_name(device)

@@ -1,6 +1,10 @@
 """Checks that find a user's mistakes before any heavy work starts (loading weights, tokenizing, training).
 
 Each failure is a PreflightError whose message names the config key, the path and what to do.
+
+`tailor validate` shares the model folder's check, in a process that never loads torch (over a second of its
+start-up): the checks that build a meta model, and the run folder's check, whose file names live in modules of the
+loop, import what they need when they run.
 """
 
 from __future__ import annotations
@@ -8,21 +12,15 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-
-import torch
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from typing import TYPE_CHECKING
 
 from finetune.config import TrainConfig, resolve_cache_dir
 from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
 from finetune.data.config import DataSource
-from finetune.training.config_record import CONFIG_FILE
-from finetune.training.model_setup import build_meta_model
-from finetune.training.monitoring import METRICS_FILE
-from finetune.training.precision import compute_dtype
-from finetune.training.run_lock import LOCK_FILE
 from model.args import ModelArgs, load_model_args, num_parameters, read_json_object
-from model.lora import is_lora_name
-from model.weights import weight_specs_by_file
+
+if TYPE_CHECKING:
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 # Bytes per LoRA parameter in a checkpoint: fp32 in lora.safetensors, again in state/ for resume, and AdamW's two
 # fp32 moments.
@@ -95,6 +93,12 @@ def check_model_weights(cfg: TrainConfig, args: ModelArgs) -> None:
     """Every weight of the model that params.json (or config.json) describes is in the folder, once, with that
     shape, and nothing else is: read from the files' headers only, so a truncated or damaged file, a missing
     tensor or a mismatched shape stops the run before any weight is loaded, naming the file."""
+    import torch
+
+    from finetune.training.model_setup import build_meta_model
+    from model.lora import is_lora_name
+    from model.weights import weight_specs_by_file
+
     model_dir = Path(cfg.model.path)
     try:
         stored = weight_specs_by_file(model_dir)
@@ -141,6 +145,10 @@ def check_seq_len(seq_len: int, model_dir: Path) -> None:
 def check_run_dir(run_dir: Path) -> None:
     """run_dir, and checkpoints/ in it, are folders this process can write; what tailor writes there as a file is
     not a folder. A run_dir that does not exist is created."""
+    from finetune.training.config_record import CONFIG_FILE
+    from finetune.training.monitoring import METRICS_FILE
+    from finetune.training.run_lock import LOCK_FILE
+
     if run_dir.exists() and not run_dir.is_dir():
         raise PreflightError(f"run_dir: {run_dir} is a file, not a folder; choose another run_dir")
     check_writable("run_dir", run_dir)
@@ -180,6 +188,12 @@ def check_writable(key: str, folder: Path) -> None:
 def checkpoint_bytes(cfg: TrainConfig, args: ModelArgs) -> int:
     """About how large one checkpoint is: the LoRA parameters counted on a meta model (no memory), times the
     bytes each takes (CHECKPOINT_BYTES_PER_LORA_PARAMETER), plus the merged model when that is what is saved."""
+    import torch
+
+    from finetune.training.model_setup import build_meta_model
+    from finetune.training.precision import compute_dtype
+    from model.lora import is_lora_name
+
     dtype = compute_dtype(cfg.model.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_meta_model(cfg, args, dtype)
     lora_parameters = sum(p.numel() for name, p in model.named_parameters() if is_lora_name(name))

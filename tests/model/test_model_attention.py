@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.attention import BACKENDS, DocumentMask, available_backends, resolve_backend
+from model.attention import DocumentMask, available_backends, resolve_backend
+from model.settings import BACKENDS
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 SEQLENS = [5, 1, 11, 7]

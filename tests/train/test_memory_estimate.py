@@ -123,7 +123,7 @@ def test_the_estimate_is_within_15_percent_of_the_measured_peak(write_config, wi
         )
     )
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.model.dtype]
-    estimate = estimate_memory(load_model_args(wide_model_dir), cfg, 1, dtype)
+    estimate = estimate_memory(load_model_args(wide_model_dir), cfg, 1, dtype.itemsize)
     peak = measured_peak(cfg)
     assert abs(estimate.total - peak) <= 0.15 * peak, (estimate, peak)
 
@@ -132,28 +132,28 @@ def test_the_formulas_at_full_size(write_config):
     args = ARCHITECTURES["mistral-7b"]
     assert projection_parameters(args) + other_parameters(args) == num_parameters(args)
     cfg = load_config(write_config(model__dtype="bf16", seq_len=8192, batch_size=1))
-    bf16 = estimate_memory(args, cfg, 1, torch.bfloat16)
+    bf16 = estimate_memory(args, cfg, 1, torch.bfloat16.itemsize)
     assert bf16.weights / 1e9 == pytest.approx(14.5, abs=0.1)  # 7.25B parameters in bf16
     cfg.model.quantize = "nf4"
-    nf4 = estimate_memory(args, cfg, 1, torch.bfloat16)
+    nf4 = estimate_memory(args, cfg, 1, torch.bfloat16.itemsize)
     # 6.98B projections at 4.127 bits, 0.27B embeddings and head in bf16
     assert nf4.weights / 1e9 == pytest.approx(6.98 * 4.127 / 8 + 0.27 * 2, abs=0.05)
     assert nf4.activations == bf16.activations and nf4.lora == bf16.lora
     # 8 GPUs shard the weights, and hold one block gathered ahead and the root whole
-    eight = estimate_memory(args, cfg, 8, torch.bfloat16)
+    eight = estimate_memory(args, cfg, 8, torch.bfloat16.itemsize)
     assert eight.weights < nf4.weights / 2 and eight.lora == nf4.lora / 8
 
 
 def test_fit_and_the_setting_to_change_first(write_config):
     args = ARCHITECTURES["mistral-7b"]
     cfg = load_config(write_config(model__dtype="bf16", seq_len=8192, batch_size=1))
-    estimate = estimate_memory(args, cfg, 1, torch.bfloat16)
+    estimate = estimate_memory(args, cfg, 1, torch.bfloat16.itemsize)
     assert not fits(estimate, 16 * GIB) and fits(estimate, 80 * GIB)
     assert first_change(cfg, estimate, 16 * GIB).startswith("model.quantize: nf4")
     report = fit_report(cfg, estimate, 16 * GIB, "a 16 GiB GPU")
     assert "does NOT fit a 16 GiB GPU" in report and "change first: model.quantize: nf4" in report
     cfg.model.activation_checkpointing = False
-    assert first_change(cfg, estimate_memory(args, cfg, 1, torch.bfloat16), 16 * GIB).startswith(
+    assert first_change(cfg, estimate_memory(args, cfg, 1, torch.bfloat16.itemsize), 16 * GIB).startswith(
         "model.activation_checkpointing: true"
     )
 
@@ -183,9 +183,9 @@ def test_the_small_gpu_configs_are_valid_and_fit_by_the_estimate_they_show(name,
     cfg = load_config(path)
     assert cfg.model.quantize == "nf4" and cfg.model.activation_checkpointing and cfg.batch_size == 1
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[cfg.model.dtype]
-    estimate = estimate_memory(ARCHITECTURES[arch], cfg, 1, dtype)
+    estimate = estimate_memory(ARCHITECTURES[arch], cfg, 1, dtype.itemsize)
     assert fits(estimate, gib * GIB)
     assert f"{estimate.summary()} at seq_len {cfg.seq_len}, LoRA rank {cfg.lora.rank}" in path.read_text()
     # the next longer sequence would not fit: the estimate chose seq_len
     cfg.seq_len *= 2
-    assert not fits(estimate_memory(ARCHITECTURES[arch], cfg, 1, dtype), gib * GIB)
+    assert not fits(estimate_memory(ARCHITECTURES[arch], cfg, 1, dtype.itemsize), gib * GIB)

@@ -25,7 +25,8 @@ from finetune.training.loss import CausalLMWithLoss
 from finetune.training.model_setup import build_training_model
 from model.loading import load_model
 from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable, merged_weight
-from model.quantize import NF4_BITS_PER_WEIGHT, QUANTIZED_LINEARS, is_nf4
+from model.quantize import QUANTIZED_LINEARS, is_nf4
+from model.settings import NF4_BITS_PER_WEIGHT
 from model.tiny import write_tiny_model
 from model.weights import read_weights
 
