@@ -1,5 +1,5 @@
 """The README's config reference, generated from the dataclasses of the config (finetune/config.py, with its data
-section in finetune/data/config.py and its lora section in model/lora.py).
+section in finetune/data/config.py and its lora section in model/settings.py).
 
     python -m finetune.config_reference README.md      rewrite the table between the README's markers
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from model.settings import LoRAArgs  # the adapters' settings, apart so that the config reads them without torch
 
+
 def is_lora_name(name: str) -> bool:
     """Whether a parameter or state-dict key belongs to an adapter."""
     return ".lora_A." in name or ".lora_B." in name

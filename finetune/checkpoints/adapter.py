@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from finetune.checkpoints.manifest import MANIFEST, verify_checkpoint
 from finetune.data.tokenize import find_tokenizer_file
 from model.args import load_model_args
-from model.settings import LORA_TARGETS, LoRAArgs
 from model.quantize import QUANTIZATIONS
+from model.settings import LORA_TARGETS, LoRAArgs
 
 ADAPTER_FILE = "lora.safetensors"
 

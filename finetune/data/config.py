@@ -1,7 +1,7 @@
 """The `data:` section of the training config: which JSONL files train and evaluate, and how they are read.
 
 Here rather than in finetune/config.py so that the data path reads its settings without importing the rest of the
-config, which names the model's settings (model.lora.LoRAArgs, model.attention's backends): data knows the
+config, which names the model's settings (model/settings.py: LoRAArgs, the attention backends): data knows the
 tokenizer, never the network. finetune/config.py reads, checks and documents these fields with the others.
 """
 

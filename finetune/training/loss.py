@@ -20,6 +20,7 @@ from finetune.config import DEFAULT_CHUNK_SIZE
 from model.attention import to_device
 from model.lora import LoRALinear
 
+
 @dataclass
 class LossSums:
     """Sums, not means, so ranks and micro-batches add up before the one division of a step."""

@@ -32,7 +32,6 @@ torch.cuda.max_memory_allocated; tests/train/test_memory_estimate.py checks it a
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from finetune.config import DEFAULT_CHUNK_SIZE, TrainConfig

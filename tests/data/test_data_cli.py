@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.cli import main
+from finetune.cli import GPU_DEVICE_FILES, main
 from finetune.data import tokenize_sample
 
 REPO = Path(__file__).resolve().parents[2]
@@ -303,3 +303,32 @@ def test_validate_imports_no_checkpoint_machinery():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def loads_torch(argv: list[str]) -> tuple[int, bool]:
+    """`tailor ARGV` run in a fresh interpreter: its exit status, and whether it loaded torch."""
+    code = (  # --version and --help leave through argparse's sys.exit
+        "import sys\nfrom finetune.cli import main\n"
+        f"try:\n    sys.exit(main({argv!r}))\nfinally:\n    print('torch' in sys.modules, file=sys.stderr)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    return result.returncode, result.stderr.splitlines()[-1] == "True"
+
+
+def test_validate_and_version_load_no_torch(tmp_path, model_dirs, write_jsonl, chat):
+    """`tailor validate` never builds a model: importing torch was over a second of its start-up (benchmarks/
+    RESULTS.md). With --device and --gpu-memory nothing asks this machine's GPU, so on any machine no torch."""
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(4)])
+    config = write_config(tmp_path, model_dirs["tekken"], [train], [train])
+    assert loads_torch(["validate", str(config), "--device", "h100", "--gpu-memory", "80"]) == (0, False)
+    assert loads_torch(["--version"]) == (0, False)
+
+
+@pytest.mark.skipif(
+    any(os.path.exists(path) for path in GPU_DEVICE_FILES), reason="a GPU driver is here: torch is asked about it"
+)
+def test_validate_asks_torch_about_a_gpu_only_where_a_driver_is(tmp_path, model_dirs, write_jsonl, chat):
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(4)])
+    config = write_config(tmp_path, model_dirs["v3"], [train], [train])
+    assert loads_torch(["validate", str(config)]) == (0, False)
