@@ -68,7 +68,8 @@ def test_the_commands_after_training_load_nothing_of_the_training_loop():
 
 
 def test_importing_the_model_package_loads_only_what_is_asked_for():
-    assert loaded_after("import model.lora") == ["model", "model.lora"]
+    # model.lora and the settings it implements (LoRAArgs), nothing else of the package
+    assert loaded_after("import model.lora") == ["model", "model.lora", "model.settings"]
 
 
 def imports_that_run(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
