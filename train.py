@@ -27,7 +27,7 @@ from finetune.data import DataError, build_eval_batches, build_train_loader
 from finetune.data.report import data_report
 from finetune.training.config_record import record_config
 from finetune.training.console import Console
-from finetune.training.distributed import DistInfo, barrier, destroy, init_distributed
+from finetune.training.distributed import DistInfo, barrier, destroy, exit_process, init_distributed
 from finetune.training.eval import evaluate
 from finetune.training.loss_scale import loss_scale_for
 from finetune.training.model_setup import build_training_model
@@ -200,4 +200,4 @@ def run(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(sys.argv[1:]))
+    exit_process(run(sys.argv[1:]))
