@@ -260,17 +260,25 @@ def in_process(args, tmp: Path, data: Path) -> None:
         reads = cache_read_tokens_per_second(
             data, tokenizer, tmp / f"cache-{args.workers[-1]}-warm", args.seq_len, args.batch_size, 200
         )
-        reference = statistics.median(next(iter(walls.values())))
         print(f"{name}: {n / 1e6:.2f}M tokens; load average {os.getloadavg()[0]:.1f} at the end")
-        for label, times in walls.items():
-            median = statistics.median(times)
-            print(
-                f"  {label:<58} {n / median / 1e6:5.2f}M tok/s (median; runs {n / max(times) / 1e6:.2f} to "
-                f"{n / min(times) / 1e6:.2f}), {reference / median:.2f}x the reference"
-            )
+        print_medians(walls, lambda wall, n=n: n / wall / 1e6, "M tok/s")
         print(
             f"  padding at seq_len {args.seq_len}: {padding:.1%}; cache reads, TrainLoader batches of "
             f"{args.batch_size} x {args.seq_len}: {reads / 1e6:.1f}M tok/s"
+        )
+
+
+def print_medians(walls: dict[str, list[float]], value, unit: str) -> None:
+    """Each path's median over its alternating runs as `value(wall seconds)` in `unit`, with the spread of the runs,
+    and its speed against the first path's, the reference."""
+    reference = statistics.median(next(iter(walls.values())))
+    width = max(map(len, walls))
+    for label, times in walls.items():
+        median = statistics.median(times)
+        low, high = sorted((value(min(times)), value(max(times))))
+        print(
+            f"  {label:<{width}} {value(median):6.2f}{unit} (median; runs {low:.2f} to {high:.2f}), "
+            f"{reference / median:.2f}x the reference"
         )
 
 
@@ -306,14 +314,8 @@ def whole_processes(args, tmp: Path, data: Path) -> None:
                     raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
                 if round_:
                     walls[label].append(wall)
-        reference = statistics.median(next(iter(walls.values())))
         print(f"{name}: whole processes, load average {os.getloadavg()[0]:.1f} at the end")
-        for label, times in walls.items():
-            median = statistics.median(times)
-            print(
-                f"  {label:<45} {median:6.2f} s (median; runs {min(times):.2f} to {max(times):.2f}), "
-                f"{reference / median:.2f}x the reference"
-            )
+        print_medians(walls, lambda wall: wall, " s")
 
 
 def reference_process(data: Path, model: Path) -> None:
