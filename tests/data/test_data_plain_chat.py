@@ -23,6 +23,7 @@ BUNDLED = {
     "mistral_instruct_tokenizer_240216.model.v2": "v2",
     "mistral_instruct_tokenizer_240323.model.v3": "v3",
     "mistral_instruct_tokenizer_241114.model.v7": "v7",
+    "mistral_instruct_tokenizer_241114.model.v7m1": "v7",
     "tekken_240718.json": "v3",
     "tekken_240911.json": "v3",
 }
@@ -114,6 +115,7 @@ def test_generated_conversations_equal_mistral_common(bundled):
         {"messages": [{"role": "system", "content": "s"}]},
     ]
     samples.append({**samples[0], "wieght": 1})  # an unknown key: a warning
+    samples.append({**samples[1], "tools": []})  # no tools declared: a plain chat too
     results = {"tokens": 0, "faults": 0, "merged": 0}
     for sample in samples:
         line = json.dumps(sample, ensure_ascii=False).encode()
@@ -131,7 +133,7 @@ def test_generated_conversations_equal_mistral_common(bundled):
         roles = [m["role"] for m in sample["messages"]]
         results["merged"] += any(a == b for a, b in zip(roles, roles[1:]))
     assert results["faults"] == 2 * 5
-    assert results["tokens"] == 2 * 301
+    assert results["tokens"] == 2 * 302
     assert results["merged"] > 100  # consecutive messages of one role were common
 
 
