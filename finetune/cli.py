@@ -303,6 +303,16 @@ def _version() -> str:
         return "(not installed: run pip install -e . in the repository)"
 
 
+def command_line() -> None:
+    """`tailor` (pyproject.toml's script) and `python -m finetune`: main() on this process's arguments, then the
+    process's exit without the cyclic garbage collector's last walk over every object still alive (gc.freeze), which
+    only finds what the exit frees anyway: measured 0.05-0.1 s of a 1.5 s `tailor validate` of 7.8 MiB, walking the
+    tokenizer and its word memo. A command's files are closed by the time main() returns."""
+    status = main()
+    gc.freeze()
+    sys.exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((name for name, *_ in COMMANDS if argv and argv[0] == name), None)
