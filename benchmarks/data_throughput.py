@@ -5,10 +5,16 @@
 For SentencePiece v3 and Tekken it measures, on the same generated file, in alternating runs (each path once per
 round, round after round, so a shared machine's changing load falls on all of them alike), and prints the median
 of each with the spread (min-max) and the ratios of the medians:
-1. reference: what mistral-finetune's data path does per sample, in one process: json.loads, mistral-common
-   messages (UserMessage, FinetuningAssistantMessage), its finetuning validator (MistralRequestValidatorV3's
-   validate_messages), the stock per-message encoders of mistral-common's instruct tokenizer (encode_user_message,
-   encode_assistant_message), a boolean mask; no packing, no cache;
+1. two references, both mistral-finetune's work restated here with mistral-common's objects (mistral-finetune is
+   archived and not installed; its finetune/data/dataset.py and tokenize.py were read for this):
+   - "build_dataset": what its `build_dataset` does for one epoch of a training run with its default data settings
+     (`instruct.shuffle` and `instruct.dynamic_chunk_fn_call` on): every line is parsed and built into a sample once
+     to look for tool-call conversations to chunk (`maybe_chunk_lines`; none here), then parsed, built (pydantic
+     messages, a finetuning validator per sample, a `TrainingInstructSample` request) and tokenized with a boolean
+     mask (`tokenize_instruct`), the samples shuffled, and packed into seq_len sequences of input, target and mask
+     lists (`sequence_iterator`): the goal of issue 17 is stated against this;
+   - "per-sample work": the same parsing, validation and tokenizing with nothing else (no second build, no request
+     object, no shuffle, no packing): a stricter floor, kept so that every ratio can be read against both;
 2. tailor: tokenize + mask + cache + pack: `open_sources` into a cache with no entry for the file, then packing
    every sample once into seq_len sequences; with 0 workers (in-process) and with 2, each with a cold word memo (an
    empty cache folder, as a first run) and with a warm one (the memo that earlier builds left in the cache folder);
@@ -17,7 +23,8 @@ of each with the spread (min-max) and the ratios of the medians:
 With --processes it times whole processes instead, the way a user meets them, alternating fresh interpreters
 (imports, tokenizer loading and start-up included): `python -m finetune validate CONFIG` (tailor validate, an empty
 cache folder each run, as a first run) against `python benchmarks/data_throughput.py --reference-process FILE MODEL`,
-the reference above in a process that imports only what it needs (mistral-common).
+the "build_dataset" reference in a process that imports what mistral-finetune's finetune/data/dataset.py imports
+(numpy, torch.distributed, mistral-common), and the "per-sample work" in one that imports only mistral-common.
 
 The text is made of words drawn from a Zipf law, as natural language is: real English words first, then a
 long tail of English-looking made-up words, so that neither tokenizer (nor tailor's word memo) sees an
@@ -44,10 +51,11 @@ from pathlib import Path
 import mistral_common
 import numpy as np
 from mistral_common.protocol.instruct.messages import FinetuningAssistantMessage, UserMessage
+from mistral_common.protocol.instruct.request import InstructRequest
 from mistral_common.protocol.instruct.validator import MistralRequestValidatorV3, ValidationMode
 
-# tailor's modules are imported where they are used: the --reference-process mode imports only what the reference
-# does (mistral-common), so that its start-up is the reference's own.
+# tailor's modules are imported where they are used: the --reference-process mode imports only what its reference
+# does, so that its start-up is the reference's own.
 REPO = Path(__file__).resolve().parents[1]
 
 TOKENIZERS = {"SentencePiece v3": "mistral_instruct_tokenizer_240323.model.v3", "Tekken": "tekken_240911.json"}
@@ -142,7 +150,7 @@ class Stopwatch:
 
 
 def reference_path(path: Path, tokenizer) -> tuple[Stopwatch, int]:
-    """mistral-finetune's per-sample work (finetune/data/tokenize.py there), one process."""
+    """mistral-finetune's per-sample work (finetune/data/tokenize.py there), one process, nothing else."""
     instruct = tokenizer.instruct_tokenizer
     validator = MistralRequestValidatorV3(ValidationMode.finetuning)
     n_tokens = 0
@@ -170,6 +178,89 @@ def reference_path(path: Path, tokenizer) -> tuple[Stopwatch, int]:
                 tokens += new
             n_tokens += len(tokens)
     return watch, n_tokens
+
+
+class TrainingSample(InstructRequest):
+    """mistral-finetune's TrainingInstructSample: mistral-common's instruct request, with its `only_last` flag."""
+
+    only_last: bool = False
+
+
+def build_sample_as_mistral_finetune(data: dict) -> TrainingSample:
+    """Its build_instruct_sample for chats without tools: pydantic messages, a finetuning validator made for this
+    sample, and the request object (pydantic validates the messages once more)."""
+    system_prompt, messages = data.get("system_prompt"), []
+    for m in data["messages"]:
+        content = m.get("content", m.get("text"))
+        if m["role"] == "system":
+            system_prompt = content
+        elif m["role"] == "user":
+            messages.append(UserMessage(content=content))
+        else:
+            messages.append(FinetuningAssistantMessage(content=content, tool_calls=None, weight=m.get("weight")))
+    validator = MistralRequestValidatorV3(ValidationMode.finetuning)
+    validator.validate_messages(messages)
+    validator._validate_tools([])
+    only_last = data.get("only_last", False)
+    return TrainingSample(messages=messages, system_prompt=system_prompt, available_tools=None, only_last=only_last)
+
+
+def tokenize_as_mistral_finetune(sample: TrainingSample, instruct) -> tuple[list[int], list[bool]]:
+    """Its tokenize_instruct: the stock per-message encoders, a mask that is True on the trained assistant messages."""
+    tokens, mask = instruct.start(), [False]
+    users = [i for i, m in enumerate(sample.messages) if isinstance(m, UserMessage)]
+    for i, m in enumerate(sample.messages):
+        if isinstance(m, UserMessage):
+            new = instruct.encode_user_message(m, None, i == users[-1], i == users[0], sample.system_prompt)[0]
+            trained = False
+        else:
+            new = instruct.encode_assistant_message(m, is_before_last_user_message=False)  # no continue_message since 1.x
+            trained = m.weight in (None, 1) and (not sample.only_last or i == len(sample.messages) - 1)
+        tokens += new
+        mask += [trained] * len(new)
+    return tokens, mask
+
+
+def pack_as_mistral_finetune(samples: list[tuple[list[int], list[bool]]], seq_len: int) -> int:
+    """Its sequence_iterator for one epoch: inputs, targets and mask appended to seq_len-long lists, pieces with no
+    trained target skipped, full sequences kept when they train something; returns how many it made."""
+    n_sequences = 0
+    inputs, targets, mask, sizes = [], [], [], []
+    for tokens, sample_mask in samples:
+        assert len(inputs) < seq_len
+        x, y, m = tokens[:-1], tokens[1:], sample_mask[1:]
+        begin = 0
+        while begin < len(x):
+            end = begin + seq_len - len(inputs)
+            piece_mask = m[begin:end]
+            if any(piece_mask):
+                inputs += x[begin:end]
+                targets += y[begin:end]
+                mask += piece_mask
+                sizes.append(len(piece_mask))
+                if len(inputs) == seq_len:
+                    assert len(targets) == len(mask) == sum(sizes) == seq_len
+                    n_sequences += any(mask)
+                    inputs, targets, mask, sizes = [], [], [], []
+            begin += len(piece_mask)
+    return n_sequences
+
+
+def build_dataset_path(path: Path, tokenizer, seq_len: int) -> tuple[Stopwatch, int]:
+    """mistral-finetune's build_dataset for one training epoch of one file, with its default data settings."""
+    instruct = tokenizer.instruct_tokenizer
+    with Stopwatch() as watch:
+        with open(path) as f:
+            lines = list(f)
+        for line in lines:  # dynamic_chunk_fn_call: each sample is built once to look for tool calls to chunk
+            sample = build_sample_as_mistral_finetune(json.loads(line))
+            assert not sample.only_last  # only such conversations are chunked; these chats have none
+        samples = [
+            tokenize_as_mistral_finetune(build_sample_as_mistral_finetune(json.loads(x)), instruct) for x in lines
+        ]
+        np.random.RandomState(seed=np.array((0, 0))).shuffle(samples)
+        pack_as_mistral_finetune(samples, seq_len)
+    return watch, sum(len(tokens) for tokens, _ in samples)
 
 
 def tailor_path(
@@ -226,6 +317,9 @@ def make_model_folder(folder: Path, tokenizer_file: str) -> Path:
     return folder
 
 
+REFERENCES = ("mistral-finetune's build_dataset", "mistral-finetune's per-sample work")
+
+
 def in_process(args, tmp: Path, data: Path) -> None:
     from finetune.data import load_tokenizer
 
@@ -233,9 +327,8 @@ def in_process(args, tmp: Path, data: Path) -> None:
         model = make_model_folder(tmp / name.replace(" ", "_"), file)
         tokenizer = load_tokenizer(model)
         paths = {
-            "reference (mistral-finetune's per-sample work), 1 process": lambda tokenizer=tokenizer: reference_path(
-                data, tokenizer
-            ),
+            REFERENCES[0]: lambda tokenizer=tokenizer: build_dataset_path(data, tokenizer, args.seq_len),
+            REFERENCES[1]: lambda tokenizer=tokenizer: reference_path(data, tokenizer),
             **{
                 f"tailor, {workers} workers, {memo} word memo": (
                     lambda workers=workers, memo=memo, model=model: tailor_path(
@@ -253,7 +346,7 @@ def in_process(args, tmp: Path, data: Path) -> None:
             for label, path in paths.items():
                 watch, result = path()
                 walls[label].append(watch.wall)
-                if label.startswith("reference"):
+                if label in REFERENCES:
                     n = result
                 else:
                     padding = result
@@ -270,27 +363,28 @@ def in_process(args, tmp: Path, data: Path) -> None:
 
 def print_medians(walls: dict[str, list[float]], value, unit: str) -> None:
     """Each path's median over its alternating runs as `value(wall seconds)` in `unit`, with the spread of the runs,
-    and its speed against the first path's, the reference."""
-    reference = statistics.median(next(iter(walls.values())))
+    and its speed against each reference's (the first two paths)."""
+    references = [statistics.median(times) for times in list(walls.values())[:2]]
     width = max(map(len, walls))
     for label, times in walls.items():
         median = statistics.median(times)
         low, high = sorted((value(min(times)), value(max(times))))
-        print(
-            f"  {label:<{width}} {value(median):6.2f}{unit} (median; runs {low:.2f} to {high:.2f}), "
-            f"{reference / median:.2f}x the reference"
-        )
+        ratios = " / ".join(f"{reference / median:.2f}x" for reference in references)
+        print(f"  {label:<{width}} {value(median):6.2f}{unit} (median; runs {low:.2f} to {high:.2f}), {ratios}")
+    print(f"  (ratios: against {' / against '.join(list(walls)[:2])})")
 
 
 def whole_processes(args, tmp: Path, data: Path) -> None:
-    """Fresh interpreters, alternating: the reference process against `tailor validate` with an empty cache."""
+    """Fresh interpreters, alternating: the reference processes against `tailor validate` with an empty cache."""
     import yaml
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for name, file in TOKENIZERS.items():
         model = make_model_folder(tmp / name.replace(" ", "_"), file)
-        commands = {"reference process (mistral-common only)": [sys.executable, __file__, "--reference-process"]}
-        commands["reference process (mistral-common only)"] += [str(data), str(model)]
+        commands = {
+            f"{reference}, a process of its own": [sys.executable, __file__, "--reference-process", kind, data, model]
+            for reference, kind in zip(REFERENCES, ("build_dataset", "per-sample"))
+        }
         caches = {}
         for workers in args.workers:
             config = tmp / f"{model.name}-{workers}.yaml"
@@ -308,23 +402,31 @@ def whole_processes(args, tmp: Path, data: Path) -> None:
                 for cache in caches.values():
                     shutil.rmtree(cache, ignore_errors=True)
                 start = time.perf_counter()
-                result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+                result = subprocess.run(list(map(str, command)), cwd=REPO, env=env, capture_output=True, text=True)
                 wall = time.perf_counter() - start
                 if result.returncode != 0:
-                    raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+                    raise SystemExit(
+                        f"{' '.join(map(str, command))} failed ({result.returncode}):\n{result.stderr[-2000:]}"
+                    )
                 if round_:
                     walls[label].append(wall)
         print(f"{name}: whole processes, load average {os.getloadavg()[0]:.1f} at the end")
         print_medians(walls, lambda wall: wall, " s")
 
 
-def reference_process(data: Path, model: Path) -> None:
-    """The reference in a process of its own: mistral-common's tokenizer from the model folder, then its work."""
+def reference_process(kind: str, data: Path, model: Path) -> None:
+    """A reference in a process of its own: what it imports, mistral-common's tokenizer from the model folder, then
+    its work. mistral-finetune's finetune/data/dataset.py imports numpy and torch.distributed before anything else."""
+    if kind == "build_dataset":
+        import torch.distributed  # noqa: F401
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
     (tokenizer_file,) = [p for p in model.iterdir() if p.name != "params.json"]
     tokenizer = MistralTokenizer.from_file(str(tokenizer_file), mode=ValidationMode.finetuning)
-    watch, n = reference_path(data, tokenizer)
+    if kind == "build_dataset":
+        watch, n = build_dataset_path(data, tokenizer, 8192)
+    else:
+        watch, n = reference_path(data, tokenizer)
     print(f"{n} tokens in {watch.wall:.2f} s")
 
 
@@ -337,10 +439,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="data.num_workers values to time")
     parser.add_argument("--data", type=Path, help="a .jsonl file to read (generated there, of --samples, if missing)")
     parser.add_argument("--processes", action="store_true", help="time whole processes: tailor validate")
-    parser.add_argument("--reference-process", nargs=2, type=Path, metavar=("FILE", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--reference-process", nargs=3, metavar=("KIND", "FILE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reference_process:
-        return reference_process(*args.reference_process)
+        kind, data, model = args.reference_process
+        return reference_process(kind, Path(data), Path(model))
     sys.path.insert(0, str(REPO))
 
     with tempfile.TemporaryDirectory() as tmp:

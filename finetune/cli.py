@@ -7,6 +7,7 @@ row to COMMANDS. Heavy imports happen inside the run functions so that `tailor -
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import sys
@@ -42,6 +43,19 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    # Validation keeps what it makes to its end (modules, the tokenizer, its word memo), and makes little cyclic
+    # garbage, which the cache's build collects itself: the cyclic collector would only walk those objects again
+    # and again (measured: 0.1 s of a 1.5 s validation of 7.8 MiB with the v3 tokenizer, imports included).
+    collector_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        return _validate(args)
+    finally:
+        if collector_was_on:
+            gc.enable()
+
+
+def _validate(args: argparse.Namespace) -> int:
     import dataclasses
     import functools
 

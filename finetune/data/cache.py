@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import array
 import fcntl
+import gc
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ import shutil
 import time
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import chain
@@ -68,6 +70,9 @@ MIN_SPLIT_BYTES = 2 << 20
 BATCH_LINES = 256
 BATCH_BYTES = 4 << 20
 SPAN_DTYPE = np.dtype([("begin", "<i4"), ("end", "<i4"), ("weight", "<f4")])
+# Tokenizing runs with Python's cyclic garbage collector paused (_collector_paused), which collects once per this
+# many bytes read instead.
+COLLECT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -305,28 +310,35 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
         open(f"{prefix}.tokens", "wb") as tokens_out,
         open(f"{prefix}.errors.jsonl", "w", encoding="utf-8") as errors,
         open(f"{prefix}.warnings.jsonl", "w", encoding="utf-8") as warnings,
+        _collector_paused(),
     ):
         pending: list[int] = []
-        results = chain.from_iterable(
-            tokenize_lines(batch, tokenizer, train_on) for batch in _batches(path, start, end)
-        )
-        for n_lines, result in enumerate(results, 1):
-            if isinstance(result, SampleFault):
-                record = {"line": n_lines, "kind": result.kind, "message": result.message, "fixable": result.fixable}
-                errors.write(json.dumps(record) + "\n")
-                continue
-            sample_tokens, sample_spans, sample_warnings = result
-            for kind, message in sample_warnings:
-                warnings.write(json.dumps({"line": n_lines, "kind": kind, "message": message}) + "\n")
-            if any(kind in LEFT_OUT for kind, _ in sample_warnings):
-                continue
-            pending += sample_tokens
-            lengths.append(len(sample_tokens))
-            n_spans.append(len(sample_spans))
-            spans += sample_spans
+        bytes_since_collect = 0
+        for batch in _batches(path, start, end):
+            for result in tokenize_lines(batch, tokenizer, train_on):
+                n_lines += 1
+                if isinstance(result, SampleFault):
+                    record = {
+                        "line": n_lines, "kind": result.kind, "message": result.message, "fixable": result.fixable
+                    }  # fmt: skip
+                    errors.write(json.dumps(record) + "\n")
+                    continue
+                sample_tokens, sample_spans, sample_warnings = result
+                for kind, message in sample_warnings:
+                    warnings.write(json.dumps({"line": n_lines, "kind": kind, "message": message}) + "\n")
+                if any(kind in LEFT_OUT for kind, _ in sample_warnings):
+                    continue
+                pending += sample_tokens
+                lengths.append(len(sample_tokens))
+                n_spans.append(len(sample_spans))
+                spans += sample_spans
             if len(pending) > 1 << 20:
                 tokens_out.write(array.array("I", pending).tobytes())  # 3x faster than numpy from a list
                 pending = []
+            bytes_since_collect += sum(map(len, batch))
+            if bytes_since_collect >= COLLECT_BYTES:
+                gc.collect()
+                bytes_since_collect = 0
         tokens_out.write(array.array("I", pending).tobytes())
     np.savez(
         f"{prefix}.npz",
@@ -335,6 +347,23 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
         spans=np.asarray(spans, SPAN_DTYPE),
     )
     return n_lines
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off (unless the caller had it off already), for tokenizing.
+
+    Left on, it walks every object the build keeps, again and again as they pile up: the SentencePiece word memo's
+    hundreds of thousands of lists most of all (measured: 0.2-0.3 s of a 1.1 s v3 build of 7.8 MiB). Tokenizing
+    makes cyclic garbage only with bad lines (a SampleFault's traceback holds its batch), which _tokenize_range
+    collects every COLLECT_BYTES, so memory stays bounded whatever the file."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _batches(path: Path, start: int, end: int) -> Iterator[list[bytes]]:

@@ -1,5 +1,6 @@
 """The benchmark scripts keep running (their numbers go to benchmarks/RESULTS.md; nothing here is timed)."""
 
+import json
 import os
 import re
 import subprocess
@@ -79,3 +80,48 @@ def test_the_qlora_quality_benchmark_finds_nf4_and_its_dequantized_control_the_s
     )
     assert (tmp_path / "nf4-seed0" / "checkpoints" / "checkpoint_000002" / "lora.safetensors").is_file()
     assert benchmark("--trained") == trained
+
+
+def _data_throughput():
+    """benchmarks/data_throughput.py as a module (it is a script, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("data_throughput", REPO / "benchmarks" / "data_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_data_benchmarks_references_make_tailors_tokens(tmp_path):
+    """Both restatements of mistral-finetune's data path tokenize the generated chats into exactly the tokens tailor
+    makes of them, so the benchmark compares the same work; its mask trains exactly tailor's trained tokens."""
+    from finetune.data import load_tokenizer, tokenize_sample
+
+    bench = _data_throughput()
+    data = tmp_path / "chat.jsonl"
+    bench.make_chat_file(data, 12)
+    tokenizer = load_tokenizer(bench.make_model_folder(tmp_path / "model", bench.TOKENIZERS["SentencePiece v3"]))
+    samples = [json.loads(line) for line in data.read_text().splitlines()]
+    ours = [tokenize_sample(sample, tokenizer) for sample in samples]
+    theirs = [
+        bench.tokenize_as_mistral_finetune(bench.build_sample_as_mistral_finetune(sample), tokenizer.instruct_tokenizer)
+        for sample in samples
+    ]
+    for mine, (tokens, mask) in zip(ours, theirs):
+        assert mine.tokens == tokens
+        assert [w > 0 for w in mine.weights] == mask
+    n_tokens = sum(len(tokens) for tokens, _ in theirs)
+    assert bench.build_dataset_path(data, tokenizer, 8192)[1] == n_tokens
+    assert bench.reference_path(data, tokenizer)[1] == n_tokens
+
+
+def test_the_data_benchmarks_packing_is_mistral_finetunes():
+    """sequence_iterator's rules: inputs tokens[:-1] against mask[1:], pieces that train nothing dropped, a sequence
+    counted when it is full and trains something."""
+    pack = _data_throughput().pack_as_mistral_finetune
+    t, f = True, False
+    # 5 inputs per sample, 4 per sequence: [a0..a3] full, then a4 + b0..b2, then b3 + c... c is all masked: dropped
+    samples = [(list(range(6)), [f, f, t, t, t, t]), (list(range(6)), [f, t, t, t, t, t]), (list(range(6)), [f] * 6)]
+    assert pack(samples, 4) == 2
+    assert pack(samples, 3) == 3  # [a0 a1 a2] [a3 a4 b0] [b1 b2 b3]; b4 waits; c trains nothing
+    assert pack([(list(range(9)), [f] * 9)], 4) == 0

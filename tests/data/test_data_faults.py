@@ -10,6 +10,7 @@ from finetune.data import DataError, SampleFault, build_eval_batches, build_trai
 from finetune.data.config import DataConfig, DataSource
 from finetune.data.errors import SampleWarning
 from finetune.data.jsonl import parse_line
+from finetune.data.schema import TEMPLATE_TEXT_IS
 from finetune.data.tokenize import tokenize_line
 
 TOOL = {"type": "function", "function": {"name": "lookup", "description": "", "parameters": {"type": "object"}}}
@@ -284,3 +285,22 @@ def test_a_repeated_key_is_a_warning_and_the_last_value_is_used(tokenizers):
 def test_a_clean_sample_has_no_warning(tokenizers):
     for sample in ({"text": "a"}, {"messages": [USER, ANSWER]}, calling(call(), after=(TOOL_RESULT, ANSWER))):
         assert tokenize_line(json.dumps(sample).encode(), tokenizers["v7"])[2] == []
+
+
+@pytest.mark.parametrize(
+    "content,marker",
+    [
+        ("a [link] and <b>bold</b>, no marker", None),
+        ("x" * 5000 + "</s>", "</s>"),
+        ("<|eot_id|> then [/INST]", "[/INST]"),  # TEMPLATE_TEXT's order, not the text's
+        ("[TOOL_CALLS][", "[TOOL_CALLS]"),
+        ("\u3000<|im_start|>\u00a0", "<|im_start|>"),
+        ("[ INST] < s>", None),
+    ],
+)
+def test_template_text_names_the_first_marker_of_the_list_that_the_text_holds(tokenizers, content, marker):
+    sample = {"messages": [USER, {"role": "assistant", "content": content}]}
+    _, _, warnings = tokenize_line(json.dumps(sample).encode(), tokenizers["v7"])
+    assert [w.message for w in warnings if w.kind == "template_text"] == (
+        [] if marker is None else [f"message 2 (assistant) holds {marker!r}, {TEMPLATE_TEXT_IS}"]
+    )

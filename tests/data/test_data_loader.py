@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import time
@@ -145,6 +146,34 @@ def test_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path, tokenizers,
     (edited,) = open_tokenized_files([chat_file], tokenizers["v3"], "all", tmp_path / "cache")
     assert len({first.entry, other_tokenizer.entry, last_only.entry, edited.entry}) == 4
     assert len(edited) == 41
+
+
+def test_tokenizing_pauses_the_cyclic_collector_and_collects_once_per_collect_bytes(
+    tmp_path, tokenizers, write_jsonl, chat, monkeypatch
+):
+    # a bad line's SampleFault holds its batch in a reference cycle: the garbage a paused collector leaves
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(i) if i % 3 else "{bad json" for i in range(600)])
+    collections = []  # whether the collector was on, for each collection
+
+    def record(phase, info):
+        if phase == "stop":
+            collections.append(gc.isenabled())
+
+    gc.callbacks.append(record)
+    try:
+        monkeypatch.setattr(cache, "COLLECT_BYTES", 1)  # a collection after every batch of BATCH_LINES (256)
+        (built,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "a", num_workers=0)
+        assert gc.isenabled() and collections.count(False) == 3  # 600 lines: 3 batches, and no other collection
+        monkeypatch.undo()
+        gc.disable()  # a caller that turned the collector off finds it off
+        collections.clear()
+        (again,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "b", num_workers=0)
+        assert not gc.isenabled() and collections == []
+    finally:
+        gc.enable()
+        gc.callbacks.remove(record)
+    assert built.meta["n_samples"] == again.meta["n_samples"] == 400
+    assert built.tokens.tolist() == again.tokens.tolist()
 
 
 def test_parallel_build_equals_in_process_build(tmp_path, tokenizers, write_jsonl, chat, monkeypatch, capsys):
