@@ -45,10 +45,12 @@ from mistral_common.tokens.tokenizers.instruct import (
     InstructTokenizerV7,
 )
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from mistral_common.tokens.tokenizers.tekken import is_tekken
 
 from finetune.data.errors import NOTHING_TO_TRAIN, SampleFault, SampleWarning, first_line
 from finetune.data.jsonl import parse_line
 from finetune.data.schema import check_sample, sample_warnings
+from finetune.data.tekken_loading import load_tekken
 from finetune.data.text_encoders import WordMemoSentencePiece, usable_cores, with_fast_text_encoder
 
 # mistral-common's own file names, newest first; a plain `tokenizer.model` (a Hugging Face copy) is the fallback.
@@ -86,6 +88,8 @@ def load_tokenizer(model_dir: str | Path) -> MistralTokenizer:
     mistral-common cannot read (truncated, or not a tokenizer) is a ValueError naming it."""
     path = find_tokenizer_file(model_dir)
     try:
+        if is_tekken(path):
+            return load_tekken(path, ValidationMode.finetuning)
         return MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
     except Exception as e:  # noqa: BLE001 - whatever a parser of outside bytes raises, the file is at fault
         raise ValueError(f"{path}: not a tokenizer file mistral-common can read ({first_line(e)})") from None
