@@ -55,10 +55,11 @@ from tqdm import tqdm
 
 from finetune.data.errors import LEFT_OUT, SampleFault
 from finetune.data.jsonl import line_aligned_ranges, read_lines
-from finetune.data.text_encoders import WordMemoSentencePiece, usable_cores
+from finetune.data.text_encoders import WordMemoSentencePiece, cycle_collector_paused, usable_cores
 from finetune.data.tokenize import set_encoder_threads, tokenize_lines, word_memo
 
 CACHE_FORMAT = 2
+WORD_MEMO_FORMAT = 2  # write_words' layout: a file of another layout is not even looked at
 assert array.array("I").itemsize == 4, "tokens.bin holds uint32"
 PART_BYTES = 8 << 20  # the most of a file one worker task takes
 PARTS_PER_WORKER = 4
@@ -129,30 +130,32 @@ def open_tokenized_files(
     to_build = [path for path, entry in entries.items() if not (entry / "meta.json").exists()]
     memo = word_memo(tokenizer) if to_build else None  # a run that finds its files cached builds no encoder
     # per tokenizer file and SentencePiece version: the ids are what that pair makes of each word
-    memo_key = hashlib.sha256(f"{tokenizer_digest}|{sentencepiece.__version__}".encode()).hexdigest()[:32]
-    memo_file = cache_dir / "word_memo" / f"{memo_key}.npz"
+    memo_key = f"{WORD_MEMO_FORMAT}|{tokenizer_digest}|{sentencepiece.__version__}"
+    memo_file = cache_dir / "word_memo" / f"{hashlib.sha256(memo_key.encode()).hexdigest()[:32]}.npz"
     if memo is not None:
-        _load_word_memo(memo_file, memo, tokenizer.instruct_tokenizer.tokenizer.n_words)
+        in_file = _load_word_memo(memo_file, memo, tokenizer.instruct_tokenizer.tokenizer.n_words)
     with _WorkerPool(tokenizer, train_on, num_workers) as pool:
         # First build what no other process is building, then wait for the rest: ranks share the work.
         for blocking in (False, True):
             for path, entry in entries.items():
                 if not (entry / "meta.json").exists():
                     _build_locked(path, entry, pool, blocking)
-    if memo is not None:
+    if memo is not None and len(memo.words()) > in_file:  # it learned words
         _save_word_memo(memo_file, memo)
     return [TokenizedFile(path, entry) for path, entry in entries.items()]
 
 
-def _load_word_memo(path: Path, memo: WordMemoSentencePiece, n_words: int) -> None:
-    """Words -> ids saved by earlier builds, if the file is one (checked: ids in the vocabulary)."""
+def _load_word_memo(path: Path, memo: WordMemoSentencePiece, n_words: int) -> int:
+    """Words -> ids saved by earlier builds, if the file is one (checked: ids in the vocabulary); returns how many
+    words the file holds (0 when there is none, or none usable)."""
     if not path.exists():
-        return
+        return 0
     words = read_words(path, n_words)
     if words is None:
         print(f"{path}: not a word memo this tokenizer wrote; it is rebuilt", flush=True)
-        return
+        return 0
     memo.remember(words)
+    return len(words)
 
 
 def _save_word_memo(path: Path, memo: WordMemoSentencePiece) -> None:
@@ -163,15 +166,16 @@ def _save_word_memo(path: Path, memo: WordMemoSentencePiece) -> None:
 
 
 def write_words(path: Path, words: dict[str, list[int]]) -> None:
-    """Words and their ids as four flat arrays in one .npz (no pickle): numpy writes and reads them many times faster
-    than JSON would a dict of lists."""
-    keys = [word.encode("utf-8") for word in words]
+    """Words and their ids as four flat arrays in one .npz (no pickle), made by C loops (join, map, fromiter): numpy
+    writes and reads them many times faster than JSON would a dict of lists. `text` is the words' UTF-8, one after
+    the other; `text_ends` where each word ends in it, in code points (what slicing the decoded text takes)."""
+    ids = words.values()
     np.savez(
         path,
-        text=np.frombuffer(b"".join(keys), np.uint8),
-        text_ends=np.cumsum([len(k) for k in keys], dtype=np.int64),
-        ids=np.fromiter(chain.from_iterable(words.values()), np.int32),
-        id_ends=np.cumsum([len(ids) for ids in words.values()], dtype=np.int64),
+        text=np.frombuffer("".join(words).encode("utf-8"), np.uint8),
+        text_ends=np.fromiter(map(len, words), np.int64, len(words)).cumsum(),
+        ids=np.fromiter(chain.from_iterable(ids), np.int32),
+        id_ends=np.fromiter(map(len, ids), np.int64, len(ids)).cumsum(),
     )
 
 
@@ -179,11 +183,12 @@ def read_words(path: Path, n_words: int) -> dict[str, list[int]] | None:
     """What write_words wrote; None if the file is not that (damaged, or ids outside a vocabulary of n_words)."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            text, text_ends, ids, id_ends = f["text"], f["text_ends"], f["ids"], f["id_ends"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            raw, text_ends, ids, id_ends = f["text"], f["text_ends"], f["ids"], f["id_ends"]
+        text = raw.tobytes().decode("utf-8") if raw.dtype == np.uint8 else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # UnicodeDecodeError is a ValueError
         return None
-    shapes_ok = all(a.ndim == 1 for a in (text, text_ends, ids, id_ends)) and len(text_ends) == len(id_ends)
-    types_ok = text.dtype == np.uint8 and ids.dtype == np.int32 and text_ends.dtype == id_ends.dtype == np.int64
+    shapes_ok = all(a.ndim == 1 for a in (raw, text_ends, ids, id_ends)) and len(text_ends) == len(id_ends)
+    types_ok = text is not None and ids.dtype == np.int32 and text_ends.dtype == id_ends.dtype == np.int64
     if not (shapes_ok and types_ok):
         return None
     if len(ids) and (ids.min() < 0 or ids.max() >= n_words):
@@ -192,14 +197,10 @@ def read_words(path: Path, n_words: int) -> dict[str, list[int]] | None:
     ends_ok = (not len(text_ends)) or (text_ends[-1] == len(text) and id_ends[-1] == len(ids))
     if not ends_ok or np.any(text_ends <= text_starts) or np.any(id_ends <= id_starts):
         return None
-    raw, id_list = text.tobytes(), ids.tolist()
-    try:
-        return {
-            raw[a:b].decode("utf-8"): id_list[c:d]
-            for a, b, c, d in zip(text_starts.tolist(), text_ends.tolist(), id_starts.tolist(), id_ends.tolist())
-        }
-    except UnicodeDecodeError:
-        return None
+    id_list = ids.tolist()
+    with cycle_collector_paused():
+        keys = map(text.__getitem__, map(slice, text_starts.tolist(), text_ends.tolist()))
+        return dict(zip(keys, map(id_list.__getitem__, map(slice, id_starts.tolist(), id_ends.tolist()))))
 
 
 def worker_processes(num_workers: int, cores: int, threaded: bool) -> int:

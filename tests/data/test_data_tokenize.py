@@ -19,7 +19,6 @@ from finetune.data import (
     tokenize_sample,
 )
 from finetune.data.errors import NOTHING_TO_TRAIN
-from finetune.data.text_encoders import WordMemoSentencePiece, fast_text_encoder, word_memo_is_exact
 from finetune.data.tokenize import tokenize_line, tokenize_lines
 
 WEATHER_TOOL = {
@@ -295,23 +294,7 @@ def test_read_vocab_size_from_hugging_face_config(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The fast text encoders give the original's tokens
-
-
-@pytest.mark.parametrize("version", ["v1", "v3", "v7", "tekken"])
-def test_fast_text_encoder_equals_encode(tokenizers, version):
-    raw = tokenizers[version].instruct_tokenizer.tokenizer
-    if version != "tekken":
-        assert word_memo_is_exact(raw)
-    fast = fast_text_encoder(raw)
-    rng = random.Random(0)
-    alphabet = list("ab c  \n\t.,!é中😀1 2") + ["  ", "   ", "\n ", " \n", "\u00a0", "▁", "[INST]", "</s>"]
-    words = ["a", "b", "é", "中", "😀", "1", "22", "\n", "\t", ".", ",!", "ab\nc", "[INST]"]
-    texts = ["", " ", "  ", "x", " x", "x ", "Hello  world  ", "▁▁a"]
-    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
-    texts += [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(3000)]  # single spaces only
-    for text in texts + texts:  # twice: the second pass reads the memo
-        assert fast(text) == raw.encode(text, bos=False, eos=False), repr(text)
+# Lines tokenized in batches (the fast text encoders' own tests: test_text_encoders.py)
 
 
 def _odd_texts(rng: random.Random) -> list[str]:
@@ -322,39 +305,6 @@ def _odd_texts(rng: random.Random) -> list[str]:
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(1500)]
     texts += [" ".join(rng.choices(words, k=rng.randint(1, 12))) for _ in range(1500)]
     return texts
-
-
-@pytest.mark.parametrize("version", ["v1", "v3", "v7"])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_word_memo_prepared_in_batches_equals_encode(tokenizers, version, threads):
-    """`prepare` encodes the new words of a batch of texts at once, in `threads` threads; the ids handed out after
-    it are the original's, for the texts prepared and for others."""
-    raw = tokenizers[version].instruct_tokenizer.tokenizer
-    fast = fast_text_encoder(raw, threads)
-    texts = _odd_texts(random.Random(1))
-    for batch in (texts[:2000], texts[1000:]):  # overlapping batches: known and new words, repeated texts
-        fast.prepare(batch)
-        for text in batch[::-1] + texts[:50]:  # in another order, with texts of an earlier batch
-            ids = fast(text)
-            assert ids == raw.encode(text, bos=False, eos=False), repr(text)
-            ids.append(-1)  # a caller may extend what it is given: no later answer changes
-    assert len(fast.words()) > 1000  # the words were learned by prepare, not encoded one miss at a time
-
-
-def test_word_memo_is_bounded(tokenizers):
-    memo = WordMemoSentencePiece(tokenizers["v3"].instruct_tokenizer.tokenizer._model)
-    memo.max_words = 10
-    for i in range(50):
-        memo(f"word{i} other{i}")
-    assert len(memo._memo) <= 12
-    memo = WordMemoSentencePiece(tokenizers["v3"].instruct_tokenizer.tokenizer._model)
-    memo.max_words = 10
-    memo.prepare([f"word{i} other{i}" for i in range(50)])
-    assert list(memo.words()) == ["word0", "other0", "word1", "other1", "word2", "other2", "word3", "other3", "word4"][
-        :10
-    ] + ["other4"]
-    memo.prepare(["more words here"])
-    assert len(memo.words()) == 10
 
 
 @pytest.mark.parametrize("version", ["v3", "tekken"])
