@@ -44,7 +44,7 @@ class TekkenizerVocabOnUse(Tekkenizer):
         self._loading = True  # Tekkenizer.__init__ fills its list through id_to_piece: placeholders, dropped below
         super().__init__(*args, **kwargs)
         self._loading = False
-        del self._vocab
+        vars(self).pop("_vocab", None)  # the placeholders; the cached property below makes the real list
 
     @cached_property
     def _vocab(self) -> list[str]:
