@@ -1,5 +1,5 @@
 """`python -m finetune ...` is `tailor ...`."""
 
-from finetune.cli import main
+from finetune.cli import command_line
 
-raise SystemExit(main())
+command_line()

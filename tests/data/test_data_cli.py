@@ -307,6 +307,18 @@ def test_validate_imports_no_checkpoint_machinery():
     assert result.stdout.strip() == "[]"
 
 
+def test_validate_as_a_process_gives_its_exit_status_and_all_its_output(tmp_path, model_dirs, write_jsonl, chat):
+    """The command line's process leaves without the collector's last walk (gc.freeze): nothing it wrote is lost."""
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(0), "{broken", chat(1)])
+    config = write_config(tmp_path, model_dirs["tekken"], [train], [train])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "finetune", "validate", str(config), "--device", "cpu", "--gpu-memory", "80"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"{train}:2: invalid JSON" in result.stdout
+    assert result.stdout.rstrip().splitlines()[-1].startswith("memory: about ")  # the last line validate prints
+
+
 def loads_torch(argv: list[str]) -> tuple[int, bool]:
     """`tailor ARGV` run in a fresh interpreter: its exit status, and whether it loaded torch."""
     code = (  # --version and --help leave through argparse's sys.exit
