@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from itertools import chain, islice
+from itertools import accumulate, chain, islice
 from typing import Any
 
 import tiktoken
@@ -69,6 +69,7 @@ class WordMemoSentencePiece:
         self._split: dict[str, list[str] | None] = {}
         self._reported = 0  # words in the memo before those `learned` has not returned yet (a dict keeps order)
         self._starts_word = [processor.id_to_piece(i).startswith("▁") for i in range(processor.get_piece_size())]
+        self._ids = list(range(processor.get_piece_size()))  # one int object per id, that the memo's lists share
 
     @staticmethod
     def _words(text: str) -> list[str] | None:
@@ -101,7 +102,15 @@ class WordMemoSentencePiece:
             new = [word for word in in_order if word in unknown][:room]
         if new:
             with cycle_collector_paused():
-                self._memo.update(zip(new, self._processor.encode(new, num_threads=self.threads)))
+                self._memo.update(zip(new, self._shared(self._processor.encode(new, num_threads=self.threads))))
+
+    def _shared(self, id_lists: list[list[int]]) -> list[list[int]]:
+        """The same lists, made of the ints of `self._ids`: a list of ids points at its ints, and a million ints made
+        one by one lie all over memory, where the 32k of the table stay in the CPU's cache while `__call__` copies
+        them out, and take no memory of their own."""
+        flat = list(map(self._ids.__getitem__, chain.from_iterable(id_lists)))
+        ends = list(accumulate(map(len, id_lists)))
+        return list(map(flat.__getitem__, map(slice, [0, *ends[:-1]], ends)))
 
     def __call__(self, text: str) -> list[int]:
         keys = self._split.pop(text, False)
@@ -128,13 +137,14 @@ class WordMemoSentencePiece:
         alone = [i for i in missing if keys[i][0] == " " or keys[i][-1] == " "]
         together = [i for i in missing if keys[i][0] != " " and keys[i][-1] != " "]
         ids = self._processor.encode(" ".join(keys[i] for i in together)) if together else []
+        ids = list(map(self._ids.__getitem__, ids))
         starts = [k for k, token in enumerate(ids) if self._starts_word[token]]
         if len(starts) != len(together):
             alone, together = missing, []
         for i, begin, end in zip(together, starts, starts[1:] + [len(ids)]):
             found[i] = ids[begin:end]
         for i in alone:
-            found[i] = self._processor.encode(keys[i])
+            found[i] = list(map(self._ids.__getitem__, self._processor.encode(keys[i])))
         if len(self._memo) < self.max_words:
             self._memo.update((keys[i], found[i]) for i in missing)
 
@@ -149,8 +159,9 @@ class WordMemoSentencePiece:
 
     def remember(self, words: dict[str, list[int]]) -> None:
         """Take words encoded elsewhere (a memo file, a worker), as far as the bound allows."""
-        room = max(self.max_words - len(self._memo), 0)
-        self._memo.update(islice(((w, ids) for w, ids in words.items() if w not in self._memo), room))
+        new = list(islice((word for word in words if word not in self._memo), max(self.max_words - len(self._memo), 0)))
+        with cycle_collector_paused():
+            self._memo.update(zip(new, self._shared(list(map(words.__getitem__, new)))))
         self._reported = len(self._memo)  # known elsewhere already: not for `learned` to hand back
 
 

@@ -143,6 +143,8 @@ def test_prepared_texts_are_answered_from_the_memo_alone(raw_tokenizers):
     assert len(calls) == 1 and sorted(calls[0]) == sorted({w for t in texts for w in t.split(" ")})
     assert [memo(t) for t in texts] == [raw.encode(t, bos=False, eos=False) for t in texts]
     assert len(calls) == 1
+    shared = memo._ids  # the memo's lists hold the table's int objects, not copies of their own
+    assert all(i is shared[i] for ids in memo.words().values() for i in ids) and max(shared) > 256
     assert memo("unprepared words") == raw.encode("unprepared words", bos=False, eos=False) and len(calls) == 2
 
 
