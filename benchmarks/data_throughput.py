@@ -214,7 +214,8 @@ def tokenize_as_mistral_finetune(sample: TrainingSample, instruct) -> tuple[list
             new = instruct.encode_user_message(m, None, i == users[-1], i == users[0], sample.system_prompt)[0]
             trained = False
         else:
-            new = instruct.encode_assistant_message(m, is_before_last_user_message=False)  # no continue_message since 1.x
+            # mistral-finetune also passes continue_message=False, an argument mistral-common 1.13 no longer has
+            new = instruct.encode_assistant_message(m, is_before_last_user_message=False)
             trained = m.weight in (None, 1) and (not sample.only_last or i == len(sample.messages) - 1)
         tokens += new
         mask += [trained] * len(new)
