@@ -118,12 +118,15 @@ class WordMemoSentencePiece:
             keys = self._words(text)
         if keys is None:
             return self._processor.encode(text)
-        try:
-            return list(chain.from_iterable(map(self._memo.__getitem__, keys)))
-        except KeyError:  # a word `prepare` was not told of, or left out at the bound
-            found = list(map(self._memo.get, keys))
+        if len(self._memo) < self.max_words:  # `prepare` learned every word of its texts: a miss is rare
+            try:
+                return list(chain.from_iterable(map(self._memo.__getitem__, keys)))
+            except KeyError:  # a text `prepare` was not told of
+                pass
+        found = list(map(self._memo.get, keys))
+        if None in found:
             self._fill_misses(keys, found)
-            return list(chain.from_iterable(found))
+        return list(chain.from_iterable(found))
 
     def _fill_misses(self, keys: list[str], found: list) -> None:
         missing = [found.index(None)]

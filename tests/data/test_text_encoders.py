@@ -112,11 +112,13 @@ def test_fast_text_encoder_equals_encode(raw_tokenizers, name):
 
 @pytest.mark.parametrize("name", SENTENCEPIECE)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_word_memo_prepared_in_batches_equals_encode(raw_tokenizers, name, threads):
+@pytest.mark.parametrize("max_words", [WordMemoSentencePiece.max_words, 300])
+def test_word_memo_prepared_in_batches_equals_encode(raw_tokenizers, name, threads, max_words):
     """`prepare` encodes the new words of a batch of texts at once, in `threads` threads; the ids handed out after
-    it are the original's, for the texts prepared and for others."""
+    it are the original's, for the texts prepared and for others, and once the memo is full (max_words 300)."""
     raw = raw_tokenizers[name]
     fast = fast_text_encoder(raw, threads)
+    fast.max_words = max_words
     texts = hostile_texts(1)
     for batch in (texts[:2000], texts[1000:]):  # overlapping batches: known and new words, repeated texts
         fast.prepare(batch)
@@ -124,7 +126,7 @@ def test_word_memo_prepared_in_batches_equals_encode(raw_tokenizers, name, threa
             ids = fast(text)
             assert ids == raw.encode(text, bos=False, eos=False), repr(text)
             ids.append(-1)  # a caller may extend what it is given: no later answer changes
-    assert len(fast.words()) > 1000
+    assert len(fast.words()) == max_words if max_words == 300 else len(fast.words()) > 1000
 
 
 def test_prepared_texts_are_answered_from_the_memo_alone(raw_tokenizers):
