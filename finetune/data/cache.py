@@ -25,7 +25,8 @@ Lines are tokenized in batches, whose texts the text encoder sees first (finetun
 tokenize_lines). SentencePiece tokenizers encode text word by word through a memo
 (finetune/data/text_encoders.py), which `<cache_dir>/word_memo/` keeps between builds and runs, per tokenizer file:
 a build starts with the words earlier builds encoded rather than with none. It is flat numpy arrays (no pickle),
-checked when read (a memo that is not one is rebuilt, and the run says so).
+checked when read (a memo that is not one is rebuilt, and the run says so), and written only by a build whose memo
+learned words.
 """
 
 from __future__ import annotations
