@@ -107,7 +107,8 @@ class WordMemoSentencePiece:
     def _shared(self, id_lists: list[list[int]]) -> list[list[int]]:
         """The same lists, made of the ints of `self._ids`: a list of ids points at its ints, and a million ints made
         one by one lie all over memory, where the 32k of the table stay in the CPU's cache while `__call__` copies
-        them out, and take no memory of their own."""
+        them out, and take no memory of their own. Words a worker or a memo file hands over (`remember`) keep their
+        own ints: a parent process that takes a worker's hundreds of thousands of words would only lose the time."""
         flat = list(map(self._ids.__getitem__, chain.from_iterable(id_lists)))
         ends = list(accumulate(map(len, id_lists)))
         return list(map(flat.__getitem__, map(slice, [0, *ends[:-1]], ends)))
@@ -163,8 +164,7 @@ class WordMemoSentencePiece:
     def remember(self, words: dict[str, list[int]]) -> None:
         """Take words encoded elsewhere (a memo file, a worker), as far as the bound allows."""
         new = list(islice((word for word in words if word not in self._memo), max(self.max_words - len(self._memo), 0)))
-        with cycle_collector_paused():
-            self._memo.update(zip(new, self._shared(list(map(words.__getitem__, new)))))
+        self._memo.update(zip(new, map(words.__getitem__, new)))
         self._reported = len(self._memo)  # known elsewhere already: not for `learned` to hand back
 
 
