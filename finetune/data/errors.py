@@ -15,6 +15,13 @@ class SampleFault(ValueError):
         self.message = message
         self.fixable = fixable  # `tailor validate --fix` can repair it safely
 
+    def kept(self) -> SampleFault:
+        """This fault, to keep as a line's result: without its traceback and the exception it was raised from, whose
+        frames would hold the whole batch of lines in a reference cycle that only the cyclic garbage collector frees
+        (and a build pauses the collector)."""
+        self.__traceback__ = self.__context__ = self.__cause__ = None
+        return self
+
 
 class SampleWarning(NamedTuple):
     """A line that is used, but perhaps not as its author meant (a duplicate key, two assistant turns in a row):

@@ -2,14 +2,10 @@
 
 Tokens equal `MistralTokenizer.encode_chat_completion` for the same conversation. Two paths make them:
 
-- Plain chats (system, user and assistant messages of text; no tools, tool calls or tool messages) with a
-  v1, v2, v3 (SentencePiece or Tekken) or v7 tokenizer: `PlainChatTemplate` writes the template out, from the
-  control tokens' ids and the fast text encoder. It merges messages as mistral-common's request normaliser
-  does and encodes the same strings in the same order, without building mistral-common's pydantic request
-  objects, which cost about a fifth of a build. It is used for a tokenizer only when, at load time, probe
-  conversations (system prompts, merged messages, several turns, weights 0 and 0.5, odd spacing) give the
-  same tokens and spans both ways; the tests compare the two paths on every bundled tokenizer with many
-  generated conversations of hostile text.
+- Plain chats (system, user and assistant messages of text; no tools) with a v1, v2, v3 (SentencePiece or
+  Tekken) or v7 tokenizer: the template written out in finetune/data/plain_chat.py, without mistral-common's
+  pydantic request objects (about a fifth of a build), used for a tokenizer only when its probe conversations give
+  the same tokens and spans both ways at load time.
 - Everything else (tools, other versions, a tokenizer whose probes differ): the sample goes through
   mistral-common's own request normaliser and per-message chat templates, in the order `encode_instruct`
   uses them, so the template of every tokenizer version (v1 ... v13, Tekken) is mistral-common's, not a copy.
@@ -34,21 +30,15 @@ from mistral_common.protocol.instruct.messages import (
     ToolMessage,
     UserMessage,
 )
-from mistral_common.protocol.instruct.normalize import InstructRequestNormalizer, InstructRequestNormalizerV7
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 from mistral_common.protocol.instruct.validator import ValidationMode
-from mistral_common.tokens.tokenizers.instruct import (
-    InstructTokenizerV1,
-    InstructTokenizerV2,
-    InstructTokenizerV3,
-    InstructTokenizerV7,
-)
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import is_tekken
 
 from finetune.data.errors import NOTHING_TO_TRAIN, SampleFault, SampleWarning, first_line
 from finetune.data.jsonl import parse_line
+from finetune.data.plain_chat import PROBE_CHATS, PlainChatTemplate, is_plain_chat
 from finetune.data.schema import check_sample, sample_warnings
 from finetune.data.tekken_loading import load_tekken
 from finetune.data.text_encoders import WordMemoSentencePiece, usable_cores, with_fast_text_encoder
@@ -167,7 +157,7 @@ def tokenize_lines(
         try:
             parsed.append((parse_line(raw, warnings), warnings))
         except SampleFault as fault:
-            parsed.append(fault)
+            parsed.append(fault.kept())
     prepare = getattr(_sample_encoder(tokenizer).raw.encode_text, "prepare", None)
     if prepare is not None:
         prepare([text for item in parsed if not isinstance(item, SampleFault) for text in _texts(item[0])])
@@ -179,7 +169,7 @@ def tokenize_lines(
         try:
             results.append(_tokenize_parsed(*item, tokenizer, train_on))
         except SampleFault as fault:
-            results.append(fault)
+            results.append(fault.kept())
     return results
 
 
@@ -355,149 +345,6 @@ class _SampleEncoder:
             )
             for t in tools
         ]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Plain chats, without mistral-common's request objects
-
-
-def is_plain_chat(sample: dict) -> bool:
-    """A checked conversation of system, user and assistant text only: no tools, tool calls or tool messages.
-    (check_sample has made every content of such a conversation a string that is not blank.)"""
-    return not sample.get("tools") and all(m["role"] != "tool" and not m.get("tool_calls") for m in sample["messages"])
-
-
-# The plain-chat template of each instruct tokenizer class written out below, and the request normaliser it copies.
-_PLAIN_CHAT_VERSIONS = {
-    InstructTokenizerV1: ("v1", InstructRequestNormalizer),
-    InstructTokenizerV2: ("v2", InstructRequestNormalizer),
-    InstructTokenizerV3: ("v3", InstructRequestNormalizer),
-    InstructTokenizerV7: ("v7", InstructRequestNormalizerV7),
-}
-
-
-class PlainChatTemplate:
-    """mistral-common's chat template of plain chats for v1, v2, v3 (SentencePiece or Tekken) and v7, written out.
-
-    v1: `[INST] text [/INST]` as text, the system prompt before the first user message; v2 and v3: [INST] and
-    [/INST] control tokens, the system prompt before the last user message; v7: each system message in place,
-    between [SYSTEM_PROMPT] and [/SYSTEM_PROMPT]. An assistant message is its text (from v2 with trailing spaces
-    removed), then EOS."""
-
-    def __init__(self, version: str, instruct, normalizer):
-        raw = instruct.tokenizer
-        self.version = version
-        self.encode_text = raw.encode_text
-        self.bos, self.eos = raw.bos_id, raw.eos_id
-        self.join = normalizer._msg_join_str  # what merged messages and system prompts are joined with
-        if version != "v1":
-            self.begin_inst, self.end_inst = instruct.BEGIN_INST, instruct.END_INST
-        if version == "v7":
-            self.begin_system, self.end_system = instruct.BEGIN_SYSTEM, instruct.END_SYSTEM
-
-    @classmethod
-    def for_tokenizer(cls, instruct, normalizer) -> PlainChatTemplate | None:
-        """The template for this instruct tokenizer, or None when its class or its normaliser is not exactly one
-        written out here (a subclass may change the template)."""
-        version, normalizer_class = _PLAIN_CHAT_VERSIONS.get(type(instruct), (None, None))
-        if version is None or type(normalizer) is not normalizer_class or normalizer._model_settings_builder:
-            return None
-        return cls(version, instruct, normalizer)
-
-    def merge(self, messages: list[dict]) -> tuple[list[tuple[str, str, float | None]], str | None]:
-        """The (role, text, weight) turns and the system prompt that mistral-common's normaliser makes of these
-        messages: consecutive messages of one role (for the assistant, of one weight too) join into one turn;
-        system messages stay in place (v7) or join into one system prompt, still ending the run of turns
-        they interrupt."""
-        turns: list[tuple[str, list[str], float | None]] = []
-        system_texts: list[str] = []
-        previous = None
-        for m in messages:
-            role, text = m["role"], m["content"]
-            weight = m.get("weight") if role == "assistant" else None
-            if role == "system":
-                if self.version == "v7":
-                    turns.append((role, [text], None))
-                else:
-                    system_texts.append(text)
-            elif (role, weight) == previous:
-                turns[-1][1].append(text)
-            else:
-                turns.append((role, [text], weight))
-            previous = role, weight
-        system_prompt = self.join.join(system_texts) if system_texts else None
-        return [(role, self.join.join(texts), weight) for role, texts, weight in turns], system_prompt
-
-    def encode(self, messages: list[dict], train_on: str) -> tuple[list[int], list[WeightSpan]]:
-        """Tokens and trained spans of a plain chat (`is_plain_chat`), as `encode_chat_with_mistral_common` gives."""
-        turns, system_prompt = self.merge(messages)
-        users = [i for i, (role, _, _) in enumerate(turns) if role == "user"]
-        system_prompt_turn = users[0] if self.version == "v1" else users[-1]
-        last_assistant = max(i for i, (role, _, _) in enumerate(turns) if role == "assistant")
-        encode_text = self.encode_text
-        tokens = [self.bos]
-        spans = []
-        for i, (role, text, weight) in enumerate(turns):
-            if role == "user":
-                if system_prompt and i == system_prompt_turn:
-                    text = system_prompt + "\n\n" + text
-                if self.version == "v1":
-                    tokens += encode_text(f"[INST] {text} [/INST]")
-                else:
-                    tokens.append(self.begin_inst)
-                    tokens += encode_text(text)
-                    tokens.append(self.end_inst)
-            elif role == "assistant":
-                begin = len(tokens)
-                tokens += encode_text(text if self.version == "v1" else text.rstrip(" "))
-                tokens.append(self.eos)
-                weight = 1.0 if weight is None else float(weight)
-                if weight and (train_on == "all" or i == last_assistant):
-                    spans.append((begin, len(tokens), weight))
-            else:
-                tokens.append(self.begin_system)
-                tokens += encode_text(text)
-                tokens.append(self.end_system)
-        return tokens, spans
-
-
-# Conversations a plain-chat template must encode as mistral-common does before it is used: system prompts (one,
-# two, between user messages), consecutive messages merged or not (by weight), several turns, weights 0, 0.5, 1,
-# spaces at both ends, runs of spaces, tabs and newlines, unicode spaces, and control tokens' text.
-PROBE_CHATS = [
-    {
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello!", "weight": 0.5},
-            {"role": "user", "content": "Bye"},
-            {"role": "assistant", "content": "Bye! "},
-        ]
-    },
-    {
-        "messages": [
-            {"role": "user", "content": " two  spaces\tand a tab "},
-            {"role": "user", "content": "merged\n\nuser [INST] text"},
-            {"role": "system", "content": "  system\u00a0prompt, late "},
-            {"role": "user", "content": "after the system prompt\u3000"},
-            {"role": "assistant", "content": "first", "weight": 0},
-            {"role": "assistant", "content": "same weight: merged  ", "weight": 0},
-            {"role": "assistant", "content": "another weight\u2028", "weight": 1},
-            {"role": "system", "content": "second system prompt"},
-            {"role": "user", "content": "\u2581last\u0085 question"},
-            {"role": "assistant", "content": " last answer é 😀\n"},
-        ]
-    },
-    {
-        "messages": [
-            {"role": "system", "content": "a"},
-            {"role": "system", "content": "b"},
-            {"role": "user", "content": "x"},
-            {"role": "assistant", "content": "y"},
-            {"role": "assistant", "content": "weight 1 is not no weight: not merged", "weight": 1},
-        ]
-    },
-]
 
 
 _ENCODERS: weakref.WeakKeyDictionary[MistralTokenizer, _SampleEncoder] = weakref.WeakKeyDictionary()

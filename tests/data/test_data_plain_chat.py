@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import mistral_common
 import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
-from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV3
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.data import SampleFault
-from finetune.data.tokenize import PlainChatTemplate, _sample_encoder, is_plain_chat, tokenize_line
+from finetune.data.plain_chat import PlainChatTemplate, is_plain_chat
+from finetune.data.tokenize import _sample_encoder, load_tokenizer, tokenize_line
 
 BUNDLED = {
     "tokenizer.model.v1": "v1",
@@ -29,15 +30,19 @@ BUNDLED = {
 }
 
 
-def load_bundled(name: str) -> MistralTokenizer:
-    path = Path(mistral_common.__file__).parent / "data" / name
-    return MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
+def load_bundled(name: str, folder: Path) -> MistralTokenizer:
+    """The bundled file as a model folder's tokenizer, loaded as a run loads it (load_tokenizer: Tekken files through
+    tekken_loading)."""
+    folder.mkdir(exist_ok=True)
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / name, folder / name)
+    return load_tokenizer(folder)
 
 
 @pytest.fixture(scope="module", params=list(BUNDLED))
-def bundled(request):
+def bundled(request, tmp_path_factory):
     """(file name, tokenizer with the plain-chat template, tokenizer of the same file with mistral-common's path)"""
-    fast, slow = load_bundled(request.param), load_bundled(request.param)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    fast, slow = load_bundled(request.param, folder), load_bundled(request.param, folder)
     _sample_encoder(slow).plain_chat = None
     return request.param, fast, slow
 
@@ -232,7 +237,7 @@ def test_other_conversations_take_mistral_common_path(tokenizers):
     assert not is_plain_chat(answered)
 
 
-def test_template_that_fails_a_probe_is_not_used(monkeypatch):
+def test_template_that_fails_a_probe_is_not_used(monkeypatch, tmp_path):
     """The probes run at load time: a template that differs from mistral-common on one of them is left unused."""
     right = PlainChatTemplate.encode
 
@@ -241,9 +246,10 @@ def test_template_that_fails_a_probe_is_not_used(monkeypatch):
         return tokens, [(begin, end, 1.0) for begin, end, _ in spans]
 
     monkeypatch.setattr(PlainChatTemplate, "encode", wrong_on_weights)
-    assert _sample_encoder(load_bundled("mistral_instruct_tokenizer_240323.model.v3")).plain_chat is None
+    v3 = "mistral_instruct_tokenizer_240323.model.v3"
+    assert _sample_encoder(load_bundled(v3, tmp_path)).plain_chat is None
     monkeypatch.setattr(PlainChatTemplate, "encode", right)
-    assert _sample_encoder(load_bundled("mistral_instruct_tokenizer_240323.model.v3")).plain_chat is not None
+    assert _sample_encoder(load_bundled(v3, tmp_path)).plain_chat is not None
 
 
 def test_no_template_for_a_subclass_of_a_written_out_version(tokenizers):
