@@ -72,8 +72,9 @@ BATCH_BYTES = 4 << 20
 SPAN_DTYPE = np.dtype([("begin", "<i4"), ("end", "<i4"), ("weight", "<f4")])
 # Tokenizing runs with Python's cyclic garbage collector paused: left on, it walks every object the build keeps, again
 # and again as they pile up (the word memo's lists most of all; measured 0.2-0.3 s of a 1.1 s v3 build of 7.8 MiB).
-# Only bad lines make cyclic garbage (a SampleFault's traceback holds its batch): collected once per this many bytes
-# read, so memory stays bounded whatever the file.
+# A kept SampleFault drops the frames that would tie it to its batch (SampleFault.kept), so a build makes little cyclic
+# garbage; what a library's error may still leave is collected once per this many bytes read, so memory stays
+# bounded whatever the file.
 COLLECT_BYTES = 64 << 20
 
 
