@@ -12,10 +12,12 @@ for the file at hand, and the tests compare both against the originals on every 
   the number of special tokens to every id in Python, we give tiktoken ranks shifted by that number:
   BPE only compares ranks, so the merges are the same and the ids come out final.
 
-The SentencePiece memo is told the texts of a batch of lines before their chat templates ask for them one by one
-(`prepare`), and learns the batch's new words in one call that SentencePiece runs in C++ threads on every core this
-process may use. (Tekken gains nothing from the same: measured, tiktoken's threads made a build slower, since each
-text's call takes Python's lock back.)
+Both are told the texts of a batch of lines before their chat templates ask for them one by one (`prepare`), so that
+the batch is encoded on every core this process may use: the SentencePiece memo learns the batch's new words in one
+call that SentencePiece runs in C++ threads; Tekken's encoder gives each of its threads one contiguous share of the
+batch's texts, which tiktoken's Rust BPE encodes without Python's lock (measured on 2 free cores: 1.55x faster than
+one thread; a thread per text, as tiktoken's own batch call does, gained nothing, each short call taking the lock
+back).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import gc
 import os
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from itertools import accumulate, chain, islice
 from typing import Any
@@ -195,14 +198,43 @@ class _FastEncode:
         return ids
 
 
+class ThreadedTiktoken:
+    """`encode_ordinary(text)` of a tiktoken encoding, with the texts of a batch encoded ahead on `threads` threads."""
+
+    def __init__(self, encode_ordinary, threads: int = 1):
+        self._encode = encode_ordinary
+        self.threads = threads  # for `prepare`; worker processes sharing the cores set it to their share
+        self._ready: dict[str, list[int]] = {}
+
+    def prepare(self, texts: list[str]) -> None:
+        """Encode these texts now, one contiguous share per thread, for `__call__` to hand out."""
+        self._ready = {}
+        unique = list(dict.fromkeys(texts))
+        if self.threads < 2 or len(unique) < 2:
+            return
+        share = -(-len(unique) // self.threads)
+        shares = [unique[k : k + share] for k in range(0, len(unique), share)]
+        with ThreadPoolExecutor(len(shares) - 1) as pool:
+            others = pool.map(self._encode_all, shares[1:])
+            first = self._encode_all(shares[0])  # this thread's share, while the pool encodes the others
+            self._ready = dict(zip(unique, chain(first, *others)))
+
+    def _encode_all(self, texts: list[str]) -> list[list[int]]:
+        return list(map(self._encode, texts))
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self._ready.pop(text, None)  # a text the batch holds twice is encoded again: the same ids
+        return self._encode(text) if ids is None else ids
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its affinity, which a container or taskset may narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def fast_text_encoder(raw: Any, threads: int = 1):
-    """A function text -> ids equal to `raw.encode(text, bos=False, eos=False)`, as fast as is exact; the word memo
-    encodes a batch's new words in `threads` threads."""
+    """A function text -> ids equal to `raw.encode(text, bos=False, eos=False)`, as fast as is exact; told a batch's
+    texts first (`prepare`), it encodes them in `threads` threads (SentencePiece: the memo's new words)."""
     if isinstance(raw, SentencePieceTokenizer) and word_memo_is_exact(raw):
         return WordMemoSentencePiece(raw._model, threads)
     if isinstance(raw, Tekkenizer) and not raw._model._special_tokens:
@@ -211,7 +243,7 @@ def fast_text_encoder(raw: Any, threads: int = 1):
         shifted = tiktoken.Encoding(
             name=f"{bpe.name}+{offset}", pat_str=bpe._pat_str, mergeable_ranks=ranks, special_tokens={}
         )
-        return shifted.encode_ordinary
+        return ThreadedTiktoken(shifted.encode_ordinary, threads)
     return lambda text: raw.encode(text, bos=False, eos=False)
 
 

@@ -5,6 +5,7 @@ memo learned words."""
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import mistral_common
@@ -127,6 +128,38 @@ def test_word_memo_prepared_in_batches_equals_encode(raw_tokenizers, name, threa
             assert ids == raw.encode(text, bos=False, eos=False), repr(text)
             ids.append(-1)  # a caller may extend what it is given: no later answer changes
     assert len(fast.words()) == max_words if max_words == 300 else len(fast.words()) > 1000
+
+
+@pytest.mark.parametrize("name", TEKKEN)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_tekken_prepared_in_threads_equals_encode(raw_tokenizers, name, threads):
+    """Tekken's `prepare` encodes a batch's texts ahead, a share per thread; what `__call__` hands out after it is the
+    original's, for texts prepared (in any order, repeated) and not, and for batches of no text or one."""
+    raw = raw_tokenizers[name]
+    fast = fast_text_encoder(raw, threads)
+    texts = hostile_texts(1)
+    for batch in (texts[:2000], texts[1000:], [], texts[:1], texts[:7] * 2):
+        fast.prepare(batch)
+        for text in batch[::-1] + texts[:50]:
+            assert fast(text) == raw.encode(text, bos=False, eos=False), repr(text)
+
+
+def test_tekken_prepare_encodes_on_every_thread_it_is_given(raw_tokenizers):
+    """The shares of a batch run on `threads` threads at once (tiktoken's BPE leaves Python's lock), and the texts
+    prepared are then answered without encoding again."""
+    fast = fast_text_encoder(raw_tokenizers["tekken_240911.json"], 2)
+    encode, threads_seen, calls = fast._encode, set(), []
+
+    def counted(text):
+        threads_seen.add(threading.get_ident())
+        calls.append(text)
+        return encode(text)
+
+    fast._encode = counted
+    texts = [f"text number {k} " * 50 for k in range(200)]
+    fast.prepare(texts)
+    assert len(threads_seen) == 2 and len(calls) == 200
+    assert [fast(text) for text in texts] == [encode(text) for text in texts] and len(calls) == 200
 
 
 def test_prepared_texts_are_answered_from_the_memo_alone(raw_tokenizers):
