@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import cached_property
 from itertools import accumulate, chain, islice
 from typing import Any
 
@@ -71,8 +72,13 @@ class WordMemoSentencePiece:
         self._memo: dict[str, list[int]] = {}
         self._split: dict[str, list[str] | None] = {}
         self._reported = 0  # words in the memo before those `learned` has not returned yet (a dict keeps order)
-        self._starts_word = [processor.id_to_piece(i).startswith("▁") for i in range(processor.get_piece_size())]
         self._ids = list(range(processor.get_piece_size()))  # one int object per id, that the memo's lists share
+
+    @cached_property
+    def _starts_word(self) -> list[bool]:
+        """Whether each piece starts a word (with '▁'): for `_fill_misses` only, so made on its first miss (32k
+        calls into SentencePiece, about 0.01 s, that a build whose words `prepare` learned never needs)."""
+        return [self._processor.id_to_piece(i).startswith("▁") for i in range(self._processor.get_piece_size())]
 
     @staticmethod
     def _words(text: str) -> list[str] | None:
