@@ -53,9 +53,10 @@ import numpy as np
 import sentencepiece
 from tqdm import tqdm
 
+from finetune.data.collector import cycle_collector_paused
 from finetune.data.errors import LEFT_OUT, SampleFault
 from finetune.data.jsonl import line_aligned_ranges, read_lines
-from finetune.data.text_encoders import WordMemoSentencePiece, cycle_collector_paused, usable_cores
+from finetune.data.text_encoders import WordMemoSentencePiece, usable_cores
 from finetune.data.tokenize import set_encoder_threads, tokenize_lines, word_memo
 
 CACHE_FORMAT = 2

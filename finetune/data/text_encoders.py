@@ -23,12 +23,9 @@ back).
 from __future__ import annotations
 
 import copy
-import gc
 import os
 import re
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import cached_property
 from itertools import accumulate, chain, islice
 from typing import Any
@@ -37,26 +34,13 @@ import tiktoken
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
+from finetune.data.collector import cycle_collector_paused
+
 # A word is a run of spaces then a run of other characters. SentencePiece's dummy prefix turns the first
 # space of a word into the '▁' that starts its first piece, so a word's ids are `encode(word minus one
 # space)`; the group below is exactly that (the first word of a text has no space to drop).
 _WORD = re.compile(r"(?:^| )( *[^ ]+)")
 _PROBE = "  Tab\there, NBSP\u00a0x ﬁ Ａ ½ e\u0301 \n\n end  "  # characters an NFKC-style normaliser would change
-
-
-@contextmanager
-def cycle_collector_paused() -> Iterator[None]:
-    """For code that makes a list per word, a hundred thousand at once: Python's cyclic collector would otherwise run
-    once per 700 of them, and over every older object too as they pile up, for lists of ints that form no cycle. It
-    more than doubled the time of a build's batched encode, and made reading a memo file's lists several times
-    slower."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 class WordMemoSentencePiece:
