@@ -150,32 +150,16 @@ class Stopwatch:
 
 
 def reference_path(path: Path, tokenizer) -> tuple[Stopwatch, int]:
-    """mistral-finetune's per-sample work (finetune/data/tokenize.py there), one process, nothing else."""
+    """mistral-finetune's per-sample work (finetune/data/tokenize.py there), one process, nothing else: its messages,
+    one finetuning validator for the file, its tokenize_instruct."""
     instruct = tokenizer.instruct_tokenizer
     validator = MistralRequestValidatorV3(ValidationMode.finetuning)
     n_tokens = 0
     with Stopwatch() as watch, open(path) as f:
         for line in f:
-            data = json.loads(line)
-            system_prompt, messages = None, []
-            for m in data["messages"]:
-                if m["role"] == "system":
-                    system_prompt = m["content"]
-                elif m["role"] == "user":
-                    messages.append(UserMessage(content=m["content"]))
-                else:
-                    messages.append(FinetuningAssistantMessage(content=m["content"], weight=m.get("weight")))
+            system_prompt, messages = messages_as_mistral_finetune(json.loads(line))
             validator.validate_messages(messages)
-            users = [i for i, m in enumerate(messages) if isinstance(m, UserMessage)]
-            tokens, mask = instruct.start(), [False]
-            for i, m in enumerate(messages):
-                if isinstance(m, UserMessage):
-                    new = instruct.encode_user_message(m, None, i == users[-1], i == users[0], system_prompt)[0]
-                    mask += [False] * len(new)
-                else:
-                    new = instruct.encode_assistant_message(m, is_before_last_user_message=False)
-                    mask += [True] * len(new)
-                tokens += new
+            tokens, _ = tokenize_as_mistral_finetune(messages, system_prompt, False, instruct)
             n_tokens += len(tokens)
     return watch, n_tokens
 
@@ -186,9 +170,9 @@ class TrainingSample(InstructRequest):
     only_last: bool = False
 
 
-def build_sample_as_mistral_finetune(data: dict) -> TrainingSample:
-    """Its build_instruct_sample for chats without tools: pydantic messages, a finetuning validator made for this
-    sample, and the request object (pydantic validates the messages once more)."""
+def messages_as_mistral_finetune(data: dict) -> tuple[str | None, list]:
+    """Its build_instruct_sample's messages of a chat without tools, as mistral-common's pydantic objects, and the
+    system prompt its system message becomes."""
     system_prompt, messages = data.get("system_prompt"), []
     for m in data["messages"]:
         content = m.get("content", m.get("text"))
@@ -198,6 +182,13 @@ def build_sample_as_mistral_finetune(data: dict) -> TrainingSample:
             messages.append(UserMessage(content=content))
         else:
             messages.append(FinetuningAssistantMessage(content=content, tool_calls=None, weight=m.get("weight")))
+    return system_prompt, messages
+
+
+def build_sample_as_mistral_finetune(data: dict) -> TrainingSample:
+    """Its build_instruct_sample for chats without tools: the messages, a finetuning validator made for this sample,
+    and the request object (pydantic validates the messages once more)."""
+    system_prompt, messages = messages_as_mistral_finetune(data)
     validator = MistralRequestValidatorV3(ValidationMode.finetuning)
     validator.validate_messages(messages)
     validator._validate_tools([])
@@ -205,18 +196,20 @@ def build_sample_as_mistral_finetune(data: dict) -> TrainingSample:
     return TrainingSample(messages=messages, system_prompt=system_prompt, available_tools=None, only_last=only_last)
 
 
-def tokenize_as_mistral_finetune(sample: TrainingSample, instruct) -> tuple[list[int], list[bool]]:
+def tokenize_as_mistral_finetune(
+    messages: list, system_prompt: str | None, only_last: bool, instruct
+) -> tuple[list[int], list[bool]]:
     """Its tokenize_instruct: the stock per-message encoders, a mask that is True on the trained assistant messages."""
     tokens, mask = instruct.start(), [False]
-    users = [i for i, m in enumerate(sample.messages) if isinstance(m, UserMessage)]
-    for i, m in enumerate(sample.messages):
+    users = [i for i, m in enumerate(messages) if isinstance(m, UserMessage)]
+    for i, m in enumerate(messages):
         if isinstance(m, UserMessage):
-            new = instruct.encode_user_message(m, None, i == users[-1], i == users[0], sample.system_prompt)[0]
+            new = instruct.encode_user_message(m, None, i == users[-1], i == users[0], system_prompt)[0]
             trained = False
         else:
             # mistral-finetune also passes continue_message=False, an argument mistral-common 1.13 no longer has
             new = instruct.encode_assistant_message(m, is_before_last_user_message=False)
-            trained = m.weight in (None, 1) and (not sample.only_last or i == len(sample.messages) - 1)
+            trained = m.weight in (None, 1) and (not only_last or i == len(messages) - 1)
         tokens += new
         mask += [trained] * len(new)
     return tokens, mask
@@ -256,9 +249,12 @@ def build_dataset_path(path: Path, tokenizer, seq_len: int) -> tuple[Stopwatch, 
         for line in lines:  # dynamic_chunk_fn_call: each sample is built once to look for tool calls to chunk
             sample = build_sample_as_mistral_finetune(json.loads(line))
             assert not sample.only_last  # only such conversations are chunked; these chats have none
-        samples = [
-            tokenize_as_mistral_finetune(build_sample_as_mistral_finetune(json.loads(x)), instruct) for x in lines
-        ]
+        samples = []
+        for line in lines:
+            sample = build_sample_as_mistral_finetune(json.loads(line))
+            samples.append(
+                tokenize_as_mistral_finetune(sample.messages, sample.system_prompt, sample.only_last, instruct)
+            )
         np.random.RandomState(seed=np.array((0, 0))).shuffle(samples)
         pack_as_mistral_finetune(samples, seq_len)
     return watch, sum(len(tokens) for tokens, _ in samples)

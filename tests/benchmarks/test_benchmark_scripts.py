@@ -103,10 +103,9 @@ def test_the_data_benchmarks_references_make_tailors_tokens(tmp_path):
     tokenizer = load_tokenizer(bench.make_model_folder(tmp_path / "model", bench.TOKENIZERS["SentencePiece v3"]))
     samples = [json.loads(line) for line in data.read_text().splitlines()]
     ours = [tokenize_sample(sample, tokenizer) for sample in samples]
-    theirs = [
-        bench.tokenize_as_mistral_finetune(bench.build_sample_as_mistral_finetune(sample), tokenizer.instruct_tokenizer)
-        for sample in samples
-    ]
+    built = [bench.build_sample_as_mistral_finetune(sample) for sample in samples]
+    instruct = tokenizer.instruct_tokenizer
+    theirs = [bench.tokenize_as_mistral_finetune(b.messages, b.system_prompt, b.only_last, instruct) for b in built]
     for mine, (tokens, mask) in zip(ours, theirs):
         assert mine.tokens == tokens
         assert [w > 0 for w in mine.weights] == mask
