@@ -45,7 +45,6 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import chain
 from pathlib import Path
 
 import mistral_common
@@ -56,7 +55,7 @@ from tqdm import tqdm
 from finetune.data.collector import cycle_collector_paused
 from finetune.data.errors import LEFT_OUT, SampleFault
 from finetune.data.jsonl import line_aligned_ranges, read_lines
-from finetune.data.text_encoders import WordMemoSentencePiece, usable_cores
+from finetune.data.text_encoders import PACKED, WordMemoSentencePiece, usable_cores
 from finetune.data.tokenize import set_encoder_threads, tokenize_lines, word_memo
 
 CACHE_FORMAT = 2
@@ -169,21 +168,23 @@ def _save_word_memo(path: Path, memo: WordMemoSentencePiece) -> None:
     os.replace(tmp, path)
 
 
-def write_words(path: Path, words: dict[str, list[int]]) -> None:
-    """Words and their ids as four flat arrays in one .npz (no pickle), made by C loops (join, map, fromiter): numpy
-    writes and reads them many times faster than JSON would a dict of lists. `text` is the words' UTF-8, one after
-    the other; `text_ends` where each word ends in it, in code points (what slicing the decoded text takes)."""
-    ids = words.values()
+def write_words(path: Path, words: dict[str, bytes]) -> None:
+    """Words and their packed ids as four flat arrays in one .npz (no pickle), made by C loops (join, map, fromiter):
+    numpy writes and reads them many times faster than JSON would a dict. `text` is the words' UTF-8, one after the
+    other; `text_ends` where each word ends in it, in code points (what slicing the decoded text takes); `ids` the
+    words' ids one after the other (int32: the packed uint32 bytes of ids below 2**31) and `id_ends` where each
+    word's end."""
+    packed = words.values()
     np.savez(
         path,
         text=np.frombuffer("".join(words).encode("utf-8"), np.uint8),
         text_ends=np.fromiter(map(len, words), np.int64, len(words)).cumsum(),
-        ids=np.fromiter(chain.from_iterable(ids), np.int32),
-        id_ends=np.fromiter(map(len, ids), np.int64, len(ids)).cumsum(),
+        ids=np.frombuffer(b"".join(packed), np.int32),
+        id_ends=np.fromiter(map(len, packed), np.int64, len(packed)).cumsum() // 4,
     )
 
 
-def read_words(path: Path, n_words: int) -> dict[str, list[int]] | None:
+def read_words(path: Path, n_words: int) -> dict[str, bytes] | None:
     """What write_words wrote; None if the file is not that (damaged, or ids outside a vocabulary of n_words)."""
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -201,10 +202,10 @@ def read_words(path: Path, n_words: int) -> dict[str, list[int]] | None:
     ends_ok = (not len(text_ends)) or (text_ends[-1] == len(text) and id_ends[-1] == len(ids))
     if not ends_ok or np.any(text_ends <= text_starts) or np.any(id_ends <= id_starts):
         return None
-    id_list = ids.tolist()
+    packed = ids.tobytes()  # checked above: native int32 ids in [0, n_words), the bytes of PACKED uint32 ids
     with cycle_collector_paused():
         keys = map(text.__getitem__, map(slice, text_starts.tolist(), text_ends.tolist()))
-        return dict(zip(keys, map(id_list.__getitem__, map(slice, id_starts.tolist(), id_ends.tolist()))))
+        return dict(zip(keys, map(packed.__getitem__, map(slice, (4 * id_starts).tolist(), (4 * id_ends).tolist()))))
 
 
 def worker_processes(num_workers: int, cores: int, threaded: bool) -> int:
@@ -316,7 +317,7 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
         open(f"{prefix}.warnings.jsonl", "w", encoding="utf-8") as warnings,
         cycle_collector_paused(),  # see COLLECT_BYTES
     ):
-        pending: list[int] = []
+        pending = array.array(PACKED)
         bytes_since_collect = 0
         for batch in _batches(path, start, end):
             for result in tokenize_lines(batch, tokenizer, train_on):
@@ -332,18 +333,18 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
                     warnings.write(json.dumps({"line": n_lines, "kind": kind, "message": message}) + "\n")
                 if any(kind in LEFT_OUT for kind, _ in sample_warnings):
                     continue
-                pending += sample_tokens
+                pending += sample_tokens  # both arrays of PACKED ids: one copy of their bytes
                 lengths.append(len(sample_tokens))
                 n_spans.append(len(sample_spans))
                 spans += sample_spans
             if len(pending) > 1 << 20:
-                tokens_out.write(array.array("I", pending).tobytes())  # 3x faster than numpy from a list
-                pending = []
+                tokens_out.write(pending)
+                pending = array.array(PACKED)
             bytes_since_collect += sum(map(len, batch))
             if bytes_since_collect >= COLLECT_BYTES:
                 gc.collect()
                 bytes_since_collect = 0
-        tokens_out.write(array.array("I", pending).tobytes())
+        tokens_out.write(pending)
     np.savez(
         f"{prefix}.npz",
         lengths=np.asarray(lengths, np.int64),

@@ -30,7 +30,7 @@ def tokenize_file(path: str | Path, tokenizer, train_on: str = "all") -> Iterato
         except SampleFault as fault:
             yield {"line": n, "error": fault.message}
             continue
-        record = {"line": n, "tokens": tokens, "weights": span_weights(len(tokens), spans)}
+        record = {"line": n, "tokens": tokens.tolist(), "weights": span_weights(len(tokens), spans)}
         if warnings:
             record["warnings"] = [message for _, message in warnings]
         yield record

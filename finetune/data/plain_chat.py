@@ -14,6 +14,7 @@ many generated conversations of hostile text.
 
 from __future__ import annotations
 
+from array import array
 from typing import TYPE_CHECKING
 
 from mistral_common.protocol.instruct.normalize import InstructRequestNormalizer, InstructRequestNormalizerV7
@@ -23,6 +24,8 @@ from mistral_common.tokens.tokenizers.instruct import (
     InstructTokenizerV3,
     InstructTokenizerV7,
 )
+
+from finetune.data.text_encoders import PACKED
 
 if TYPE_CHECKING:
     from finetune.data.tokenize import WeightSpan
@@ -95,35 +98,53 @@ class PlainChatTemplate:
         system_prompt = self.join.join(system_texts) if system_texts else None
         return [(role, self.join.join(texts), weight) for role, texts, weight in turns], system_prompt
 
-    def encode(self, messages: list[dict], train_on: str) -> tuple[list[int], list[WeightSpan]]:
-        """Tokens and trained spans of a plain chat (`is_plain_chat`), as `encode_chat_with_mistral_common` gives."""
+    def _turn_texts(self, messages: list[dict]) -> list[tuple[str, str, float | None]]:
+        """The (role, text, weight) turns with each text as the template encodes it: the system prompt before its
+        user message, v1's [INST] markers as text, an assistant's trailing spaces removed (v2 on)."""
         turns, system_prompt = self.merge(messages)
         users = [i for i, (role, _, _) in enumerate(turns) if role == "user"]
         system_prompt_turn = users[0] if self.version == "v1" else users[-1]
-        last_assistant = max(i for i, (role, _, _) in enumerate(turns) if role == "assistant")
-        encode_text = self.encode_text
-        tokens = [self.bos]
-        spans = []
         for i, (role, text, weight) in enumerate(turns):
             if role == "user":
                 if system_prompt and i == system_prompt_turn:
                     text = system_prompt + "\n\n" + text
                 if self.version == "v1":
-                    tokens += encode_text(f"[INST] {text} [/INST]")
+                    text = f"[INST] {text} [/INST]"
+            elif role == "assistant" and self.version != "v1":
+                text = text.rstrip(" ")
+            turns[i] = role, text, weight
+        return turns
+
+    def texts(self, messages: list[dict]) -> list[str]:
+        """The texts `encode` asks the text encoder for, in order (for its `prepare`)."""
+        return [text for _, text, _ in self._turn_texts(messages)]
+
+    def encode(self, messages: list[dict], train_on: str) -> tuple[array, list[WeightSpan]]:
+        """Tokens (PACKED ids) and trained spans of a plain chat (`is_plain_chat`), as
+        `encode_chat_with_mistral_common` gives."""
+        turns = self._turn_texts(messages)
+        last_assistant = max(i for i, (role, _, _) in enumerate(turns) if role == "assistant")
+        text_ids = self.encode_text.packed
+        tokens = array(PACKED, [self.bos])
+        spans = []
+        for i, (role, text, weight) in enumerate(turns):
+            if role == "user":
+                if self.version == "v1":
+                    tokens.frombytes(text_ids(text))
                 else:
                     tokens.append(self.begin_inst)
-                    tokens += encode_text(text)
+                    tokens.frombytes(text_ids(text))
                     tokens.append(self.end_inst)
             elif role == "assistant":
                 begin = len(tokens)
-                tokens += encode_text(text if self.version == "v1" else text.rstrip(" "))
+                tokens.frombytes(text_ids(text))
                 tokens.append(self.eos)
                 weight = 1.0 if weight is None else float(weight)
                 if weight and (train_on == "all" or i == last_assistant):
                     spans.append((begin, len(tokens), weight))
             else:
                 tokens.append(self.begin_system)
-                tokens += encode_text(text)
+                tokens.frombytes(text_ids(text))
                 tokens.append(self.end_system)
         return tokens, spans
 

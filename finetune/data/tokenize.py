@@ -20,7 +20,9 @@ from __future__ import annotations
 import copy
 import json
 import weakref
+from array import array
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 from mistral_common.protocol.instruct.messages import (
@@ -41,7 +43,7 @@ from finetune.data.jsonl import parse_line
 from finetune.data.plain_chat import PROBE_CHATS, PlainChatTemplate, is_plain_chat
 from finetune.data.schema import check_sample, sample_warnings
 from finetune.data.tekken_loading import load_tekken
-from finetune.data.text_encoders import WordMemoSentencePiece, usable_cores, with_fast_text_encoder
+from finetune.data.text_encoders import PACKED, WordMemoSentencePiece, usable_cores, with_fast_text_encoder
 
 # mistral-common's own file names, newest first; a plain `tokenizer.model` (a Hugging Face copy) is the fallback.
 TOKENIZER_PATTERNS = ("tekken*.json", "tokenizer.model.v*", "*.model.v*")
@@ -123,23 +125,24 @@ def check_tokenizer_vocab(tokenizer: MistralTokenizer, vocab_size: int, model_di
 
 
 WeightSpan = tuple[int, int, float]  # tokens[begin:end] have this loss weight; tokens outside every span have 0
+Tokens = array  # of PACKED (uint32) ids, as the cache stores them; .tolist() gives a list of ints
+Tokenized = tuple[Tokens, list[WeightSpan], list[SampleWarning]]
 
 
-def tokenize_line(
-    raw: bytes, tokenizer: MistralTokenizer, train_on: str = "all"
-) -> tuple[list[int], list[WeightSpan], list[SampleWarning]]:
+def tokenize_line(raw: bytes, tokenizer: MistralTokenizer, train_on: str = "all") -> Tokenized:
     """One line of a .jsonl file -> its tokens, trained spans and warnings; SampleFault when it is unusable.
 
     No spans means nothing to train: the NOTHING_TO_TRAIN warning says so, and the sample is left out."""
     warnings: list[SampleWarning] = []
     sample = parse_line(raw, warnings)
-    return _tokenize_parsed(sample, warnings, tokenizer, train_on)
+    check_sample(sample)
+    return _tokenize_checked(sample, warnings, tokenizer, train_on)
 
 
-def _tokenize_parsed(
-    sample, warnings: list[SampleWarning], tokenizer: MistralTokenizer, train_on: str
-) -> tuple[list[int], list[WeightSpan], list[SampleWarning]]:
-    tokens, spans = tokenize_sample_spans(sample, tokenizer, train_on)
+def _tokenize_checked(
+    sample: dict, warnings: list[SampleWarning], tokenizer: MistralTokenizer, train_on: str
+) -> Tokenized:
+    tokens, spans = _sample_encoder(tokenizer).encode(sample, train_on)
     warnings += sample_warnings(sample)
     if not spans:
         warnings.append(NOTHING_TO_TRAIN)
@@ -148,40 +151,33 @@ def _tokenize_parsed(
 
 def tokenize_lines(
     raws: list[bytes], tokenizer: MistralTokenizer, train_on: str = "all"
-) -> list[tuple[list[int], list[WeightSpan], list[SampleWarning]] | SampleFault]:
+) -> list[Tokenized | SampleFault]:
     """tokenize_line of each line (its SampleFault in its place when unusable), the same results; the text encoder
-    is first told every text of these lines, so that it encodes them in one batched call, on every core."""
-    parsed: list = []
+    is first told every text that the lines' chat templates will encode, so that it encodes them in one batched
+    call, on every core."""
+    encoder = _sample_encoder(tokenizer)
+    checked: list = []
     for raw in raws:
         warnings: list[SampleWarning] = []
         try:
-            parsed.append((parse_line(raw, warnings), warnings))
+            sample = parse_line(raw, warnings)
+            check_sample(sample)
+            checked.append((sample, warnings))
         except SampleFault as fault:
-            parsed.append(fault.kept())
-    prepare = getattr(_sample_encoder(tokenizer).raw.encode_text, "prepare", None)
-    if prepare is not None:
-        prepare([text for item in parsed if not isinstance(item, SampleFault) for text in _texts(item[0])])
+            checked.append(fault.kept())
+    encoder.text_encoder.prepare(
+        [text for item in checked if not isinstance(item, SampleFault) for text in encoder.texts(item[0])]
+    )
     results: list = []
-    for item in parsed:
+    for item in checked:
         if isinstance(item, SampleFault):
             results.append(item)
             continue
         try:
-            results.append(_tokenize_parsed(*item, tokenizer, train_on))
+            results.append(_tokenize_checked(*item, tokenizer, train_on))
         except SampleFault as fault:
             results.append(fault.kept())
     return results
-
-
-def _texts(sample) -> list[str]:
-    """The strings of a parsed (not yet checked) sample that its chat template will encode as they are."""
-    if not isinstance(sample, dict):
-        return []
-    texts = [sample["text"]] if isinstance(sample.get("text"), str) else []
-    messages = sample.get("messages")
-    if isinstance(messages, list):
-        texts += [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
-    return texts
 
 
 def tokenize_sample(sample: dict, tokenizer: MistralTokenizer, train_on: str = "all") -> TokenizedSample:
@@ -190,7 +186,7 @@ def tokenize_sample(sample: dict, tokenizer: MistralTokenizer, train_on: str = "
     train_on: "all" trains every assistant message (times its "weight"), "last" only the last one.
     """
     tokens, spans = tokenize_sample_spans(sample, tokenizer, train_on)
-    return TokenizedSample(tokens, span_weights(len(tokens), spans))
+    return TokenizedSample(tokens.tolist(), span_weights(len(tokens), spans))
 
 
 def span_weights(n_tokens: int, spans: list[WeightSpan]) -> list[float]:
@@ -203,24 +199,10 @@ def span_weights(n_tokens: int, spans: list[WeightSpan]) -> list[float]:
 
 def tokenize_sample_spans(
     sample: dict, tokenizer: MistralTokenizer, train_on: str = "all"
-) -> tuple[list[int], list[WeightSpan]]:
+) -> tuple[Tokens, list[WeightSpan]]:
     """tokenize_sample with the weights as spans, which is what the cache stores (no per-token work)."""
     check_sample(sample)
-    encoder = _sample_encoder(tokenizer)
-    try:
-        if "text" in sample:
-            tokens = encoder.raw.encode(sample["text"], bos=True, eos=True)
-            return tokens, [(1, len(tokens), 1.0)]
-        return encoder.encode_chat(sample, train_on)
-    except SampleFault:
-        raise
-    # A conversation its template cannot express (mistral-common's and pydantic's errors are ValueErrors), text the
-    # tokenizer's C++ core refuses (RuntimeError), or whatever else a library raises on one line's outside bytes:
-    # one bad line, named and counted, never a crash of the whole file.
-    except Exception as e:  # noqa: BLE001
-        raise SampleFault(
-            "tokenizer_rejected", f"the {encoder.version} tokenizer cannot encode this sample: {first_line(e)}"
-        ) from None
+    return _sample_encoder(tokenizer).encode(sample, train_on)
 
 
 class _SampleEncoder:
@@ -230,6 +212,7 @@ class _SampleEncoder:
     def __init__(self, tokenizer: MistralTokenizer):
         self.instruct = with_fast_text_encoder(tokenizer.instruct_tokenizer, usable_cores())
         self.raw = self.instruct.tokenizer
+        self.text_encoder = self.raw.encode_text
         # The stock normaliser rebuilds assistant messages without their weight; asking it for
         # FinetuningAssistantMessage keeps the weight on each (merged) assistant message.
         self.normalizer = copy.copy(tokenizer._instruct_request_normalizer)
@@ -242,20 +225,43 @@ class _SampleEncoder:
         if self.plain_chat is not None and not self._plain_chat_matches_mistral_common():
             self.plain_chat = None
 
-    def encode_chat(self, sample: dict, train_on: str) -> tuple[list[int], list[WeightSpan]]:
+    def encode(self, sample: dict, train_on: str) -> tuple[Tokens, list[WeightSpan]]:
+        """The tokens and trained spans of a checked sample."""
+        try:
+            if "text" in sample:
+                tokens = array(PACKED, self.raw.encode(sample["text"], bos=True, eos=True))
+                return tokens, [(1, len(tokens), 1.0)]
+            if self.plain_chat is not None and is_plain_chat(sample):
+                return self.plain_chat.encode(sample["messages"], train_on)
+            tokens, spans = self.encode_chat_with_mistral_common(sample, train_on)
+            return array(PACKED, tokens), spans
+        except SampleFault:
+            raise
+        # A conversation its template cannot express (mistral-common's and pydantic's errors are ValueErrors), text
+        # the tokenizer's C++ core refuses (RuntimeError), or whatever else a library raises on one line's outside
+        # bytes: one bad line, named and counted, never a crash of the whole file.
+        except Exception as e:  # noqa: BLE001
+            raise SampleFault(
+                "tokenizer_rejected", f"the {self.version} tokenizer cannot encode this sample: {first_line(e)}"
+            ) from None
+
+    def texts(self, sample: dict) -> list[str]:
+        """The texts that `encode` will ask the text encoder for, as far as it can tell them ahead (mistral-common's
+        templates may change a text: those are encoded when asked for)."""
+        if "text" in sample:
+            return [sample["text"]]
         if self.plain_chat is not None and is_plain_chat(sample):
-            return self.plain_chat.encode(sample["messages"], train_on)
-        return self.encode_chat_with_mistral_common(sample, train_on)
+            return self.plain_chat.texts(sample["messages"])
+        return [m["content"] for m in sample["messages"] if isinstance(m.get("content"), str)]
 
     def _plain_chat_matches_mistral_common(self) -> bool:
         """Whether the plain-chat template gives mistral-common's tokens and spans for every probe conversation."""
         try:
-            return all(
-                self.plain_chat.encode(sample["messages"], train_on)
-                == self.encode_chat_with_mistral_common(sample, train_on)
-                for sample in PROBE_CHATS
-                for train_on in ("all", "last")
-            )
+            for sample, train_on in product(PROBE_CHATS, ("all", "last")):
+                tokens, spans = self.plain_chat.encode(sample["messages"], train_on)
+                if (tokens.tolist(), spans) != self.encode_chat_with_mistral_common(sample, train_on):
+                    return False
+            return True
         except Exception:  # noqa: BLE001 - a template that fails on a probe is simply not used
             return False
 
@@ -352,15 +358,15 @@ _ENCODERS: weakref.WeakKeyDictionary[MistralTokenizer, _SampleEncoder] = weakref
 
 def word_memo(tokenizer: MistralTokenizer) -> WordMemoSentencePiece | None:
     """The word memo that encodes this tokenizer's text, when it has one (SentencePiece; Tekken has none)."""
-    encode_text = _sample_encoder(tokenizer).raw.encode_text
-    return encode_text if isinstance(encode_text, WordMemoSentencePiece) else None
+    text_encoder = _sample_encoder(tokenizer).text_encoder
+    return text_encoder if isinstance(text_encoder, WordMemoSentencePiece) else None
 
 
 def set_encoder_threads(tokenizer: MistralTokenizer, threads: int) -> None:
     """How many threads this process's text encoder uses for a batch of lines (worker processes share the cores)."""
-    encode_text = _sample_encoder(tokenizer).raw.encode_text
-    if hasattr(encode_text, "threads"):
-        encode_text.threads = threads
+    text_encoder = _sample_encoder(tokenizer).text_encoder
+    if hasattr(text_encoder, "threads"):
+        text_encoder.threads = threads
 
 
 def _sample_encoder(tokenizer: MistralTokenizer) -> _SampleEncoder:

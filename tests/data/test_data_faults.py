@@ -279,7 +279,7 @@ def test_a_repeated_key_is_a_warning_and_the_last_value_is_used(tokenizers):
     assert warnings == [
         SampleWarning("duplicate_key", "key 'text' appears twice in one JSON object; the last one is used")
     ]
-    assert tokens == tokenize_sample({"text": "second"}, tokenizers["v3"]).tokens
+    assert tokens.tolist() == tokenize_sample({"text": "second"}, tokenizers["v3"]).tokens
 
 
 def test_a_clean_sample_has_no_warning(tokenizers):

@@ -14,6 +14,7 @@ import finetune.data.cache as cache
 from finetune.data import DataError, build_eval_batches, build_train_loader, tokenize_sample
 from finetune.data.cache import open_tokenized_files
 from finetune.data.config import DataConfig, DataSource
+from finetune.data.text_encoders import pack
 from finetune.data.tokenize import word_memo
 
 
@@ -252,7 +253,7 @@ def test_the_word_memo_is_kept_with_the_cache_and_gives_the_same_tokens(
     open_tokenized_files([first], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=2)
     (memo_file,) = (tmp_path / "cache" / "word_memo").iterdir()
     saved = cache.read_words(memo_file, 32768)
-    assert len(saved) > 100 and saved == {w: word_memo(load_tokenizer(model_dirs["v3"]))(w) for w in saved}
+    assert len(saved) > 100 and saved == {w: pack(word_memo(load_tokenizer(model_dirs["v3"]))(w)) for w in saved}
 
     fresh = load_tokenizer(model_dirs["v3"])  # a new run: its memo starts empty, then reads the file
     (warm,) = open_tokenized_files([second], fresh, "all", tmp_path / "cache", num_workers=0)
@@ -261,12 +262,12 @@ def test_the_word_memo_is_kept_with_the_cache_and_gives_the_same_tokens(
     assert warm.tokens.tolist() == cold.tokens.tolist() and warm.spans.tolist() == cold.spans.tolist()
     assert len(cache.read_words(memo_file, 32768)) > len(saved)  # the second file's new words were added
 
-    cache.write_words(memo_file, {"the": [10**9]})  # an id outside the vocabulary
+    cache.write_words(memo_file, {"the": pack([10**9])})  # an id outside the vocabulary
     other = write_jsonl(tmp_path / "c.jsonl", [chat(i + 2000) for i in range(5)])
     capsys.readouterr()
     open_tokenized_files([other], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=0)
     assert "not a word memo this tokenizer wrote; it is rebuilt" in capsys.readouterr().out
-    assert all(ids != [10**9] for ids in cache.read_words(memo_file, 32768).values())
+    assert all(ids != pack([10**9]) for ids in cache.read_words(memo_file, 32768).values())
     memo_file.write_bytes(b"not an npz")
     assert cache.read_words(memo_file, 32768) is None
 
