@@ -1,10 +1,13 @@
 """Tokens per second of the data path, on generated multi-turn chat of realistic lengths.
 
     python benchmarks/data_throughput.py [--samples 12000] [--runs 3] [--workers 0 2] [--processes]
+                                         [--tokenizers Tekken "SentencePiece v3"]
 
-For SentencePiece v3 and Tekken it measures, on the same generated file, in alternating runs (each path once per
-round, round after round, so a shared machine's changing load falls on all of them alike), and prints the median
-of each with the spread (min-max) and the ratios of the medians:
+For SentencePiece v3 and Tekken (or those --tokenizers names) it measures, on the same generated file, in
+alternating runs (each path once per round, round after round, so a shared machine's changing load falls on all of
+them alike; every other round in reverse order, so that no path always runs right after the same one and inherits
+its caches or its worker pool's teardown), and prints the median of each with the spread (min-max) and its speed
+against each of the two references (ratios below the list):
 1. two references, both mistral-finetune's work restated here with mistral-common's objects (mistral-finetune is
    archived and not installed; its finetune/data/dataset.py and tokenize.py were read for this):
    - "build_dataset": what its `build_dataset` does for one epoch of a training run with its default data settings
@@ -20,11 +23,19 @@ of each with the spread (min-max) and the ratios of the medians:
    empty cache folder, as a first run) and with a warm one (the memo that earlier builds left in the cache folder);
 3. cache reads: TrainLoader batches read back from the cache built in 2.
 
-With --processes it times whole processes instead, the way a user meets them, alternating fresh interpreters
-(imports, tokenizer loading and start-up included): `python -m finetune validate CONFIG` (tailor validate, an empty
-cache folder each run, as a first run) against `python benchmarks/data_throughput.py --reference-process FILE MODEL`,
-the "build_dataset" reference in a process that imports what mistral-finetune's finetune/data/dataset.py imports
-(numpy, torch.distributed, mistral-common), and the "per-sample work" in one that imports only mistral-common.
+Each path's speed is given against build_dataset, then against per-sample work ("A / B"), two ways:
+- "medians": the reference's median wall / the path's median wall, over all rounds;
+- "per round": the reference's wall / the path's wall within each round (runs next to each other in time, so under
+  nearly the same load), the median of those over the rounds, with their min-max. On a shared machine whose speed
+  changes from one second to the next this paired ratio is the steadier one; its min-max says how far one round
+  strays. The default --runs 3 is quick; on a shared machine use --runs 7 or more.
+
+With --processes it times whole processes instead (in the same alternating rounds, with the same ratios), the way
+a user meets them, fresh interpreters (imports, tokenizer loading and start-up included): `python -m finetune
+validate CONFIG` (tailor validate, an empty cache folder each run, as a first run) against `python
+benchmarks/data_throughput.py --reference-process FILE MODEL`, the "build_dataset" reference in a process that
+imports what mistral-finetune's finetune/data/dataset.py imports (numpy, torch.distributed, mistral-common), and the
+"per-sample work" in one that imports only mistral-common.
 
 The text is made of words drawn from a Zipf law, as natural language is: real English words first, then a
 long tail of English-looking made-up words, so that neither tokenizer (nor tailor's word memo) sees an
@@ -317,11 +328,31 @@ def make_model_folder(folder: Path, tokenizer_file: str) -> Path:
 REFERENCES = ("mistral-finetune's build_dataset", "mistral-finetune's per-sample work")
 
 
+def alternating_rounds(run, labels: list[str], rounds: int) -> dict[str, list[float]]:
+    """`run(label)` for every label once per round, every other round in reverse order (so that no path always runs
+    right after the same one: its caches, its worker pool's teardown); returns each label's walls, round by round."""
+    walls = {label: [] for label in labels}
+    for round_index in range(rounds):
+        for label in labels[::-1] if round_index % 2 else labels:
+            walls[label].append(run(label))
+    return walls
+
+
+def paired_ratios(walls: dict[str, list[float]], reference: str) -> dict[str, tuple[float, float, float]]:
+    """Each path's reference wall / its wall within each round, whose runs were next to each other in time (so under
+    nearly the same load): the median over the rounds, the min and the max."""
+    paired = {}
+    for label, times in walls.items():
+        ratios = [reference_wall / wall for reference_wall, wall in zip(walls[reference], times, strict=True)]
+        paired[label] = (statistics.median(ratios), min(ratios), max(ratios))
+    return paired
+
+
 def in_process(args, tmp: Path, data: Path) -> None:
     from finetune.data import load_tokenizer
 
-    for name, file in TOKENIZERS.items():
-        model = make_model_folder(tmp / name.replace(" ", "_"), file)
+    for name in args.tokenizers:
+        model = make_model_folder(tmp / name.replace(" ", "_"), TOKENIZERS[name])
         tokenizer = load_tokenizer(model)
         paths = {
             REFERENCES[0]: lambda tokenizer=tokenizer: build_dataset_path(data, tokenizer, args.seq_len),
@@ -336,17 +367,16 @@ def in_process(args, tmp: Path, data: Path) -> None:
                 for memo in ("cold", "warm")
             },
         }
-        for path in paths.values():  # a first build leaves the warm memo's words; nothing of it is timed
-            path()
-        walls = {label: [] for label in paths}
-        for _ in range(args.runs):
-            for label, path in paths.items():
-                watch, result = path()
-                walls[label].append(watch.wall)
-                if label in REFERENCES:
-                    n = result
-                else:
-                    padding = result
+        results = {}  # the references' token counts, tailor's padding shares: the same in every round
+
+        def run(label: str, paths=paths, results=results) -> float:
+            watch, results[label] = paths[label]()
+            return watch.wall
+
+        for label in paths:  # a first build leaves the warm memo's words; nothing of it is timed
+            run(label)
+        walls = alternating_rounds(run, list(paths), args.runs)
+        n, padding = results[REFERENCES[0]], results[list(paths)[-1]]
         reads = cache_read_tokens_per_second(
             data, tokenizer, tmp / f"cache-{args.workers[-1]}-warm", args.seq_len, args.batch_size, 200
         )
@@ -360,15 +390,26 @@ def in_process(args, tmp: Path, data: Path) -> None:
 
 def print_medians(walls: dict[str, list[float]], value, unit: str) -> None:
     """Each path's median over its alternating runs as `value(wall seconds)` in `unit`, with the spread of the runs,
-    and its speed against each reference's (the first two paths)."""
-    references = [statistics.median(times) for times in list(walls.values())[:2]]
+    and its speed against each reference's (the first two paths): the ratio of the medians, and the paired ratios of
+    the rounds (median, min-max)."""
+    references = list(walls)[:2]
+    reference_medians = [statistics.median(walls[reference]) for reference in references]
+    paired = [paired_ratios(walls, reference) for reference in references]
     width = max(map(len, walls))
     for label, times in walls.items():
         median = statistics.median(times)
         low, high = sorted((value(min(times)), value(max(times))))
-        ratios = " / ".join(f"{reference / median:.2f}x" for reference in references)
-        print(f"  {label:<{width}} {value(median):6.2f}{unit} (median; runs {low:.2f} to {high:.2f}), {ratios}")
-    print(f"  (ratios: against {' / against '.join(list(walls)[:2])})")
+        ratios = " / ".join(f"{reference / median:.2f}x" for reference in reference_medians)
+        per_round = " / ".join(f"{p[label][0]:.2f}x ({p[label][1]:.2f}-{p[label][2]:.2f})" for p in paired)
+        print(
+            f"  {label:<{width}} {value(median):6.2f}{unit} (median; runs {low:.2f} to {high:.2f}), "
+            f"medians {ratios}, per round {per_round}"
+        )
+    print(
+        f"  (ratios: against {' / against '.join(references)}; medians: the reference's median wall / the path's; "
+        f"per round: the median over the {len(walls[references[0]])} rounds of the reference's wall / the path's wall "
+        "in the same round, with their min-max)"
+    )
 
 
 def whole_processes(args, tmp: Path, data: Path) -> None:
@@ -376,8 +417,8 @@ def whole_processes(args, tmp: Path, data: Path) -> None:
     import yaml
 
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    for name, file in TOKENIZERS.items():
-        model = make_model_folder(tmp / name.replace(" ", "_"), file)
+    for name in args.tokenizers:
+        model = make_model_folder(tmp / name.replace(" ", "_"), TOKENIZERS[name])
         commands = {
             f"{reference}, a process of its own": [sys.executable, __file__, "--reference-process", kind, data, model]
             for reference, kind in zip(REFERENCES, ("build_dataset", "per-sample"))
@@ -393,20 +434,21 @@ def whole_processes(args, tmp: Path, data: Path) -> None:
             commands[f"tailor validate, {workers} workers, empty cache"] = [
                 sys.executable, "-m", "finetune", "validate", str(config)
             ]  # fmt: skip
-        walls = {label: [] for label in commands}
-        for round_ in range(args.runs + 1):  # the first round warms the file system's page cache; not counted
-            for label, command in commands.items():
-                for cache in caches.values():
-                    shutil.rmtree(cache, ignore_errors=True)
-                start = time.perf_counter()
-                result = subprocess.run(list(map(str, command)), cwd=REPO, env=env, capture_output=True, text=True)
-                wall = time.perf_counter() - start
-                if result.returncode != 0:
-                    raise SystemExit(
-                        f"{' '.join(map(str, command))} failed ({result.returncode}):\n{result.stderr[-2000:]}"
-                    )
-                if round_:
-                    walls[label].append(wall)
+
+        def run(label: str, commands=commands, caches=caches) -> float:
+            for cache in caches.values():
+                shutil.rmtree(cache, ignore_errors=True)
+            command = list(map(str, commands[label]))
+            start = time.perf_counter()
+            result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+            wall = time.perf_counter() - start
+            if result.returncode != 0:
+                raise SystemExit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+            return wall
+
+        for label in commands:  # a first round warms the file system's page cache; not counted
+            run(label)
+        walls = alternating_rounds(run, list(commands), args.runs)
         print(f"{name}: whole processes, load average {os.getloadavg()[0]:.1f} at the end")
         print_medians(walls, lambda wall: wall, " s")
 
@@ -427,17 +469,26 @@ def reference_process(kind: str, data: Path, model: Path) -> None:
     print(f"{n} tokens in {watch.wall:.2f} s")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=12_000)
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--runs", type=int, default=3, help="alternating rounds; medians and spread are reported")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="alternating rounds (7 or more on a shared machine); medians and spread"
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="data.num_workers values to time")
     parser.add_argument("--data", type=Path, help="a .jsonl file to read (generated there, of --samples, if missing)")
     parser.add_argument("--processes", action="store_true", help="time whole processes: tailor validate")
+    parser.add_argument(
+        "--tokenizers", nargs="+", choices=list(TOKENIZERS), default=list(TOKENIZERS), help="the tokenizers to time"
+    )
     parser.add_argument("--reference-process", nargs=3, metavar=("KIND", "FILE", "MODEL"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.reference_process:
         kind, data, model = args.reference_process
         return reference_process(kind, Path(data), Path(model))

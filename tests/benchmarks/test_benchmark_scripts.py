@@ -124,3 +124,33 @@ def test_the_data_benchmarks_packing_is_mistral_finetunes():
     assert pack(samples, 4) == 2
     assert pack(samples, 3) == 3  # [a0 a1 a2] [a3 a4 b0] [b1 b2 b3]; b4 waits; c trains nothing
     assert pack([(list(range(9)), [f] * 9)], 4) == 0
+
+
+def test_the_data_benchmarks_rounds_alternate_and_pair_each_wall_with_its_own_path():
+    """Every other round runs backwards; each wall stays with the path that took it, so the paired ratios of a round
+    divide that round's reference wall by that round's path wall (the middle round is reversed, its walls the odd
+    ones out: a mix-up would show)."""
+    bench = _data_throughput()
+    walls_by_round = {"reference": [2.0, 6.0, 3.0], "fast": [1.0, 2.0, 1.0], "slow": [4.0, 3.0, 12.0]}
+    order = []
+
+    def run(label):
+        order.append(label)
+        return walls_by_round[label][sum(seen == label for seen in order) - 1]
+
+    walls = bench.alternating_rounds(run, ["reference", "fast", "slow"], 3)
+    assert order == ["reference", "fast", "slow", "slow", "fast", "reference", "reference", "fast", "slow"]
+    assert walls == walls_by_round
+    paired = bench.paired_ratios(walls, "reference")
+    assert paired["fast"] == (3.0, 2.0, 3.0)  # rounds 2/1, 6/2, 3/1
+    assert paired["slow"] == (0.5, 0.25, 2.0)  # rounds 2/4, 6/3, 3/12
+    assert paired["reference"] == (1.0, 1.0, 1.0)
+    assert bench.paired_ratios({"reference": [2.0, 4.0], "path": [1.0, 1.0]}, "reference")["path"] == (3.0, 2.0, 4.0)
+
+
+def test_the_data_benchmark_times_the_tokenizers_it_is_given():
+    bench = _data_throughput()
+    assert bench.parse_args([]).tokenizers == ["SentencePiece v3", "Tekken"]
+    assert bench.parse_args(["--tokenizers", "Tekken"]).tokenizers == ["Tekken"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tokenizers", "tekken"])
