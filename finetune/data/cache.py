@@ -70,8 +70,8 @@ MIN_SPLIT_BYTES = 2 << 20
 BATCH_LINES = 256
 BATCH_BYTES = 4 << 20
 SPAN_DTYPE = np.dtype([("begin", "<i4"), ("end", "<i4"), ("weight", "<f4")])
-# Tokenizing runs with Python's cyclic garbage collector paused: left on, it walks every object the build keeps, again
-# and again as they pile up (the word memo's lists most of all; measured 0.2-0.3 s of a 1.1 s v3 build of 7.8 MiB).
+# Tokenizing runs with Python's cyclic garbage collector paused: left on, it walks the objects the build makes, again
+# and again as they pile up (finetune/data/collector.py says how much that costs).
 # A kept SampleFault drops the frames that would tie it to its batch (SampleFault.kept), so a build makes little cyclic
 # garbage; what a library's error may still leave is collected once per this many bytes read, so memory stays
 # bounded whatever the file.
@@ -203,9 +203,8 @@ def read_words(path: Path, n_words: int) -> dict[str, bytes] | None:
     if not ends_ok or np.any(text_ends <= text_starts) or np.any(id_ends <= id_starts):
         return None
     packed = ids.tobytes()  # checked above: native int32 ids in [0, n_words), the bytes of PACKED uint32 ids
-    with cycle_collector_paused():
-        keys = map(text.__getitem__, map(slice, text_starts.tolist(), text_ends.tolist()))
-        return dict(zip(keys, map(packed.__getitem__, map(slice, (4 * id_starts).tolist(), (4 * id_ends).tolist()))))
+    keys = map(text.__getitem__, map(slice, text_starts.tolist(), text_ends.tolist()))
+    return dict(zip(keys, map(packed.__getitem__, map(slice, (4 * id_starts).tolist(), (4 * id_ends).tolist()))))
 
 
 def worker_processes(num_workers: int, cores: int, threaded: bool) -> int:

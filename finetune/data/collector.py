@@ -1,10 +1,11 @@
 """Python's cyclic garbage collector, paused where the data path makes objects by the hundred thousand.
 
-The word memo makes a list per word, a hundred thousand at once, and a build or `tailor validate` keeps them to its
-end: the collector would run once per 700 new objects, and over every older one too as they pile up, for lists of
-ints that form no cycle. It more than doubled the time of a build's batched encode and made reading a memo file's
-lists several times slower. This module imports nothing heavy, so that `tailor validate` can pause the collector
-before the data path's own imports.
+A build parses every line into dicts and lists, which the collector tracks: it runs once per 700 new ones, and over
+every older one too as they pile up, for objects that form no cycle. Measured on the 7.8 MiB benchmark file (medians
+of 5 alternating builds): 1.67 s paused against 1.74 s on with SentencePiece v3, 1.04 s against 1.08 s with Tekken.
+When the word memo kept a list of ints per word, the collector more than doubled the time of its batched encode; it
+keeps bytes now, which the collector does not track. This module imports nothing heavy, so that `tailor validate`
+can pause the collector before the data path's own imports.
 """
 
 from __future__ import annotations
