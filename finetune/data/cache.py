@@ -60,7 +60,6 @@ from finetune.data.tokenize import set_encoder_threads, tokenize_lines, word_mem
 
 CACHE_FORMAT = 2
 WORD_MEMO_FORMAT = 2  # write_words' layout: a file of another layout is not even looked at
-assert array.array("I").itemsize == 4, "tokens.bin holds uint32"
 PART_BYTES = 8 << 20  # the most of a file one worker task takes
 PARTS_PER_WORKER = 4
 # Smaller files are tokenized in-process. Measured here: a pool of 2 workers starts and stops in about 0.25 s, about

@@ -128,12 +128,11 @@ class PlainChatTemplate:
         tokens = array(PACKED, [self.bos])
         spans = []
         for i, (role, text, weight) in enumerate(turns):
-            if role == "user":
-                if self.version == "v1":
-                    tokens.frombytes(text_ids(text))
-                else:
+            if role == "user":  # v1's [INST] markers are in its text
+                if self.version != "v1":
                     tokens.append(self.begin_inst)
-                    tokens.frombytes(text_ids(text))
+                tokens.frombytes(text_ids(text))
+                if self.version != "v1":
                     tokens.append(self.end_inst)
             elif role == "assistant":
                 begin = len(tokens)

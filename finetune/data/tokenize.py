@@ -136,13 +136,11 @@ def tokenize_line(raw: bytes, tokenizer: MistralTokenizer, train_on: str = "all"
     warnings: list[SampleWarning] = []
     sample = parse_line(raw, warnings)
     check_sample(sample)
-    return _tokenize_checked(sample, warnings, tokenizer, train_on)
+    return _tokenize_checked(sample, warnings, _sample_encoder(tokenizer), train_on)
 
 
-def _tokenize_checked(
-    sample: dict, warnings: list[SampleWarning], tokenizer: MistralTokenizer, train_on: str
-) -> Tokenized:
-    tokens, spans = _sample_encoder(tokenizer).encode(sample, train_on)
+def _tokenize_checked(sample: dict, warnings: list[SampleWarning], encoder: _SampleEncoder, train_on: str) -> Tokenized:
+    tokens, spans = encoder.encode(sample, train_on)
     warnings += sample_warnings(sample)
     if not spans:
         warnings.append(NOTHING_TO_TRAIN)
@@ -174,7 +172,7 @@ def tokenize_lines(
             results.append(item)
             continue
         try:
-            results.append(_tokenize_checked(*item, tokenizer, train_on))
+            results.append(_tokenize_checked(*item, encoder, train_on))
         except SampleFault as fault:
             results.append(fault.kept())
     return results
@@ -229,7 +227,9 @@ class _SampleEncoder:
         """The tokens and trained spans of a checked sample."""
         try:
             if "text" in sample:
-                tokens = array(PACKED, self.raw.encode(sample["text"], bos=True, eos=True))
+                tokens = array(PACKED, [self.raw.bos_id])
+                tokens.frombytes(self.text_encoder.packed(sample["text"]))
+                tokens.append(self.raw.eos_id)
                 return tokens, [(1, len(tokens), 1.0)]
             if self.plain_chat is not None and is_plain_chat(sample):
                 return self.plain_chat.encode(sample["messages"], train_on)

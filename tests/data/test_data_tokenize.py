@@ -19,7 +19,7 @@ from finetune.data import (
     tokenize_sample,
 )
 from finetune.data.errors import NOTHING_TO_TRAIN
-from finetune.data.tokenize import tokenize_line, tokenize_lines
+from finetune.data.tokenize import tokenize_line, tokenize_lines, word_memo
 
 WEATHER_TOOL = {
     "type": "function",
@@ -343,3 +343,36 @@ def test_lines_tokenized_in_a_batch_equal_one_by_one(tokenizers, model_dirs, ver
     assert kinds["invalid_json"] == kinds["empty_text"] == kinds["no_messages"] == kinds["blank_line"] == 1
     assert set(kinds) == {"invalid_json", "empty_text", "no_messages", "blank_line", "empty_content"}
     assert sum(kinds.values()) < 20
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])
+def test_a_batch_of_plain_chats_costs_sentencepiece_one_call(model_dirs, version):
+    """The texts the plain-chat template encodes (a system prompt joined to its user message, v1's [INST] markers,
+    an answer's trailing spaces cut, consecutive messages merged) are the texts the memo is told of first: its one
+    batched call learns every word, and no text of the batch needs SentencePiece again."""
+    rng = random.Random(5)
+    words = ["alpha", "beta", "gamma", "delta", "x1", "naïve", "end.", "(yes)", "multi\nline"]
+    lines = []
+    for k in range(40):
+        messages = [{"role": "system", "content": " ".join(rng.choices(words, k=5))}] if k % 2 else []
+        for _ in range(rng.randint(1, 3)):
+            messages.append({"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 8)))})
+            if k % 3 == 0:  # two user messages in a row: merged into one text
+                messages.append({"role": "user", "content": rng.choice(words)})
+            messages.append({"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 8))) + "  "})
+        lines.append(json.dumps({"messages": messages}).encode())
+    tokenizer = load_tokenizer(model_dirs[version])
+    memo = word_memo(tokenizer)
+    processor, calls = memo._processor, []
+    memo._processor = type(
+        "Counting",
+        (),
+        {
+            "encode": lambda _, x, **kw: calls.append(x) or processor.encode(x, **kw),
+            "__getattr__": lambda _, name: getattr(processor, name),
+        },
+    )()
+    results = tokenize_lines(lines, tokenizer)
+    assert len(calls) == 1 and isinstance(calls[0], list)  # the batch's new words, in one call
+    one_by_one = load_tokenizer(model_dirs[version])
+    assert results == [tokenize_line(line, one_by_one) for line in lines]
