@@ -33,9 +33,9 @@ Each path's speed is given against build_dataset, then against per-sample work (
 With --processes it times whole processes instead (in the same alternating rounds, with the same ratios), the way
 a user meets them, fresh interpreters (imports, tokenizer loading and start-up included): `python -m finetune
 validate CONFIG` (tailor validate, an empty cache folder each run, as a first run) against `python
-benchmarks/data_throughput.py --reference-process FILE MODEL`, the "build_dataset" reference in a process that
-imports what mistral-finetune's finetune/data/dataset.py imports (numpy, torch.distributed, mistral-common), and the
-"per-sample work" in one that imports only mistral-common.
+benchmarks/data_throughput.py --reference-process KIND FILE MODEL SEQ_LEN`, the "build_dataset" reference in a
+process that imports what mistral-finetune's finetune/data/dataset.py imports (numpy, torch.distributed,
+mistral-common), and the "per-sample work" in one that imports only mistral-common.
 
 The text is made of words drawn from a Zipf law, as natural language is: real English words first, then a
 long tail of English-looking made-up words, so that neither tokenizer (nor tailor's word memo) sees an
@@ -45,11 +45,12 @@ unrealistically small or unrealistically short set of words.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import random
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -145,19 +146,14 @@ def make_chat_file(path: Path, n_samples: int, seed: int = 0) -> None:
 
 
 class Stopwatch:
-    """Wall time and CPU time (this process and its finished children: the tokenizer workers)."""
+    """The wall time of what runs inside it."""
 
     def __enter__(self) -> Stopwatch:
-        self.wall, self.cpu = time.perf_counter(), self._cpu()
+        self.wall = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.wall, self._cpu() - self.cpu
-
-    @staticmethod
-    def _cpu() -> float:
-        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+        self.wall = time.perf_counter() - self.wall
 
 
 def reference_path(path: Path, tokenizer) -> tuple[Stopwatch, int]:
@@ -286,7 +282,10 @@ def tailor_path(
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     tokenizer = load_tokenizer(tokenizer)  # a new process's tokenizer: its in-memory memo starts empty
     with Stopwatch() as watch:
-        (source,) = open_sources([DataSource(str(path))], tokenizer, "all", cache_dir, workers)
+        with contextlib.redirect_stdout(
+            io.StringIO()
+        ):  # its "tokenizing ..." line, once per run, would bury the results
+            (source,) = open_sources([DataSource(str(path))], tokenizer, "all", cache_dir, workers)
         feed = DocumentFeed(lambda epoch: np.arange(len(source)) if epoch == 0 else None)
         counts, n_sequences = Counter(), 0
         while pieces := pack_sequence(feed, source, seq_len, "split", counts):
@@ -420,7 +419,15 @@ def whole_processes(args, tmp: Path, data: Path) -> None:
     for name in args.tokenizers:
         model = make_model_folder(tmp / name.replace(" ", "_"), TOKENIZERS[name])
         commands = {
-            f"{reference}, a process of its own": [sys.executable, __file__, "--reference-process", kind, data, model]
+            f"{reference}, a process of its own": [
+                sys.executable,
+                __file__,
+                "--reference-process",
+                kind,
+                data,
+                model,
+                args.seq_len,
+            ]  # fmt: skip
             for reference, kind in zip(REFERENCES, ("build_dataset", "per-sample"))
         }
         caches = {}
@@ -453,7 +460,7 @@ def whole_processes(args, tmp: Path, data: Path) -> None:
         print_medians(walls, lambda wall: wall, " s")
 
 
-def reference_process(kind: str, data: Path, model: Path) -> None:
+def reference_process(kind: str, data: Path, model: Path, seq_len: int) -> None:
     """A reference in a process of its own: what it imports, mistral-common's tokenizer from the model folder, then
     its work. mistral-finetune's finetune/data/dataset.py imports numpy and torch.distributed before anything else."""
     if kind == "build_dataset":
@@ -463,7 +470,7 @@ def reference_process(kind: str, data: Path, model: Path) -> None:
     (tokenizer_file,) = [p for p in model.iterdir() if p.name != "params.json"]
     tokenizer = MistralTokenizer.from_file(str(tokenizer_file), mode=ValidationMode.finetuning)
     if kind == "build_dataset":
-        watch, n = build_dataset_path(data, tokenizer, 8192)
+        watch, n = build_dataset_path(data, tokenizer, seq_len)
     else:
         watch, n = reference_path(data, tokenizer)
     print(f"{n} tokens in {watch.wall:.2f} s")
@@ -483,15 +490,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tokenizers", nargs="+", choices=list(TOKENIZERS), default=list(TOKENIZERS), help="the tokenizers to time"
     )
-    parser.add_argument("--reference-process", nargs=3, metavar=("KIND", "FILE", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reference-process", nargs=4, metavar=("KIND", "FILE", "MODEL", "SEQ_LEN"), help=argparse.SUPPRESS
+    )
     return parser.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
     if args.reference_process:
-        kind, data, model = args.reference_process
-        return reference_process(kind, Path(data), Path(model))
+        kind, data, model, seq_len = args.reference_process
+        return reference_process(kind, Path(data), Path(model), int(seq_len))
     sys.path.insert(0, str(REPO))
 
     with tempfile.TemporaryDirectory() as tmp:
