@@ -26,7 +26,7 @@ tokenize_lines). SentencePiece tokenizers encode text word by word through a mem
 (finetune/data/text_encoders.py), which `<cache_dir>/word_memo/` keeps between builds and runs, per tokenizer file:
 a build starts with the words earlier builds encoded rather than with none. It is flat numpy arrays (no pickle),
 checked when read (a memo that is not one is rebuilt, and the run says so), and written only by a build whose memo
-learned words.
+learned words; writing one removes the files of an older layout, which no build reads (the run says so).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from finetune.data.tokenize import set_encoder_threads, tokenize_lines, word_mem
 
 CACHE_FORMAT = 2
 WORD_MEMO_FORMAT = 2  # write_words' layout: a file of another layout is not even looked at
+MEMO_PREFIX = f"v{WORD_MEMO_FORMAT}-"  # memo file names start with their layout (from layout 2 on; before, none did)
 PART_BYTES = 8 << 20  # the most of a file one worker task takes
 PARTS_PER_WORKER = 4
 # Smaller files are tokenized in-process. Measured here: a pool of 2 workers starts and stops in about 0.25 s, about
@@ -133,7 +134,7 @@ def open_tokenized_files(
     memo = word_memo(tokenizer) if to_build else None  # a run that finds its files cached builds no encoder
     # per tokenizer file and SentencePiece version: the ids are what that pair makes of each word
     memo_key = f"{WORD_MEMO_FORMAT}|{tokenizer_digest}|{sentencepiece.__version__}"
-    memo_file = cache_dir / "word_memo" / f"{hashlib.sha256(memo_key.encode()).hexdigest()[:32]}.npz"
+    memo_file = cache_dir / "word_memo" / f"{MEMO_PREFIX}{hashlib.sha256(memo_key.encode()).hexdigest()[:32]}.npz"
     if memo is not None:
         in_file = _load_word_memo(memo_file, memo, tokenizer.instruct_tokenizer.tokenizer.n_words)
     with _WorkerPool(tokenizer, train_on, num_workers) as pool:
@@ -165,6 +166,15 @@ def _save_word_memo(path: Path, memo: WordMemoSentencePiece) -> None:
     tmp = path.with_suffix(f".tmp-{os.getpid()}.npz")
     write_words(tmp, memo.words())
     os.replace(tmp, path)
+    # Files of another layout are never read again (their names hold the layout); a file being written has ".tmp-".
+    stale = [p for p in path.parent.glob("*.npz") if not p.name.startswith(MEMO_PREFIX) and ".tmp-" not in p.name]
+    for old in stale:
+        old.unlink(missing_ok=True)
+    if stale:
+        print(
+            f"{path.parent}: removed {len(stale)} word memo file(s) of an older layout, which no build reads",
+            flush=True,
+        )
 
 
 def write_words(path: Path, words: dict[str, bytes]) -> None:

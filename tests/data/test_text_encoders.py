@@ -285,3 +285,23 @@ def test_the_memo_file_is_written_only_when_the_memo_learned_words(tmp_path, mod
     open_tokenized_files([new_words], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=0)
     after = read_words(memo_file, 32768)
     assert memo_file.stat().st_ino != written[0] and set(after) - set(written[1]) == {"unheard-of", "zyxwvut"}
+
+
+def test_memo_files_of_an_older_layout_are_removed_with_a_word(tmp_path, model_dirs, write_jsonl, chat, capsys):
+    """Memo files of an older layout (no layout in their name) are never read again: writing a memo removes them and
+    says so; the memo files of other tokenizers, and files being written, stay."""
+    folder = tmp_path / "cache" / "word_memo"
+    folder.mkdir(parents=True)
+    older = folder / "0123456789abcdef0123456789abcdef.npz"
+    write_words(older, {"the": pack([1])})
+    being_written = folder / "0123456789abcdef0123456789abcdef.tmp-99.npz"
+    being_written.write_bytes(b"half")
+    data = write_jsonl(tmp_path / "a.jsonl", [chat(i) for i in range(5)])
+    open_tokenized_files([data], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=0)
+    (v3_memo,) = folder.glob("v2-*.npz")
+    assert not older.exists() and being_written.exists()
+    assert f"{folder}: removed 1 word memo file(s) of an older layout" in capsys.readouterr().out
+    other = write_jsonl(tmp_path / "b.jsonl", [chat(i + 100) for i in range(5)])
+    open_tokenized_files([other], load_tokenizer(model_dirs["v1"]), "all", tmp_path / "cache", num_workers=0)
+    assert v3_memo.exists() and len(list(folder.glob("v2-*.npz"))) == 2
+    assert "removed" not in capsys.readouterr().out
