@@ -282,9 +282,8 @@ def tailor_path(
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     tokenizer = load_tokenizer(tokenizer)  # a new process's tokenizer: its in-memory memo starts empty
     with Stopwatch() as watch:
-        with contextlib.redirect_stdout(
-            io.StringIO()
-        ):  # its "tokenizing ..." line, once per run, would bury the results
+        # its "tokenizing ..." line, printed once per run, would bury the results
+        with contextlib.redirect_stdout(io.StringIO()):
             (source,) = open_sources([DataSource(str(path))], tokenizer, "all", cache_dir, workers)
         feed = DocumentFeed(lambda epoch: np.arange(len(source)) if epoch == 0 else None)
         counts, n_sequences = Counter(), 0
@@ -427,7 +426,7 @@ def whole_processes(args, tmp: Path, data: Path) -> None:
                 data,
                 model,
                 args.seq_len,
-            ]  # fmt: skip
+            ]
             for reference, kind in zip(REFERENCES, ("build_dataset", "per-sample"))
         }
         caches = {}
