@@ -87,7 +87,7 @@ def demo_task(steps: int, seed: int, workdir: Path, variants: list[str], lr: flo
         cfg["model"] = dict(demo["model"], path=str(path), dtype="bf16", quantize=quantize)
         cfg["data"] = dict(demo["data"], cache_dir=str(workdir / "cache"))
         cfg["data"]["train"], cfg["data"]["eval"] = (str(REPO / demo["data"][k]) for k in ("train", "eval"))
-        cfg["eval"] = dict(demo["eval"], freq=steps // 2)
+        cfg["eval"] = dict(demo["eval"], freq=steps // 2, generate=0)  # answers are scored by this script itself
         cfg["checkpoint"] = dict(demo["checkpoint"], freq=steps, keep=1)  # the final adapter, for the answers
         cfg["logging"] = dict(demo["logging"], freq=1)  # every step's loss and gradient norm: where runs part
         if lr is not None:
@@ -104,7 +104,7 @@ def demo_task(steps: int, seed: int, workdir: Path, variants: list[str], lr: flo
                 [sys.executable, str(REPO / "train.py"), str(config)], cwd=REPO, check=True, capture_output=True
             )
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        evals = [r for r in lines if r["kind"] == "eval"]
+        evals = [r for r in lines if r["kind"] == "eval" and not r.get("base")]  # the base model, measured at step 0
         results[name] = {
             "eval_loss": {r["step"]: r["eval_loss"] for r in evals},
             "token_accuracy": evals[-1].get("eval_token_accuracy"),

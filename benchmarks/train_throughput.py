@@ -4,16 +4,28 @@
     python benchmarks/train_throughput.py --arch tiny --steps 3            # a smoke test on CPU
     python benchmarks/train_throughput.py --cpu-compare                     # tailor vs HF + PEFT on this CPU
 
-A random-init model of the architecture (bf16 on a GPU), LoRA rank 16 on every linear layer, activation
-checkpointing, packed documents of random lengths. Prints tokens/s per GPU, MFU and peak memory, and with
-transformers and peft importable the same for MistralForCausalLM / MixtralForCausalLM + PEFT (same rank and
-targets, SDPA attention, gradient checkpointing, the same tokens), with the ratios side by side.
+A random-init model of the architecture (bf16 on a GPU), LoRA (rank 16 unless --rank) on every linear layer,
+activation checkpointing, packed documents of random lengths, NF4 frozen weights with --quantize nf4. Prints tokens/s
+per GPU, MFU and peak memory beside the memory estimate of the same setup (finetune/training/memory_estimate.py),
+and with transformers and peft importable the same for MistralForCausalLM / MixtralForCausalLM + PEFT (same rank
+and targets, SDPA attention, gradient checkpointing, the same tokens), with the ratios side by side. `--hf` names
+the baseline's settings:
+- `default`: as its users run it: PEFT keeps the adapters in fp32 and casts each adapted layer's input to fp32
+  (`autocast_adapter_dtype`), the packed row is one sequence (documents attend to each other), full logits.
+- `equal`: made like tailor where HF allows it: adapters in the compute dtype (`autocast_adapter_dtype=False`),
+  positions restarting in every document (`position_ids`), from which transformers builds a block-diagonal mask:
+  no attention across documents. Its loss still builds the whole fp32 logits (HF's forward has no chunked loss).
 
-MFU = tokens/s x FLOPs per token / peak, with FLOPs per token = 4 N + attention: the frozen weights get no weight
-gradient, so forward (2 N) and the input gradients of backward (2 N), with N the weights a token is multiplied by
-(model.args.active_parameters: attention, its experts and the router for MoE, the output head; not the embedding,
-a lookup); attention adds 12 x layers x heads x head_dim x mean context (QK^T and AV: 4 forward, 8 backward).
-Recomputation by checkpointing is not counted, as is customary. The peak is measured here with a large bf16 matmul.
+MFU = tokens/s x FLOPs per token / peak, counted two ways:
+- model FLOPs = 4 N + attention: the frozen weights get no weight gradient, so forward (2 N) and the input gradients
+  of backward (2 N), with N the weights a token is multiplied by (model.args.active_parameters: attention, its
+  experts and the router for MoE, the output head; not the embedding, a lookup); attention adds 12 x layers x heads
+  x head_dim x mean context (QK^T and AV: 4 forward, 8 backward), the context within a document. The same work
+  for every side, and the customary MFU.
+- hardware FLOPs: what each side's GPU computes: the blocks' forward again in backward (activation checkpointing:
+  2 (N - head) + 4 x layers x heads x head_dim x mean context more), and for HF as its users run it, attention over
+  the whole row rather than each document.
+The peak is measured here with a large bf16 matmul. `--profile` prints the profiler's table of one step.
 
 `--cpu-compare` measures the two side by side on a CPU, where a shared machine's load drifts: a small Mistral (dim
 512, 4 layers, GQA 8/2 heads, SwiGLU 1792) at vocabularies 32768 and 131072, fp32 at 1024 tokens a step and bf16 at
@@ -39,15 +51,17 @@ import torch
 import yaml
 from live_bytes import PeakLiveBytes  # benchmarks/, beside this script
 
-from finetune.config import OptimConfig
+from finetune.config import ModelConfig, OptimConfig, TrainConfig
 from finetune.training.loss import DEFAULT_CHUNK_SIZE, CausalLMWithLoss, chunked_cross_entropy
+from finetune.training.memory_estimate import estimate_memory
 from finetune.training.optim import build_optimizer
 from finetune.training.parallel import enable_activation_checkpointing
 from finetune.training.train_step import train_step
 from model.args import ARCHITECTURES, ModelArgs, active_parameters
 from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable
+from model.quantize import quantize_frozen_linears
 from model.tiny import tiny_args
-from model.transformer import Transformer
+from model.transformer import Transformer, document_positions
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 REPO = Path(__file__).resolve().parents[1]
@@ -60,10 +74,12 @@ SHIPPED_CONFIGS = {
 }
 CPU_LOSS_MEMORY_SCALE = 8  # 32768 tokens x 131072 fp32 logits are 17 GB, three times over on the naive path
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+HF_SETTINGS = ("default", "equal")
 
 
-def model_args(arch: str, layers: int | None) -> ModelArgs:
-    args = tiny_args("mistral-7b", 32768) if arch == "tiny" else ARCHITECTURES[arch]
+def model_args(arch: str, layers: int | None, nf4: bool = False) -> ModelArgs:
+    # at width 4 every tiny projection holds whole NF4 scale groups
+    args = tiny_args("mistral-7b", 32768, width=4 if nf4 else 1) if arch == "tiny" else ARCHITECTURES[arch]
     return dataclasses.replace(args, n_layers=layers) if layers else args
 
 
@@ -102,10 +118,23 @@ def make_batches(args: ModelArgs, seq_len: int, count: int, instruct: bool = Fal
     return batches
 
 
+def mean_context(seqlens_list: list[list[int]]) -> float:
+    """The keys a query attends to, on average: (n + 1) / 2 over a causal document of n tokens."""
+    return sum(n * (n + 1) / 2 for s in seqlens_list for n in s) / sum(sum(s) for s in seqlens_list)
+
+
 def flops_per_token(args: ModelArgs, seqlens_list: list[list[int]]) -> float:
-    tokens = sum(sum(s) for s in seqlens_list)
-    mean_context = sum(n * (n + 1) / 2 for s in seqlens_list for n in s) / tokens
-    return 4 * active_parameters(args) + 12 * args.n_layers * args.n_heads * args.head_dim * mean_context
+    """Model FLOPs per token: 4 N + attention within each document (the module docstring)."""
+    attention = 12 * args.n_layers * args.n_heads * args.head_dim * mean_context(seqlens_list)
+    return 4 * active_parameters(args) + attention
+
+
+def hardware_flops_per_token(args: ModelArgs, seqlens_list: list[list[int]], across_documents: bool) -> float:
+    """What a side with checkpointed blocks computes per token: the blocks' forward twice (the head's once), and
+    attention over the whole row when `across_documents`."""
+    context = mean_context([[sum(s)] for s in seqlens_list] if across_documents else seqlens_list)
+    blocks = active_parameters(args) - args.vocab_size * args.dim
+    return 4 * active_parameters(args) + 2 * blocks + 16 * args.n_layers * args.n_heads * args.head_dim * context
 
 
 def measured_peak_flops(device: torch.device) -> float:
@@ -124,11 +153,17 @@ def measured_peak_flops(device: torch.device) -> float:
 
 
 def build_tailor(
-    args: ModelArgs, device: torch.device, dtype: torch.dtype, attention: str, compile_blocks: bool
+    args: ModelArgs,
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str,
+    compile_blocks: bool,
+    rank: int = 16,
+    nf4: bool = False,
 ) -> torch.nn.Module:
     with torch.device("meta"):
         model = Transformer(args, attention_backend=attention).to(dtype)
-        inject_lora(model, LoRAArgs(rank=16, alpha=32, targets=TARGETS))
+        inject_lora(model, LoRAArgs(rank=rank, alpha=2 * rank, targets=TARGETS))
     model.to_empty(device=device)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -138,6 +173,8 @@ def build_tailor(
                 param.fill_(1.0)
             else:
                 param.normal_(0, 0.02)
+    if nf4:
+        quantize_frozen_linears(model)
     mark_only_lora_trainable(model)
     for block in model.layers:
         enable_activation_checkpointing(block)
@@ -151,7 +188,8 @@ def tailor_step(loss_model, optimizer, batch, device) -> None:
     train_step(loss_model, optimizer, [batch], device, max_grad_norm=1.0, world_size=1)
 
 
-def build_hf(args: ModelArgs, device: torch.device, dtype: torch.dtype):
+def build_hf(args: ModelArgs, device: torch.device, dtype: torch.dtype, equal: bool = False, rank: int = 16):
+    """MistralForCausalLM or MixtralForCausalLM + PEFT, as its users run it, or `equal`: adapters in `dtype`."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -166,16 +204,28 @@ def build_hf(args: ModelArgs, device: torch.device, dtype: torch.dtype):
         model = model_class(config).to(dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=HF_TARGETS, lora_dropout=0.0))
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=HF_TARGETS, lora_dropout=0.0)
+    return get_peft_model(model, lora, autocast_adapter_dtype=not equal)
 
 
 def hf_step(model, optimizer, batch, device) -> None:
-    """The same tokens as one sequence: HF's SDPA path has no block-diagonal mask for packed documents, so it
-    attends across documents (more attention FLOPs than tailor; the MFU below counts tailor's)."""
+    """The same tokens as one sequence, as HF's users pack them: without position_ids, documents attend to each
+    other (more attention FLOPs than tailor)."""
+    hf_step_packed(model, optimizer, batch, device, by_document=False)
+
+
+def hf_step_by_document(model, optimizer, batch, device) -> None:
+    """The same tokens with positions restarting in every document: transformers finds the documents from the
+    position_ids and masks attention between them, as tailor does."""
+    hf_step_packed(model, optimizer, batch, device, by_document=True)
+
+
+def hf_step_packed(model, optimizer, batch, device, by_document: bool) -> None:
     tokens = batch.tokens[None].to(device)
     labels = tokens.clone()  # transformers shifts the labels itself: label i + 1 is the target of position i
     labels[0, 1:][batch.weights[:-1] == 0] = -100
-    out = model(input_ids=tokens, labels=labels)
+    positions = document_positions(batch.seqlens, device)[None] if by_document else None
+    out = model(input_ids=tokens, labels=labels, position_ids=positions)
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -322,6 +372,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="fewer layers (e.g. for MoE on one GPU); the output says so")
     parser.add_argument("--attention", default="auto")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers + PEFT baseline")
+    parser.add_argument(
+        "--hf",
+        nargs="+",
+        choices=HF_SETTINGS,
+        default=["default"],
+        help="the baseline's settings, each measured: default (as its users run it), equal (made like tailor)",
+    )
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha is twice it)")
+    parser.add_argument("--quantize", choices=["none", "nf4"], default="none", help="tailor's frozen weights")
+    parser.add_argument("--profile", action="store_true", help="then the profiler's table of one tailor step")
     parser.add_argument("--compile", action="store_true", help="torch.compile tailor's blocks (model.compile)")
     parser.add_argument(
         "--loss-memory",
@@ -356,10 +416,11 @@ def main() -> None:
             loss_memory(device, seq_len // scaled, ARCHITECTURES[arch].vocab_size, 64, DEFAULT_CHUNK_SIZE // scaled)
         return None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    args = model_args(opts.arch, opts.layers)
+    args = model_args(opts.arch, opts.layers, opts.quantize == "nf4")
     seq_len = min(opts.seq_len, 256) if device.type == "cpu" else opts.seq_len
     batches = make_batches(args, seq_len, opts.warmup + opts.steps)
-    per_token = flops_per_token(args, [b.seqlens for b in batches])
+    seqlens = [b.seqlens for b in batches]
+    per_token = flops_per_token(args, seqlens)
     peak_flops = measured_peak_flops(device)
     layers_note = f" ({opts.layers} of {ARCHITECTURES[opts.arch].n_layers} layers)" if opts.layers else ""
     print(
@@ -371,34 +432,67 @@ def main() -> None:
         f"measured bf16 peak {peak_flops / 1e12:.0f} TFLOP/s"
     )
 
-    tailor = build_tailor(args, device, dtype, opts.attention, opts.compile)
-    results = [
-        measure("tailor" + (" compiled" if opts.compile else ""), tailor, tailor_step, batches, device, opts.warmup)
-    ]
+    tailor = build_tailor(args, device, dtype, opts.attention, opts.compile, opts.rank, opts.quantize == "nf4")
+    name = "tailor" + (" compiled" if opts.compile else "") + (" nf4" if opts.quantize == "nf4" else "")
+    results = [measure(name, tailor, tailor_step, batches, device, opts.warmup)]
+    results[0]["hardware_flops"] = hardware_flops_per_token(args, seqlens, across_documents=False)
+    if opts.profile:
+        profile_step(tailor, batches[-1], device)
     del tailor  # free tailor's model before the baseline's is built, so each peak is its own
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    if not opts.no_hf:
+    for setting in [] if opts.no_hf else opts.hf:
+        equal = setting == "equal"
         try:
-            hf = build_hf(args, device, dtype)
+            hf = build_hf(args, device, dtype, equal, opts.rank)
         except ImportError as error:
             print(f"Hugging Face baseline skipped: {error}")
-        else:
-            results.append(measure("transformers+peft", hf, hf_step, batches, device, opts.warmup))
+            break
+        step = hf_step_by_document if equal else hf_step
+        results.append(measure(f"transformers+peft {setting}", hf, step, batches, device, opts.warmup))
+        results[-1]["hardware_flops"] = hardware_flops_per_token(args, seqlens, across_documents=not equal)
+        del hf
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    estimate = estimate_memory(args, benchmark_config(seq_len, opts.rank, opts.quantize), 1, dtype.itemsize)
     for r in results:
-        mfu = r["tokens_per_s"] * per_token / peak_flops
+        mfu, hfu = (r["tokens_per_s"] * flops / peak_flops for flops in (per_token, r["hardware_flops"]))
         print(
-            f"{r['name']:>18}: {r['tokens_per_s']:,.0f} tokens/s per GPU  MFU {mfu:.1%}  "
-            f"peak memory {r['peak_gib']:.1f} GiB"
+            f"{r['name']:>26}: {r['tokens_per_s']:,.0f} tokens/s per GPU  MFU {mfu:.1%} (model FLOPs), "
+            f"{hfu:.1%} (hardware FLOPs)  peak memory {r['peak_gib']:.1f} GiB measured"
         )
-    if len(results) == 2:
-        ours, theirs = results
+    print(f"memory estimate of tailor's setup: {estimate.summary()}")
+    ours = results[0]
+    for theirs in results[1:]:
         print(
-            f"tailor / HF: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x tokens/s, "
-            f"{ours['peak_gib'] / theirs['peak_gib']:.2f}x peak memory"
+            f"tailor / HF {theirs['name'].split()[-1]}: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x "
+            f"tokens/s, {ours['peak_gib'] / theirs['peak_gib']:.2f}x peak memory"
         )
+
+
+def benchmark_config(seq_len: int, rank: int, quantize: str) -> TrainConfig:
+    """The training config of the setup measured here, for its memory estimate."""
+    lora = LoRAArgs(rank=rank, alpha=2 * rank, targets=TARGETS)
+    return TrainConfig(seq_len=seq_len, lora=lora, model=ModelConfig(quantize=quantize, activation_checkpointing=True))
+
+
+def profile_step(loss_model, batch, device: torch.device) -> None:
+    """The profiler's table of one tailor step, the 25 costliest operations by device time (CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = build_optimizer([p for p in loss_model.parameters() if p.requires_grad], OptimConfig(lr=1e-5))
+    tailor_step(loss_model, optimizer, batch, device)  # AdamW's state made outside the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        tailor_step(loss_model, optimizer, batch, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"profile of one tailor step, by {sort}:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":

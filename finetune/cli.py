@@ -7,6 +7,7 @@ row to COMMANDS. Heavy imports happen inside the run functions so that `tailor -
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import importlib
 import os
@@ -35,10 +36,23 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-per-kind", type=int, default=10, metavar="N", help="faults shown per kind (default 10)")
     p.add_argument(
+        "--trace",
+        action="store_true",
+        help="then trace one training step of the config's model at full size on tensors that hold no memory, as on "
+        "--device (default h100): weights, LoRA state and peak memory, FLOPs per token, attention, host syncs "
+        "(docs/gpu-trace.md)",
+    )
+    p.add_argument(
         "--gpu-memory",
         type=float,
         metavar="GB",
         help="GiB of each GPU of the planned run, to check the memory estimate fits (default: this machine's GPU)",
+    )
+    p.add_argument(
+        "--price",
+        type=float,
+        metavar="PER_GPU_HOUR",
+        help="the price of one GPU for an hour, in any currency: the ETA's cost is added",
     )
 
 
@@ -61,7 +75,9 @@ def _validate(args: argparse.Namespace) -> int:
     from finetune.config import load_config, resolve_cache_dir, save_config
     from finetune.data.validate import fixed_layout, validate
     from finetune.training.eta import tokens_per_second_per_gpu
+    from finetune.training.model_hub import resolve_hub_model
     from finetune.training.preflight import PreflightError, check_model_folder
+    from model.settings import OUTPUT_HEAD_SERVING_NOTE
 
     if args.gpus < 1:
         print(f"error: --gpus must be at least 1, got {args.gpus}", file=sys.stderr)
@@ -69,15 +85,21 @@ def _validate(args: argparse.Namespace) -> int:
     if args.gpu_memory is not None and not args.gpu_memory > 0:
         print(f"error: --gpu-memory must be a number of GiB above 0, got {args.gpu_memory}", file=sys.stderr)
         return exit_codes.USAGE
+    if args.price is not None and not 0 <= args.price < float("inf"):
+        print(f"error: --price must be a price per GPU-hour of 0 or more, got {args.price}", file=sys.stderr)
+        return exit_codes.USAGE
     if args.fix is not None and args.fix.exists() and (not args.fix.is_dir() or any(args.fix.iterdir())):
         print(f"error: --fix {args.fix} already exists and is not empty; choose a new output folder", file=sys.stderr)
         return exit_codes.USAGE
     cfg = load_config(args.config, args.overrides)
     try:
+        cfg = resolve_hub_model(cfg)
         check_model_folder(Path(cfg.model.path))
     except PreflightError as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_codes.USAGE
+    if "output" in cfg.lora.targets:
+        print(f"warning: {args.config}: {OUTPUT_HEAD_SERVING_NOTE}\n")
     gpu, device = _eta_device(args.device)
     status = validate(
         cfg,
@@ -87,6 +109,7 @@ def _validate(args: argparse.Namespace) -> int:
         gpus=args.gpus,
         fix_dir=args.fix,
         max_per_kind=args.max_per_kind,
+        price=args.price,
     )
     if args.fix is not None and status != exit_codes.USAGE:
         train, eval_ = (
@@ -98,7 +121,27 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"wrote {args.fix / 'config.yaml'}: {args.config} with data.train and data.eval reading the files above")
     if status != exit_codes.USAGE:
         print(_memory_line(cfg, args.gpus, args.gpu_memory))
+    if args.trace and status != exit_codes.USAGE:
+        return _trace(cfg, args.device or "h100") or status
     return status
+
+
+def _trace(cfg, gpu: str) -> int:
+    """The traced step's line (finetune/training/trace.py); an exit code when it cannot run."""
+    from finetune.config import ConfigError
+    from finetune.training.trace import GPU_KINDS, trace_by_layers
+    from model.args import load_model_args
+
+    if gpu not in GPU_KINDS:
+        print(f"error: --trace traces a GPU's step: --device one of {', '.join(GPU_KINDS)}, not {gpu}", file=sys.stderr)
+        return exit_codes.USAGE
+    try:
+        trace = trace_by_layers(cfg, load_model_args(cfg.model.path), gpu)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_codes.USAGE
+    print(trace.summary())
+    return exit_codes.OK
 
 
 def _memory_line(cfg, gpus: int, gpu_memory: float | None) -> str:
@@ -171,12 +214,20 @@ def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_tokenize(args: argparse.Namespace) -> int:
     from finetune.data.dump import tokenize_file, write_records
+    from finetune.data.sources import what_it_is
     from finetune.data.tokenize import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     if not args.file.is_file():
-        print(f"error: {args.file}: no such file", file=sys.stderr)
-        return 2
+        print(f"error: {args.file}: {what_it_is(args.file)}", file=sys.stderr)
+        return exit_codes.USAGE
+    if args.output is not None and args.output.exists() and args.output.samefile(args.file):
+        print(
+            f"error: -o {args.output} is the input file, which writing would empty before it is read; choose another "
+            "output file",
+            file=sys.stderr,
+        )
+        return exit_codes.USAGE
     records = tokenize_file(args.file, tokenizer, args.train_on)
     if args.show:
         records = _shown(records, tokenizer, args.file)
@@ -209,6 +260,24 @@ def _shown(records, tokenizer, path: Path):
 
 
 COMMANDS = [  # name, help, "module:add_arguments", "module:run"; modules are imported only when their command runs
+    (
+        "train",
+        "fine-tune LoRA adapters as a config says, on one device or, with --gpus N, under torchrun",
+        "finetune.training.launch:add_arguments",
+        "finetune.training.launch:run",
+    ),
+    (
+        "runs",
+        "list the runs under a folder (default runs/) with status, step, losses, ETA; or show one run in detail",
+        "finetune.training.jobs:add_runs_arguments",
+        "finetune.training.jobs:run_runs",
+    ),
+    (
+        "stop",
+        "stop a run as Ctrl-C does (it checkpoints and exits 0), and wait until it has",
+        "finetune.training.jobs:add_stop_arguments",
+        "finetune.training.jobs:run_stop",
+    ),
     (
         "validate",
         "check every train and eval file of a config: faults, statistics, epochs, ETA",
@@ -252,6 +321,12 @@ COMMANDS = [  # name, help, "module:add_arguments", "module:run"; modules are im
         "finetune.after.export_hf:run",
     ),
     (
+        "export-gguf",
+        "write a base or merged model (an adapter merged on the way) as GGUF for llama.cpp, with an Ollama Modelfile",
+        "finetune.after.export_gguf:add_arguments",
+        "finetune.after.export_gguf:run",
+    ),
+    (
         "chat",
         "chat with a model, with or without a LoRA checkpoint",
         "finetune.after.chat:add_arguments",
@@ -282,8 +357,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tailor",
         description="LoRA fine-tuning for Mistral models",
-        epilog="Training is not a tailor command: `python train.py CONFIG [KEY=VALUE ...]` on one device, "
-        "`torchrun --nproc-per-node N train.py CONFIG` on N GPUs.",
+        epilog="Training: `tailor train CONFIG [KEY=VALUE ...] [--gpus N]`; from a checkout, the same as "
+        "`python train.py CONFIG [KEY=VALUE ...]` on one device, `torchrun --nproc-per-node N train.py CONFIG` on N "
+        "GPUs.",
     )
     parser.add_argument("--version", action="version", version=f"tailor {_version()}")
     subparsers = parser.add_subparsers(metavar="COMMAND")
@@ -318,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((name for name, *_ in COMMANDS if argv and argv[0] == name), None)
     parser = build_parser(only=command)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and not any(a.startswith("-") for a in extra):
+        args.overrides += extra  # KEY=VALUE after an option (`tailor train c.yaml --gpus 2 max_steps=50`)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -330,6 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `tailor tokenize ... | head` read what it wanted and closed the pipe: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 0
-    except (ValueError, OSError) as error:  # the user's mistake (a bad path, file, option or config): named, exit 2
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: {error}", file=sys.stderr)  # the user's mistake (a bad path or file): named, exit 2
+            return exit_codes.USAGE
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror}; free some space, then run the same command", file=sys.stderr)
+        return exit_codes.WRITE_FAILED
+    except ValueError as error:  # the user's mistake (a bad file, option or config): named, exit 2
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE

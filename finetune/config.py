@@ -12,7 +12,9 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import yaml
 
 from finetune.data.config import DataConfig, DataSource
 from finetune.data.errors import first_line
-from model.settings import BACKENDS, INSTALL_HINT, LoRAArgs
+from model.settings import ALL_LINEAR, BACKENDS, INSTALL_HINT, LoRAArgs
 
 
 class ConfigError(ValueError):
@@ -32,6 +34,7 @@ class ConfigError(ValueError):
 
 MAX_SEQ_LEN = 2**20  # a packed batch holds seq_len tokens: a typo of a few digits would fill the host's memory
 MAX_INT = 2**31 - 1  # beyond any step count, length or size a run can have: a typo, or an overflow further on
+MAX_YAML_VALUES = 100_000  # in a config or an override: a config holds a few hundred
 # Tokens per chunk of the chunked loss (finetune/training/loss.py), kept here so that the memory estimate of
 # `tailor validate` reads it without torch. The loss holds two [chunk, vocab] fp32 tensors at a time and the
 # unchunked loss three [tokens, vocab] ones, so at 1024 its memory is under 1/8 of the unchunked loss's from about
@@ -40,15 +43,18 @@ MAX_INT = 2**31 - 1  # beyond any step count, length or size a run can have: a t
 DEFAULT_CHUNK_SIZE = 1024
 
 
-# Each field's meaning is the comment on its line or just above it: the README's config reference is generated
+# Each field's meaning is the comment on its line or just above it: docs/config.md's reference is generated
 # from these comments (finetune/config_reference.py), and a test fails on a field without one.
 
 
 @dataclass
 class ModelConfig:
     # required: the model folder, params.json + consolidated*.safetensors + a tokenizer file, or a Hugging Face
-    # folder (mistral-finetune: `model_id_or_path`)
+    # folder (mistral-finetune: `model_id_or_path`); or a hub id (`mistralai/Mistral-7B-Instruct-v0.3`, with
+    # `pip install "tailor[hub]"`): downloaded once into the hub's cache, a folder of that name here winning
     path: str = ""
+    # set by tailor when `path` was a hub id: that id, while `path` is recorded as its folder in the hub's cache
+    hub_id: str = ""
     # frozen weights and compute: `bf16`; `fp16` for GPUs without bf16 (T4, V100), with dynamic loss scaling;
     # `fp32`; or `auto`: bf16 on a GPU that has it, else fp16, and fp32 on CPU. LoRA weights stay fp32
     dtype: Literal["bf16", "fp32", "fp16", "auto"] = "bf16"
@@ -91,6 +97,11 @@ class EvalConfig:
     # `eval_freq`)
     freq: int = 100
     max_batches: int | None = None  # evaluate on at most this many batches; null: the whole eval set
+    # greedy answers to the first N chats of each eval and retain source at every eval, scored against the
+    # reference answers (exact match; tool calls), in run_dir/eval_generations.jsonl; 0: none
+    generate: int = 0
+    # warn when the retain loss (data.retain) has risen by more than this share over the base model's
+    retain_warn: float = 0.10
 
 
 @dataclass
@@ -141,10 +152,17 @@ class TrainConfig:
     seq_len: int = 2048  # tokens per packed sequence
     batch_size: int = 1  # sequences of seq_len tokens per rank per micro-batch
     grad_accumulation: int = 1  # micro-batches per optimizer step (mistral-finetune: `num_microbatches`)
-    max_steps: int = 100  # optimizer steps of the whole run
+    max_steps: int = 100  # optimizer steps of the whole run; or set `epochs` instead (not both)
+    # passes over data.train instead of max_steps (not both; a number, 1.5 too): the steps are computed from the
+    # data's tokens (all train sources once = one epoch) and the tokens per step, rounded up, and printed before
+    # step 1 as `epochs: N = S steps`; `tailor validate` prints the same
+    epochs: float | None = None
     # `auto`: continue from the newest intact checkpoint in run_dir; `false`: refuse a run_dir that holds a run;
     # or a checkpoint folder to continue from
     resume: str = "auto"
+    # resume on a base model other than the one the checkpoint was trained on (same shape, other weights): refused
+    # unless true
+    resume_other_base: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,6 +179,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
         raw = translate_mistral_finetune_keys(raw)
         for item in overrides:
             apply_override(raw, item)
+        if "max_steps" in raw and raw["max_steps"] is None:  # `max_steps=null` on the command line hands over to epochs
+            del raw["max_steps"]
+        if raw.get("epochs") is not None and "max_steps" in raw:
+            overridden = {item.partition("=")[0].strip() for item in overrides}
+            key = "epochs" if "epochs" in overridden else "max_steps"  # the key at fault, for _blame_override
+            raise ConfigError(
+                f"{path}: {key}: max_steps and epochs are both set; keep one (epochs: N trains N passes over "
+                "data.train, max_steps that many steps)"
+            )
         return config_from_dict(raw, source=str(path))
     except ConfigError as error:
         raise _blame_override(error, str(path), overrides) from None
@@ -182,7 +209,7 @@ def read_yaml_mapping(path: Path) -> dict:
             f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8"
         ) from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        raw = load_yaml(text, str(path)) or {}
     except yaml.YAMLError as e:
         mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -194,8 +221,37 @@ def read_yaml_mapping(path: Path) -> dict:
     return raw
 
 
+def load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with a key twice in one mapping an error, and a bound on what the text stands for: aliases let
+    a few hundred bytes stand for billions of values (a "billion laughs"), which copying the value or quoting it in an
+    error would expand. A ConfigError naming `where` when there are more than MAX_YAML_VALUES."""
+    value = yaml.load(text, Loader=_UniqueKeyLoader)
+    count, pending = 0, [value]
+    while pending:  # every value counted each time it is reached, as a copy or a message would reach it
+        node = pending.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{where}: the YAML stands for more than {MAX_YAML_VALUES:,} values (aliases repeating aliases?); a "
+                "config holds a few hundred"
+            )
+        if isinstance(node, dict):
+            pending += [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            pending += node
+    return value
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load, except that a key given twice in one mapping is an error: YAML would keep the last silently."""
+    """yaml.safe_load, except that a key given twice in one mapping is an error: YAML would keep the last silently;
+    and merge keys (`<<: *anchor`) may not expand a mapping past MAX_YAML_VALUES pairs while it is built."""
+
+    def flatten_mapping(self, node):
+        super().flatten_mapping(node)
+        if len(node.value) > MAX_YAML_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"merge keys (<<) expand a mapping past {MAX_YAML_VALUES:,} keys", node.start_mark
+            )
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -212,14 +268,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _blame_override(error: ConfigError, source: str, overrides: list[str]) -> ConfigError:
-    """An error about a key set on the command line names that override; any other names the YAML file."""
+    """An error about a key set on the command line names that override; any other names the YAML file. The key at
+    fault is the one the message starts with (or its `unknown key '...'`): a key named further on (`run_dir` in
+    "would be saved in run_dir/config.yaml") is not at fault."""
     if str(error).startswith("override "):
         return error
     message = str(error).removeprefix(f"{source}: ")
+    match = re.match(r"unknown key '([^']+)'|([A-Za-z_][\w.]*)", message)
+    faulty = (match[1] or match[2]) if match else None
     for item in overrides:
-        parts = item.partition("=")[0].strip().split(".")
-        keys = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]  # optim.lr.x set optim.lr.x, optim.lr, optim
-        if any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", message) for key in keys):
+        key = item.partition("=")[0].strip()
+        # optim=... sets optim.lr; optim.lr.x=... sets optim.lr to a mapping
+        if faulty and (key == faulty or faulty.startswith(key + ".") or key.startswith(faulty + ".")):
             return ConfigError(f"override {item!r}: {message}")
     return ConfigError(f"{source}: {message}")
 
@@ -244,7 +304,21 @@ def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
     refuse_secrets(raw, source)
     cfg = _build(TrainConfig, raw, prefix="", source=source)
     check_config(cfg, source)
+    _expand_home(cfg)
     return cfg
+
+
+def _expand_home(cfg: TrainConfig) -> None:
+    """`~` and `~user` at the start of every path of the config mean the home folder, as in a shell, for training and
+    `tailor validate` alike (and in run_dir/config.yaml): never a folder named `~`."""
+    cfg.run_dir = os.path.expanduser(cfg.run_dir)
+    cfg.model.path = os.path.expanduser(cfg.model.path)
+    for source in [*cfg.data.train, *cfg.data.eval]:
+        source.path = os.path.expanduser(source.path)
+    if cfg.data.cache_dir:
+        cfg.data.cache_dir = os.path.expanduser(cfg.data.cache_dir)
+    if cfg.resume not in ("auto", "false"):
+        cfg.resume = os.path.expanduser(cfg.resume)
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -259,7 +333,7 @@ def apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
     try:
-        node[leaf] = yaml.safe_load(value) if value.strip() else ""
+        node[leaf] = load_yaml(value, f"override {item!r}") if value.strip() else ""
     except yaml.YAMLError:
         raise ConfigError(f"override {item!r}: the value is not valid YAML (quote it if it is a string)") from None
     translated = translate_mistral_finetune_keys(raw)
@@ -269,7 +343,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def _build(cls, raw: Any, prefix: str, source: str):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {_shown(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     values = {}
@@ -281,6 +355,16 @@ def _build(cls, raw: Any, prefix: str, source: str):
         return cls(**values)
     except ValueError as e:  # a section that checks its own values (model.lora.LoRAArgs) names the field first
         raise ConfigError(f"{source}: {prefix}{e}") from None
+
+
+def _shown(value: Any) -> str:
+    """A value as an error quotes it: its repr, shortened past a few lines (a list of 100,000 paths is not quoted)."""
+    return _SHORT_REPR.repr(value)
+
+
+_SHORT_REPR = reprlib.Repr()  # Python 3.11's takes no arguments
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 4, 300, 300
+_SHORT_REPR.maxdict = _SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = 20
 
 
 def _suggest(key: str, names: list[str], prefix: str) -> str:
@@ -304,7 +388,7 @@ def _convert(value: Any, hint: Any, key: str, source: str):
     if origin is Literal:
         if value not in args:
             choices = " | ".join(str(a) for a in args)
-            raise ConfigError(f"{source}: {key} is {value!r}; expected one of {choices}")
+            raise ConfigError(f"{source}: {key} is {_shown(value)}; expected one of {choices}")
         return value
     if origin in (list, tuple):  # tuple[X, ...] is a list in YAML
         inner = args[0]
@@ -312,15 +396,15 @@ def _convert(value: Any, hint: Any, key: str, source: str):
             return parse_data_sources(value, key, source)
         if not isinstance(value, list):
             example = f" in brackets, e.g. [{value}]" if isinstance(value, str) else ""
-            raise ConfigError(f"{source}: {key} must be a list{example}, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a list{example}, got {_shown(value)}")
         return origin(_convert(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be true or false, got {_shown(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be an integer, got {_shown(value)}")
         if abs(value) > MAX_INT:
             raise ConfigError(f"{source}: {key} is {value}; no setting here takes a number beyond {MAX_INT:,}")
         return value
@@ -331,13 +415,13 @@ def _convert(value: Any, hint: Any, key: str, source: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a number, got {_shown(value)}")
         if not math.isfinite(value):  # .inf or .nan in YAML: accepted, they train nothing but non-finite numbers
             raise ConfigError(f"{source}: {key} must be a finite number, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a string, got {_shown(value)}")
         return value
     raise TypeError(f"unsupported config type {hint} for {key}")
 
@@ -416,7 +500,7 @@ def is_mistral_finetune_config(raw: dict) -> bool:
 
 def translate_mistral_finetune_keys(raw: dict) -> dict:
     """Rewrite mistral-finetune's keys (every key of its TrainArgs) into tailor's; tailor's own keys pass through.
-    What cannot mean the same here is refused, naming the key and the reason (README: mistral-finetune's configs)."""
+    What cannot mean the same here is refused, naming the key and the reason (docs/config.md)."""
     mistral_finetune = is_mistral_finetune_config(raw)
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     if mistral_finetune:
@@ -434,7 +518,9 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
             section, _, leaf = new.rpartition(".")
             target = raw.setdefault(section, {}) if section else raw
             if not isinstance(target, dict):
-                raise ConfigError(f"{section} must be a mapping (mistral-finetune's {old} goes in it), got {target!r}")
+                raise ConfigError(
+                    f"{section} must be a mapping (mistral-finetune's {old} goes in it), got {_shown(target)}"
+                )
             target[leaf] = transform(raw.pop(old))
 
     def at_least_one_or_end(value):  # mistral-finetune: a frequency below 1 means "only at the end"
@@ -451,7 +537,9 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
     if isinstance(raw.get("checkpoint"), bool):  # mistral-finetune: activation checkpointing on/off
         model = raw.setdefault("model", {})
         if not isinstance(model, dict):
-            raise ConfigError(f"model must be a mapping (mistral-finetune's checkpoint goes in it), got {model!r}")
+            raise ConfigError(
+                f"model must be a mapping (mistral-finetune's checkpoint goes in it), got {_shown(model)}"
+            )
         model["activation_checkpointing"] = raw.pop("checkpoint")
     move("model_id_or_path", "model.path")
     move("num_microbatches", "grad_accumulation")
@@ -478,6 +566,8 @@ def translate_mistral_finetune_keys(raw: dict) -> dict:
 
     lora = raw.get("lora")
     if isinstance(lora, dict):
+        if lora.get("targets") == ALL_LINEAR:  # peft's `target_modules: all-linear`: one name, not a list
+            lora["targets"] = [ALL_LINEAR]
         if lora.get("enable") is False:
             raise ConfigError("lora.enable: false (full fine-tuning) is not supported; tailor trains LoRA adapters")
         lora.pop("enable", None)
@@ -540,6 +630,7 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
     require(bool(cfg.data.train), "data.train is required: at least one .jsonl file or folder")
     for key in ("seq_len", "batch_size", "grad_accumulation", "max_steps"):
         require(getattr(cfg, key) >= 1, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    require(cfg.epochs is None or cfg.epochs > 0, f"epochs must be > 0, got {cfg.epochs}")
     require(
         cfg.seq_len <= MAX_SEQ_LEN,
         f"seq_len must be at most {MAX_SEQ_LEN:,} (2**20; no Mistral model has a longer context), got {cfg.seq_len:,}",
@@ -577,10 +668,32 @@ def check_config(cfg: TrainConfig, source: str = "config") -> None:
         not cfg.eval.enabled or bool(cfg.data.eval),
         "eval is on but data.eval is empty: add eval files, or set eval.enabled: false",
     )
+    require(cfg.eval.generate >= 0, f"eval.generate must be >= 0 (0: no generations), got {cfg.eval.generate}")
+    require(cfg.eval.retain_warn >= 0, f"eval.retain_warn must be >= 0, got {cfg.eval.retain_warn}")
+    require(
+        cfg.eval.enabled or not cfg.data.retain,
+        "data.retain is evaluated at each eval, but eval is off: set eval.enabled: true, or remove data.retain",
+    )
     require(cfg.checkpoint.freq >= 0, f"checkpoint.freq must be >= 0 (0: only at the end), got {cfg.checkpoint.freq}")
     require(cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}")
     require(cfg.logging.freq >= 1, f"logging.freq must be >= 1, got {cfg.logging.freq}")
     require(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    require(
+        0 <= cfg.data.max_bad_fraction <= 1,
+        f"data.max_bad_fraction must be in [0, 1], got {cfg.data.max_bad_fraction}",
+    )
+    if cfg.lora.dora:
+        require(
+            cfg.model.quantize == "none",
+            "lora.dora with model.quantize: nf4 is not supported: DoRA's row norms of W + scaling · B A need each "
+            "frozen weight whole in full precision at every step, which undoes what 4 bits save; train DoRA on the "
+            "unquantized base, or QLoRA without lora.dora",
+        )
+        require(
+            "output" not in cfg.lora.targets,
+            "lora.dora on the output head (lora.targets has output) is not supported: the head's loss is computed "
+            "chunk by chunk without its full outputs; leave output out (all-linear does, as peft's)",
+        )
     if cfg.model.quantize == "nf4":
         require(
             importlib.util.find_spec("torchao") is not None,

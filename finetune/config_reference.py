@@ -1,11 +1,11 @@
-"""The README's config reference, generated from the dataclasses of the config (finetune/config.py, with its data
+"""docs/config.md's reference, generated from the dataclasses of the config (finetune/config.py, with its data
 section in finetune/data/config.py and its lora section in model/settings.py).
 
-    python -m finetune.config_reference README.md      rewrite the table between the README's markers
+    python -m finetune.config_reference docs/config.md      rewrite the table between the page's markers
 
 One row per key: its dotted name, type, default, and meaning. The meaning is the field's comment in config.py
 (on its line, or the comment lines just above it), so the schema and its documentation are written once, side
-by side; tests/train/test_config_reference.py fails when the README's table is stale or a field has no comment.
+by side; tests/train/test_config_reference.py fails when the page's table is stale or a field has no comment.
 """
 
 from __future__ import annotations
@@ -106,17 +106,17 @@ def render_config_reference() -> str:
     return "\n".join(lines)
 
 
-def readme_block(readme_text: str) -> str:
+def marked_block(page_text: str) -> str:
     """What stands between the markers (stripped); a ValueError when they are missing."""
-    if START not in readme_text or END not in readme_text:
-        raise ValueError(f"the README has no {START} ... {END} block")
-    return readme_text.split(START, 1)[1].split(END, 1)[0].strip()
+    if START not in page_text or END not in page_text:
+        raise ValueError(f"the page has no {START} ... {END} block")
+    return page_text.split(START, 1)[1].split(END, 1)[0].strip()
 
 
-def write_readme(path: Path) -> bool:
-    """Replace the README's block with the current reference; True when it changed."""
+def write_reference(path: Path) -> bool:
+    """Replace the page's block with the current reference; True when it changed."""
     text = path.read_text(encoding="utf-8")
-    old = readme_block(text)
+    old = marked_block(text)
     new = render_config_reference()
     if old == new:
         return False
@@ -129,5 +129,5 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         print(__doc__)
         sys.exit(2)
-    readme = Path(sys.argv[1])
-    print(f"{readme}: {'updated' if write_readme(readme) else 'already up to date'}")
+    page = Path(sys.argv[1])
+    print(f"{page}: {'updated' if write_reference(page) else 'already up to date'}")

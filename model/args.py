@@ -13,6 +13,22 @@ IGNORED_KEYS = frozenset(
     {"lora", "max_seq_len", "max_batch_size", "max_position_embeddings", "model_type", "vision_encoder", "_version"}
 )
 
+# Each size's ceiling, far above every Mistral model's (Large: dim 12288, 88 layers, hidden 28672, 131k vocab): a
+# params.json beyond one is refused before a model is built from it (a million layers, or dim 2^62).
+MAX_SIZES = {
+    "dim": 1 << 16,
+    "n_layers": 1 << 10,
+    "head_dim": 1 << 12,
+    "hidden_dim": 1 << 18,
+    "n_heads": 1 << 10,
+    "n_kv_heads": 1 << 10,
+    "vocab_size": 1 << 22,
+    "sliding_window": 1 << 24,
+    "num_experts": 1 << 10,
+    "num_experts_per_tok": 1 << 10,
+}
+MAX_EXPERT_BLOCKS = 1 << 15  # n_layers x num_experts: each expert is three modules, even on the meta device
+
 
 @dataclass
 class MoeArgs:
@@ -39,6 +55,18 @@ class ModelArgs:
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"key '{f.name}' must be a finite number > 0, got {value}")
+        sizes = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.moe is not None:
+            sizes.update({f"moe.{k}": v for k, v in asdict(self.moe).items()})
+        for key, value in sizes.items():
+            ceiling = MAX_SIZES.get(key.removeprefix("moe."))
+            if ceiling is not None and isinstance(value, int) and value > ceiling:
+                raise ValueError(f"key '{key}' is {value}, above {ceiling}, which no model tailor trains reaches")
+        if self.moe is not None and self.n_layers * self.moe.num_experts > MAX_EXPERT_BLOCKS:
+            raise ValueError(
+                f"keys 'n_layers' {self.n_layers} and 'moe.num_experts' {self.moe.num_experts} make "
+                f"{self.n_layers * self.moe.num_experts} expert blocks, above {MAX_EXPERT_BLOCKS}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:

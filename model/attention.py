@@ -65,25 +65,37 @@ def _xformers():
     return xops.memory_efficient_attention, BlockDiagonalCausalMask
 
 
-def available_backends(device: torch.device | str, dtype: torch.dtype | None = None) -> list[str]:
-    """Backends usable on `device` (and with `dtype` when given), fastest first."""
+def available_backends(
+    device: torch.device | str, dtype: torch.dtype | None = None, capability: tuple[int, int] | None = None
+) -> list[str]:
+    """Backends usable on `device` (and with `dtype` when given), the one `auto` picks first. `capability` is the
+    GPU's compute capability, asked of the device when not given (a traced step names the GPU it traces for)."""
     device = torch.device(device)
     if device.type != "cuda":
         return ["sdpa"] + (["flex"] if flex_attention is not None else [])
+    capability = capability or torch.cuda.get_device_capability(device)
     found = []
     if _installed("torch.nn.attention.varlen") and dtype in (None, torch.float16, torch.bfloat16):
-        if torch.cuda.get_device_capability(device) >= (8, 0):
+        if capability >= (8, 0):
             found.append("varlen")
-    if flex_attention is not None:
-        found.append("flex")
-    if _installed("xformers"):
+    if _installed("xformers") and capability < (8, 0):
         found.append("xformers")
-    return found + ["sdpa"]
+    # Below 8.0 (T4, V100) Triton's compiled flex kernels run out of shared memory: named, it is tried; `auto` takes
+    # SDPA's memory-efficient kernel there
+    flex = ["flex"] if flex_attention is not None else []
+    if capability < (8, 0):
+        return found + ["sdpa"] + flex
+    return found + flex + (["xformers"] if _installed("xformers") else []) + ["sdpa"]
 
 
-def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+def resolve_backend(
+    name: str,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    capability: tuple[int, int] | None = None,
+) -> str:
     """`auto` gives the fastest available backend; an unknown or unavailable name is a ValueError."""
-    available = available_backends(device, dtype)
+    available = available_backends(device, dtype, capability)
     if name == "auto":
         return available[0]
     if name not in available:

@@ -9,6 +9,8 @@ applied by that mask rather than by a rotating buffer, so memory grows with the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -79,7 +81,7 @@ class CachedAttention:
         return out.transpose(1, 2)[s.sequence, s.offset]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a model in training generates at its evals, then trains on
 def generate(
     model: Transformer,
     prompts: list[list[int]],
@@ -88,12 +90,17 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    forward: Callable | None = None,
+    every_step: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_tokens` tokens; a sequence stops at EOS, which is not returned.
 
     Greedy when `temperature` is 0, else nucleus sampling reproducible with `seed`. Runs in eval mode (no LoRA
-    dropout) and restores the model's mode afterwards.
+    dropout) and restores the model's mode afterwards. `forward` runs the model (default: `model` itself; a model
+    sharded by FSDP is run through its root). `every_step` makes all `max_tokens` steps even once every sequence
+    has ended: the ranks of a sharded model must all make the same forward calls.
     """
+    forward = forward or model
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate needs at least one prompt, and no empty prompt")
     device = model.tok_embeddings.weight.device
@@ -104,7 +111,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        logits = model(torch.tensor([t for p in prompts for t in p], device=device), seqlens, cache=cache)
+        logits = forward(torch.tensor([t for p in prompts for t in p], device=device), seqlens, cache=cache)
         last = logits[torch.tensor(seqlens, device=device).cumsum(0) - 1]
         outputs, done = [[] for _ in prompts], [False] * len(prompts)
         for step in range(max_tokens):
@@ -113,9 +120,9 @@ def generate(
                 done[b] = done[b] or token == eos_id
                 if not done[b]:
                     outputs[b].append(token)
-            if all(done) or step == max_tokens - 1:
+            if (all(done) and not every_step) or step == max_tokens - 1:
                 break
-            last = model(next_tokens, [1] * len(prompts), cache=cache)
+            last = forward(next_tokens, [1] * len(prompts), cache=cache)
     finally:
         model.train(was_training)
     return outputs

@@ -4,8 +4,9 @@ Two things differ. Names: `layers.0.attention.wq.weight` is `model.layers.0.self
 Mixtral's experts keep the hub's `block_sparse_moe.experts.{e}.w{1,2,3}` names (transformers 5 fuses them in
 memory but reads and writes these). Rotary layout: native checkpoints rotate interleaved pairs of each head's
 dimensions, HF rotates the first half against the second, so the output rows of wq and wk are permuted per head.
-Any tensor whose rows are wq/wk output rows takes the same permutation, e.g. a LoRA B matrix; names with a
-`lora_A` / `lora_B` part convert like their weight, which is what exporting adapters to PEFT needs.
+Any tensor whose rows are wq/wk output rows takes the same permutation, e.g. a LoRA B matrix or DoRA's magnitudes;
+names with a `lora_A` / `lora_B` / `lora_magnitude` part convert like their weight, which is what exporting adapters
+to PEFT needs.
 config.json itself is read and written by model/args.py, with params.json.
 """
 
@@ -34,7 +35,7 @@ _TOP_LEVEL_FROM_HF = {hf: native for native, hf in _TOP_LEVEL.items()}
 _IN_LAYER_FROM_HF = {hf: native for native, hf in _IN_LAYER.items()}
 _NATIVE_EXPERT = re.compile(r"feed_forward\.experts\.(\d+)\.(w[123])")
 _HF_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])")
-_PARAM = re.compile(r"(?P<module>.+?)\.(?P<suffix>(?:lora_[AB]\.)?weight)")
+_PARAM = re.compile(r"(?P<module>.+?)\.(?P<suffix>(?:lora_[AB]\.|lora_magnitude\.)?weight)")
 
 
 def _split(name: str) -> tuple[str, str]:

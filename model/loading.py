@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from model.args import ModelArgs, load_model_args, write_params
@@ -25,7 +24,7 @@ from model.lora import (
 )
 from model.quantize import QUANTIZATIONS, assign_nf4, is_nf4, quantize_frozen_linears, to_nf4
 from model.transformer import Transformer
-from model.weights import read_weights
+from model.weights import read_weights, save_weights
 
 
 @torch.no_grad()
@@ -43,6 +42,10 @@ def load_model(
     `quantize="nf4"`, the frozen projections are quantized as they are read, on `device` (model/quantize.py). A
     missing, unexpected, duplicated or mis-shaped tensor is a ValueError naming the tensor and the file.
     """
+    if lora is not None and lora.dora and quantize == "nf4":
+        raise ValueError(
+            "a DoRA adapter does not run on NF4 weights: its row norms need each weight whole; load it unquantized"
+        )
     folder = Path(path)
     args = load_model_args(folder)
     with torch.device("meta"):
@@ -99,7 +102,7 @@ def save_model_folder(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_params(folder, args.to_dict())
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / "consolidated.safetensors")
+    save_weights({k: v.detach().contiguous() for k, v in state.items()}, folder / "consolidated.safetensors")
     if tokenizer_file is not None:
-        shutil.copy(tokenizer_file, folder / Path(tokenizer_file).name)
+        shutil.copyfile(tokenizer_file, folder / Path(tokenizer_file).name)
     return folder

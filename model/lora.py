@@ -1,37 +1,67 @@
-"""LoRA: low-rank adapters around frozen Linear layers, `y = W x + (alpha / r) · B A dropout(x)`.
+"""LoRA: low-rank adapters around frozen Linear layers, `y = W x + scaling · B A dropout(x)`.
 
 `LoRALinear` keeps the frozen weight under the name `weight`, so base checkpoints load unchanged, and adds
 `lora_A` [r, in] and `lora_B` [out, r]. Adapter keys are therefore the native ones mistral-inference loads:
 `layers.0.attention.wq.lora_A.weight`. LoRA parameters are created in fp32 whatever the base dtype: their
 updates are far smaller than bf16's resolution around the frozen weights.
+
+The variants, as peft implements them: rsLoRA only changes scaling (alpha / sqrt(r) for alpha / r); DoRA adds
+`lora_magnitude.weight` [out], and the layer computes `m / ‖W + scaling · B A‖ · (W + scaling · B A) x`, the
+row norms taken without gradient (DoRA's section 4.3).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.settings import LoRAArgs  # the adapters' settings, apart so that the config reads them without torch
+from model.settings import (
+    LoRAArgs,
+    lora_scaling,
+)  # the adapters' settings, apart so that the config reads them without torch
 
 
 def is_lora_name(name: str) -> bool:
     """Whether a parameter or state-dict key belongs to an adapter."""
-    return ".lora_A." in name or ".lora_B." in name
+    return ".lora_A." in name or ".lora_B." in name or ".lora_magnitude." in name
 
 
-def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W + (alpha / r) · B A, computed in fp32 and returned in W's dtype: how every merge here is done, so a model
-    merged in place, a merged state dict and `tailor merge` agree bit for bit."""
-    return (weight.float() + scaling * (lora_B.float() @ lora_A.float())).to(weight.dtype)
+def merged_weight(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W + scaling · B A (with DoRA's `magnitude`, each row rescaled to it), computed in fp32 and returned in W's
+    dtype: how every merge here is done, so a model merged in place, a merged state dict and `tailor merge` agree
+    bit for bit."""
+    merged = weight.float() + scaling * (lora_B.float() @ lora_A.float())
+    if magnitude is not None:
+        merged = merged * (magnitude.float() / torch.linalg.vector_norm(merged, dim=1)).unsqueeze(1)
+    return merged.to(weight.dtype)
+
+
+class Magnitude(nn.Module):
+    """DoRA's trained magnitude of each output row, as a module so that its key reads like LoRA's:
+    `layers.0.attention.wq.lora_magnitude.weight` (peft's `lora_magnitude_vector`)."""
+
+    def __init__(self, out_features: int, device: torch.device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(out_features, device=device, dtype=torch.float32))
 
 
 class LoRALinear(nn.Module):
     """A frozen bias-free Linear plus a trainable low-rank update, mergeable into the weight in place."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False, dora: bool = False
+    ):
         super().__init__()
         if base.bias is not None:
             raise ValueError("LoRALinear wraps bias-free Linear layers only")
@@ -41,10 +71,13 @@ class LoRALinear(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
-        self.scaling = alpha / rank
+        self.scaling = lora_scaling(rank, alpha, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_magnitude = Magnitude(self.out_features, device) if dora else None
         self.merged = False
         init_lora_(self.lora_A.weight, self.lora_B.weight)
+        if dora and device.type != "meta":
+            init_magnitude_(self.lora_magnitude.weight, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter computes in the input's dtype: its fp32 weights are cast (r x in, out x r: small), never the
@@ -54,19 +87,37 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        u = F.linear(self.dropout(x), a)
+        dropped = self.dropout(x)
+        u = F.linear(dropped, a)
+        if self.lora_magnitude is not None:
+            return self._dora_forward(x, dropped, y, F.linear(u, b))
         # y += scaling · u Bᵀ in one in-place addmm (autograd keeps x, not y): the scaling rides in the matmul rather
         # than in a multiply, an add and a copy over every [tokens, out] output, forward and backward
         return y.flatten(0, -2).addmm_(u.flatten(0, -2), b.t(), alpha=self.scaling).view_as(y)
 
+    def _dora_forward(self, x: torch.Tensor, dropped: torch.Tensor, y: torch.Tensor, lora_out: torch.Tensor):
+        """peft's DoRA, in its order of operations: W x + (m / norm - 1) W x + (m / norm) B A x · scaling, with
+        norm = ‖W + scaling · B A‖ per row; with dropout in training, the middle term's W x is W dropout(x), as
+        peft's (its base result is recomputed on the dropped-out input)."""
+        with torch.no_grad():  # the norm is a constant to autograd (DoRA's section 4.3, peft's `detach`)
+            delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
+            norm = torch.linalg.vector_norm(self.weight.float() + self.scaling * delta, dim=1)
+        scale = (self.lora_magnitude.weight / norm).to(x.dtype)
+        without_dropout = isinstance(self.dropout, nn.Identity) or not self.training
+        base = y if without_dropout else F.linear(dropped, self.weight)
+        return y + ((scale - 1) * base + scale * lora_out * self.scaling)
+
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.weight.copy_(merged_weight(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling))
+            magnitude = None if self.lora_magnitude is None else self.lora_magnitude.weight
+            merged = merged_weight(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, magnitude)
+            self.weight.copy_(merged)
             self.merged = True
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, rank={self.lora_A.out_features}, scaling={self.scaling}"
+        dora = ", dora" if self.lora_magnitude is not None else ""
+        return f"{self.in_features}, {self.out_features}, rank={self.lora_A.out_features}, scaling={self.scaling}{dora}"
 
 
 @torch.no_grad()
@@ -78,6 +129,13 @@ def init_lora_(lora_A: torch.Tensor, lora_B: torch.Tensor, generator: torch.Gene
     nn.init.zeros_(lora_B)
 
 
+@torch.no_grad()
+def init_magnitude_(magnitude: torch.Tensor, weight: torch.Tensor) -> None:
+    """DoRA's magnitudes start as the norms of W's rows (B is zero, so W + scaling · B A is W): an exact no-op. Row
+    by row, so FSDP's local shards of a weight and of its magnitudes, which hold the same rows, init alike."""
+    magnitude.copy_(torch.linalg.vector_norm(weight.float(), dim=1))
+
+
 def inject_lora(model: nn.Module, lora: LoRAArgs) -> None:
     """Replace every Linear named in `lora.targets` (every MoE expert's w1/w2/w3 included) by a LoRALinear, in
     place. On a meta-device model the LoRA weights are meta too: call `init_lora_weights` after `to_empty`."""
@@ -87,7 +145,7 @@ def inject_lora(model: nn.Module, lora: LoRAArgs) -> None:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        adapted = LoRALinear(module, lora.rank, lora.alpha, lora.dropout)
+        adapted = LoRALinear(module, lora.rank, lora.alpha, lora.dropout, lora.rslora, lora.dora)
         setattr(parent, child, adapted.train(module.training))  # an eval model must not start dropping out
 
 
@@ -100,14 +158,33 @@ def lora_modules(model: nn.Module) -> list[LoRALinear]:
 
 
 def init_lora_weights(model: nn.Module) -> None:
-    """(Re)initialise every adapter: A Kaiming-uniform, B zeros."""
+    """(Re)initialise every adapter: A Kaiming-uniform, B zeros, DoRA's magnitudes W's row norms."""
     for module in lora_modules(model):
         init_lora_(module.lora_A.weight, module.lora_B.weight)
+        if module.lora_magnitude is not None:
+            init_magnitude_(module.lora_magnitude.weight, module.weight)
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(is_lora_name(name))
+
+
+@contextmanager
+def lora_switched_off(model: nn.Module) -> Iterator[None]:
+    """Inside the block the model computes as its base: every adapter's scaling is 0 (so no second model is held in
+    memory), and restored on the way out, whatever happens inside."""
+    modules = lora_modules(model)
+    if any(m.merged for m in modules):
+        raise ValueError("cannot switch off adapters merged into their weights")
+    scalings = [m.scaling for m in modules]
+    for module in modules:
+        module.scaling = 0.0
+    try:
+        yield
+    finally:
+        for module, scaling in zip(modules, scalings):
+            module.scaling = scaling
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -126,7 +203,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         module = adapters.get(key)
         if module is not None and not module.merged:
-            tensor = merged_weight(tensor, module.lora_A.weight, module.lora_B.weight, module.scaling)
+            magnitude = None if module.lora_magnitude is None else module.lora_magnitude.weight
+            tensor = merged_weight(tensor, module.lora_A.weight, module.lora_B.weight, module.scaling, magnitude)
         merged[key] = tensor.detach()
     return merged
 

@@ -15,13 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from model.args import ARCHITECTURES, ModelArgs, MoeArgs, args_to_hf_config, write_params
 from model.hf_format import convert_tensor_to_hf
 from model.loading import save_model_folder
 from model.tokenizer_files import TOKENIZER_FILES, tokenizer_path
 from model.transformer import Transformer
+from model.weights import save_weights
 
 LAYOUTS = ("native", "hf", "pth", "sharded")
 
@@ -93,7 +93,7 @@ def write_tiny_model(
     elif layout == "hf":
         (folder / "config.json").write_text(json.dumps(args_to_hf_config(args), indent=2) + "\n")
         hf_state = dict(convert_tensor_to_hf(name, tensor, args) for name, tensor in state.items())
-        save_file({k: v.contiguous() for k, v in hf_state.items()}, folder / "model.safetensors", {"format": "pt"})
+        save_weights({k: v.contiguous() for k, v in hf_state.items()}, folder / "model.safetensors", {"format": "pt"})
     else:
         write_params(folder, args.to_dict())
         if layout == "pth":
@@ -101,6 +101,6 @@ def write_tiny_model(
         else:
             names = list(state)
             for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), start=1):
-                save_file({k: state[k] for k in part}, folder / f"consolidated-{i:05d}-of-00002.safetensors")
-    shutil.copy(source, folder / TOKENIZER_FILES[tokenizer].filename)
+                save_weights({k: state[k] for k in part}, folder / f"consolidated-{i:05d}-of-00002.safetensors")
+    shutil.copyfile(source, folder / TOKENIZER_FILES[tokenizer].filename)
     return folder

@@ -12,11 +12,13 @@ merge, Hugging Face export, extend-vocab), so renaming, filtering and skipping h
 Each tensor is read from its (memory-mapped) file when the iteration reaches it, so a caller that handles one
 pair at a time (copy into a parameter, quantize, write to a stream) holds about one tensor in memory.
 `weight_specs` gives the same names with their dtypes and shapes, read from the files' headers only.
-Reading never runs code: safetensors, or torch.load with weights_only.
+Reading never runs code: safetensors, or torch.load with weights_only. `save_weights` is the one writer of a whole
+safetensors file, with the mode every other file gets.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from model.args import load_model_args
 from model.hf_format import convert_tensor_to_native, hf_to_native_name
@@ -180,3 +183,12 @@ def _read_specs(file: Path) -> Iterator[tuple[str, TensorSpec]]:
                 if s.get_dtype() not in SAFETENSORS_DTYPES:
                     raise ValueError(f"{file}: tensor {name!r} has dtype {s.get_dtype()}, which tailor does not read")
                 yield name, TensorSpec(SAFETENSORS_DTYPES[s.get_dtype()], tuple(s.get_shape()))
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, the file then given the mode the umask gives every other file (0644 under umask
+    022): safetensors creates it 0600, whatever the umask, which a serving user or a teammate cannot read."""
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0o077)  # read by setting it: a file another thread creates meanwhile is private, never open
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

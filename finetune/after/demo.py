@@ -1,8 +1,8 @@
-"""`tailor demo`: the whole path on a CPU in a few minutes (README: the figures measured).
+"""`tailor demo`: the whole path on a CPU in a few minutes (benchmarks/RESULTS.md: the figures measured).
 
 Makes a tiny random Mistral on first use (artifacts/tiny-mistral, with mistral-common's v3 tokenizer), trains
 LoRA adapters with `train.py configs/demo.yaml` on the shipped greetings (data/demo), then reports how far the
-loss fell and what the fine-tuned model answers to held-out prompts.
+loss fell and what the fine-tuned model answered to held-out prompts at its last eval (`eval.generate`).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _is_demo_run(run_dir: Path, model_dir: Path) -> bool:
 def report(run_dir: Path, model_dir: Path, eval_file: Path) -> int:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
+    evals = [r for r in records if r["kind"] == "eval" and not r.get("base")]
     first, last = train[0]["loss"], evals[-1]["eval_loss"]
     learned = last < 0.25 * first
     print(
@@ -78,22 +78,20 @@ def report(run_dir: Path, model_dir: Path, eval_file: Path) -> int:
         + ("the adapters learned the skill." if learned else "less than expected; see metrics.jsonl.")
     )
 
-    from finetune.after.chat import Sampling, answer_conversations, load_chat_model
     from finetune.checkpoints.folders import list_checkpoints
 
     checkpoint = list_checkpoints(run_dir)[-1]
-    model, tokenizer = load_chat_model(model_dir, checkpoint)
-    held_out = [json.loads(line) for line in eval_file.read_text().splitlines()]
-    prompts = [dict(messages=c["messages"][:-1]) for c in held_out]
-    answers = answer_conversations(model, tokenizer, prompts, Sampling(max_tokens=32), batch_size=len(prompts))
-    expected = [c["messages"][-1]["content"] for c in held_out]
-    right = sum(a == e for a, e in zip(answers, expected))
+    # the answers of the last eval (eval.generate), which training wrote to eval_generations.jsonl
+    generations = [json.loads(line) for line in (run_dir / "eval_generations.jsonl").read_text().splitlines()]
+    answers = [g for g in generations if g["step"] == evals[-1]["step"] and g["file"] == str(eval_file)]
+    right = sum(g["scores"]["exact_match"] for g in answers)
+    base_right = sum(g["scores"]["exact_match"] for g in generations if g["base"] and g["file"] == str(eval_file))
     print(
-        f"\nHeld-out prompts (never seen in training), answered by the fine-tuned model ({checkpoint}): "
-        f"{right} of {len(held_out)} exactly right. Some of them:"
+        f"\nHeld-out prompts (never seen in training), answered by the fine-tuned model at step {evals[-1]['step']}: "
+        f"{right} of {len(answers)} exactly right (the base model, before step 1: {base_right}). Some of them:"
     )
-    for conversation, answer, wanted in list(zip(held_out, answers, expected))[::SHOWN_EVERY]:
-        mark = "ok" if answer == wanted else f"expected {wanted!r}"
-        print(f"  {conversation['messages'][-2]['content']!r} -> {answer!r}  [{mark}]")
+    for answer in answers[::SHOWN_EVERY]:
+        mark = "ok" if answer["scores"]["exact_match"] else f"expected {answer['reference']!r}"
+        print(f"  {answer['prompt'][-1]['content']!r} -> {answer['generated']!r}  [{mark}]")
     print(f"\nChat with it: tailor chat {model_dir} --adapter {checkpoint}")
     return 0 if learned else 1

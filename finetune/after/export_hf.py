@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoints.adapter import copy_tokenizer
+from finetune.after.tokenizer_copy import copy_tokenizer
 from finetune.checkpoints.streaming import staged_folder, write_safetensors
 from model.args import ModelArgs, args_to_hf_config, load_model_args
 from model.hf_format import convert_tensor_to_hf, native_to_hf_name

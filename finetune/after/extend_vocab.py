@@ -50,7 +50,7 @@ def extend_vocab(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> P
         tensors = extended_tensors(read_weights(model_dir, vision_tower=True), seed)
         write_safetensors(staging / "consolidated.safetensors", specs, tensors)
         write_params(staging, params)
-        shutil.copy(tokenizer_path("v3"), staging / TOKENIZER_FILES["v3"].filename)
+        shutil.copyfile(tokenizer_path("v3"), staging / TOKENIZER_FILES["v3"].filename)
     return Path(out_dir)
 
 

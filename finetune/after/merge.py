@@ -1,5 +1,5 @@
-"""`tailor merge`: fold a trained adapter into its base model, W + (alpha / r) · B A, one tensor at a time,
-peak memory about one tensor plus the adapter."""
+"""`tailor merge`: fold a trained adapter into its base model, W + scaling · B A (DoRA's rows rescaled to their
+magnitudes), one tensor at a time, peak memory about one tensor plus the adapter."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoints.adapter import base_params, copy_tokenizer, read_adapter, read_base_quantization
+from finetune.after.tokenizer_copy import copy_tokenizer
+from finetune.checkpoints.adapter import base_params, read_adapter, read_base_quantization
 from finetune.checkpoints.streaming import MERGED_WEIGHTS, staged_folder, write_safetensors
 from model.args import write_params
 from model.lora import merged_weight
@@ -24,20 +25,28 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     base_dir = Path(base_dir)
     if not base_dir.is_dir():
         raise ValueError(f"base model folder not found: {base_dir}")
-    adapter, lora = read_adapter(adapter_dir)
     specs = weight_specs(base_dir, vision_tower=True)
-    adapted = {key.rsplit(".", 2)[0] + ".weight" for key in adapter}
-    if unknown := sorted(adapted - set(specs)):
-        raise ValueError(
-            f"{adapter_dir}: adapters for weights that {base_dir} does not have, e.g. {unknown[:4]}; "
-            "was the adapter trained on another model?"
-        )
-    tensors = merged_tensors(read_weights(base_dir, vision_tower=True), adapter, lora.alpha / lora.rank)
+    tensors = merged_weights(base_dir, adapter_dir, vision_tower=True)
     with staged_folder(out_dir) as staging:
         write_safetensors(staging / MERGED_WEIGHTS, specs, tensors)
         write_params(staging, base_params(base_dir))
         copy_tokenizer([base_dir, adapter_dir], staging)
     return Path(out_dir)
+
+
+def merged_weights(
+    base_dir: Path, adapter_dir: str | Path, vision_tower: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base folder's (name, weight) as `read_weights` yields them, each with its adapter merged in; an adapter
+    of a weight the base does not have is refused before any tensor is read."""
+    adapter, lora = read_adapter(adapter_dir)
+    adapted = {key.rsplit(".", 2)[0] + ".weight" for key in adapter}
+    if unknown := sorted(adapted - set(weight_specs(base_dir))):
+        raise ValueError(
+            f"{adapter_dir}: adapters for weights that {base_dir} does not have, e.g. {unknown[:4]}; "
+            "was the adapter trained on another model?"
+        )
+    return merged_tensors(read_weights(base_dir, vision_tower=vision_tower), adapter, lora.scaling)
 
 
 def merged_tensors(
@@ -47,13 +56,14 @@ def merged_tensors(
     for name, tensor in tensors:
         module = name.removesuffix(".weight")
         a, b = adapter.get(f"{module}.lora_A.weight"), adapter.get(f"{module}.lora_B.weight")
+        magnitude = adapter.get(f"{module}.lora_magnitude.weight")
         if a is not None:
             if (b.shape[0], a.shape[1]) != tuple(tensor.shape):
                 raise ValueError(
                     f"adapter of {name} makes a {b.shape[0]}x{a.shape[1]} update for a weight of shape "
                     f"{tuple(tensor.shape)}: the adapter was trained on another model"
                 )
-            tensor = merged_weight(tensor, a, b, scaling)
+            tensor = merged_weight(tensor, a, b, scaling, magnitude)
         yield name, tensor
 
 

@@ -14,28 +14,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import pickle
+import sys
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from finetune.checkpoints.adapter import ADAPTER_FILE, copy_tokenizer, params_with_lora, read_adapter
+from finetune.after.tokenizer_copy import copy_tokenizer
+from finetune.checkpoints.adapter import (
+    ADAPTER_FILE,
+    check_numbers,
+    lora_args,
+    params_with_lora,
+    read_adapter,
+)
 from finetune.checkpoints.streaming import staged_folder
-from model.args import load_model_args, write_params
+from model.args import load_model_args, read_json_object, write_params
 from model.hf_format import convert_tensor_to_hf, convert_tensor_to_native
 from model.lora import inject_lora, load_lora_state_dict
-from model.settings import LORA_TARGETS, LoRAArgs
+from model.settings import LORA_TARGETS, OUTPUT_HEAD_SERVING_NOTE
 from model.transformer import Transformer
+from model.weights import save_weights
 
 PEFT_PREFIX = "base_model.model."
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_LEGACY = "adapter_model.bin"
+PEFT_MAGNITUDE = ".lora_magnitude_vector"  # DoRA's, where tailor's key ends in .lora_magnitude.weight
+NATIVE_MAGNITUDE = ".lora_magnitude.weight"
 
-# PEFT options that make an adapter something other than y = W x + (alpha / r) · B A x on whole layers.
+# PEFT options that make an adapter something other than LoRA (rsLoRA, DoRA) on whole layers.
 _UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA's magnitude vectors",
     "lora_bias": "LoRA biases",
     "fan_in_fan_out": "transposed (Conv1D) weights",
     "modules_to_save": "fully trained modules next to the adapters",
@@ -58,8 +69,10 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, base_model_name_or
     peft_state, modules = {}, set()
     for name, tensor in state.items():
         hf_name, tensor = convert_tensor_to_hf(name, tensor, args)
+        if hf_name.endswith(NATIVE_MAGNITUDE):
+            hf_name = hf_name.removesuffix(NATIVE_MAGNITUDE) + PEFT_MAGNITUDE
         peft_state[PEFT_PREFIX + hf_name] = tensor.contiguous()
-        modules.add(hf_name.split(".")[-3])  # model.layers.0.self_attn.q_proj.lora_A.weight -> q_proj
+        modules.add(hf_name.rsplit(".lora_", 1)[0].rpartition(".")[2])  # ...self_attn.q_proj.lora_A.weight -> q_proj
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -70,14 +83,14 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, base_model_name_or
         "target_modules": sorted(modules),
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": lora.rslora,
+        "use_dora": lora.dora,
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
     with staged_folder(out_dir) as staging:
-        save_file(peft_state, staging / PEFT_WEIGHTS, metadata={"format": "pt"})
+        save_weights(peft_state, staging / PEFT_WEIGHTS, metadata={"format": "pt"})
         (staging / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
 
@@ -86,12 +99,15 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, base_dir: str | Path)
     """Write a PEFT LoRA adapter of a Mistral / Mixtral model as a tailor checkpoint folder (lora.safetensors in
     fp32, the base's params.json with `lora`, the base's tokenizer), ready to evaluate, merge or train further."""
     peft_dir, base_dir = Path(peft_dir), Path(base_dir)
-    rank, alpha, dropout = read_peft_config(peft_dir)
+    rank, alpha, dropout, rslora, dora = read_peft_config(peft_dir)
     args = load_model_args(base_dir)
     state, unsupported = {}, set()
     for key, tensor in read_peft_weights(peft_dir).items():
+        hf_name = key.removeprefix(PEFT_PREFIX)
+        if hf_name.endswith(PEFT_MAGNITUDE):
+            hf_name = hf_name.removesuffix(PEFT_MAGNITUDE) + NATIVE_MAGNITUDE
         try:
-            name, tensor = convert_tensor_to_native(key.removeprefix(PEFT_PREFIX), tensor, args)
+            name, tensor = convert_tensor_to_native(hf_name, tensor, args)
         except ValueError:
             name = None
         if not key.startswith(PEFT_PREFIX) or name is None or name.rsplit(".", 3)[-3] not in LORA_TARGETS:
@@ -104,7 +120,15 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, base_dir: str | Path)
             "supported are q/k/v/o_proj, gate/up/down_proj, Mixtral's experts w1/w2/w3 and lm_head"
         )
     targets = sorted({name.rsplit(".", 3)[-3] for name in state}, key=LORA_TARGETS.index)
-    lora = LoRAArgs(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(targets))
+    lora = lora_args(
+        f"{peft_dir / PEFT_CONFIG}: ",
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        targets=targets,
+        rslora=rslora,
+        dora=dora,
+    )
     with torch.device("meta"):  # checks every adapted layer is there with the base's shapes, without memory
         model = Transformer(args)
     inject_lora(model, lora)
@@ -113,7 +137,7 @@ def import_peft(peft_dir: str | Path, out_dir: str | Path, base_dir: str | Path)
     except ValueError as e:
         raise ValueError(f"{peft_dir} does not fit the model of {base_dir}: {e}") from None
     with staged_folder(out_dir) as staging:
-        save_file(state, staging / ADAPTER_FILE)
+        save_weights(state, staging / ADAPTER_FILE)
         write_params(staging, params_with_lora(base_dir, lora))
         copy_tokenizer([base_dir], staging)
     return Path(out_dir)
@@ -126,13 +150,13 @@ def _module_of(key: str) -> str:
     return module if last.startswith("lora_") else key
 
 
-def read_peft_config(peft_dir: Path) -> tuple[int, float, float]:
-    """Rank, alpha (tailor's: scaling = alpha / r) and dropout of a PEFT LoRA config; options tailor's LoRA cannot
-    express are a ValueError naming the file and the option."""
+def read_peft_config(peft_dir: Path) -> tuple[int, float, float, bool, bool]:
+    """Rank, alpha, dropout, rsLoRA (scaling alpha / sqrt(r)) and DoRA of a PEFT LoRA config; options tailor's
+    LoRA cannot express are a ValueError naming the file and the option."""
     path = peft_dir / PEFT_CONFIG
     if not path.is_file():
         raise ValueError(f"{peft_dir}: no {PEFT_CONFIG}; expected a PEFT adapter folder")
-    config = json.loads(path.read_text())
+    config = read_json_object(path)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not supported, only 'LORA'")
     if config.get("bias", "none") != "none":
@@ -143,17 +167,34 @@ def read_peft_config(peft_dir: Path) -> tuple[int, float, float]:
     if not {"r", "lora_alpha"} <= set(config):
         raise ValueError(f"{path}: r and lora_alpha are required")
     rank, alpha = config["r"], config["lora_alpha"]
-    if config.get("use_rslora"):  # rsLoRA scales by alpha / sqrt(r)
-        alpha = alpha * math.sqrt(rank)
-    return rank, alpha, config.get("lora_dropout", 0.0)
+    check_numbers(f"{path}: ", {"lora_alpha": alpha, "lora_dropout": config.get("lora_dropout", 0.0)}, r=rank)
+    return rank, alpha, config.get("lora_dropout", 0.0), bool(config.get("use_rslora")), bool(config.get("use_dora"))
 
 
 def read_peft_weights(peft_dir: Path) -> dict[str, torch.Tensor]:
     if (peft_dir / PEFT_WEIGHTS).is_file():
         return load_file(peft_dir / PEFT_WEIGHTS)
     if (peft_dir / PEFT_WEIGHTS_LEGACY).is_file():
-        return torch.load(peft_dir / PEFT_WEIGHTS_LEGACY, map_location="cpu", weights_only=True)
+        return _load_legacy_weights(peft_dir / PEFT_WEIGHTS_LEGACY)
     raise ValueError(f"{peft_dir}: no {PEFT_WEIGHTS} (or {PEFT_WEIGHTS_LEGACY})")
+
+
+def _load_legacy_weights(path: Path) -> dict[str, torch.Tensor]:
+    """PEFT's legacy adapter_model.bin, with PyTorch's restricted unpickler (weights_only: no code runs); one that
+    needs more than tensors and plain containers, or is damaged, is a ValueError naming the file."""
+    try:
+        with warnings.catch_warnings():  # PyTorch's note on pickle protocols, about a file refused anyway
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise ValueError(
+            f"{path}: not a file of tensors that can be read without running code ({reason}); convert the adapter "
+            "to adapter_model.safetensors with PEFT where you trust it"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(t) for k, t in state.items()):
+        raise ValueError(f"{path}: holds no mapping of tensor names to tensors")
+    return state
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,6 +208,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    _, lora = read_adapter(args.adapter)
+    if "output" in lora.targets:  # said before the folder is written, rather than by the server that refuses it
+        print(f"warning: {OUTPUT_HEAD_SERVING_NOTE}", file=sys.stderr)
     out = export_peft(args.adapter, args.out, args.base_model_name)
     print(f"PEFT adapter written to {out}")
     return 0

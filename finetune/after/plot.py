@@ -1,10 +1,11 @@
 """`tailor plot RUN_DIR [-o loss.png]`: a run's curves in one PNG, read from run_dir/metrics.jsonl.
 
-Three panels against the step: train and eval loss (on a log scale when it spans more than a decade, so the end
+Three panels against the step: train, eval and retain loss (on a log scale when it spans more than a decade, so the end
 of a run is not flattened against zero by its first steps), the learning rate (tick labels written out, 0.0001 not
 1e-4 above the axis), and the throughput. It works on a finished run and on one still training (metrics.jsonl is
 appended to a line at a time). matplotlib is an optional extra, imported only here, with the Agg backend: no
-display is needed, on a server or in a notebook.
+display is needed, on a server or in a notebook. A run with eval generations (`eval.generate`) gets a fourth panel:
+each source's exact match and tool-call rates (docs/evaluation.md), the base model's at step 0.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import sys
 from pathlib import Path
 
 INSTALL_HINT = "pip install 'tailor[logging]'"
+PLOTTED_SCORES = {
+    "exact_match": "exact match",
+    "tool_call_parses": "tool call parses",
+    "tool_call_arguments_match": "tool call arguments match",
+}
 LOG_SCALE_SPAN = 10  # loss panel on a log scale when its largest value is more than this many times its smallest
 
 
@@ -24,29 +30,51 @@ class PlotError(ValueError):
 
 
 def read_curves(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) pairs of train loss, eval loss, learning rate and tokens/s; non-finite values left out."""
+    """(step, value) pairs of train loss, eval and retain loss, learning rate and tokens/s, and of each source's
+    scores as "SOURCE: LABEL" (retain sources as "retain SOURCE: LABEL"); non-finite values left out."""
     if not Path(run_dir).is_dir():
         raise PlotError(f"run folder not found: {run_dir}")
     path = Path(run_dir) / "metrics.jsonl"
+    if path.exists() and not path.is_file():
+        raise PlotError(f"{path} is not a regular file (a folder, a FIFO or a device): not a run's metrics")
     if not path.is_file():
         raise PlotError(f"{path} not found: is {run_dir} a run folder, and has its first step been logged?")
-    curves = {"loss": [], "eval_loss": [], "lr": [], "tokens_per_s": []}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    curves = {"loss": [], "eval_loss": [], "retain_loss": [], "lr": [], "tokens_per_s": []}
+    lines = path.read_bytes().splitlines()
     for number, line in enumerate(lines, start=1):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise PlotError(f"{path}:{number}: not UTF-8 text") from None
+        except (ValueError, RecursionError):
             if number == len(lines):  # a run writing its next line right now
                 break
             raise PlotError(f"{path}:{number}: not valid JSON") from None
-        keys = {"train": ("loss", "lr", "tokens_per_s"), "eval": ("eval_loss",)}.get(record.get("kind"), ())
-        for key in keys:
-            value = record.get(key)
+        if not (isinstance(record, dict) and type(record.get("step")) is int):
+            raise PlotError(f"{path}:{number}: not a record tailor writes (a JSON object with an integer step)")
+        keys = {"train": ("loss", "lr", "tokens_per_s"), "eval": ("eval_loss", "retain_loss")}.get(
+            record.get("kind"), ()
+        )
+        values = {key: record.get(key) for key in keys}
+        if record.get("kind") == "eval" and isinstance(record.get("scores"), dict):
+            values.update(_score_values(record["scores"]))
+        for key, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                curves[key].append((record["step"], value))
+                curves.setdefault(key, []).append((record["step"], value))
     if not curves["loss"]:
         raise PlotError(f"{path} holds no train step yet")
     return curves
+
+
+def _score_values(scores: dict) -> dict:
+    values = {}
+    for group, sources in scores.items():
+        for source, rates in sources.items() if isinstance(sources, dict) else ():
+            where = source if group == "eval" else f"{group} {source}"
+            for name, label in PLOTTED_SCORES.items():
+                if isinstance(rates, dict) and name in rates:
+                    values[f"{where}: {label}"] = rates[name]
+    return values
 
 
 def loss_scale(losses: list[float]) -> str:
@@ -73,11 +101,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     out = Path(out) if out is not None else Path(run_dir) / "loss.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, (loss_ax, lr_ax, speed_ax) = plt.subplots(3, 1, figsize=(9, 9), sharex=True, height_ratios=(2, 1, 1))
+    scores = [key for key in curves if ": " in key]
+    panels = 4 if scores else 3
+    fig, axes = plt.subplots(
+        panels, 1, figsize=(9, 3 * panels), sharex=True, height_ratios=(2, 1, 1, 2)[:panels], squeeze=True
+    )
+    loss_ax, lr_ax, speed_ax = axes[:3]
     loss_ax.plot(*zip(*curves["loss"]), label="train loss", linewidth=1)
-    if curves["eval_loss"]:  # a few points: markers show where the evaluations were
-        loss_ax.plot(*zip(*curves["eval_loss"]), "o-", label="eval loss")
-    loss_ax.set_yscale(loss_scale([v for key in ("loss", "eval_loss") for _, v in curves[key]]))
+    for key, label in (("eval_loss", "eval loss"), ("retain_loss", "retain loss")):
+        if curves[key]:  # a few points: markers show where the evaluations were
+            loss_ax.plot(*zip(*curves[key]), "o-", label=label)
+    loss_ax.set_yscale(loss_scale([v for key in ("loss", "eval_loss", "retain_loss") for _, v in curves[key]]))
     loss_ax.set_ylabel("loss")
     loss_ax.legend()
     loss_ax.set_title(str(run_dir))
@@ -86,8 +120,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     lr_ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(plain_number))
     speed_ax.plot(*zip(*curves["tokens_per_s"]), color="tab:purple")
     speed_ax.set_ylabel("tokens/s\n(all ranks, average)")
-    speed_ax.set_xlabel("step")
-    for ax in (loss_ax, lr_ax, speed_ax):
+    if scores:
+        for key in scores:
+            axes[3].plot(*zip(*curves[key]), "o-", label=key)
+        axes[3].set_ylabel("share of answers\n(step 0: the base model)")
+        axes[3].set_ylim(-0.05, 1.05)
+        axes[3].legend(fontsize="small")
+    axes[-1].set_xlabel("step")
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

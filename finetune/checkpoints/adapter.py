@@ -4,8 +4,6 @@ by training, merge, the PEFT converters and chat."""
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -13,7 +11,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from finetune.checkpoints.manifest import MANIFEST, verify_checkpoint
-from finetune.data.tokenize import find_tokenizer_file
 from model.args import load_model_args
 from model.quantize import QUANTIZATIONS
 from model.settings import LORA_TARGETS, LoRAArgs
@@ -56,11 +53,13 @@ def read_adapter(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoRAArg
         raise ValueError(f"{weights}: holds non-finite or non-float values, which no training writes")
     modules = sorted({key.rsplit(".", 2)[0] for key in state})
     targets = entry.get("targets") or sorted({m.rpartition(".")[2] for m in modules}, key=_target_order)
+    where = f"{params}: lora."
+    check_numbers(where, {k: entry[k] for k in ("alpha", "scaling", "dropout") if k in entry}, rank=entry["rank"])
     alpha = entry["alpha"] if "alpha" in entry else entry["scaling"] * entry["rank"]
-    try:
-        lora = LoRAArgs(rank=entry["rank"], alpha=alpha, dropout=entry.get("dropout", 0.0), targets=tuple(targets))
-    except ValueError as e:
-        raise ValueError(f"{params}: {e}") from None
+    variants = {key: entry.get(key, False) for key in ("rslora", "dora")}  # absent from older checkpoints: plain LoRA
+    lora = lora_args(
+        where, rank=entry["rank"], alpha=alpha, dropout=entry.get("dropout", 0.0), targets=targets, **variants
+    )
     for module in modules:
         a, b = state.get(f"{module}.lora_A.weight"), state.get(f"{module}.lora_B.weight")
         if a is None or b is None or a.shape[0] != lora.rank or b.shape[1] != lora.rank:
@@ -69,7 +68,45 @@ def read_adapter(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoRAArg
                 f"{lora.rank}, got A {None if a is None else tuple(a.shape)}, "
                 f"B {None if b is None else tuple(b.shape)}"
             )
+        magnitude = state.get(f"{module}.lora_magnitude.weight")
+        if lora.dora != (magnitude is not None) or (magnitude is not None and magnitude.shape != (b.shape[0],)):
+            shape = None if magnitude is None else tuple(magnitude.shape)
+            raise ValueError(
+                f"{weights}: {module} has lora_magnitude {shape}, where params.json's lora.dora is "
+                f"{str(lora.dora).lower()}: DoRA needs one magnitude per output row, [{b.shape[0]}], plain LoRA none"
+            )
     return state, lora
+
+
+def check_numbers(where: str, numbers: dict[str, object], **integers: object) -> None:
+    """Values read from a file that must be numbers (`integers`: whole ones): a string, a list or a boolean is a
+    ValueError naming `where` and the key, never a TypeError further on."""
+    for key, value in {**numbers, **integers}.items():
+        kinds = int if key in integers else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"{where}{key} is {value!r}; expected {'an integer' if key in integers else 'a number'}")
+
+
+def lora_args(
+    where: str,
+    rank: object,
+    alpha: object,
+    dropout: object,
+    targets: object,
+    rslora: object = False,
+    dora: object = False,
+) -> LoRAArgs:
+    """LoRAArgs from values read from a file (params.json's `lora` entry, PEFT's adapter_config.json), each checked
+    for its kind first: a fault is a ValueError naming `where`."""
+    check_numbers(where, {"alpha": alpha, "dropout": dropout}, rank=rank)
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{where}targets is {targets!r}; expected a list of module names")
+    if not isinstance(rslora, bool) or not isinstance(dora, bool):
+        raise ValueError(f"{where}rslora and dora must be true or false, got {rslora!r} and {dora!r}")
+    try:
+        return LoRAArgs(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(targets), rslora=rslora, dora=dora)
+    except ValueError as e:
+        raise ValueError(f"{where.rstrip('.')}: {e}") from None
 
 
 def _target_order(target: str) -> int:
@@ -86,14 +123,17 @@ def base_params(model_dir: str | Path) -> dict:
 
 
 def lora_entry(lora: LoRAArgs, base_quantization: str = "none") -> dict:
-    """The `lora` entry of a checkpoint's params.json; mistral-inference reads rank and scaling (= alpha / rank).
+    """The `lora` entry of a checkpoint's params.json; mistral-inference reads rank and scaling (alpha / rank, or
+    alpha / sqrt(rank) with rsLoRA); `rslora` and `dora` say which variant merge, export and chat read.
     An adapter trained on a quantized base says so (`base_quantization`), for merge and chat to read."""
     entry = {
         "rank": lora.rank,
         "alpha": lora.alpha,
-        "scaling": lora.alpha / lora.rank,
+        "scaling": lora.scaling,
         "dropout": lora.dropout,
         "targets": list(lora.targets),
+        "rslora": lora.rslora,
+        "dora": lora.dora,
     }
     if base_quantization != "none":
         entry["base_quantization"] = base_quantization
@@ -118,15 +158,3 @@ def read_base_quantization(ckpt_dir: str | Path) -> str:
 def params_with_lora(base_dir: str | Path, lora: LoRAArgs) -> dict:
     """A checkpoint's params.json: the base's plus the `lora` entry."""
     return dict(base_params(base_dir), lora=lora_entry(lora))
-
-
-def copy_tokenizer(folders: Iterable[str | Path], out_dir: Path) -> None:
-    """Copy the mistral-common tokenizer file of the first folder that has one."""
-    for folder in folders:
-        try:
-            source = find_tokenizer_file(folder)
-        except FileNotFoundError:
-            continue
-        shutil.copy(source, out_dir / source.name)
-        return
-    raise ValueError(f"no mistral-common tokenizer file (tokenizer.model.v*, tekken.json) in {list(map(str, folders))}")

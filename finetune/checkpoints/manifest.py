@@ -2,7 +2,7 @@
 
 Verifying a folder against it catches what renaming the folder into place cannot: a file that a disk, a copy or a
 hand damaged later, one missing, one added. It guards against damage, not against whoever writes the folder (they
-can write the manifest too): reading a checkpoint is safe whatever its bytes for other reasons (README: Safety).
+can write the manifest too): reading a checkpoint is safe whatever its bytes for other reasons (docs/safety.md).
 """
 
 from __future__ import annotations

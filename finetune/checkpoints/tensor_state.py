@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from finetune.training.distributed import is_dtensor
+from model.dtensor import is_dtensor
+from model.weights import save_weights
 
 SHARD_DIMS = "shard_dims"  # the metadata entry: {key: the dimension split over the ranks, or null when whole}
 
@@ -48,7 +48,7 @@ def save_tensors(path: Path, model_state: dict, optim_state: dict) -> None:
     for key, value in _flatten(model_state, optim_state).items():
         shard_dims[key] = _shard_dim(value, key)
         local[key] = (value.to_local() if is_dtensor(value) else value).detach().cpu().contiguous()
-    save_file(local, path, metadata={SHARD_DIMS: json.dumps(shard_dims)})
+    save_weights(local, path, metadata={SHARD_DIMS: json.dumps(shard_dims)})
 
 
 def load_tensors(paths: list[Path], model_state: dict, optim_state: dict) -> None:

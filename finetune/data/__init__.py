@@ -8,7 +8,7 @@ second that `tailor validate` and the tokenizer's worker processes, which import
 
 import importlib
 
-from finetune.data.errors import DataError, SampleFault
+from finetune.data.errors import DataError, DataFaults, SampleFault
 from finetune.data.tokenize import (
     TokenizedSample,
     check_tokenizer_vocab,
@@ -35,6 +35,7 @@ def __getattr__(name: str):
 __all__ = [
     "Batch",
     "DataError",
+    "DataFaults",
     "SampleFault",
     "TokenizedSample",
     "TrainLoader",

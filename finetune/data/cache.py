@@ -10,12 +10,17 @@ One entry:
     sample_starts.npy int64 [n+1], sample i is tokens[starts[i]:starts[i+1]]
     span_starts.npy   int64 [n+1], sample i's trained spans are spans[span_starts[i]:span_starts[i+1]]
     spans.npy         (begin, end, weight): tokens[begin:end] of the sample have this loss weight
+    fingerprints.npy  (line, sample, conversation) per sample: its line in the file and the hashes that tell
+                      repeated samples (finetune/data/fingerprint.py), so finding them reads no file again
     errors.jsonl      {"line", "kind", "message", "fixable"} for each bad line (left out)
     warnings.jsonl    {"line", "kind", "message"} for each warning of a usable line (finetune/data/errors.py's
                       SampleWarning); a line whose warning is in LEFT_OUT is left out too
     meta.json         counts; written last
 Weights are stored as spans because they are constant over whole messages: 12 bytes per assistant
-message instead of 4 per token.
+message instead of 4 per token. An entry is checked before it is used (entry_fault: counts, sizes, offsets, ids in
+the vocabulary, no pickle); a damaged one is rebuilt, and the run says so. Its arrays are memory-mapped when first
+read, a bounded number of entries at a time (OPEN_ENTRIES): each map holds a file descriptor, and a run may read
+thousands of files.
 
 A file worth splitting is cut at line starts into parts that the worker processes share (several parts each, so
 one slow part cannot leave a worker idle for long); a small one is tokenized in-process, where starting workers
@@ -32,14 +37,20 @@ learned words; writing one removes the files of an older layout, which no build 
 from __future__ import annotations
 
 import array
+import contextlib
+import errno
 import fcntl
+import functools
 import gc
 import hashlib
 import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
+import signal
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -53,12 +64,13 @@ import sentencepiece
 from tqdm import tqdm
 
 from finetune.data.collector import cycle_collector_paused
-from finetune.data.errors import LEFT_OUT, SampleFault
+from finetune.data.errors import LEFT_OUT, SampleFault, first_line
+from finetune.data.fingerprint import FINGERPRINT_DTYPE
 from finetune.data.jsonl import line_aligned_ranges, read_lines
 from finetune.data.text_encoders import PACKED, WordMemoSentencePiece, usable_cores
 from finetune.data.tokenize import set_encoder_threads, tokenize_lines, word_memo
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 WORD_MEMO_FORMAT = 2  # write_words' layout: a file of another layout is not even looked at
 MEMO_PREFIX = f"v{WORD_MEMO_FORMAT}-"  # memo file names start with their layout (from layout 2 on; before, none did)
 PART_BYTES = 8 << 20  # the most of a file one worker task takes
@@ -76,6 +88,8 @@ SPAN_DTYPE = np.dtype([("begin", "<i4"), ("end", "<i4"), ("weight", "<f4")])
 # garbage; what a library's error may still leave is collected once per this many bytes read, so memory stays
 # bounded whatever the file.
 COLLECT_BYTES = 64 << 20
+# Entries whose arrays are mapped at once: 4 descriptors each, well under the usual limit of 1024 open files.
+OPEN_ENTRIES = 64
 
 
 @dataclass(frozen=True)
@@ -93,59 +107,153 @@ class TokenizedFile:
         self.source = source
         self.entry = entry
         self.meta = json.loads((entry / "meta.json").read_text())
-        # Memory-mapped: every rank shares the same pages, and opening costs nothing however big the file.
-        # np.asarray drops the np.memmap subclass, whose slicing is several times slower.
-        self.tokens = (
-            np.asarray(np.memmap(entry / "tokens.bin", dtype=np.uint32, mode="r"))
-            if self.meta["n_tokens"]
-            else np.zeros(0, np.uint32)
-        )
-        self.sample_starts = np.asarray(np.load(entry / "sample_starts.npy", mmap_mode="r"))
-        self.span_starts = np.asarray(np.load(entry / "span_starts.npy", mmap_mode="r"))
-        self.spans = np.asarray(np.load(entry / "spans.npy", mmap_mode="r"))
         self.lengths = np.diff(self.sample_starts)
+
+    # Memory-mapped: every rank shares the same pages, and opening costs nothing however big the file.
+    @property
+    def tokens(self) -> np.ndarray:
+        return _mapped_arrays(self.entry)[0]
+
+    @property
+    def sample_starts(self) -> np.ndarray:
+        return _mapped_arrays(self.entry)[1]
+
+    @property
+    def span_starts(self) -> np.ndarray:
+        return _mapped_arrays(self.entry)[2]
+
+    @property
+    def spans(self) -> np.ndarray:
+        return _mapped_arrays(self.entry)[3]
+
+    @functools.cached_property
+    def fingerprints(self) -> np.ndarray:
+        """Read whole when repeats are looked for (a few bytes a sample), so no descriptor stays open."""
+        return np.load(self.entry / "fingerprints.npy", allow_pickle=False)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def faults(self) -> list[Fault]:
-        with open(self.entry / "errors.jsonl", encoding="utf-8") as f:
-            return [Fault(**json.loads(line)) for line in f]
+        return _read_faults(self.entry / "errors.jsonl")
 
     def warnings(self) -> list[Fault]:
-        with open(self.entry / "warnings.jsonl", encoding="utf-8") as f:
-            return [Fault(**json.loads(line)) for line in f]
+        return _read_faults(self.entry / "warnings.jsonl")
+
+
+@functools.lru_cache(maxsize=OPEN_ENTRIES)
+def _mapped_arrays(entry: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """An entry's tokens, sample_starts, span_starts and spans, mapped; an entry dropped from this cache closes its
+    maps (and descriptors) once no array of it is in use. np.asarray drops the np.memmap subclass, whose slicing is
+    several times slower."""
+    tokens_file = entry / "tokens.bin"
+    tokens = (
+        np.asarray(np.memmap(tokens_file, dtype=np.uint32, mode="r"))
+        if tokens_file.stat().st_size
+        else np.zeros(0, np.uint32)
+    )
+    arrays = (np.asarray(np.load(entry / name, mmap_mode="r")) for name in ARRAY_FILES)
+    return (tokens, *arrays)
+
+
+ARRAY_FILES = ("sample_starts.npy", "span_starts.npy", "spans.npy")
+META_COUNTS = ("n_lines", "n_samples", "n_tokens", "n_trained_tokens", "n_left_out")
+
+
+def _read_faults(path: Path) -> list[Fault]:
+    with open(path, encoding="utf-8") as f:
+        return [Fault(**json.loads(line)) for line in f]
+
+
+def entry_fault(entry: Path, n_words: int) -> str | None:
+    """What is wrong with a cache entry, in words, or None when it is whole: meta.json's counts, the arrays' types,
+    sizes and offsets, every token id below n_words, and the fault records. Arrays are read without pickle."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+            return "meta.json is not this format's"
+        if not all(type(meta.get(key)) is int and meta[key] >= 0 for key in META_COUNTS):
+            return "meta.json's counts are not counts"
+        fingerprints = np.load(entry / "fingerprints.npy", mmap_mode="r", allow_pickle=False)
+        if fingerprints.dtype != FINGERPRINT_DTYPE or fingerprints.shape != (meta["n_samples"],):
+            return "fingerprints.npy does not hold one row per sample"
+        n_samples, n_tokens = meta["n_samples"], meta["n_tokens"]
+        if (entry / "tokens.bin").stat().st_size != 4 * n_tokens:
+            return f"tokens.bin does not hold the {n_tokens:,} tokens meta.json counts"
+        starts, span_starts, spans = (np.load(entry / name, mmap_mode="r", allow_pickle=False) for name in ARRAY_FILES)
+        if not (starts.dtype == span_starts.dtype == np.int64 and spans.dtype == SPAN_DTYPE):
+            return "an array of another type"
+        if starts.shape != (n_samples + 1,) or span_starts.shape != (n_samples + 1,) or spans.ndim != 1:
+            return "arrays of other lengths than meta.json counts"
+        lengths, n_spans = np.diff(starts), np.diff(span_starts)
+        if starts[0] != 0 or starts[-1] != n_tokens or np.any(lengths < 1):
+            return "sample_starts.npy does not cut tokens.bin into samples"
+        if span_starts[0] != 0 or span_starts[-1] != len(spans) or np.any(n_spans < 0):
+            return "span_starts.npy does not cut spans.npy into samples"
+        span_lengths = np.repeat(lengths, n_spans)
+        if np.any((spans["begin"] < 0) | (spans["begin"] > spans["end"]) | (spans["end"] > span_lengths)):
+            return "spans.npy holds spans outside their samples"
+        if not np.all((spans["weight"] >= 0) & (spans["weight"] <= 1)):
+            return "spans.npy holds weights outside [0, 1]"
+        if n_tokens and int(np.memmap(entry / "tokens.bin", dtype=np.uint32, mode="r").max()) >= n_words:
+            return f"tokens.bin holds ids beyond the tokenizer's {n_words:,}"
+        for name, key in (("errors.jsonl", "errors_by_kind"), ("warnings.jsonl", "warnings_by_kind")):
+            counts = meta.get(key)
+            if not isinstance(counts, dict) or len(_read_faults(entry / name)) != sum(counts.values()):
+                return f"{name} does not hold the records meta.json counts"
+    except FileNotFoundError as error:
+        return f"{Path(error.filename).name} is missing"
+    except (OSError, ValueError, TypeError, KeyError, EOFError) as error:  # ValueError: a pickle refused, not JSON
+        return first_line(error)
+    return None
 
 
 def open_tokenized_files(
     paths: list[Path], tokenizer, train_on: str, cache_dir: str | Path, num_workers: int = 2
 ) -> list[TokenizedFile]:
-    """The cache entry of each file, tokenizing (in num_workers processes) those not cached yet."""
+    """The cache entry of each file, tokenizing (in num_workers processes) those not cached yet, and again those whose
+    entry is damaged."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_digest = _digest_of_file(Path(tokenizer.instruct_tokenizer.tokenizer.file_path), cache_dir)
-    entries = {}
-    for path in paths:
-        key = json.dumps(
-            [CACHE_FORMAT, _digest_of_file(path, cache_dir), tokenizer_digest, train_on, mistral_common.__version__]
-        )
-        entries[path] = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:32]
-    to_build = [path for path, entry in entries.items() if not (entry / "meta.json").exists()]
-    memo = word_memo(tokenizer) if to_build else None  # a run that finds its files cached builds no encoder
-    # per tokenizer file and SentencePiece version: the ids are what that pair makes of each word
-    memo_key = f"{WORD_MEMO_FORMAT}|{tokenizer_digest}|{sentencepiece.__version__}"
-    memo_file = cache_dir / "word_memo" / f"{MEMO_PREFIX}{hashlib.sha256(memo_key.encode()).hexdigest()[:32]}.npz"
-    if memo is not None:
-        in_file = _load_word_memo(memo_file, memo, tokenizer.instruct_tokenizer.tokenizer.n_words)
-    with _WorkerPool(tokenizer, train_on, num_workers) as pool:
-        # First build what no other process is building, then wait for the rest: ranks share the work.
-        for blocking in (False, True):
-            for path, entry in entries.items():
-                if not (entry / "meta.json").exists():
-                    _build_locked(path, entry, pool, blocking)
-    if memo is not None and len(memo.words()) > in_file:  # it learned words
-        _save_word_memo(memo_file, memo)
+    n_words = tokenizer.instruct_tokenizer.tokenizer.n_words
+    with _naming_a_full_disk(cache_dir):
+        tokenizer_digest = _digest_of_file(Path(tokenizer.instruct_tokenizer.tokenizer.file_path), cache_dir)
+        entries = {}
+        for path in paths:
+            key = json.dumps(
+                [CACHE_FORMAT, _digest_of_file(path, cache_dir), tokenizer_digest, train_on, mistral_common.__version__]
+            )
+            entries[path] = cache_dir / hashlib.sha256(key.encode()).hexdigest()[:32]
+        to_build = [path for path, entry in entries.items() if entry_fault(entry, n_words) is not None]
+        memo = word_memo(tokenizer) if to_build else None  # a run that finds its files cached builds no encoder
+        # per tokenizer file and SentencePiece version: the ids are what that pair makes of each word
+        memo_key = f"{WORD_MEMO_FORMAT}|{tokenizer_digest}|{sentencepiece.__version__}"
+        memo_file = cache_dir / "word_memo" / f"{MEMO_PREFIX}{hashlib.sha256(memo_key.encode()).hexdigest()[:32]}.npz"
+        if memo is not None:
+            in_file = _load_word_memo(memo_file, memo, n_words)
+        with _WorkerPool(tokenizer, train_on, num_workers) as pool:
+            # First build what no other process is building, then wait for the rest: ranks share the work.
+            built: set[Path] = set()
+            for blocking in (False, True):
+                for path in to_build:
+                    if path not in built and _build_locked(path, entries[path], pool, blocking, n_words):
+                        built.add(path)
+        if memo is not None and len(memo.words()) > in_file:  # it learned words
+            _save_word_memo(memo_file, memo)
     return [TokenizedFile(path, entry) for path, entry in entries.items()]
+
+
+@contextlib.contextmanager
+def _naming_a_full_disk(cache_dir: Path) -> Iterator[None]:
+    """A full disk while caching names the cache folder: a write's own error names no file."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT) or error.filename:
+            raise
+        raise OSError(
+            error.errno, f"{error.strerror} (data.cache_dir, writing tokenized data)", str(cache_dir)
+        ) from None
 
 
 def _load_word_memo(path: Path, memo: WordMemoSentencePiece, n_words: int) -> int:
@@ -235,20 +343,35 @@ def part_ranges(path: Path, num_workers: int) -> list[tuple[int, int]]:
     return line_aligned_ranges(path, math.ceil(size / parts))
 
 
-def _build_locked(path: Path, entry: Path, pool: _WorkerPool, blocking: bool) -> None:
+def _build_locked(path: Path, entry: Path, pool: _WorkerPool, blocking: bool, n_words: int) -> bool:
+    """Build the entry of `path` unless another process holds its lock (returns False then, when not `blocking`) or
+    has built it while this one waited; a damaged entry is removed first, and the run says so."""
     with open(entry.with_suffix(".lock"), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
-            return
-        if (entry / "meta.json").exists():  # built by another process while we waited
-            return
+            return False
+        fault = entry_fault(entry, n_words)
+        if fault is None:  # built by another process while we waited
+            return True
+        if entry.exists() or entry.is_symlink():
+            print(f"{entry}: damaged cache entry of {path} ({fault}); it is rebuilt", flush=True)
+            _mapped_arrays.cache_clear()  # no map of the damaged files is read again
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         for stale in entry.parent.glob(entry.name + ".tmp-*"):  # left by a killed build
             shutil.rmtree(stale, ignore_errors=True)
         tmp = entry.parent / f"{entry.name}.tmp-{os.getpid()}"
         tmp.mkdir()
-        _build(path, tmp, pool)
+        try:
+            _build(path, tmp, pool)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         os.rename(tmp, entry)
+        return True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,7 +393,7 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
         open(out / "errors.jsonl", "w", encoding="utf-8") as errors,
         open(out / "warnings.jsonl", "w", encoding="utf-8") as warnings,
     ):
-        lengths, n_spans, spans = [], [], []
+        lengths, n_spans, spans, fingerprints = [], [], [], []
         first_line = 1
         for (_, _, _, prefix), n_lines in zip(tasks, lines_per_part):
             with open(f"{prefix}.tokens", "rb") as f:
@@ -279,6 +402,9 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
             lengths.append(arrays["lengths"])
             n_spans.append(arrays["n_spans"])
             spans.append(arrays["spans"])
+            part_fingerprints = arrays["fingerprints"]
+            part_fingerprints["line"] += first_line - 1
+            fingerprints.append(part_fingerprints)
             for name, records in (("errors", errors), ("warnings", warnings)):
                 counts = counts_by_kind[name]
                 with open(f"{prefix}.{name}.jsonl", encoding="utf-8") as f:
@@ -298,6 +424,7 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
     np.save(out / "sample_starts.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     np.save(out / "span_starts.npy", np.concatenate([[0], np.cumsum(np.concatenate(n_spans))]).astype(np.int64))
     np.save(out / "spans.npy", spans)
+    np.save(out / "fingerprints.npy", np.concatenate(fingerprints))
     trained = int(((spans["end"] - spans["begin"]) * (spans["weight"] > 0)).sum())
     meta = {
         "format": CACHE_FORMAT,
@@ -317,7 +444,7 @@ def _build(path: Path, out: Path, pool: _WorkerPool) -> None:
 def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) -> int:
     """Tokenize the lines of one byte range into part files; return the number of lines read."""
     path, start, end, prefix = task
-    lengths, n_spans, spans = [], [], []
+    lengths, n_spans, spans, fingerprints = [], [], [], []
     n_lines = 0
     with (
         open(f"{prefix}.tokens", "wb") as tokens_out,
@@ -328,7 +455,9 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
         pending = array.array(PACKED)
         bytes_since_collect = 0
         for batch in _batches(path, start, end):
-            for result in tokenize_lines(batch, tokenizer, train_on):
+            batch_fingerprints: list = []
+            results = tokenize_lines(batch, tokenizer, train_on, batch_fingerprints)
+            for result, fingerprint in zip(results, batch_fingerprints):
                 n_lines += 1
                 if isinstance(result, SampleFault):
                     record = {
@@ -345,6 +474,7 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
                 lengths.append(len(sample_tokens))
                 n_spans.append(len(sample_spans))
                 spans += sample_spans
+                fingerprints.append((n_lines, *fingerprint))
             if len(pending) > 1 << 20:
                 tokens_out.write(pending)
                 pending = array.array(PACKED)
@@ -358,6 +488,7 @@ def _tokenize_range(task: tuple[Path, int, int, str], tokenizer, train_on: str) 
         lengths=np.asarray(lengths, np.int64),
         n_spans=np.asarray(n_spans, np.int64),
         spans=np.asarray(spans, SPAN_DTYPE),
+        fingerprints=np.array(fingerprints, FINGERPRINT_DTYPE),
     )
     return n_lines
 
@@ -382,6 +513,7 @@ _WORKER_ARGS: tuple = ()  # (tokenizer, train_on) in a worker process
 def _init_worker(tokenizer, train_on: str, threads: int) -> None:
     global _WORKER_ARGS
     _WORKER_ARGS = (tokenizer, train_on)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to answer (_ctrl_c_deferred)
     set_encoder_threads(tokenizer, threads)  # the workers share the cores
 
 
@@ -392,6 +524,24 @@ def _tokenize_range_in_worker(task: tuple[Path, int, int, str]) -> int:
     if memo is not None:
         write_words(Path(f"{task[3]}.words.npz"), memo.learned())
     return n_lines
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Ctrl-C while worker processes start only noted, and answered (KeyboardInterrupt) once they have: a forked
+    worker inherits this handler, which says nothing, until its initializer ignores SIGINT. Ctrl-C reaches the whole
+    process group, and the main process alone answers it (it stops the workers) without a traceback from each."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a handler
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 class _WorkerPool:
@@ -441,7 +591,8 @@ class _WorkerPool:
                 method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
                 context = multiprocessing.get_context(method)
                 threads = max(1, usable_cores() // self.num_workers)
-                self.pool = context.Pool(self.num_workers, initializer=_init_worker, initargs=(*self.args, threads))
+                with _ctrl_c_deferred():
+                    self.pool = context.Pool(self.num_workers, initializer=_init_worker, initargs=(*self.args, threads))
             results = self.pool.imap(_tokenize_range_in_worker, tasks, chunksize=1)
         path, _, size, _ = tasks[-1]
         lines = []
@@ -461,12 +612,15 @@ class _WorkerPool:
 
 
 def _digest_of_file(path: Path, cache_dir: Path) -> str:
-    """sha256 of a file's bytes, remembered per (path, size, mtime) so a big file is hashed once."""
+    """sha256 of a file's bytes, remembered per (path, inode, size, mtime, ctime) so a big file is hashed once. The
+    ctime is what no user tool sets: an edit in place that keeps the size and puts the mtime back still changes it
+    (hashing at every launch would read all of the data again)."""
     stat = path.stat()
-    stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
+    stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
     memo = cache_dir / "digests" / hashlib.sha256(stamp.encode()).hexdigest()[:32]
-    if memo.exists():
-        return memo.read_text()
+    remembered = memo.read_text(errors="replace") if memo.is_file() else ""
+    if re.fullmatch("[0-9a-f]{64}", remembered):
+        return remembered
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(16 << 20):

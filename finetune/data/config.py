@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-# Each field's meaning is the comment on its line or just above it (the README's config reference is made of them).
+# Each field's meaning is the comment on its line or just above it (docs/config.md's reference is made of them).
 
 TRAIN_ON = ("all", "last")  # also `tailor tokenize --train-on`'s choices
 
@@ -29,9 +29,15 @@ class DataConfig:
     train: list[DataSource] = field(default_factory=list)
     # the same, for evaluation; required while eval is enabled (mistral-finetune: `data.eval_instruct_data`)
     eval: list[DataSource] = field(default_factory=list)
+    # sources the model should not get worse on (general chats), evaluated like data.eval beside it and reported
+    # as "retain", with their change against the base model
+    retain: list[DataSource] = field(default_factory=list)
     train_on: Literal[TRAIN_ON] = "all"  # train on every assistant message, or only the last one
     # `error` stops before the first step at a bad line, naming file and line; `skip` leaves it out and counts it
     on_bad_sample: Literal["error", "skip"] = "error"
+    # with `skip`: the largest share of a source's lines that may be bad (0.05: 5%); a source above it is refused
+    # before step 1, exit code 1 (Mistral's API: invalid_sample_skip_percentage); 1 accepts any share
+    max_bad_fraction: float = 1.0
     # a sample longer than seq_len: `split` into pieces of seq_len, `truncate`, or `drop`; each case is counted
     overlong: Literal["split", "truncate", "drop"] = "split"
     shuffle: bool = True  # reshuffle the train data every epoch (mistral-finetune: `data.instruct.shuffle`)

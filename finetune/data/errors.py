@@ -1,5 +1,6 @@
 """How data goes wrong: one bad sample (SampleFault), one usable but doubtful sample (SampleWarning), and a run
-that must stop (DataError); and how a library's error is quoted in a one-line report."""
+that must stop (DataError; DataFaults when the data itself has faults); and how a library's error is quoted in a
+one-line report."""
 
 from __future__ import annotations
 
@@ -42,6 +43,15 @@ LEFT_OUT = frozenset({NOTHING_TO_TRAIN.kind})  # warnings whose sample is not tr
 
 class DataError(ValueError):
     """Training data that cannot be used as configured; the message reads `FILE:LINE: fault`."""
+
+
+class DataFaults(DataError):
+    """The data has faults: a bad line while `data.on_bad_sample` is `error`, or a source with too few usable samples.
+    What `tailor validate` reports with exit code 1, and training refuses with the same code."""
+
+
+class TooManyBadLines(DataFaults):
+    """A source whose share of bad lines is above data.max_bad_fraction."""
 
 
 def first_line(error: BaseException) -> str:

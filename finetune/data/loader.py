@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from finetune.data.config import DataConfig
-from finetune.data.errors import DataError
+from finetune.data.errors import DataError, DataFaults
 from finetune.data.packing import Batch, DocumentFeed, Piece, make_batch, pack_sequence
-from finetune.data.sources import TokenizedSource, check_bad_samples, open_sources
+from finetune.data.sources import TokenizedSource, check_bad_samples, check_bad_shares, open_sources
 
 
 def epoch_order(n: int, seed: int, source_index: int, rank: int, world_size: int, shuffle: bool):
@@ -91,8 +91,16 @@ class TrainLoader:
             )
         self.sequences = state["sequences"]
         self.counts = Counter(state["counts"])
-        for feed, saved in zip(self.feeds, state["feeds"]):
+        for feed, saved, source in zip(self.feeds, state["feeds"], self.sources):
             feed.load_state_dict(saved)
+            docs = feed.order(feed.epoch)
+            past = feed.position >= len(docs) or any(p >= len(docs) for p in feed.taken)
+            if past or (feed.offset and feed.offset >= source.predictions(int(docs[feed.position]))):
+                raise DataError(
+                    f"the saved data position (sample {feed.position} of epoch {feed.epoch} of {source.name}) is "
+                    f"past what this rank reads of it now ({len(docs):,} samples): {source.name} changed since the "
+                    "checkpoint; resume with the data it was trained on, or start a new run_dir"
+                )
 
     def report(self) -> dict:
         """What this rank's data looked like: bad samples skipped (whole files, the same on every rank),
@@ -109,15 +117,16 @@ def build_train_loader(
 ) -> TrainLoader:
     sources = open_sources(cfg.train, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
     bad = check_bad_samples(sources, cfg.on_bad_sample)
+    check_bad_shares(sources, cfg.max_bad_fraction)
     for source in sources:
         if len(source) == 0:
             lines = sum(f.meta["n_lines"] for f in source.files)
-            raise DataError(
+            raise DataFaults(
                 f"{source.name}: no usable sample in {lines:,} lines (bad lines skipped, or samples with nothing to "
                 "train left out); `tailor validate` lists them"
             )
         if len(source) < world_size:
-            raise DataError(f"{source.name}: {len(source)} usable samples cannot be shared by {world_size} ranks")
+            raise DataFaults(f"{source.name}: {len(source)} usable samples cannot be shared by {world_size} ranks")
         fits = source.lengths - 1 <= seq_len
         if cfg.overlong == "drop" and not np.any(fits if cfg.shuffle else fits[rank::world_size]):
             raise DataError(
@@ -137,14 +146,25 @@ def build_train_loader(
 
 
 def build_eval_batches(
-    cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: int, rank: int, world_size: int, cache_dir: Path
+    cfg: DataConfig,
+    tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    cache_dir: Path,
+    group: str = "eval",
 ) -> list[Batch]:
-    sources = open_sources(cfg.eval, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
+    """The batches of data.eval, or of data.retain with `group="retain"`."""
+    sources = open_sources(getattr(cfg, group), tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
     check_bad_samples(sources, cfg.on_bad_sample)
+    check_bad_shares(sources, cfg.max_bad_fraction)
     for source in sources:
         if len(source) == 0:
-            raise DataError(
-                f"{source.name}: no usable sample to evaluate on; remove it from data.eval, or set eval.enabled: false"
+            raise DataFaults(
+                f"{source.name}: no usable sample to evaluate on; remove it from data.{group}, or set eval.enabled: "
+                "false"
             )
     counts: Counter = Counter()
     sequences = []  # the global list, identical on every rank

@@ -15,7 +15,6 @@ many generated conversations of hostile text.
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING
 
 from mistral_common.protocol.instruct.normalize import InstructRequestNormalizer, InstructRequestNormalizerV7
 from mistral_common.tokens.tokenizers.instruct import (
@@ -27,8 +26,7 @@ from mistral_common.tokens.tokenizers.instruct import (
 
 from finetune.data.text_encoders import PACKED
 
-if TYPE_CHECKING:
-    from finetune.data.tokenize import WeightSpan
+WeightSpan = tuple[int, int, float]  # tokens[begin:end] have this loss weight; tokens outside every span have 0
 
 
 def is_plain_chat(sample: dict) -> bool:

@@ -1,5 +1,6 @@
 """What the data of a run is, per source, before step 1: files, samples, tokens, and every line or sample that is
-not trained as written (bad lines skipped, samples left out, samples longer than seq_len split, truncated or dropped).
+not trained as written (bad lines skipped, samples left out, samples longer than seq_len split, truncated or dropped);
+and, as warnings, train samples that repeat others and eval samples that train has (finetune/data/duplicates.py).
 
 Nothing is dropped without being counted and shown: train.py prints `DataReport.lines()` before step 1, writes
 `DataReport.record()` to metrics.jsonl (`{"kind": "data", ...}`), and repeats `DataReport.summary()` in the final
@@ -13,15 +14,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune.data.config import DataConfig
+from finetune.data.duplicates import COUNTED, EVAL_KINDS, TRAIN_KINDS, Repeat, find_repeats
 from finetune.data.errors import LEFT_OUT
 from finetune.data.sources import TokenizedSource, open_sources
 
+REPORTED_PAIRS = 3  # FILE:LINE pairs shown per kind of repeat; `tailor validate` shows more
 OVERLONG_DONE = {"split": "split into pieces of seq_len", "truncate": "truncated to seq_len", "drop": "dropped"}
 
 
 @dataclass
 class SourceReport:
-    split: str  # "train" or "eval"
+    split: str  # "train", "eval" or "retain"
     path: str
     files: int
     lines: int
@@ -32,6 +35,9 @@ class SourceReport:
     left_out: dict[str, int] = field(default_factory=dict)  # warning kind -> usable samples left out (all weights 0)
     warnings: int = 0  # every warning (`tailor validate` lists them), left-out samples included
     overlong: int = 0  # samples longer than seq_len, which data.overlong splits, truncates or drops
+    # kind -> samples: train samples that repeat an earlier one, eval samples that train has (duplicates.py's kinds)
+    repeats: dict[str, int] = field(default_factory=dict)
+    repeat_examples: list[Repeat] = field(default_factory=list)  # the first REPORTED_PAIRS of each kind
 
 
 @dataclass
@@ -39,6 +45,11 @@ class DataReport:
     seq_len: int
     overlong: str  # data.overlong
     sources: list[SourceReport]
+
+    @property
+    def train_tokens(self) -> int:
+        """Tokens of one pass over every train source: one epoch (finetune/data/epochs.py)."""
+        return sum(s.tokens for s in self.sources if s.split == "train")
 
     def lines(self) -> list[str]:
         """The report as printed before step 1: one line per source, and one per kind of loss."""
@@ -51,6 +62,7 @@ class DataReport:
             out += [f"  {line}" for line in _losses(s, self.seq_len, self.overlong)]
             if s.warnings:
                 out.append(f"  {s.warnings:,} warnings (`tailor validate` lists them with FILE:LINE)")
+            out += [f"  {line}" for line in _repeats(s)]
         return out
 
     def summary(self, met: dict[str, int] | None = None) -> list[str]:
@@ -63,6 +75,15 @@ class DataReport:
             losses.append(f"while training, this rank's packing: {_kinds(met)}")
         return losses or ["data: every line trained as written"]
 
+    @classmethod
+    def from_record(cls, record: dict) -> DataReport:
+        """The report a metrics.jsonl record holds (`record`'s inverse); a KeyError or TypeError when it holds none."""
+        sources = []
+        for source in record["sources"]:
+            examples = [Repeat(**repeat) for repeat in source.get("repeat_examples", [])]
+            sources.append(SourceReport(**{**source, "repeat_examples": examples}))
+        return cls(seq_len=record["seq_len"], overlong=record["overlong_policy"], sources=sources)
+
     def record(self, step: int) -> dict:
         """The metrics.jsonl record: totals at the top (trackers plot numbers), each source in full."""
         return {
@@ -72,6 +93,8 @@ class DataReport:
             "left_out": sum(sum(s.left_out.values()) for s in self.sources),
             "overlong": sum(s.overlong for s in self.sources),
             "overlong_policy": self.overlong,
+            "repeats": sum(n for s in self.sources for kind, n in s.repeats.items() if kind in TRAIN_KINDS),
+            "eval_in_train": sum(n for s in self.sources for kind, n in s.repeats.items() if kind in EVAL_KINDS),
             "seq_len": self.seq_len,
             "sources": [asdict(s) for s in self.sources],
         }
@@ -85,6 +108,16 @@ def _losses(s: SourceReport, seq_len: int, overlong: str) -> list[str]:
         out.append(f"{sum(s.left_out.values()):,} samples left out ({_kinds(s.left_out)})")
     if s.overlong:
         out.append(f"{s.overlong:,} samples longer than seq_len {seq_len}: {OVERLONG_DONE[overlong]}")
+    return out
+
+
+def _repeats(s: SourceReport) -> list[str]:
+    out = []
+    for kind, n in s.repeats.items():
+        pairs = ", ".join(f"{r.where} repeats {r.first}" for r in s.repeat_examples if r.kind == kind)
+        more = ", ... (`tailor validate` lists them all)" if n > REPORTED_PAIRS else ""
+        fix = "; `tailor validate --fix OUT_DIR` writes eval files without them" if kind in EVAL_KINDS else ""
+        out.append(f"warning: {n:,} {COUNTED[kind]}: {pairs}{more}{fix}")
     return out
 
 
@@ -113,11 +146,14 @@ def source_report(split: str, source: TokenizedSource, seq_len: int) -> SourceRe
 
 
 def data_report(cfg: DataConfig, tokenizer, *, seq_len: int, cache_dir: Path, with_eval: bool) -> DataReport:
-    """The report of data.train and (with_eval) data.eval, read from the tokenized cache."""
-    splits = {"train": cfg.train, "eval": cfg.eval if with_eval else []}
-    reports = [
-        source_report(split, source, seq_len)
+    """The report of data.train and (with_eval) data.eval and data.retain, read from the tokenized cache."""
+    splits = {"train": cfg.train, "eval": cfg.eval if with_eval else [], "retain": cfg.retain if with_eval else []}
+    opened = {
+        split: open_sources(configured, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
         for split, configured in splits.items()
-        for source in open_sources(configured, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
-    ]
+    }
+    reports = [source_report(split, source, seq_len) for split, sources in opened.items() for source in sources]
+    repeats = find_repeats(opened["train"], opened["eval"], REPORTED_PAIRS)  # train's sources, then eval's
+    for report, found in zip(reports[: len(repeats)], repeats, strict=True):
+        report.repeats, report.repeat_examples = found.counts, found.examples
     return DataReport(seq_len=seq_len, overlong=cfg.overlong, sources=reports)

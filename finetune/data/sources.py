@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import stat
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,23 +12,62 @@ import numpy as np
 
 from finetune.data.cache import Fault, TokenizedFile, open_tokenized_files
 from finetune.data.config import DataSource
-from finetune.data.errors import DataError
+from finetune.data.errors import DataError, DataFaults, TooManyBadLines
 
 if TYPE_CHECKING:  # packing imports torch, which reading sources (`tailor validate`) never needs
     from finetune.data.packing import Piece
 
 
 def source_files(source: DataSource) -> list[Path]:
-    """The .jsonl files of a source: the file itself, or those under the folder (recursively, sorted)."""
+    """The .jsonl files of a source: the file itself, or those under the folder (recursively, sorted). Anything else
+    there by a .jsonl name (a FIFO, a device, a broken link) is refused, named: reading it could block for ever."""
     path = Path(source.path).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+        files = sorted(p for p in path.rglob("*.jsonl") if not p.is_dir())
+        for file in files:
+            if not file.is_file():
+                raise DataError(f"{file}: {what_it_is(file)}, not a file of data; move it out of {path}")
         if not files:
             raise DataError(f"{path}: folder has no .jsonl files")
         return files
-    raise DataError(f"{path}: no such file or folder")
+    raise DataError(f"{path}: {what_it_is(path)}")
+
+
+def what_it_is(path: Path) -> str:
+    """What is at a path that is neither a regular file nor a folder, in words."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a link to nothing" if path.is_symlink() else "no such file or folder"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    kinds = [
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISREG, "a file"),
+        (stat.S_ISDIR, "a folder"),
+    ]
+    return next((name for is_kind, name in kinds if is_kind(mode)), "not a regular file")
+
+
+def check_holds_none_of(source: DataSource, folders: dict[str, Path]) -> None:
+    """A folder source must not hold the folders tailor writes .jsonl files into (run_dir: metrics.jsonl;
+    data.cache_dir: errors.jsonl, warnings.jsonl), or the next run reads them as data. `folders`: {key: folder}."""
+    path = Path(source.path).expanduser()
+    if not path.is_dir():
+        return
+    data = path.resolve()
+    for key, folder in folders.items():
+        written = Path(folder).expanduser().resolve()
+        if written == data or data in written.parents:
+            raise DataError(
+                f"{path}: the folder holds {key} {folder}, whose .jsonl files tailor writes and would read back as "
+                f"data; choose a {key} outside {path}"
+            )
 
 
 class TokenizedSource:
@@ -88,15 +128,36 @@ def open_sources(
 
 
 def check_bad_samples(sources: list[TokenizedSource], on_bad_sample: str) -> Counter:
-    """With on_bad_sample "error", raise DataError naming the first bad line; else count them by kind."""
+    """With on_bad_sample "error", raise DataFaults naming the first bad line; else count them by kind."""
     counts = sum((s.fault_counts() for s in sources), Counter())
     if on_bad_sample == "error" and counts:
         for source in sources:
             for file, fault in source.faults():
                 more = sum(counts.values()) - 1
                 also = f" (and {more} more bad lines)" if more else ""
-                raise DataError(
+                raise DataFaults(
                     f"{file.source}:{fault.line}: {fault.message}{also}; run `tailor validate` to list "
                     "them all, or set data.on_bad_sample: skip"
                 )
     return counts
+
+
+def bad_shares_above(sources: list[TokenizedSource], max_bad_fraction: float) -> list[str]:
+    """A line for each source whose share of bad lines is above max_bad_fraction (data.on_bad_sample: skip leaves
+    them out, but a source that is mostly faults is likely not the data its user meant)."""
+    refused = []
+    for source in sources:
+        lines = sum(f.meta["n_lines"] for f in source.files)
+        bad = sum(source.fault_counts().values())
+        if lines and bad / lines > max_bad_fraction:
+            refused.append(
+                f"{source.name}: {bad:,} of {lines:,} lines are bad ({bad / lines:.2%}), above data.max_bad_fraction "
+                f"{max_bad_fraction:g}"
+            )
+    return refused
+
+
+def check_bad_shares(sources: list[TokenizedSource], max_bad_fraction: float) -> None:
+    """Raise TooManyBadLines naming the first source whose share of bad lines is above max_bad_fraction."""
+    if refused := bad_shares_above(sources, max_bad_fraction):
+        raise TooManyBadLines(f"{refused[0]}; `tailor validate` lists the bad lines")

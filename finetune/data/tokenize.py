@@ -39,8 +39,9 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import is_tekken
 
 from finetune.data.errors import NOTHING_TO_TRAIN, SampleFault, SampleWarning, first_line
+from finetune.data.fingerprint import sample_fingerprint
 from finetune.data.jsonl import parse_line
-from finetune.data.plain_chat import PROBE_CHATS, PlainChatTemplate, is_plain_chat
+from finetune.data.plain_chat import PROBE_CHATS, PlainChatTemplate, WeightSpan, is_plain_chat
 from finetune.data.schema import check_sample, sample_warnings
 from finetune.data.tekken_loading import load_tekken
 from finetune.data.text_encoders import PACKED, WordMemoSentencePiece, usable_cores, with_fast_text_encoder
@@ -124,7 +125,6 @@ def check_tokenizer_vocab(tokenizer: MistralTokenizer, vocab_size: int, model_di
 # Samples
 
 
-WeightSpan = tuple[int, int, float]  # tokens[begin:end] have this loss weight; tokens outside every span have 0
 Tokens = array  # of PACKED (uint32) ids, as the cache stores them; .tolist() gives a list of ints
 Tokenized = tuple[Tokens, list[WeightSpan], list[SampleWarning]]
 
@@ -148,11 +148,15 @@ def _tokenize_checked(sample: dict, warnings: list[SampleWarning], encoder: _Sam
 
 
 def tokenize_lines(
-    raws: list[bytes], tokenizer: MistralTokenizer, train_on: str = "all"
+    raws: list[bytes],
+    tokenizer: MistralTokenizer,
+    train_on: str = "all",
+    fingerprints: list[tuple[int, int] | None] | None = None,
 ) -> list[Tokenized | SampleFault]:
     """tokenize_line of each line (its SampleFault in its place when unusable), the same results; the text encoder
     is first told every text that the lines' chat templates will encode, so that it encodes them in one batched
-    call, on every core."""
+    call, on every core. `fingerprints`, when given, gets each line's sample_fingerprint (None for a fault), from
+    the sample parsed here: the cache finds repeated samples without parsing a line twice."""
     encoder = _sample_encoder(tokenizer)
     checked: list = []
     for raw in raws:
@@ -175,6 +179,11 @@ def tokenize_lines(
             results.append(_tokenize_checked(*item, encoder, train_on))
         except SampleFault as fault:
             results.append(fault.kept())
+    if fingerprints is not None:
+        fingerprints += [
+            None if isinstance(result, SampleFault) else sample_fingerprint(item[0])
+            for item, result in zip(checked, results)
+        ]
     return results
 
 

@@ -1,4 +1,5 @@
-"""`tailor validate CONFIG`: every fault of every train and eval file, statistics, epochs and an ETA.
+"""`tailor validate CONFIG`: every fault of every train and eval file, repeated samples and eval samples that train
+has, statistics, epochs and an ETA.
 
 Validation tokenizes through the same cache as training, so a clean `tailor validate` also means the
 first training step starts without tokenizing anything.
@@ -16,10 +17,12 @@ from typing import TYPE_CHECKING, TextIO
 from finetune import exit_codes
 from finetune.data.cache import TokenizedFile, open_tokenized_files
 from finetune.data.config import DataSource
+from finetune.data.duplicates import eval_lines_in_train, find_repeats
+from finetune.data.epochs import describe_epochs, resolve_epochs, tokens_per_step
 from finetune.data.errors import LEFT_OUT, DataError, SampleFault
 from finetune.data.jsonl import BOM, parse_line, read_lines
 from finetune.data.repair import repair_sample
-from finetune.data.sources import source_files
+from finetune.data.sources import TokenizedSource, bad_shares_above, check_holds_none_of, source_files
 from finetune.data.tokenize import check_tokenizer_vocab, load_tokenizer, read_vocab_size, tokenize_sample_spans
 
 if TYPE_CHECKING:  # the config names the model's settings; the data path reads it, never imports it
@@ -38,11 +41,13 @@ def validate(
     gpus: int = 1,
     fix_dir: Path | None = None,
     max_per_kind: int = 10,
+    price: float | None = None,
     out: TextIO | None = None,
 ) -> int:
     """Print faults, statistics, epochs and an ETA on `gpus` x `device` (none without `throughput`: a CPU); write
-    fixed files to fix_dir. Returns the exit status (finetune/exit_codes.py): 1 when training would refuse the
-    data or skip lines of it, 2 when the model folder's tokenizer cannot be read.
+    fixed files to fix_dir; with `price` (per GPU-hour), the ETA's cost. Returns the exit status
+    (finetune/exit_codes.py): 1 when training would refuse the data or skip lines of it, 2 when the model folder's
+    tokenizer cannot be read.
 
     `cache_dir` (finetune.config.resolve_cache_dir) and `throughput` (finetune.training.eta's
     tokens_per_second_per_gpu for the device) are passed in: they need the config and the model's shape, which the
@@ -55,8 +60,9 @@ def validate(
         print(f"error: model.path: {e}", file=sys.stderr)
         return exit_codes.USAGE
     try:
+        written = {"run_dir": Path(cfg.run_dir), "data.cache_dir": cache_dir}  # what training refuses to read
         splits = {
-            split: _split_files(split, sources)
+            split: _split_files(split, sources, written)
             for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval))
         }
     except (OSError, ValueError) as e:
@@ -64,22 +70,31 @@ def validate(
         return exit_codes.USAGE
     paths = list(dict.fromkeys(splits["train"] + splits["eval"]))
     files = dict(zip(paths, open_tokenized_files(paths, tokenizer, cfg.data.train_on, cache_dir, cfg.data.num_workers)))
-    faults = print_faults(files, max_per_kind, out)
+    faults = print_faults(files, max_per_kind, out, fixing=fix_dir is not None)
     print_warnings(files, max_per_kind, out)
+    train, eval_ = (
+        [TokenizedSource(s.path, s.weight, [files[p] for p in source_files(s)]) for s in sources]
+        for sources in (cfg.data.train, cfg.data.eval)
+    )
+    print_repeats(train, eval_, max_per_kind, out)
     print_statistics(splits, files, cfg.seq_len, out)
     refused = print_sources_training_refuses(cfg, files, gpus, out)
-    print_epochs_and_eta(cfg, files, gpus, device, throughput, out)
+    if cfg.data.on_bad_sample == "skip":  # with `error`, training refuses any bad line: the faults above say so
+        print_bad_shares_training_refuses(train + eval_, cfg.data.max_bad_fraction, out)
+    print_epochs_and_eta(cfg, files, gpus, device, throughput, out, price)
     if fix_dir is not None:
-        write_fixed_files(cfg, files, tokenizer, fix_dir, out)
+        write_fixed_files(cfg, files, tokenizer, fix_dir, out, eval_lines_in_train(train, eval_))
         return exit_codes.DATA_FAULTS if refused else exit_codes.OK
     return exit_codes.DATA_FAULTS if faults or refused else exit_codes.OK
 
 
-def _split_files(split: str, sources: list[DataSource]) -> list[Path]:
-    """The files of a split's sources; a missing path is named by its key, as training's pre-flight names it."""
+def _split_files(split: str, sources: list[DataSource], written: dict[str, Path]) -> list[Path]:
+    """The files of a split's sources; a missing path, or a folder holding one of the `written` folders, is named by
+    its key, as training's pre-flight names it."""
     files = []
     for i, source in enumerate(sources):
         try:
+            check_holds_none_of(source, written)
             files += source_files(source)
         except DataError as error:
             raise DataError(f"data.{split}[{i}]: {error}") from None
@@ -109,7 +124,40 @@ def print_sources_training_refuses(cfg: TrainConfig, files: dict[Path, Tokenized
     return refused
 
 
-def print_faults(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextIO) -> Counter:
+def print_bad_shares_training_refuses(sources: list[TokenizedSource], max_bad_fraction: float, out: TextIO) -> None:
+    """Sources whose share of bad lines is above data.max_bad_fraction: training stops on them before its first step
+    (exit 1, as validation's for their faults); --fix writes them without bad lines."""
+    refused = bad_shares_above(sources, max_bad_fraction)
+    for line in refused:
+        print(f"{line}: training refuses this source", file=out)
+    if refused:
+        print(file=out)
+
+
+def print_repeats(train: list[TokenizedSource], eval_: list[TokenizedSource], max_per_kind: int, out: TextIO) -> None:
+    """Train samples that repeat an earlier one and eval samples that train has (finetune/data/duplicates.py), each
+    as `FILE:LINE: warning: ...` naming the one it repeats (the first max_per_kind of each kind per source), then
+    the counts per source. Warnings: they leave the exit status as is."""
+    found = [source for source in find_repeats(train, eval_, max_per_kind) if source.counts]
+    for source in found:
+        for repeat in source.examples:
+            print(repeat.line(), file=out)
+        hidden = sum(source.counts.values()) - len(source.examples)
+        if hidden:
+            print(f"... and {hidden:,} more in {source.source} (--max-per-kind N shows more)", file=out)
+    if not found:
+        print("no repeated samples, and no eval sample in train\n", file=out)
+        return
+    print(file=out)
+    for source in found:
+        print(f"{source.split} {source.source}: {source.summary()}", file=out)
+    if any(source.split == "eval" for source in found):
+        print("--fix OUT_DIR writes the eval files without the samples train has", file=out)
+    print("repeats do not change the exit status\n", file=out)
+
+
+def print_faults(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextIO, fixing: bool = False) -> Counter:
+    """Each bad line (at most max_per_kind per kind) and the counts; `fixing`: --fix is about to write the files."""
     counts: Counter = Counter()
     fixable = 0
     for path, file in files.items():
@@ -125,11 +173,12 @@ def print_faults(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextI
                 f"... and {hidden} more (at most {max_per_kind} shown per kind; --max-per-kind N shows more)", file=out
             )
         kinds = ", ".join(f"{kind} {n}" for kind, n in counts.most_common())
-        print(
-            f"\n{sum(counts.values())} bad lines ({kinds}); {fixable} have a safe repair (--fix OUT_DIR applies "
-            "it), the others would be removed\n",
-            file=out,
+        outcome = (
+            "applied in the files written below, where the others are removed"
+            if fixing
+            else "(--fix OUT_DIR applies it), the others would be removed"
         )
+        print(f"\n{sum(counts.values())} bad lines ({kinds}); {fixable} have a safe repair {outcome}\n", file=out)
     else:
         print("no faults\n", file=out)
     return counts
@@ -191,9 +240,16 @@ def print_epochs_and_eta(
     device: str,
     throughput: Throughput | None,
     out: TextIO,
+    price: float | None = None,
 ) -> None:
-    per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accumulation * gpus
-    total = per_step * cfg.max_steps
+    epoch_tokens = sum(files[p].meta["n_tokens"] for source in cfg.data.train for p in source_files(source))
+    if cfg.epochs is not None:
+        if not epoch_tokens:
+            print(f"epochs: {cfg.epochs:g} of data.train, which has no usable tokens: training refuses it", file=out)
+            return
+        cfg = resolve_epochs(cfg, epoch_tokens, gpus)  # the max_steps training will run, on `gpus` ranks
+        print(describe_epochs(cfg, epoch_tokens, gpus), file=out)
+    total = tokens_per_step(cfg, gpus) * cfg.max_steps
     print(
         f"max_steps {cfg.max_steps} x {gpus} rank(s) x batch_size {cfg.batch_size} x grad_accumulation "
         f"{cfg.grad_accumulation} x seq_len {cfg.seq_len} = {total:,} tokens",
@@ -211,16 +267,19 @@ def print_epochs_and_eta(
             "or a100 gives the ETA on one of those GPUs",
             file=out,
         )
+        if price is not None:
+            print("cost: not estimated without an ETA", file=out)
         return
     try:
         rate, origin = throughput(cfg.model.path)
     except (OSError, KeyError, ValueError) as e:
         print(f"ETA: unknown ({e})", file=out)
         return
-    print(
-        f"ETA on {gpus} x {device}: {format_eta(total / (rate * gpus))} at {rate:,.0f} tokens/s per GPU ({origin})",
-        file=out,
-    )
+    seconds = total / (rate * gpus)
+    print(f"ETA on {gpus} x {device}: {format_eta(seconds)} at {rate:,.0f} tokens/s per GPU ({origin})", file=out)
+    if price is not None:
+        gpu_hours = seconds / 3600 * gpus
+        print(f"cost: {gpu_hours * price:,.2f} ({gpu_hours:,.2f} GPU-hours at {price:g} per GPU-hour)", file=out)
 
 
 def format_eta(seconds: float) -> str:
@@ -249,21 +308,32 @@ def fixed_layout(sources: list[DataSource], split: str, fix_dir: Path) -> list[t
 
 
 def write_fixed_files(
-    cfg: TrainConfig, files: dict[Path, TokenizedFile], tokenizer, fix_dir: Path, out: TextIO
+    cfg: TrainConfig,
+    files: dict[Path, TokenizedFile],
+    tokenizer,
+    fix_dir: Path,
+    out: TextIO,
+    in_train: dict[Path, set[int]],
 ) -> None:
-    """Write every train and eval file where fixed_layout says, bad lines repaired or removed."""
+    """Write every train and eval file where fixed_layout says, bad lines repaired or removed, and eval lines whose
+    sample train has (in_train: eval file -> lines) removed."""
     for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
         for _, targets in fixed_layout(sources, split, fix_dir):
             for path, target in targets.items():
-                write_fixed_file(path, files[path], tokenizer, cfg.data.train_on, target, out)
+                also_in_train = in_train.get(path, set()) if split == "eval" else set()
+                write_fixed_file(path, files[path], tokenizer, cfg.data.train_on, target, out, also_in_train)
 
 
-def write_fixed_file(path: Path, file: TokenizedFile, tokenizer, train_on: str, target: Path, out: TextIO) -> None:
+def write_fixed_file(
+    path: Path, file: TokenizedFile, tokenizer, train_on: str, target: Path, out: TextIO, also_in_train: set[int]
+) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     bad_lines = {fault.line for fault in file.faults()}
     kept = repaired = removed = 0
     with open(target, "wb") as f:
         for n, raw in enumerate(read_lines(path), 1):
+            if n in also_in_train:
+                continue
             if n not in bad_lines:
                 f.write(raw if raw.endswith(b"\n") else raw + b"\n")
                 kept += 1
@@ -275,6 +345,8 @@ def write_fixed_file(path: Path, file: TokenizedFile, tokenizer, train_on: str, 
                 f.write(fixed)
                 repaired += 1
     print(f"wrote {target}: {kept:,} lines kept, {repaired:,} repaired, {removed:,} removed", file=out)
+    if also_in_train:
+        print(f"  and {len(also_in_train):,} eval samples removed from it because train has them", file=out)
 
 
 def repair_line(raw: bytes, line: int, tokenizer, train_on: str) -> bytes | None:

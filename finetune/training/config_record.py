@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from finetune.config import ConfigError, TrainConfig, config_from_dict, config_to_dict, save_config
+from finetune.config import ConfigError, TrainConfig, config_from_dict, config_to_dict, load_yaml, save_config
 from finetune.training.optim import lr_at_step
 
 if TYPE_CHECKING:
-    from finetune.checkpoints.training_state import ResumePoint
+    from finetune.training.train_state import ResumePoint
 
 CONFIG_FILE = "config.yaml"
 SCHEDULE_KEYS = ("max_steps", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.warmup_fraction")
@@ -29,9 +29,9 @@ def record_config(cfg: TrainConfig, start: ResumePoint | None) -> None:
     """Write the accepted run's config.yaml; on a change of settings, keep the earlier one and say what changed."""
     path = Path(cfg.run_dir) / CONFIG_FILE
     trained_with = start.folder.parent.parent / CONFIG_FILE if start else path  # resume: PATH may be another run's
-    previous = _read(trained_with)
+    previous = read_record(trained_with)
     as_written = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))  # compared as YAML reads it: lists, not tuples
-    changes = [] if previous is None else _changes(previous, as_written)
+    changes = [] if previous is None else setting_changes(previous, as_written)
     if changes:
         print(f"settings changed from {trained_with}: {'; '.join(changes)}", flush=True)
     if start and any(change.split(" ")[0] in SCHEDULE_KEYS for change in changes):
@@ -45,22 +45,24 @@ def record_config(cfg: TrainConfig, start: ResumePoint | None) -> None:
     os.replace(staging, path)
 
 
-def _read(path: Path) -> dict | None:
-    """The recorded settings, or None when there is no readable record."""
+def read_record(path: Path) -> dict | None:
+    """The recorded settings, or None when there is no readable record (a FIFO is none: reading it would block)."""
+    if not path.is_file():
+        return None
     try:
-        recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        recorded = load_yaml(path.read_text(encoding="utf-8"), str(path))
     except (OSError, ValueError, yaml.YAMLError, RecursionError):
         return None
     return recorded if isinstance(recorded, dict) else None
 
 
-def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+def setting_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     """`key old -> new` for each setting that differs, in dotted keys."""
     changes = []
     for key in dict.fromkeys([*old, *new]):
         before, after, name = old.get(key), new.get(key), prefix + str(key)
         if isinstance(before, dict) and isinstance(after, dict):
-            changes += _changes(before, after, name + ".")
+            changes += setting_changes(before, after, name + ".")
         elif before != after and name not in WHERE_KEYS:
             changes.append(f"{name} {before} -> {after}")
     return changes

@@ -1,7 +1,7 @@
 """The process group: torchrun's environment in, rank and device out. One process without torchrun is rank 0 of 1.
 
 FSDP, torch.distributed.tensor and torch.distributed.checkpoint are imported only where they are used (sharding,
-saving, resuming): `is_dtensor` tells a shard without them.
+saving, resuming): model/dtensor.py's `is_dtensor` tells a shard without them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+
+SETUP_TIMEOUT = timedelta(minutes=5)  # the ranks meeting and passing a first barrier
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # every collective after that: a slow save or eval on one rank
 
 
 @dataclass
@@ -28,8 +31,17 @@ class DistInfo:
         return self.rank == 0
 
 
+class ProcessGroupError(RuntimeError):
+    """The ranks did not all meet: one did not start, or cannot reach the others; the message says how long it
+    waited and what PyTorch said."""
+
+
 def init_distributed() -> DistInfo:
-    """NCCL on GPUs (device cuda:LOCAL_RANK, whatever CUDA_VISIBLE_DEVICES says), gloo on CPU."""
+    """NCCL on GPUs (device cuda:LOCAL_RANK, whatever CUDA_VISIBLE_DEVICES says), gloo on CPU.
+
+    The ranks get SETUP_TIMEOUT to meet and pass a first barrier, then COLLECTIVE_TIMEOUT for every collective
+    after it: a rank that never comes up (an elastic restart that hangs in PyTorch's setup, a node that is down)
+    ends the others in minutes, not in the half hour a slow save or eval on one rank may need later."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -40,9 +52,22 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     if "RANK" in os.environ and not is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, timeout=timedelta(minutes=30), device_id=device if device.type == "cuda" else None
-        )
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # PyTorch's, since 2.3
+        setup = SETUP_TIMEOUT if set_timeout else COLLECTIVE_TIMEOUT
+        try:
+            dist.init_process_group(backend, timeout=setup, device_id=device if device.type == "cuda" else None)
+            if set_timeout:
+                dist.barrier()
+        except (RuntimeError, dist.DistError) as error:
+            reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise ProcessGroupError(
+                f"rank {rank}: the {world_size} ranks did not all meet within {setup.total_seconds():.0f} s "
+                f"({reason}); a rank that did not start, or a host that cannot reach "
+                f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}. Nothing was trained: "
+                "run the same command again (resume: auto continues from the newest checkpoint)"
+            ) from None
+        if set_timeout:
+            set_timeout(COLLECTIVE_TIMEOUT)
     return DistInfo(rank, world_size, local_rank, device)
 
 
@@ -55,6 +80,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def gather_to_main(obj: object) -> list | None:
+    """Every rank's `obj` in rank order on rank 0, None on the other ranks; `[obj]` in one process."""
+    if not is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def barrier() -> None:
@@ -79,11 +113,3 @@ def exit_process(code: int) -> NoReturn:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
-
-
-def is_dtensor(tensor: object) -> bool:
-    """Whether `tensor` is a DTensor (an FSDP2 shard), without importing torch.distributed.tensor: that import takes
-    most of a second (it loads sympy), which a run on one device never needs, and until it happened nothing can be
-    a DTensor."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)

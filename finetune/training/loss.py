@@ -124,6 +124,8 @@ def chunked_cross_entropy(
     else:
         weight = output.weight
         if isinstance(output, LoRALinear) and not output.merged:
+            if output.lora_magnitude is not None:  # refused by the config's checks; never computed as plain LoRA
+                raise ValueError("DoRA on the output head is not supported by the chunked loss")
             # as LoRALinear.forward: its fp32 factors cast to the activations' dtype (differentiably), dropout first
             lora_input = output.dropout(hidden)
             lora_a, lora_b = output.lora_A.weight.to(hidden.dtype), output.lora_B.weight.to(hidden.dtype)
@@ -167,6 +169,10 @@ class CausalLMWithLoss(nn.Module):
         In instruction data most targets are prompt tokens with weight 0: their logits are never computed."""
         hidden = self.model.hidden_states(tokens, seqlens)[positions]
         return chunked_cross_entropy(hidden, self.model.output, targets, weights, self.chunk_size, accuracy)
+
+    def logits(self, tokens: torch.Tensor, seqlens: list[int], cache=None) -> torch.Tensor:
+        """The model's logits, for generation at an eval; under FSDP2 a forward method of the root (parallel.py)."""
+        return self.model(tokens, seqlens, cache)
 
 
 def loss_inputs(batch, device: torch.device) -> dict:

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from finetune.training.distributed import is_dtensor
 from finetune.training.precision import compute_dtype
+from model.dtensor import is_dtensor
 
 if TYPE_CHECKING:
-    from finetune.checkpoints.training_state import Progress
     from finetune.config import TrainConfig
+    from finetune.training.train_state import Progress
 
 INITIAL_SCALE = 2.0**16
 GROWTH_FACTOR = 2.0

@@ -7,7 +7,8 @@ With N = seq_len · batch_size tokens per rank, W ranks, b bytes per value of th
                  (model/quantize.py); the embeddings, norms, router and head: P_rest · b. FSDP divides them by W,
                  and holds whole, beside its shard, the blocks it has gathered (the one computing and
                  `model.fsdp_prefetch` ahead) and the root's embeddings, norm and head.
-    lora         P_lora · 16 / W: fp32 weights (4), their fp32 gradients (4), AdamW's two fp32 moments (8).
+    lora         P_lora · 16 / W: fp32 weights (4), their fp32 gradients (4), AdamW's two fp32 moments (8); DoRA's
+                 magnitudes (one per output row of each adapted weight) are LoRA parameters too.
     activations  with `model.activation_checkpointing` and scope `block`: every block keeps its input, L · N · d · b,
                  and backward recomputes one block at a time: N · (a_attn + a_mlp), where, per token,
                      a_attn = (4 + 2b) d + b (q + 2k) + (4 + b) (q + k) + b q   (norm in fp32, q k v, rotary in
@@ -25,7 +26,8 @@ With N = seq_len · batch_size tokens per rank, W ranks, b bytes per value of th
                  and one fp32 array beside them (the log-probabilities, then their gradient).
 
 Not counted: the CUDA context and cuBLAS / attention workspaces (outside PyTorch's allocator), allocator
-fragmentation, and a vision tower (never loaded). `fits` keeps 10% of the GPU for them. The figure compares with
+fragmentation, a vision tower (never loaded), and with DoRA the fp32 W + scaling · B A of one adapted weight at a
+time, made and dropped to take its row norms. `fits` keeps 10% of the GPU for them. The figure compares with
 torch.cuda.max_memory_allocated; tests/train/test_memory_estimate.py checks it against measured peaks on CPU.
 """
 
@@ -95,7 +97,8 @@ def lora_parameters(args: ModelArgs, cfg: TrainConfig) -> int:
         "w2": (args.hidden_dim, args.dim, experts),
     }
     r = cfg.lora.rank
-    per_layer = sum(r * (i + o) * n for t, (i, o, n) in shapes.items() if t in cfg.lora.targets)
+    magnitudes = 1 if cfg.lora.dora else 0  # DoRA's, one per output row
+    per_layer = sum((r * (i + o) + magnitudes * o) * n for t, (i, o, n) in shapes.items() if t in cfg.lora.targets)
     head = r * (args.dim + args.vocab_size) if "output" in cfg.lora.targets else 0
     return args.n_layers * per_layer + head
 

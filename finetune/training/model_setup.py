@@ -11,7 +11,12 @@ from tqdm import tqdm
 from finetune.config import ConfigError, TrainConfig
 from finetune.training.distributed import DistInfo
 from finetune.training.loss import CausalLMWithLoss
-from finetune.training.parallel import apply_parallelism, load_streamed_weights, lora_init_tensors
+from finetune.training.parallel import (
+    apply_parallelism,
+    init_dora_magnitudes,
+    load_streamed_weights,
+    lora_init_tensors,
+)
 from finetune.training.precision import compute_dtype
 from model.args import ModelArgs, load_model_args
 from model.lora import inject_lora, mark_only_lora_trainable
@@ -68,6 +73,7 @@ def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithL
     filled |= load_streamed_weights(
         loss_model, lora_init_tensors(model, cfg.seed) if is_loader else None, prefix="model."
     )
+    filled |= init_dora_magnitudes(loss_model)  # from the loaded weights
     missing = [name for name, _ in loss_model.named_parameters() if name not in filled]
     if missing:
         shown = ", ".join(n.removeprefix("model.") for n in missing[:5])

@@ -57,7 +57,7 @@ class MetricsLogger:
         except OSError as error:  # a full disk: name the file, which a write error does not
             raise OSError(error.errno, error.strerror, str(self.path)) from None
         step = record["step"]
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        numbers = {k: v for k, v in flat_numbers(record).items() if k != "step"}
         prefix = record.get("kind", "train")
         if self.tensorboard:
             for key, value in numbers.items():
@@ -67,6 +67,19 @@ class MetricsLogger:
         if self.mlflow:
             self.mlflow.log_metrics({f"{prefix}_{k}": v for k, v in numbers.items()}, step=step)
 
+    def log_table(self, name: str, step: int, rows: list[dict]) -> None:
+        """Rows of one step (eval generations) as a table, in the trackers that have tables: W&B and MLflow."""
+        if not rows:
+            return
+        columns = list(rows[0])
+        if self.wandb:
+            table = self.wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+            self.wandb.log({name: table}, step=step)
+        if self.mlflow:
+            self.mlflow.log_table(
+                data={c: [row[c] for row in rows] for c in columns}, artifact_file=f"{name}/step_{step:06d}.json"
+            )
+
     def close(self) -> None:
         self.file.close()
         if self.tensorboard:
@@ -75,6 +88,18 @@ class MetricsLogger:
             self.wandb.finish()
         if self.mlflow:
             self.mlflow.end_run()
+
+
+def flat_numbers(record: dict, prefix: str = "") -> dict[str, int | float]:
+    """The numbers of a record at any depth, nested keys joined by "/" (`scores/eval/data/eval.jsonl/exact_match`),
+    as the trackers take them."""
+    numbers = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            numbers.update(flat_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)):
+            numbers[f"{prefix}{key}"] = value
+    return numbers
 
 
 def standard_json(value):
@@ -156,11 +181,61 @@ def format_train_line(record: dict) -> str:
     )
 
 
-def format_eval_line(record: dict) -> str:
-    return (
-        f"eval at step {record['step']}: loss {record['eval_loss']:.4f}  perplexity "
-        f"{record['eval_perplexity']:.2f}  token accuracy {record['eval_token_accuracy']:.1%}"
-    )
+def format_eval_line(record: dict, base: dict | None = None) -> str:
+    """An eval record in a few lines: the eval (and retain) loss, then the scores of each source's generations;
+    with the base model's record, its figures beside each."""
+    head = "base model (adapters off), before step 1" if record.get("base") else f"eval at step {record['step']}"
+    lines = [f"{head}: {_loss_figures(record, 'eval', base)}"]
+    if "retain_loss" in record:
+        lines.append(f"  retain: {_loss_figures(record, 'retain', base)}")
+    lines += [f"  {line}" for line in score_lines(record, base)]
+    return "\n".join(lines)
+
+
+def _loss_figures(record: dict, prefix: str, base: dict | None) -> str:
+    loss, accuracy = record[f"{prefix}_loss"], record[f"{prefix}_token_accuracy"]
+    base_loss, base_accuracy = (base or {}).get(f"{prefix}_loss"), (base or {}).get(f"{prefix}_token_accuracy")
+    shown_loss = f"loss {loss:.4f}"
+    if base_loss and not record.get("base"):
+        shown_loss += f" (base {base_loss:.4f}, {loss / base_loss - 1:+.1%})"
+    shown_accuracy = f"token accuracy {accuracy:.1%}"
+    if base_accuracy is not None and not record.get("base"):
+        shown_accuracy += f" (base {base_accuracy:.1%})"
+    return f"{shown_loss}  perplexity {record[f'{prefix}_perplexity']:.2f}  {shown_accuracy}"
+
+
+SCORE_LABELS = {
+    "exact_match": "exact match",
+    "normalised_match": "normalised match",
+    "tool_call_parses": "parses",
+    "tool_call_known_function": "known function",
+    "tool_call_arguments_valid": "arguments valid",
+    "tool_call_name_match": "name match",
+    "tool_call_arguments_match": "arguments match",
+}
+
+
+def score_lines(record: dict, base: dict | None = None) -> list[str]:
+    """One line per source with generations: its rates, each with the base model's beside it when known."""
+    lines = []
+    for group, sources in (record.get("scores") or {}).items():
+        for source, rates in sources.items():
+            base_rates = ((base or {}).get("scores") or {}).get(group, {}).get(source) or {}
+            parts = []
+            for counted, label in (("answers", "text answers"), ("tool_call_answers", "tool calls")):
+                names = [n for n in SCORE_LABELS if n in rates and n.startswith("tool_call") == (counted != "answers")]
+                if not names:
+                    continue
+                figures = []
+                for name in names:
+                    figure = f"{SCORE_LABELS[name]} {rates[name]:.1%}"
+                    if name in base_rates and not record.get("base"):
+                        figure += f" (base {base_rates[name]:.1%})"
+                    figures.append(figure)
+                parts.append(f"{rates[counted]} {label}: " + ", ".join(figures))
+            where = source if group == "eval" else f"{group} {source}"
+            lines.append(f"{where}: " + "; ".join(parts or ["no answerable chat"]))
+    return lines
 
 
 def format_summary(
@@ -172,8 +247,10 @@ def format_summary(
     checkpoint: Path | None,
     run_dir: Path | None = None,
     model_dir: Path | None = None,
+    base: dict | None = None,
 ) -> str:
-    """The end of a run in a few lines; with `model_dir` (the base of an adapter checkpoint), how to chat with it."""
+    """The end of a run in a few lines; with `model_dir` (the base of an adapter checkpoint), how to chat with it;
+    with `base` (the base model's eval record), its figures beside the final ones."""
     lines = [f"done: {steps} steps, {tokens:,} tokens in {format_duration(seconds)}"]
     if train_loss is not None:
         lines.append(f"  final train loss {train_loss:.4f}")
@@ -182,6 +259,11 @@ def format_summary(
             f"  final eval loss {eval_metrics['eval_loss']:.4f} (perplexity {eval_metrics['eval_perplexity']:.2f},"
             f" token accuracy {eval_metrics['eval_token_accuracy']:.1%})"
         )
+        if base:
+            lines[-1] += f"; the base model's: {base['eval_loss']:.4f}"
+        if "retain_loss" in eval_metrics:
+            lines.append(f"  final retain {_loss_figures(eval_metrics, 'retain', base)}")
+        lines += [f"  final {line}" for line in score_lines(eval_metrics, base)]
     if checkpoint:
         lines.append(f"  last checkpoint: {checkpoint}")
     if run_dir:

@@ -10,13 +10,27 @@ import math
 from collections.abc import Iterable
 
 import torch
+from torch import nn
 
 from finetune.config import OptimConfig
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
-    """One group, decayed as the config says: every trainable parameter is a LoRA matrix (there are no biases or
-    norms, which usually go undecayed), and decay pulls B·A, the change to the base model, toward zero.
+def lora_param_groups(model: nn.Module, plus_ratio: float) -> list[torch.nn.Parameter] | list[dict]:
+    """The trainable parameters, for `build_optimizer`: one group, or with LoRA+ (`lora.plus_ratio` other than 1)
+    two, as peft's `create_loraplus_optimizer` makes them: the A matrices at the learning rate, the B matrices and
+    DoRA's magnitudes (peft's 1-D parameters) at `plus_ratio` times it (`lr_ratio`, which `set_lr` applies)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if plus_ratio == 1:
+        return [p for _, p in trainable]
+    a = [p for name, p in trainable if ".lora_A." in name]
+    b = [p for name, p in trainable if ".lora_A." not in name]
+    return [dict(params=a, lr_ratio=1.0), dict(params=b, lr_ratio=plus_ratio)]
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: OptimConfig) -> torch.optim.AdamW:
+    """Decayed as the config says: every trainable parameter is a LoRA matrix (there are no biases or norms, which
+    usually go undecayed), and decay pulls B·A, the change to the base model, toward zero. `params` are one group,
+    or `lora_param_groups`' two (LoRA+).
 
     The parameters are fp32 (LoRA), so the optimizer state is fp32 too. The fused kernel (CPU and CUDA) updates
     every parameter, FSDP's DTensor shards included, in a few launches, and it can skip a non-finite step on the
@@ -52,5 +66,6 @@ def lr_at_step(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The step's learning rate in every group, times the group's `lr_ratio` (LoRA+'s B matrices)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)

@@ -18,12 +18,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from finetune.training.distributed import is_dtensor
-from model.lora import LoRALinear, init_lora_
+from model.dtensor import is_dtensor
+from model.lora import LoRALinear, init_lora_, init_magnitude_
 from model.quantize import assign_nf4, is_nf4, to_nf4
 
 if TYPE_CHECKING:
     from finetune.config import ModelConfig
+    from model.args import ModelArgs
 
 
 def apply_parallelism(
@@ -41,6 +42,19 @@ def apply_parallelism(
             block.compile()
     if world_size > 1:
         shard_model(root, blocks, compute_dtype=dtype, prefetch=settings.fsdp_prefetch)
+
+
+def compile_note(settings: ModelConfig, args: ModelArgs) -> str | None:
+    """What `model.compile` cannot do for this model, said before step 1: in a Mixtral block under activation
+    checkpointing, dynamo stops at the experts' token counts (read on the host), and a checkpointed region with a graph
+    break runs eagerly whole."""
+    if settings.compile and args.moe and settings.activation_checkpointing:
+        return (
+            "compile: model.compile: true compiles nothing here: Mixtral's expert dispatch reads its token counts on "
+            "the host, which stops torch.compile inside a checkpointed block, so the blocks run eagerly "
+            "(model.activation_checkpointing: false compiles the parts around it, at the activations' memory)"
+        )
+    return None
 
 
 def enable_activation_checkpointing(block: nn.Module) -> None:
@@ -68,12 +82,17 @@ def shard_model(root: nn.Module, blocks: nn.ModuleList, compute_dtype: torch.dty
     blocks are reached. The last block keeps its gathered weights after forward, since backward starts with it
     (and so does the root, FSDP's default for it).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # with several ranks only: see is_dtensor
+    from torch.distributed.fsdp import (  # with several ranks only: see is_dtensor
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(blocks):
         fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(root, mp_policy=policy)
+    register_fsdp_forward_method(root, "logits")  # generation at evals (eval_generations.py) runs the root's logits
     for block, (ahead, behind) in zip(blocks, prefetch_plan(len(blocks), prefetch)):
         block.set_modules_to_forward_prefetch([blocks[j] for j in ahead])
         block.set_modules_to_backward_prefetch([blocks[j] for j in behind])
@@ -115,7 +134,8 @@ def load_streamed_weights(
         if key not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no parameter in the model")
         param = params[key]
-        full = item[1] if rank == 0 else torch.empty(_full_shape(param), dtype=param.dtype)
+        # the other ranks' buffer only receives (a broadcast) or gives its shape: made where it is used, the device
+        full = item[1] if rank == 0 else torch.empty(_full_shape(param), dtype=param.dtype, device=param.device)
         if tuple(full.shape) != _full_shape(param):
             raise ValueError(
                 f"checkpoint tensor {name!r} has shape {tuple(full.shape)}; the model expects {_full_shape(param)}"
@@ -170,6 +190,18 @@ def lora_init_tensors(module: nn.Module, seed: int) -> Iterator[tuple[str, torch
             init_lora_(a, b, generator)
             yield f"{name}.lora_A.weight", a
             yield f"{name}.lora_B.weight", b
+
+
+def init_dora_magnitudes(module: nn.Module) -> set[str]:
+    """DoRA's magnitudes set to the loaded weights' row norms, each rank from its own rows (FSDP2 shards a weight
+    and its magnitudes along the same rows): no weight is gathered. Returns the names filled."""
+    filled = set()
+    for name, adapted in module.named_modules():
+        if isinstance(adapted, LoRALinear) and adapted.lora_magnitude is not None:
+            magnitude, weight = adapted.lora_magnitude.weight, adapted.weight
+            init_magnitude_(*(t.to_local() if is_dtensor(t) else t for t in (magnitude, weight)))
+            filled.add(f"{name}.lora_magnitude.weight")
+    return filled
 
 
 def full_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

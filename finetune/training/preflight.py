@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from finetune.config import TrainConfig, resolve_cache_dir
 from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
 from finetune.data.config import DataSource
+from finetune.data.errors import DataError
+from finetune.data.sources import check_holds_none_of, source_files
 from model.args import ModelArgs, load_model_args, num_parameters, read_json_object
 
 if TYPE_CHECKING:
@@ -38,9 +40,11 @@ def run_preflight_checks(cfg: TrainConfig) -> MistralTokenizer:
     """Every check, cheapest first. Returns the model folder's tokenizer, which checking it has loaded anyway."""
     model_dir = Path(cfg.model.path)
     check_model_folder(model_dir)
-    check_data_paths("data.train", cfg.data.train)
+    written = {"run_dir": Path(cfg.run_dir), "data.cache_dir": resolve_cache_dir(cfg)}
+    check_data_paths("data.train", cfg.data.train, written)
     if cfg.eval.enabled:
-        check_data_paths("data.eval", cfg.data.eval)
+        check_data_paths("data.eval", cfg.data.eval, written)
+        check_data_paths("data.retain", cfg.data.retain, written)
     tokenizer = check_tokenizer(model_dir)
     try:
         args = load_model_args(model_dir)
@@ -70,13 +74,15 @@ def check_model_folder(folder: Path) -> None:
         raise PreflightError(f"model.path: {folder} has neither params.json nor config.json")
 
 
-def check_data_paths(key: str, sources: list[DataSource]) -> None:
+def check_data_paths(key: str, sources: list[DataSource], written: dict[str, Path]) -> None:
+    """Each source is a .jsonl file or a folder of them (source_files), and no folder holds one of the `written`
+    folders (run_dir, data.cache_dir), whose .jsonl files would be read back as data."""
     for i, source in enumerate(sources):
-        path = Path(source.path)
-        if not path.exists():
-            raise PreflightError(f"{key}[{i}]: {path} does not exist")
-        if path.is_dir() and not any(path.rglob("*.jsonl")):
-            raise PreflightError(f"{key}[{i}]: the folder {path} holds no .jsonl file")
+        try:
+            check_holds_none_of(source, written)
+            source_files(source)
+        except DataError as error:
+            raise PreflightError(f"{key}[{i}]: {error}") from None
 
 
 def check_tokenizer(model_dir: Path) -> MistralTokenizer:
@@ -108,6 +114,11 @@ def check_model_weights(cfg: TrainConfig, args: ModelArgs) -> None:
     model = build_meta_model(cfg, args, torch.float32)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters() if not is_lora_name(name)}
     for name, (file, spec) in stored.items():
+        if not spec.dtype.is_floating_point:
+            raise PreflightError(
+                f"model.path: {file}: tensor {name!r} is {str(spec.dtype).removeprefix('torch.')}, where the model "
+                "has a float weight; integer (quantized) weights are not trained as floats: use the float model"
+            )
         if name not in expected:
             raise PreflightError(
                 f"model.path: {file}: tensor {name!r} is not a weight of the model that {described} describes"
@@ -157,6 +168,11 @@ def check_run_dir(run_dir: Path) -> None:
             raise PreflightError(
                 f"run_dir: {run_dir / name} is a folder, where tailor writes its {name} file; move it away"
             )
+        if (run_dir / name).exists() and not (run_dir / name).is_file():  # a FIFO would block its reader for ever
+            raise PreflightError(
+                f"run_dir: {run_dir / name} is not a regular file (a FIFO, a socket or a device), where tailor "
+                f"writes its {name} file; move it away"
+            )
     checkpoints = run_dir / "checkpoints"
     if checkpoints.exists() and not checkpoints.is_dir():
         raise PreflightError(
@@ -170,6 +186,35 @@ def check_cache_dir(cache_dir: Path) -> None:
     if cache_dir.exists() and not cache_dir.is_dir():
         raise PreflightError(f"data.cache_dir: {cache_dir} is a file, not a folder; choose another data.cache_dir")
     check_writable("data.cache_dir", cache_dir)
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders of `folder`'s path that do not exist yet, deepest first: those a run creates (the run_dir, and
+    the folders above it), which remove_unused_folders removes again if the run is refused."""
+    missing, folder = [], folder.absolute()
+    while not folder.exists() and not folder.is_symlink():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_unused_folders(created: list[Path]) -> None:
+    """Remove the folders a refused run created (missing_folders), deepest first, while they hold nothing but the
+    run's lock file and status: a folder holding anything else is kept, and so are those above it."""
+    from finetune.training.run_lock import LOCK_FILE
+    from finetune.training.run_status import STATUS_FILE
+
+    for folder in created:
+        try:
+            if any(entry.name not in (LOCK_FILE, STATUS_FILE) for entry in folder.iterdir()):
+                return
+            for bookkeeping in (LOCK_FILE, STATUS_FILE):
+                (folder / bookkeeping).unlink(missing_ok=True)
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
 
 
 def check_writable(key: str, folder: Path) -> None:

@@ -9,18 +9,23 @@ user reads what was understood before waiting for it.
         12.15 epochs of data/demo/train.jsonl
     eval: 2 batches of 2 sequences per rank, every 50 steps and at the end
 
-(`python train.py configs/demo.yaml`, the step line wrapped here.)
+(`python train.py configs/demo.yaml`, the step line wrapped here.) A config with `epochs: N` has one more line
+before the step line, `epochs: N = S steps (...)`: how its epochs became max_steps (finetune/data/epochs.py).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
 
 from finetune.config import TrainConfig
+from finetune.data.epochs import describe_epochs, tokens_per_step
 from finetune.data.loader import TrainLoader
 from finetune.training.distributed import DistInfo
 from finetune.training.memory_estimate import describe_memory
+from finetune.training.parallel import compile_note
 from model.args import ModelArgs, load_model_args, num_parameters
 
 
@@ -30,12 +35,17 @@ def describe_run(
     args = load_model_args(cfg.model.path)
     lines = [
         f"devices: {describe_devices(dist_info)}; frozen weights {cfg.model.dtype}, LoRA weights fp32",
+        *([describe_cpu_threads(dist_info.world_size)] if dist_info.device.type == "cpu" else []),
         f"model: {cfg.model.path}: {describe_architecture(args)}: {count(num_parameters(args))} parameters",
         describe_lora(cfg, model),
     ]
     # each source's files, samples, tokens and losses were printed with the data (finetune/data/report.py)
+    if cfg.epochs is not None:
+        lines.append(describe_epochs(cfg, train_data_tokens(train_batches), dist_info.world_size))
     lines.append(describe_step(cfg, dist_info.world_size, train_batches))
     lines.append(describe_memory(cfg, dist_info.world_size, dist_info.device))
+    if note := compile_note(cfg.model, args):
+        lines.append(note)
     if eval_batches:
         when = f"every {cfg.eval.freq} steps and at the end" if cfg.eval.freq else "at the end"
         lines.append(f"eval: {len(eval_batches)} batches of {cfg.batch_size} sequences per rank, {when}")
@@ -54,6 +64,20 @@ def describe_devices(dist_info: DistInfo) -> str:
     return f"{processes} on {where} (world size {dist_info.world_size})"
 
 
+def describe_cpu_threads(world_size: int) -> str:
+    """The threads each process computes with on a CPU, and why: torchrun sets OMP_NUM_THREADS=1 for several ranks
+    and leaves one process torch's default (one per core), the fastest on a machine of its own; on one shared with
+    other work, that many threads can be several times slower than one (measured 4x), which only the user can know."""
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" in os.environ:
+        return f"threads: {threads} per process (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+    return (
+        f"threads: {threads} per process, torch's default of one per core, as torchrun leaves a single process; on a "
+        "machine busy with other work, OMP_NUM_THREADS=1 before the command can be several times faster"
+        + ("" if world_size == 1 else " (torchrun sets it to 1 unless told otherwise)")
+    )
+
+
 def describe_architecture(args: ModelArgs) -> str:
     kind = (
         f"Mixtral ({args.moe.num_experts} experts, {args.moe.num_experts_per_tok} per token)" if args.moe else "Mistral"
@@ -68,15 +92,19 @@ def describe_lora(cfg: TrainConfig, model: nn.Module) -> str:
     """Counted on the model as built (DTensor shards count their whole tensor), so what is trained is what is shown."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    lora = cfg.lora
+    variants = [name for name, on in (("rsLoRA", lora.rslora), ("DoRA", lora.dora)) if on]
+    variants += [f"LoRA+ (B's learning rate x {lora.plus_ratio:g})"] if lora.plus_ratio != 1 else []
     return (
-        f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {' '.join(cfg.lora.targets)}: "
+        f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}{''.join(', ' + v for v in variants)} on "
+        f"{' '.join(lora.targets)}: "
         f"{count(trainable)} trainable parameters ({trainable / total:.2%} of {count(total)})"
     )
 
 
 def describe_step(cfg: TrainConfig, world_size: int, train_batches: TrainLoader) -> str:
     """Tokens per optimizer step, and the epochs of each source that max_steps makes (weights are shares of tokens)."""
-    per_step = cfg.seq_len * cfg.batch_size * cfg.grad_accumulation * world_size
+    per_step = tokens_per_step(cfg, world_size)
     total = per_step * cfg.max_steps
     weight_sum = sum(s.weight for s in train_batches.sources)
     epochs = []

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from finetune.checkpoints.training_state import ResumePoint
+    from finetune.training.train_state import ResumePoint
 
 
 def rng_state(device: torch.device) -> dict:
@@ -63,7 +63,7 @@ def derived_seed(*numbers: int) -> int:
 
 def train_data_seed(seed: int, start: ResumePoint | None, world_size: int) -> int:
     """The data loader's seed: the config's, unless the run resumes on another number of ranks, whose data position
-    has no counterpart here (finetune/checkpoints/training_state.py)."""
+    has no counterpart here (finetune/training/checkpointing.py)."""
     if start is None or start.world_size == world_size:
         return seed
     return derived_seed(seed, start.step)

@@ -8,17 +8,21 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from finetune.checkpoints.folders import checkpoint_step, list_checkpoints, list_debris, set_aside
-from finetune.checkpoints.training_state import (
-    NO_TRAINING_STATE,
-    ResumeError,
-    ResumePoint,
-    read_resume_point,
-    why_not_resumable,
+from finetune.checkpoints.base_model import check_base_model
+from finetune.checkpoints.folders import (
+    checkpoint_step,
+    list_checkpoints,
+    list_debris,
+    list_linked_checkpoints,
+    set_aside,
 )
 from finetune.config import TrainConfig
+from finetune.training.checkpointing import NO_TRAINING_STATE, ResumeError, read_resume_point, why_not_resumable
+from finetune.training.config_record import CONFIG_FILE, read_record
 from finetune.training.distributed import DistInfo, is_initialized
+from finetune.training.eval_generations import GENERATIONS_FILE
 from finetune.training.monitoring import METRICS_FILE
+from finetune.training.train_state import ResumePoint
 
 
 def prepare_run_dir(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint | None:
@@ -26,15 +30,18 @@ def prepare_run_dir(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint | None
 
     `resume: false` refuses a run_dir that already holds a run. `auto` continues from the newest intact checkpoint,
     reporting each one it skips (a damaged one is renamed aside) and the leftovers of saves cut short, or starts at
-    step 0 when there is none. A checkpoint folder continues from that one. metrics.jsonl keeps only the records up
-    to the starting step, so it reads as one run. Returns None for a start at step 0.
+    step 0 when there is none. A checkpoint folder continues from that one. metrics.jsonl (and eval_generations.jsonl)
+    keep only the records up to the starting step, so each reads as one run. Returns None for a start at step 0.
     """
     answer: ResumePoint | str | None = None
     if dist_info.is_main:
         try:
             answer = _choose_start(cfg)
+            if answer is not None:
+                _check_base_model(cfg, answer)
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            _cut_metrics(Path(cfg.run_dir) / METRICS_FILE, answer.step if answer else 0)
+            for records in (METRICS_FILE, GENERATIONS_FILE):
+                _cut_metrics(Path(cfg.run_dir) / records, answer.step if answer else 0)
         except ResumeError as error:
             answer = str(error)  # every rank raises it, rather than waiting for rank 0
     if is_initialized():
@@ -44,6 +51,17 @@ def prepare_run_dir(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint | None
     if isinstance(answer, str):
         raise ResumeError(answer)
     return answer
+
+
+def _check_base_model(cfg: TrainConfig, start: ResumePoint) -> None:
+    """The checkpoint's adapters go on training on the base they were trained on (finetune/checkpoints/base_model.py),
+    checked before any data is tokenized or weight loaded."""
+    recorded = read_record(start.folder.parent.parent / CONFIG_FILE) or {}
+    model = recorded.get("model")
+    trained_with = model.get("path") if isinstance(model, dict) and isinstance(model.get("path"), str) else None
+    problem = check_base_model(start.folder, Path(cfg.model.path), trained_with, cfg.resume_other_base)
+    if problem:
+        raise ResumeError(problem)
 
 
 def _choose_start(cfg: TrainConfig) -> ResumePoint | None:
@@ -61,11 +79,19 @@ def _choose_start(cfg: TrainConfig) -> ResumePoint | None:
         return _explicit_start(Path(cfg.resume), run_dir)
     for debris in list_debris(run_dir):
         print(f"skipped {debris}: a save or a deletion that was cut short; the next save removes it", flush=True)
+    for link in list_linked_checkpoints(run_dir):
+        print(
+            f"skipped {link}: a symbolic link (to {os.readlink(link)}), not a checkpoint folder tailor wrote; tailor "
+            "never uses, counts or deletes it (name it with resume: to continue from what it points to)",
+            flush=True,
+        )
     for folder in reversed(list_checkpoints(run_dir)):
         problem = why_not_resumable(folder)
         if problem is None:
             point = read_resume_point(folder)
-            print(f"resuming from {folder} (step {point.step} of {cfg.max_steps})", flush=True)
+            # in epochs, max_steps is known once the data is counted, after this (finetune/data/epochs.py)
+            total = f"of {cfg.max_steps}" if cfg.epochs is None else f"of a run of {cfg.epochs:g} epochs"
+            print(f"resuming from {folder} (step {point.step} {total})", flush=True)
             return point
         if problem == NO_TRAINING_STATE:
             print(f"skipped {folder}: {problem}", flush=True)
@@ -100,21 +126,27 @@ def _cut_metrics(path: Path, step: int) -> None:
     """Drop the records after `step` (and a line cut short by a kill), which this run writes anew."""
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if (recorded := _record_step(line)) is not None and recorded <= step]
+    lines = path.read_bytes().splitlines()
+    steps = [_record_step(line) for line in lines]
+    kept = [line for line, recorded in zip(lines, steps) if recorded is not None and recorded <= step]
     if len(kept) == len(lines):
         return
     staging = path.with_name(path.name + ".tmp")
-    staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    staging.write_bytes(b"".join(line + b"\n" for line in kept))
     os.replace(staging, path)
-    print(
-        f"{path}: dropped the {len(lines) - len(kept)} records after step {step}, which this run writes anew",
-        flush=True,
-    )
+    later = sum(recorded is not None and recorded > step for recorded in steps)
+    if later:
+        print(f"{path}: dropped the {later} records after step {step}, which this run writes anew", flush=True)
+    if damaged := [number for number, recorded in enumerate(steps, start=1) if recorded is None]:
+        shown = ", ".join(map(str, damaged[:10])) + (" ..." if len(damaged) > 10 else "")
+        which = f"lines {shown} ({len(damaged)}), which are" if len(damaged) > 1 else f"line {shown}, which is"
+        print(f"{path}: dropped {which} not a record tailor writes (cut short by a kill, or damaged)", flush=True)
 
 
-def _record_step(line: str) -> int | None:
+def _record_step(line: bytes) -> int | None:
+    """The step of a metrics record, or None for a line that is not one (not UTF-8, not JSON, no integer step)."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError, RecursionError):
+        recorded = json.loads(line.decode("utf-8"))["step"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
         return None
+    return recorded if type(recorded) is int else None

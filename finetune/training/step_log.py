@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoints.folders import list_checkpoints
-from finetune.checkpoints.training_state import Progress
+from finetune.checkpoints.folders import newest_with_training_state
 from finetune.config import TrainConfig
 from finetune.training.console import Console
 from finetune.training.monitoring import MetricsLogger, peak_memory_gib, train_record
+from finetune.training.train_state import Progress
 from finetune.training.train_step import StepSums, raise_if_diverged
 
 
@@ -68,6 +68,6 @@ class StepLog:
                     f"({progress.nonfinite_in_a_row} in a row; {limit} stop the run)"
                 )
             raise_if_diverged(
-                step, progress.nonfinite_in_a_row, limit, lr, (list_checkpoints(Path(self.cfg.run_dir)) or [None])[-1]
+                step, progress.nonfinite_in_a_row, limit, lr, newest_with_training_state(Path(self.cfg.run_dir))
             )
         self.stop_requested |= outcome.stop_requested

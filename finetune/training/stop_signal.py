@@ -31,9 +31,15 @@ class StopSignal:
         self.name = self.name or signal.Signals(number).name
 
 
-def resume_command(argv: list[str]) -> str:
-    """How to resume: the command that started this run (`resume: auto`, the default, does the rest)."""
-    command = " ".join(shlex.quote(a) for a in argv)
+def resume_command(command: list[str]) -> str:
+    """How to resume: the command that started this run (`resume: auto`, the default, does the rest). `command`:
+    [train.py, CONFIG, ...] or [tailor, train, CONFIG, ...]."""
+    by_tailor = command[:2] == ["tailor", "train"]
+    words = " ".join(shlex.quote(a) for a in (command[2:] if by_tailor else command))
     if "LOCAL_WORLD_SIZE" in os.environ:  # started by torchrun, whose options this process cannot see
-        return f"the same torchrun command (torchrun ... {command})"
-    return f"python {command}"
+        return (
+            f"the same command (tailor train ... {words})"
+            if by_tailor
+            else f"the same torchrun command (torchrun ... {words})"
+        )
+    return f"tailor train {words}" if by_tailor else f"python {words}"

@@ -94,7 +94,7 @@ def test_adapter_made_with_peft_imports_to_the_same_model(use_rslora, tiny_folde
     params = json.loads((checkpoint / "params.json").read_text())["lora"]
     assert params["targets"] == ["wq", "wk", "wv", "wo", "w2", "w3"] and params["rank"] == 4
     state = load_file(checkpoint / "lora.safetensors")
-    lora = LoRAArgs(rank=4, alpha=params["alpha"], targets=params["targets"])
+    lora = LoRAArgs(rank=4, alpha=params["alpha"], targets=params["targets"], rslora=params["rslora"])
     model = load_model(base, dtype=torch.float32, lora=lora)
     load_lora_state_dict(model, state)
     tokens = torch.randint(0, model.args.vocab_size, (20,), generator=torch.Generator().manual_seed(2))
@@ -114,7 +114,6 @@ def write_peft(folder, config: dict, state: dict):
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"use_dora": True}, "use_dora = True is not supported"),
         ({"bias": "all"}, "bias 'all' is not supported"),
         ({"target_parameters": ["gate_up_proj"]}, "transformers 5's fused Mixtral experts"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
@@ -149,3 +148,27 @@ def test_cli_commands(adapter_checkpoint, tmp_path, capsys):
     assert main(["import-peft", *args]) == 0
     assert main(["export-peft", "--adapter", str(base), "--out", str(tmp_path / "q")]) == 2
     assert f"error: {base}: no lora.safetensors" in capsys.readouterr().err
+
+
+def test_export_peft_says_before_writing_that_servers_refuse_an_output_head_adapter(
+    adapter_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """vLLM refuses LoRA on lm_head (tests/serving/test_vllm.py shows it): the user hears it at export, not serving."""
+    import finetune.after.peft_format as peft_format
+
+    told_before_writing = []
+    original = peft_format.export_peft
+
+    def export_peft(*args):
+        told_before_writing.append(capsys.readouterr().err)
+        return original(*args)
+
+    monkeypatch.setattr(peft_format, "export_peft", export_peft)
+    _, with_head = adapter_checkpoint("mistral-7b")
+    assert main(["export-peft", "--adapter", str(with_head), "--out", str(tmp_path / "with_head")]) == 0
+    assert told_before_writing[0].startswith("warning: LoRA on the output head (lora.targets has 'output'): vLLM")
+    assert "merge it (tailor merge, then export-hf or export-gguf), or train without 'output'" in told_before_writing[0]
+
+    _, projections = adapter_checkpoint("mistral-7b", targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
+    assert main(["export-peft", "--adapter", str(projections), "--out", str(tmp_path / "projections")]) == 0
+    assert "output head" not in told_before_writing[1] + capsys.readouterr().err

@@ -4,6 +4,8 @@ and over every import statement (lazy ones inside functions included).
 - `model/` imports nothing from `finetune/`: the model is usable alone, for inference and export.
 - `finetune/data/` imports nothing from `model/`: data knows the tokenizer, never the network.
 - `finetune/after/` (merge, export, chat, ...) loads nothing from `finetune/training/`: it reads what training left.
+- `finetune/checkpoints/` (what a checkpoint is) imports nothing of `finetune/` outside itself, not even for types:
+  the loop (`finetune/training/`) builds on it, never the other way round.
 - No import cycle between modules, even through an import inside a function. Imports under `if TYPE_CHECKING:`
   never run and are left out.
 """
@@ -29,8 +31,9 @@ def product_modules() -> list[str]:
     return sorted(module_name(p) for package in PACKAGES for p in (REPO / package).rglob("*.py"))
 
 
-def loaded_after(statement: str) -> list[str]:
-    """The modules of this repository in sys.modules after running `statement` in a fresh interpreter."""
+def loaded_after(statement: str, prefixes: tuple[str, ...] = PACKAGES) -> list[str]:
+    """The modules of this repository (or under `prefixes`) in sys.modules after running `statement` in a fresh
+    interpreter."""
     code = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code],
@@ -40,7 +43,9 @@ def loaded_after(statement: str) -> list[str]:
         check=True,
         env={"PYTHONPATH": str(REPO), "PATH": ""},
     )
-    return [m for m in json.loads(result.stdout) if m.split(".")[0] in PACKAGES]
+    return [
+        m for m in json.loads(result.stdout) if m == prefixes or m.split(".")[0] in prefixes or m.startswith(prefixes)
+    ]
 
 
 def test_importing_the_data_path_loads_no_model_module():
@@ -67,6 +72,30 @@ def test_the_commands_after_training_load_nothing_of_the_training_loop():
     assert [m for m in loaded if m.startswith("finetune.training")] == []
 
 
+def test_checkpoints_import_nothing_of_the_loop_or_the_data_not_even_for_types():
+    graph = import_graph(every_import)
+    checkpoint_modules = [m for m in graph if m.startswith("finetune.checkpoints.")]
+    assert len(checkpoint_modules) > 5
+    outside = {
+        m: sorted(t for t in graph[m] if t.startswith("finetune.") and not t.startswith("finetune.checkpoints"))
+        for m in checkpoint_modules
+    }
+    assert {m: targets for m, targets in outside.items() if targets} == {}
+    # type-only imports count here: loss_scale names Progress for its annotations only
+    assert "finetune.training.train_state" in graph["finetune.training.loss_scale"]
+    assert "finetune.training.train_state" not in import_graph()["finetune.training.loss_scale"]
+
+
+def test_importing_the_checkpoint_folders_loads_no_data_loop_or_distributed_machinery():
+    before = set(loaded_after("import torch", prefixes=("torch.distributed",)))
+    loaded = loaded_after(
+        "import torch\nimport finetune.checkpoints.folders", prefixes=(*PACKAGES, "torch.distributed")
+    )
+    assert "finetune.checkpoints.folders" in loaded
+    assert [m for m in loaded if m.startswith(("finetune.data", "finetune.training", "finetune.config"))] == []
+    assert [m for m in loaded if m.startswith("torch.distributed") and m not in before] == []
+
+
 def test_importing_the_model_package_loads_only_what_is_asked_for():
     # model.lora and the settings it implements (LoRAArgs), nothing else of the package
     assert loaded_after("import model.lora") == ["model", "model.lora", "model.settings"]
@@ -85,8 +114,14 @@ def imports_that_run(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> the modules of this repository it imports, at the top or inside a function."""
+def every_import(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement, those under `if TYPE_CHECKING:` included."""
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+def import_graph(imports=imports_that_run) -> dict[str, set[str]]:
+    """module -> the modules of this repository it imports, at the top or inside a function (`imports` picks the
+    statements: those that run, or `every_import`)."""
     modules = set(product_modules())
     graph = {}
     for module in modules:
@@ -94,7 +129,7 @@ def import_graph() -> dict[str, set[str]]:
         path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         edges = set()
-        for node in imports_that_run(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in imports(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
@@ -132,6 +167,12 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_no_import_cycle_even_a_lazy_one():
     graph = import_graph()
     assert graph["finetune.training.model_setup"] >= {"finetune.training.parallel", "model.weights"}
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_no_import_cycle_even_through_type_only_imports():
+    graph = import_graph(every_import)
+    assert graph["finetune.data.tokenize"] >= {"finetune.data.plain_chat"}
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 

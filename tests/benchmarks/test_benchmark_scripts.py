@@ -12,24 +12,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_train_throughput_runs_tailor_and_the_hf_baseline_on_a_tiny_model():
-    pytest.importorskip("transformers", reason="the baseline is transformers + PEFT (the dev extra)")
-    pytest.importorskip("peft", reason="the baseline is transformers + PEFT (the dev extra)")
-    result = subprocess.run(
-        [sys.executable, "benchmarks/train_throughput.py", "--arch", "tiny", "--steps", "1", "--warmup", "1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "FLOPs per token = 4 N + 12 x layers x heads x head_dim x mean context" in result.stdout
-    assert re.search(r"tailor: [\d,]+ tokens/s per GPU", result.stdout)
-    assert re.search(r"transformers\+peft: [\d,]+ tokens/s per GPU", result.stdout)
-    assert re.search(r"tailor / HF: \d+\.\d+x tokens/s", result.stdout)
-
-
 def test_the_loss_memory_benchmark_meets_its_goal_at_reduced_size_on_cpu():
     """Each shipped config at its seq_len and vocabulary, in chunks of the default size (both divided by 8 on a CPU):
     Nemo's 131072-token vocabulary at 16384 tokens, 16 chunks, is at most 1/8 of the naive path."""

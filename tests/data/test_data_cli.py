@@ -95,6 +95,16 @@ def test_validate_reports_faults_statistics_epochs_and_eta(tmp_path, model_dirs,
     assert "epochs" in out and "ETA on 2 x H100: 1 min" in out and "at 40% of H100 bf16 peak; not measured" in out
 
 
+def test_validate_warns_that_servers_refuse_lora_on_the_output_head(tmp_path, model_dirs, write_jsonl, chat, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(4)])
+    config = write_config(tmp_path, model_dirs["v3"], [train], [train])
+    assert main(["validate", str(config), "--device", "cpu"]) == 0
+    assert "output head" not in capsys.readouterr().out
+    assert main(["validate", str(config), "lora.targets=[wq,wv,output]", "--device", "cpu"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"warning: {config}: LoRA on the output head (lora.targets has 'output'): vLLM and most")
+
+
 def test_the_eta_names_its_device(tmp_path, model_dirs, write_jsonl, chat, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(4)])
     config = write_config(tmp_path, model_dirs["v3"], [train], [train])
@@ -299,7 +309,7 @@ def test_validate_imports_no_checkpoint_machinery():
     code = (
         "import sys, finetune.cli, finetune.data.validate, finetune.training.preflight, finetune.training.eta, "
         "finetune.training.memory_estimate\n"
-        "print(sorted(m for m in ('torch.distributed.checkpoint', 'finetune.checkpoints.training_state') "
+        "print(sorted(m for m in ('torch.distributed.checkpoint', 'finetune.training.checkpointing') "
         "if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -24,12 +24,13 @@ def test_bad_lines_left_out_samples_and_overlong_samples_are_counted_per_source(
     cfg = DataConfig(
         train=[DataSource(str(noisy)), DataSource(str(tmp_path / "clean"))],
         eval=[DataSource(str(clean))],
+        retain=[DataSource(str(noisy))],
         on_bad_sample="skip",
         overlong="truncate",
     )
     report = data_report(cfg, tokenizers["v3"], seq_len=64, cache_dir=tmp_path / "cache", with_eval=True)
 
-    noisy_report, folder_report, eval_report = report.sources
+    noisy_report, folder_report, eval_report, retain_report = report.sources
     assert (noisy_report.split, noisy_report.files, noisy_report.lines, noisy_report.samples) == ("train", 1, 9, 4)
     assert noisy_report.bad_lines == {"invalid_json": 2, "blank_line": 1, "not_an_object": 1}
     assert noisy_report.left_out == {"nothing_to_train": 1}
@@ -37,6 +38,7 @@ def test_bad_lines_left_out_samples_and_overlong_samples_are_counted_per_source(
     assert noisy_report.overlong == 1  # chat(1, words=80) is about 180 tokens
     assert (folder_report.files, folder_report.samples, folder_report.bad_lines) == (2, 3, {})
     assert (eval_report.split, eval_report.samples) == ("eval", 2)
+    assert (retain_report.split, retain_report.bad_lines) == ("retain", noisy_report.bad_lines)  # counted there too
     tokenized = [tokenize_sample(chat(i), tokenizers["v3"]) for i in (3, 4, 5)]
     assert folder_report.tokens == sum(len(t.tokens) for t in tokenized)
     assert folder_report.trained_tokens == sum(sum(w > 0 for w in t.weights) for t in tokenized)
@@ -48,13 +50,17 @@ def test_bad_lines_left_out_samples_and_overlong_samples_are_counted_per_source(
     assert "  1 samples longer than seq_len 64: truncated to seq_len" in lines
     assert "  2 warnings (`tailor validate` lists them with FILE:LINE)" in lines
     assert report.summary() == [
-        f"train {noisy}: 4 bad lines skipped (invalid_json 2, blank_line 1, not_an_object 1)",
-        f"train {noisy}: 1 samples left out (nothing_to_train 1)",
-        f"train {noisy}: 1 samples longer than seq_len 64: truncated to seq_len",
+        f"{split} {noisy}: {line}"
+        for split in ("train", "retain")
+        for line in (
+            "4 bad lines skipped (invalid_json 2, blank_line 1, not_an_object 1)",
+            "1 samples left out (nothing_to_train 1)",
+            "1 samples longer than seq_len 64: truncated to seq_len",
+        )
     ]
     assert report.summary({"overlong_truncated": 3})[-1] == "while training, this rank's packing: overlong_truncated 3"
     record = report.record(step=0)
-    assert (record["kind"], record["bad_lines"], record["left_out"], record["overlong"]) == ("data", 4, 1, 1)
+    assert (record["kind"], record["bad_lines"], record["left_out"], record["overlong"]) == ("data", 8, 2, 2)
     assert record["sources"][0]["bad_lines"] == noisy_report.bad_lines
     assert json.loads(json.dumps(record)) == record
 

@@ -73,6 +73,29 @@ def assert_refused(result: subprocess.CompletedProcess, code: int, *named: objec
     return message
 
 
+def error_ending(code: int, capsys, expected: int, *named: object) -> str:
+    """The run returned `expected` with `error: ...` on stderr naming each of `named`; returns the message."""
+    out, err = capsys.readouterr()
+    assert code == expected, f"exit {code}:\n{out[-2000:]}\n{err[-2000:]}"
+    assert "error: " in err, err
+    message = err[err.index("error: ") :]
+    for name in named:
+        assert str(name) in message, f"{name} not in: {message}"
+    return message
+
+
+def clean_ending(code: int, capsys, expected: int, *named: object) -> str:
+    """The command returned `expected` (no exception escaped: that would be the traceback), and its output holds
+    each of `named`. Returns stdout and stderr together."""
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert "Traceback" not in output, output[-3000:]
+    assert code == expected, f"exit {code}:\n{output[-3000:]}"
+    for name in named:
+        assert str(name) in output, f"{name!r} not in:\n{output[-3000:]}"
+    return output
+
+
 def rewrite_manifest(folder: Path) -> None:
     """What whoever edits a checkpoint can do: make its manifest match the files as they are now."""
     files = {}

@@ -17,32 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from hostile_runs import copy_run, rewrite_manifest, write_config
+from hostile_runs import copy_run, error_ending, rewrite_manifest, write_config
 from safetensors.torch import save as safetensors_bytes
 
 import finetune.checkpoints.folders as folders
-import finetune.checkpoints.training_state as training_state
+import finetune.training.checkpointing as training_state
 import finetune.training.monitoring as monitoring
 import train
 from finetune import exit_codes
 from finetune.checkpoints.manifest import verify_checkpoint
-from finetune.checkpoints.training_state import Progress
 from finetune.cli import main as tailor
 from finetune.training.distributed import DistInfo
 from finetune.training.run_lock import lock_run_dir
+from finetune.training.train_state import Progress
 
 UNWRITABLE = Path("/sys/fs")  # a folder where even root cannot create a file (sysfs), unlike a chmod-ed one
-
-
-def ended(code: int, capsys, expected: int, *named: object) -> str:
-    """The run returned `expected` with `error: ...` on stderr naming each of `named`; returns the message."""
-    out, err = capsys.readouterr()
-    assert code == expected, f"exit {code}:\n{out[-2000:]}\n{err[-2000:]}"
-    assert "error: " in err, err
-    message = err[err.index("error: ") :]
-    for name in named:
-        assert str(name) in message, f"{name} not in: {message}"
-    return message
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,7 +163,7 @@ def test_resume_from_a_damaged_checkpoint_is_refused_by_name(case, trained, mode
     damage(checkpoint)
     config = write_config(tmp_path, model_dir, max_steps=3)
     code = train.run([str(config), f"resume={checkpoint}", f"run_dir={tmp_path / 'branch'}"])
-    ended(code, capsys, exit_codes.USAGE, f"resume: {checkpoint}: ", problem)
+    error_ending(code, capsys, exit_codes.USAGE, f"resume: {checkpoint}: ", problem)
     assert not (tmp_path / "branch" / "config.yaml").exists()
 
 
@@ -202,7 +191,9 @@ def test_a_checkpoint_of_another_lora_rank_is_refused_by_name(resume, trained, m
     checkpoint = run_dir / "checkpoints" / "checkpoint_000002"
     overrides = ["lora.rank=2"] + ([] if resume == "auto" else [f"resume={checkpoint}", f"run_dir={tmp_path / 'b'}"])
     code = train.run([str(write_config(tmp_path, model_dir, max_steps=3)), *overrides])
-    ended(code, capsys, exit_codes.USAGE, checkpoint, "its training state does not fit this model: Size mismatch")
+    error_ending(
+        code, capsys, exit_codes.USAGE, checkpoint, "its training state does not fit this model: Size mismatch"
+    )
     assert (run_dir / "config.yaml").read_text() == (trained / "config.yaml").read_text()  # the record stays
 
 
@@ -222,7 +213,7 @@ def test_resume_from_what_is_not_a_checkpoint(where, problem, model_dir, tmp_pat
     elif where == "an empty folder":
         target.mkdir(parents=True)
     code = train.run([str(write_config(tmp_path, model_dir)), f"resume={target}"])
-    ended(code, capsys, exit_codes.USAGE, f"resume: {target}: {problem}")
+    error_ending(code, capsys, exit_codes.USAGE, f"resume: {target}: {problem}")
 
 
 AFTER_TRAINING = {  # the commands that read a checkpoint's adapters
@@ -237,7 +228,7 @@ def test_damaged_adapters_are_never_merged_exported_or_chatted_with(command, tra
     checkpoint = copy_run(trained, tmp_path) / "checkpoints" / "checkpoint_000002"
     flip_a_byte("lora.safetensors")(checkpoint)
     code = tailor([str(a) for a in AFTER_TRAINING[command](model_dir, checkpoint, tmp_path / "out")])
-    ended(code, capsys, exit_codes.USAGE, f"{checkpoint}: lora.safetensors checksum mismatch")
+    error_ending(code, capsys, exit_codes.USAGE, f"{checkpoint}: lora.safetensors checksum mismatch")
     assert not (tmp_path / "out").exists()
 
 
@@ -311,7 +302,7 @@ def test_a_run_folder_that_cannot_be_written_is_found_before_any_work(case, mode
     prepare, overrides, problem = FOLDER_FAULTS[case]
     prepare(tmp_path)
     code = train.run([str(write_config(tmp_path, model_dir)), *overrides])
-    ended(code, capsys, exit_codes.USAGE, problem.format(t=tmp_path))
+    error_ending(code, capsys, exit_codes.USAGE, problem.format(t=tmp_path))
     assert not (tmp_path / "run" / "metrics.jsonl").is_file()  # found in pre-flight: no step was trained
 
 
@@ -319,11 +310,11 @@ def test_a_run_folder_held_by_another_run_exits_3(model_dir, tmp_path, capsys):
     cpu = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     with lock_run_dir(tmp_path / "run", cpu, command="train.py other.yaml"):
         code = train.run([str(write_config(tmp_path, model_dir))])
-    ended(code, capsys, exit_codes.RUN_LOCKED, f"run_dir {tmp_path / 'run'} is in use", f"pid {os.getpid()}")
+    error_ending(code, capsys, exit_codes.RUN_LOCKED, f"run_dir {tmp_path / 'run'} is in use", f"pid {os.getpid()}")
 
 
 WRITES = {  # the function of a save that finds the disk full, its calls in one save, and the file it was writing
-    "the adapters": (folders, "save_file", 1, "lora.safetensors"),
+    "the adapters": (folders, "save_weights", 1, "lora.safetensors"),
     "the training state": (training_state, "save_tensors", 1, "tensors_rank_0.safetensors"),
     "a rank's data position": (training_state, "_write_json", 2, "rank_0.json"),
 }
@@ -344,7 +335,9 @@ def test_a_disk_that_fills_during_a_save_keeps_the_older_checkpoints(case, model
     monkeypatch.setattr(module, name, fill_the_disk)
     code = train.run([str(write_config(tmp_path, model_dir))])
     checkpoints = tmp_path / "run" / "checkpoints"
-    message = ended(code, capsys, exit_codes.WRITE_FAILED, checkpoints / "checkpoint_000002", "No space left on device")
+    message = error_ending(
+        code, capsys, exit_codes.WRITE_FAILED, checkpoints / "checkpoint_000002", "No space left on device"
+    )
     assert file in message and "the checkpoints saved before are kept" in message
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint_000001"]  # no partial folder left
     assert verify_checkpoint(checkpoints / "checkpoint_000001") is None
@@ -370,5 +363,5 @@ def test_a_disk_that_fills_while_metrics_are_written_names_the_file(model_dir, t
     monkeypatch.setattr(monitoring, "open", lambda *args, **kwargs: FullDisk(open(*args, **kwargs), 2), raising=False)
     code = train.run([str(write_config(tmp_path, model_dir, max_steps=4))])
     run_dir = tmp_path / "run"
-    ended(code, capsys, exit_codes.WRITE_FAILED, f"error: {run_dir / 'metrics.jsonl'}: No space left on device")
+    error_ending(code, capsys, exit_codes.WRITE_FAILED, f"error: {run_dir / 'metrics.jsonl'}: No space left on device")
     assert verify_checkpoint(run_dir / "checkpoints" / "checkpoint_000001") is None  # saved before the disk filled

@@ -58,6 +58,23 @@ def test_each_sequence_stops_at_eos(make_model, random_tokens):
     assert len(stopped[1]) <= 2
 
 
+def test_every_step_makes_all_forwards_after_eos_and_forward_runs_the_model(make_model, random_tokens):
+    """The ranks of a sharded model generate through its root and make the same calls whatever their answers."""
+    model = make_model("mistral-7b")
+    prompts = prompts_of(random_tokens)
+    free = generate(model, prompts, max_tokens=6, eos_id=-1)
+    eos = free[0][1]
+    calls = []
+
+    def forward(*args, **kwargs):
+        calls.append(args[1])
+        return model(*args, **kwargs)
+
+    stopped = generate(model, prompts, max_tokens=6, eos_id=eos)
+    assert generate(model, prompts, max_tokens=6, eos_id=eos, forward=forward, every_step=True) == stopped
+    assert len(calls) == 6 and calls[1:] == [[1] * len(prompts)] * 5  # the prompts, then a token each per step
+
+
 def test_sampling_is_reproducible_and_top_p_keeps_the_best(make_model, random_tokens):
     model = make_model("mixtral-8x7b").train()
     prompts = prompts_of(random_tokens)

@@ -12,6 +12,7 @@ from model.lora import (
     inject_lora,
     load_lora_state_dict,
     lora_state_dict,
+    lora_switched_off,
     mark_only_lora_trainable,
     merge_lora,
     merged_state_dict,
@@ -53,6 +54,26 @@ def test_b_zero_equals_base_model(make_model, random_tokens):
         torch.testing.assert_close(model(tokens, SEQLENS), base, rtol=0, atol=0)
 
 
+def test_switched_off_the_adapters_give_the_base_model_and_come_back_after(make_model, random_tokens):
+    model = make_model("mixtral-8x7b")
+    tokens = random_tokens(sum(SEQLENS))
+    with torch.no_grad():
+        base = model(tokens, SEQLENS)
+        inject_lora(model, LoRAArgs(rank=4, alpha=8.0, targets=("wq", "wo", "w1", "output")))
+        randomize_lora_b(model)
+        adapted = model(tokens, SEQLENS)
+        assert not torch.allclose(adapted, base)
+        with lora_switched_off(model):
+            torch.testing.assert_close(model(tokens, SEQLENS), base, rtol=0, atol=0)
+        torch.testing.assert_close(model(tokens, SEQLENS), adapted, rtol=0, atol=0)
+        with pytest.raises(RuntimeError), lora_switched_off(model):
+            raise RuntimeError("an eval that fails")
+        assert {m.scaling for m in model.modules() if isinstance(m, LoRALinear)} == {2.0}  # restored all the same
+        merge_lora(model)
+        with pytest.raises(ValueError, match="merged"), lora_switched_off(model):
+            pass
+
+
 def test_targets_cover_every_expert_and_optionally_the_output_head(make_model):
     model = make_model("mixtral-8x7b")
     inject_lora(model, LoRAArgs(rank=2))
@@ -63,14 +84,15 @@ def test_targets_cover_every_expert_and_optionally_the_output_head(make_model):
     head = make_model("mistral-7b")
     inject_lora(head, LoRAArgs(rank=2, targets=("wq", "output")))
     assert isinstance(head.output, LoRALinear) and type(head.layers[0].attention.wk) is nn.Linear
-    with pytest.raises(ValueError, match="targets has 'q_proj'; expected some of output, w1, w2, w3, wk, wo, wq, wv"):
-        LoRAArgs(targets=("q_proj",))
+    with pytest.raises(ValueError, match="targets has 'wx'; expected some of wq wk wv wo w1 w2 w3 output"):
+        LoRAArgs(targets=("wx",))
     with pytest.raises(ValueError, match="targets must name at least one module"):
         LoRAArgs(targets=())
     for bad, words in [
         (dict(rank=0), "rank must be >= 1, got 0"),
         (dict(alpha=0.0), "alpha must be > 0"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+        (dict(plus_ratio=0.0), "plus_ratio must be > 0, got 0.0"),
     ]:
         with pytest.raises(ValueError, match=words):
             LoRAArgs(**bad)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 
-from finetune.checkpoints.folders import save_training_checkpoint
 from finetune.config import load_config
+from finetune.training.checkpointing import save_training_checkpoint
 from model.loading import load_model
 from model.tiny import write_tiny_model
 

@@ -12,7 +12,7 @@ from finetune.checkpoints.folders import CheckpointWriteError, list_checkpoints
 from model.args import load_model_args
 from model.lora import lora_state_dict, merged_state_dict
 
-LORA_ENTRY = {"rank": 8, "alpha": 16.0, "scaling": 2.0, "dropout": 0.0}  # tests/train/conftest.py's lora section
+LORA_ENTRY = {"rank": 8, "alpha": 16.0, "scaling": 2.0, "dropout": 0.0, "rslora": False, "dora": False}  # conftest.py
 
 
 def test_adapter_checkpoint_contents(tmp_path, save_checkpoint, tiny_model_dir, tiny_lora_model):

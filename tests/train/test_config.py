@@ -84,6 +84,8 @@ def test_command_line_overrides(tmp_path):
         ("optim.min_lr=1.0", "optim.min_lr must be in [0, optim.lr]"),
         ("eval.enabled=maybe", "eval.enabled must be true or false, got 'maybe'"),
         ("data.eval=[]", "eval is on but data.eval is empty"),
+        ("eval.generate=-1", "eval.generate must be >= 0 (0: no generations), got -1"),
+        ("eval.retain_warn=-0.1", "eval.retain_warn must be >= 0, got -0.1"),
         ("data.train=a.jsonl:0", "weights must be > 0"),
         ("lora=3", "lora must be a mapping"),
         ("nonsense", "is not of the form key=value"),
@@ -94,6 +96,13 @@ def test_each_mistake_is_named(tmp_path, override, message):
         load_config(write(tmp_path, MISTRAL_FINETUNE_7B), [override])
     assert message in str(error.value)
     assert str(tmp_path / "config.yaml") in str(error.value) or "override" in str(error.value)
+
+
+def test_retain_data_needs_eval_on(tmp_path):
+    with pytest.raises(ConfigError, match="data.retain is evaluated at each eval, but eval is off: set eval.enabled"):
+        load_config(write(tmp_path, MISTRAL_FINETUNE_7B), ["eval.enabled=false", "data.retain=general.jsonl"])
+    cfg = load_config(write(tmp_path, MISTRAL_FINETUNE_7B), ["data.retain=general.jsonl:2,more/"])
+    assert [(s.path, s.weight) for s in cfg.data.retain] == [("general.jsonl", 2.0), ("more/", 1.0)]
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -1,4 +1,4 @@
-"""The README's config reference is the one generated from finetune/config.py, and documents every key."""
+"""docs/config.md's config reference is the one generated from finetune/config.py, and documents every key."""
 
 import ast
 import dataclasses
@@ -13,12 +13,12 @@ from finetune.config_reference import (
     START,
     config_rows,
     field_comments,
-    readme_block,
+    marked_block,
     render_config_reference,
-    write_readme,
+    write_reference,
 )
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+CONFIG_PAGE = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
 
 def all_dataclasses(cls=TrainConfig) -> set[type]:
@@ -30,25 +30,25 @@ def all_dataclasses(cls=TrainConfig) -> set[type]:
     return found
 
 
-def test_readme_holds_the_generated_reference():
-    assert readme_block(README.read_text(encoding="utf-8")) == render_config_reference(), (
-        "README.md's config reference is stale: run `python -m finetune.config_reference README.md`"
+def test_config_page_holds_the_generated_reference():
+    assert marked_block(CONFIG_PAGE.read_text(encoding="utf-8")) == render_config_reference(), (
+        "docs/config.md's config reference is stale: run `python -m finetune.config_reference docs/config.md`"
     )
 
 
-def test_write_readme_replaces_only_the_block(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\nbefore\n\n{START}\n| old | table |\n{END}\n\nafter\n")
-    assert write_readme(readme)
-    assert readme.read_text() == f"# x\n\nbefore\n\n{START}\n{render_config_reference()}\n{END}\n\nafter\n"
-    assert not write_readme(readme)
+def test_write_reference_replaces_only_the_block(tmp_path):
+    page = tmp_path / "config.md"
+    page.write_text(f"# x\n\nbefore\n\n{START}\n| old | table |\n{END}\n\nafter\n")
+    assert write_reference(page)
+    assert page.read_text() == f"# x\n\nbefore\n\n{START}\n{render_config_reference()}\n{END}\n\nafter\n"
+    assert not write_reference(page)
 
 
 def test_every_field_has_a_comment():
     classes = all_dataclasses()
     assert {c.__name__ for c in classes} >= {"TrainConfig", "DataSource", "WandbConfig", "MlflowConfig"}
     undocumented = [f"{c.__name__}.{name}" for c in classes for name, text in field_comments(c).items() if not text]
-    assert not undocumented, f"add a comment (its meaning, for the README) to these fields in config.py: {undocumented}"
+    assert not undocumented, f"add a comment (its meaning, for the docs) to these fields in config.py: {undocumented}"
     assert {f.name for c in classes for f in dataclasses.fields(c)} == {
         name for c in classes for name in field_comments(c)
     }

@@ -11,7 +11,6 @@ import pytest
 import torch
 from launching import REPO, records, subprocess_env
 
-from finetune.checkpoints.training_state import Progress
 from finetune.config import load_config
 from finetune.data import build_eval_batches, load_tokenizer
 from finetune.training.distributed import DistInfo
@@ -19,6 +18,7 @@ from finetune.training.loss_scale import INITIAL_SCALE, DynamicLossScale, loss_s
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
 from finetune.training.precision import compute_dtype
+from finetune.training.train_state import Progress
 from finetune.training.train_step import train_step
 from model.lora import lora_state_dict
 

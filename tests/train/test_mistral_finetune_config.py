@@ -185,7 +185,7 @@ def test_example_7b_yaml_trains(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = tmp_path / "run"
     assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3]
-    assert [r["step"] for r in records(run_dir, "eval")] == [3]
+    assert [r["step"] for r in records(run_dir, "eval")] == [0, 3]  # the base model's, then at the end
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint_000003"]
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["lora"]["rank"] == 64 and saved["optim"]["lr"] == 6e-5

@@ -159,3 +159,95 @@ def test_the_trackers_get_the_settings_and_never_an_api_key(tmp_path, monkeypatc
         assert sent[tracker]["logging.wandb.project"] == "tailor-test"
         assert not [k for k in sent[tracker] if "key" in k]
         assert "0123abcd-secret" not in json.dumps(sent[tracker])
+
+
+BASE_RECORD = dict(
+    kind="eval",
+    step=0,
+    base=True,
+    eval_loss=4.0,
+    eval_perplexity=54.6,
+    eval_token_accuracy=0.0,
+    retain_loss=2.0,
+    retain_perplexity=7.39,
+    retain_token_accuracy=0.5,
+    scores={
+        "eval": {"data/eval.jsonl": dict(answers=32, tool_call_answers=0, exact_match=0.0, normalised_match=0.03125)},
+        "retain": {"data/tools.jsonl": dict(answers=0, tool_call_answers=4, tool_call_parses=0.0)},
+    },
+)
+
+
+def test_eval_lines_set_each_number_beside_the_base_models():
+    assert format_eval_line(BASE_RECORD).splitlines() == [
+        "base model (adapters off), before step 1: loss 4.0000  perplexity 54.60  token accuracy 0.0%",
+        "  retain: loss 2.0000  perplexity 7.39  token accuracy 50.0%",
+        "  data/eval.jsonl: 32 text answers: exact match 0.0%, normalised match 3.1%",
+        "  retain data/tools.jsonl: 4 tool calls: parses 0.0%",
+    ]
+    later = dict(
+        BASE_RECORD,
+        step=50,
+        base=False,
+        eval_loss=1.0,
+        eval_token_accuracy=0.75,
+        retain_loss=2.5,
+        scores={
+            "eval": {
+                "data/eval.jsonl": dict(answers=32, tool_call_answers=0, exact_match=0.9375, normalised_match=1.0)
+            },
+            "retain": {"data/tools.jsonl": dict(answers=0, tool_call_answers=4, tool_call_parses=0.75)},
+        },
+    )
+    assert format_eval_line(later, BASE_RECORD).splitlines() == [
+        "eval at step 50: loss 1.0000 (base 4.0000, -75.0%)  perplexity 54.60  token accuracy 75.0% (base 0.0%)",
+        "  retain: loss 2.5000 (base 2.0000, +25.0%)  perplexity 7.39  token accuracy 50.0% (base 50.0%)",
+        "  data/eval.jsonl: 32 text answers: exact match 93.8% (base 0.0%), normalised match 100.0% (base 3.1%)",
+        "  retain data/tools.jsonl: 4 tool calls: parses 75.0% (base 0.0%)",
+    ]
+    summary = format_summary(50, 1000, 60, 0.9, later, None, base=BASE_RECORD).splitlines()
+    assert summary[2:] == [
+        "  final eval loss 1.0000 (perplexity 54.60, token accuracy 75.0%); the base model's: 4.0000",
+        "  final retain loss 2.5000 (base 2.0000, +25.0%)  perplexity 7.39  token accuracy 50.0% (base 50.0%)",
+        "  final data/eval.jsonl: 32 text answers: exact match 93.8% (base 0.0%), normalised match 100.0% (base 3.1%)",
+        "  final retain data/tools.jsonl: 4 tool calls: parses 75.0% (base 0.0%)",
+    ]
+
+
+def test_nested_scores_reach_the_trackers_flat_and_generations_as_a_table(tmp_path, monkeypatch):
+    logged, tables = [], []
+
+    class FakeTable:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    fake_wandb = types.SimpleNamespace(
+        init=lambda **kw: None, log=lambda d, step: logged.append((d, step)), finish=print
+    )
+    fake_wandb.Table = FakeTable
+    fake_mlflow = types.SimpleNamespace(
+        set_tracking_uri=print,
+        set_experiment=print,
+        start_run=lambda: None,
+        log_params=lambda params: None,
+        log_metrics=lambda d, step: logged.append((d, step)),
+        log_table=lambda data, artifact_file: tables.append((data, artifact_file)),
+        end_run=print,
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", fake_mlflow)
+    cfg = TrainConfig()
+    cfg.logging.wandb.project, cfg.logging.mlflow.tracking_uri = "tailor-test", str(tmp_path / "mlruns")
+    logger = MetricsLogger(tmp_path, cfg)
+    logger.log(BASE_RECORD)
+    rows = [dict(source="data/eval.jsonl", line=1, prompt="[]", reference='"hi"', generated="hi", right=True)]
+    logger.log_table("eval/generations", 0, rows)
+    logger.close()
+    wandb_numbers, mlflow_numbers = logged[0][0], logged[1][0]
+    assert wandb_numbers["eval/scores/eval/data/eval.jsonl/exact_match"] == 0.0
+    assert wandb_numbers["eval/scores/retain/data/tools.jsonl/tool_call_parses"] == 0.0
+    assert mlflow_numbers["eval_retain_loss"] == 2.0
+    table = logged[2][0]["eval/generations"]
+    assert table.columns == list(rows[0]) and table.data == [list(rows[0].values())] and logged[2][1] == 0
+    assert tables == [({k: [v] for k, v in rows[0].items()}, "eval/generations/step_000000.json")]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == BASE_RECORD

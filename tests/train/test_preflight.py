@@ -60,7 +60,7 @@ def test_model_folder_without_params(write_config, tmp_path):
 
 def test_train_data_that_does_not_exist(write_config, tmp_path):
     missing = tmp_path / "missing.jsonl"
-    fails(write_config(data__train=str(missing)), f"data.train[0]: {missing} does not exist")
+    fails(write_config(data__train=str(missing)), f"data.train[0]: {missing}: no such file or folder")
 
 
 def test_train_folder_without_jsonl(write_config, tmp_path):
@@ -68,13 +68,13 @@ def test_train_folder_without_jsonl(write_config, tmp_path):
     (tmp_path / "data" / "notes.txt").write_text("hello")
     fails(
         write_config(data__train=str(tmp_path / "data")),
-        f"data.train[0]: the folder {tmp_path / 'data'} holds no .jsonl file",
+        f"data.train[0]: {tmp_path / 'data'}: folder has no .jsonl files",
     )
 
 
 def test_eval_data_is_needed_only_when_eval_is_on(write_config, tmp_path):
     missing = str(tmp_path / "eval.jsonl")
-    fails(write_config(data__eval=missing), f"data.eval[0]: {missing} does not exist")
+    fails(write_config(data__eval=missing), f"data.eval[0]: {missing}: no such file or folder")
     check(write_config(data__eval=missing, eval__enabled=False))
 
 
@@ -161,5 +161,5 @@ def test_train_py_stops_on_a_preflight_error_before_any_work(write_config, tmp_p
         timeout=300,
     )
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: data.train[0]: {tmp_path / 'missing.jsonl'} does not exist"
+    assert result.stderr.strip() == f"error: data.train[0]: {tmp_path / 'missing.jsonl'}: no such file or folder"
     assert not (tmp_path / "run").exists()

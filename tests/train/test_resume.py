@@ -17,13 +17,14 @@ import torch
 from launching import REPO, hook_folder, records, subprocess_env, torchrun
 from safetensors.torch import load_file
 
+import finetune.training.entry as entry
 import train as train_script
 from finetune import exit_codes
 from finetune.checkpoints.manifest import verify_checkpoint
 from finetune.checkpoints.tensor_state import save_tensors
-from finetune.checkpoints.training_state import ResumeError, load_training_state, read_resume_point
 from finetune.config import ConfigError, config_from_dict, load_config
 from finetune.data import build_train_loader, load_tokenizer
+from finetune.training.checkpointing import ResumeError, load_training_state, read_resume_point
 from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
@@ -201,6 +202,7 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     assert verify_checkpoint(folder) is None
     state = sorted(p.name for p in (folder / "state").iterdir())
     assert state == [
+        "base_model.json",
         "progress.json",
         "rank_0.json",
         "rank_1.json",
@@ -261,7 +263,7 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
 
 RANK_1_DISK_FULL_HOOK = """
 import errno, os
-import finetune.checkpoints.training_state as module
+import finetune.training.checkpointing as module
 
 real, calls = module._write_json, []
 
@@ -345,7 +347,7 @@ def test_nonfinite_steps_are_skipped_and_counted(write_config, tmp_path):
 def test_weights_that_are_not_finite_are_never_saved(write_config, tmp_path, monkeypatch, capsys):
     """Weights that turned non-finite (here made NaN after step 3, as an infinite learning rate would) end the run
     with exit 5 at the next save, which writes nothing: the last good checkpoint stays the newest."""
-    real, calls = train_script.train_step, []
+    real, calls = entry.train_step, []
 
     def train_step(loss_model, *args, **kwargs):
         sums = real(loss_model, *args, **kwargs)
@@ -355,7 +357,7 @@ def test_weights_that_are_not_finite_are_never_saved(write_config, tmp_path, mon
                 next(p for p in loss_model.parameters() if p.requires_grad)[0, 0] = float("nan")
         return sums
 
-    monkeypatch.setattr(train_script, "train_step", train_step)
+    monkeypatch.setattr(entry, "train_step", train_step)
     config = write_config(max_steps=6, eval__enabled=False, checkpoint__freq=2)
     assert train_script.run([str(config)]) == exit_codes.NOT_FINITE
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -452,7 +454,8 @@ def test_auto_resume_takes_the_newest_checkpoint_with_a_training_state(write_con
     assert (start.step, start.folder.name, start.world_size) == (8, "checkpoint_000008", 1)
     out = capsys.readouterr().out
     assert f"skipped {run_dir / 'checkpoints/checkpoint_000012'}: no training state (state/progress.json)" in out
-    assert f"{run_dir / 'metrics.jsonl'}: dropped the 6 records after step 8" in out
+    assert f"{run_dir / 'metrics.jsonl'}: dropped the 5 records after step 8" in out
+    assert f"{run_dir / 'metrics.jsonl'}: dropped line 14, which is not a record tailor writes" in out
     assert (run_dir / "metrics.jsonl").read_text().splitlines() == lines[:8]
 
 

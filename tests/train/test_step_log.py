@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from finetune.checkpoints.training_state import Progress
 from finetune.config import TrainConfig
 from finetune.training.step_log import StepLog
+from finetune.training.train_state import Progress
 from finetune.training.train_step import HostCopy, NonFiniteError, StepSums
 
 

@@ -17,7 +17,7 @@ from finetune.training.distributed import DistInfo
 from finetune.training.loss import loss_inputs
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
-from finetune.training.parallel import prefetch_plan
+from finetune.training.parallel import compile_note, enable_activation_checkpointing, prefetch_plan
 from finetune.training.train_step import train_step
 
 WORKER = Path(__file__).with_name("step_worker.py")
@@ -262,3 +262,31 @@ def test_importing_train_loads_no_fsdp_nor_distributed_checkpoint():
         [sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_a_compiled_mixtral_block_under_checkpointing_compiles_nothing_and_the_run_says_so(write_config):
+    """Dynamo stops at the experts' token counts (a host read) inside the checkpointed block, which then runs eagerly
+    whole: no graph is made. The run's report says so before step 1; a dense model's says nothing."""
+    from torch._dynamo.utils import counters
+
+    from model.attention import DocumentMask
+    from model.tiny import tiny_args
+    from model.transformer import TransformerBlock, document_positions, rotary_table
+
+    args = tiny_args("mixtral-8x7b", 1000)
+    block = TransformerBlock(args)
+    enable_activation_checkpointing(block)
+    block.compile()
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(16, args.dim, requires_grad=True)
+    rope = rotary_table(document_positions([16], "cpu"), args.head_dim, args.rope_theta)
+    block(x, rope, DocumentMask([16], "sdpa", None, torch.device("cpu"))).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 0
+    torch._dynamo.reset()
+
+    cfg = load_config(write_config(model__compile=True))
+    assert "compiles nothing here" in compile_note(cfg.model, args)
+    assert compile_note(cfg.model, tiny_args("mistral-7b", 1000)) is None
+    cfg.model.activation_checkpointing = False
+    assert compile_note(cfg.model, args) is None

@@ -32,7 +32,8 @@ def test_one_process_learns_and_writes_checkpoints(write_config, tmp_path):
     assert [r["step"] for r in train] == list(range(1, 17))
     first, last = train[0]["loss"], sum(r["loss"] for r in train[-3:]) / 3
     assert first > 8.0 and last < 0.6 * first, (first, last)
-    evals = records(run_dir, "eval")
+    base, *evals = records(run_dir, "eval")
+    assert base["step"] == 0 and base["base"] and base["eval_loss"] > evals[0]["eval_loss"]  # LoRA off: the base
     assert [r["step"] for r in evals] == [8, 16]
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[1]["eval_perplexity"] == pytest.approx(2.718281828 ** evals[1]["eval_loss"], rel=1e-6)
@@ -51,6 +52,8 @@ def test_one_process_learns_and_writes_checkpoints(write_config, tmp_path):
         "scaling": 2.0,
         "dropout": 0.0,
         "targets": ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"],
+        "rslora": False,
+        "dora": False,
     }
     assert params["vocab_size"] == 32768
     assert (final / "tokenizer.model.v3").is_file()
@@ -99,7 +102,7 @@ def test_two_ranks_with_torchrun_learn(write_config, tmp_path):
     assert [r["step"] for r in train] == list(range(1, 17))
     assert train[0]["tokens"] == 2 * 128  # one sequence per rank
     assert sum(r["loss"] for r in train[-3:]) / 3 < 0.6 * train[0]["loss"]
-    assert len(records(tmp_path / "run", "eval")) == 2
+    assert [r["step"] for r in records(tmp_path / "run", "eval")] == [0, 8, 16]  # the base model's, then two
     assert (tmp_path / "run" / "checkpoints" / "checkpoint_000016" / "lora.safetensors").is_file()
 
 

@@ -142,3 +142,31 @@ def test_learning_rate_ticks_are_plain_numbers():
         "0.01",
         "1",
     ]
+
+
+def test_scores_and_retain_loss_get_their_curves_and_a_fourth_panel(tmp_path):
+    import matplotlib.image
+
+    write_metrics(tmp_path, steps=40)
+    evals = []
+    for step, exact, calls in ((0, 0.0, 0.0), (20, 0.5, 0.25), (40, 0.9375, 0.75)):
+        scores = {
+            "eval": {"data/eval.jsonl": {"answers": 32, "exact_match": exact}},
+            "retain": {
+                "data/tools.jsonl": {
+                    "tool_call_answers": 4,
+                    "tool_call_parses": 1.0,
+                    "tool_call_arguments_match": calls,
+                }
+            },
+        }
+        evals.append(dict(kind="eval", step=step, eval_loss=2.0, retain_loss=1.0 + step / 100, scores=scores))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in evals)
+    curves = read_curves(tmp_path)
+    assert curves["retain_loss"] == [(0, 1.0), (20, 1.2), (40, 1.4)]
+    assert curves["data/eval.jsonl: exact match"] == [(0, 0.0), (20, 0.5), (40, 0.9375)]
+    assert curves["retain data/tools.jsonl: tool call arguments match"] == [(0, 0.0), (20, 0.25), (40, 0.75)]
+    assert len(curves["retain data/tools.jsonl: tool call parses"]) == 3
+    assert main(["plot", str(tmp_path)]) == 0
+    assert matplotlib.image.imread(tmp_path / "loss.png").shape[:2] == (1200, 900)  # four panels

@@ -1,12 +1,15 @@
-"""The training state of a checkpoint: what an exact resume needs beside the adapters, saved and loaded.
+"""A resumable checkpoint: what it consists of, saved by every rank together and loaded.
 
-Beside the adapters, each checkpoint has a state/ folder with what they alone do not hold:
+What a checkpoint folder is (its name, staging, publishing, manifest, rotation, adapter files) is
+finetune/checkpoints/'s; this module adds what only the run knows: its collectives and random state. Beside the
+adapters, each checkpoint has a state/ folder with what they alone do not hold:
 
     state/tensors_rank_R.safetensors      the LoRA weights and their AdamW state, sharded as the ranks hold them
                                           (finetune/checkpoints/tensor_state.py: no rank gathers them; any number
                                           of ranks can load them)
     state/progress.json                   the step, the counters (tokens, non-finite steps), time spent, world size
     state/rank_R.json                     rank R's data position and random generator states
+    state/base_model.json                 the base model's path and identity (finetune/checkpoints/base_model.py)
 
 The learning rate is a pure function of the step and AdamW's settings come from the config, so neither is saved.
 With the same number of ranks, a resumed run computes bit for bit what the uninterrupted run would have. With
@@ -21,14 +24,30 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from finetune.checkpoints.folders import list_checkpoints, save_training_checkpoint
+from finetune.checkpoints.base_model import base_record_problem, write_base_record
+from finetune.checkpoints.folders import (
+    PROGRESS,
+    STATE,
+    CheckpointWriteError,
+    checkpoint_path,
+    has_training_state,
+    newest_with_training_state,
+    publish_checkpoint,
+    remove_old_checkpoints,
+    stage_checkpoint,
+    staging_path,
+    write_adapters,
+    write_merged,
+)
 from finetune.checkpoints.manifest import verify_checkpoint
+from finetune.checkpoints.streaming import TensorSpec
 from finetune.checkpoints.tensor_state import (
     TensorStateError,
     load_tensors,
@@ -37,48 +56,21 @@ from finetune.checkpoints.tensor_state import (
     tensors_file_problem,
 )
 from finetune.config import TrainConfig
-from finetune.training.distributed import DistInfo, all_reduce_sum, is_dtensor
+from finetune.data.errors import DataError
+from finetune.data.tokenize import find_tokenizer_file
+from finetune.training.distributed import DistInfo, all_reduce_sum, barrier
+from finetune.training.parallel import full_state
 from finetune.training.rng import derived_seed, rng_state, rng_state_problem, seed_rngs, set_rng_state
+from finetune.training.train_state import Progress, ResumePoint, TrainState
 from finetune.training.train_step import NonFiniteError
+from model.dtensor import is_dtensor
+from model.lora import lora_state_dict, merged_state_dict
 
-if TYPE_CHECKING:
-    from finetune.training.train_step import StepOutcome
-
-STATE = "state"
-PROGRESS = "progress.json"
 NO_TRAINING_STATE = f"no training state ({STATE}/{PROGRESS}): adapters only"  # not damaged, but not resumable
 
 
 class ResumeError(ValueError):
     """The run cannot start where the config says; the message names the folder and the ways out."""
-
-
-@dataclass
-class Progress:
-    """What the training loop counts, saved with every checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    tokens: int = 0  # all tokens of all ranks so far
-    trained_tokens: int = 0
-    nonfinite_in_a_row: int = 0  # steps skipped for a non-finite loss or gradient, up to this one
-    nonfinite_skipped: int = 0  # all such steps
-    elapsed_s: float = 0.0  # training time, across resumes
-    loss_scale: float = 0.0  # fp16's dynamic loss scale as saved (0: the run does not scale its loss)
-    loss_scale_good_steps: int = 0  # finite steps in a row since the loss scale last changed, as saved
-
-    def count(self, step: int, tokens: int, outcome: StepOutcome, elapsed_s: float) -> None:
-        self.step, self.elapsed_s = step, elapsed_s
-        self.tokens += tokens
-        self.trained_tokens += outcome.trained_tokens
-        self.nonfinite_in_a_row = 0 if outcome.finite else self.nonfinite_in_a_row + 1
-        self.nonfinite_skipped += not outcome.finite
-
-
-@dataclass
-class ResumePoint:
-    folder: Path  # the checkpoint
-    step: int
-    world_size: int  # of the run that saved it
 
 
 def why_not_resumable(folder: Path) -> str | None:
@@ -87,9 +79,9 @@ def why_not_resumable(folder: Path) -> str | None:
     problem = verify_checkpoint(folder)
     if problem is not None:
         return problem
-    if not (folder / STATE / PROGRESS).is_file():
+    if not has_training_state(folder):
         return NO_TRAINING_STATE
-    problem = _progress_problem(folder / STATE / PROGRESS)
+    problem = _progress_problem(folder / STATE / PROGRESS) or base_record_problem(folder)
     if problem is not None:
         return problem
     world_size = json.loads((folder / STATE / PROGRESS).read_text(encoding="utf-8"))["world_size"]
@@ -183,6 +175,8 @@ def save_checkpoint(
 
     def write_state(folder: Path) -> None:
         save_training_state(folder / STATE, loss_model, optimizer, loader, progress, dist_info)
+        if dist_info.is_main:
+            write_base_record(folder / STATE, cfg.model.path)
 
     return save_training_checkpoint(cfg, loss_model.model, progress.step, dist_info.is_main, write_state)
 
@@ -192,7 +186,7 @@ def _raise_if_not_finite(loss_model, step: int, run_dir: Path) -> None:
     shards = [p.to_local() if is_dtensor(p) else p for p in loss_model.parameters() if p.requires_grad]
     bad = all_reduce_sum(torch.stack([(~torch.isfinite(t.detach())).sum() for t in shards]).sum()).item()
     if bad:
-        newest = (list_checkpoints(run_dir) or [None])[-1]
+        newest = newest_with_training_state(run_dir)
         raise NonFiniteError(
             f"step {step}: {bad} of the LoRA weights are not finite, so no checkpoint is written: "
             + (f"the newest, {newest}, is kept, and resume: auto continues from it" if newest else "none was saved")
@@ -204,11 +198,10 @@ def _raise_if_not_finite(loss_model, step: int, run_dir: Path) -> None:
 def save_training_state(folder: Path, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(folder / tensors_file(dist_info.rank), *_state_dicts(loss_model, optimizer))
-    _write_json(
-        folder / f"rank_{dist_info.rank}.json", {"data": loader.state_dict(), "rng": rng_state(dist_info.device)}
-    )
+    state = TrainState(progress, data=loader.state_dict(), rng=rng_state(dist_info.device))
+    _write_json(folder / f"rank_{dist_info.rank}.json", {"data": state.data, "rng": state.rng})
     if dist_info.is_main:
-        _write_json(folder / PROGRESS, {"world_size": dist_info.world_size, **asdict(progress)})
+        _write_json(folder / PROGRESS, {"world_size": dist_info.world_size, **asdict(state.progress)})
 
 
 def _state_dict_options():
@@ -249,6 +242,8 @@ def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed:
             mine = json.loads(path.read_text(encoding="utf-8"))
             loader.load_state_dict(mine["data"])
             set_rng_state(mine["rng"], dist_info.device)
+        except DataError as error:  # a position the data as it is now does not have: the data changed
+            raise ResumeError(f"{start.folder}: {error}") from None
         except (ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as error:
             raise ResumeError(
                 f"{path}: not a data position and random state that tailor writes ({type(error).__name__}: {error})"
@@ -271,3 +266,76 @@ def _write_json(path: Path, value: dict) -> None:
         json.dump(value, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The save, across ranks
+
+
+def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: Callable[[Path], None]) -> Path:
+    """A collective: every rank gathers the adapters to rank 0, which writes them (or the merged model when
+    `checkpoint.save_adapters` is false), and calls `write_state(folder)` to write its part of the training state;
+    then rank 0 writes the manifest, renames the folder into place and removes the oldest checkpoints. A write that
+    fails on any rank (a full disk) makes every rank raise CheckpointWriteError, rather than wait for the others,
+    and the partial folder is removed; the older checkpoints stay."""
+    run_dir = Path(cfg.run_dir)
+    final = checkpoint_path(run_dir, step)
+    staging = stage_checkpoint(final) if is_main else staging_path(final)
+    barrier()  # the folder exists, and no debris is being cleared, before any rank writes into it
+    device = next(model.parameters()).device  # where the ranks agree (NCCL reduces on the GPU)
+    try:
+        _write_parts(cfg, model, staging, is_main)
+        write_state(staging)
+        failure = None
+    except OSError as error:
+        failure = error
+    _raise_if_any_failed(failure, final, staging, is_main, device)  # every rank's files are written, or all raise
+    try:
+        if is_main:
+            publish_checkpoint(staging, final)
+    except OSError as error:
+        failure = error
+    _raise_if_any_failed(failure, final, staging, is_main, device)
+    if is_main:
+        remove_old_checkpoints(run_dir, cfg.checkpoint.keep, final)
+    return final
+
+
+def _raise_if_any_failed(
+    failure: OSError | None, final: Path, staging: Path, is_main: bool, device: torch.device
+) -> None:
+    """A collective: whether a write failed on any rank; if so, rank 0 removes the partial folder and all raise."""
+    if all_reduce_sum(torch.tensor([float(failure is not None)], device=device)).item() == 0:
+        return
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    # a copy names its source first, its destination second: the file being written is the second
+    written = (failure.filename2 or failure.filename or staging) if failure else None
+    what = f"{failure.strerror or failure}: {written}" if failure else "on another rank"
+    raise CheckpointWriteError(
+        f"{final} could not be written ({what}): the partial folder is removed, and the checkpoints saved before "
+        f"are kept. Free space on the disk that holds {final.parent} (other runs' checkpoints or other files there: "
+        "this run deletes its own old checkpoints only after a save succeeds), then run the same command: resume: "
+        "auto continues from the newest checkpoint."
+    )
+
+
+def _write_parts(cfg, model, staging: Path, is_main: bool) -> None:
+    """The adapters (or the merged model) and the tokenizer, gathered from every rank and written by rank 0."""
+    params = model.args.to_dict()
+    tokenizer_file = find_tokenizer_file(cfg.model.path)
+    if cfg.checkpoint.save_adapters:
+        state = full_state(lora_state_dict(model))
+        if is_main:
+            write_adapters(staging, state, params, cfg.lora, tokenizer_file, cfg.model.quantize)
+    else:
+        merged = merged_state_dict(model)  # sharded as the model is
+        # Each weight is gathered by every rank in turn (a collective) and written by rank 0 before the next one.
+        gathered = (item for name, t in merged.items() for item in full_state({name: t}).items())
+        if is_main:
+            # a DTensor's shape is the global one
+            specs = {name: TensorSpec(t.dtype, tuple(t.shape)) for name, t in merged.items()}
+            write_merged(staging, specs, gathered, params, tokenizer_file)
+        else:
+            for _ in gathered:
+                pass

@@ -1,0 +1,255 @@
+"""Fine-tune LoRA adapters on a Mistral model: the entry of `train.py` and `tailor train`.
+
+    tailor train CONFIG.yaml [key=value ...]                            one process: CPU or one GPU
+    tailor train CONFIG.yaml [key=value ...] --gpus 8                   one node, eight GPUs (under torchrun)
+    python train.py CONFIG.yaml [key=value ...]                         the same, from a checkout
+    torchrun --nproc-per-node 8 train.py CONFIG.yaml [key=value ...]     the same, eight GPUs
+
+The same command resumes a run that was stopped, killed or preempted (`resume: auto`, the default); SIGTERM or
+Ctrl-C finishes the step (with several ranks, also the one queued behind it), saves a checkpoint and exits 0.
+
+The wiring of the data path, nothing more: config ► data ► model ► loop. docs/architecture.md maps every module.
+"""
+
+from __future__ import annotations
+
+import errno
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from finetune import exit_codes
+from finetune.checkpoints.folders import CheckpointWriteError
+from finetune.config import ConfigError, TrainConfig, due_at, load_config, resolve_cache_dir
+from finetune.data import DataError, DataFaults, build_eval_batches, build_train_loader
+from finetune.data.epochs import resolve_epochs
+from finetune.data.report import data_report
+from finetune.training.checkpointing import ResumeError, load_training_state, save_checkpoint
+from finetune.training.config_record import record_config
+from finetune.training.console import Console
+from finetune.training.distributed import (
+    DistInfo,
+    ProcessGroupError,
+    barrier,
+    destroy,
+    exit_process,
+    init_distributed,
+)
+from finetune.training.evaluator import build_evaluator
+from finetune.training.loss_scale import loss_scale_for
+from finetune.training.model_hub import resolve_hub_model
+from finetune.training.model_setup import build_training_model
+from finetune.training.monitoring import MetricsLogger, format_summary
+from finetune.training.optim import build_optimizer, lora_param_groups, lr_at_step, set_lr
+from finetune.training.preflight import PreflightError, missing_folders, remove_unused_folders, run_preflight_checks
+from finetune.training.report import describe_run, train_data_tokens
+from finetune.training.rng import train_data_seed
+from finetune.training.run_lock import RunLockedError, lock_run_dir
+from finetune.training.run_start import prepare_run_dir
+from finetune.training.run_status import FINISHED, STOPPED, RunRecord, recording_failure, write_run_status
+from finetune.training.step_log import StepLog
+from finetune.training.stop_signal import StopSignal, resume_command
+from finetune.training.train_state import Progress
+from finetune.training.train_step import NonFiniteError, out_of_memory_message, train_step
+
+
+def main(argv: list[str], launcher: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        if argv:
+            return 0
+        print(
+            "error: no config file: name the training YAML after the command, e.g. configs/demo.yaml", file=sys.stderr
+        )
+        return exit_codes.USAGE
+    cfg = resolve_hub_model(load_config(argv[0], argv[1:]))  # model.path as a hub id: its folder in the hub's cache
+    created = missing_folders(Path(cfg.run_dir))  # a run refused before it writes anything leaves no run_dir
+    command = [*launcher, *argv]
+    try:
+        tokenizer = run_preflight_checks(cfg)  # paths, tokenizer, seq_len, disk: before any heavy work
+        dist_info = init_distributed()
+        # one run per run_dir (another one exits 3); how it ends goes to run_dir/status.json, for `tailor runs`
+        with lock_run_dir(Path(cfg.run_dir), dist_info, command=" ".join(map(shlex.quote, command))):
+            with recording_failure(Path(cfg.run_dir), dist_info.is_main) as record:
+                return fine_tune(cfg, tokenizer, dist_info, command, record)
+    except RunLockedError:
+        raise  # the folder is another run's, which may have just created it
+    except BaseException:
+        remove_unused_folders(created)
+        raise
+
+
+def fine_tune(
+    cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo, command: list[str], record: RunRecord
+) -> int:
+    start = prepare_run_dir(cfg, dist_info)  # None: from step 0; else the checkpoint to resume from
+    # The data's report: every line skipped or left out, every sample cut, counted before step 1, and the tokens of
+    # an epoch, which make `epochs: N` the max_steps that everything after reads.
+    cache_dir = resolve_cache_dir(cfg)
+    data = data_report(cfg.data, tokenizer, seq_len=cfg.seq_len, cache_dir=cache_dir, with_eval=cfg.eval.enabled)
+    if dist_info.is_main:
+        print("\n".join(data.lines()), flush=True)
+    cfg = resolve_epochs(cfg, data.train_tokens, dist_info.world_size)
+    if start is not None and start.step >= cfg.max_steps:
+        if dist_info.is_main:
+            print(
+                f"nothing to train: {start.folder} is at step {start.step}, and max_steps is {cfg.max_steps}; a "
+                "higher max_steps trains on, another run_dir starts afresh"
+            )
+            write_run_status(Path(cfg.run_dir), FINISHED, start.step)
+        destroy()
+        return 0
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+
+    # Data: endless packed train batches, a fixed eval set.
+    shard = dict(rank=dist_info.rank, world_size=dist_info.world_size, cache_dir=cache_dir)
+    train_batches = build_train_loader(
+        cfg.data,
+        tokenizer,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        seed=train_data_seed(cfg.seed, start, dist_info.world_size),
+        **shard,
+    )
+    eval_batches = (
+        build_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, **shard)
+        if cfg.eval.enabled
+        else []
+    )
+    if cfg.eval.max_batches is not None:
+        eval_batches = eval_batches[: cfg.eval.max_batches]
+    evaluator = build_evaluator(cfg, tokenizer, dist_info, eval_batches, cache_dir, resumed=start is not None)
+
+    # Model: LoRA on a frozen base, sharded over the ranks, with its loss; a resumed run's state loaded into it.
+    loss_model = build_training_model(cfg, dist_info)
+    optimizer = build_optimizer(lora_param_groups(loss_model, cfg.lora.plus_ratio), cfg.optim)
+    progress = (
+        load_training_state(start, loss_model, optimizer, train_batches, cfg.seed, dist_info) if start else Progress()
+    )
+    loss_scale = loss_scale_for(cfg, progress, dist_info.device)  # fp16 only
+    if dist_info.is_main:  # the run is accepted: its settings are on record, and what it will do is shown
+        record_config(cfg, start)
+        print(describe_run(cfg, dist_info, loss_model, train_batches, eval_batches), flush=True)
+    record.accept()  # from here on, how the run ends is its status.json (tailor runs)
+    logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
+    if logger:
+        logger.log(data.record(progress.step))
+    console = Console(cfg.max_steps, progress.step, train_data_tokens(train_batches)) if dist_info.is_main else None
+    if evaluator and start is None:  # what the base model does on the same sets, for every eval to be set against
+        evaluator.evaluate_base(loss_model, logger, console)
+
+    # The loop. The device runs one step ahead of the host: a step's outcome is read once the next one is queued.
+    stop = StopSignal.install()
+    steps = StepLog(cfg, progress, logger, dist_info.device, console)
+    last_eval, checkpoint_dir = None, None
+    for step in range(progress.step + 1, cfg.max_steps + 1):
+        lr = lr_at_step(step, cfg.optim, cfg.max_steps)
+        set_lr(optimizer, lr)
+        micro_batches = [next(train_batches) for _ in range(cfg.grad_accumulation)]
+        sums = train_step(
+            loss_model,
+            optimizer,
+            micro_batches,
+            dist_info.device,
+            cfg.optim.max_grad_norm,
+            dist_info.world_size,
+            stop,
+            loss_scale,
+        )
+        evaluates = evaluator is not None and due_at(step, cfg.eval.freq, cfg.max_steps)
+        saves = cfg.checkpoint.enabled and due_at(step, cfg.checkpoint.freq, cfg.max_steps)
+        stopping_alone = stop.requested and dist_info.world_size == 1  # no other rank to agree with: stop now
+        steps.add(step, lr, sums, read_now=evaluates or saves or stopping_alone)
+        stopping = steps.stop_requested or stopping_alone  # several ranks stop on the step they agreed on
+
+        if evaluates and not stopping:
+            last_eval = evaluator.evaluate(loss_model, step, logger, console)
+
+        if saves or stopping:
+            checkpoint_dir = save_checkpoint(cfg, loss_model, optimizer, train_batches, progress, dist_info, loss_scale)
+        if stopping:
+            break
+
+    if logger:
+        console.close()
+        write_run_status(run_dir, STOPPED if progress.step < cfg.max_steps else FINISHED, progress.step)
+        if progress.step < cfg.max_steps:
+            print(
+                f"stopped at step {progress.step} ({stop.name or 'a signal to another rank'}): saved "
+                f"{checkpoint_dir}\nresume with: {resume_command(command)}",
+                flush=True,
+            )
+        else:
+            print(
+                format_summary(
+                    steps=cfg.max_steps,
+                    tokens=progress.tokens,
+                    seconds=progress.elapsed_s,
+                    train_loss=steps.last_loss,
+                    eval_metrics=last_eval,
+                    checkpoint=checkpoint_dir,
+                    run_dir=run_dir,
+                    model_dir=Path(cfg.model.path) if cfg.checkpoint.save_adapters else None,  # else: a merged model
+                    base=evaluator.base if evaluator else None,
+                ),
+                flush=True,
+            )
+            print("\n".join(f"  {line}" for line in data.summary(train_batches.counts)), flush=True)
+            if progress.nonfinite_skipped:
+                print(f"  {progress.nonfinite_skipped} steps skipped: the loss or the gradients were not finite")
+        logger.close()
+    barrier()
+    destroy()
+    return 0
+
+
+# A user's mistake or the machine's limit, each one `error: ...` line: the first kind an error is decides its code.
+EXIT_CODES = {
+    DataFaults: exit_codes.DATA_FAULTS,  # what `tailor validate` reports with the same code; a DataError, so first
+    ConfigError: exit_codes.USAGE,
+    DataError: exit_codes.USAGE,
+    PreflightError: exit_codes.USAGE,
+    ResumeError: exit_codes.USAGE,
+    RunLockedError: exit_codes.RUN_LOCKED,
+    CheckpointWriteError: exit_codes.WRITE_FAILED,
+    ProcessGroupError: exit_codes.NO_PROCESS_GROUP,
+    NonFiniteError: exit_codes.NOT_FINITE,
+}
+
+
+def run(argv: list[str], launcher: list[str] | None = None) -> int:
+    """main, with the errors a user can cause ending in `error: ...` and an exit code of finetune/exit_codes.py.
+    `launcher`: the words before CONFIG that started the run (default: this script), for the lock and the resume
+    command."""
+    try:
+        return main(argv, launcher or [sys.argv[0]])
+    except tuple(EXIT_CODES) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return next(code for kind, code in EXIT_CODES.items() if isinstance(error, kind))
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        written = error.filename2 or error.filename  # a copy names its source first, its destination second
+        where = f"{written}: " if written else ""
+        print(f"error: {where}{error.strerror}; free some space, then run the same command", file=sys.stderr)
+        return exit_codes.WRITE_FAILED
+    except torch.OutOfMemoryError as error:
+        print(f"error: {out_of_memory_message(error)}", file=sys.stderr)
+        return exit_codes.OUT_OF_MEMORY
+    except KeyboardInterrupt:  # Ctrl-C before the loop, which saves and stops on its own once it runs
+        print(
+            "error: interrupted (Ctrl-C) before the first step of this run: nothing was trained or saved by it, and "
+            "its earlier checkpoints are as they were; run the same command to start again",
+            file=sys.stderr,
+        )
+        return exit_codes.INTERRUPTED
+    finally:
+        destroy()  # with several ranks, an error too leaves the process group closed: no abort at exit
+
+
+if __name__ == "__main__":  # each rank of `tailor train --gpus N`: torchrun ... -m finetune.training.entry
+    exit_process(run(sys.argv[1:], ["tailor", "train"]))

@@ -1,0 +1,308 @@
+"""One real training step of a config's model, at full size, traced on tensors that hold no memory.
+
+`tailor validate CONFIG --trace [--device h100]` builds the model as a run does (meta device, LoRA, NF4 where
+configured, activation checkpointing), makes its parameters fake tensors (FakeTensorMode: shapes and dtypes, no
+bytes) in the dtype `auto` picks on the named GPU, and runs one real `train_step` (forward, chunked loss, backward
+with recomputation, clipping, fused AdamW) on a packed row of `seq_len` tokens. It reports the bytes of the frozen
+weights and of the LoRA state, the peak of the bytes the step's tensors hold at once, the FLOPs per token
+(torch.utils.flop_counter's formulas), the attention backend `auto` picks on that GPU and the attention kernels the
+traced step called, and every host synchronisation in the step.
+
+The fake tensors are CPU tensors: in a PyTorch built without CUDA, fake CUDA tensors fail at Python indexing and at
+autograd's dtype casts (both ask for a CUDA device guard). So the traced kernels are the CPU's (SDPA's flash kernel
+per document); the backend named is the one the GPU run takes. The host side of a step stays real: the batch, its
+document lengths and what is made from them (positions, document ids, the trained positions) are small real
+tensors. Where the device's values decide a shape (Mixtral's per-expert token counts), the trace counts the host
+synchronisation and routes the tokens evenly over the experts.
+
+Not traced: the peak with NF4 weights (torchao's NF4 tensors make their outputs below the byte counter: the count
+misses the activations), several ranks (FSDP2 over a fake process group), the CUDA context (about 0.5 GiB outside
+PyTorch), kernel workspaces, the allocator's fragmentation and NCCL's buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from finetune.config import TrainConfig
+from finetune.data.packing import Batch
+from finetune.training.loss import CausalLMWithLoss
+from finetune.training.memory_estimate import GIB, LORA_BYTES_PER_PARAMETER
+from finetune.training.model_setup import build_meta_model, quantize_meta_model
+from finetune.training.optim import build_optimizer
+from finetune.training.parallel import apply_parallelism
+from finetune.training.precision import DTYPES
+from finetune.training.train_step import train_step
+from model.args import ModelArgs
+from model.attention import resolve_backend
+from model.lora import mark_only_lora_trainable
+from model.quantize import assign_nf4, is_nf4, to_nf4
+
+
+@dataclass(frozen=True)
+class GpuKind:
+    name: str
+    memory: int  # bytes
+    capability: tuple[int, int]
+
+
+GPU_KINDS = {
+    "h100": GpuKind("NVIDIA H100 80GB HBM3", 80 * GIB, (9, 0)),
+    "h200": GpuKind("NVIDIA H200", 141 * GIB, (9, 0)),
+    "a100": GpuKind("NVIDIA A100-SXM4-80GB", 80 * GIB, (8, 0)),
+    "t4": GpuKind("Tesla T4", 15 * GIB, (7, 5)),
+}
+# the device ops that make the host wait: a value read, or an output whose size depends on the values
+SYNCING = {
+    "_local_scalar_dense": "item",  # .item(), .tolist(), bool(t), int(t), float(t)
+    "nonzero": "nonzero",
+    "bincount": "bincount",
+    "repeat_interleave": "repeat_interleave",
+    "_unique2": "unique",
+    "masked_select": "masked_select",
+}
+
+
+@dataclass
+class StepTrace:
+    """What one traced step holds and does, per rank."""
+
+    gpu: str
+    dtype: torch.dtype
+    backend: str
+    tokens: int  # per rank
+    frozen: int  # bytes: the frozen weights as stored (bf16, fp16 or NF4)
+    lora_state: int  # bytes: LoRA weights, their gradients, AdamW's moments
+    flops: int  # the step's, this rank's, recomputation included
+    attention_kernels: list[str]
+    host_syncs: list[str]  # one entry per synchronisation, in order
+    peak: int | None = None  # bytes: the most the step's tensors hold at once, in a step after the first; None: NF4
+
+    @property
+    def flops_per_token(self) -> float:
+        return self.flops / self.tokens
+
+    def summary(self) -> str:
+        syncs = sorted(set(self.host_syncs))
+        return (
+            f"trace (as on {self.gpu}: {str(self.dtype).removeprefix('torch.')}, attention {self.backend}): frozen "
+            f"weights {self.frozen / GIB:.2f} GiB, LoRA + gradients + AdamW {self.lora_state / GIB:.2f} GiB, peak "
+            + ("not traced with NF4" if self.peak is None else f"{self.peak / GIB:.2f} GiB")
+            + "; "
+            f"{self.flops_per_token / 1e9:.2f} GFLOP per token (recomputation included); traced kernels "
+            f"{', '.join(self.attention_kernels) or 'none'}; host syncs in the step: {len(self.host_syncs)}"
+            + (f" ({', '.join(f'{s} x{self.host_syncs.count(s)}' for s in syncs)})" if syncs else "")
+        )
+
+
+def trace_dtype(name: str, gpu: GpuKind) -> torch.dtype:
+    """precision.compute_dtype's choice on `gpu`: `auto` is bf16 from compute capability 8.0, fp16 below."""
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if gpu.capability >= (8, 0) else torch.float16
+
+
+def traced_batch(seq_len: int, vocab_size: int) -> Batch:
+    """A packed row of `seq_len` tokens, four documents, every target trained (the loss's worst case)."""
+    quarter = seq_len // 4
+    seqlens = [quarter, quarter, quarter, seq_len - 3 * quarter]
+    tokens = torch.arange(seq_len + 1) % vocab_size
+    return Batch(tokens[:-1], tokens[1:], torch.ones(seq_len), [n for n in seqlens if n > 0])
+
+
+class _HostSide(TorchFunctionMode):
+    """Inside the fake mode, the host side of the step stays real: an op on real CPU tensors only (the batch, its
+    document lengths and what is made from them) runs for real, so its values (and data-dependent shapes) exist."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if not any(_is_fake(t) or t.is_meta for t in tensors):
+            with _fake_mode_off():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Every op on the step's (fake) device tensors that makes the host wait for the device: a value read (`item`,
+    `tolist`, a branch on a tensor) or an output whose size depends on the values. Mixtral's per-expert counts are
+    answered with an even split of the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+        self.even_items, self.even_value = 0, 0  # the expert counts' elements still to read, and their value
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not any(_is_fake(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)):
+            return func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense" and self.even_items:
+            self.even_items -= 1  # FakeTensor's tolist reads element by element: one read of the counts, counted once
+            return self.even_value
+        if name in SYNCING:
+            self.syncs.append(SYNCING[name])
+            if name == "bincount":
+                values, bins = args[0], kwargs.get("minlength", args[2] if len(args) > 2 else 0)
+                self.even_items, self.even_value = bins, values.numel() // bins
+                self.syncs.append("tolist")
+                return torch.full((bins,), values.numel() // bins, dtype=torch.long, device=values.device)
+        return func(*args, **kwargs)
+
+
+class _LiveBytesAndFlops(TorchDispatchMode):
+    """The bytes the step's fake tensors hold over time (each storage counted once, from the op that made it until a
+    weak reference's callback says it is freed) and their highest sum; and the FLOPs of the ops, by
+    torch.utils.flop_counter's formulas (its FlopCounterMode's module hooks keep tensors alive, raising the peak)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.flops = 0, 0, 0
+        self._sizes: dict[int, int] = {}
+
+    def hold(self, tensor: torch.Tensor) -> None:
+        if not _is_fake(tensor):
+            return
+        flatten = getattr(tensor, "__tensor_flatten__", None)
+        if flatten is not None and not isinstance(tensor, _fake_tensor_type()):  # NF4: its codes and scales
+            for name in flatten()[0]:
+                self.hold(getattr(tensor, name))
+            return
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key not in self._sizes:
+            self._sizes[key] = storage.nbytes()
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.overloadpacket in flop_registry:
+            self.flops += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.hold(tensor)
+        return out
+
+
+class _OpNames(TorchDispatchMode):
+    """The names of the attention ops a step dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name().removeprefix("aten::")
+        if ("attention" in name or "flash" in name or "varlen" in name) and name not in self.attention:
+            self.attention.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(tensor, FakeTensor):
+        return True
+    inner = getattr(tensor, "__tensor_flatten__", None)  # a subclass (NF4) holding fake tensors
+    return inner is not None and any(_is_fake(getattr(tensor, n)) for n in inner()[0])
+
+
+def _fake_tensor_type() -> type:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return FakeTensor
+
+
+def _fake_mode_off():
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
+def trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100") -> StepTrace:
+    """One train_step of `cfg`'s model (`args`) on one rank, on fake tensors, as on `gpu` (the module docstring)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kind = GPU_KINDS[gpu]
+    device = torch.device("cpu")
+    dtype = trace_dtype(cfg.model.dtype, kind)
+    model = build_meta_model(cfg, args, dtype)
+    if cfg.model.quantize == "nf4":
+        quantize_meta_model(model, 1)
+    mark_only_lora_trainable(model)
+    backend = resolve_backend(cfg.model.attention, torch.device("cuda"), dtype, kind.capability)
+    loss_model = CausalLMWithLoss(model)
+    # eagerly: a compiled block would be compiled for the fake tensors, and saves what eager saves
+    apply_parallelism(loss_model, model.layers, dataclasses.replace(cfg.model, compile=False), 1, dtype)
+    batch = traced_batch(cfg.seq_len * cfg.batch_size, args.vocab_size)
+
+    syncs, names = _HostSyncs(), _OpNames()
+    with FakeTensorMode(allow_non_fake_inputs=True), _HostSide():
+        loss_model.to_empty(device=device)
+        for name, param in list(loss_model.named_parameters()):
+            if is_nf4(param):  # as the loader does: quantized from a (here fake) full weight, scales and all
+                assign_nf4(loss_model, name, to_nf4(torch.empty(param.shape, dtype=param.dtype, device=device)))
+        lora = [p for p in loss_model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(lora, cfg.optim)
+        live = _LiveBytesAndFlops()
+        for param in loss_model.parameters():
+            live.hold(param)
+        with names, syncs, live:
+            train_step(loss_model, optimizer, [batch], device, cfg.optim.max_grad_norm, 1)
+    lora_weights = sum(p.numel() * p.element_size() for p in lora)
+    weights = sum(_nbytes(p) for p in loss_model.parameters())
+    return StepTrace(
+        gpu=gpu,
+        dtype=dtype,
+        backend=backend,
+        tokens=batch.tokens.numel(),
+        frozen=weights - lora_weights,
+        lora_state=sum(p.numel() for p in lora) * LORA_BYTES_PER_PARAMETER,
+        flops=live.flops,
+        attention_kernels=names.attention,
+        host_syncs=syncs.syncs,
+        # a later step's peak: AdamW's two moments, made at the first step's update, are held through every step after
+        peak=None if cfg.model.quantize == "nf4" else live.peak + 8 * sum(p.numel() for p in lora),
+    )
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    """Bytes a (fake) tensor holds, an NF4 tensor's packed codes and scales included."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) is not torch.nn.Parameter and not _is_fake(tensor):
+        return sum(_nbytes(getattr(tensor, name)) for name in flatten()[0])
+    return tensor.untyped_storage().nbytes()
+
+
+def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100") -> StepTrace:
+    """The step of the full model from traces of 1, 2 and 3 of its layers: every block is the same, so the weights,
+    the LoRA state, the FLOPs and the host syncs grow by exactly the second trace's difference per layer, and the
+    peak by the third's (from two layers on, the peak is in the same place: the last block's recomputation, with
+    every block's input kept). Three small traces take seconds on a CPU (NF4's two, its peak untraced: a minute)."""
+    one, two = (trace_step(cfg, dataclasses.replace(args, n_layers=n), gpu) for n in (1, 2))
+    more = args.n_layers - 1
+    grown = {
+        name: getattr(one, name) + more * (getattr(two, name) - getattr(one, name))
+        for name in ("frozen", "lora_state", "flops")
+    }
+    if one.peak is not None and args.n_layers > 1:
+        three = trace_step(cfg, dataclasses.replace(args, n_layers=3), gpu)
+        grown["peak"] = two.peak + (args.n_layers - 2) * (three.peak - two.peak)
+    per_layer = two.host_syncs[len(one.host_syncs) :]  # the second layer's, in order
+    return dataclasses.replace(one, **grown, host_syncs=one.host_syncs + per_layer * more)

@@ -1,0 +1,108 @@
+"""A shipped config's real training step traced at full size on tensors that hold no memory (training/trace.py).
+
+To keep CI's cost small, each model is traced with 1 and 2 of its layers and extrapolated per layer
+(`trace_by_layers`): every block is the same, so the weights, the LoRA state, the FLOPs and the host syncs of L layers
+are exactly those of one plus L - 1 times the second's difference; and at seq_len 4096 (the FLOPs per token of the
+blocks do not depend on it)."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.config import load_config
+from finetune.training.memory_estimate import estimate_memory, lora_parameters
+from finetune.training.trace import trace_by_layers
+from model.args import ARCHITECTURES, active_parameters
+from model.attention import available_backends, resolve_backend
+
+REPO = Path(__file__).resolve().parents[2]
+SEQ_LEN = 4096
+
+
+def shipped(name: str):
+    return load_config(REPO / "configs" / name, [f"seq_len={SEQ_LEN}"])
+
+
+def test_mistral_7b_traced_as_on_an_h100_holds_the_estimated_weights_and_waits_for_nothing():
+    cfg, args = shipped("mistral-7b-v0.3.yaml"), ARCHITECTURES["mistral-7b"]
+    trace = trace_by_layers(cfg, args, "h100")
+    estimate = estimate_memory(args, cfg, 1, 2)
+    assert (trace.dtype, trace.backend) == (torch.bfloat16, "varlen")  # what `auto` takes on an H100
+    assert trace.frozen == estimate.weights == 14_496_047_104  # 7.25B parameters in bf16, exactly
+    assert trace.lora_state == estimate.lora
+    assert trace.host_syncs == []  # a dense step never waits for the device
+    assert "_scaled_dot_product_flash_attention_for_cpu_backward" in trace.attention_kernels
+    # FLOPs per token: the benchmarks' model FLOPs, 4 N, plus checkpointing's second forward of the blocks and LoRA's
+    # 8 FLOPs a parameter (forward, recomputation, input and weight gradients); the CPU attention kernel the trace
+    # runs is not counted by torch.utils.flop_counter, so neither is attention
+    n, head = active_parameters(args), args.vocab_size * args.dim
+    formula = 4 * n + 2 * (n - head) + 8 * lora_parameters(args, cfg)
+    assert trace.flops_per_token == pytest.approx(formula, rel=0.02)
+    assert trace.flops_per_token > 4 * n * 1.45  # recomputation counted: hardware FLOPs, not model FLOPs
+    # the live bytes of the step at their highest (in the last block's recomputation), AdamW's moments included
+    assert trace.peak == pytest.approx(estimate.total, rel=0.10)
+    assert trace.peak > trace.frozen + trace.lora_state + args.n_layers * SEQ_LEN * args.dim * 2  # inputs kept
+
+
+def test_the_traced_peak_grows_with_the_kept_block_inputs_as_the_estimate_does():
+    """At 32768 tokens the activations are half the peak: the checkpointed blocks' inputs and one block's
+    recomputation, as the estimate counts them."""
+    cfg, args = load_config(REPO / "configs" / "mistral-7b-v0.3.yaml", ["seq_len=32768"]), ARCHITECTURES["mistral-7b"]
+    trace = trace_by_layers(cfg, args, "h100")
+    estimate = estimate_memory(args, cfg, 1, 2)
+    assert estimate.activations > 0.45 * estimate.total
+    assert trace.peak == pytest.approx(estimate.total, rel=0.10)
+    assert "peak 31.29 GiB" in trace.summary()
+
+
+def test_mixtral_traced_shows_its_per_layer_host_syncs():
+    cfg, args = shipped("mixtral-8x7b.yaml"), ARCHITECTURES["mixtral-8x7b"]
+    trace = trace_by_layers(cfg, args, "h100")
+    # every MoE layer reads its per-expert token counts on the host, in forward and again in the recomputation
+    assert trace.host_syncs.count("bincount") == trace.host_syncs.count("tolist") == 2 * args.n_layers
+    assert len(trace.host_syncs) == 4 * args.n_layers
+    assert trace.frozen == estimate_memory(args, cfg, 1, 2).weights
+    # FLOPs: a token passes num_experts_per_tok experts, and so only their adapters (with every expert's adapters the
+    # formula was 5-7% above the trace)
+    chosen = dataclasses.replace(args, moe=dataclasses.replace(args.moe, num_experts=args.moe.num_experts_per_tok))
+    n, head = active_parameters(args), args.vocab_size * args.dim
+    formula = 4 * n + 2 * (n - head) + 8 * lora_parameters(chosen, cfg)
+    assert trace.flops_per_token == pytest.approx(formula, rel=0.02)
+    assert "host syncs in the step: 128 (bincount x64, tolist x64)" in trace.summary()
+
+
+def test_the_16gb_nf4_config_traced_as_on_a_t4():
+    pytest.importorskip("torchao", reason="NF4 is the qlora extra")
+    cfg, args = shipped("mistral-7b-v0.3-qlora-16gb.yaml"), ARCHITECTURES["mistral-7b"]
+    trace = trace_by_layers(cfg, args, "t4")
+    # fp16 as configured; below compute capability 8.0 `auto` takes SDPA, not the compiled FlexAttention
+    assert (trace.dtype, trace.backend) == (torch.float16, "sdpa")
+    estimate = estimate_memory(args, cfg, 1, 2)
+    assert trace.frozen == pytest.approx(estimate.weights, rel=0.005)  # NF4 codes, scales and their scales
+    assert trace.lora_state == estimate.lora
+    assert trace.host_syncs == []
+    assert trace.peak is None and "peak not traced with NF4" in trace.summary()
+
+
+def test_auto_takes_what_runs_below_compute_capability_8(monkeypatch):
+    """T4 and V100: Triton's compiled flex kernels run out of shared memory there, and flash varlen needs 8.0."""
+    assert resolve_backend("auto", "cuda", torch.float16, capability=(7, 5)) == "sdpa"
+    assert resolve_backend("flex", "cuda", torch.float16, capability=(7, 5)) == "flex"  # named, it is tried
+    assert resolve_backend("auto", "cuda", torch.bfloat16, capability=(9, 0)) == "varlen"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert available_backends("cuda", torch.float16)[0] == "sdpa"
+
+
+def test_validate_traces_the_step(write_config, capsys):
+    from finetune.cli import main
+
+    config = write_config()
+    assert main(["validate", str(config), "--trace"]) == 0
+    out = capsys.readouterr().out
+    assert "trace (as on h100: float32, attention sdpa): frozen weights " in out  # the test config: fp32, sdpa
+    assert "host syncs in the step: 0" in out
+    assert main(["validate", str(config), "--trace", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --trace traces a GPU's step: --device one of h100, h200, a100, t4, not cpu" in err
