@@ -25,8 +25,8 @@ from finetune import exit_codes
 from finetune.checkpoints.folders import CheckpointWriteError
 from finetune.config import ConfigError, TrainConfig, due_at, load_config, resolve_cache_dir
 from finetune.data import DataError, DataFaults, build_eval_batches, build_train_loader
+from finetune.data.data_report import data_report
 from finetune.data.epochs import resolve_epochs
-from finetune.data.report import data_report
 from finetune.training.checkpointing import ResumeError, load_training_state, save_checkpoint
 from finetune.training.config_record import record_config
 from finetune.training.console import Console
@@ -45,12 +45,12 @@ from finetune.training.model_setup import build_training_model
 from finetune.training.monitoring import MetricsLogger, format_summary
 from finetune.training.optim import build_optimizer, lora_param_groups, lr_at_step, set_lr
 from finetune.training.preflight import PreflightError, missing_folders, remove_unused_folders, run_preflight_checks
-from finetune.training.report import describe_run, train_data_tokens
 from finetune.training.rng import train_data_seed
 from finetune.training.run_lock import RunLockedError, lock_run_dir
+from finetune.training.run_preview import describe_run, train_data_tokens
 from finetune.training.run_start import prepare_run_dir
 from finetune.training.run_status import FINISHED, STOPPED, RunRecord, recording_failure, write_run_status
-from finetune.training.step_log import StepLog
+from finetune.training.step_reader import StepReader
 from finetune.training.stop_signal import StopSignal, resume_command
 from finetune.training.train_state import Progress
 from finetune.training.train_step import NonFiniteError, out_of_memory_message, train_step
@@ -144,13 +144,13 @@ def fine_tune(
 
     # The loop. The device runs one step ahead of the host: a step's outcome is read once the next one is queued.
     stop = StopSignal.install()
-    steps = StepLog(cfg, progress, logger, dist_info.device, console)
+    reader = StepReader(cfg, progress, logger, dist_info.device, console)
     last_eval, checkpoint_dir = None, None
     for step in range(progress.step + 1, cfg.max_steps + 1):
         lr = lr_at_step(step, cfg.optim, cfg.max_steps)
         set_lr(optimizer, lr)
         micro_batches = [next(train_batches) for _ in range(cfg.grad_accumulation)]
-        sums = train_step(
+        queued = train_step(
             loss_model,
             optimizer,
             micro_batches,
@@ -163,8 +163,8 @@ def fine_tune(
         evaluates = evaluator is not None and due_at(step, cfg.eval.freq, cfg.max_steps)
         saves = cfg.checkpoint.enabled and due_at(step, cfg.checkpoint.freq, cfg.max_steps)
         stopping_alone = stop.requested and dist_info.world_size == 1  # no other rank to agree with: stop now
-        steps.add(step, lr, sums, read_now=evaluates or saves or stopping_alone)
-        stopping = steps.stop_requested or stopping_alone  # several ranks stop on the step they agreed on
+        reader.add(step, lr, queued, read_now=evaluates or saves or stopping_alone)
+        stopping = reader.stop_requested or stopping_alone  # several ranks stop on the step they agreed on
 
         if evaluates and not stopping:
             last_eval = evaluator.evaluate(loss_model, step, logger, console)
@@ -189,7 +189,7 @@ def fine_tune(
                     steps=cfg.max_steps,
                     tokens=progress.tokens,
                     seconds=progress.elapsed_s,
-                    train_loss=steps.last_loss,
+                    train_loss=reader.last_loss,
                     eval_metrics=last_eval,
                     checkpoint=checkpoint_dir,
                     run_dir=run_dir,

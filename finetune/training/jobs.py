@@ -26,7 +26,7 @@ from finetune import exit_codes
 from finetune.checkpoints.folders import list_checkpoints
 from finetune.checkpoints.manifest import MANIFEST, verify_checkpoint
 from finetune.config import TrainConfig, config_to_dict
-from finetune.data.report import DataReport
+from finetune.data.data_report import DataReport
 from finetune.data.validate import format_eta
 from finetune.training.config_record import CONFIG_FILE, setting_changes
 from finetune.training.monitoring import METRICS_FILE

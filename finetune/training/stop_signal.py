@@ -11,7 +11,7 @@ class StopSignal:
     """SIGTERM (a scheduler's preemption; torchrun forwards it to its workers) or SIGINT (Ctrl-C) asks the run to
     stop: the step in flight finishes, a checkpoint is saved, and the process exits 0. The handler only notes the
     signal; train_step lets the ranks agree on it, so that they all stop after the same step (with several ranks
-    the agreement is read a step late, finetune/training/step_log.py, so the step queued behind finishes too)."""
+    the agreement is read a step late, finetune/training/step_reader.py, so the step queued behind finishes too)."""
 
     def __init__(self) -> None:
         self.name: str | None = None

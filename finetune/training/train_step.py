@@ -6,8 +6,8 @@ dropped and the optimizer does not step. The loop counts such steps, and stops t
 
 The step never waits for the device: the skip happens on the device (the fused AdamW kernel's `found_inf`), and
 what the host needs to know of the step (finite? a stop asked for? its loss, gradient norm and trained tokens) is
-copied back without waiting, to be read when the loop gets to it, one step later (`StepSums.outcome()`,
-finetune/training/step_log.py).
+copied back without waiting, to be read when the loop gets to it, one step later (`QueuedStep.outcome()`,
+finetune/training/step_reader.py).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class StepOutcome:
 
 
 @dataclass
-class StepSums:
+class QueuedStep:
     """A step as the loop sees it: its tokens, counted on the host, and its outcome on its way from the device:
     `outcome()` waits, at most, for this step to finish on the device."""
 
@@ -99,7 +99,7 @@ def train_step(
     world_size: int,
     stop: StopSignal | None = None,
     loss_scale: DynamicLossScale | None = None,
-) -> StepSums:
+) -> QueuedStep:
     """Forward and backward every micro-batch, clip, and step the optimizer unless something was not finite.
 
     The step's loss is Σ weight·CE over all micro-batches and ranks ÷ Σ weights: the divisor is known from the
@@ -142,7 +142,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.tokens.numel() for b in micro_batches) * world_size
     outcome = torch.stack([*flags.double(), trained, (loss_sum / step_weight).double(), grad_norm.double()])
-    return StepSums(tokens, pending=HostCopy(outcome))
+    return QueuedStep(tokens, pending=HostCopy(outcome))
 
 
 def skip_step_if_nonfinite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:

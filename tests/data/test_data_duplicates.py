@@ -16,10 +16,10 @@ from finetune.cli import main
 from finetune.data import cache
 from finetune.data.cache import open_tokenized_files
 from finetune.data.config import DataConfig, DataSource
+from finetune.data.data_report import data_report
 from finetune.data.errors import DataError, TooManyBadLines
 from finetune.data.fingerprint import sample_fingerprint
 from finetune.data.loader import build_eval_batches, build_train_loader
-from finetune.data.report import data_report
 
 WEATHER = {
     "type": "function",

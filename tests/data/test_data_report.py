@@ -6,7 +6,7 @@ import json
 
 from finetune.data import tokenize_sample
 from finetune.data.config import DataConfig, DataSource
-from finetune.data.report import data_report
+from finetune.data.data_report import data_report
 
 USER = {"role": "user", "content": "Hi"}
 

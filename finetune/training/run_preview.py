@@ -1,5 +1,5 @@
 """What a run is about to do, printed by rank 0 before its first step: the devices, the model and what LoRA trains
-of it, and what `max_steps` makes of the data (whose own report, per source, finetune/data/report.py printed). A
+of it, and what `max_steps` makes of the data (whose own report, per source, finetune/data/data_report.py printed). A
 user reads what was understood before waiting for it.
 
     devices: 1 process on the CPU (world size 1); frozen weights fp32, LoRA weights fp32
@@ -39,7 +39,7 @@ def describe_run(
         f"model: {cfg.model.path}: {describe_architecture(args)}: {count(num_parameters(args))} parameters",
         describe_lora(cfg, model),
     ]
-    # each source's files, samples, tokens and losses were printed with the data (finetune/data/report.py)
+    # each source's files, samples, tokens and losses were printed with the data (finetune/data/data_report.py)
     if cfg.epochs is not None:
         lines.append(describe_epochs(cfg, train_data_tokens(train_batches), dist_info.world_size))
     lines.append(describe_step(cfg, dist_info.world_size, train_batches))

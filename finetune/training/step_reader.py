@@ -19,10 +19,10 @@ from finetune.config import TrainConfig
 from finetune.training.console import Console
 from finetune.training.monitoring import MetricsLogger, peak_memory_gib, train_record
 from finetune.training.train_state import Progress
-from finetune.training.train_step import StepSums, raise_if_diverged
+from finetune.training.train_step import QueuedStep, raise_if_diverged
 
 
-class StepLog:
+class StepReader:
     """Reads the queued steps' outcomes into `progress`, logs them (rank 0 has the `logger` and the `console`),
     raises NonFiniteError after too many non-finite steps in a row, and tells the loop when some rank was asked to
     stop."""
@@ -37,22 +37,22 @@ class StepLog:
     ):
         self.cfg, self.progress, self.logger, self.device, self.console = cfg, progress, logger, device, console
         self.started = time.perf_counter() - progress.elapsed_s  # training time, across resumes
-        self.unread: list[tuple[int, float, StepSums]] = []  # steps queued on the device, oldest first
+        self.unread: list[tuple[int, float, QueuedStep]] = []  # steps queued on the device, oldest first
         self.stop_requested = False
         self.last_loss: float | None = None
 
-    def add(self, step: int, lr: float, sums: StepSums, read_now: bool = False) -> None:
+    def add(self, step: int, lr: float, queued: QueuedStep, read_now: bool = False) -> None:
         """Take the step just queued; read the one before it, and this one too if `read_now` or it is the last."""
-        self.unread.append((step, lr, sums))
+        self.unread.append((step, lr, queued))
         keep = 0 if read_now or step == self.cfg.max_steps else 1
         while len(self.unread) > keep:
             self._read(*self.unread.pop(0))
         if self.stop_requested and self.unread:
             self._read(*self.unread.pop(0))
 
-    def _read(self, step: int, lr: float, sums: StepSums) -> None:
-        progress, outcome = self.progress, sums.outcome()
-        progress.count(step, sums.tokens, outcome, elapsed_s=time.perf_counter() - self.started)
+    def _read(self, step: int, lr: float, queued: QueuedStep) -> None:
+        progress, outcome = self.progress, queued.outcome()
+        progress.count(step, queued.tokens, outcome, elapsed_s=time.perf_counter() - self.started)
         if step % self.cfg.logging.freq == 0 or step in (1, self.cfg.max_steps) or not outcome.finite:
             record = train_record(step, self.cfg.max_steps, lr, outcome, progress, peak_memory_gib(self.device))
             self.last_loss = record["loss"]
