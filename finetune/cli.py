@@ -57,11 +57,8 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    # Validation keeps what it makes to its end (modules, the tokenizer) and makes little cyclic garbage, which the
-    # cache's build collects itself: the cyclic collector would only walk those objects again and again (measured
-    # when the word memo kept lists: 0.1 s of a 1.5 s validation of 7.8 MiB with the v3 tokenizer, imports
-    # included). Paused here, before the data path's first import: its modules are most of what the collector walks
-    # at start-up.
+    # Paused before the data path's first import: validation keeps what it makes to its end, so the cyclic collector
+    # would only walk those objects again and again (the cache's build collects its own little garbage).
     from finetune.data.collector import cycle_collector_paused
 
     with cycle_collector_paused():
@@ -382,8 +379,7 @@ def command_line() -> None:
     """`tailor` (pyproject.toml's script) and `python -m finetune`: main() on this process's arguments, then exit.
     After `tailor validate`, which only reads (its cache files are closed when main() returns), the process exits
     without the cyclic garbage collector's last walk over every object still alive (gc.freeze), which only finds what
-    the exit frees anyway: measured 0.05-0.1 s of a 1.5 s validation of 7.8 MiB, walking the tokenizer and its word
-    memo. Commands that write keep that walk: an object it finalises may still hold a file to flush."""
+    the exit frees anyway. Commands that write keep that walk: an object it finalises may still hold a file to flush."""
     status = main()
     if sys.argv[1:2] == ["validate"]:
         gc.freeze()

@@ -1,8 +1,8 @@
 """A Tekken tokenizer file loaded as `MistralTokenizer.from_file` loads it, less the list of its tokens as strings.
 
 mistral-common's Tekkenizer decodes every token of its vocabulary to a string when it loads (its `vocab()`, one
-Python call per token): 0.3 s of a 0.65 s load of the 131k-token tekken_240911.json, measured here, for a list that
-nothing on the data path reads. The Tekkenizer here makes that list on first use instead, the same list. The rest
+Python call per token), about half of the load of a 131k-token file, for a list that nothing on the data path
+reads. The Tekkenizer here makes that list on first use instead, the same list. The rest
 is mistral-common's own parts, put together as its `from_file` does: the validator and request normaliser of the
 file's version, the image and audio encoders its config asks for, and the instruct tokenizer of that version. A
 version without a row in INSTRUCT_TOKENIZERS (one newer than this table) is loaded by `from_file` itself.

@@ -15,9 +15,8 @@ for the file at hand, and the tests compare both against the originals on every 
 Both are told the texts of a batch of lines before their chat templates ask for them one by one (`prepare`), so that
 the batch is encoded on every core this process may use: the SentencePiece memo learns the batch's new words in one
 call that SentencePiece runs in C++ threads; Tekken's encoder gives each of its threads one contiguous share of the
-batch's texts, which tiktoken's Rust BPE encodes without Python's lock (measured on 2 free cores: 1.55x faster than
-one thread; a thread per text, as tiktoken's own batch call does, gained nothing, each short call taking the lock
-back).
+batch's texts, which tiktoken's Rust BPE encodes without Python's lock (a thread per text, as tiktoken's own batch
+call does, gains nothing: each short call takes the lock back).
 
 Each gives a text's ids two ways (`TextEncoder`): as a list, for mistral-common's templates, and `packed`, as the
 uint32 bytes the cache stores, which the plain-chat template appends to its sample's array with no int object per
@@ -83,7 +82,7 @@ class WordMemoSentencePiece(TextEncoder):
     """`encode(text)` of a SentencePiece model, word by word through a bounded memo of each word's packed ids: a text's
     ids are one `bytes.join` of its words' (a third faster than chaining lists of ints, and no int object per token)."""
 
-    # About 30 MB per process when full (measured: 200,000 made-up words of 3.5 ids on average). Once full, new words
+    # About 30 MB per process when full (200,000 words of 3.5 ids on average). Once full, new words
     # are encoded but not remembered: in text, frequent words come early, so the memo then holds the words that matter.
     max_words = 200_000
 

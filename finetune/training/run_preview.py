@@ -67,7 +67,7 @@ def describe_devices(dist_info: DistInfo) -> str:
 def describe_cpu_threads(world_size: int) -> str:
     """The threads each process computes with on a CPU, and why: torchrun sets OMP_NUM_THREADS=1 for several ranks
     and leaves one process torch's default (one per core), the fastest on a machine of its own; on one shared with
-    other work, that many threads can be several times slower than one (measured 4x), which only the user can know."""
+    other work, that many threads can be several times slower than one, which only the user can know."""
     threads = torch.get_num_threads()
     if "OMP_NUM_THREADS" in os.environ:
         return f"threads: {threads} per process (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
