@@ -299,11 +299,10 @@ def cache_read_tokens_per_second(
 ) -> float:
     from finetune.data import build_train_loader
     from finetune.data.config import DataConfig, DataSource
+    from finetune.data.sources import open_run_data
 
-    cfg = DataConfig(train=[DataSource(str(path))], num_workers=0)
-    loader = build_train_loader(
-        cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, rank=0, world_size=1, seed=0, cache_dir=cache_dir
-    )
+    data = open_run_data(DataConfig(train=[DataSource(str(path))], num_workers=0), tokenizer, cache_dir=cache_dir)
+    loader = build_train_loader(data, seq_len=seq_len, batch_size=batch_size, rank=0, world_size=1, seed=0)
     next(loader)  # first epoch's permutation
     start = time.perf_counter()
     for _ in range(n_batches):

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from finetune.data.config import DataConfig
 from finetune.data.duplicates import COUNTED, EVAL_KINDS, TRAIN_KINDS, Repeat, find_repeats
 from finetune.data.errors import LEFT_OUT
-from finetune.data.sources import TokenizedSource, open_sources
+from finetune.data.sources import RunData, TokenizedSource
 
 REPORTED_PAIRS = 3  # FILE:LINE pairs shown per kind of repeat; `tailor validate` shows more
 OVERLONG_DONE = {"split": "split into pieces of seq_len", "truncate": "truncated to seq_len", "drop": "dropped"}
@@ -145,15 +143,11 @@ def source_report(split: str, source: TokenizedSource, seq_len: int) -> SourceRe
     )
 
 
-def data_report(cfg: DataConfig, tokenizer, *, seq_len: int, cache_dir: Path, with_eval: bool) -> DataReport:
-    """The report of data.train and (with_eval) data.eval and data.retain, read from the tokenized cache."""
-    splits = {"train": cfg.train, "eval": cfg.eval if with_eval else [], "retain": cfg.retain if with_eval else []}
-    opened = {
-        split: open_sources(configured, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
-        for split, configured in splits.items()
-    }
+def data_report(data: RunData, *, seq_len: int) -> DataReport:
+    """The report of the run's opened sources: data.train's, data.eval's and data.retain's."""
+    opened = {"train": data.train, "eval": data.eval, "retain": data.retain}
     reports = [source_report(split, source, seq_len) for split, sources in opened.items() for source in sources]
     repeats = find_repeats(opened["train"], opened["eval"], REPORTED_PAIRS)  # train's sources, then eval's
     for report, found in zip(reports[: len(repeats)], repeats, strict=True):
         report.repeats, report.repeat_examples = found.counts, found.examples
-    return DataReport(seq_len=seq_len, overlong=cfg.overlong, sources=reports)
+    return DataReport(seq_len=seq_len, overlong=data.config.overlong, sources=reports)

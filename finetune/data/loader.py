@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-from finetune.data.config import DataConfig
 from finetune.data.errors import DataError, DataFaults
 from finetune.data.packing import Batch, DocumentFeed, Piece, make_batch, pack_sequence
-from finetune.data.sources import TokenizedSource, check_bad_samples, check_bad_shares, open_sources
+from finetune.data.sources import RunData, TokenizedSource, check_bad_samples, check_bad_shares
 
 
 def epoch_order(n: int, seed: int, source_index: int, rank: int, world_size: int, shuffle: bool):
@@ -113,9 +111,10 @@ class TrainLoader:
 
 
 def build_train_loader(
-    cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: int, rank: int, world_size: int, seed: int, cache_dir: Path
+    data: RunData, *, seq_len: int, batch_size: int, rank: int, world_size: int, seed: int
 ) -> TrainLoader:
-    sources = open_sources(cfg.train, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
+    """This rank's endless batches of data.train; DataFaults or DataError where the sources cannot feed them."""
+    cfg, sources = data.config, data.train
     bad = check_bad_samples(sources, cfg.on_bad_sample)
     check_bad_shares(sources, cfg.max_bad_fraction)
     for source in sources:
@@ -146,18 +145,10 @@ def build_train_loader(
 
 
 def build_eval_batches(
-    cfg: DataConfig,
-    tokenizer,
-    *,
-    seq_len: int,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    cache_dir: Path,
-    group: str = "eval",
+    data: RunData, *, seq_len: int, batch_size: int, rank: int, world_size: int, group: str = "eval"
 ) -> list[Batch]:
-    """The batches of data.eval, or of data.retain with `group="retain"`."""
-    sources = open_sources(getattr(cfg, group), tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
+    """This rank's batches of data.eval, or of data.retain with `group="retain"`."""
+    cfg, sources = data.config, getattr(data, group)
     check_bad_samples(sources, cfg.on_bad_sample)
     check_bad_shares(sources, cfg.max_bad_fraction)
     for source in sources:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import bisect
 import stat
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from finetune.data.cache import Fault, TokenizedFile, open_tokenized_files
-from finetune.data.config import DataSource
+from finetune.data.config import DataConfig, DataSource
 from finetune.data.errors import DataError, DataFaults, TooManyBadLines
 
 if TYPE_CHECKING:  # packing imports torch, which reading sources (`tailor validate`) never needs
@@ -125,6 +126,27 @@ def open_sources(
     return [
         TokenizedSource(s.path, s.weight, [opened[f] for f in files]) for s, files in zip(sources, files_per_source)
     ]
+
+
+@dataclass
+class RunData:
+    """A run's data, opened once from the tokenized cache: what its report, its train loader and its eval and retain
+    batches all read."""
+
+    config: DataConfig
+    train: list[TokenizedSource]
+    eval: list[TokenizedSource]
+    retain: list[TokenizedSource]
+
+
+def open_run_data(cfg: DataConfig, tokenizer, *, cache_dir: str | Path, with_eval: bool = True) -> RunData:
+    """data.train and, `with_eval`, data.eval and data.retain: each file tokenized, or found in the cache."""
+
+    def opened(sources: list[DataSource]) -> list[TokenizedSource]:
+        return open_sources(sources, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
+
+    evaluated = (cfg.eval, cfg.retain) if with_eval else ([], [])
+    return RunData(cfg, opened(cfg.train), *map(opened, evaluated))
 
 
 def check_bad_samples(sources: list[TokenizedSource], on_bad_sample: str) -> Counter:

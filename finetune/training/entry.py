@@ -27,6 +27,7 @@ from finetune.config import ConfigError, TrainConfig, due_at, load_config, resol
 from finetune.data import DataError, DataFaults, build_eval_batches, build_train_loader
 from finetune.data.data_report import data_report
 from finetune.data.epochs import resolve_epochs
+from finetune.data.sources import open_run_data
 from finetune.training.checkpointing import ResumeError, load_training_state, save_checkpoint
 from finetune.training.config_record import record_config
 from finetune.training.console import Console
@@ -89,10 +90,11 @@ def fine_tune(
     # The data's report: every line skipped or left out, every sample cut, counted before step 1, and the tokens of
     # an epoch, which make `epochs: N` the max_steps that everything after reads.
     cache_dir = resolve_cache_dir(cfg)
-    data = data_report(cfg.data, tokenizer, seq_len=cfg.seq_len, cache_dir=cache_dir, with_eval=cfg.eval.enabled)
+    data = open_run_data(cfg.data, tokenizer, cache_dir=cache_dir, with_eval=cfg.eval.enabled)
+    report = data_report(data, seq_len=cfg.seq_len)
     if dist_info.is_main:
-        print("\n".join(data.lines()), flush=True)
-    cfg = resolve_epochs(cfg, data.train_tokens, dist_info.world_size)
+        print("\n".join(report.lines()), flush=True)
+    cfg = resolve_epochs(cfg, report.train_tokens, dist_info.world_size)
     if start is not None and start.step >= cfg.max_steps:
         if dist_info.is_main:
             print(
@@ -106,23 +108,12 @@ def fine_tune(
     run_dir = Path(cfg.run_dir)
 
     # Data: endless packed train batches, a fixed eval set.
-    shard = dict(rank=dist_info.rank, world_size=dist_info.world_size, cache_dir=cache_dir)
-    train_batches = build_train_loader(
-        cfg.data,
-        tokenizer,
-        seq_len=cfg.seq_len,
-        batch_size=cfg.batch_size,
-        seed=train_data_seed(cfg.seed, start, dist_info.world_size),
-        **shard,
-    )
-    eval_batches = (
-        build_eval_batches(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=cfg.batch_size, **shard)
-        if cfg.eval.enabled
-        else []
-    )
-    if cfg.eval.max_batches is not None:
-        eval_batches = eval_batches[: cfg.eval.max_batches]
-    evaluator = build_evaluator(cfg, tokenizer, dist_info, eval_batches, cache_dir, resumed=start is not None)
+    batches = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size, rank=dist_info.rank, world_size=dist_info.world_size)
+    seed = train_data_seed(cfg.seed, start, dist_info.world_size)
+    train_batches = build_train_loader(data, seed=seed, **batches)
+    eval_batches = build_eval_batches(data, **batches)[: cfg.eval.max_batches] if cfg.eval.enabled else []
+    retain_batches = build_eval_batches(data, group="retain", **batches)[: cfg.eval.max_batches] if eval_batches else []
+    evaluator = build_evaluator(cfg, tokenizer, dist_info, eval_batches, retain_batches, resumed=start is not None)
 
     # Model: LoRA on a frozen base, sharded over the ranks, with its loss; a resumed run's state loaded into it.
     loss_model = build_training_model(cfg, dist_info)
@@ -137,7 +128,7 @@ def fine_tune(
     record.accept()  # from here on, how the run ends is its status.json (tailor runs)
     logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
     if logger:
-        logger.log(data.record(progress.step))
+        logger.log(report.record(progress.step))
     console = Console(cfg.max_steps, progress.step, train_data_tokens(train_batches)) if dist_info.is_main else None
     if evaluator and start is None:  # what the base model does on the same sets, for every eval to be set against
         evaluator.evaluate_base(loss_model, logger, console)
@@ -198,7 +189,7 @@ def fine_tune(
                 ),
                 flush=True,
             )
-            print("\n".join(f"  {line}" for line in data.summary(train_batches.counts)), flush=True)
+            print("\n".join(f"  {line}" for line in report.summary(train_batches.counts)), flush=True)
             if progress.nonfinite_skipped:
                 print(f"  {progress.nonfinite_skipped} steps skipped: the loss or the gradients were not finite")
         logger.close()

@@ -11,7 +11,6 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from torch import nn
 
 from finetune.config import TrainConfig
-from finetune.data import build_eval_batches
 from finetune.training.answer_scores import read_answer, score_answer, score_rates
 from finetune.training.console import Console
 from finetune.training.distributed import DistInfo
@@ -89,25 +88,18 @@ class Evaluator:
 
 
 def build_evaluator(
-    cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo, eval_batches: list, cache_dir: Path, resumed
+    cfg: TrainConfig,
+    tokenizer: MistralTokenizer,
+    dist_info: DistInfo,
+    eval_batches: list,
+    retain_batches: list,
+    resumed: bool,
 ) -> Evaluator | None:
-    """The run's evaluator (None with eval off): retain batches and eval chats read now, before the model is built,
-    so that a fault in them stops the run early. On a resumed run, the base model's record is read back from
-    metrics.jsonl rather than measured again."""
+    """The run's evaluator (None with eval off): eval chats read now, before the model is built, so that a fault in
+    them stops the run early. On a resumed run, the base model's record is read back from metrics.jsonl rather than
+    measured again."""
     if not eval_batches:
         return None
-    retain_batches = []
-    if cfg.data.retain:
-        retain_batches = build_eval_batches(
-            cfg.data,
-            tokenizer,
-            seq_len=cfg.seq_len,
-            batch_size=cfg.batch_size,
-            rank=dist_info.rank,
-            world_size=dist_info.world_size,
-            cache_dir=cache_dir,
-            group="retain",
-        )[: cfg.eval.max_batches]
     chats = []
     if cfg.eval.generate:
         groups = dict(eval=cfg.data.eval, retain=cfg.data.retain)

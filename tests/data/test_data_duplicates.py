@@ -20,6 +20,7 @@ from finetune.data.data_report import data_report
 from finetune.data.errors import DataError, TooManyBadLines
 from finetune.data.fingerprint import sample_fingerprint
 from finetune.data.loader import build_eval_batches, build_train_loader
+from finetune.data.sources import RunData, open_run_data
 
 WEATHER = {
     "type": "function",
@@ -123,7 +124,9 @@ def test_repeats_and_eval_samples_in_train_are_counted_per_source_with_file_and_
     cfg = DataConfig(
         train=[DataSource(str(a)), DataSource(str(folder))], eval=[DataSource(str(eval_))], on_bad_sample="skip"
     )
-    report = data_report(cfg, tokenizers["v3"], seq_len=256, cache_dir=tmp_path / "cache", with_eval=True)
+    report = data_report(
+        open_run_data(cfg, tokenizers["v3"], cache_dir=tmp_path / "cache", with_eval=True), seq_len=256
+    )
 
     a_report, folder_report, eval_report = report.sources
     assert a_report.repeats == {"repeat": 3, "repeat_other_system": 1}
@@ -161,7 +164,9 @@ def test_repeats_and_eval_samples_in_train_are_counted_per_source_with_file_and_
     assert (record["repeats"], record["eval_in_train"]) == (7, 5)
     assert json.loads(json.dumps(record)) == record
 
-    without_eval = data_report(cfg, tokenizers["v3"], seq_len=256, cache_dir=tmp_path / "cache", with_eval=False)
+    without_eval = data_report(
+        open_run_data(cfg, tokenizers["v3"], cache_dir=tmp_path / "cache", with_eval=False), seq_len=256
+    )
     assert [s.repeats for s in without_eval.sources] == [a_report.repeats, folder_report.repeats]
 
 
@@ -263,21 +268,22 @@ def test_max_bad_fraction_accepts_a_share_at_the_limit_and_refuses_one_above_it(
     train_, eval_ = bad_share_data(tmp_path, write_jsonl)
     source = train_ if split == "train" else eval_
     build = {"train": build_train_loader, "eval": build_eval_batches}[split]
-    args = dict(seq_len=64, batch_size=1, rank=0, world_size=1, cache_dir=tmp_path / "cache")
+    args = dict(seq_len=64, batch_size=1, rank=0, world_size=1)
     if split == "train":
         args["seed"] = 0
 
-    def config(**data) -> DataConfig:
-        return DataConfig(train=[DataSource(str(train_))], eval=[DataSource(str(eval_))], **data)
+    def opened(**data) -> RunData:
+        cfg = DataConfig(train=[DataSource(str(train_))], eval=[DataSource(str(eval_))], **data)
+        return open_run_data(cfg, tokenizers["v3"], cache_dir=tmp_path / "cache")
 
-    build(config(on_bad_sample="skip", max_bad_fraction=limit), tokenizers["v3"], **args)  # at the limit: accepted
+    build(opened(on_bad_sample="skip", max_bad_fraction=limit), **args)  # at the limit: accepted
     with pytest.raises(TooManyBadLines) as refused:
-        build(config(on_bad_sample="skip", max_bad_fraction=limit - 0.01), tokenizers["v3"], **args)
+        build(opened(on_bad_sample="skip", max_bad_fraction=limit - 0.01), **args)
     assert str(refused.value) == (
         f"{source}: {share}, above data.max_bad_fraction {limit - 0.01:g}; `tailor validate` lists the bad lines"
     )
     with pytest.raises(DataError) as first_bad_line:  # `error` stops at the first bad line, whatever the fraction
-        build(config(max_bad_fraction=limit), tokenizers["v3"], **args)
+        build(opened(max_bad_fraction=limit), **args)
     assert not isinstance(first_bad_line.value, TooManyBadLines)
 
 

@@ -11,6 +11,7 @@ from finetune.data.config import DataConfig, DataSource
 from finetune.data.errors import SampleWarning
 from finetune.data.jsonl import parse_line
 from finetune.data.schema import TEMPLATE_TEXT_IS
+from finetune.data.sources import open_run_data
 from finetune.data.tokenize import tokenize_line
 
 TOOL = {"type": "function", "function": {"name": "lookup", "description": "", "parameters": {"type": "object"}}}
@@ -207,7 +208,12 @@ def test_bad_line_stops_training_with_file_and_line(tmp_path, tokenizers, write_
     cfg = DataConfig(train=[DataSource(str(data))])
     with pytest.raises(DataError) as caught:
         build_train_loader(
-            cfg, tokenizers["v3"], seq_len=256, batch_size=1, rank=0, world_size=1, seed=0, cache_dir=tmp_path / "cache"
+            open_run_data(cfg, tokenizers["v3"], cache_dir=tmp_path / "cache"),
+            seq_len=256,
+            batch_size=1,
+            rank=0,
+            world_size=1,
+            seed=0,
         )
     assert str(caught.value).startswith(
         f"{data}:3: invalid JSON: Expecting property name enclosed in double quotes at column 2 (and 1 more bad lines)"
@@ -218,14 +224,23 @@ def test_skipped_bad_samples_are_counted(tmp_path, tokenizers, write_jsonl, chat
     data = write_jsonl(tmp_path / "train.jsonl", [chat(0), "", chat(1), "{oops", chat(2), json.dumps([1])])
     cfg = DataConfig(train=[DataSource(str(data))], eval=[DataSource(str(data))], on_bad_sample="skip")
     loader = build_train_loader(
-        cfg, tokenizers["v3"], seq_len=256, batch_size=1, rank=0, world_size=1, seed=0, cache_dir=tmp_path / "cache"
+        open_run_data(cfg, tokenizers["v3"], cache_dir=tmp_path / "cache"),
+        seq_len=256,
+        batch_size=1,
+        rank=0,
+        world_size=1,
+        seed=0,
     )
     assert loader.report()["skipped_bad_samples"] == {"blank_line": 1, "invalid_json": 1, "not_an_object": 1}
     assert len(loader.sources[0]) == 3
     assert (
         len(
             build_eval_batches(
-                cfg, tokenizers["v3"], seq_len=256, batch_size=1, rank=0, world_size=1, cache_dir=tmp_path / "cache"
+                open_run_data(cfg, tokenizers["v3"], cache_dir=tmp_path / "cache"),
+                seq_len=256,
+                batch_size=1,
+                rank=0,
+                world_size=1,
             )
         )
         == 1

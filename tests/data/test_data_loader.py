@@ -14,6 +14,7 @@ import finetune.data.cache as cache
 from finetune.data import DataError, build_eval_batches, build_train_loader, tokenize_sample
 from finetune.data.cache import open_tokenized_files
 from finetune.data.config import DataConfig, DataSource
+from finetune.data.sources import open_run_data
 from finetune.data.text_encoders import pack
 from finetune.data.tokenize import word_memo
 
@@ -43,7 +44,12 @@ def inputs_to_sample(path, tokenizer) -> dict:
 def loader(path, tokenizer, cache_dir, rank=0, world_size=1, seed=0, **data):
     cfg = DataConfig(train=[DataSource(str(path))], **data)
     return build_train_loader(
-        cfg, tokenizer, seq_len=128, batch_size=2, rank=rank, world_size=world_size, seed=seed, cache_dir=cache_dir
+        open_run_data(cfg, tokenizer, cache_dir=cache_dir),
+        seq_len=128,
+        batch_size=2,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
     )
 
 
@@ -94,7 +100,12 @@ def test_sources_are_mixed_by_weight(tmp_path, tokenizers, write_jsonl):
     write_jsonl(tmp_path / "beta" / "b.jsonl", [{"text": f"beta {i}"} for i in range(30)])  # a folder source
     cfg = DataConfig(train=[DataSource(str(alpha), 3.0), DataSource(str(tmp_path / "beta"), 1.0)])
     train = build_train_loader(
-        cfg, tokenizers["tekken"], seq_len=16, batch_size=50, rank=0, world_size=1, seed=0, cache_dir=tmp_path / "cache"
+        open_run_data(cfg, tokenizers["tekken"], cache_dir=tmp_path / "cache"),
+        seq_len=16,
+        batch_size=50,
+        rank=0,
+        world_size=1,
+        seed=0,
     )
     alpha_first = tokenizers["tekken"].instruct_tokenizer.tokenizer.encode("alpha", bos=False, eos=False)[0]
     firsts = np.concatenate([next(train).tokens.view(-1, 16)[:, 1].numpy() for _ in range(20)])
@@ -107,18 +118,22 @@ def test_an_eval_source_without_a_usable_sample_is_named(tmp_path, tokenizers, w
     cfg = DataConfig(eval=[DataSource(str(good)), DataSource(str(empty))])
     with pytest.raises(DataError, match=f"{empty}: no usable sample to evaluate on; remove it from data.eval"):
         build_eval_batches(
-            cfg, tokenizers["v3"], seq_len=64, batch_size=1, rank=0, world_size=1, cache_dir=tmp_path / "cache"
+            open_run_data(cfg, tokenizers["v3"], cache_dir=tmp_path / "cache"),
+            seq_len=64,
+            batch_size=1,
+            rank=0,
+            world_size=1,
         )
 
 
 def test_eval_is_the_same_for_any_number_of_ranks(tmp_path, tokenizers, write_jsonl, chat):
     data = write_jsonl(tmp_path / "eval.jsonl", [chat(i, turns=1 + i % 4, words=3 + i) for i in range(23)])
     cfg = DataConfig(eval=[DataSource(str(data))])
-    kwargs = dict(seq_len=128, cache_dir=tmp_path / "cache")
-    single = build_eval_batches(cfg, tokenizers["v3"], batch_size=1, rank=0, world_size=1, **kwargs)
+    data = open_run_data(cfg, tokenizers["v3"], cache_dir=tmp_path / "cache")
+    single = build_eval_batches(data, seq_len=128, batch_size=1, rank=0, world_size=1)
     for world_size in (2, 3):
         per_rank = [
-            build_eval_batches(cfg, tokenizers["v3"], batch_size=2, rank=r, world_size=world_size, **kwargs)
+            build_eval_batches(data, seq_len=128, batch_size=2, rank=r, world_size=world_size)
             for r in range(world_size)
         ]
         assert len({len(batches) for batches in per_rank}) == 1  # the same number of forward calls everywhere

@@ -7,6 +7,7 @@ import json
 from finetune.data import tokenize_sample
 from finetune.data.config import DataConfig, DataSource
 from finetune.data.data_report import data_report
+from finetune.data.sources import open_run_data
 
 USER = {"role": "user", "content": "Hi"}
 
@@ -28,7 +29,7 @@ def test_bad_lines_left_out_samples_and_overlong_samples_are_counted_per_source(
         on_bad_sample="skip",
         overlong="truncate",
     )
-    report = data_report(cfg, tokenizers["v3"], seq_len=64, cache_dir=tmp_path / "cache", with_eval=True)
+    report = data_report(open_run_data(cfg, tokenizers["v3"], cache_dir=tmp_path / "cache", with_eval=True), seq_len=64)
 
     noisy_report, folder_report, eval_report, retain_report = report.sources
     assert (noisy_report.split, noisy_report.files, noisy_report.lines, noisy_report.samples) == ("train", 1, 9, 4)
@@ -68,6 +69,8 @@ def test_bad_lines_left_out_samples_and_overlong_samples_are_counted_per_source(
 def test_clean_data_says_so(tmp_path, tokenizers, write_jsonl, chat):
     data = write_jsonl(tmp_path / "train.jsonl", [chat(0), chat(1)])
     cfg = DataConfig(train=[DataSource(str(data))])
-    report = data_report(cfg, tokenizers["v3"], seq_len=256, cache_dir=tmp_path / "cache", with_eval=False)
+    report = data_report(
+        open_run_data(cfg, tokenizers["v3"], cache_dir=tmp_path / "cache", with_eval=False), seq_len=256
+    )
     assert [s.split for s in report.sources] == ["train"]
     assert report.summary() == ["data: every line trained as written"]

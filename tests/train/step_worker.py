@@ -12,6 +12,7 @@ import torch
 
 from finetune.config import load_config
 from finetune.data import build_eval_batches, load_tokenizer
+from finetune.data.sources import open_run_data
 from finetune.training.distributed import destroy, init_distributed
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
@@ -25,7 +26,11 @@ def main(config: str, out: str) -> None:
     dist_info = init_distributed()
     tokenizer = load_tokenizer(cfg.model.path)
     batches = build_eval_batches(
-        cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1, cache_dir=Path(cfg.data.cache_dir)
+        open_run_data(cfg.data, tokenizer, cache_dir=Path(cfg.data.cache_dir)),
+        seq_len=cfg.seq_len,
+        batch_size=1,
+        rank=0,
+        world_size=1,
     )[:2]
     mine = batches if dist_info.world_size == 1 else [batches[dist_info.rank]]
     model = build_training_model(cfg, dist_info)

@@ -13,6 +13,7 @@ from launching import REPO, records, subprocess_env
 
 from finetune.config import load_config
 from finetune.data import build_eval_batches, load_tokenizer
+from finetune.data.sources import open_run_data
 from finetune.training.distributed import DistInfo
 from finetune.training.loss_scale import INITIAL_SCALE, DynamicLossScale, loss_scale_for
 from finetune.training.model_setup import build_training_model
@@ -29,10 +30,8 @@ def run_steps(cfg, steps: int, overflow_at: int | None = None):
     """`steps` optimizer steps on the same two sequences; at step `overflow_at` the first block's output is pushed
     past fp16's range (a forward hook: the test's seam). Returns the step outcomes, the scales after each step and
     the adapters."""
-    batches = build_eval_batches(
-        cfg.data, load_tokenizer(cfg.model.path), seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1,
-        cache_dir=Path(cfg.data.cache_dir),
-    )[:2]  # fmt: skip
+    data = open_run_data(cfg.data, load_tokenizer(cfg.model.path), cache_dir=Path(cfg.data.cache_dir))
+    batches = build_eval_batches(data, seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1)[:2]
     torch.manual_seed(0)
     model = build_training_model(cfg, DistInfo(0, 1, 0, CPU))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)

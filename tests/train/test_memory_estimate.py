@@ -11,6 +11,7 @@ from torch.utils._pytree import tree_flatten
 
 from finetune.config import load_config
 from finetune.data import build_eval_batches, load_tokenizer
+from finetune.data.sources import open_run_data
 from finetune.training.distributed import DistInfo
 from finetune.training.memory_estimate import (
     GIB,
@@ -90,10 +91,8 @@ def pretrain_file(tmp_path_factory):
 
 
 def measured_peak(cfg) -> int:
-    batches = build_eval_batches(
-        cfg.data, load_tokenizer(cfg.model.path), seq_len=cfg.seq_len, batch_size=cfg.batch_size, rank=0,
-        world_size=1, cache_dir=Path(cfg.data.cache_dir),
-    )  # fmt: skip
+    data = open_run_data(cfg.data, load_tokenizer(cfg.model.path), cache_dir=Path(cfg.data.cache_dir))
+    batches = build_eval_batches(data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, rank=0, world_size=1)
     batch = max(batches, key=lambda b: int((b.weights > 0).sum()))
     assert int((batch.weights > 0).sum()) == cfg.seq_len * cfg.batch_size  # every position trained
     model = build_training_model(cfg, DistInfo(0, 1, 0, CPU))

@@ -19,6 +19,7 @@ from finetune.after.chat import load_chat_model
 from finetune.checkpoints.manifest import MANIFEST, write_manifest
 from finetune.config import ConfigError, load_config
 from finetune.data import build_eval_batches, load_tokenizer
+from finetune.data.sources import open_run_data
 from finetune.training.distributed import DistInfo
 from finetune.training.eval import evaluate
 from finetune.training.loss import CausalLMWithLoss
@@ -201,13 +202,11 @@ def test_eval_and_chat_on_an_nf4_base_give_the_runs_numbers(nf4_run, capsys):
     assert json.loads((checkpoint / "params.json").read_text())["lora"]["base_quantization"] == "nf4"
     cfg = load_config(config, [f"run_dir={whole}"])
     batches = build_eval_batches(
-        cfg.data,
-        load_tokenizer(cfg.model.path),
+        open_run_data(cfg.data, load_tokenizer(cfg.model.path), cache_dir=Path(cfg.data.cache_dir)),
         seq_len=128,
         batch_size=2,
         rank=0,
         world_size=1,
-        cache_dir=Path(cfg.data.cache_dir),
     )[:2]
     model, _ = load_chat_model(cfg.model.path, checkpoint, quantize="nf4")
     assert is_nf4(model.layers[0].attention.wq.weight)

@@ -24,6 +24,7 @@ from finetune.checkpoints.manifest import verify_checkpoint
 from finetune.checkpoints.tensor_state import save_tensors
 from finetune.config import ConfigError, config_from_dict, load_config
 from finetune.data import build_train_loader, load_tokenizer
+from finetune.data.sources import open_run_data
 from finetune.training.checkpointing import ResumeError, load_training_state, read_resume_point
 from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
@@ -215,14 +216,12 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     model = build_training_model(cfg, CPU)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     loader = build_train_loader(
-        cfg.data,
-        load_tokenizer(cfg.model.path),
+        open_run_data(cfg.data, load_tokenizer(cfg.model.path), cache_dir=Path(cfg.data.cache_dir)),
         seq_len=cfg.seq_len,
         batch_size=1,
         rank=0,
         world_size=1,
         seed=cfg.seed,
-        cache_dir=Path(cfg.data.cache_dir),
     )
     progress = load_training_state(read_resume_point(folder), model, optimizer, loader, cfg.seed, CPU)
     assert progress.step == last and progress.tokens == last * 2 * cfg.seq_len

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.config import load_config
 from finetune.data import build_eval_batches, load_tokenizer
+from finetune.data.sources import open_run_data
 from finetune.training.distributed import DistInfo
 from finetune.training.loss import loss_inputs
 from finetune.training.model_setup import build_training_model
@@ -57,7 +58,11 @@ def test_step_loss_is_token_weighted_and_only_adapters_change(write_config):
     cfg = load_config(write_config())
     tokenizer = load_tokenizer(cfg.model.path)
     batches = build_eval_batches(
-        cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1, cache_dir=Path(cfg.data.cache_dir)
+        open_run_data(cfg.data, tokenizer, cache_dir=Path(cfg.data.cache_dir)),
+        seq_len=cfg.seq_len,
+        batch_size=1,
+        rank=0,
+        world_size=1,
     )[:2]
     batches[1].weights[batches[1].weights > 0] *= 0.5  # unequal weights tell a token mean from a mean of means
     device = torch.device("cpu")
@@ -94,13 +99,11 @@ def test_activation_checkpointing_changes_memory_not_numbers(write_config):
         cfg = load_config(write_config(**overrides))
         tokenizer = load_tokenizer(cfg.model.path)
         batch = build_eval_batches(
-            cfg.data,
-            tokenizer,
+            open_run_data(cfg.data, tokenizer, cache_dir=Path(cfg.data.cache_dir)),
             seq_len=cfg.seq_len,
             batch_size=1,
             rank=0,
             world_size=1,
-            cache_dir=Path(cfg.data.cache_dir),
         )[0]
         model = build_training_model(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
         model.model.layers[0].attention.wq.lora_B.weight.data.fill_(0.01)  # so that every LoRA A gets a gradient
@@ -143,13 +146,11 @@ class HostReads(TorchDispatchMode):
 
 def three_steps(cfg, device: torch.device, check):
     batches = build_eval_batches(
-        cfg.data,
-        load_tokenizer(cfg.model.path),
+        open_run_data(cfg.data, load_tokenizer(cfg.model.path), cache_dir=Path(cfg.data.cache_dir)),
         seq_len=cfg.seq_len,
         batch_size=1,
         rank=0,
         world_size=1,
-        cache_dir=Path(cfg.data.cache_dir),
     )[:3]
     model = build_training_model(cfg, DistInfo(0, 1, 0, device))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
