@@ -211,8 +211,8 @@ def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_tokenize(args: argparse.Namespace) -> int:
     from finetune.data.dump import tokenize_file, write_records
+    from finetune.data.model_tokenizer import load_tokenizer
     from finetune.data.sources import what_it_is
-    from finetune.data.tokenize import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     if not args.file.is_file():

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.checkpoints.adapter import params_with_lora
-from finetune.data.tokenize import find_tokenizer_file
+from finetune.data.model_tokenizer import find_tokenizer_file
 from model.args import load_model_args
 from model.lora import LoRAArgs, inject_lora, lora_state_dict
 from model.transformer import Transformer

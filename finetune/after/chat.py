@@ -24,7 +24,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from finetune.checkpoints.adapter import read_adapter, read_base_quantization
 from finetune.data.errors import SampleFault, first_line
 from finetune.data.jsonl import parse_line, read_lines
-from finetune.data.tokenize import check_tokenizer_vocab, find_tokenizer_file
+from finetune.data.model_tokenizer import check_tokenizer_vocab, find_tokenizer_file
 from model.args import load_model_args
 from model.generate import generate
 from model.loading import load_model

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from finetune.after.merge import merged_weights
-from finetune.data.tokenize import check_tokenizer_vocab, find_tokenizer_file, load_tokenizer
+from finetune.data.model_tokenizer import check_tokenizer_vocab, find_tokenizer_file, load_tokenizer
 from model.args import ModelArgs, load_model_args
 from model.lora import is_lora_name
 from model.weights import TensorSpec, read_weights, weight_specs

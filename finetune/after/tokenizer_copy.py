@@ -6,7 +6,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from finetune.data.tokenize import find_tokenizer_file
+from finetune.data.model_tokenizer import find_tokenizer_file
 
 
 def copy_tokenizer(folders: Iterable[str | Path], out_dir: Path) -> None:

@@ -9,13 +9,8 @@ second that `tailor validate` and the tokenizer's worker processes, which import
 import importlib
 
 from finetune.data.errors import DataError, DataFaults, SampleFault
-from finetune.data.tokenize import (
-    TokenizedSample,
-    check_tokenizer_vocab,
-    load_tokenizer,
-    read_vocab_size,
-    tokenize_sample,
-)
+from finetune.data.model_tokenizer import check_tokenizer_vocab, load_tokenizer, read_vocab_size
+from finetune.data.tokenize import TokenizedSample, tokenize_sample
 
 _IMPORTED_ON_USE = {
     "Batch": "finetune.data.packing",

@@ -21,9 +21,10 @@ from finetune.data.duplicates import eval_lines_in_train, find_repeats
 from finetune.data.epochs import describe_epochs, resolve_epochs, tokens_per_step
 from finetune.data.errors import LEFT_OUT, DataError, SampleFault
 from finetune.data.jsonl import BOM, parse_line, read_lines
+from finetune.data.model_tokenizer import check_tokenizer_vocab, load_tokenizer, read_vocab_size
 from finetune.data.repair import repair_sample
 from finetune.data.sources import TokenizedSource, bad_shares_above, check_holds_none_of, source_files
-from finetune.data.tokenize import check_tokenizer_vocab, load_tokenizer, read_vocab_size, tokenize_sample_spans
+from finetune.data.tokenize import tokenize_sample_spans
 
 if TYPE_CHECKING:  # the config names the model's settings; the data path reads it, never imports it
     from finetune.config import TrainConfig

@@ -57,7 +57,7 @@ from finetune.checkpoints.tensor_state import (
 )
 from finetune.config import TrainConfig
 from finetune.data.errors import DataError
-from finetune.data.tokenize import find_tokenizer_file
+from finetune.data.model_tokenizer import find_tokenizer_file
 from finetune.training.distributed import DistInfo, all_reduce_sum, barrier
 from finetune.training.parallel import full_state
 from finetune.training.rng import derived_seed, rng_state, rng_state_problem, seed_rngs, set_rng_state

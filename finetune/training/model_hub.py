@@ -18,7 +18,7 @@ from pathlib import Path
 
 from finetune.config import TrainConfig
 from finetune.data.errors import first_line
-from finetune.data.tokenize import TOKENIZER_PATTERNS
+from finetune.data.model_tokenizer import TOKENIZER_PATTERNS
 from finetune.training.preflight import DEMO_MODEL, PreflightError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the hub spells repositories

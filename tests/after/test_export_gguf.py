@@ -9,7 +9,7 @@ import torch
 
 from finetune.after.merge import merge_adapter
 from finetune.cli import main
-from finetune.data.tokenize import find_tokenizer_file, load_tokenizer
+from finetune.data.model_tokenizer import find_tokenizer_file, load_tokenizer
 from model.weights import read_weights
 
 gguf = pytest.importorskip("gguf")

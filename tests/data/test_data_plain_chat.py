@@ -16,8 +16,9 @@ from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV3
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.data import SampleFault
+from finetune.data.model_tokenizer import load_tokenizer
 from finetune.data.plain_chat import PlainChatTemplate, is_plain_chat
-from finetune.data.tokenize import _sample_encoder, load_tokenizer, tokenize_line
+from finetune.data.tokenize import _sample_encoder, tokenize_line
 
 BUNDLED = {
     "tokenizer.model.v1": "v1",

@@ -8,7 +8,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.data import tokenize_sample
 from finetune.data.config import DataSource
-from finetune.data.tokenize import load_tokenizer
+from finetune.data.model_tokenizer import load_tokenizer
 from finetune.training.answer_scores import (
     TOOL_CALL_SCORES,
     Answer,

@@ -1,0 +1,78 @@
+"""The model folder's tokenizer: which file it is, loading it with mistral-common, and checking it against the
+model's vocabulary. Torch-free: `tailor validate`, training's preflight, the exports and chat all find it here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from mistral_common.tokens.tokenizers.tekken import is_tekken
+
+from finetune.data.errors import first_line
+from finetune.data.tekken_loading import load_tekken
+
+# mistral-common's own file names, newest first; a plain `tokenizer.model` (a Hugging Face copy) is the fallback.
+TOKENIZER_PATTERNS = ("tekken*.json", "tokenizer.model.v*", "*.model.v*")
+
+
+def find_tokenizer_file(model_dir: str | Path) -> Path:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
+    found = sorted({p for pattern in TOKENIZER_PATTERNS for p in model_dir.glob(pattern) if p.is_file()})
+    if not found and (model_dir / "tokenizer.model").is_file():
+        found = [model_dir / "tokenizer.model"]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        looked_for = ", ".join((*TOKENIZER_PATTERNS, "tokenizer.model"))
+        raise FileNotFoundError(f"no mistral-common tokenizer in {model_dir}: looked for {looked_for}")
+    names = ", ".join(p.name for p in found)
+    raise ValueError(f"{model_dir} holds several tokenizer files ({names}); keep the one the model was trained with")
+
+
+def load_tokenizer(model_dir: str | Path) -> MistralTokenizer:
+    """The mistral-common tokenizer of a model folder (tekken.json, tokenizer.model.v1/v3/v7, ...); a file that
+    mistral-common cannot read (truncated, or not a tokenizer) is a ValueError naming it."""
+    path = find_tokenizer_file(model_dir)
+    try:
+        if is_tekken(path):
+            return load_tekken(path, ValidationMode.finetuning)
+        return MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
+    except Exception as e:  # noqa: BLE001 - whatever a parser of outside bytes raises, the file is at fault
+        raise ValueError(f"{path}: not a tokenizer file mistral-common can read ({first_line(e)})") from None
+
+
+def read_vocab_size(model_dir: str | Path) -> int:
+    """vocab_size from params.json (Mistral format) or config.json (Hugging Face format)."""
+    model_dir = Path(model_dir)
+    for name in ("params.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                params = json.loads(path.read_bytes().decode("utf-8-sig"))
+            except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or past what Python reads
+                raise ValueError(f"{path}: not valid JSON ({first_line(e)})") from None
+            if isinstance(params, dict):
+                params = params.get("text_config", params)  # multimodal Hugging Face configs nest the text model
+            if not isinstance(params, dict):
+                raise ValueError(f"{path}: expected a JSON object of keys")
+            vocab_size = params.get("vocab_size")
+            if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+                raise ValueError(f"{path}: vocab_size must be a positive integer, got {vocab_size!r}")
+            return vocab_size
+    raise FileNotFoundError(f"neither params.json nor config.json in {model_dir}")
+
+
+def check_tokenizer_vocab(tokenizer: MistralTokenizer, vocab_size: int, model_dir: str | Path) -> None:
+    """The tokenizer must make exactly the ids the model's embedding has rows for."""
+    n_words = tokenizer.instruct_tokenizer.tokenizer.n_words
+    if n_words != vocab_size:
+        tokenizer_file = tokenizer.instruct_tokenizer.tokenizer.file_path.name
+        raise ValueError(
+            f"{Path(model_dir)}: the tokenizer {tokenizer_file} has {n_words} tokens but the model's "
+            f"params.json/config.json says vocab_size {vocab_size}; use the tokenizer file that came "
+            "with these weights"
+        )
