@@ -55,6 +55,7 @@ from finetune.training.step_reader import StepReader
 from finetune.training.stop_signal import StopSignal, resume_command
 from finetune.training.train_state import Progress
 from finetune.training.train_step import NonFiniteError, out_of_memory_message, train_step
+from model.args import ModelArgs
 
 
 def main(argv: list[str], launcher: list[str]) -> int:
@@ -70,12 +71,12 @@ def main(argv: list[str], launcher: list[str]) -> int:
     created = missing_folders(Path(cfg.run_dir))  # a run refused before it writes anything leaves no run_dir
     command = [*launcher, *argv]
     try:
-        tokenizer = run_preflight_checks(cfg)  # paths, tokenizer, seq_len, disk: before any heavy work
+        tokenizer, model_args = run_preflight_checks(cfg)  # paths, tokenizer, seq_len, disk: before heavy work
         dist_info = init_distributed()
         # one run per run_dir (another one exits 3); how it ends goes to run_dir/status.json, for `tailor runs`
         with lock_run_dir(Path(cfg.run_dir), dist_info, command=" ".join(map(shlex.quote, command))):
             with recording_failure(Path(cfg.run_dir), dist_info.is_main) as record:
-                return fine_tune(cfg, tokenizer, dist_info, command, record)
+                return fine_tune(cfg, tokenizer, model_args, dist_info, command, record)
     except RunLockedError:
         raise  # the folder is another run's, which may have just created it
     except BaseException:
@@ -84,7 +85,12 @@ def main(argv: list[str], launcher: list[str]) -> int:
 
 
 def fine_tune(
-    cfg: TrainConfig, tokenizer: MistralTokenizer, dist_info: DistInfo, command: list[str], record: RunRecord
+    cfg: TrainConfig,
+    tokenizer: MistralTokenizer,
+    model_args: ModelArgs,
+    dist_info: DistInfo,
+    command: list[str],
+    record: RunRecord,
 ) -> int:
     start = prepare_run_dir(cfg, dist_info)  # None: from step 0; else the checkpoint to resume from
     # The data's report: every line skipped or left out, every sample cut, counted before step 1, and the tokens of
@@ -124,7 +130,7 @@ def fine_tune(
     loss_scale = loss_scale_for(cfg, progress, dist_info.device)  # fp16 only
     if dist_info.is_main:  # the run is accepted: its settings are on record, and what it will do is shown
         record_config(cfg, start)
-        print(describe_run(cfg, dist_info, loss_model, train_batches, eval_batches), flush=True)
+        print(describe_run(cfg, model_args, dist_info, loss_model, train_batches, eval_batches), flush=True)
     record.accept()  # from here on, how the run ends is its status.json (tailor runs)
     logger = MetricsLogger(run_dir, cfg) if dist_info.is_main else None
     if logger:

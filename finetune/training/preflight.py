@@ -36,8 +36,9 @@ class PreflightError(ValueError):
     """Something in the config points at what is not there or does not fit; the message says what and where."""
 
 
-def run_preflight_checks(cfg: TrainConfig) -> MistralTokenizer:
-    """Every check, cheapest first. Returns the model folder's tokenizer, which checking it has loaded anyway."""
+def run_preflight_checks(cfg: TrainConfig) -> tuple[MistralTokenizer, ModelArgs]:
+    """Every check, cheapest first. Returns the model folder's tokenizer and its params.json (or config.json), which
+    checking them has read anyway, for the run to use rather than read again."""
     model_dir = Path(cfg.model.path)
     check_model_folder(model_dir)
     written = {"run_dir": Path(cfg.run_dir), "data.cache_dir": resolve_cache_dir(cfg)}
@@ -55,7 +56,7 @@ def run_preflight_checks(cfg: TrainConfig) -> MistralTokenizer:
     check_run_dir(Path(cfg.run_dir))
     check_cache_dir(resolve_cache_dir(cfg))
     check_disk_space(cfg, args)
-    return tokenizer
+    return tokenizer, args
 
 
 def check_model_folder(folder: Path) -> None:

@@ -26,13 +26,17 @@ from finetune.data.loader import TrainLoader
 from finetune.training.distributed import DistInfo
 from finetune.training.memory_estimate import describe_memory
 from finetune.training.parallel import compile_note
-from model.args import ModelArgs, load_model_args, num_parameters
+from model.args import ModelArgs, num_parameters
 
 
 def describe_run(
-    cfg: TrainConfig, dist_info: DistInfo, model: nn.Module, train_batches: TrainLoader, eval_batches: list
+    cfg: TrainConfig,
+    args: ModelArgs,
+    dist_info: DistInfo,
+    model: nn.Module,
+    train_batches: TrainLoader,
+    eval_batches: list,
 ) -> str:
-    args = load_model_args(cfg.model.path)
     lines = [
         f"devices: {describe_devices(dist_info)}; frozen weights {cfg.model.dtype}, LoRA weights fp32",
         *([describe_cpu_threads(dist_info.world_size)] if dist_info.device.type == "cpu" else []),

@@ -41,9 +41,10 @@ def model_copy(tiny_model_dir: Path, folder: Path, tokenizer: bool = True, **par
     return folder
 
 
-def test_a_sound_config_passes_and_hands_back_the_tokenizer(write_config):
-    tokenizer = check(write_config())
+def test_a_sound_config_passes_and_hands_back_the_tokenizer_and_the_model_args(write_config, tiny_model_dir):
+    tokenizer, args = check(write_config())
     assert tokenizer.instruct_tokenizer.tokenizer.n_words == 32768
+    assert args == load_model_args(tiny_model_dir)
 
 
 def test_model_folder_that_does_not_exist(write_config, tmp_path):
