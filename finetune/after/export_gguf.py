@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from finetune.after.merge import merged_weights
+from finetune.atomic_files import atomic_path, clear_leftovers
 from finetune.data.model_tokenizer import check_tokenizer_vocab, find_tokenizer_file, load_tokenizer
 from model.args import ModelArgs, load_model_args
 from model.lora import is_lora_name
@@ -137,26 +138,23 @@ def export_gguf(
     plan = gguf_plan(specs, args, weight_type)
     tensors = read_weights(model_dir) if adapter_dir is None else merged_weights(model_dir, adapter_dir)
 
-    partial = out_file.with_name(f".{out_file.name}.partial")
-    writer = gguf.GGUFWriter(partial, "llama")
-    try:
-        _add_model_metadata(writer, gguf, args, model_dir, weight_type)
-        _add_tokenizer(writer, gguf, model_dir, args.vocab_size, templates[0] if templates else None)
-        for tensor in plan:
-            qtype = _ggml_type(gguf, tensor.weight_type)
-            nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(tensor.shape, qtype)))
-            writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for tensor, data in gguf_tensors(tensors, plan):
-            writer.write_tensor_data(gguf.quants.quantize(data, _ggml_type(gguf, tensor.weight_type)))
-        writer.close()
-        partial.rename(out_file)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
+    clear_leftovers(out_file)  # of an export to the same file cut short
+    with atomic_path(out_file) as partial:
+        writer = gguf.GGUFWriter(partial, "llama")
+        try:
+            _add_model_metadata(writer, gguf, args, model_dir, weight_type)
+            _add_tokenizer(writer, gguf, model_dir, args.vocab_size, templates[0] if templates else None)
+            for tensor in plan:
+                qtype = _ggml_type(gguf, tensor.weight_type)
+                nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(tensor.shape, qtype)))
+                writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for tensor, data in gguf_tensors(tensors, plan):
+                writer.write_tensor_data(gguf.quants.quantize(data, _ggml_type(gguf, tensor.weight_type)))
+        finally:
+            writer.close()
     modelfile.write_text(ollama_modelfile(out_file.name, templates[1] if templates else None))
     return out_file
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from finetune.atomic_files import atomic_write
 from finetune.checkpoints.folders import STATE
 from model.args import ModelArgs, load_model_args, read_json_object
 from model.weights import weight_files
@@ -43,10 +43,8 @@ def base_identity(model_dir: str | Path) -> str:
 def write_base_record(state_dir: Path, model_dir: str | Path) -> None:
     """state/base_model.json: the base's path (absolute, as the run saw it) and identity."""
     record = {"path": str(Path(model_dir).absolute()), "identity": base_identity(model_dir)}
-    with open(state_dir / BASE_FILE, "w", encoding="utf-8") as f:
+    with atomic_write(state_dir / BASE_FILE, "w", encoding="utf-8") as f:
         json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def base_record_problem(checkpoint: Path) -> str | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.atomic_files import fsync_path
 from finetune.checkpoints.adapter import ADAPTER_FILE, lora_entry
 from finetune.checkpoints.manifest import verify_checkpoint, write_manifest
 from finetune.checkpoints.streaming import MERGED_WEIGHTS, TensorSpec, write_safetensors
@@ -143,23 +144,15 @@ def publish_checkpoint(staging: Path, final: Path) -> Path:
     """Make every file durable, list it in the manifest (written last), and rename the folder into place."""
     write_manifest(staging)
     for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
-        _fsync_folder(folder)
+        fsync_path(folder)
     if final.is_symlink():  # not a folder tailor wrote: kept for a person to look at
         aside = set_aside(final)
         print(f"{final}: a symbolic link, not a checkpoint folder tailor wrote; renamed to {aside.name}", flush=True)
     elif final.exists():  # the same step saved again (e.g. a resumed run): the new one wins
         _delete(final)
     os.replace(staging, final)
-    _fsync_folder(final.parent)
+    fsync_path(final.parent)
     return final
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _delete(folder: Path) -> None:

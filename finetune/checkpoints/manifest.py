@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from finetune.atomic_files import atomic_write, fsync_path
 
 MANIFEST = "manifest.json"
 
 
 def write_manifest(folder: Path) -> None:
     """Describe every file under `folder`, each made durable first, in folder/manifest.json."""
-    files = {path.relative_to(folder).as_posix(): _describe(path, sync=True) for path in _files_under(folder)}
-    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+    files = {}
+    for path in _files_under(folder):
+        fsync_path(path)
+        files[path.relative_to(folder).as_posix()] = _describe(path)
+    with atomic_write(folder / MANIFEST, "w", encoding="utf-8") as f:
         json.dump({"files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def verify_checkpoint(folder: Path) -> str | None:
@@ -62,11 +64,9 @@ def _files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def _describe(path: Path, sync: bool = False) -> dict:
+def _describe(path: Path) -> dict:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
-        if sync:
-            os.fsync(f.fileno())
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}

@@ -9,7 +9,6 @@ arrives: peak memory is about one tensor.
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.atomic_files import atomic_folder, clear_leftovers
 from model.weights import SAFETENSORS_DTYPES, TensorSpec
 
 MERGED_WEIGHTS = "consolidated.safetensors"
@@ -66,14 +66,6 @@ def staged_folder(out_dir: str | Path) -> Iterator[Path]:
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not empty; choose a new output folder")
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    clear_leftovers(out)  # of a write to the same folder cut short
+    with atomic_folder(out) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    staging.rename(out)

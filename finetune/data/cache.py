@@ -57,12 +57,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import BinaryIO
 
 import mistral_common
 import numpy as np
 import sentencepiece
 from tqdm import tqdm
 
+from finetune.atomic_files import atomic_folder, atomic_write, atomic_write_text, clear_leftovers
 from finetune.data.collector import cycle_collector_paused
 from finetune.data.errors import LEFT_OUT, SampleFault, first_line
 from finetune.data.fingerprint import FINGERPRINT_DTYPE
@@ -271,11 +273,11 @@ def _load_word_memo(path: Path, memo: WordMemoSentencePiece, n_words: int) -> in
 
 def _save_word_memo(path: Path, memo: WordMemoSentencePiece) -> None:
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}.npz")
-    write_words(tmp, memo.words())
-    os.replace(tmp, path)
-    # Files of another layout are never read again (their names hold the layout); a file being written has ".tmp-".
-    stale = [p for p in path.parent.glob("*.npz") if not p.name.startswith(MEMO_PREFIX) and ".tmp-" not in p.name]
+    with atomic_write(path) as f:
+        write_words(f, memo.words())
+    # Files of another layout are never read again (their names hold the layout); a file being written (a temporary,
+    # .NAME.tmp-PID) does not end in .npz.
+    stale = [p for p in path.parent.glob("*.npz") if not p.name.startswith(MEMO_PREFIX)]
     for old in stale:
         old.unlink(missing_ok=True)
     if stale:
@@ -285,7 +287,7 @@ def _save_word_memo(path: Path, memo: WordMemoSentencePiece) -> None:
         )
 
 
-def write_words(path: Path, words: dict[str, bytes]) -> None:
+def write_words(path: Path | BinaryIO, words: dict[str, bytes]) -> None:
     """Words and their packed ids as four flat arrays in one .npz (no pickle), made by C loops (join, map, fromiter):
     numpy writes and reads them many times faster than JSON would a dict. `text` is the words' UTF-8, one after the
     other; `text_ends` where each word ends in it, in code points (what slicing the decoded text takes); `ids` the
@@ -361,16 +363,9 @@ def _build_locked(path: Path, entry: Path, pool: _WorkerPool, blocking: bool, n_
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        for stale in entry.parent.glob(entry.name + ".tmp-*"):  # left by a killed build
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = entry.parent / f"{entry.name}.tmp-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            _build(path, tmp, pool)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        os.rename(tmp, entry)
+        clear_leftovers(entry)  # of a build killed halfway
+        with atomic_folder(entry) as staging:
+            _build(path, staging, pool)
         return True
 
 
@@ -627,7 +622,5 @@ def _digest_of_file(path: Path, cache_dir: Path) -> str:
             digest.update(block)
     digest = digest.hexdigest()
     memo.parent.mkdir(exist_ok=True)
-    tmp = memo.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(digest)
-    os.replace(tmp, memo)
+    atomic_write_text(memo, digest)
     return digest

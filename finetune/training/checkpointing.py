@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.atomic_files import atomic_write
 from finetune.checkpoints.base_model import base_record_problem, write_base_record
 from finetune.checkpoints.folders import (
     PROGRESS,
@@ -262,10 +262,8 @@ def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------------------------------

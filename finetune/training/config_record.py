@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from finetune.atomic_files import atomic_path
 from finetune.config import ConfigError, TrainConfig, config_from_dict, config_to_dict, load_yaml, save_config
 from finetune.training.optim import lr_at_step
 
@@ -40,9 +41,8 @@ def record_config(cfg: TrainConfig, start: ResumePoint | None) -> None:
         kept = _free_name(path.with_name(f"config.step_{start.step if start else 0:06d}.yaml"))
         os.replace(path, kept)
         print(f"the earlier settings are kept in {kept}", flush=True)
-    staging = path.with_name(CONFIG_FILE + ".tmp")
-    save_config(cfg, staging)
-    os.replace(staging, path)
+    with atomic_path(path) as staging:
+        save_config(cfg, staging)
 
 
 def read_record(path: Path) -> dict | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from finetune.atomic_files import atomic_write_bytes
 from finetune.checkpoints.base_model import check_base_model
 from finetune.checkpoints.folders import (
     checkpoint_step,
@@ -131,9 +132,7 @@ def _cut_metrics(path: Path, step: int) -> None:
     kept = [line for line, recorded in zip(lines, steps) if recorded is not None and recorded <= step]
     if len(kept) == len(lines):
         return
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_bytes(b"".join(line + b"\n" for line in kept))
-    os.replace(staging, path)
+    atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
     later = sum(recorded is not None and recorded > step for recorded in steps)
     if later:
         print(f"{path}: dropped the {later} records after step {step}, which this run writes anew", flush=True)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from finetune.atomic_files import atomic_write_text
 from finetune.data.errors import first_line
 
 STATUS_FILE = "status.json"
@@ -23,9 +23,7 @@ FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"
 def write_run_status(run_dir: Path, state: str, step: int | None, error: str | None = None) -> None:
     """status.json, whole or not at all: `state` is FINISHED, STOPPED or FAILED; `error` the failure's first line."""
     record = {"state": state, "step": step, "error": error, "ended": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    staging = Path(run_dir) / (STATUS_FILE + ".tmp")
-    staging.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    os.replace(staging, Path(run_dir) / STATUS_FILE)
+    atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(record) + "\n")
 
 
 class RunRecord:

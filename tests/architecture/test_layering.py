@@ -5,7 +5,9 @@ and over every import statement (lazy ones inside functions included).
 - `finetune/data/` imports nothing from `model/`: data knows the tokenizer, never the network.
 - `finetune/after/` (merge, export, chat, ...) loads nothing from `finetune/training/`: it reads what training left.
 - `finetune/checkpoints/` (what a checkpoint is) imports nothing of `finetune/` outside itself, not even for types:
-  the loop (`finetune/training/`) builds on it, never the other way round.
+  the loop (`finetune/training/`) builds on it, never the other way round. One exception, narrow: the atomic writer
+  `finetune/atomic_files.py`, a leaf that imports nothing but the standard library, shared by checkpoints, data,
+  training and the commands after it.
 - No import cycle between modules, even through an import inside a function. Imports under `if TYPE_CHECKING:`
   never run and are left out.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("finetune", "model")
+ATOMIC_WRITER = "finetune.atomic_files"
 
 
 def module_name(path: Path) -> str:
@@ -77,13 +80,29 @@ def test_checkpoints_import_nothing_of_the_loop_or_the_data_not_even_for_types()
     checkpoint_modules = [m for m in graph if m.startswith("finetune.checkpoints.")]
     assert len(checkpoint_modules) > 5
     outside = {
-        m: sorted(t for t in graph[m] if t.startswith("finetune.") and not t.startswith("finetune.checkpoints"))
+        m: sorted(
+            t
+            for t in graph[m]
+            if t.startswith("finetune.") and not t.startswith("finetune.checkpoints") and t != ATOMIC_WRITER
+        )
         for m in checkpoint_modules
     }
     assert {m: targets for m, targets in outside.items() if targets} == {}
     # type-only imports count here: loss_scale names Progress for its annotations only
     assert "finetune.training.train_state" in graph["finetune.training.loss_scale"]
     assert "finetune.training.train_state" not in import_graph()["finetune.training.loss_scale"]
+
+
+def test_the_atomic_writer_is_a_leaf_of_the_standard_library_alone():
+    """What lets checkpoints/ (and everything else) import it without importing anything else."""
+    tree = ast.parse((REPO / "finetune" / "atomic_files.py").read_text(encoding="utf-8"))
+    imported = {
+        (a.name if isinstance(n, ast.Import) else "." * n.level + (n.module or "")).split(".")[0] or "(relative)"
+        for n in every_import(tree)
+        for a in n.names
+    }
+    assert imported - {"__future__"} <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    assert "finetune.atomic_files" in import_graph()["finetune.checkpoints.manifest"]
 
 
 def test_importing_the_checkpoint_folders_loads_no_data_loop_or_distributed_machinery():

@@ -294,7 +294,7 @@ def test_memo_files_of_an_older_layout_are_removed_with_a_word(tmp_path, model_d
     folder.mkdir(parents=True)
     older = folder / "0123456789abcdef0123456789abcdef.npz"
     write_words(older, {"the": pack([1])})
-    being_written = folder / "0123456789abcdef0123456789abcdef.tmp-99.npz"
+    being_written = folder / ".v2-0123456789abcdef0123456789abcdef.npz.tmp-99"  # finetune/atomic_files.py's naming
     being_written.write_bytes(b"half")
     data = write_jsonl(tmp_path / "a.jsonl", [chat(i) for i in range(5)])
     open_tokenized_files([data], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=0)
