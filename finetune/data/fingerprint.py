@@ -10,7 +10,7 @@ its system messages, so the same chat under another system prompt has the same c
 
 Whitespace is left out rather than its runs collapsed: one pass of C over the bytes instead of a Python string per
 word, for the cost of also taking 'ab' and 'a b' as the same text. The cache stores both hashes for every sample it
-keeps (finetune/data/cache.py), so finding repeats (finetune/data/duplicates.py) never reads a file again.
+keeps (finetune/data/cache_entry.py), so finding repeats (finetune/data/duplicates.py) never reads a file again.
 """
 
 from __future__ import annotations

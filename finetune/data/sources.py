@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from finetune.data.cache import Fault, TokenizedFile, open_tokenized_files
+from finetune.data.cache import open_tokenized_files
+from finetune.data.cache_entry import Fault, TokenizedFile
 from finetune.data.config import DataConfig, DataSource
 from finetune.data.errors import DataError, DataFaults, TooManyBadLines
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from finetune import exit_codes
-from finetune.data.cache import TokenizedFile, open_tokenized_files
+from finetune.data.cache import open_tokenized_files
+from finetune.data.cache_entry import TokenizedFile
 from finetune.data.config import DataSource
 from finetune.data.duplicates import eval_lines_in_train, find_repeats
 from finetune.data.epochs import describe_epochs, resolve_epochs, tokens_per_step

@@ -13,7 +13,7 @@ import yaml
 import train
 from finetune import exit_codes
 from finetune.cli import main
-from finetune.data import cache
+from finetune.data import cache_build
 from finetune.data.cache import open_tokenized_files
 from finetune.data.config import DataConfig, DataSource
 from finetune.data.data_report import data_report
@@ -240,9 +240,9 @@ def test_fingerprints_keep_their_line_numbers_in_a_build_split_across_workers(
     samples = [chat(i % 50) if i % 7 else "{bad json" for i in range(150)]
     data = write_jsonl(tmp_path / "d.jsonl", samples)
     (serial,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "serial", num_workers=0)
-    monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", 0)
-    monkeypatch.setattr(cache, "PART_BYTES", 1000)
-    monkeypatch.setattr(cache, "usable_cores", lambda: 2)  # Tekken: a worker per core
+    monkeypatch.setattr(cache_build, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(cache_build, "PART_BYTES", 1000)
+    monkeypatch.setattr(cache_build, "usable_cores", lambda: 2)  # Tekken: a worker per core
     (parallel,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "parallel", num_workers=2)
     assert "in 2 worker processes" in capsys.readouterr().out
     good = [n for n in range(1, 151) if (n - 1) % 7]

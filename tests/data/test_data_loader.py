@@ -10,8 +10,14 @@ import time
 import numpy as np
 import pytest
 
-import finetune.data.cache as cache
-from finetune.data import DataError, build_eval_batches, build_train_loader, tokenize_sample
+from finetune.data import (
+    DataError,
+    build_eval_batches,
+    build_train_loader,
+    cache_build,
+    tokenize_sample,
+    word_memo_file,
+)
 from finetune.data.cache import open_tokenized_files
 from finetune.data.config import DataConfig, DataSource
 from finetune.data.sources import open_run_data
@@ -151,7 +157,7 @@ def test_eval_is_the_same_for_any_number_of_ranks(tmp_path, tokenizers, write_js
 
 def test_cache_is_reused_and_rebuilt_when_the_file_changes(tmp_path, tokenizers, chat_file, monkeypatch, chat):
     (first,) = open_tokenized_files([chat_file], tokenizers["v3"], "all", tmp_path / "cache")
-    monkeypatch.setattr(cache, "_tokenize_range", lambda *a: pytest.fail("tokenized again"))
+    monkeypatch.setattr(cache_build, "_tokenize_range", lambda *a: pytest.fail("tokenized again"))
     (again,) = open_tokenized_files([chat_file], tokenizers["v3"], "all", tmp_path / "cache")
     assert again.entry == first.entry and len(again) == 40
     monkeypatch.undo()
@@ -177,7 +183,7 @@ def test_tokenizing_pauses_the_cyclic_collector_and_collects_once_per_collect_by
 
     gc.callbacks.append(record)
     try:
-        monkeypatch.setattr(cache, "COLLECT_BYTES", 1)  # a collection after every batch of BATCH_LINES (256)
+        monkeypatch.setattr(cache_build, "COLLECT_BYTES", 1)  # a collection after every batch of BATCH_LINES (256)
         (built,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "a", num_workers=0)
         assert gc.isenabled() and collections.count(False) == 3  # 600 lines: 3 batches, and no other collection
         monkeypatch.undo()
@@ -196,9 +202,9 @@ def test_parallel_build_equals_in_process_build(tmp_path, tokenizers, write_json
     samples = [chat(i, turns=1 + i % 3) if i % 7 else "{bad json" for i in range(120)]
     data = write_jsonl(tmp_path / "d.jsonl", samples)
     (serial,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "serial", num_workers=0)
-    monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", 0)
-    monkeypatch.setattr(cache, "PART_BYTES", 2000)  # about 5 lines per worker task
-    monkeypatch.setattr(cache, "usable_cores", lambda: 4)  # workers, whatever cores the test machine gives
+    monkeypatch.setattr(cache_build, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(cache_build, "PART_BYTES", 2000)  # about 5 lines per worker task
+    monkeypatch.setattr(cache_build, "usable_cores", lambda: 4)  # workers, whatever cores the test machine gives
     (parallel,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "parallel", num_workers=2)
     assert "into the cache, in 2 worker processes\n" in capsys.readouterr().out
     for name in ("sample_starts", "span_starts", "spans"):
@@ -210,27 +216,27 @@ def test_parallel_build_equals_in_process_build(tmp_path, tokenizers, write_json
 
 def test_worker_processes_only_where_they_can_pay(tmp_path, tokenizers, write_jsonl, chat, monkeypatch, capsys):
     # SentencePiece's memo encodes on every core already: a worker per two cores; Tekken: a worker per core
-    assert [cache.worker_processes(2, cores, threaded=True) for cores in (1, 2, 3, 4, 16)] == [0, 0, 0, 2, 2]
-    assert [cache.worker_processes(workers, 8, threaded=True) for workers in (0, 1, 2, 3, 8)] == [0, 0, 2, 3, 4]
-    assert [cache.worker_processes(2, cores, threaded=False) for cores in (1, 2, 3, 16)] == [0, 2, 2, 2]
-    assert [cache.worker_processes(workers, 3, threaded=False) for workers in (0, 1, 2, 8)] == [0, 0, 2, 3]
+    assert [cache_build.worker_processes(2, cores, threaded=True) for cores in (1, 2, 3, 4, 16)] == [0, 0, 0, 2, 2]
+    assert [cache_build.worker_processes(workers, 8, threaded=True) for workers in (0, 1, 2, 3, 8)] == [0, 0, 2, 3, 4]
+    assert [cache_build.worker_processes(2, cores, threaded=False) for cores in (1, 2, 3, 16)] == [0, 2, 2, 2]
+    assert [cache_build.worker_processes(workers, 3, threaded=False) for workers in (0, 1, 2, 8)] == [0, 0, 2, 3]
     data = write_jsonl(tmp_path / "d.jsonl", [chat(i, turns=1 + i % 3) for i in range(60)])
     (serial,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "serial", num_workers=0)
     assert "into the cache, in this process\n" in capsys.readouterr().out
-    monkeypatch.setattr(cache, "usable_cores", lambda: 4)
+    monkeypatch.setattr(cache_build, "usable_cores", lambda: 4)
     (small,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "small", num_workers=2)
     assert "in this process (under 2 MiB: starting workers would cost more than they save)" in capsys.readouterr().out
-    monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", 0)
-    monkeypatch.setattr(cache, "usable_cores", lambda: 1)
+    monkeypatch.setattr(cache_build, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(cache_build, "usable_cores", lambda: 1)
     (one_core,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "one", num_workers=2)
     assert "in this process (1 usable core: a worker process could only wait its turn)" in capsys.readouterr().out
-    monkeypatch.setattr(cache, "usable_cores", lambda: 3)
+    monkeypatch.setattr(cache_build, "usable_cores", lambda: 3)
     (capped,) = open_tokenized_files([data], tokenizers["tekken"], "all", tmp_path / "capped", num_workers=5)
     assert "in 3 worker processes (5 asked for, 3 usable cores)" in capsys.readouterr().out
     for built in (small, one_core, capped):  # nothing lost, nothing changed: the same cache wherever it was built
         assert built.tokens.tolist() == serial.tokens.tolist() and built.spans.tolist() == serial.spans.tolist()
         assert built.meta["n_samples"] == 60
-    monkeypatch.setattr(cache, "usable_cores", lambda: 2)  # SentencePiece v3 on 2 cores: this process
+    monkeypatch.setattr(cache_build, "usable_cores", lambda: 2)  # SentencePiece v3 on 2 cores: this process
     (v3_serial,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "v3-0", num_workers=0)
     capsys.readouterr()
     (v3,) = open_tokenized_files([data], tokenizers["v3"], "all", tmp_path / "v3-2", num_workers=2)
@@ -242,11 +248,11 @@ def test_worker_processes_only_where_they_can_pay(tmp_path, tokenizers, write_js
 def test_a_file_worth_splitting_gives_every_worker_several_parts(tmp_path, write_jsonl, chat, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", [chat(i, turns=1 + i % 3) for i in range(200)])
     size = data.stat().st_size
-    assert cache.part_ranges(data, num_workers=2) == [(0, size)]  # small: in-process
-    monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", size // 2)
-    assert cache.part_ranges(data, num_workers=0) == [(0, size)]
-    ranges = cache.part_ranges(data, num_workers=2)
-    assert len(ranges) == 2 * cache.PARTS_PER_WORKER  # a file under PART_BYTES still gives each worker 4 parts
+    assert cache_build.part_ranges(data, num_workers=2) == [(0, size)]  # small: in-process
+    monkeypatch.setattr(cache_build, "MIN_SPLIT_BYTES", size // 2)
+    assert cache_build.part_ranges(data, num_workers=0) == [(0, size)]
+    ranges = cache_build.part_ranges(data, num_workers=2)
+    assert len(ranges) == 2 * cache_build.PARTS_PER_WORKER  # a file under PART_BYTES still gives each worker 4 parts
     assert ranges[0][0] == 0 and ranges[-1][1] == size and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     raw = data.read_bytes()
     assert all(raw[start - 1 : start] == b"\n" for start, _ in ranges[1:])  # each starts a line
@@ -262,12 +268,12 @@ def test_the_word_memo_is_kept_with_the_cache_and_gives_the_same_tokens(
 
     first = write_jsonl(tmp_path / "a.jsonl", [chat(i, turns=2) for i in range(60)])
     second = write_jsonl(tmp_path / "b.jsonl", [chat(i + 1000, turns=2) for i in range(60)])
-    monkeypatch.setattr(cache, "MIN_SPLIT_BYTES", 0)
-    monkeypatch.setattr(cache, "PART_BYTES", 3000)
-    monkeypatch.setattr(cache, "usable_cores", lambda: 4)  # the words of worker processes too
+    monkeypatch.setattr(cache_build, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(cache_build, "PART_BYTES", 3000)
+    monkeypatch.setattr(cache_build, "usable_cores", lambda: 4)  # the words of worker processes too
     open_tokenized_files([first], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=2)
     (memo_file,) = (tmp_path / "cache" / "word_memo").iterdir()
-    saved = cache.read_words(memo_file, 32768)
+    saved = word_memo_file.read_words(memo_file, 32768)
     assert len(saved) > 100 and saved == {w: pack(word_memo(load_tokenizer(model_dirs["v3"]))(w)) for w in saved}
 
     fresh = load_tokenizer(model_dirs["v3"])  # a new run: its memo starts empty, then reads the file
@@ -275,23 +281,23 @@ def test_the_word_memo_is_kept_with_the_cache_and_gives_the_same_tokens(
     assert set(saved) <= set(word_memo(fresh).words())
     (cold,) = open_tokenized_files([second], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cold", num_workers=0)
     assert warm.tokens.tolist() == cold.tokens.tolist() and warm.spans.tolist() == cold.spans.tolist()
-    assert len(cache.read_words(memo_file, 32768)) > len(saved)  # the second file's new words were added
+    assert len(word_memo_file.read_words(memo_file, 32768)) > len(saved)  # the second file's new words were added
 
-    cache.write_words(memo_file, {"the": pack([10**9])})  # an id outside the vocabulary
+    word_memo_file.write_words(memo_file, {"the": pack([10**9])})  # an id outside the vocabulary
     other = write_jsonl(tmp_path / "c.jsonl", [chat(i + 2000) for i in range(5)])
     capsys.readouterr()
     open_tokenized_files([other], load_tokenizer(model_dirs["v3"]), "all", tmp_path / "cache", num_workers=0)
     assert "not a word memo this tokenizer wrote; it is rebuilt" in capsys.readouterr().out
-    assert all(ids != pack([10**9]) for ids in cache.read_words(memo_file, 32768).values())
+    assert all(ids != pack([10**9]) for ids in word_memo_file.read_words(memo_file, 32768).values())
     memo_file.write_bytes(b"not an npz")
-    assert cache.read_words(memo_file, 32768) is None
+    assert word_memo_file.read_words(memo_file, 32768) is None
 
 
 def _build_in_child(path, cache_dir, log):
     """Run in a child process: build the cache, noting each real build in `log`."""
     from finetune.data import load_tokenizer
 
-    build = cache._build
+    build = cache_build._build
 
     def logged_build(*args):
         with open(log, "a") as f:
@@ -299,7 +305,7 @@ def _build_in_child(path, cache_dir, log):
         time.sleep(0.5)  # hold the lock long enough for the other process to wait on it
         build(*args)
 
-    cache._build = logged_build
+    cache_build._build = logged_build
     tokenizer = load_tokenizer(path.parent / "model")
     open_tokenized_files([path], tokenizer, "all", cache_dir, num_workers=0)
 

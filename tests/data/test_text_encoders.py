@@ -14,8 +14,9 @@ import pytest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune.data import load_tokenizer
-from finetune.data.cache import open_tokenized_files, read_words, write_words
+from finetune.data.cache import open_tokenized_files
 from finetune.data.text_encoders import WordMemoSentencePiece, fast_text_encoder, pack, word_memo_is_exact
+from finetune.data.word_memo_file import read_words, write_words
 
 BUNDLED_DIR = Path(mistral_common.__file__).parent / "data"
 SENTENCEPIECE = [

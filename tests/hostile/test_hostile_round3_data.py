@@ -25,7 +25,7 @@ from hostile_runs import REPO, clean_ending, copy_run, environment, write_config
 import train as train_script
 from finetune import exit_codes
 from finetune.cli import main as tailor
-from finetune.data import cache
+from finetune.data import cache_build
 from finetune.data.text_encoders import usable_cores
 from model.tiny import write_tiny_model
 
@@ -360,7 +360,7 @@ def test_a_full_disk_while_caching_names_the_cache(command, model_dir, tmp_path,
     def fill_the_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write's error: no file named
 
-    monkeypatch.setattr(cache, "_tokenize_range", fill_the_disk)
+    monkeypatch.setattr(cache_build, "_tokenize_range", fill_the_disk)
     config = write_config(tmp_path, model_dir)
     code = train_script.run([str(config)]) if command == "train" else tailor(["validate", str(config)])
     clean_ending(code, capsys, exit_codes.WRITE_FAILED, f"error: {tmp_path / 'cache'}: No space left on device")
