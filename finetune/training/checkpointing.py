@@ -25,10 +25,12 @@ import json
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from finetune.atomic_files import atomic_write
 from finetune.checkpoints.base_model import base_record_problem, write_base_record
@@ -65,6 +67,10 @@ from finetune.training.train_state import Progress, ResumePoint, TrainState
 from finetune.training.train_step import NonFiniteError
 from model.dtensor import is_dtensor
 from model.lora import lora_state_dict, merged_state_dict
+
+if TYPE_CHECKING:
+    from finetune.data.loader import TrainLoader
+    from finetune.training.loss_scale import DynamicLossScale
 
 NO_TRAINING_STATE = f"no training state ({STATE}/{PROGRESS}): adapters only"  # not damaged, but not resumable
 
@@ -163,22 +169,75 @@ def _progress_problem(path: Path) -> str | None:
     return None
 
 
-def save_checkpoint(
-    cfg: TrainConfig, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo, loss_scale=None
-) -> Path:
-    """The checkpoint of step `progress.step`: the adapters and the training state (with fp16's `loss_scale`, a
-    finetune.training.loss_scale.DynamicLossScale, its state). A collective. Weights that are not finite are never
-    written: NonFiniteError, and the last good checkpoint stays the newest."""
-    _raise_if_not_finite(loss_model, progress.step, Path(cfg.run_dir))
-    if loss_scale is not None:
-        progress = replace(progress, **loss_scale.state())
+@dataclass
+class Checkpointer:
+    """What a run saves at each checkpoint and loads to resume, on this rank: the adapters, AdamW's state, the data
+    loader's position and the random generators. Both are collectives."""
 
-    def write_state(folder: Path) -> None:
-        save_training_state(folder / STATE, loss_model, optimizer, loader, progress, dist_info)
-        if dist_info.is_main:
-            write_base_record(folder / STATE, cfg.model.path)
+    cfg: TrainConfig
+    loss_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: TrainLoader
+    dist_info: DistInfo
 
-    return save_training_checkpoint(cfg, loss_model.model, progress.step, dist_info.is_main, write_state)
+    def save(self, progress: Progress, loss_scale: DynamicLossScale | None = None) -> Path:
+        """The checkpoint of step `progress.step`: the adapters and the training state (with fp16's `loss_scale`
+        state). Weights that are not finite are never written: NonFiniteError, and the last good checkpoint stays the
+        newest."""
+        cfg, dist_info = self.cfg, self.dist_info
+        _raise_if_not_finite(self.loss_model, progress.step, Path(cfg.run_dir))
+        if loss_scale is not None:
+            progress = replace(progress, **loss_scale.state())
+
+        def write_state(folder: Path) -> None:
+            save_training_state(folder / STATE, self.loss_model, self.optimizer, self.loader, progress, dist_info)
+            if dist_info.is_main:
+                write_base_record(folder / STATE, cfg.model.path)
+
+        return save_training_checkpoint(cfg, self.loss_model.model, progress.step, dist_info.is_main, write_state)
+
+    def resume(self, start: ResumePoint) -> Progress:
+        """Load a checkpoint's state into the freshly built model, optimizer and data loader; returns the counters."""
+        dist_info = self.dist_info
+        folder = start.folder / STATE
+        model_state, optim_state = _state_dicts(self.loss_model, self.optimizer)
+        try:
+            load_tensors([folder / tensors_file(rank) for rank in range(start.world_size)], model_state, optim_state)
+        except TensorStateError as error:
+            raise ResumeError(f"{start.folder}: {error}") from None
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(
+            self.loss_model,
+            self.optimizer,
+            model_state_dict=model_state,
+            optim_state_dict=optim_state,
+            options=_state_dict_options(),
+        )
+        progress = read_progress(start.folder)
+        if start.world_size == dist_info.world_size:
+            path = folder / f"rank_{dist_info.rank}.json"
+            try:
+                mine = json.loads(path.read_text(encoding="utf-8"))
+                self.loader.load_state_dict(mine["data"])
+                set_rng_state(mine["rng"], dist_info.device)
+            except DataError as error:  # a position the data as it is now does not have: the data changed
+                raise ResumeError(f"{start.folder}: {error}") from None
+            except (ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as error:
+                raise ResumeError(
+                    f"{path}: not a data position and random state that tailor writes ({type(error).__name__}: {error})"
+                ) from None
+        else:
+            seed_rngs(derived_seed(self.cfg.seed, start.step, dist_info.rank))
+            if dist_info.is_main:
+                print(
+                    f"{start.folder} was saved by {start.world_size} ranks and this run has {dist_info.world_size}: "
+                    "the weights and optimizer state are resharded, but the data goes on in a new order and the "
+                    f"random generators are seeded anew (from seed and step {start.step}): not the exact continuation "
+                    "that the same number of ranks gives",
+                    flush=True,
+                )
+        return progress
 
 
 def _raise_if_not_finite(loss_model, step: int, run_dir: Path) -> None:
@@ -220,45 +279,6 @@ def _state_dicts(loss_model, optimizer) -> tuple[dict, dict]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     return get_state_dict(loss_model, optimizer, options=_state_dict_options())
-
-
-def load_training_state(start: ResumePoint, loss_model, optimizer, loader, seed: int, dist_info: DistInfo) -> Progress:
-    """Load a checkpoint's state into the freshly built model, optimizer and data loader; returns the counters."""
-    folder = start.folder / STATE
-    model_state, optim_state = _state_dicts(loss_model, optimizer)
-    try:
-        load_tensors([folder / tensors_file(rank) for rank in range(start.world_size)], model_state, optim_state)
-    except TensorStateError as error:
-        raise ResumeError(f"{start.folder}: {error}") from None
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    set_state_dict(
-        loss_model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=_state_dict_options()
-    )
-    progress = read_progress(start.folder)
-    if start.world_size == dist_info.world_size:
-        path = folder / f"rank_{dist_info.rank}.json"
-        try:
-            mine = json.loads(path.read_text(encoding="utf-8"))
-            loader.load_state_dict(mine["data"])
-            set_rng_state(mine["rng"], dist_info.device)
-        except DataError as error:  # a position the data as it is now does not have: the data changed
-            raise ResumeError(f"{start.folder}: {error}") from None
-        except (ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as error:
-            raise ResumeError(
-                f"{path}: not a data position and random state that tailor writes ({type(error).__name__}: {error})"
-            ) from None
-    else:
-        seed_rngs(derived_seed(seed, start.step, dist_info.rank))
-        if dist_info.is_main:
-            print(
-                f"{start.folder} was saved by {start.world_size} ranks and this run has {dist_info.world_size}: "
-                "the weights and optimizer state are resharded, but the data goes on in a new order and the random "
-                f"generators are seeded anew (from seed and step {start.step}): not the exact continuation that the "
-                "same number of ranks gives",
-                flush=True,
-            )
-    return progress
 
 
 def _write_json(path: Path, value: dict) -> None:

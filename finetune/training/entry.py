@@ -28,7 +28,7 @@ from finetune.data import DataError, DataFaults, build_eval_batches, build_train
 from finetune.data.data_report import data_report
 from finetune.data.epochs import resolve_epochs
 from finetune.data.sources import open_run_data
-from finetune.training.checkpointing import ResumeError, load_training_state, save_checkpoint
+from finetune.training.checkpointing import Checkpointer, ResumeError
 from finetune.training.config_record import record_config
 from finetune.training.console import Console
 from finetune.training.distributed import (
@@ -124,9 +124,8 @@ def fine_tune(
     # Model: LoRA on a frozen base, sharded over the ranks, with its loss; a resumed run's state loaded into it.
     loss_model = build_training_model(cfg, dist_info)
     optimizer = build_optimizer(lora_param_groups(loss_model, cfg.lora.plus_ratio), cfg.optim)
-    progress = (
-        load_training_state(start, loss_model, optimizer, train_batches, cfg.seed, dist_info) if start else Progress()
-    )
+    checkpointer = Checkpointer(cfg, loss_model, optimizer, train_batches, dist_info)
+    progress = checkpointer.resume(start) if start else Progress()
     loss_scale = loss_scale_for(cfg, progress, dist_info.device)  # fp16 only
     if dist_info.is_main:  # the run is accepted: its settings are on record, and what it will do is shown
         record_config(cfg, start)
@@ -167,7 +166,7 @@ def fine_tune(
             last_eval = evaluator.evaluate(loss_model, step, logger, console)
 
         if saves or stopping:
-            checkpoint_dir = save_checkpoint(cfg, loss_model, optimizer, train_batches, progress, dist_info, loss_scale)
+            checkpoint_dir = checkpointer.save(progress, loss_scale)
         if stopping:
             break
 

@@ -25,7 +25,7 @@ from finetune.checkpoints.tensor_state import save_tensors
 from finetune.config import ConfigError, config_from_dict, load_config
 from finetune.data import build_train_loader, load_tokenizer
 from finetune.data.sources import open_run_data
-from finetune.training.checkpointing import ResumeError, load_training_state, read_resume_point
+from finetune.training.checkpointing import Checkpointer, ResumeError, read_resume_point
 from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
@@ -223,7 +223,7 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
         world_size=1,
         seed=cfg.seed,
     )
-    progress = load_training_state(read_resume_point(folder), model, optimizer, loader, cfg.seed, CPU)
+    progress = Checkpointer(cfg, model, optimizer, loader, CPU).resume(read_resume_point(folder))
     assert progress.step == last and progress.tokens == last * 2 * cfg.seq_len
     saved = load_file(folder / "lora.safetensors")
     loaded = lora_state_dict(model.model)
@@ -236,14 +236,9 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     cfg.lora.rank = 4
     other = build_training_model(cfg, CPU)
     with pytest.raises(ResumeError, match="its training state does not fit this model: Size mismatch"):
-        load_training_state(
-            read_resume_point(folder),
-            other,
-            build_optimizer([p for p in other.parameters() if p.requires_grad], cfg.optim),
-            loader,
-            cfg.seed,
-            CPU,
-        )
+        Checkpointer(
+            cfg, other, build_optimizer([p for p in other.parameters() if p.requires_grad], cfg.optim), loader, CPU
+        ).resume(read_resume_point(folder))
 
     run = subprocess.run(
         torchrun(config), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT
