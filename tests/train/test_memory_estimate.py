@@ -11,8 +11,7 @@ from torch.utils._pytree import tree_flatten
 
 from finetune.config import load_config
 from finetune.data import build_eval_batches, load_tokenizer
-from finetune.training.distributed import DistInfo
-from finetune.training.memory_estimate import (
+from finetune.planning.memory_estimate import (
     GIB,
     estimate_memory,
     first_change,
@@ -21,6 +20,7 @@ from finetune.training.memory_estimate import (
     other_parameters,
     projection_parameters,
 )
+from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
 from finetune.training.train_step import train_step
