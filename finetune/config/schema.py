@@ -1,8 +1,7 @@
 """The training configuration's schema: nested dataclasses, one per section of the YAML file.
 
 Each field's type is checked and its value converted when a config is built (finetune/config/building.py), and
-values are checked against each other after (finetune/config/checks.py). docs/config.md's reference is generated from
-these dataclasses and the comments on their fields (finetune/config_reference.py).
+values are checked against each other after (finetune/config/checks.py).
 """
 
 from __future__ import annotations
