@@ -6,7 +6,7 @@
 
 A random-init model of the architecture (bf16 on a GPU), LoRA (rank 16 unless --rank) on every linear layer,
 activation checkpointing, packed documents of random lengths, NF4 frozen weights with --quantize nf4. Prints tokens/s
-per GPU, MFU and peak memory beside the memory estimate of the same setup (finetune/training/memory_estimate.py),
+per GPU, MFU and peak memory beside the memory estimate of the same setup (finetune/planning/memory_estimate.py),
 and with transformers and peft importable the same for MistralForCausalLM / MixtralForCausalLM + PEFT (same rank
 and targets, SDPA attention, gradient checkpointing, the same tokens), with the ratios side by side. `--hf` names
 the baseline's settings:
@@ -52,8 +52,8 @@ import yaml
 from live_bytes import PeakLiveBytes  # benchmarks/, beside this script
 
 from finetune.config import ModelConfig, OptimConfig, TrainConfig
+from finetune.planning.memory_estimate import estimate_memory
 from finetune.training.loss import DEFAULT_CHUNK_SIZE, CausalLMWithLoss, chunked_cross_entropy
-from finetune.training.memory_estimate import estimate_memory
 from finetune.training.optim import build_optimizer
 from finetune.training.parallel import enable_activation_checkpointing
 from finetune.training.train_step import train_step

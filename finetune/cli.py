@@ -69,9 +69,11 @@ def _validate(args: argparse.Namespace) -> int:
     import dataclasses
     import functools
 
-    from finetune.config import load_config, resolve_cache_dir, save_config
-    from finetune.data.validate import fixed_layout, validate
-    from finetune.training.eta import tokens_per_second_per_gpu
+    from finetune.config import load_config, save_config
+    from finetune.data.config import resolve_cache_dir
+    from finetune.data.validate import fixed_layout
+    from finetune.planning.eta import tokens_per_second_per_gpu
+    from finetune.planning.validate import validate
     from finetune.training.model_hub import resolve_hub_model
     from finetune.training.preflight import PreflightError, check_model_folder
     from model.settings import OUTPUT_HEAD_SERVING_NOTE
@@ -100,7 +102,7 @@ def _validate(args: argparse.Namespace) -> int:
     gpu, device = _eta_device(args.device)
     status = validate(
         cfg,
-        cache_dir=resolve_cache_dir(cfg),
+        cache_dir=resolve_cache_dir(cfg.data, cfg.run_dir),
         throughput=None if gpu is None else functools.partial(tokens_per_second_per_gpu, gpu=gpu),
         device=device,
         gpus=args.gpus,
@@ -142,9 +144,9 @@ def _trace(cfg, gpu: str) -> int:
 
 
 def _memory_line(cfg, gpus: int, gpu_memory: float | None) -> str:
-    """The memory estimate per GPU (finetune/training/memory_estimate.py), and whether it fits --gpu-memory or this
+    """The memory estimate per GPU (finetune/planning/memory_estimate.py), and whether it fits --gpu-memory or this
     machine's GPU."""
-    from finetune.training.memory_estimate import GIB, config_estimate, fit_report
+    from finetune.planning.memory_estimate import GIB, config_estimate, fit_report
 
     try:
         estimate = config_estimate(cfg, gpus)
@@ -161,7 +163,7 @@ def _memory_line(cfg, gpus: int, gpu_memory: float | None) -> str:
 def _eta_device(choice: str | None) -> tuple[str | None, str]:
     """(the GPU kind whose figures the ETA uses, or None for no estimate; the device's name), from --device or else
     this machine: its GPU, or its CPU."""
-    from finetune.training.eta import GPU_NAMES, gpu_kind
+    from finetune.planning.eta import GPU_NAMES, gpu_kind
 
     if choice is not None:
         return (None, "CPU") if choice == "cpu" else (choice, GPU_NAMES[choice])

@@ -1,9 +1,9 @@
-"""docs/config.md's reference, generated from the dataclasses of the config (finetune/config.py, with its data
+"""docs/config.md's reference, generated from the dataclasses of the config (finetune/config/schema.py, with its data
 section in finetune/data/config.py and its lora section in model/settings.py).
 
     python -m finetune.config_reference docs/config.md      rewrite the table between the page's markers
 
-One row per key: its dotted name, type, default, and meaning. The meaning is the field's comment in config.py
+One row per key: its dotted name, type, default, and meaning. The meaning is the field's comment in the schema
 (on its line, or the comment lines just above it), so the schema and its documentation are written once, side
 by side; tests/train/test_config_reference.py fails when the page's table is stale or a field has no comment.
 """

@@ -1,13 +1,14 @@
 """The `data:` section of the training config: which JSONL files train and evaluate, and how they are read.
 
-Here rather than in finetune/config.py so that the data path reads its settings without importing the rest of the
+Here rather than in finetune/config/ so that the data path reads its settings without importing the rest of the
 config, which names the model's settings (model/settings.py: LoRAArgs, the attention backends): data knows the
-tokenizer, never the network. finetune/config.py reads, checks and documents these fields with the others.
+tokenizer, never the network. finetune/config/ reads, checks and documents these fields with the others.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 # Each field's meaning is the comment on its line or just above it (docs/config.md's reference is made of them).
@@ -46,3 +47,10 @@ class DataConfig:
     # tokenizer processes at most (one per usable core, per two with SentencePiece; never a lone one: see
     # cache.worker_processes); 0 tokenizes in the training process
     num_workers: int = 2
+
+
+def resolve_cache_dir(data: DataConfig, run_dir: str) -> Path:
+    """Where tokenized data is cached: data.cache_dir, or .tailor_cache beside run_dir, shared by later runs."""
+    if data.cache_dir:
+        return Path(data.cache_dir).expanduser()
+    return Path(run_dir).expanduser().resolve().parent / ".tailor_cache"

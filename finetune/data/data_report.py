@@ -46,7 +46,7 @@ class DataReport:
 
     @property
     def train_tokens(self) -> int:
-        """Tokens of one pass over every train source: one epoch (finetune/data/epochs.py)."""
+        """Tokens of one pass over every train source: one epoch (finetune/planning/epochs.py)."""
         return sum(s.tokens for s in self.sources if s.split == "train")
 
     def lines(self) -> list[str]:

@@ -23,11 +23,12 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune import exit_codes
 from finetune.checkpoints.folders import CheckpointWriteError
-from finetune.config import ConfigError, TrainConfig, due_at, load_config, resolve_cache_dir
+from finetune.config import ConfigError, TrainConfig, load_config
 from finetune.data import DataError, DataFaults, build_eval_batches, build_train_loader
+from finetune.data.config import resolve_cache_dir
 from finetune.data.data_report import data_report
-from finetune.data.epochs import resolve_epochs
 from finetune.data.sources import open_run_data
+from finetune.planning.epochs import resolve_epochs
 from finetune.training.checkpointing import Checkpointer, ResumeError
 from finetune.training.config_record import record_config
 from finetune.training.console import Console
@@ -44,7 +45,7 @@ from finetune.training.loss_scale import loss_scale_for
 from finetune.training.model_hub import resolve_hub_model
 from finetune.training.model_setup import build_training_model
 from finetune.training.monitoring import MetricsLogger, format_summary
-from finetune.training.optim import build_optimizer, lora_param_groups, lr_at_step, set_lr
+from finetune.training.optim import build_optimizer, due_at, lora_param_groups, lr_at_step, set_lr
 from finetune.training.preflight import PreflightError, missing_folders, remove_unused_folders, run_preflight_checks
 from finetune.training.rng import train_data_seed
 from finetune.training.run_lock import RunLockedError, lock_run_dir
@@ -95,7 +96,7 @@ def fine_tune(
     start = prepare_run_dir(cfg, dist_info)  # None: from step 0; else the checkpoint to resume from
     # The data's report: every line skipped or left out, every sample cut, counted before step 1, and the tokens of
     # an epoch, which make `epochs: N` the max_steps that everything after reads.
-    cache_dir = resolve_cache_dir(cfg)
+    cache_dir = resolve_cache_dir(cfg.data, cfg.run_dir)
     data = open_run_data(cfg.data, tokenizer, cache_dir=cache_dir, with_eval=cfg.eval.enabled)
     report = data_report(data, seq_len=cfg.seq_len)
     if dist_info.is_main:

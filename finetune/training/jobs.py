@@ -27,7 +27,7 @@ from finetune.checkpoints.folders import list_checkpoints
 from finetune.checkpoints.manifest import MANIFEST, verify_checkpoint
 from finetune.config import TrainConfig, config_to_dict
 from finetune.data.data_report import DataReport
-from finetune.data.validate import format_eta
+from finetune.planning.eta import format_eta
 from finetune.training.config_record import CONFIG_FILE, setting_changes
 from finetune.training.monitoring import METRICS_FILE
 from finetune.training.run_lock import LOCK_FILE

@@ -1,4 +1,5 @@
-"""AdamW on the LoRA parameters, and the learning rate of each step: linear warmup, then cosine decay.
+"""AdamW on the LoRA parameters, the learning rate of each step (linear warmup, then cosine decay), and the steps
+that evaluate or checkpoint.
 
 The schedule is a pure function of the step, so resuming needs nothing but the step number, and it only
 ever writes the learning rate: AdamW's betas stay what the config says.
@@ -63,6 +64,12 @@ def lr_at_step(step: int, cfg: OptimConfig, max_steps: int) -> float:
         return cfg.lr * step / warmup
     progress = (step - warmup) / max(1, max_steps - warmup)
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def due_at(step: int, freq: int, max_steps: int) -> bool:
+    """Whether what is done every `freq` steps (eval.freq, checkpoint.freq) is done at `step`: at each multiple of
+    freq, and always at the last step; freq 0 means at the last step only."""
+    return step == max_steps or (freq > 0 and step % freq == 0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune.config import TrainConfig, resolve_cache_dir
+from finetune.config import TrainConfig
 from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
-from finetune.data.config import DataSource
+from finetune.data.config import DataSource, resolve_cache_dir
 from finetune.data.errors import DataError
 from finetune.data.sources import check_holds_none_of, source_files
 from model.args import ModelArgs, load_model_args, num_parameters, read_json_object
@@ -41,7 +41,7 @@ def run_preflight_checks(cfg: TrainConfig) -> tuple[MistralTokenizer, ModelArgs]
     checking them has read anyway, for the run to use rather than read again."""
     model_dir = Path(cfg.model.path)
     check_model_folder(model_dir)
-    written = {"run_dir": Path(cfg.run_dir), "data.cache_dir": resolve_cache_dir(cfg)}
+    written = {"run_dir": Path(cfg.run_dir), "data.cache_dir": resolve_cache_dir(cfg.data, cfg.run_dir)}
     check_data_paths("data.train", cfg.data.train, written)
     if cfg.eval.enabled:
         check_data_paths("data.eval", cfg.data.eval, written)
@@ -54,7 +54,7 @@ def run_preflight_checks(cfg: TrainConfig) -> tuple[MistralTokenizer, ModelArgs]
     check_seq_len(cfg.seq_len, model_dir)
     check_model_weights(cfg, args)
     check_run_dir(Path(cfg.run_dir))
-    check_cache_dir(resolve_cache_dir(cfg))
+    check_cache_dir(resolve_cache_dir(cfg.data, cfg.run_dir))
     check_disk_space(cfg, args)
     return tokenizer, args
 

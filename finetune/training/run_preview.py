@@ -10,7 +10,7 @@ user reads what was understood before waiting for it.
     eval: 2 batches of 2 sequences per rank, every 50 steps and at the end
 
 (`python train.py configs/demo.yaml`, the step line wrapped here.) A config with `epochs: N` has one more line
-before the step line, `epochs: N = S steps (...)`: how its epochs became max_steps (finetune/data/epochs.py).
+before the step line, `epochs: N = S steps (...)`: how its epochs became max_steps (finetune/planning/epochs.py).
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from finetune.config import TrainConfig
-from finetune.data.epochs import describe_epochs, tokens_per_step
 from finetune.data.loader import TrainLoader
+from finetune.planning.epochs import describe_epochs, tokens_per_step
+from finetune.planning.memory_estimate import estimate_memory, fit_report
 from finetune.training.distributed import DistInfo
-from finetune.training.memory_estimate import describe_memory
 from finetune.training.parallel import compile_note
-from model.args import ModelArgs, num_parameters
+from finetune.training.precision import compute_dtype
+from model.args import ModelArgs, load_model_args, num_parameters
 
 
 def describe_run(
@@ -56,6 +57,16 @@ def describe_run(
     else:
         lines.append("eval: off")
     return "\n".join(lines)
+
+
+def describe_memory(cfg: TrainConfig, world_size: int, device: torch.device) -> str:
+    """The line a run shows before step 1: the estimate, and on a GPU whether it fits and what to change first."""
+    dtype = compute_dtype(cfg.model.dtype, device)
+    estimate = estimate_memory(load_model_args(cfg.model.path), cfg, world_size, dtype.itemsize)
+    if device.type != "cuda":
+        return f"memory: {estimate.summary()} (as on a GPU; this run is on the CPU)"
+    name = torch.cuda.get_device_name(device)
+    return fit_report(cfg, estimate, torch.cuda.get_device_properties(device).total_memory, f"the {name}")
 
 
 def describe_devices(dist_info: DistInfo) -> str:

@@ -90,7 +90,7 @@ def _choose_start(cfg: TrainConfig) -> ResumePoint | None:
         problem = why_not_resumable(folder)
         if problem is None:
             point = read_resume_point(folder)
-            # in epochs, max_steps is known once the data is counted, after this (finetune/data/epochs.py)
+            # in epochs, max_steps is known once the data is counted, after this (finetune/planning/epochs.py)
             total = f"of {cfg.max_steps}" if cfg.epochs is None else f"of a run of {cfg.epochs:g} epochs"
             print(f"resuming from {folder} (step {point.step} {total})", flush=True)
             return point

@@ -33,8 +33,8 @@ from torch.utils._pytree import tree_leaves
 
 from finetune.config import TrainConfig
 from finetune.data.packing import Batch
+from finetune.planning.memory_estimate import GIB, LORA_BYTES_PER_PARAMETER
 from finetune.training.loss import CausalLMWithLoss
-from finetune.training.memory_estimate import GIB, LORA_BYTES_PER_PARAMETER
 from finetune.training.model_setup import build_meta_model, quantize_meta_model
 from finetune.training.optim import build_optimizer
 from finetune.training.parallel import apply_parallelism

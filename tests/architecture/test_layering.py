@@ -2,7 +2,10 @@
 and over every import statement (lazy ones inside functions included).
 
 - `model/` imports nothing from `finetune/`: the model is usable alone, for inference and export.
-- `finetune/data/` imports nothing from `model/`: data knows the tokenizer, never the network.
+- `finetune/data/` imports nothing from `model/`, nor the config (which names the model's settings), not even for
+  types: data knows the tokenizer, never the network; what needs the whole config is in `finetune/planning/`.
+- `finetune/planning/` (validate's orchestration, epochs, ETA, memory estimate) imports nothing of the loop
+  (`finetune/training/`), not even for types: the loop uses the plan, never the other way round.
 - `finetune/after/` (merge, export, chat, ...) loads nothing from `finetune/training/`: it reads what training left.
 - `finetune/checkpoints/` (what a checkpoint is) imports nothing of `finetune/` outside itself, not even for types:
   the loop (`finetune/training/`) builds on it, never the other way round. One exception, narrow: the atomic writer
@@ -58,6 +61,26 @@ def test_importing_the_data_path_loads_no_model_module():
     assert set(data_modules) <= set(loaded)
     assert [m for m in loaded if m.split(".")[0] == "model"] == []
     assert [m for m in loaded_after("import finetune.data") if m.split(".")[0] == "model"] == []
+
+
+def test_the_data_path_imports_neither_the_model_nor_the_config_not_even_for_types():
+    graph = import_graph(every_import)
+    data_modules = [m for m in graph if m.startswith("finetune.data")]
+    assert len(data_modules) > 10
+    outside = {
+        m: sorted(t for t in graph[m] if t.split(".")[0] == "model" or t.startswith("finetune.config"))
+        for m in data_modules
+    }
+    assert {m: targets for m, targets in outside.items() if targets} == {}
+    assert "finetune.config" in graph["finetune.planning.epochs"]  # the config is seen where it is imported
+
+
+def test_the_plan_imports_nothing_of_the_loop_not_even_for_types():
+    graph = import_graph(every_import)
+    planning_modules = [m for m in graph if m.startswith("finetune.planning.")]
+    assert len(planning_modules) >= 4
+    outside = {m: sorted(t for t in graph[m] if t.startswith("finetune.training")) for m in planning_modules}
+    assert {m: targets for m, targets in outside.items() if targets} == {}
 
 
 def test_importing_the_model_loads_nothing_from_finetune():

@@ -307,8 +307,8 @@ def test_validate_imports_no_checkpoint_machinery():
     training's pre-flight, the ETA and the memory estimate) leaves out torch.distributed.checkpoint and the training
     state that needs it (a second of start-up on a busy 2-core machine)."""
     code = (
-        "import sys, finetune.cli, finetune.data.validate, finetune.training.preflight, finetune.training.eta, "
-        "finetune.training.memory_estimate\n"
+        "import sys, finetune.cli, finetune.planning.validate, finetune.training.preflight, finetune.planning.eta, "
+        "finetune.planning.memory_estimate\n"
         "print(sorted(m for m in ('torch.distributed.checkpoint', 'finetune.training.checkpointing') "
         "if m in sys.modules))"
     )

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.config import ConfigError, DataSource, due_at, load_config, read_yaml_mapping, save_config
+from finetune.config import ConfigError, DataSource, load_config, read_yaml_mapping, save_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,9 +143,3 @@ def test_an_empty_api_key_holds_no_secret_and_is_nowhere_in_the_saved_config(tmp
     cfg = load_config(write(tmp_path, MISTRAL_FINETUNE_7B))  # mistral-finetune's example has `key: ""`
     save_config(cfg, tmp_path / "saved.yaml")
     assert "key" not in yaml.safe_load((tmp_path / "saved.yaml").read_text())["logging"]["wandb"]
-
-
-def test_eval_and_checkpoint_steps_are_every_freq_steps_and_the_last_and_freq_0_is_the_last_only():
-    assert [step for step in range(1, 11) if due_at(step, 4, 10)] == [4, 8, 10]
-    assert [step for step in range(1, 9) if due_at(step, 4, 8)] == [4, 8]
-    assert [step for step in range(1, 11) if due_at(step, 0, 10)] == [10]

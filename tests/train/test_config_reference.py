@@ -1,4 +1,4 @@
-"""docs/config.md's config reference is the one generated from finetune/config.py, and documents every key."""
+"""docs/config.md's config reference is the one generated from finetune/config/, and documents every key."""
 
 import ast
 import dataclasses
@@ -48,7 +48,7 @@ def test_every_field_has_a_comment():
     classes = all_dataclasses()
     assert {c.__name__ for c in classes} >= {"TrainConfig", "DataSource", "WandbConfig", "MlflowConfig"}
     undocumented = [f"{c.__name__}.{name}" for c in classes for name, text in field_comments(c).items() if not text]
-    assert not undocumented, f"add a comment (its meaning, for the docs) to these fields in config.py: {undocumented}"
+    assert not undocumented, f"add a comment (its meaning, for the docs) to these fields in schema.py: {undocumented}"
     assert {f.name for c in classes for f in dataclasses.fields(c)} == {
         name for c in classes for name in field_comments(c)
     }

@@ -17,9 +17,9 @@ from finetune import exit_codes
 from finetune.cli import main as tailor
 from finetune.config import ConfigError, OptimConfig, load_config
 from finetune.data import load_tokenizer, tokenize_sample
-from finetune.data.epochs import steps_for_epochs
+from finetune.planning.epochs import steps_for_epochs
+from finetune.planning.memory_estimate import lora_parameters
 from finetune.training.distributed import DistInfo
-from finetune.training.memory_estimate import lora_parameters
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer, lora_param_groups, set_lr
 from model.args import load_model_args

@@ -12,8 +12,7 @@ from torch.utils._pytree import tree_flatten
 from finetune.config import load_config
 from finetune.data import build_eval_batches, load_tokenizer
 from finetune.data.sources import open_run_data
-from finetune.training.distributed import DistInfo
-from finetune.training.memory_estimate import (
+from finetune.planning.memory_estimate import (
     GIB,
     estimate_memory,
     first_change,
@@ -22,6 +21,7 @@ from finetune.training.memory_estimate import (
     other_parameters,
     projection_parameters,
 )
+from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
 from finetune.training.train_step import train_step

@@ -1,4 +1,5 @@
-"""The schedule's values at known steps, AdamW's betas left alone, and a non-finite step skipped on the device."""
+"""The schedule's values at known steps, the steps that evaluate and checkpoint, AdamW's betas left alone, and a
+non-finite step skipped on the device."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from finetune.config import OptimConfig
-from finetune.training.optim import build_optimizer, lr_at_step, set_lr, warmup_steps_for
+from finetune.training.optim import build_optimizer, due_at, lr_at_step, set_lr, warmup_steps_for
 from finetune.training.train_step import skip_step_if_nonfinite
 
 
@@ -63,3 +64,9 @@ def test_a_nonfinite_step_changes_nothing_and_the_next_one_steps():
     skip_step_if_nonfinite(optimizer, torch.tensor(0.0))
     assert float(optimizer.state[param]["step"]) == 2.0
     assert (param.detach() - after_one[0]).abs().min() > 0.05
+
+
+def test_eval_and_checkpoint_steps_are_every_freq_steps_and_the_last_and_freq_0_is_the_last_only():
+    assert [step for step in range(1, 11) if due_at(step, 4, 10)] == [4, 8, 10]
+    assert [step for step in range(1, 9) if due_at(step, 4, 8)] == [4, 8]
+    assert [step for step in range(1, 11) if due_at(step, 0, 10)] == [10]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from finetune.config import load_config
-from finetune.training.memory_estimate import estimate_memory, lora_parameters
+from finetune.planning.memory_estimate import estimate_memory, lora_parameters
 from finetune.training.trace import trace_by_layers
 from model.args import ARCHITECTURES, active_parameters
 from model.attention import available_backends, resolve_backend

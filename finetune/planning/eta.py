@@ -42,3 +42,11 @@ def tokens_per_second_per_gpu(model_dir: str | Path, gpu: str) -> tuple[float, s
         f"estimated for a {name} model from its {active:,} active parameters at "
         f"{ASSUMED_UTILISATION:.0%} of {GPU_NAMES[gpu]} bf16 peak; not measured"
     )
+
+
+def format_eta(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{max(minutes, 1)} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours < 48 else f"{hours / 24:.1f} days"

@@ -34,7 +34,6 @@ torch.cuda.max_memory_allocated; tests/train/test_memory_estimate.py checks it a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from finetune.config import DEFAULT_CHUNK_SIZE, TrainConfig
 from model.args import ModelArgs, load_model_args
@@ -46,9 +45,6 @@ LORA_BYTES_PER_PARAMETER = 4 + 4 + 8
 # bytes per value of `model.dtype`, without torch (`tailor validate` estimates in a process that never loads it);
 # `auto` computes in 2 bytes a value on a GPU, bf16 or fp16 alike
 VALUE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "auto": 2}
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass
@@ -166,17 +162,3 @@ def fit_report(cfg: TrainConfig, estimate: MemoryEstimate, gpu_bytes: float, whe
 def config_estimate(cfg: TrainConfig, world_size: int) -> MemoryEstimate:
     """The estimate for a run of `cfg` on `world_size` GPUs, from the model folder's params (no weights read)."""
     return estimate_memory(load_model_args(cfg.model.path), cfg, world_size, VALUE_BYTES[cfg.model.dtype])
-
-
-def describe_memory(cfg: TrainConfig, world_size: int, device: torch.device) -> str:
-    """The line a run shows before step 1: the estimate, and on a GPU whether it fits and what to change first."""
-    import torch
-
-    from finetune.training.precision import compute_dtype
-
-    dtype = compute_dtype(cfg.model.dtype, device)
-    estimate = estimate_memory(load_model_args(cfg.model.path), cfg, world_size, dtype.itemsize)
-    if device.type != "cuda":
-        return f"memory: {estimate.summary()} (as on a GPU; this run is on the CPU)"
-    name = torch.cuda.get_device_name(device)
-    return fit_report(cfg, estimate, torch.cuda.get_device_properties(device).total_memory, f"the {name}")

@@ -12,12 +12,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from fractions import Fraction
-from typing import TYPE_CHECKING
 
+from finetune.config import TrainConfig
 from finetune.data.errors import DataError
-
-if TYPE_CHECKING:  # the config names the model's settings; the data path reads it, never imports it
-    from finetune.config import TrainConfig
 
 
 def tokens_per_step(cfg: TrainConfig, world_size: int) -> int:
