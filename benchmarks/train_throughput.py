@@ -58,10 +58,11 @@ from finetune.training.optim import build_optimizer
 from finetune.training.parallel import enable_activation_checkpointing
 from finetune.training.train_step import train_step
 from model.args import ARCHITECTURES, ModelArgs, active_parameters
-from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable
+from model.loading import build_meta_model
+from model.lora import LoRAArgs
 from model.quantize import quantize_frozen_linears
 from model.tiny import tiny_args
-from model.transformer import Transformer, document_positions
+from model.transformer import document_positions
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 REPO = Path(__file__).resolve().parents[1]
@@ -161,9 +162,7 @@ def build_tailor(
     rank: int = 16,
     nf4: bool = False,
 ) -> torch.nn.Module:
-    with torch.device("meta"):
-        model = Transformer(args, attention_backend=attention).to(dtype)
-        inject_lora(model, LoRAArgs(rank=rank, alpha=2 * rank, targets=TARGETS))
+    model = build_meta_model(args, dtype, attention, LoRAArgs(rank=rank, alpha=2 * rank, targets=TARGETS))
     model.to_empty(device=device)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -175,7 +174,6 @@ def build_tailor(
                 param.normal_(0, 0.02)
     if nf4:
         quantize_frozen_linears(model)
-    mark_only_lora_trainable(model)
     for block in model.layers:
         enable_activation_checkpointing(block)
         if compile_blocks:

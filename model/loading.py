@@ -1,13 +1,19 @@
-"""Load a model folder (native or Hugging Face) into a `Transformer`, one tensor at a time; write native folders.
+"""The one builder of a model filled from a checkpoint: meta device -> `to_empty` -> weights streamed in; and the
+writer of native folders.
 
-The weights come from model/weights.py's `read_weights` (every layout, native names, the vision tower of a
-multimodal checkpoint left out). The model is built on the meta device and allocated once with `to_empty`; each
-tensor is copied into its parameter as it is read, so a 12B model is never held twice in memory.
+`load_model` (chat, eval, merge, export) and training (finetune/training/model_setup.py) both build with
+`build_meta_model` (every name and shape, no memory), allocate once with `to_empty`, and fill with `fill_weights`
+from a stream of (name, tensor), one tensor at a time, so a 12B model is never held twice in memory. The stream's
+checks (names, shapes, dtypes, nothing missing) are made in `fill_weights` only; what differs is where a checked
+tensor goes, its `place` hook: `place_tensor` in one process, training's FSDP2 shards (broadcast from rank 0, NF4
+quantized whole) otherwise. The weights of a folder come from model/weights.py's `read_weights` (every layout,
+native names, the vision tower of a multimodal checkpoint left out).
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -26,6 +32,9 @@ from model.quantize import QUANTIZATIONS, assign_nf4, is_nf4, quantize_frozen_li
 from model.transformer import Transformer
 from model.weights import read_weights, save_weights
 
+# puts one checked full tensor into parameter `name` of the model: place(model, name, tensor)
+Place = Callable[[nn.Module, str, torch.Tensor], None]
+
 
 @torch.no_grad()
 def load_model(
@@ -39,47 +48,94 @@ def load_model(
     """Build the model of a folder and fill it from its weights.
 
     With `lora`, adapters are injected (fp32, A Kaiming-uniform, B zeros) and only they require grad. With
-    `quantize="nf4"`, the frozen projections are quantized as they are read, on `device` (model/quantize.py). A
-    missing, unexpected, duplicated or mis-shaped tensor is a ValueError naming the tensor and the file.
+    `quantize="nf4"`, the frozen projections are quantized as they are read, on `device` (model/quantize.py).
+
+    Raises:
+        ValueError: a missing, unexpected, duplicated, non-float or mis-shaped tensor, naming it and the folder.
+    """
+    folder = Path(path)
+    model = build_meta_model(load_model_args(folder), dtype, attention_backend, lora, quantize)
+    model.to_empty(device=device)
+    fill_weights(model, read_weights(folder), folder)
+    if lora is not None:
+        init_lora_weights(model)
+    return model
+
+
+def build_meta_model(
+    args: ModelArgs,
+    dtype: torch.dtype,
+    attention_backend: str = "auto",
+    lora: LoRAArgs | None = None,
+    quantize: str = "none",
+) -> Transformer:
+    """The model on the meta device: every name and shape, no memory, in `dtype`.
+
+    With `lora`, adapters are injected (fp32) and only they require grad; their values are set after `to_empty`.
+    With `quantize="nf4"`, the frozen projections become NF4 parameters, their values assigned as they are filled.
     """
     if lora is not None and lora.dora and quantize == "nf4":
         raise ValueError(
             "a DoRA adapter does not run on NF4 weights: its row norms need each weight whole; load it unquantized"
         )
-    folder = Path(path)
-    args = load_model_args(folder)
     with torch.device("meta"):
         model = Transformer(args, attention_backend).to(dtype)
-    if lora is not None:
-        inject_lora(model, lora)
+        if lora is not None:
+            inject_lora(model, lora)
+            mark_only_lora_trainable(model)
     if quantize == "nf4":
         quantize_frozen_linears(model)
     elif quantize != "none":
         raise ValueError(f"quantize is {quantize!r}; expected one of {', '.join(QUANTIZATIONS)}")
-    model.to_empty(device=device)
+    return model
+
+
+@torch.no_grad()
+def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """A full tensor into its parameter in one process: copied (cast to the parameter's dtype), or quantized whole
+    on the parameter's device where the parameter is NF4."""
+    param = model.get_parameter(name)
+    if is_nf4(param):
+        assign_nf4(model, name, to_nf4(tensor.to(device=param.device, dtype=param.dtype)))
+    else:
+        param.copy_(tensor)
+
+
+def fill_weights(
+    model: nn.Module,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    source: str | Path,
+    place: Place = place_tensor,
+) -> None:
+    """Fill every weight of an allocated model but the adapters' (initialised, not loaded) from `tensors`, one
+    (native name, full tensor) at a time, each checked before `place` puts it in.
+
+    Raises:
+        ValueError: naming `source` and the tensor: a name the model has not, a name given twice, a tensor that is
+            not floating point, a shape other than the parameter's; after the stream, the weights it did not hold.
+    """
     params = {name: p for name, p in model.named_parameters() if not is_lora_name(name)}
     loaded = set()
-    for name, tensor in read_weights(folder):
+    for name, tensor in tensors:
         if name not in params:
-            raise ValueError(f"{folder}: unexpected tensor {name!r} for the model described in its params")
+            raise ValueError(f"{source}: unexpected tensor {name!r} for the model described in its params")
         if name in loaded:
-            raise ValueError(f"{folder}: tensor {name!r} appears twice")
+            raise ValueError(f"{source}: tensor {name!r} appears twice")
+        if not tensor.dtype.is_floating_point:
+            raise ValueError(
+                f"{source}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, where the model has a "
+                "float weight; integer (quantized) weights are not loaded as floats: use the float model"
+            )
         if tensor.shape != params[name].shape:
             raise ValueError(
-                f"{folder}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                 f"the model's params expect {tuple(params[name].shape)}"
             )
-        if is_nf4(params[name]):
-            assign_nf4(model, name, to_nf4(tensor.to(device=device, dtype=dtype)))
-        else:
-            params[name].copy_(tensor)
+        place(model, name, tensor)
         loaded.add(name)
     if missing := sorted(set(params) - loaded):
-        raise ValueError(f"{folder}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if lora is not None:
-        init_lora_weights(model)
-        mark_only_lora_trainable(model)
-    return model
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise ValueError(f"{source}: missing tensor(s) {missing[:8]}{more}")
 
 
 def save_model_folder(

@@ -1,11 +1,11 @@
-"""Build the model for training: meta init, LoRA, parallelism (finetune/training/parallel.py), then the weights."""
+"""Build the model for training: model/loading.py's builder, with NF4's checks, parallelism
+(finetune/training/parallel.py) and the sharded placing of the weights."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from finetune.config import ConfigError, TrainConfig
@@ -13,24 +13,17 @@ from finetune.training.distributed import DistInfo
 from finetune.training.loss import CausalLMWithLoss
 from finetune.training.parallel import (
     apply_parallelism,
+    broadcast_from_rank0,
     init_dora_magnitudes,
-    load_streamed_weights,
-    lora_init_tensors,
+    init_lora_shards,
+    place_shard,
 )
 from finetune.training.precision import compute_dtype
-from model.args import ModelArgs, load_model_args
-from model.lora import inject_lora, mark_only_lora_trainable
+from model.args import load_model_args
+from model.loading import build_meta_model, fill_weights
 from model.quantize import QuantizationUnavailable, is_quantized_name, nf4_shard_problem, quantize_frozen_linears
 from model.transformer import Transformer
 from model.weights import read_weights, vision_tower_specs, weight_specs
-
-
-def build_meta_model(cfg: TrainConfig, args: ModelArgs, dtype: torch.dtype) -> Transformer:
-    """The LoRA model on the meta device: every name and shape, no memory."""
-    with torch.device("meta"):
-        model = Transformer(args, attention_backend=cfg.model.attention).to(dtype)
-        inject_lora(model, cfg.lora)
-    return model
 
 
 def quantize_meta_model(model: Transformer, world_size: int) -> None:
@@ -50,18 +43,16 @@ def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithL
     model_dir = Path(cfg.model.path)
     args = load_model_args(model_dir)
     dtype = compute_dtype(cfg.model.dtype, dist_info.device)
-    model = build_meta_model(cfg, args, dtype)
+    model = build_meta_model(args, dtype, cfg.model.attention, cfg.lora)
     if cfg.model.quantize == "nf4":
         quantize_meta_model(model, dist_info.world_size)
-    mark_only_lora_trainable(model)
     loss_model = CausalLMWithLoss(model)
 
     apply_parallelism(loss_model, model.layers, cfg.model, dist_info.world_size, dtype)
 
     loss_model.to_empty(device=dist_info.device)
-    is_loader = dist_info.rank == 0
     weights = None
-    if is_loader:
+    if dist_info.rank == 0:  # the one reader: the other ranks get each tensor from it
         if tower := vision_tower_specs(model_dir):
             print(f"{model_dir}: the vision tower ({len(tower)} tensors) is not loaded: LoRA trains the text decoder")
         specs = weight_specs(model_dir)
@@ -69,13 +60,7 @@ def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithL
         print(f"loading {model_dir}: {len(specs)} tensors, {size / 2**30:.2f} GiB", flush=True)
         # a bar on a terminal only (disable=None): a log gets the line above
         weights = tqdm(read_weights(model_dir), total=len(specs), desc="loading weights", unit="tensor", disable=None)
-    filled = load_streamed_weights(loss_model, weights, prefix="model.")
-    filled |= load_streamed_weights(
-        loss_model, lora_init_tensors(model, cfg.seed) if is_loader else None, prefix="model."
-    )
-    filled |= init_dora_magnitudes(loss_model)  # from the loaded weights
-    missing = [name for name, _ in loss_model.named_parameters() if name not in filled]
-    if missing:
-        shown = ", ".join(n.removeprefix("model.") for n in missing[:5])
-        raise ValueError(f"{model_dir}: the checkpoint has no tensor for {len(missing)} parameters: {shown}")
+    fill_weights(model, broadcast_from_rank0(model, weights), model_dir, place=place_shard)
+    init_lora_shards(model, cfg.seed)
+    init_dora_magnitudes(model)  # from the loaded weights
     return loss_model

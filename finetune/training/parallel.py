@@ -2,15 +2,16 @@
 
 The model is built on the meta device (no memory), LoRA is injected, then `apply_parallelism` gives every block
 activation checkpointing, compilation and FSDP2 `fully_shard` as the config asks, and only then is memory
-allocated, shard by shard. Rank 0 streams
-the checkpoint one tensor at a time and scatters each to the ranks' shards, so N ranks on a node never
+allocated, shard by shard. model/loading.py's `fill_weights` streams the checkpoint in, one tensor at a time, with
+its checks; what this file adds is where each tensor goes: rank 0 reads the checkpoint and announces each name
+(`broadcast_from_rank0`), and `place_shard` scatters each tensor to the ranks' shards, so N ranks on a node never
 hold N copies of the model in CPU memory, and rank 0 holds one tensor at a time. With `model.quantize: nf4`,
 each frozen projection is quantized as it arrives, on the device (model/quantize.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.dtensor import is_dtensor
+from model.loading import place_tensor
 from model.lora import LoRALinear, init_lora_, init_magnitude_
 from model.quantize import assign_nf4, is_nf4, to_nf4
 
@@ -107,101 +109,86 @@ def prefetch_plan(n_blocks: int, prefetch: int) -> list[tuple[list[int], list[in
     ]
 
 
-def load_streamed_weights(
-    module: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]] | None, prefix: str = ""
-) -> set[str]:
-    """Copy named tensors into `module`'s (possibly sharded) parameters; return the names filled.
-
-    Only rank 0 needs `tensors` (the others pass None): rank 0 announces each name, then every rank takes
-    its shard with `distribute_tensor`. Without a process group this is a plain copy.
-    """
-    params = dict(module.named_parameters())
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    filled: set[str] = set()
-    tensors = iter(tensors) if tensors is not None else iter(())
+def broadcast_from_rank0(
+    model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]] | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rank 0's stream of (name, full tensor) on every rank, for model.loading's `fill_weights`: only rank 0 reads
+    `tensors` (the others pass None) and announces each name; the others get an empty buffer of the parameter's
+    full shape, which `place_shard` fills by a broadcast or takes only the shape of. Without a process group, the
+    stream itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        yield from tensors
+        return
+    params = dict(model.named_parameters())
+    rank = dist.get_rank()
+    tensors = iter(tensors) if rank == 0 else None
     while True:
         item = next(tensors, None) if rank == 0 else None
-        if distributed:
-            box = [item[0] if item is not None else None]
-            dist.broadcast_object_list(box, src=0)
-            name = box[0]
-        else:
-            name = item[0] if item is not None else None
+        box = [item[0] if item is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
         if name is None:
-            return filled
-        key = prefix + name
-        if key not in params:
-            raise ValueError(f"checkpoint tensor {name!r} has no parameter in the model")
-        param = params[key]
-        # the other ranks' buffer only receives (a broadcast) or gives its shape: made where it is used, the device
-        full = item[1] if rank == 0 else torch.empty(_full_shape(param), dtype=param.dtype, device=param.device)
-        if tuple(full.shape) != _full_shape(param):
-            raise ValueError(
-                f"checkpoint tensor {name!r} has shape {tuple(full.shape)}; the model expects {_full_shape(param)}"
-            )
-        if is_nf4(param):
-            _quantize_into(module, key, param, full)
+            return
+        if rank == 0:
+            yield item
+        elif (param := params.get(name)) is None:
+            yield name, torch.empty(0, device="meta")  # every rank raises at the same unknown name
         else:
-            _copy_full_into(param, full)
-        filled.add(key)
+            # made where it is used, on the device: it only receives (a broadcast) or gives its shape
+            yield name, torch.empty(_full_shape(param), dtype=param.dtype, device=param.device)
+
+
+def place_shard(model: nn.Module, name: str, full: torch.Tensor) -> None:
+    """model.loading's `place` for FSDP2: each rank keeps its shard of rank 0's full tensor (`distribute_tensor`),
+    and an NF4 weight is quantized whole by every rank (the same blocks and scales as in one process, whatever the
+    number of ranks), each rank keeping its rows. An unsharded parameter is placed as in one process."""
+    param = model.get_parameter(name)
+    if not is_dtensor(param):
+        place_tensor(model, name, full)
+        return
+    full = full.to(device=param.device, dtype=param.dtype)
+    if is_nf4(param):
+        from torch.distributed.tensor import DTensor
+
+        dist.broadcast(full, src=0)
+        mesh = param.device_mesh
+        rows = torch.chunk(to_nf4(full), mesh.size(), dim=0)[mesh.get_local_rank()]
+        shard = DTensor.from_local(
+            rows, mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
+        assign_nf4(model, name, shard)
+    else:
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0)
+        with torch.no_grad():
+            param.to_local().copy_(shard.to_local())
 
 
 def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(param.shape)  # a DTensor reports its global shape
 
 
-def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
-    with torch.no_grad():
-        if is_dtensor(param):
-            from torch.distributed.tensor import distribute_tensor
-
-            full = full.to(device=param.device, dtype=param.dtype)
-            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=0)
-            param.to_local().copy_(shard.to_local())
-        else:
-            param.copy_(full)
-
-
-def _quantize_into(module: nn.Module, key: str, param: torch.Tensor, full: torch.Tensor) -> None:
-    """Rank 0's full tensor, in the compute dtype on the device, quantized whole by every rank (the same blocks
-    and scales as in one process, whatever the number of ranks), and each rank keeps its rows."""
-    full = full.to(device=param.device, dtype=param.dtype)
-    if not is_dtensor(param):
-        assign_nf4(module, key, to_nf4(full))
-        return
-    from torch.distributed.tensor import DTensor
-
-    dist.broadcast(full, src=0)
-    mesh = param.device_mesh
-    rows = torch.chunk(to_nf4(full), mesh.size(), dim=0)[mesh.get_local_rank()]
-    shard = DTensor.from_local(rows, mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride())
-    assign_nf4(module, key, shard)
-
-
-def lora_init_tensors(module: nn.Module, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full-size initial LoRA weights (model.lora's `init_lora_`, from a generator seeded with `seed`), the same
-    for any number of ranks."""
+def init_lora_shards(model: nn.Module, seed: int) -> None:
+    """Every adapter's A and B initialised full size (model.lora's `init_lora_`, from a generator seeded with
+    `seed`) and placed by `place_shard`: the same values for any number of ranks."""
     generator = torch.Generator().manual_seed(seed)
-    for name, adapted in module.named_modules():
+    for name, adapted in model.named_modules():
         if isinstance(adapted, LoRALinear):
             a = torch.empty(_full_shape(adapted.lora_A.weight), dtype=torch.float32)
             b = torch.empty(_full_shape(adapted.lora_B.weight), dtype=torch.float32)
             init_lora_(a, b, generator)
-            yield f"{name}.lora_A.weight", a
-            yield f"{name}.lora_B.weight", b
+            place_shard(model, f"{name}.lora_A.weight", a)
+            place_shard(model, f"{name}.lora_B.weight", b)
 
 
-def init_dora_magnitudes(module: nn.Module) -> set[str]:
+def init_dora_magnitudes(model: nn.Module) -> None:
     """DoRA's magnitudes set to the loaded weights' row norms, each rank from its own rows (FSDP2 shards a weight
-    and its magnitudes along the same rows): no weight is gathered. Returns the names filled."""
-    filled = set()
-    for name, adapted in module.named_modules():
+    and its magnitudes along the same rows): no weight is gathered."""
+    for adapted in model.modules():
         if isinstance(adapted, LoRALinear) and adapted.lora_magnitude is not None:
             magnitude, weight = adapted.lora_magnitude.weight, adapted.weight
             init_magnitude_(*(t.to_local() if is_dtensor(t) else t for t in (magnitude, weight)))
-            filled.add(f"{name}.lora_magnitude.weight")
-    return filled
 
 
 def full_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

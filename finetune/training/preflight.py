@@ -102,7 +102,7 @@ def check_model_weights(cfg: TrainConfig, args: ModelArgs) -> None:
     tensor or a mismatched shape stops the run before any weight is loaded, naming the file."""
     import torch
 
-    from finetune.training.model_setup import build_meta_model
+    from model.loading import build_meta_model
     from model.lora import is_lora_name
     from model.weights import weight_specs_by_file
 
@@ -112,7 +112,7 @@ def check_model_weights(cfg: TrainConfig, args: ModelArgs) -> None:
     except (FileNotFoundError, ValueError) as error:
         raise PreflightError(f"model.path: {error}") from None
     described = next(model_dir / name for name in ("params.json", "config.json") if (model_dir / name).is_file())
-    model = build_meta_model(cfg, args, torch.float32)
+    model = build_meta_model(args, torch.float32, cfg.model.attention, cfg.lora)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters() if not is_lora_name(name)}
     for name, (file, spec) in stored.items():
         if not spec.dtype.is_floating_point:
@@ -236,12 +236,12 @@ def checkpoint_bytes(cfg: TrainConfig, args: ModelArgs) -> int:
     bytes each takes (CHECKPOINT_BYTES_PER_LORA_PARAMETER), plus the merged model when that is what is saved."""
     import torch
 
-    from finetune.training.model_setup import build_meta_model
     from finetune.training.precision import compute_dtype
+    from model.loading import build_meta_model
     from model.lora import is_lora_name
 
     dtype = compute_dtype(cfg.model.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_meta_model(cfg, args, dtype)
+    model = build_meta_model(args, dtype, cfg.model.attention, cfg.lora)
     lora_parameters = sum(p.numel() for name, p in model.named_parameters() if is_lora_name(name))
     size = lora_parameters * CHECKPOINT_BYTES_PER_LORA_PARAMETER
     if not cfg.checkpoint.save_adapters:

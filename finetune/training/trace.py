@@ -35,14 +35,14 @@ from finetune.config import TrainConfig
 from finetune.data.packing import Batch
 from finetune.planning.memory_estimate import GIB, LORA_BYTES_PER_PARAMETER
 from finetune.training.loss import CausalLMWithLoss
-from finetune.training.model_setup import build_meta_model, quantize_meta_model
+from finetune.training.model_setup import quantize_meta_model
 from finetune.training.optim import build_optimizer
 from finetune.training.parallel import apply_parallelism
 from finetune.training.precision import DTYPES
 from finetune.training.train_step import train_step
 from model.args import ModelArgs
 from model.attention import resolve_backend
-from model.lora import mark_only_lora_trainable
+from model.loading import build_meta_model
 from model.quantize import assign_nf4, is_nf4, to_nf4
 
 
@@ -242,10 +242,9 @@ def trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100") -> StepTrac
     kind = GPU_KINDS[gpu]
     device = torch.device("cpu")
     dtype = trace_dtype(cfg.model.dtype, kind)
-    model = build_meta_model(cfg, args, dtype)
+    model = build_meta_model(args, dtype, cfg.model.attention, cfg.lora)
     if cfg.model.quantize == "nf4":
         quantize_meta_model(model, 1)
-    mark_only_lora_trainable(model)
     backend = resolve_backend(cfg.model.attention, torch.device("cuda"), dtype, kind.capability)
     loss_model = CausalLMWithLoss(model)
     # eagerly: a compiled block would be compiled for the fake tensors, and saves what eager saves

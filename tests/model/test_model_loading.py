@@ -62,6 +62,10 @@ def rewrite_weights(src, dst, edit):
             lambda s: s.update({"layers.2.attention.wk.weight": torch.zeros(32, 64)}),
             "unexpected tensor 'layers.2.attention.wk.weight'",
         ),
+        (
+            lambda s: s.update({"norm.weight": torch.ones(64, dtype=torch.int8)}),
+            "tensor 'norm.weight' is int8, where the model has a float weight",
+        ),
     ],
 )
 def test_bad_checkpoints_name_the_tensor_and_file(edit, words, tiny_folder, tmp_path):

@@ -2,6 +2,7 @@
 and nothing read back from the device."""
 
 import contextlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from launching import REPO, free_port, subprocess_env
+from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.config import load_config
@@ -52,6 +54,28 @@ def test_one_and_two_ranks_give_the_same_losses_and_adapters(write_config, tmp_p
     assert one["adapters"].keys() == two["adapters"].keys()
     for name, tensor in one["adapters"].items():
         torch.testing.assert_close(two["adapters"][name], tensor, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda s: s.pop("layers.1.ffn_norm.weight"), "missing tensor(s) ['layers.1.ffn_norm.weight']"),
+        (
+            lambda s: s.update({"layers.0.attention.wk.weight": torch.zeros(3, 64)}),
+            "tensor 'layers.0.attention.wk.weight' has shape (3, 64), the model's params expect (32, 64)",
+        ),
+    ],
+)
+def test_the_training_model_checks_its_weights_as_load_model_does(edit, words, write_config, tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    state = load_file(bad / "consolidated.safetensors")
+    edit(state)
+    save_file(state, bad / "consolidated.safetensors")
+    cfg = load_config(write_config(model__path=str(bad)))
+    with pytest.raises(ValueError) as err:
+        build_training_model(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert words in str(err.value) and str(bad) in str(err.value)
 
 
 def test_step_loss_is_token_weighted_and_only_adapters_change(write_config):
