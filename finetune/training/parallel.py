@@ -141,7 +141,7 @@ def load_streamed_weights(
                 f"checkpoint tensor {name!r} has shape {tuple(full.shape)}; the model expects {_full_shape(param)}"
             )
         if is_nf4(param):
-            _quantize_into(module, key, param, full)
+            quantize_into(module, key, param, full)
         else:
             _copy_full_into(param, full)
         filled.add(key)
@@ -163,7 +163,7 @@ def _copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
             param.copy_(full)
 
 
-def _quantize_into(module: nn.Module, key: str, param: torch.Tensor, full: torch.Tensor) -> None:
+def quantize_into(module: nn.Module, key: str, param: torch.Tensor, full: torch.Tensor) -> None:
     """Rank 0's full tensor, in the compute dtype on the device, quantized whole by every rank (the same blocks
     and scales as in one process, whatever the number of ranks), and each rank keeps its rows."""
     full = full.to(device=param.device, dtype=param.dtype)
