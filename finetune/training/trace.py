@@ -15,9 +15,14 @@ document lengths and what is made from them (positions, document ids, the traine
 tensors. Where the device's values decide a shape (Mixtral's per-expert token counts), the trace counts the host
 synchronisation and routes the tokens evenly over the experts.
 
+With several ranks (`--gpus N`), the model is sharded by FSDP2 as a run shards it, over a fake process group of N ranks
+in this process (torch's "fake" backend: collectives that move no data), and the step is rank 0's: its weight and LoRA
+shards, and beside them the weights FSDP2 gathers whole. FSDP2 frees a gathered weight by resizing its storage, which
+the byte counter watches, and makes its buffers from no tensor, which the host side leaves to the fake mode.
+
 Not traced: the peak with NF4 weights (torchao's NF4 tensors make their outputs below the byte counter: the count
-misses the activations), several ranks (FSDP2 over a fake process group), the CUDA context (about 0.5 GiB outside
-PyTorch), kernel workspaces, the allocator's fragmentation and NCCL's buffers.
+misses the activations), the CUDA context (about 0.5 GiB outside PyTorch), kernel workspaces, the allocator's
+fragmentation and NCCL's buffers.
 """
 
 from __future__ import annotations
