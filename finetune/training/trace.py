@@ -134,7 +134,7 @@ class _HostSide(TorchFunctionMode):
         kwargs = kwargs or {}
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         # FSDP2's own buffers (gathered weights, gradients to reduce) are the device's, though made from no tensor
-        made_by_fsdp = sys._getframe(1).f_globals.get("__name__", "").startswith("torch.distributed.")
+        made_by_fsdp = not tensors and sys._getframe(1).f_globals.get("__name__", "").startswith("torch.distributed.")
         if not made_by_fsdp and not any(_is_fake(t) or t.is_meta for t in tensors):
             with _fake_mode_off():
                 return func(*args, **kwargs)
