@@ -269,7 +269,6 @@ def trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100", world_size:
     """One train_step of `cfg`'s model (`args`) on rank 0 of `world_size`, on fake tensors, as on `gpu` (the module
     docstring). With several ranks the model is sharded as a run shards it, over a fake process group: its collectives
     move no data, and each rank's figures are rank 0's."""
-
     with _fake_ranks(world_size):
         return _trace_step(cfg, args, gpu, world_size)
 
@@ -281,7 +280,7 @@ def _fake_ranks(world_size: int):
         yield
         return
     import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend (PyTorch 2.11)
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # its module registers the "fake" backend
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
@@ -310,7 +309,8 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str, world_size: int) ->
     with FakeTensorMode(allow_non_fake_inputs=True), _HostSide():
         loss_model.to_empty(device=device)
         for name, param in list(loss_model.named_parameters()):
-            if is_nf4(param):  # as the loader does: quantized from a (here fake) full weight, scales and all
+            # as the loader does: quantized from a full weight (made real here: a tensor-less host-side call)
+            if is_nf4(param):
                 quantize_into(loss_model, name, param, torch.empty(param.shape, dtype=param.dtype, device=device))
         lora = [p for p in loss_model.parameters() if p.requires_grad]
         optimizer = build_optimizer(lora, cfg.optim)
