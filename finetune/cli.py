@@ -21,7 +21,13 @@ from finetune import exit_codes
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="the training YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. seq_len=4096")
-    p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs of the planned run, for epochs and ETA")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="GPUs of the planned run, for epochs, ETA, memory and the trace",
+    )
     p.add_argument(
         "--device",
         choices=("h100", "h200", "a100", "cpu"),
@@ -39,8 +45,8 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
         "--trace",
         action="store_true",
         help="then trace one training step of the config's model at full size on tensors that hold no memory, as on "
-        "--device (default h100): weights, LoRA state and peak memory, FLOPs per token, attention, host syncs "
-        "(docs/gpu-trace.md)",
+        "--device (default h100), on rank 0 of --gpus under FSDP2: weights, LoRA state and peak memory per GPU, FLOPs "
+        "per token, attention, host syncs (docs/gpu-trace.md)",
     )
     p.add_argument(
         "--gpu-memory",
@@ -121,12 +127,12 @@ def _validate(args: argparse.Namespace) -> int:
     if status != exit_codes.USAGE:
         print(_memory_line(cfg, args.gpus, args.gpu_memory))
     if args.trace and status != exit_codes.USAGE:
-        return _trace(cfg, args.device or "h100") or status
+        return _trace(cfg, args.device or "h100", args.gpus) or status
     return status
 
 
-def _trace(cfg, gpu: str) -> int:
-    """The traced step's line (finetune/training/trace.py); an exit code when it cannot run."""
+def _trace(cfg, gpu: str, gpus: int) -> int:
+    """The traced step's line, rank 0's of `gpus` (finetune/training/trace.py); an exit code when it cannot run."""
     from finetune.config import ConfigError
     from finetune.training.trace import GPU_KINDS, trace_by_layers
     from model.args import load_model_args
@@ -135,7 +141,7 @@ def _trace(cfg, gpu: str) -> int:
         print(f"error: --trace traces a GPU's step: --device one of {', '.join(GPU_KINDS)}, not {gpu}", file=sys.stderr)
         return exit_codes.USAGE
     try:
-        trace = trace_by_layers(cfg, load_model_args(cfg.model.path), gpu)
+        trace = trace_by_layers(cfg, load_model_args(cfg.model.path), gpu, gpus)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_codes.USAGE

@@ -69,6 +69,16 @@ def to_nf4(tensor: torch.Tensor) -> torch.Tensor:
     return _torchao_nf4()[1](tensor.contiguous(), NF4_BLOCK, NF4_SCALER_BLOCK)
 
 
+def nf4_rows(tensor: torch.Tensor, parts: int, index: int) -> torch.Tensor:
+    """Part `index` of `parts` of an NF4 tensor's rows, holding its own bytes only: torch.chunk's parts are views that
+    keep the whole weight's codes and scales alive (a rank of N held all N parts), and torchao's clone of such a view
+    dequantizes to other values (0.18), so the part is rebuilt from copies of its inner tensors."""
+    rows = torch.chunk(tensor, parts, dim=0)[index]
+    names, context = rows.__tensor_flatten__()
+    inner = {name: getattr(rows, name).clone() for name in names}
+    return type(rows).__tensor_unflatten__(inner, context, rows.size(), rows.stride())
+
+
 def nf4_shard_problem(name: str, shape: tuple[int, ...], world_size: int) -> str | None:
     """Why a weight cannot be stored in NF4 split row-wise over `world_size` ranks, or None. Each rank's rows must
     hold whole groups of double-quantized scales (64 · 256 weights), as every Mistral model's do up to 256 ranks."""

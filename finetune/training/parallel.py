@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from model.dtensor import is_dtensor
 from model.loading import place_tensor
 from model.lora import LoRALinear, init_lora_, init_magnitude_
-from model.quantize import assign_nf4, is_nf4, to_nf4
+from model.quantize import assign_nf4, is_nf4, nf4_rows, to_nf4
 
 if TYPE_CHECKING:
     from finetune.config import ModelConfig
@@ -152,7 +152,7 @@ def place_shard(model: nn.Module, name: str, full: torch.Tensor) -> None:
 
         dist.broadcast(full, src=0)
         mesh = param.device_mesh
-        rows = torch.chunk(to_nf4(full), mesh.size(), dim=0)[mesh.get_local_rank()]
+        rows = nf4_rows(to_nf4(full), mesh.size(), mesh.get_local_rank())
         shard = DTensor.from_local(
             rows, mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
         )

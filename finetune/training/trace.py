@@ -15,15 +15,22 @@ document lengths and what is made from them (positions, document ids, the traine
 tensors. Where the device's values decide a shape (Mixtral's per-expert token counts), the trace counts the host
 synchronisation and routes the tokens evenly over the experts.
 
+With several ranks (`--gpus N`), the model is sharded by FSDP2 as a run shards it, over a fake process group of N ranks
+in this process (torch's "fake" backend: collectives that move no data), and the step is rank 0's: its weight and LoRA
+shards, and beside them the weights FSDP2 gathers whole. FSDP2 frees a gathered weight by resizing its storage, which
+the byte counter watches, and makes its buffers from no tensor, which the host side leaves to the fake mode.
+
 Not traced: the peak with NF4 weights (torchao's NF4 tensors make their outputs below the byte counter: the count
-misses the activations), several ranks (FSDP2 over a fake process group), the CUDA context (about 0.5 GiB outside
-PyTorch), kernel workspaces, the allocator's fragmentation and NCCL's buffers.
+misses the activations), the CUDA context (about 0.5 GiB outside PyTorch), kernel workspaces, the allocator's
+fragmentation and NCCL's buffers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,13 +44,14 @@ from finetune.planning.memory_estimate import GIB, LORA_BYTES_PER_PARAMETER
 from finetune.training.loss import CausalLMWithLoss
 from finetune.training.model_setup import quantize_meta_model
 from finetune.training.optim import build_optimizer
-from finetune.training.parallel import apply_parallelism
+from finetune.training.parallel import apply_parallelism, place_shard
 from finetune.training.precision import DTYPES
 from finetune.training.train_step import train_step
 from model.args import ModelArgs
 from model.attention import resolve_backend
+from model.dtensor import is_dtensor
 from model.loading import build_meta_model
-from model.quantize import assign_nf4, is_nf4, to_nf4
+from model.quantize import is_nf4
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class StepTrace:
     """What one traced step holds and does, per rank."""
 
     gpu: str
+    ranks: int  # FSDP2's, this trace being rank 0's
     dtype: torch.dtype
     backend: str
     tokens: int  # per rank
@@ -91,11 +100,11 @@ class StepTrace:
 
     def summary(self) -> str:
         syncs = sorted(set(self.host_syncs))
+        ranks = "" if self.ranks == 1 else f", rank 0 of {self.ranks} under FSDP2, per rank"
         return (
-            f"trace (as on {self.gpu}: {str(self.dtype).removeprefix('torch.')}, attention {self.backend}): frozen "
-            f"weights {self.frozen / GIB:.2f} GiB, LoRA + gradients + AdamW {self.lora_state / GIB:.2f} GiB, peak "
-            + ("not traced with NF4" if self.peak is None else f"{self.peak / GIB:.2f} GiB")
-            + "; "
+            f"trace (as on {self.gpu}{ranks}: {str(self.dtype).removeprefix('torch.')}, attention {self.backend}): "
+            f"frozen weights {self.frozen / GIB:.2f} GiB, LoRA + gradients + AdamW {self.lora_state / GIB:.2f} GiB, "
+            "peak " + ("not traced with NF4" if self.peak is None else f"{self.peak / GIB:.2f} GiB") + "; "
             f"{self.flops_per_token / 1e9:.2f} GFLOP per token (recomputation included); traced kernels "
             f"{', '.join(self.attention_kernels) or 'none'}; host syncs in the step: {len(self.host_syncs)}"
             + (f" ({', '.join(f'{s} x{self.host_syncs.count(s)}' for s in syncs)})" if syncs else "")
@@ -124,7 +133,9 @@ class _HostSide(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if not any(_is_fake(t) or t.is_meta for t in tensors):
+        # FSDP2's own buffers (gathered weights, gradients to reduce) are the device's, though made from no tensor
+        made_by_fsdp = not tensors and sys._getframe(1).f_globals.get("__name__", "").startswith("torch.distributed.")
+        if not made_by_fsdp and not any(_is_fake(t) or t.is_meta for t in tensors):
             with _fake_mode_off():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
@@ -187,6 +198,25 @@ class _LiveBytesAndFlops(TorchDispatchMode):
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key)
 
+    def __enter__(self):
+        # FSDP2 frees a gathered weight by resizing its storage to 0 bytes and gathers it again into the same storage:
+        # a storage's resize_ dispatches no op, so it is watched here (as torch.distributed._tools.mem_tracker does)
+        resize = self._resize = torch.UntypedStorage.resize_
+
+        def counted_resize(storage: torch.UntypedStorage, size: int) -> None:
+            resize(storage, size)
+            if (key := storage._cdata) in self._sizes:
+                self.live += storage.nbytes() - self._sizes[key]
+                self._sizes[key] = storage.nbytes()
+                self.peak = max(self.peak, self.live)
+
+        torch.UntypedStorage.resize_ = counted_resize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.utils.flop_counter import flop_registry
 
@@ -235,8 +265,31 @@ def _fake_mode_off():
     return unset_fake_temporarily()
 
 
-def trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100") -> StepTrace:
-    """One train_step of `cfg`'s model (`args`) on one rank, on fake tensors, as on `gpu` (the module docstring)."""
+def trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100", world_size: int = 1) -> StepTrace:
+    """One train_step of `cfg`'s model (`args`) on rank 0 of `world_size`, on fake tensors, as on `gpu` (the module
+    docstring). With several ranks the model is sharded as a run shards it, over a fake process group: its collectives
+    move no data, and each rank's figures are rank 0's."""
+    with _fake_ranks(world_size):
+        return _trace_step(cfg, args, gpu, world_size)
+
+
+@contextmanager
+def _fake_ranks(world_size: int):
+    """A process group of `world_size` ranks in this process, as its rank 0, whose collectives do nothing."""
+    if world_size == 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # its module registers the "fake" backend
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str, world_size: int) -> StepTrace:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     kind = GPU_KINDS[gpu]
@@ -244,19 +297,20 @@ def trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100") -> StepTrac
     dtype = trace_dtype(cfg.model.dtype, kind)
     model = build_meta_model(args, dtype, cfg.model.attention, cfg.lora)
     if cfg.model.quantize == "nf4":
-        quantize_meta_model(model, 1)
+        quantize_meta_model(model, world_size)
     backend = resolve_backend(cfg.model.attention, torch.device("cuda"), dtype, kind.capability)
     loss_model = CausalLMWithLoss(model)
     # eagerly: a compiled block would be compiled for the fake tensors, and saves what eager saves
-    apply_parallelism(loss_model, model.layers, dataclasses.replace(cfg.model, compile=False), 1, dtype)
+    apply_parallelism(loss_model, model.layers, dataclasses.replace(cfg.model, compile=False), world_size, dtype)
     batch = traced_batch(cfg.seq_len * cfg.batch_size, args.vocab_size)
 
     syncs, names = _HostSyncs(), _OpNames()
     with FakeTensorMode(allow_non_fake_inputs=True), _HostSide():
         loss_model.to_empty(device=device)
         for name, param in list(loss_model.named_parameters()):
-            if is_nf4(param):  # as the loader does: quantized from a (here fake) full weight, scales and all
-                assign_nf4(loss_model, name, to_nf4(torch.empty(param.shape, dtype=param.dtype, device=device)))
+            # as the loader does: quantized from a full weight (made real here: a tensor-less host-side call)
+            if is_nf4(param):
+                place_shard(loss_model, name, torch.empty(param.shape, dtype=param.dtype, device=device))
         lora = [p for p in loss_model.parameters() if p.requires_grad]
         optimizer = build_optimizer(lora, cfg.optim)
         live = _LiveBytesAndFlops()
@@ -264,21 +318,28 @@ def trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100") -> StepTrac
             live.hold(param)
         with names, syncs, live:
             train_step(loss_model, optimizer, [batch], device, cfg.optim.max_grad_norm, 1)
-    lora_weights = sum(p.numel() * p.element_size() for p in lora)
-    weights = sum(_nbytes(p) for p in loss_model.parameters())
+    lora_shards = [_shard(p) for p in lora]
+    lora_weights = sum(p.numel() * p.element_size() for p in lora_shards)
+    weights = sum(_nbytes(_shard(p)) for p in loss_model.parameters())
     return StepTrace(
         gpu=gpu,
+        ranks=world_size,
         dtype=dtype,
         backend=backend,
         tokens=batch.tokens.numel(),
         frozen=weights - lora_weights,
-        lora_state=sum(p.numel() for p in lora) * LORA_BYTES_PER_PARAMETER,
+        lora_state=sum(p.numel() for p in lora_shards) * LORA_BYTES_PER_PARAMETER,
         flops=live.flops,
         attention_kernels=names.attention,
         host_syncs=syncs.syncs,
         # a later step's peak: AdamW's two moments, made at the first step's update, are held through every step after
-        peak=None if cfg.model.quantize == "nf4" else live.peak + 8 * sum(p.numel() for p in lora),
+        peak=None if cfg.model.quantize == "nf4" else live.peak + 8 * sum(p.numel() for p in lora_shards),
     )
+
+
+def _shard(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: its FSDP2 shard, or the whole."""
+    return param.to_local() if is_dtensor(param) else param
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -289,19 +350,19 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().nbytes()
 
 
-def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100") -> StepTrace:
+def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100", world_size: int = 1) -> StepTrace:
     """The step of the full model from traces of 1, 2 and 3 of its layers: every block is the same, so the weights,
     the LoRA state, the FLOPs and the host syncs grow by exactly the second trace's difference per layer, and the
     peak by the third's (from two layers on, the peak is in the same place: the last block's recomputation, with
     every block's input kept). Three small traces take seconds on a CPU (NF4's two, its peak untraced: a minute)."""
-    one, two = (trace_step(cfg, dataclasses.replace(args, n_layers=n), gpu) for n in (1, 2))
+    one, two = (trace_step(cfg, dataclasses.replace(args, n_layers=n), gpu, world_size) for n in (1, 2))
     more = args.n_layers - 1
     grown = {
         name: getattr(one, name) + more * (getattr(two, name) - getattr(one, name))
         for name in ("frozen", "lora_state", "flops")
     }
     if one.peak is not None and args.n_layers > 1:
-        three = trace_step(cfg, dataclasses.replace(args, n_layers=3), gpu)
+        three = trace_step(cfg, dataclasses.replace(args, n_layers=3), gpu, world_size)
         grown["peak"] = two.peak + (args.n_layers - 2) * (three.peak - two.peak)
     per_layer = two.host_syncs[len(one.host_syncs) :]  # the second layer's, in order
     return dataclasses.replace(one, **grown, host_syncs=one.host_syncs + per_layer * more)

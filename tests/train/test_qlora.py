@@ -26,7 +26,7 @@ from finetune.training.loss import CausalLMWithLoss
 from finetune.training.model_setup import build_training_model
 from model.loading import load_model
 from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable, merged_weight
-from model.quantize import QUANTIZED_LINEARS, is_nf4
+from model.quantize import QUANTIZED_LINEARS, is_nf4, nf4_rows, to_nf4
 from model.settings import NF4_BITS_PER_WEIGHT
 from model.tiny import write_tiny_model
 from model.weights import read_weights
@@ -103,6 +103,17 @@ def test_lora_gradients_through_an_nf4_base_are_those_on_its_dequantized_weights
     assert len(grads[0]) == 2 * 7 * 2 and all(g.abs().sum() > 0 for g in grads[0].values())
     for name in adapters:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
+
+
+def test_a_ranks_nf4_rows_hold_their_own_bytes_and_dequantize_to_the_whole_weights_rows():
+    whole = to_nf4(torch.randn(1024, 512))
+    rows = nf4_rows(whole, 4, 1)
+    assert torch.equal(rows.get_original_weight(), whole.get_original_weight()[256:512])
+    held = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in (rows.quantized_data, rows.quantized_scalers)
+    }
+    assert sum(held.values()) == (whole.quantized_data.nbytes + whole.quantized_scalers.nbytes) // 4
 
 
 def test_nf4_trains_and_two_fsdp2_ranks_equal_one(nf4_config, tmp_path):

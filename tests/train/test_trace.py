@@ -57,6 +57,20 @@ def test_the_traced_peak_grows_with_the_kept_block_inputs_as_the_estimate_does()
     assert "peak 31.29 GiB" in trace.summary()
 
 
+def test_mistral_7b_traced_as_rank_0_of_8_holds_an_eighth_of_the_weights_and_the_estimated_peak():
+    """--gpus 8: the model sharded by FSDP2 as a run shards it, over a fake process group of 8 ranks in one process."""
+    cfg, args = shipped("mistral-7b-v0.3.yaml"), ARCHITECTURES["mistral-7b"]
+    trace, one_rank = (trace_by_layers(cfg, args, "h100", world_size=n) for n in (8, 1))
+    assert trace.frozen * 8 == one_rank.frozen
+    assert trace.lora_state * 8 == one_rank.lora_state
+    assert trace.flops_per_token == one_rank.flops_per_token  # each rank computes its own tokens whole
+    # the peak holds, beside the shards, the root's weights and the blocks FSDP2 has gathered whole
+    assert trace.peak == pytest.approx(estimate_memory(args, cfg, 8, 2).total, rel=0.10)
+    assert trace.peak > trace.frozen + trace.lora_state + args.vocab_size * args.dim * 2 * 2
+    assert "as on h100, rank 0 of 8 under FSDP2, per rank: bfloat16" in trace.summary()
+    assert not torch.distributed.is_initialized()  # the fake process group is gone with the trace
+
+
 def test_mixtral_traced_shows_its_per_layer_host_syncs():
     cfg, args = shipped("mixtral-8x7b.yaml"), ARCHITECTURES["mixtral-8x7b"]
     trace = trace_by_layers(cfg, args, "h100")
@@ -103,6 +117,8 @@ def test_validate_traces_the_step(write_config, capsys):
     out = capsys.readouterr().out
     assert "trace (as on h100: float32, attention sdpa): frozen weights " in out  # the test config: fp32, sdpa
     assert "host syncs in the step: 0" in out
+    assert main(["validate", str(config), "--trace", "--gpus", "2"]) == 0
+    assert "trace (as on h100, rank 0 of 2 under FSDP2, per rank: float32, attention sdpa)" in capsys.readouterr().out
     assert main(["validate", str(config), "--trace", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "error: --trace traces a GPU's step: --device one of h100, h200, a100, t4, not cpu" in err
