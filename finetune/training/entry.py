@@ -123,7 +123,7 @@ def fine_tune(
     evaluator = build_evaluator(cfg, tokenizer, dist_info, eval_batches, retain_batches, resumed=start is not None)
 
     # Model: LoRA on a frozen base, sharded over the ranks, with its loss; a resumed run's state loaded into it.
-    loss_model = build_training_model(cfg, dist_info)
+    loss_model = build_training_model(cfg, model_args, dist_info)
     optimizer = build_optimizer(lora_param_groups(loss_model, cfg.lora.plus_ratio), cfg.optim)
     checkpointer = Checkpointer(cfg, loss_model, optimizer, train_batches, dist_info)
     progress = checkpointer.resume(start) if start else Progress()

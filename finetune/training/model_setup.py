@@ -19,7 +19,7 @@ from finetune.training.parallel import (
     place_shard,
 )
 from finetune.training.precision import compute_dtype
-from model.args import load_model_args
+from model.args import ModelArgs
 from model.loading import build_meta_model, fill_weights
 from model.quantize import QuantizationUnavailable, is_quantized_name, nf4_shard_problem, quantize_frozen_linears
 from model.transformer import Transformer
@@ -38,10 +38,10 @@ def quantize_meta_model(model: Transformer, world_size: int) -> None:
         raise ConfigError(f"model.quantize: {error}") from None
 
 
-def build_training_model(cfg: TrainConfig, dist_info: DistInfo) -> CausalLMWithLoss:
-    """The LoRA model wrapped with its loss, sharded when there is more than one process, weights loaded."""
+def build_training_model(cfg: TrainConfig, args: ModelArgs, dist_info: DistInfo) -> CausalLMWithLoss:
+    """The LoRA model of `args` (the model folder's, as preflight read them) wrapped with its loss, sharded when there
+    is more than one process, weights loaded."""
     model_dir = Path(cfg.model.path)
-    args = load_model_args(model_dir)
     dtype = compute_dtype(cfg.model.dtype, dist_info.device)
     model = build_meta_model(args, dtype, cfg.model.attention, cfg.lora)
     if cfg.model.quantize == "nf4":

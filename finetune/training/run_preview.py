@@ -27,7 +27,7 @@ from finetune.planning.memory_estimate import estimate_memory, fit_report
 from finetune.training.distributed import DistInfo
 from finetune.training.parallel import compile_note
 from finetune.training.precision import compute_dtype
-from model.args import ModelArgs, load_model_args, num_parameters
+from model.args import ModelArgs, num_parameters
 
 
 def describe_run(
@@ -48,7 +48,7 @@ def describe_run(
     if cfg.epochs is not None:
         lines.append(describe_epochs(cfg, train_data_tokens(train_batches), dist_info.world_size))
     lines.append(describe_step(cfg, dist_info.world_size, train_batches))
-    lines.append(describe_memory(cfg, dist_info.world_size, dist_info.device))
+    lines.append(describe_memory(cfg, args, dist_info.world_size, dist_info.device))
     if note := compile_note(cfg.model, args):
         lines.append(note)
     if eval_batches:
@@ -59,10 +59,10 @@ def describe_run(
     return "\n".join(lines)
 
 
-def describe_memory(cfg: TrainConfig, world_size: int, device: torch.device) -> str:
+def describe_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device: torch.device) -> str:
     """The line a run shows before step 1: the estimate, and on a GPU whether it fits and what to change first."""
     dtype = compute_dtype(cfg.model.dtype, device)
-    estimate = estimate_memory(load_model_args(cfg.model.path), cfg, world_size, dtype.itemsize)
+    estimate = estimate_memory(args, cfg, world_size, dtype.itemsize)
     if device.type != "cuda":
         return f"memory: {estimate.summary()} (as on a GPU; this run is on the CPU)"
     name = torch.cuda.get_device_name(device)

@@ -9,6 +9,7 @@ from finetune.cli import main
 from finetune.config import config_from_dict
 from finetune.training.distributed import DistInfo
 from finetune.training.model_setup import build_training_model
+from model.args import load_model_args
 from model.loading import load_model
 from model.weights import read_weights
 
@@ -23,7 +24,7 @@ def training_model(model_dir):
             "lora": {"rank": 4, "alpha": 8},
         }
     )
-    return build_training_model(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    return build_training_model(cfg, load_model_args(cfg.model.path), DistInfo(0, 1, 0, torch.device("cpu")))
 
 
 def test_training_builds_text_only_lora_on_a_multimodal_checkpoint(tiny_folder, multimodal_folder, capsys):

@@ -18,6 +18,7 @@ from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
 from finetune.training.parallel import full_state
 from finetune.training.train_step import train_step
+from model.args import load_model_args
 from model.lora import lora_state_dict
 
 
@@ -33,7 +34,7 @@ def main(config: str, out: str) -> None:
         world_size=1,
     )[:2]
     mine = batches if dist_info.world_size == 1 else [batches[dist_info.rank]]
-    model = build_training_model(cfg, dist_info)
+    model = build_training_model(cfg, load_model_args(cfg.model.path), dist_info)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     losses, grad_norms = [], []
     for _ in range(3):

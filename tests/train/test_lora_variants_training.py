@@ -106,7 +106,9 @@ def test_config_checks_of_epochs_and_the_variants(write_config, capsys):
 
 def test_a_dora_training_model_starts_with_the_row_norms_of_the_loaded_weights(write_config):
     cfg = load_config(write_config(), ["lora.dora=true", "lora.targets=all-linear"])
-    model = build_training_model(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    model = build_training_model(
+        cfg, load_model_args(cfg.model.path), DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    )
     adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert len(adapted) == 2 * 7
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -21,6 +21,7 @@ from finetune.training.optim import build_optimizer
 from finetune.training.precision import compute_dtype
 from finetune.training.train_state import Progress
 from finetune.training.train_step import train_step
+from model.args import load_model_args
 from model.lora import lora_state_dict
 
 CPU = torch.device("cpu")
@@ -33,7 +34,7 @@ def run_steps(cfg, steps: int, overflow_at: int | None = None):
     data = open_run_data(cfg.data, load_tokenizer(cfg.model.path), cache_dir=Path(cfg.data.cache_dir))
     batches = build_eval_batches(data, seq_len=cfg.seq_len, batch_size=1, rank=0, world_size=1)[:2]
     torch.manual_seed(0)
-    model = build_training_model(cfg, DistInfo(0, 1, 0, CPU))
+    model = build_training_model(cfg, load_model_args(cfg.model.path), DistInfo(0, 1, 0, CPU))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     loss_scale = loss_scale_for(cfg, Progress(), CPU)
     current_step = [0]

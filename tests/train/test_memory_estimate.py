@@ -95,7 +95,7 @@ def measured_peak(cfg) -> int:
     batches = build_eval_batches(data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, rank=0, world_size=1)
     batch = max(batches, key=lambda b: int((b.weights > 0).sum()))
     assert int((batch.weights > 0).sum()) == cfg.seq_len * cfg.batch_size  # every position trained
-    model = build_training_model(cfg, DistInfo(0, 1, 0, CPU))
+    model = build_training_model(cfg, load_model_args(cfg.model.path), DistInfo(0, 1, 0, CPU))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     tracker = PeakTensorBytes()
     for param in model.parameters():

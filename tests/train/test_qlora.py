@@ -24,6 +24,7 @@ from finetune.training.distributed import DistInfo
 from finetune.training.eval import evaluate
 from finetune.training.loss import CausalLMWithLoss
 from finetune.training.model_setup import build_training_model
+from model.args import load_model_args
 from model.loading import load_model
 from model.lora import LoRAArgs, inject_lora, mark_only_lora_trainable, merged_weight
 from model.quantize import QUANTIZED_LINEARS, is_nf4, nf4_rows, to_nf4
@@ -272,7 +273,7 @@ def test_nf4_settings_are_checked_before_training(write_config, tiny_model_dir, 
     # the 64-wide tiny model's weights are smaller than one NF4 scale group: named, before any weight is read
     cfg = load_config(write_config(model__quantize="nf4"))
     with pytest.raises(ConfigError, match=r"model.quantize: nf4 cannot store layers.0.attention.wq.weight \[64, 64\]"):
-        build_training_model(cfg, CPU)
+        build_training_model(cfg, load_model_args(cfg.model.path), CPU)
 
 
 def test_without_torchao_nf4_is_a_config_error_naming_the_key_and_the_extra(nf4_config, monkeypatch):

@@ -31,6 +31,7 @@ from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
 from finetune.training.rng import rng_state
 from finetune.training.run_start import prepare_run_dir
+from model.args import load_model_args
 from model.lora import lora_state_dict
 
 TIMEOUT = 300
@@ -213,7 +214,7 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
 
     # The sharded state loads into one process exactly: the weights are the adapters the 2 ranks saved.
     cfg = load_config(config)
-    model = build_training_model(cfg, CPU)
+    model = build_training_model(cfg, load_model_args(cfg.model.path), CPU)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     loader = build_train_loader(
         open_run_data(cfg.data, load_tokenizer(cfg.model.path), cache_dir=Path(cfg.data.cache_dir)),
@@ -234,7 +235,7 @@ def test_sigterm_to_torchrun_saves_every_rank_and_resumes_exactly_or_on_one_rank
     assert len(moments) == len(saved) and all(m.abs().sum() > 0 for m in moments)
     assert {float(s["step"]) for s in optimizer.state.values()} == {float(last)}
     cfg.lora.rank = 4
-    other = build_training_model(cfg, CPU)
+    other = build_training_model(cfg, load_model_args(cfg.model.path), CPU)
     with pytest.raises(ResumeError, match="its training state does not fit this model: Size mismatch"):
         Checkpointer(
             cfg, other, build_optimizer([p for p in other.parameters() if p.requires_grad], cfg.optim), loader, CPU

@@ -22,6 +22,7 @@ from finetune.training.model_setup import build_training_model
 from finetune.training.optim import build_optimizer
 from finetune.training.parallel import compile_note, enable_activation_checkpointing, prefetch_plan
 from finetune.training.train_step import train_step
+from model.args import load_model_args
 
 WORKER = Path(__file__).with_name("step_worker.py")
 
@@ -74,7 +75,7 @@ def test_the_training_model_checks_its_weights_as_load_model_does(edit, words, w
     save_file(state, bad / "consolidated.safetensors")
     cfg = load_config(write_config(model__path=str(bad)))
     with pytest.raises(ValueError) as err:
-        build_training_model(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+        build_training_model(cfg, load_model_args(cfg.model.path), DistInfo(0, 1, 0, torch.device("cpu")))
     assert words in str(err.value) and str(bad) in str(err.value)
 
 
@@ -90,7 +91,7 @@ def test_step_loss_is_token_weighted_and_only_adapters_change(write_config):
     )[:2]
     batches[1].weights[batches[1].weights > 0] *= 0.5  # unequal weights tell a token mean from a mean of means
     device = torch.device("cpu")
-    model = build_training_model(cfg, DistInfo(0, 1, 0, device))
+    model = build_training_model(cfg, load_model_args(cfg.model.path), DistInfo(0, 1, 0, device))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     with torch.no_grad():
@@ -129,7 +130,7 @@ def test_activation_checkpointing_changes_memory_not_numbers(write_config):
             rank=0,
             world_size=1,
         )[0]
-        model = build_training_model(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+        model = build_training_model(cfg, load_model_args(cfg.model.path), DistInfo(0, 1, 0, torch.device("cpu")))
         model.model.layers[0].attention.wq.lora_B.weight.data.fill_(0.01)  # so that every LoRA A gets a gradient
         sums = model(**loss_inputs(batch, torch.device("cpu")))
         sums.loss_sum.backward()
@@ -176,7 +177,7 @@ def three_steps(cfg, device: torch.device, check):
         rank=0,
         world_size=1,
     )[:3]
-    model = build_training_model(cfg, DistInfo(0, 1, 0, device))
+    model = build_training_model(cfg, load_model_args(cfg.model.path), DistInfo(0, 1, 0, device))
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
     results = [train_step(model, optimizer, batches[:1], device, max_grad_norm=1.0, world_size=1)]  # warm up
     with check():
