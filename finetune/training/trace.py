@@ -20,15 +20,19 @@ in this process (torch's "fake" backend: collectives that move no data), and the
 shards, and beside them the weights FSDP2 gathers whole. FSDP2 frees a gathered weight by resizing its storage, which
 the byte counter watches, and makes its buffers from no tensor, which the host side leaves to the fake mode.
 
-Not traced: the peak with NF4 weights (torchao's NF4 tensors make their outputs below the byte counter: the count
-misses the activations), the CUDA context (about 0.5 GiB outside PyTorch), kernel workspaces, the allocator's
-fragmentation and NCCL's buffers.
+NF4 weights are quantized by torchao from a fake full weight before the host side begins (its tensor-less calls, the
+full weight and torchao's buffer of codes, would be real there), so their codes and scales are fake, and so are the
+dequantized copies and torchao's intermediates each matmul makes: the byte counter holds them while they live.
+
+Not traced: the CUDA context (about 0.5 GiB outside PyTorch), kernel workspaces, the allocator's fragmentation and
+NCCL's buffers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -92,7 +96,7 @@ class StepTrace:
     flops: int  # the step's, this rank's, recomputation included
     attention_kernels: list[str]
     host_syncs: list[str]  # one entry per synchronisation, in order
-    peak: int | None = None  # bytes: the most the step's tensors hold at once, in a step after the first; None: NF4
+    peak: int  # bytes: the most the step's tensors hold at once, in a step after the first
 
     @property
     def flops_per_token(self) -> float:
@@ -104,7 +108,7 @@ class StepTrace:
         return (
             f"trace (as on {self.gpu}{ranks}: {str(self.dtype).removeprefix('torch.')}, attention {self.backend}): "
             f"frozen weights {self.frozen / GIB:.2f} GiB, LoRA + gradients + AdamW {self.lora_state / GIB:.2f} GiB, "
-            "peak " + ("not traced with NF4" if self.peak is None else f"{self.peak / GIB:.2f} GiB") + "; "
+            f"peak {self.peak / GIB:.2f} GiB; "
             f"{self.flops_per_token / 1e9:.2f} GFLOP per token (recomputation included); traced kernels "
             f"{', '.join(self.attention_kernels) or 'none'}; host syncs in the step: {len(self.host_syncs)}"
             + (f" ({', '.join(f'{s} x{self.host_syncs.count(s)}' for s in syncs)})" if syncs else "")
@@ -305,19 +309,24 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str, world_size: int) ->
     batch = traced_batch(cfg.seq_len * cfg.batch_size, args.vocab_size)
 
     syncs, names = _HostSyncs(), _OpNames()
-    with FakeTensorMode(allow_non_fake_inputs=True), _HostSide():
+    with FakeTensorMode(allow_non_fake_inputs=True):
         loss_model.to_empty(device=device)
         for name, param in list(loss_model.named_parameters()):
-            # as the loader does: quantized from a full weight (made real here: a tensor-less host-side call)
+            # as the loader does: quantized from a full weight, all of it fake (before the host side, which would make
+            # the tensor-less empty calls, the full weight and torchao's codes buffer, real)
             if is_nf4(param):
                 place_shard(loss_model, name, torch.empty(param.shape, dtype=param.dtype, device=device))
-        lora = [p for p in loss_model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(lora, cfg.optim)
-        live = _LiveBytesAndFlops()
-        for param in loss_model.parameters():
-            live.hold(param)
-        with names, syncs, live:
-            train_step(loss_model, optimizer, [batch], device, cfg.optim.max_grad_norm, 1)
+        with _HostSide():
+            lora = [p for p in loss_model.parameters() if p.requires_grad]
+            optimizer = build_optimizer(lora, cfg.optim)
+            live = _LiveBytesAndFlops()
+            for param in loss_model.parameters():
+                live.hold(param)
+            with names, syncs, live, warnings.catch_warnings():
+                # torchao's NF4 checks after FSDP2's all-gather that the gathered codes are the output's by data_ptr,
+                # which a fake tensor warns about (its pointers compare equal all the same)
+                warnings.filterwarnings("ignore", "Accessing the data pointer of FakeTensor", UserWarning)
+                train_step(loss_model, optimizer, [batch], device, cfg.optim.max_grad_norm, 1)
     lora_shards = [_shard(p) for p in lora]
     lora_weights = sum(p.numel() * p.element_size() for p in lora_shards)
     weights = sum(_nbytes(_shard(p)) for p in loss_model.parameters())
@@ -333,7 +342,7 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str, world_size: int) ->
         attention_kernels=names.attention,
         host_syncs=syncs.syncs,
         # a later step's peak: AdamW's two moments, made at the first step's update, are held through every step after
-        peak=None if cfg.model.quantize == "nf4" else live.peak + 8 * sum(p.numel() for p in lora_shards),
+        peak=live.peak + 8 * sum(p.numel() for p in lora_shards),
     )
 
 
@@ -345,7 +354,7 @@ def _shard(param: torch.Tensor) -> torch.Tensor:
 def _nbytes(tensor: torch.Tensor) -> int:
     """Bytes a (fake) tensor holds, an NF4 tensor's packed codes and scales included."""
     flatten = getattr(tensor, "__tensor_flatten__", None)
-    if flatten is not None and type(tensor) is not torch.nn.Parameter and not _is_fake(tensor):
+    if flatten is not None and not isinstance(tensor, _fake_tensor_type()):
         return sum(_nbytes(getattr(tensor, name)) for name in flatten()[0])
     return tensor.untyped_storage().nbytes()
 
@@ -354,14 +363,14 @@ def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100", world_
     """The step of the full model from traces of 1, 2 and 3 of its layers: every block is the same, so the weights,
     the LoRA state, the FLOPs and the host syncs grow by exactly the second trace's difference per layer, and the
     peak by the third's (from two layers on, the peak is in the same place: the last block's recomputation, with
-    every block's input kept). Three small traces take seconds on a CPU (NF4's two, its peak untraced: a minute)."""
+    every block's input kept). Three small traces take seconds on a CPU."""
     one, two = (trace_step(cfg, dataclasses.replace(args, n_layers=n), gpu, world_size) for n in (1, 2))
     more = args.n_layers - 1
     grown = {
         name: getattr(one, name) + more * (getattr(two, name) - getattr(one, name))
         for name in ("frozen", "lora_state", "flops")
     }
-    if one.peak is not None and args.n_layers > 1:
+    if args.n_layers > 1:
         three = trace_step(cfg, dataclasses.replace(args, n_layers=3), gpu, world_size)
         grown["peak"] = two.peak + (args.n_layers - 2) * (three.peak - two.peak)
     per_layer = two.host_syncs[len(one.host_syncs) :]  # the second layer's, in order

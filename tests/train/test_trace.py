@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from finetune.config import load_config
-from finetune.planning.memory_estimate import estimate_memory, lora_parameters
+from finetune.planning.memory_estimate import estimate_memory, lora_parameters, other_parameters, projection_parameters
 from finetune.training.trace import trace_by_layers
 from model.args import ARCHITECTURES, active_parameters
 from model.attention import available_backends, resolve_backend
@@ -95,9 +95,21 @@ def test_the_16gb_nf4_config_traced_as_on_a_t4():
     assert (trace.dtype, trace.backend) == (torch.float16, "sdpa")
     estimate = estimate_memory(args, cfg, 1, 2)
     assert trace.frozen == pytest.approx(estimate.weights, rel=0.005)  # NF4 codes, scales and their scales
+    # a projection weight: its 4-bit code, an int8 scale per 64 weights, an fp16 factor per 64 * 256 (torchao keeps
+    # the factor in the weight's dtype); embeddings, norms and head in fp16: 0.571 bytes a parameter in all
+    projections = projection_parameters(args)
+    per_weight = (trace.frozen - 2 * other_parameters(args)) / projections
+    assert per_weight == pytest.approx(0.5 + 1 / 64 + 2 / (64 * 256), rel=1e-5)
+    assert trace.frozen / (projections + other_parameters(args)) == pytest.approx(0.571, abs=0.001)
     assert trace.lora_state == estimate.lora
     assert trace.host_syncs == []
-    assert trace.peak is None and "peak not traced with NF4" in trace.summary()
+    assert trace.peak == pytest.approx(estimate.total, rel=0.10)
+    assert "peak 8.30 GiB" in trace.summary()
+    # the dequantized copies are counted while alive: above its weights, the step holds more than the same step
+    # with fp16 weights by at least torchao's int64 codes of the largest weight (8 bytes a weight)
+    fp16 = trace_by_layers(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize="none")), args, "t4")
+    nf4_held, fp16_held = (t.peak - t.frozen - t.lora_state for t in (trace, fp16))
+    assert nf4_held - fp16_held > 8 * args.hidden_dim * args.dim
 
 
 def test_auto_takes_what_runs_below_compute_capability_8(monkeypatch):
