@@ -7,7 +7,6 @@ a row to COMMANDS. A command's module is imported only when that command runs, s
 from __future__ import annotations
 
 import argparse
-import errno
 import gc
 import importlib
 import os
@@ -160,19 +159,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _resolve(args.run)(args)
-    except KeyboardInterrupt:  # Ctrl-C: the user's own stop, not a fault to trace back
-        print("interrupted", file=sys.stderr)
-        return exit_codes.INTERRUPTED
     except BrokenPipeError:  # `tailor tokenize ... | head` read what it wanted and closed the pipe: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 0
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            print(f"error: {error}", file=sys.stderr)  # the user's mistake (a bad path or file): named, exit 2
-            return exit_codes.USAGE
+    except BaseException as error:
+        if (code := exit_codes.command_exit_code(error)) is None:  # a bug in tailor: its traceback
+            raise
+        print(_message(error, code), file=sys.stderr)
+        return code
+
+
+def _message(error: BaseException, code: int) -> str:
+    if code == exit_codes.INTERRUPTED:  # Ctrl-C: the user's own stop, not a fault to trace back
+        return "interrupted"
+    if code == exit_codes.WRITE_FAILED and isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror}; free some space, then run the same command", file=sys.stderr)
-        return exit_codes.WRITE_FAILED
-    except ValueError as error:  # the user's mistake (a bad file, option or config): named, exit 2
-        print(f"error: {error}", file=sys.stderr)
-        return exit_codes.USAGE
+        return f"error: {where}{error.strerror}; free some space, then run the same command"
+    return f"error: {error}"

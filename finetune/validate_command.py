@@ -102,7 +102,7 @@ def _validate(args: argparse.Namespace) -> int:
         check_model_folder(Path(cfg.model.path))
     except PreflightError as error:
         print(f"error: {error}", file=sys.stderr)
-        return exit_codes.USAGE
+        return error.exit_code
     if "output" in cfg.lora.targets:
         print(f"warning: {args.config}: {OUTPUT_HEAD_SERVING_NOTE}\n")
     gpu, device = _eta_device(args.device)
@@ -144,7 +144,7 @@ def _trace(cfg, gpu: str, gpus: int) -> int:
         trace = trace_by_layers(cfg, load_model_args(cfg.model.path), gpu, gpus)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
-        return exit_codes.USAGE
+        return error.exit_code
     print(trace.summary())
     return exit_codes.OK
 
