@@ -3,9 +3,9 @@ model folder checked as training's pre-flight does, the ETA's device, the memory
 --trace's traced step.
 
 Here, at the top of finetune/ beside the command table, rather than in finetune/planning/: the command calls
-training's pre-flight, hub resolution and trace (finetune/training/), which the plan must never import. Every import
-is inside the functions: the data path's first one waits for the paused cyclic collector, and `tailor validate`
-never imports torch (only to ask this machine's GPU, where a driver is there to answer).
+training's pre-flight, hub resolution and trace (finetune/training/), which the plan must never import. Its imports
+of the phases are inside the functions: the data path's first one waits for the paused cyclic collector, and
+`tailor validate` never imports torch (only to ask this machine's GPU, where a driver is there to answer).
 """
 
 from __future__ import annotations
