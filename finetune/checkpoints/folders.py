@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from finetune import exit_codes
 from finetune.atomic_files import fsync_path
 from finetune.checkpoints.adapter import ADAPTER_FILE, lora_entry
 from finetune.checkpoints.manifest import verify_checkpoint, write_manifest
@@ -45,6 +46,8 @@ PROGRESS = "progress.json"
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (a full disk, most often); the message names it and what was kept."""
+
+    exit_code = exit_codes.WRITE_FAILED
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:

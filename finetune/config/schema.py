@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from finetune import exit_codes
 from finetune.data.config import DataConfig
 from model.settings import BACKENDS, LoRAArgs
 
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; the message names the key and the fault."""
+
+    exit_code = exit_codes.USAGE
 
 
 # Tokens per chunk of the chunked loss (finetune/training/loss.py), kept here so that the memory estimate of

@@ -8,18 +8,84 @@ highlighted: green when fully trained, yellow when weighted below 1, control tok
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
+from finetune import exit_codes
+from finetune.data.config import TRAIN_ON
 from finetune.data.errors import SampleFault
 from finetune.data.jsonl import read_lines
+from finetune.data.model_tokenizer import load_tokenizer
+from finetune.data.sources import what_it_is
 from finetune.data.tokenize import span_weights, tokenize_line
 
 GREEN, YELLOW, DIM, RESET = "\033[1;32m", "\033[33m", "\033[2m", "\033[0m"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", type=Path, help="a .jsonl file of samples")
+    p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR", help="the model folder (its tokenizer)")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="OUT.jsonl",
+        help='write {"line", "tokens", "weights"} or {"line", "error"} per line here (default: stdout)',
+    )
+    p.add_argument("--show", action="store_true", help="print the decoded text with the trained spans highlighted")
+    p.add_argument(
+        "--train-on",
+        choices=TRAIN_ON,
+        default="all",
+        help="train every assistant message, or only the last one (data.train_on)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    tokenizer = load_tokenizer(args.model)
+    if not args.file.is_file():
+        print(f"error: {args.file}: {what_it_is(args.file)}", file=sys.stderr)
+        return exit_codes.USAGE
+    if args.output is not None and args.output.exists() and args.output.samefile(args.file):
+        print(
+            f"error: -o {args.output} is the input file, which writing would empty before it is read; choose another "
+            "output file",
+            file=sys.stderr,
+        )
+        return exit_codes.USAGE
+    records = tokenize_file(args.file, tokenizer, args.train_on)
+    if args.show:
+        records = _shown(records, tokenizer, args.file)
+        if args.output is None:  # the rendering is the output
+            return 1 if sum("error" in r for r in records) else 0
+    if args.output is None:
+        return 1 if write_records(records, sys.stdout) else 0
+    with open(args.output, "w", encoding="utf-8") as out:
+        errors = write_records(records, out)
+    failed = f'; {errors} line(s) could not be tokenized: their records hold "error"' if errors else ""
+    print(f"wrote {args.output}{failed}")
+    return 1 if errors else 0
+
+
+def _shown(records, tokenizer, path: Path):
+    """Print each record as a person reads it, and pass it on."""
+    color = sys.stdout.isatty()
+    for record in records:
+        if "error" in record:
+            print(f"{path}:{record['line']}: {record['error']}\n")
+        else:
+            trained = sum(w > 0 for w in record["weights"])
+            print(f"── {path}:{record['line']}: {len(record['tokens'])} tokens, {trained} trained")
+            for warning in record.get("warnings", []):
+                print(f"{path}:{record['line']}: warning: {warning}")
+            print(render_sample(record["tokens"], record["weights"], tokenizer, color) + "\n")
+        yield record
 
 
 def tokenize_file(path: str | Path, tokenizer, train_on: str = "all") -> Iterator[dict]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from finetune import exit_codes
+
 
 class SampleFault(ValueError):
     """One sample (one line) is unusable. `kind` names the fault for counting; `message` says it in words."""
@@ -44,10 +46,14 @@ LEFT_OUT = frozenset({NOTHING_TO_TRAIN.kind})  # warnings whose sample is not tr
 class DataError(ValueError):
     """Training data that cannot be used as configured; the message reads `FILE:LINE: fault`."""
 
+    exit_code = exit_codes.USAGE
+
 
 class DataFaults(DataError):
     """The data has faults: a bad line while `data.on_bad_sample` is `error`, or a source with too few usable samples.
     What `tailor validate` reports with exit code 1, and training refuses with the same code."""
+
+    exit_code = exit_codes.DATA_FAULTS
 
 
 class TooManyBadLines(DataFaults):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from finetune import exit_codes
 from finetune.atomic_files import atomic_write
 from finetune.checkpoints.base_model import base_record_problem, write_base_record
 from finetune.checkpoints.folders import (
@@ -77,6 +78,8 @@ NO_TRAINING_STATE = f"no training state ({STATE}/{PROGRESS}): adapters only"  # 
 
 class ResumeError(ValueError):
     """The run cannot start where the config says; the message names the folder and the ways out."""
+
+    exit_code = exit_codes.USAGE
 
 
 def why_not_resumable(folder: Path) -> str | None:

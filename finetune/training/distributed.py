@@ -15,6 +15,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from finetune import exit_codes
+
 SETUP_TIMEOUT = timedelta(minutes=5)  # the ranks meeting and passing a first barrier
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # every collective after that: a slow save or eval on one rank
 
@@ -34,6 +36,8 @@ class DistInfo:
 class ProcessGroupError(RuntimeError):
     """The ranks did not all meet: one did not start, or cannot reach the others; the message says how long it
     waited and what PyTorch said."""
+
+    exit_code = exit_codes.NO_PROCESS_GROUP
 
 
 def init_distributed() -> DistInfo:

@@ -13,7 +13,6 @@ The wiring of the data path, nothing more: config ► data ► model ► loop. d
 
 from __future__ import annotations
 
-import errno
 import shlex
 import sys
 from pathlib import Path
@@ -22,19 +21,17 @@ import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from finetune import exit_codes
-from finetune.checkpoints.folders import CheckpointWriteError
-from finetune.config import ConfigError, TrainConfig, load_config
-from finetune.data import DataError, DataFaults, build_eval_batches, build_train_loader
+from finetune.config import TrainConfig, load_config
+from finetune.data import build_eval_batches, build_train_loader
 from finetune.data.config import resolve_cache_dir
 from finetune.data.data_report import data_report
 from finetune.data.sources import open_run_data
 from finetune.planning.epochs import resolve_epochs
-from finetune.training.checkpointing import Checkpointer, ResumeError
+from finetune.training.checkpointing import Checkpointer
 from finetune.training.config_record import record_config
 from finetune.training.console import Console
 from finetune.training.distributed import (
     DistInfo,
-    ProcessGroupError,
     barrier,
     destroy,
     exit_process,
@@ -46,7 +43,7 @@ from finetune.training.model_hub import resolve_hub_model
 from finetune.training.model_setup import build_training_model
 from finetune.training.monitoring import MetricsLogger, format_summary
 from finetune.training.optim import build_optimizer, due_at, lora_param_groups, lr_at_step, set_lr
-from finetune.training.preflight import PreflightError, missing_folders, remove_unused_folders, run_preflight_checks
+from finetune.training.preflight import missing_folders, remove_unused_folders, run_preflight_checks
 from finetune.training.rng import train_data_seed
 from finetune.training.run_lock import RunLockedError, lock_run_dir
 from finetune.training.run_preview import describe_run, train_data_tokens
@@ -55,7 +52,7 @@ from finetune.training.run_status import FINISHED, STOPPED, RunRecord, recording
 from finetune.training.step_reader import StepReader
 from finetune.training.stop_signal import StopSignal, resume_command
 from finetune.training.train_state import Progress
-from finetune.training.train_step import NonFiniteError, out_of_memory_message, train_step
+from finetune.training.train_step import out_of_memory_message, train_step
 from model.args import ModelArgs
 
 
@@ -204,48 +201,34 @@ def fine_tune(
     return 0
 
 
-# A user's mistake or the machine's limit, each one `error: ...` line: the first kind an error is decides its code.
-EXIT_CODES = {
-    DataFaults: exit_codes.DATA_FAULTS,  # what `tailor validate` reports with the same code; a DataError, so first
-    ConfigError: exit_codes.USAGE,
-    DataError: exit_codes.USAGE,
-    PreflightError: exit_codes.USAGE,
-    ResumeError: exit_codes.USAGE,
-    RunLockedError: exit_codes.RUN_LOCKED,
-    CheckpointWriteError: exit_codes.WRITE_FAILED,
-    ProcessGroupError: exit_codes.NO_PROCESS_GROUP,
-    NonFiniteError: exit_codes.NOT_FINITE,
-}
-
-
 def run(argv: list[str], launcher: list[str] | None = None) -> int:
-    """main, with the errors a user can cause ending in `error: ...` and an exit code of finetune/exit_codes.py.
-    `launcher`: the words before CONFIG that started the run (default: this script), for the lock and the resume
-    command."""
+    """main, with the errors a user can cause ending in `error: ...` and their code (finetune/exit_codes.py's
+    exit_code_of). `launcher`: the words before CONFIG that started the run (default: this script), for the lock and
+    the resume command."""
     try:
         return main(argv, launcher or [sys.argv[0]])
-    except tuple(EXIT_CODES) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return next(code for kind, code in EXIT_CODES.items() if isinstance(error, kind))
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except BaseException as error:
+        if (code := exit_codes.exit_code_of(error)) is None:  # a bug in tailor: its traceback
             raise
-        written = error.filename2 or error.filename  # a copy names its source first, its destination second
-        where = f"{written}: " if written else ""
-        print(f"error: {where}{error.strerror}; free some space, then run the same command", file=sys.stderr)
-        return exit_codes.WRITE_FAILED
-    except torch.OutOfMemoryError as error:
-        print(f"error: {out_of_memory_message(error)}", file=sys.stderr)
-        return exit_codes.OUT_OF_MEMORY
-    except KeyboardInterrupt:  # Ctrl-C before the loop, which saves and stops on its own once it runs
-        print(
-            "error: interrupted (Ctrl-C) before the first step of this run: nothing was trained or saved by it, and "
-            "its earlier checkpoints are as they were; run the same command to start again",
-            file=sys.stderr,
-        )
-        return exit_codes.INTERRUPTED
+        print(f"error: {_message(error, code)}", file=sys.stderr)
+        return code
     finally:
         destroy()  # with several ranks, an error too leaves the process group closed: no abort at exit
+
+
+def _message(error: BaseException, code: int) -> str:
+    if code == exit_codes.INTERRUPTED:  # Ctrl-C before the loop, which saves and stops on its own once it runs
+        return (
+            "interrupted (Ctrl-C) before the first step of this run: nothing was trained or saved by it, and its "
+            "earlier checkpoints are as they were; run the same command to start again"
+        )
+    if code == exit_codes.OUT_OF_MEMORY:
+        return out_of_memory_message(error)
+    if code == exit_codes.WRITE_FAILED and isinstance(error, OSError):
+        written = error.filename2 or error.filename  # a copy names its source first, its destination second
+        where = f"{written}: " if written else ""
+        return f"{where}{error.strerror}; free some space, then run the same command"
+    return str(error)
 
 
 if __name__ == "__main__":  # each rank of `tailor train --gpus N`: torchrun ... -m finetune.training.entry

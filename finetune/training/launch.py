@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_hub_model(config)
     except (ConfigError, PreflightError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return exit_codes.USAGE
+        return error.exit_code
     command = torchrun_arguments(args)
     print("torchrun " + " ".join(shlex.quote(word) for word in command), flush=True)
     sys.stderr.flush()

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from finetune import exit_codes
 from finetune.config import TrainConfig
 from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
 from finetune.data.config import DataSource, resolve_cache_dir
@@ -34,6 +35,8 @@ DEMO_MODEL = Path("artifacts/tiny-mistral")
 
 class PreflightError(ValueError):
     """Something in the config points at what is not there or does not fit; the message says what and where."""
+
+    exit_code = exit_codes.USAGE
 
 
 def run_preflight_checks(cfg: TrainConfig) -> tuple[MistralTokenizer, ModelArgs]:

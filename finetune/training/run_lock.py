@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from finetune import exit_codes
 from finetune.training.distributed import DistInfo, is_initialized
 
 LOCK_FILE = "run.lock"
@@ -24,6 +25,8 @@ LOCK_FILE = "run.lock"
 
 class RunLockedError(RuntimeError):
     """Another process holds the run folder; the message names it."""
+
+    exit_code = exit_codes.RUN_LOCKED
 
 
 class RunLock:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from finetune import exit_codes
 from finetune.data.errors import first_line
 from finetune.training.distributed import all_reduce_sum, is_initialized
 from finetune.training.loss import loss_inputs
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 class NonFiniteError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient; the message says which and what to try."""
+
+    exit_code = exit_codes.NOT_FINITE
 
 
 class HostCopy:

@@ -8,9 +8,10 @@ and over every import statement (lazy ones inside functions included).
   (`finetune/training/`), not even for types: the loop uses the plan, never the other way round.
 - `finetune/after/` (merge, export, chat, ...) loads nothing from `finetune/training/`: it reads what training left.
 - `finetune/checkpoints/` (what a checkpoint is) imports nothing of `finetune/` outside itself, not even for types:
-  the loop (`finetune/training/`) builds on it, never the other way round. One exception, narrow: the atomic writer
-  `finetune/atomic_files.py`, a leaf that imports nothing but the standard library, shared by checkpoints, data,
-  training and the commands after it.
+  the loop (`finetune/training/`) builds on it, never the other way round. Two exceptions, narrow, each a leaf that
+  imports nothing but the standard library: the atomic writer `finetune/atomic_files.py`, shared by checkpoints,
+  data, training and the commands after it, and the exit codes `finetune/exit_codes.py`, which every error a user can
+  cause names its code from.
 - No import cycle between modules, even through an import inside a function. Imports under `if TYPE_CHECKING:`
   never run and are left out.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("finetune", "model")
 ATOMIC_WRITER = "finetune.atomic_files"
+LEAVES = (ATOMIC_WRITER, "finetune.exit_codes")  # what checkpoints/ may import of finetune/ outside itself
 
 
 def module_name(path: Path) -> str:
@@ -106,7 +108,7 @@ def test_checkpoints_import_nothing_of_the_loop_or_the_data_not_even_for_types()
         m: sorted(
             t
             for t in graph[m]
-            if t.startswith("finetune.") and not t.startswith("finetune.checkpoints") and t != ATOMIC_WRITER
+            if t.startswith("finetune.") and not t.startswith("finetune.checkpoints") and t not in LEAVES
         )
         for m in checkpoint_modules
     }
@@ -116,15 +118,16 @@ def test_checkpoints_import_nothing_of_the_loop_or_the_data_not_even_for_types()
     assert "finetune.training.train_state" not in import_graph()["finetune.training.loss_scale"]
 
 
-def test_the_atomic_writer_is_a_leaf_of_the_standard_library_alone():
-    """What lets checkpoints/ (and everything else) import it without importing anything else."""
-    tree = ast.parse((REPO / "finetune" / "atomic_files.py").read_text(encoding="utf-8"))
-    imported = {
-        (a.name if isinstance(n, ast.Import) else "." * n.level + (n.module or "")).split(".")[0] or "(relative)"
-        for n in every_import(tree)
-        for a in n.names
-    }
-    assert imported - {"__future__"} <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+def test_the_atomic_writer_and_the_exit_codes_are_leaves_of_the_standard_library_alone():
+    """What lets checkpoints/ (and everything else) import them without importing anything else."""
+    for leaf in LEAVES:
+        tree = ast.parse((REPO / (leaf.replace(".", "/") + ".py")).read_text(encoding="utf-8"))
+        imported = {
+            (a.name if isinstance(n, ast.Import) else "." * n.level + (n.module or "")).split(".")[0] or "(relative)"
+            for n in every_import(tree)
+            for a in n.names
+        }
+        assert imported - {"__future__"} <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
     assert "finetune.atomic_files" in import_graph()["finetune.checkpoints.manifest"]
 
 

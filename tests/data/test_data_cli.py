@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.cli import GPU_DEVICE_FILES, main
+from finetune.cli import main
 from finetune.data import tokenize_sample
+from finetune.validate_command import GPU_DEVICE_FILES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -307,7 +308,8 @@ def test_validate_imports_no_checkpoint_machinery():
     training's pre-flight, the ETA and the memory estimate) leaves out torch.distributed.checkpoint and the training
     state that needs it (a second of start-up on a busy 2-core machine)."""
     code = (
-        "import sys, finetune.cli, finetune.planning.validate, finetune.training.preflight, finetune.planning.eta, "
+        "import sys, finetune.validate_command, finetune.planning.validate, finetune.training.preflight, "
+        "finetune.planning.eta, "
         "finetune.planning.memory_estimate\n"
         "print(sorted(m for m in ('torch.distributed.checkpoint', 'finetune.training.checkpointing') "
         "if m in sys.modules))"
