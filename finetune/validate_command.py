@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--device",
-        choices=("h100", "h200", "a100", "cpu"),
+        choices=("h100", "h200", "a100", "t4", "cpu"),
         help="the device of the ETA (default: this machine's GPU, else the CPU, which gets no estimate)",
     )
     p.add_argument(

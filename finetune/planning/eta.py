@@ -3,8 +3,8 @@
 Tokens per second per GPU come from MEASURED (tailor's own training throughput on that GPU, filled in from
 benchmarks/RESULTS.md as model sizes get measured) and, for a model not measured yet, from its parameter count:
 LoRA training with activation checkpointing costs about 6 N FLOPs per token (forward, recomputed forward, backward
-through the frozen weights; no weight gradients), and we assume 40% of the GPU's dense bf16 peak. Such an estimate
-is printed as one. A CPU gets no estimate: it is for trying the path, not for training real models.
+through the frozen weights; no weight gradients), and we assume 40% of the GPU's dense bf16 peak (fp16's on a T4).
+Such an estimate is printed as one. A CPU gets no estimate: it is for trying the path, not for training real models.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from pathlib import Path
 
 from model.args import active_parameters, load_model_args, num_parameters
 
-# Dense bf16 peak (no sparsity) of the GPUs an estimate can be made for, from NVIDIA's data sheets (SXM parts).
-GPU_PEAK_BF16_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
-GPU_NAMES = {"h100": "H100", "h200": "H200", "a100": "A100"}
+# Dense 16-bit peak (no sparsity) of the GPUs an estimate can be made for, from NVIDIA's data sheets (SXM parts):
+# bf16's, and fp16's on a T4, which has no bf16.
+GPU_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "t4": 65e12}
+GPU_NAMES = {"h100": "H100", "h200": "H200", "a100": "A100", "t4": "T4"}
+PEAK_PRECISION = {"t4": "fp16"}  # the others': bf16
 MEASURED: dict[tuple[str, str], float] = {}  # (model name (see model_name), GPU kind) -> tokens / s / GPU
 ASSUMED_UTILISATION = 0.4
 
@@ -26,8 +28,8 @@ def model_name(total_parameters: int, experts: int) -> str:
 
 
 def gpu_kind(device_name: str) -> str | None:
-    """The GPU_PEAK_BF16_FLOPS key of a CUDA device name ("NVIDIA H100 80GB HBM3" -> "h100"), None if unknown."""
-    return next((kind for kind in GPU_PEAK_BF16_FLOPS if kind in device_name.lower()), None)
+    """The GPU_PEAK_FLOPS key of a CUDA device name ("NVIDIA H100 80GB HBM3" -> "h100"), None if unknown."""
+    return next((kind for kind in GPU_PEAK_FLOPS if kind in device_name.lower()), None)
 
 
 def tokens_per_second_per_gpu(model_dir: str | Path, gpu: str) -> tuple[float, str]:
@@ -37,10 +39,10 @@ def tokens_per_second_per_gpu(model_dir: str | Path, gpu: str) -> tuple[float, s
     if (name, gpu) in MEASURED:
         return MEASURED[name, gpu], f"measured for {name} on {GPU_NAMES[gpu]}"
     active = active_parameters(args)
-    rate = ASSUMED_UTILISATION * GPU_PEAK_BF16_FLOPS[gpu] / (6 * active)
+    rate = ASSUMED_UTILISATION * GPU_PEAK_FLOPS[gpu] / (6 * active)
     return rate, (
         f"estimated for a {name} model from its {active:,} active parameters at "
-        f"{ASSUMED_UTILISATION:.0%} of {GPU_NAMES[gpu]} bf16 peak; not measured"
+        f"{ASSUMED_UTILISATION:.0%} of {GPU_NAMES[gpu]} {PEAK_PRECISION.get(gpu, 'bf16')} peak; not measured"
     )
 
 

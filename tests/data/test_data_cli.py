@@ -121,6 +121,12 @@ def test_the_eta_names_its_device(tmp_path, model_dirs, write_jsonl, chat, capsy
         assert eta.startswith(f"ETA on 2 x {device.upper()}: ") and f"of {device.upper()} bf16 peak" in eta
         etas[device] = float(eta.split(" at ")[1].split(" tokens/s")[0].replace(",", ""))
     assert etas["h100"] / etas["a100"] == pytest.approx(989 / 312, rel=1e-3)  # the GPUs' dense bf16 peaks
+    assert main(["validate", str(config), "--device", "t4", "--gpus", "2"]) == 0  # a T4 has fp16, no bf16
+    eta = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ETA on"))
+    assert eta.startswith("ETA on 2 x T4: ") and "of T4 fp16 peak" in eta
+    assert etas["h100"] / float(eta.split(" at ")[1].split(" tokens/s")[0].replace(",", "")) == pytest.approx(
+        989 / 65, rel=1e-3
+    )
 
 
 def test_an_empty_train_or_eval_file_fails_validation_as_training_refuses_it(
