@@ -52,7 +52,7 @@ from finetune.training.run_status import FINISHED, STOPPED, RunRecord, recording
 from finetune.training.step_reader import StepReader
 from finetune.training.stop_signal import StopSignal, resume_command
 from finetune.training.train_state import Progress
-from finetune.training.train_step import out_of_memory_message, train_step
+from finetune.training.train_step import StepRunner, out_of_memory_message
 from model.args import ModelArgs
 
 
@@ -138,22 +138,16 @@ def fine_tune(
 
     # The loop. The device runs one step ahead of the host: a step's outcome is read once the next one is queued.
     stop = StopSignal.install()
+    run_step = StepRunner(
+        loss_model, optimizer, dist_info.device, cfg.optim.max_grad_norm, dist_info.world_size, stop, loss_scale
+    )
     reader = StepReader(cfg, progress, logger, dist_info.device, console)
     last_eval, checkpoint_dir = None, None
     for step in range(progress.step + 1, cfg.max_steps + 1):
         lr = lr_at_step(step, cfg.optim, cfg.max_steps)
         set_lr(optimizer, lr)
         micro_batches = [next(train_batches) for _ in range(cfg.grad_accumulation)]
-        queued = train_step(
-            loss_model,
-            optimizer,
-            micro_batches,
-            dist_info.device,
-            cfg.optim.max_grad_norm,
-            dist_info.world_size,
-            stop,
-            loss_scale,
-        )
+        queued = run_step(micro_batches)
         evaluates = evaluator is not None and due_at(step, cfg.eval.freq, cfg.max_steps)
         saves = cfg.checkpoint.enabled and due_at(step, cfg.checkpoint.freq, cfg.max_steps)
         stopping_alone = stop.requested and dist_info.world_size == 1  # no other rank to agree with: stop now

@@ -148,6 +148,33 @@ def train_step(
     return QueuedStep(tokens, pending=HostCopy(outcome))
 
 
+@dataclass
+class StepRunner:
+    """The run's training step, holding what stays the same from one step to the next: the model and its optimizer,
+    the device, the world size, the clipping norm, the stop signal and fp16's loss scale."""
+
+    loss_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    max_grad_norm: float
+    world_size: int
+    stop: StopSignal | None = None
+    loss_scale: DynamicLossScale | None = None
+
+    def __call__(self, micro_batches: list) -> QueuedStep:
+        """One optimizer step over `micro_batches` (`train_step`), queued on the device."""
+        return train_step(
+            self.loss_model,
+            self.optimizer,
+            micro_batches,
+            self.device,
+            self.max_grad_norm,
+            self.world_size,
+            self.stop,
+            self.loss_scale,
+        )
+
+
 def skip_step_if_nonfinite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
     """optimizer.step(), a no-op on the device where `nonfinite` is 1: the fused AdamW kernel reads it as
     `found_inf`, as with torch.amp's GradScaler, and leaves the weights, moments and step count as they were."""
