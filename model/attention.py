@@ -137,9 +137,8 @@ class DocumentMask:
         if self.backend == "sdpa":
             q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, N, head_dim]: views
             if torch.compiler.is_compiling():
-                # torch.compile would unroll the loop over documents into the graph and compile again for every
-                # other number of documents: a compiled block takes the N x N block-diagonal mask, made in its
-                # graph from the document ids (a tensor: only N is guarded); the numbers of one call per document.
+                # Compiled, a loop over documents would recompile for every number of documents: one block-diagonal
+                # mask made in the graph from the document ids (only N is guarded) instead.
                 idx = torch.arange(q.shape[2], device=q.device)
                 mask = _allowed(self.doc, idx[:, None], idx[None, :], self.sliding_window)
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=repeats > 1)[0].transpose(

@@ -20,11 +20,8 @@ class ConfigError(ValueError):
     exit_code = exit_codes.USAGE
 
 
-# Tokens per chunk of the chunked loss (finetune/training/loss.py), kept here so that the memory estimate of
-# `tailor validate` reads it without torch. The loss holds two [chunk, vocab] fp32 tensors at a time and the
-# unchunked loss three [tokens, vocab] ones, so at 1024 its memory is under 1/8 of the unchunked loss's from about
-# 5,500 trained tokens on (the shipped configs train at 8192 to 32768 tokens a sequence; benchmarks/RESULTS.md),
-# and a chunk is still a large matmul.
+# Tokens per chunk of the chunked loss (finetune/training/loss.py), here so `tailor validate` reads it without torch:
+# at 1024 the loss holds under 1/8 of the unchunked loss's memory from 5,500 tokens on; a chunk is still a big matmul.
 DEFAULT_CHUNK_SIZE = 1024
 
 

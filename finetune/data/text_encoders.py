@@ -39,9 +39,8 @@ import tiktoken
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-# A word is a run of spaces then a run of other characters. SentencePiece's dummy prefix turns the first
-# space of a word into the '▁' that starts its first piece, so a word's ids are `encode(word minus one
-# space)`; the group below is exactly that (the first word of a text has no space to drop).
+# A word: spaces, then other characters. SentencePiece's dummy prefix makes a word's first space its '▁', so its ids
+# are `encode(word minus one space)`: the group below (the first word of a text has no space to drop).
 _WORD = re.compile(r"(?:^| )( *[^ ]+)")
 _PROBE = "  Tab\there, NBSP\u00a0x ﬁ Ａ ½ e\u0301 \n\n end  "  # characters an NFKC-style normaliser would change
 

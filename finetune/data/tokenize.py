@@ -169,9 +169,8 @@ class _SampleEncoder:
             return array(PACKED, tokens), spans
         except SampleFault:
             raise
-        # A conversation its template cannot express (mistral-common's and pydantic's errors are ValueErrors), text
-        # the tokenizer's C++ core refuses (RuntimeError), or whatever else a library raises on one line's outside
-        # bytes: one bad line, named and counted, never a crash of the whole file.
+        # Whatever a library raises on one line's outside bytes (a template's ValueError, the C++ core's RuntimeError)
+        # is one bad line, named and counted, never a crash of the whole file.
         except Exception as e:  # noqa: BLE001
             raise SampleFault(
                 "tokenizer_rejected", f"the {self.version} tokenizer cannot encode this sample: {first_line(e)}"

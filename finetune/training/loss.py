@@ -42,9 +42,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     ):
         inputs = (hidden, lora_input, weight, lora_a, lora_b)
         wants = [take_grads and need for need in ctx.needs_input_grad[:5]]
-        # Every chunk writes its rows of the hidden states' gradient; the others add up over chunks (the LoRA
-        # factors' in fp32) from zero, so an empty batch still gives the head its gradient and FSDP's
-        # reduce-scatters stay matched across ranks.
+        # Each chunk writes its rows of the hidden states' gradient, the others add up from zero (LoRA's in fp32): an
+        # empty batch still gives the head its gradient, and FSDP's reduce-scatters stay matched across ranks.
         grads = [
             None
             if not want
