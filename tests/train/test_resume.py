@@ -17,7 +17,7 @@ import torch
 from launching import REPO, hook_folder, records, subprocess_env, torchrun
 from safetensors.torch import load_file
 
-import finetune.training.entry as entry
+import finetune.training.train_step as step_module
 import train as train_script
 from finetune import exit_codes
 from finetune.checkpoints.manifest import verify_checkpoint
@@ -342,7 +342,7 @@ def test_nonfinite_steps_are_skipped_and_counted(write_config, tmp_path):
 def test_weights_that_are_not_finite_are_never_saved(write_config, tmp_path, monkeypatch, capsys):
     """Weights that turned non-finite (here made NaN after step 3, as an infinite learning rate would) end the run
     with exit 5 at the next save, which writes nothing: the last good checkpoint stays the newest."""
-    real, calls = entry.train_step, []
+    real, calls = step_module.train_step, []
 
     def train_step(loss_model, *args, **kwargs):
         sums = real(loss_model, *args, **kwargs)
@@ -352,7 +352,7 @@ def test_weights_that_are_not_finite_are_never_saved(write_config, tmp_path, mon
                 next(p for p in loss_model.parameters() if p.requires_grad)[0, 0] = float("nan")
         return sums
 
-    monkeypatch.setattr(entry, "train_step", train_step)
+    monkeypatch.setattr(step_module, "train_step", train_step)  # what the run's StepRunner calls
     config = write_config(max_steps=6, eval__enabled=False, checkpoint__freq=2)
     assert train_script.run([str(config)]) == exit_codes.NOT_FINITE
     checkpoints = tmp_path / "run" / "checkpoints"
