@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from finetune.config import ConfigError, TrainConfig
@@ -38,18 +39,27 @@ def quantize_meta_model(model: Transformer, world_size: int) -> None:
         raise ConfigError(f"model.quantize: {error}") from None
 
 
+def build_meta_training_model(
+    cfg: TrainConfig, args: ModelArgs, dtype: torch.dtype, world_size: int
+) -> CausalLMWithLoss:
+    """The model of `args` as a run builds it, on the meta device: LoRA and NF4 as configured, wrapped with its loss,
+    sharded over `world_size` ranks with the checkpointing and compilation cfg.model asks for. The trace
+    (finetune/training/trace.py) builds the same."""
+    model = build_meta_model(args, dtype, cfg.model.attention, cfg.lora)
+    if cfg.model.quantize == "nf4":
+        quantize_meta_model(model, world_size)
+    loss_model = CausalLMWithLoss(model)
+    apply_parallelism(loss_model, model.layers, cfg.model, world_size, dtype)
+    return loss_model
+
+
 def build_training_model(cfg: TrainConfig, args: ModelArgs, dist_info: DistInfo) -> CausalLMWithLoss:
     """The LoRA model of `args` (the model folder's, as preflight read them) wrapped with its loss, sharded when there
     is more than one process, weights loaded."""
     model_dir = Path(cfg.model.path)
     dtype = compute_dtype(cfg.model.dtype, dist_info.device)
-    model = build_meta_model(args, dtype, cfg.model.attention, cfg.lora)
-    if cfg.model.quantize == "nf4":
-        quantize_meta_model(model, dist_info.world_size)
-    loss_model = CausalLMWithLoss(model)
-
-    apply_parallelism(loss_model, model.layers, cfg.model, dist_info.world_size, dtype)
-
+    loss_model = build_meta_training_model(cfg, args, dtype, dist_info.world_size)
+    model = loss_model.model
     loss_model.to_empty(device=dist_info.device)
     weights = None
     if dist_info.rank == 0:  # the one reader: the other ranks get each tensor from it

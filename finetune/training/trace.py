@@ -45,16 +45,14 @@ from torch.utils._pytree import tree_leaves
 from finetune.config import TrainConfig
 from finetune.data.packing import Batch
 from finetune.planning.memory_estimate import GIB, LORA_BYTES_PER_PARAMETER
-from finetune.training.loss import CausalLMWithLoss
-from finetune.training.model_setup import quantize_meta_model
+from finetune.training.model_setup import build_meta_training_model
 from finetune.training.optim import build_optimizer
-from finetune.training.parallel import apply_parallelism, place_shard
+from finetune.training.parallel import place_shard
 from finetune.training.precision import DTYPES
 from finetune.training.train_step import train_step
 from model.args import ModelArgs
 from model.attention import resolve_backend
 from model.dtensor import is_dtensor
-from model.loading import build_meta_model
 from model.quantize import is_nf4
 
 
@@ -299,13 +297,10 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str, world_size: int) ->
     kind = GPU_KINDS[gpu]
     device = torch.device("cpu")
     dtype = trace_dtype(cfg.model.dtype, kind)
-    model = build_meta_model(args, dtype, cfg.model.attention, cfg.lora)
-    if cfg.model.quantize == "nf4":
-        quantize_meta_model(model, world_size)
     backend = resolve_backend(cfg.model.attention, torch.device("cuda"), dtype, kind.capability)
-    loss_model = CausalLMWithLoss(model)
     # eagerly: a compiled block would be compiled for the fake tensors, and saves what eager saves
-    apply_parallelism(loss_model, model.layers, dataclasses.replace(cfg.model, compile=False), world_size, dtype)
+    eager = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=False))
+    loss_model = build_meta_training_model(eager, args, dtype, world_size)
     batch = traced_batch(cfg.seq_len * cfg.batch_size, args.vocab_size)
 
     syncs, names = _HostSyncs(), _OpNames()
