@@ -118,16 +118,53 @@ def _parse_moe(value, source: str) -> MoeArgs:
     return MoeArgs(**{k: _check_number(value[k], int, source, f"moe.{k}") for k in sorted(keys)})
 
 
+MODEL_CONFIG_FILES = ("params.json", "config.json")  # Mistral's format first, then Hugging Face's
+
+
+def read_model_config(folder: str | Path) -> tuple[Path, dict]:
+    """The model folder's params.json, or its Hugging Face config.json when it has no params.json, read once.
+
+    Returns:
+        The file and the JSON object it holds, for `args_from_config`, `vocab_size_in` and the length check.
+
+    Raises:
+        FileNotFoundError: the folder has neither file.
+        ValueError: the file is not a JSON object (read_json_object), naming it.
+    """
+    folder = Path(folder)
+    for name in MODEL_CONFIG_FILES:
+        if (path := folder / name).is_file():
+            return path, read_json_object(path)
+    raise FileNotFoundError(f"{folder}: no params.json or config.json; is this a model folder?")
+
+
+def args_from_config(path: Path, values: dict) -> ModelArgs:
+    """The ModelArgs of a params.json's or config.json's `values` (read_model_config), strictly checked."""
+    if path.name == "params.json":
+        return ModelArgs.from_dict(values, source=str(path))
+    return hf_config_to_args(values, source=str(path))
+
+
 def load_model_args(folder: str | Path) -> ModelArgs:
     """Read params.json, or a Hugging Face config.json when the folder has no params.json."""
-    folder = Path(folder)
-    if (folder / "params.json").exists():
-        path = folder / "params.json"
-        return ModelArgs.from_dict(read_json_object(path), source=str(path))
-    if (folder / "config.json").exists():
-        path = folder / "config.json"
-        return hf_config_to_args(read_json_object(path), source=str(path))
-    raise FileNotFoundError(f"{folder}: no params.json or config.json; is this a model folder?")
+    return args_from_config(*read_model_config(folder))
+
+
+def vocab_size_in(path: Path, values: dict) -> int:
+    """The vocabulary size a params.json or config.json (read_model_config) declares, a multimodal config's text model's
+    where it nests one; anything but a positive integer is a ValueError naming the file."""
+    text = values.get("text_config", values)
+    if not isinstance(text, dict):
+        raise ValueError(f"{path}: expected a JSON object of keys in text_config")
+    vocab_size = text.get("vocab_size")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"{path}: vocab_size must be a positive integer, got {vocab_size!r}")
+    return vocab_size
+
+
+def read_vocab_size(folder: str | Path) -> int:
+    """vocab_size from params.json (Mistral format) or config.json (Hugging Face format)."""
+    return vocab_size_in(*read_model_config(folder))
 
 
 def read_json_object(path: Path) -> dict:
@@ -135,11 +172,12 @@ def read_json_object(path: Path) -> dict:
     try:
         value = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at {e.start})") from None
+        where = f"byte 0x{e.object[e.start]:02x} at {e.start}"
+        raise ValueError(f"{path}: not valid JSON: not UTF-8 text ({where})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg} at column {e.colno}") from None
     except (RecursionError, ValueError):  # nested past Python's limit, a number of more than 4300 digits
-        raise ValueError(f"{path}: not JSON that can be read (nested too deeply, or a number too long)") from None
+        raise ValueError(f"{path}: not valid JSON that can be read (nested too deeply, or a number too long)") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object of keys, got {type(value).__name__}")
     return value

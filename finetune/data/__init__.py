@@ -9,7 +9,7 @@ second that `tailor validate` and the tokenizer's worker processes, which import
 import importlib
 
 from finetune.data.errors import DataError, DataFaults, SampleFault
-from finetune.data.model_tokenizer import check_tokenizer_vocab, load_tokenizer, read_vocab_size
+from finetune.data.model_tokenizer import check_tokenizer_vocab, load_tokenizer
 from finetune.data.tokenize import TokenizedSample, tokenize_sample
 
 _IMPORTED_ON_USE = {
@@ -38,6 +38,5 @@ __all__ = [
     "build_train_loader",
     "check_tokenizer_vocab",
     "load_tokenizer",
-    "read_vocab_size",
     "tokenize_sample",
 ]

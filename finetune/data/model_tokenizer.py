@@ -3,7 +3,6 @@ model's vocabulary. Torch-free: `tailor validate`, training's preflight, the exp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mistral_common.protocol.instruct.validator import ValidationMode
@@ -43,27 +42,6 @@ def load_tokenizer(model_dir: str | Path) -> MistralTokenizer:
         return MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
     except Exception as e:  # noqa: BLE001 - whatever a parser of outside bytes raises, the file is at fault
         raise ValueError(f"{path}: not a tokenizer file mistral-common can read ({first_line(e)})") from None
-
-
-def read_vocab_size(model_dir: str | Path) -> int:
-    """vocab_size from params.json (Mistral format) or config.json (Hugging Face format)."""
-    model_dir = Path(model_dir)
-    for name in ("params.json", "config.json"):
-        path = model_dir / name
-        if path.is_file():
-            try:
-                params = json.loads(path.read_bytes().decode("utf-8-sig"))
-            except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or past what Python reads
-                raise ValueError(f"{path}: not valid JSON ({first_line(e)})") from None
-            if isinstance(params, dict):
-                params = params.get("text_config", params)  # multimodal Hugging Face configs nest the text model
-            if not isinstance(params, dict):
-                raise ValueError(f"{path}: expected a JSON object of keys")
-            vocab_size = params.get("vocab_size")
-            if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-                raise ValueError(f"{path}: vocab_size must be a positive integer, got {vocab_size!r}")
-            return vocab_size
-    raise FileNotFoundError(f"neither params.json nor config.json in {model_dir}")
 
 
 def check_tokenizer_vocab(tokenizer: MistralTokenizer, vocab_size: int, model_dir: str | Path) -> None:

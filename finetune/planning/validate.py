@@ -20,7 +20,7 @@ from finetune.data.cache_entry import TokenizedFile
 from finetune.data.config import DataSource
 from finetune.data.duplicates import eval_lines_in_train
 from finetune.data.errors import DataError
-from finetune.data.model_tokenizer import check_tokenizer_vocab, load_tokenizer, read_vocab_size
+from finetune.data.model_tokenizer import check_tokenizer_vocab, load_tokenizer
 from finetune.data.sources import TokenizedSource, check_holds_none_of, source_files
 from finetune.data.validate import (
     print_bad_shares_training_refuses,
@@ -32,6 +32,7 @@ from finetune.data.validate import (
 )
 from finetune.planning.epochs import describe_epochs, resolve_epochs, tokens_per_step
 from finetune.planning.eta import format_eta
+from model.args import read_vocab_size
 
 Throughput = Callable[[str], tuple[float, str]]  # model folder -> (tokens / s / GPU, where it comes from)
 

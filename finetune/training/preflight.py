@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 from finetune import exit_codes
 from finetune.config import TrainConfig
-from finetune.data import check_tokenizer_vocab, load_tokenizer, read_vocab_size
+from finetune.data import check_tokenizer_vocab, load_tokenizer
 from finetune.data.config import DataSource, resolve_cache_dir
 from finetune.data.errors import DataError
 from finetune.data.sources import check_holds_none_of, source_files
-from model.args import ModelArgs, load_model_args, num_parameters, read_json_object
+from model.args import ModelArgs, args_from_config, num_parameters, read_model_config, vocab_size_in
 
 if TYPE_CHECKING:
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -51,11 +51,13 @@ def run_preflight_checks(cfg: TrainConfig) -> tuple[MistralTokenizer, ModelArgs]
         check_data_paths("data.retain", cfg.data.retain, written)
     tokenizer = check_tokenizer(model_dir)
     try:
-        args = load_model_args(model_dir)
+        described, values = read_model_config(model_dir)  # params.json or config.json, read once for the run
+        check_tokenizer_vocab(tokenizer, vocab_size_in(described, values), model_dir)
+        args = args_from_config(described, values)
     except ValueError as error:
         raise PreflightError(f"model.path: {error}") from None
-    check_seq_len(cfg.seq_len, model_dir)
-    check_model_weights(cfg, args)
+    check_seq_len(cfg.seq_len, described, values)
+    check_model_weights(cfg, args, described)
     check_run_dir(Path(cfg.run_dir))
     check_cache_dir(resolve_cache_dir(cfg.data, cfg.run_dir))
     check_disk_space(cfg, args)
@@ -90,16 +92,14 @@ def check_data_paths(key: str, sources: list[DataSource], written: dict[str, Pat
 
 
 def check_tokenizer(model_dir: Path) -> MistralTokenizer:
-    """The folder's one mistral-common tokenizer, which must make exactly the ids the embedding has rows for."""
+    """The folder's one mistral-common tokenizer, which must be one mistral-common reads."""
     try:
-        tokenizer = load_tokenizer(model_dir)
-        check_tokenizer_vocab(tokenizer, read_vocab_size(model_dir), model_dir)
+        return load_tokenizer(model_dir)
     except (FileNotFoundError, ValueError) as error:
         raise PreflightError(f"model.path: {error}") from None
-    return tokenizer
 
 
-def check_model_weights(cfg: TrainConfig, args: ModelArgs) -> None:
+def check_model_weights(cfg: TrainConfig, args: ModelArgs, described: Path) -> None:
     """Every weight of the model that params.json (or config.json) describes is in the folder, once, with that
     shape, and nothing else is: read from the files' headers only, so a truncated or damaged file, a missing
     tensor or a mismatched shape stops the run before any weight is loaded, naming the file."""
@@ -114,7 +114,6 @@ def check_model_weights(cfg: TrainConfig, args: ModelArgs) -> None:
         stored = weight_specs_by_file(model_dir)
     except (FileNotFoundError, ValueError) as error:
         raise PreflightError(f"model.path: {error}") from None
-    described = next(model_dir / name for name in ("params.json", "config.json") if (model_dir / name).is_file())
     model = build_meta_model(args, torch.float32, cfg.model.attention, cfg.lora)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters() if not is_lora_name(name)}
     for name, (file, spec) in stored.items():
@@ -140,21 +139,16 @@ def check_model_weights(cfg: TrainConfig, args: ModelArgs) -> None:
         )
 
 
-def check_seq_len(seq_len: int, model_dir: Path) -> None:
-    """seq_len may pass a sliding window (Mistral attends within it), never a length the model folder declares
-    as its limit: positions beyond it were never trained."""
-    for file, key in (("params.json", "max_seq_len"), ("config.json", "max_position_embeddings")):
-        path = model_dir / file
-        if path.is_file():
-            declared = read_json_object(path)
-            declared = declared.get("text_config", declared)  # multimodal Hugging Face configs nest the text model
-            limit = declared.get(key) if isinstance(declared, dict) else None
-            if isinstance(limit, int) and seq_len > limit:
-                raise PreflightError(
-                    f"seq_len {seq_len} is longer than the {key} {limit} that {path} declares; "
-                    f"set seq_len to {limit} or less"
-                )
-            return
+def check_seq_len(seq_len: int, path: Path, values: dict) -> None:
+    """seq_len may pass a sliding window (Mistral attends within it), never a length the model's params.json or
+    config.json (`path`, holding `values`) declares as its limit: positions beyond it were never trained."""
+    key = "max_seq_len" if path.name == "params.json" else "max_position_embeddings"
+    declared = values.get("text_config", values)  # multimodal Hugging Face configs nest the text model
+    limit = declared.get(key) if isinstance(declared, dict) else None
+    if isinstance(limit, int) and seq_len > limit:
+        raise PreflightError(
+            f"seq_len {seq_len} is longer than the {key} {limit} that {path} declares; set seq_len to {limit} or less"
+        )
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -15,11 +15,11 @@ from finetune.data import (
     SampleFault,
     check_tokenizer_vocab,
     load_tokenizer,
-    read_vocab_size,
     tokenize_sample,
 )
 from finetune.data.errors import NOTHING_TO_TRAIN
 from finetune.data.tokenize import tokenize_line, tokenize_lines, word_memo
+from model.args import read_vocab_size
 
 WEATHER_TOOL = {
     "type": "function",
