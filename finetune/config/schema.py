@@ -54,6 +54,9 @@ class ModelConfig:
     # with several GPUs: how many blocks ahead (forward) and behind (backward) to all-gather the sharded weights of,
     # while the current one computes; 2 hides more communication for one block's weights more memory
     fsdp_prefetch: int = 1
+    # before step 1, one training step of this model traced on tensors that hold no memory (docs/gpu-trace.md): its
+    # peak memory by part, FLOPs, host syncs; `auto` on a GPU, `always` on the CPU too (as on an H100), `never`
+    trace: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclass

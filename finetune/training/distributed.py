@@ -40,14 +40,22 @@ class ProcessGroupError(RuntimeError):
     exit_code = exit_codes.NO_PROCESS_GROUP
 
 
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun), known before the process group exists."""
+    return int(os.environ.get("RANK", 0))
+
+
+def launch_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def init_distributed() -> DistInfo:
     """NCCL on GPUs (device cuda:LOCAL_RANK, whatever CUDA_VISIBLE_DEVICES says), gloo on CPU.
 
     The ranks get SETUP_TIMEOUT to meet and pass a first barrier, then COLLECTIVE_TIMEOUT for every collective
     after it: a rank that never comes up (an elastic restart that hangs in PyTorch's setup, a node that is down)
     ends the others in minutes, not in the half hour a slow save or eval on one rank may need later."""
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size = launch_rank(), launch_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())

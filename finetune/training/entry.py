@@ -36,6 +36,8 @@ from finetune.training.distributed import (
     destroy,
     exit_process,
     init_distributed,
+    launch_rank,
+    launch_world_size,
 )
 from finetune.training.evaluator import build_evaluator
 from finetune.training.loss_scale import loss_scale_for
@@ -51,6 +53,7 @@ from finetune.training.run_start import prepare_run_dir
 from finetune.training.run_status import FINISHED, STOPPED, RunRecord, recording_failure, write_run_status
 from finetune.training.step_reader import StepReader
 from finetune.training.stop_signal import StopSignal, resume_command
+from finetune.training.trace import trace_before_start
 from finetune.training.train_state import Progress
 from finetune.training.train_step import StepRunner, out_of_memory_message
 from model.args import ModelArgs
@@ -70,6 +73,8 @@ def main(argv: list[str], launcher: list[str]) -> int:
     command = [*launcher, *argv]
     try:
         tokenizer, model_args = run_preflight_checks(cfg)  # paths, tokenizer, seq_len, disk: before heavy work
+        if launch_rank() == 0 and (line := trace_before_start(cfg, model_args, launch_world_size())):
+            print(line, flush=True)  # the peak this run will reach, forecast on fake tensors (model.trace)
         dist_info = init_distributed()
         # one run per run_dir (another one exits 3); how it ends goes to run_dir/status.json, for `tailor runs`
         with lock_run_dir(Path(cfg.run_dir), dist_info, command=" ".join(map(shlex.quote, command))):

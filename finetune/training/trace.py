@@ -95,10 +95,25 @@ class StepTrace:
     attention_kernels: list[str]
     host_syncs: list[str]  # one entry per synchronisation, in order
     peak: int  # bytes: the most the step's tensors hold at once, in a step after the first
+    # the peak's parts, in bytes: held, then gathered + saved + transient above it
+    held: int  # as the step begins: the frozen weights, the LoRA weights and AdamW's moments (not the gradients)
+    gathered: int  # weights FSDP2 holds whole at the peak (0 on one rank)
+    saved: int  # the activations the forward keeps for backward: what it holds when the body's last block is done
+    transient: int  # the rest: a block's recomputation or the loss's chunk, with the LoRA gradients made so far
+    peak_in: str  # where the step peaks: "backward" or "loss"
+    loss: int  # the loss's own high-water mark above the kept activations (final norm, head's chunk, its gradients)
 
     @property
     def flops_per_token(self) -> float:
         return self.flops / self.tokens
+
+    def breakdown(self) -> str:
+        """The peak by what holds it: held from the step's start, then what the step adds."""
+        gathered = f" + weights gathered whole {self.gathered / GIB:.2f}" if self.ranks > 1 else ""
+        return (
+            f"= weights, LoRA and AdamW {self.held / GIB:.2f}{gathered} + saved activations {self.saved / GIB:.2f} "
+            f"+ largest transient {self.transient / GIB:.2f}, in {self.peak_in}; the loss alone {self.loss / GIB:.2f}"
+        )
 
     def summary(self) -> str:
         syncs = sorted(set(self.host_syncs))
@@ -106,7 +121,7 @@ class StepTrace:
         return (
             f"trace (as on {self.gpu}{ranks}: {str(self.dtype).removeprefix('torch.')}, attention {self.backend}): "
             f"frozen weights {self.frozen / GIB:.2f} GiB, LoRA + gradients + AdamW {self.lora_state / GIB:.2f} GiB, "
-            f"peak {self.peak / GIB:.2f} GiB; "
+            f"peak {self.peak / GIB:.2f} GiB ({self.breakdown()} GiB); "
             f"{self.flops_per_token / 1e9:.2f} GFLOP per token (recomputation included); traced kernels "
             f"{', '.join(self.attention_kernels) or 'none'}; host syncs in the step: {len(self.host_syncs)}"
             + (f" ({', '.join(f'{s} x{self.host_syncs.count(s)}' for s in syncs)})" if syncs else "")
@@ -180,6 +195,32 @@ class _LiveBytesAndFlops(TorchDispatchMode):
         super().__init__()
         self.live, self.peak, self.flops = 0, 0, 0
         self._sizes: dict[int, int] = {}
+        self.sharded: list = []  # FSDP2's parameter groups (FSDPParamGroup), whose all-gather buffers hold weights
+        self.phase = "forward"  # then "loss" from the final norm on, then "backward"
+        self.marks: dict[str, tuple[int, int]] = {}  # phase -> (live, gathered) as it began
+        self.peaks: dict[str, tuple[int, int]] = {}  # phase -> (live, gathered) at its highest
+
+    @property
+    def gathered(self) -> int:
+        """Bytes of whole weights FSDP2 holds now: each weight's all-gather buffer (its storage empty while resharded),
+        and the flat all-gather outputs not yet freed (in forward, the last one is kept until the next gather)."""
+        buffers = [t for group in self.sharded for param in group.fsdp_params for t in param.all_gather_outputs]
+        pending = [group._all_gather_result for group in self.sharded]
+        if self.sharded and (deferred := getattr(self.sharded[0].comm_ctx, "all_gather_state", None)):
+            pending.append(deferred.all_gather_result)
+        flat = {id(r.all_gather_output): r.all_gather_output for r in pending if r is not None}
+        return sum(t.untyped_storage().nbytes() for t in buffers + list(flat.values()))
+
+    def enter(self, phase: str) -> None:
+        """The step moves on to `phase`; the bytes held as it begins are kept."""
+        self.phase = phase
+        self.marks.setdefault(phase, (self.live, self.gathered))
+
+    def _count(self, change: int) -> None:
+        self.live += change
+        self.peak = max(self.peak, self.live)
+        if change > 0 and self.live > self.peaks.get(self.phase, (-1, 0))[0]:
+            self.peaks[self.phase] = (self.live, self.gathered)
 
     def hold(self, tensor: torch.Tensor) -> None:
         if not _is_fake(tensor):
@@ -193,12 +234,11 @@ class _LiveBytesAndFlops(TorchDispatchMode):
         key = storage._cdata
         if key not in self._sizes:
             self._sizes[key] = storage.nbytes()
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
+            self._count(storage.nbytes())
             weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key)
+        self._count(-self._sizes.pop(key))
 
     def __enter__(self):
         # FSDP2 frees a gathered weight by resizing its storage to 0 bytes and gathers it again into the same storage:
@@ -208,9 +248,9 @@ class _LiveBytesAndFlops(TorchDispatchMode):
         def counted_resize(storage: torch.UntypedStorage, size: int) -> None:
             resize(storage, size)
             if (key := storage._cdata) in self._sizes:
-                self.live += storage.nbytes() - self._sizes[key]
+                change = storage.nbytes() - self._sizes[key]
                 self._sizes[key] = storage.nbytes()
-                self.peak = max(self.peak, self.live)
+                self._count(change)
 
         torch.UntypedStorage.resize_ = counted_resize
         return super().__enter__()
@@ -223,6 +263,8 @@ class _LiveBytesAndFlops(TorchDispatchMode):
         from torch.utils.flop_counter import flop_registry
 
         kwargs = kwargs or {}
+        if self.phase != "backward" and torch._C._current_graph_task_id() != -1:  # autograd's engine runs the op
+            self.enter("backward")
         out = func(*args, **kwargs)
         if func.overloadpacket in flop_registry:
             self.flops += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
@@ -267,7 +309,7 @@ def _fake_mode_off():
     return unset_fake_temporarily()
 
 
-def trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100", world_size: int = 1) -> StepTrace:
+def trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind = "h100", world_size: int = 1) -> StepTrace:
     """One train_step of `cfg`'s model (`args`) on rank 0 of `world_size`, on fake tensors, as on `gpu` (the module
     docstring). With several ranks the model is sharded as a run shards it, over a fake process group: its collectives
     move no data, and each rank's figures are rank 0's."""
@@ -291,10 +333,10 @@ def _fake_ranks(world_size: int):
         dist.destroy_process_group()
 
 
-def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str, world_size: int) -> StepTrace:
+def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind, world_size: int) -> StepTrace:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    kind = GPU_KINDS[gpu]
+    kind = GPU_KINDS[gpu] if isinstance(gpu, str) else gpu
     device = torch.device("cpu")
     dtype = trace_dtype(cfg.model.dtype, kind)
     backend = resolve_backend(cfg.model.attention, torch.device("cuda"), dtype, kind.capability)
@@ -317,6 +359,10 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str, world_size: int) ->
             live = _LiveBytesAndFlops()
             for param in loss_model.parameters():
                 live.hold(param)
+            live.sharded = _fsdp_groups(loss_model)
+            live.enter("forward")
+            # the body's last block is done when the final norm begins: from there on, the loss
+            loss_model.model.norm.register_forward_pre_hook(lambda module, args: live.enter("loss"))
             with names, syncs, live, warnings.catch_warnings():
                 # torchao's NF4 checks after FSDP2's all-gather that the gathered codes are the output's by data_ptr,
                 # which a fake tensor warns about (its pointers compare equal all the same)
@@ -325,20 +371,41 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str, world_size: int) ->
     lora_shards = [_shard(p) for p in lora]
     lora_weights = sum(p.numel() * p.element_size() for p in lora_shards)
     weights = sum(_nbytes(_shard(p)) for p in loss_model.parameters())
+    lora_state = sum(p.numel() for p in lora_shards) * LORA_BYTES_PER_PARAMETER
+    # a later step's peak: AdamW's two moments, made at the first step's update, are held through every step after
+    moments = 8 * sum(p.numel() for p in lora_shards)
+    peak = live.peak + moments
+    (start, start_gathered), (kept, kept_gathered) = live.marks["forward"], live.marks["loss"]
+    saved = (kept - kept_gathered) - (start - start_gathered)
+    peak_in = max(("loss", "backward"), key=lambda phase: live.peaks.get(phase, (0, 0))[0])
+    gathered = live.peaks[peak_in][1]
     return StepTrace(
-        gpu=gpu,
+        gpu=gpu if isinstance(gpu, str) else gpu.name,
         ranks=world_size,
         dtype=dtype,
         backend=backend,
         tokens=batch.tokens.numel(),
         frozen=weights - lora_weights,
-        lora_state=sum(p.numel() for p in lora_shards) * LORA_BYTES_PER_PARAMETER,
+        lora_state=lora_state,
         flops=live.flops,
         attention_kernels=names.attention,
         host_syncs=syncs.syncs,
-        # a later step's peak: AdamW's two moments, made at the first step's update, are held through every step after
-        peak=live.peak + 8 * sum(p.numel() for p in lora_shards),
+        peak=peak,
+        held=start + moments,
+        gathered=gathered,
+        saved=saved,
+        transient=peak - (start + moments) - gathered - saved,
+        peak_in=peak_in,
+        loss=live.peaks["loss"][0] - kept,
     )
+
+
+def _fsdp_groups(model: torch.nn.Module) -> list:
+    """FSDP2's groups of sharded parameters (FSDPParamGroup, one per fully_shard call); none on one rank."""
+    groups = (
+        module._get_fsdp_state()._fsdp_param_group for module in model.modules() if hasattr(module, "_get_fsdp_state")
+    )
+    return [group for group in groups if group is not None]
 
 
 def _shard(param: torch.Tensor) -> torch.Tensor:
@@ -354,7 +421,7 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().nbytes()
 
 
-def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100", world_size: int = 1) -> StepTrace:
+def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind = "h100", world_size: int = 1) -> StepTrace:
     """The step of the full model from traces of 1, 2 and 3 of its layers: every block is the same, so the weights,
     the LoRA state, the FLOPs and the host syncs grow by exactly the second trace's difference per layer, and the
     peak by the third's (from two layers on, the peak is in the same place: the last block's recomputation, with
@@ -363,10 +430,37 @@ def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str = "h100", world_
     more = args.n_layers - 1
     grown = {
         name: getattr(one, name) + more * (getattr(two, name) - getattr(one, name))
-        for name in ("frozen", "lora_state", "flops")
+        for name in ("frozen", "lora_state", "held", "flops")
     }
     if args.n_layers > 1:
         three = trace_step(cfg, dataclasses.replace(args, n_layers=3), gpu, world_size)
-        grown["peak"] = two.peak + (args.n_layers - 2) * (three.peak - two.peak)
+        for name in ("peak", "saved"):
+            grown[name] = getattr(two, name) + (args.n_layers - 2) * (getattr(three, name) - getattr(two, name))
+        grown |= {name: getattr(three, name) for name in ("gathered", "peak_in", "loss")}
+        grown["transient"] = grown["peak"] - grown["held"] - grown["gathered"] - grown["saved"]
     per_layer = two.host_syncs[len(one.host_syncs) :]  # the second layer's, in order
     return dataclasses.replace(one, **grown, host_syncs=one.host_syncs + per_layer * more)
+
+
+def trace_before_start(cfg: TrainConfig, args: ModelArgs, world_size: int) -> str | None:
+    """The trace line a run prints before its model is built, so that a first GPU run shows the peak it will reach
+    beside the step lines' measured `peak mem`.
+
+    `model.trace`: `auto` traces on a GPU, as on that GPU; `always` on the CPU too, as on an H100; `never` not at all.
+    Run before the process group exists (the trace opens a fake one of `world_size` ranks), by the caller's rank 0.
+
+    Returns:
+        The summary line, a line saying why the step could not be traced (the run goes on: a trace is a forecast),
+        or None when no trace is asked for here.
+    """
+    if cfg.model.trace == "never" or (cfg.model.trace == "auto" and not torch.cuda.is_available()):
+        return None
+    gpu: str | GpuKind = "h100"
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)  # every rank's GPU is of one kind
+        gpu = GpuKind(properties.name, properties.total_memory, (properties.major, properties.minor))
+    try:
+        return trace_by_layers(cfg, args, gpu, world_size).summary()
+    except Exception as error:  # noqa: BLE001 - a forecast that fails must not stop the run it forecasts
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        return f"trace: not traced ({reason}); the run goes on"

@@ -6,10 +6,13 @@ are exactly those of one plus L - 1 times the second's difference; and at seq_le
 blocks do not depend on it)."""
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import records, subprocess_env, torchrun
 
 from finetune.config import load_config
 from finetune.planning.memory_estimate import (
@@ -19,8 +22,8 @@ from finetune.planning.memory_estimate import (
     other_parameters,
     projection_parameters,
 )
-from finetune.training.trace import trace_by_layers
-from model.args import ARCHITECTURES, active_parameters
+from finetune.training.trace import trace_before_start, trace_by_layers
+from model.args import ARCHITECTURES, active_parameters, load_model_args
 from model.attention import available_backends, resolve_backend
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,6 +122,35 @@ def test_the_traced_peak_grows_with_the_kept_block_inputs_as_the_estimate_does()
     assert "peak 31.29 GiB" in trace.summary()
 
 
+def test_the_traced_peak_is_split_by_what_holds_it_and_each_part_is_the_estimates():
+    """The peak is what the step held as it began (the weights, the LoRA weights, AdamW's moments), the checkpointed
+    blocks' inputs the forward keeps, and the largest transient: at 32768 tokens the last block's recomputation,
+    each part beside the estimate's formula for it."""
+    tokens = 32768
+    cfg, args = (
+        load_config(REPO / "configs" / "mistral-7b-v0.3.yaml", [f"seq_len={tokens}"]),
+        ARCHITECTURES["mistral-7b"],
+    )
+    trace = trace_by_layers(cfg, args, "h100")
+    estimate = estimate_memory(args, cfg, 1, 2)
+    assert trace.peak == trace.held + trace.gathered + trace.saved + trace.transient
+    assert trace.held == trace.frozen + trace.lora_state * 12 // 16  # no gradients yet: 4 + 8 bytes a LoRA parameter
+    assert (trace.gathered, trace.peak_in) == (0, "backward")
+    kept_inputs = args.n_layers * tokens * args.dim * 2  # the estimate's L N d b
+    assert trace.saved == pytest.approx(kept_inputs, rel=0.05)
+    assert trace.transient == pytest.approx(
+        estimate.activations - kept_inputs, rel=0.10
+    )  # one block's N (a_attn + a_mlp)
+    # the loss's own high-water mark: the estimate's chunk, beside the final norm's output, the trained rows gathered
+    # from it and their gradient (3 N d b, which the estimate leaves out: the loss never peaks the step)
+    row = tokens * args.dim * 2
+    assert estimate.loss + 3 * row <= trace.loss <= estimate.loss + 4 * row
+    assert trace.loss < trace.transient
+    assert "(= weights, LoRA and AdamW 15.38 + saved activations 8.25 + largest transient 7.66, in backward" in (
+        trace.summary()
+    )
+
+
 def test_mistral_7b_traced_as_rank_0_of_8_holds_an_eighth_of_the_weights_and_the_estimated_peak():
     """--gpus 8: the model sharded by FSDP2 as a run shards it, over a fake process group of 8 ranks in one process."""
     cfg, args = shipped("mistral-7b-v0.3.yaml"), ARCHITECTURES["mistral-7b"]
@@ -130,6 +162,12 @@ def test_mistral_7b_traced_as_rank_0_of_8_holds_an_eighth_of_the_weights_and_the
     assert trace.peak == pytest.approx(estimate_memory(args, cfg, 8, 2).total, rel=0.10)
     assert trace.peak > trace.frozen + trace.lora_state + args.vocab_size * args.dim * 2 * 2
     assert "as on h100, rank 0 of 8 under FSDP2, per rank: bfloat16" in trace.summary()
+    # the same activations as one rank's, beside the weights FSDP2 holds whole at the peak: the root's embeddings and
+    # head, the block being recomputed and the flat all-gather buffer of the next (freed once that one is copied out)
+    assert trace.saved == one_rank.saved and one_rank.gathered == 0
+    block = projection_parameters(args) // args.n_layers + 2 * args.dim  # its projections and two norms
+    assert trace.gathered == pytest.approx(2 * args.vocab_size * args.dim * 2 + 2 * block * 2, rel=0.02)  # + LoRA
+    assert "+ weights gathered whole 1.33 + saved activations 1.03" in trace.summary()
     assert not torch.distributed.is_initialized()  # the fake process group is gone with the trace
 
 
@@ -196,3 +234,26 @@ def test_validate_traces_the_step(write_config, capsys):
     assert main(["validate", str(config), "--trace", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "error: --trace traces a GPU's step: --device one of h100, h200, a100, t4, not cpu" in err
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_run_prints_its_trace_before_step_1(write_config, tmp_path, ranks):
+    """`model.trace: always`: the run's rank 0 prints the line `tailor validate --trace` prints, before step 1 (on a GPU
+    `auto` does, as on that GPU); with 2 ranks the trace's fake process group is gone before the run's own opens."""
+    config = write_config(max_steps=2, eval__enabled=False, checkpoint__freq=2, model__trace="always")
+    command = [sys.executable, "train.py", str(config)] if ranks == 1 else torchrun(config)
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = load_config(config)
+    expected = trace_by_layers(cfg, load_model_args(cfg.model.path), "h100", ranks).summary()
+    lines = result.stdout.splitlines()
+    assert lines.count(expected) == 1  # rank 0's only
+    assert lines.index(expected) < next(i for i, line in enumerate(lines) if line.startswith("step 1/2"))
+    assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2]
+
+
+def test_a_run_on_the_cpu_traces_only_when_asked(write_config):
+    cfg = load_config(write_config())
+    assert cfg.model.trace == "auto" and trace_before_start(cfg, load_model_args(cfg.model.path), 1) is None
+    never = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, trace="never"))
+    assert trace_before_start(never, load_model_args(cfg.model.path), 1) is None
