@@ -46,7 +46,7 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def native_to_hf_name(name: str) -> str:
-    """Return the Hugging Face name of a native tensor name (`layers.0.attention.wq.weight` -> `model.layers.0...`).
+    """Return the Hugging Face name of a native tensor name (`norm.weight` -> `model.norm.weight`).
 
     Raises:
         ValueError: `name` is not a weight of a Mistral/Mixtral model, or has no Hugging Face equivalent.

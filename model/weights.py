@@ -86,7 +86,8 @@ def read_weights(folder: str | Path, vision_tower: bool = False) -> Iterator[tup
 
     Raises:
         FileNotFoundError: no weights in the folder (or, for Hugging Face's layout, no config.json).
-        ValueError: a damaged weights file, or a Hugging Face name the converter does not know; each names it.
+        ValueError: model-parallel .pth shards, a damaged weights file, or a Hugging Face name the converter does
+            not know; each names it.
     """
     folder = Path(folder)
     files, layout = weight_files(folder)

@@ -59,6 +59,7 @@ def load_chat_model(
     Raises:
         ValueError: `merge` on a quantized base, no model folder, an adapter that does not fit the model, or a
             model folder `load_model` refuses.
+        FileNotFoundError: no tokenizer file, params.json / config.json or weights in the model folder.
         QuantizationUnavailable: NF4 asked for without torchao installed.
     """
     if merge and quantize != "none":

@@ -127,6 +127,7 @@ def export_gguf(
         ValueError: the gguf package is missing, an unknown `weight_type`, no model folder, an output that exists
             or whose folder does not, a folder holding LoRA tensors, a tensor llama.cpp has no place for, or an
             adapter that does not fit the model.
+        FileNotFoundError: no params.json / config.json, tokenizer file or weights in the model folder.
     """
     gguf = _import_gguf()
     model_dir, out_file = Path(model_dir), Path(out_file)

@@ -47,6 +47,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | N
     Raises:
         ValueError: no model folder, a folder holding LoRA tensors or a tensor Hugging Face's format has no name
             for, or an output folder that exists and is not empty.
+        FileNotFoundError: no params.json / config.json or weights in the model folder.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

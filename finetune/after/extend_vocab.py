@@ -37,6 +37,7 @@ def extend_vocab(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> P
     Raises:
         ValueError: no model folder, a vocabulary other than 32000, or an output folder that exists and is not
             empty.
+        FileNotFoundError: no params.json / config.json or weights in the model folder.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():

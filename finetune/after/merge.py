@@ -27,6 +27,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     Raises:
         ValueError: no base folder, an adapter folder that is not a checkpoint, an adapter that does not fit the
             base, or an output folder that exists and is not empty.
+        FileNotFoundError: no weights in the base folder.
     """
     base_dir = Path(base_dir)
     if not base_dir.is_dir():
