@@ -68,8 +68,13 @@ def _xformers():
 def available_backends(
     device: torch.device | str, dtype: torch.dtype | None = None, capability: tuple[int, int] | None = None
 ) -> list[str]:
-    """Backends usable on `device` (and with `dtype` when given), the one `auto` picks first. `capability` is the
-    GPU's compute capability, asked of the device when not given (a traced step names the GPU it traces for)."""
+    """List the attention backends usable on `device`, the one `auto` picks first.
+
+    Args:
+        dtype: the activations' dtype when known (`varlen` needs fp16 or bf16).
+        capability: the GPU's compute capability; asked of the device when not given (a traced step names the GPU
+            it traces for).
+    """
     device = torch.device(device)
     if device.type != "cuda":
         return ["sdpa"] + (["flex"] if flex_attention is not None else [])
@@ -94,7 +99,11 @@ def resolve_backend(
     dtype: torch.dtype | None = None,
     capability: tuple[int, int] | None = None,
 ) -> str:
-    """`auto` gives the fastest available backend; an unknown or unavailable name is a ValueError."""
+    """Return the backend `name` stands for on `device`: `auto` gives the fastest available one.
+
+    Raises:
+        ValueError: `name` is unknown, or not available on `device` (with `dtype`).
+    """
     available = available_backends(device, dtype, capability)
     if name == "auto":
         return available[0]
@@ -106,8 +115,19 @@ def resolve_backend(
 
 
 class DocumentMask:
-    """Who attends to whom in one packed batch, prepared once per forward for one backend and shared by all
-    layers (building an N x N mask or a flex BlockMask per layer would cost as much as the attention)."""
+    """Who attends to whom in one packed batch, prepared for one backend.
+
+    Made once per forward and shared by all layers: building an N x N mask or a flex BlockMask per layer would cost
+    as much as the attention.
+
+    Args:
+        seqlens: the lengths of the documents packed in the batch, in order.
+        backend: a resolved backend name (see `resolve_backend`).
+        sliding_window: how many tokens back (itself included) a token sees; None for the whole document.
+
+    Raises:
+        ValueError: a length is not positive, or the backend is unknown.
+    """
 
     def __init__(self, seqlens: list[int], backend: str, sliding_window: int | None, device: torch.device):
         if not seqlens or min(seqlens) <= 0:
@@ -132,7 +152,18 @@ class DocumentMask:
             raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [N, n_heads, head_dim], k/v [N, n_kv_heads, head_dim] -> [N, n_heads, head_dim]."""
+        """Attend every packed token to the tokens of its document that the mask allows.
+
+        Args:
+            q: [N, n_heads, head_dim].
+            k, v: [N, n_kv_heads, head_dim].
+
+        Returns:
+            [N, n_heads, head_dim].
+
+        Raises:
+            ValueError: `varlen` with a sliding window on a PyTorch whose varlen_attn has no window_size.
+        """
         repeats = q.shape[1] // k.shape[1]
         if self.backend == "sdpa":
             q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, N, head_dim]: views
@@ -183,9 +214,11 @@ def document_ids(seqlens: list[int], device: torch.device | str) -> torch.Tensor
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A CPU tensor (document lengths and what is made from them, a batch) copied to `device` through pinned memory
-    without making the host wait. Such tensors are made on the CPU on purpose: a blocking copy to a GPU, or an op
-    whose output size depends on GPU data (repeat_interleave, nonzero), waits for all the work queued before it."""
+    """Copy a CPU tensor (document lengths and what is made from them, a batch) to `device` without a host wait.
+
+    The copy goes through pinned memory. Such tensors are made on the CPU on purpose: a blocking copy to a GPU, or an
+    op whose output size depends on GPU data (repeat_interleave, nonzero), waits for all the work queued before it.
+    """
     device = torch.device(device)
     if device.type != "cuda":
         return tensor.to(device)

@@ -20,6 +20,8 @@ from model.transformer import Transformer, document_positions
 
 
 class KVCache:
+    """Every layer's keys and values for `batch_size` sequences of up to `max_seqlen` tokens each."""
+
     def __init__(self, args: ModelArgs, batch_size: int, max_seqlen: int, device, dtype: torch.dtype):
         shape = (args.n_layers, batch_size, max_seqlen, args.n_kv_heads, args.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
@@ -28,7 +30,17 @@ class KVCache:
         self.sliding_window = args.sliding_window
 
     def prepare(self, seqlens: list[int]) -> tuple[torch.Tensor, list[CachedAttention]]:
-        """Reserve room for the new tokens; return their positions and one attention per layer."""
+        """Reserve room for the new tokens of each sequence.
+
+        Args:
+            seqlens: how many new tokens each of the cache's sequences gets in this forward.
+
+        Returns:
+            The new tokens' positions, and one `CachedAttention` per layer.
+
+        Raises:
+            ValueError: a sequence gets no new token, or the cache has no room left for them.
+        """
         batch, capacity = self.keys.shape[1], self.keys.shape[2]
         if len(seqlens) != batch or min(seqlens) <= 0:
             raise ValueError(f"a cached forward needs new tokens for each of the {batch} sequences, got {seqlens}")
@@ -68,6 +80,15 @@ class CachedAttention:
         self.keys, self.values, self.step = keys, values, step
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the new keys and values, then attend the new queries to their sequences' cached tokens.
+
+        Args:
+            q: [new tokens, n_heads, head_dim].
+            k, v: [new tokens, n_kv_heads, head_dim].
+
+        Returns:
+            [new tokens, n_heads, head_dim].
+        """
         s = self.step
         self.keys[s.sequence, s.positions] = k
         self.values[s.sequence, s.positions] = v
@@ -95,10 +116,22 @@ def generate(
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_tokens` tokens; a sequence stops at EOS, which is not returned.
 
-    Greedy when `temperature` is 0, else nucleus sampling reproducible with `seed`. Runs in eval mode (no LoRA
-    dropout) and restores the model's mode afterwards. `forward` runs the model (default: `model` itself; a model
-    sharded by FSDP is run through its root). `every_step` makes all `max_tokens` steps even once every sequence
-    has ended: the ranks of a sharded model must all make the same forward calls.
+    Runs in eval mode (no LoRA dropout) and restores the model's mode afterwards.
+
+    Args:
+        prompts: token ids of each prompt; all are continued together, one batch.
+        temperature: 0 for greedy decoding, else the temperature of nucleus sampling.
+        top_p: the probability mass nucleus sampling keeps.
+        seed: makes sampling reproducible.
+        forward: runs the model (default: `model` itself; a model sharded by FSDP is run through its root).
+        every_step: make all `max_tokens` steps even once every sequence has ended: the ranks of a sharded model
+            must all make the same forward calls.
+
+    Returns:
+        The new tokens of each prompt, without EOS.
+
+    Raises:
+        ValueError: no prompt, or an empty one.
     """
     forward = forward or model
     if not prompts or min(len(p) for p in prompts) == 0:

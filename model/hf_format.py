@@ -46,6 +46,11 @@ def _split(name: str) -> tuple[str, str]:
 
 
 def native_to_hf_name(name: str) -> str:
+    """Return the Hugging Face name of a native tensor name (`norm.weight` -> `model.norm.weight`).
+
+    Raises:
+        ValueError: `name` is not a weight of a Mistral/Mixtral model, or has no Hugging Face equivalent.
+    """
     module, suffix = _split(name)
     if module in _TOP_LEVEL:
         return f"{_TOP_LEVEL[module]}.{suffix}"
@@ -60,6 +65,11 @@ def native_to_hf_name(name: str) -> str:
 
 
 def hf_to_native_name(name: str) -> str:
+    """Return the native name of a Hugging Face tensor name (`model.embed_tokens.weight` -> `tok_embeddings.weight`).
+
+    Raises:
+        ValueError: `name` is not a Mistral/Mixtral weight this converter knows.
+    """
     module, suffix = _split(name)
     if module in _TOP_LEVEL_FROM_HF:
         return f"{_TOP_LEVEL_FROM_HF[module]}.{suffix}"
@@ -96,6 +106,11 @@ def _rotary_heads(native_name: str, args: ModelArgs) -> int | None:
 
 
 def convert_tensor_to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
+    """Rename a native tensor to Hugging Face's name, permuting rows that feed the rotary embedding.
+
+    Raises:
+        ValueError: the name has no Hugging Face equivalent (see `native_to_hf_name`).
+    """
     heads = _rotary_heads(name, args)
     if heads is not None:
         tensor = permute_to_hf(tensor, heads, args.head_dim)
@@ -103,6 +118,11 @@ def convert_tensor_to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> tu
 
 
 def convert_tensor_to_native(hf_name: str, tensor: torch.Tensor, args: ModelArgs) -> tuple[str, torch.Tensor]:
+    """Rename a Hugging Face tensor to the native name, permuting rows that feed the rotary embedding back.
+
+    Raises:
+        ValueError: the name is not one this converter knows (see `hf_to_native_name`).
+    """
     name = hf_to_native_name(hf_name)
     heads = _rotary_heads(name, args)
     if heads is not None:

@@ -47,11 +47,16 @@ def load_model(
 ) -> Transformer:
     """Build the model of a folder and fill it from its weights.
 
-    With `lora`, adapters are injected (fp32, A Kaiming-uniform, B zeros) and only they require grad. With
-    `quantize="nf4"`, the frozen projections are quantized as they are read, on `device` (model/quantize.py).
+    Args:
+        path: a native or Hugging Face model folder.
+        lora: inject adapters (fp32, A Kaiming-uniform, B zeros); then only they require grad.
+        quantize: "nf4" quantizes the frozen projections as they are read, on `device` (model/quantize.py).
 
     Raises:
-        ValueError: a missing, unexpected, duplicated, non-float or mis-shaped tensor, naming it and the folder.
+        FileNotFoundError: the folder has no params.json / config.json, or no weights.
+        ValueError: a missing, unexpected, duplicated, non-float or mis-shaped tensor, naming it and the folder;
+            an unreadable params or weights file; DoRA with NF4, or an unknown `quantize`.
+        QuantizationUnavailable: NF4 asked for without torchao installed.
     """
     folder = Path(path)
     model = build_meta_model(load_model_args(folder), dtype, attention_backend, lora, quantize)
@@ -69,10 +74,15 @@ def build_meta_model(
     lora: LoRAArgs | None = None,
     quantize: str = "none",
 ) -> Transformer:
-    """The model on the meta device: every name and shape, no memory, in `dtype`.
+    """Build the model on the meta device: every name and shape, no memory, in `dtype`.
 
-    With `lora`, adapters are injected (fp32) and only they require grad; their values are set after `to_empty`.
-    With `quantize="nf4"`, the frozen projections become NF4 parameters, their values assigned as they are filled.
+    Args:
+        lora: inject adapters (fp32); then only they require grad. Their values are set after `to_empty`.
+        quantize: "nf4" makes the frozen projections NF4 parameters, their values assigned as they are filled.
+
+    Raises:
+        ValueError: a DoRA adapter with NF4, or an unknown `quantize`.
+        QuantizationUnavailable: NF4 asked for without torchao installed.
     """
     if lora is not None and lora.dora and quantize == "nf4":
         raise ValueError(
@@ -92,8 +102,11 @@ def build_meta_model(
 
 @torch.no_grad()
 def place_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """A full tensor into its parameter in one process: copied (cast to the parameter's dtype), or quantized whole
-    on the parameter's device where the parameter is NF4."""
+    """Put a full tensor into its parameter, in one process.
+
+    The tensor is copied (cast to the parameter's dtype), or quantized whole on the parameter's device where the
+    parameter is NF4.
+    """
     param = model.get_parameter(name)
     if is_nf4(param):
         assign_nf4(model, name, to_nf4(tensor.to(device=param.device, dtype=param.dtype)))
@@ -107,8 +120,12 @@ def fill_weights(
     source: str | Path,
     place: Place = place_tensor,
 ) -> None:
-    """Fill every weight of an allocated model but the adapters' (initialised, not loaded) from `tensors`, one
-    (native name, full tensor) at a time, each checked before `place` puts it in.
+    """Fill every weight of an allocated model but the adapters' (initialised, not loaded) from `tensors`.
+
+    Args:
+        tensors: (native name, full tensor) pairs, taken one at a time.
+        source: the folder or file the tensors come from, named in errors.
+        place: puts each checked tensor into the model (`place_tensor`, or training's sharding hook).
 
     Raises:
         ValueError: naming `source` and the tensor: a name the model has not, a name given twice, a tensor that is
@@ -148,6 +165,15 @@ def save_model_folder(
 
     From a module, the base weights are written; unmerged LoRA adapters are an error (merge them first, or save
     them apart with `lora_state_dict`), because writing the base alone would drop them silently.
+
+    Args:
+        tokenizer_file: copied into the folder under its own name when given.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: the module has unmerged LoRA adapters.
     """
     if isinstance(model_or_state_dict, nn.Module):
         if any(not m.merged for m in lora_modules(model_or_state_dict)):

@@ -38,9 +38,14 @@ def merged_weight(
     scaling: float,
     magnitude: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """W + scaling · B A (with DoRA's `magnitude`, each row rescaled to it), computed in fp32 and returned in W's
-    dtype: how every merge here is done, so a model merged in place, a merged state dict and `tailor merge` agree
-    bit for bit."""
+    """Return W + scaling · B A, computed in fp32, in W's dtype.
+
+    Every merge here is done this way, so a model merged in place, a merged state dict and `tailor merge` agree bit
+    for bit.
+
+    Args:
+        magnitude: DoRA's magnitudes; each merged row is rescaled to its own.
+    """
     merged = weight.float() + scaling * (lora_B.float() @ lora_A.float())
     if magnitude is not None:
         merged = merged * (magnitude.float() / torch.linalg.vector_norm(merged, dim=1)).unsqueeze(1)
@@ -48,8 +53,11 @@ def merged_weight(
 
 
 class Magnitude(nn.Module):
-    """DoRA's trained magnitude of each output row, as a module so that its key reads like LoRA's:
-    `layers.0.attention.wq.lora_magnitude.weight` (peft's `lora_magnitude_vector`)."""
+    """DoRA's trained magnitude of each output row.
+
+    A module so that its key reads like LoRA's: `layers.0.attention.wq.lora_magnitude.weight` (peft's
+    `lora_magnitude_vector`).
+    """
 
     def __init__(self, out_features: int, device: torch.device):
         super().__init__()
@@ -57,7 +65,17 @@ class Magnitude(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """A frozen bias-free Linear plus a trainable low-rank update, mergeable into the weight in place."""
+    """A frozen bias-free Linear plus a trainable low-rank update, mergeable into the weight in place.
+
+    Args:
+        base: the Linear wrapped; its weight is kept (not copied) and frozen.
+        alpha: with `rank`, sets the scaling: alpha / rank, or alpha / sqrt(rank) with `rslora`.
+        dropout: the probability of dropping the adapter's input in training.
+        dora: add DoRA's magnitudes (`lora_magnitude`).
+
+    Raises:
+        ValueError: `base` has a bias.
+    """
 
     def __init__(
         self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False, dora: bool = False
@@ -80,9 +98,12 @@ class LoRALinear(nn.Module):
             init_magnitude_(self.lora_magnitude.weight, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapter computes in the input's dtype: its fp32 weights are cast (r x in, out x r: small), never the
+        """Compute W x plus the adapter's update (nothing more once merged).
+
+        The adapter computes in the input's dtype: its fp32 weights are cast (r x in, out x r: small), never the
         activations, as FSDP's mixed precision casts them on several GPUs; their gradients stay fp32. With an NF4
-        weight (model/quantize.py), F.linear is torchao's linear_nf4: the weight dequantized for this matmul only."""
+        weight (model/quantize.py), F.linear is torchao's linear_nf4: the weight dequantized for this matmul only.
+        """
         y = F.linear(x, self.weight)
         if self.merged:
             return y
@@ -109,6 +130,7 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Add the adapter into the weight in place (once); the forward then skips the LoRA branch."""
         if not self.merged:
             magnitude = None if self.lora_magnitude is None else self.lora_magnitude.weight
             merged = merged_weight(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, magnitude)
@@ -122,23 +144,36 @@ class LoRALinear(nn.Module):
 
 @torch.no_grad()
 def init_lora_(lora_A: torch.Tensor, lora_B: torch.Tensor, generator: torch.Generator | None = None) -> None:
-    """The one LoRA initialisation, in place: A Kaiming-uniform (nn.Linear's default), B zeros, so the adapter
-    starts as an exact no-op. Training draws A from a seeded generator on full-size tensors, the same for any
-    number of ranks (finetune/training/parallel.py)."""
+    """Initialise an adapter in place, the one way: A Kaiming-uniform (nn.Linear's default), B zeros.
+
+    The adapter so starts as an exact no-op.
+
+    Args:
+        generator: draws A; training passes a seeded one on full-size tensors, so A is the same for any number of
+            ranks (finetune/training/parallel.py).
+    """
     nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)
     nn.init.zeros_(lora_B)
 
 
 @torch.no_grad()
 def init_magnitude_(magnitude: torch.Tensor, weight: torch.Tensor) -> None:
-    """DoRA's magnitudes start as the norms of W's rows (B is zero, so W + scaling · B A is W): an exact no-op. Row
-    by row, so FSDP's local shards of a weight and of its magnitudes, which hold the same rows, init alike."""
+    """Set DoRA's magnitudes to the norms of W's rows, in place.
+
+    B is zero, so W + scaling · B A is W: an exact no-op. Row by row, so FSDP's local shards of a weight and of its
+    magnitudes, which hold the same rows, init alike.
+    """
     magnitude.copy_(torch.linalg.vector_norm(weight.float(), dim=1))
 
 
 def inject_lora(model: nn.Module, lora: LoRAArgs) -> None:
-    """Replace every Linear named in `lora.targets` (every MoE expert's w1/w2/w3 included) by a LoRALinear, in
-    place. On a meta-device model the LoRA weights are meta too: call `init_lora_weights` after `to_empty`."""
+    """Replace every Linear named in `lora.targets` (every MoE expert's w1/w2/w3 included) by a LoRALinear, in place.
+
+    On a meta-device model the LoRA weights are meta too: call `init_lora_weights` after `to_empty`.
+
+    Raises:
+        ValueError: no Linear layer of the model matches the targets.
+    """
     targets = [(name, module) for name, module in model.named_modules() if _is_target(name, module, lora.targets)]
     if not targets:
         raise ValueError(f"no Linear layer of the model matches LoRA targets {lora.targets}")
@@ -154,6 +189,7 @@ def _is_target(name: str, module: nn.Module, targets: tuple[str, ...]) -> bool:
 
 
 def lora_modules(model: nn.Module) -> list[LoRALinear]:
+    """Every LoRALinear of `model`, in module order."""
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
@@ -166,14 +202,21 @@ def init_lora_weights(model: nn.Module) -> None:
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
+    """Make the adapters' parameters the only ones that require grad."""
     for name, param in model.named_parameters():
         param.requires_grad_(is_lora_name(name))
 
 
 @contextmanager
 def lora_switched_off(model: nn.Module) -> Iterator[None]:
-    """Inside the block the model computes as its base: every adapter's scaling is 0 (so no second model is held in
-    memory), and restored on the way out, whatever happens inside."""
+    """Make the model compute as its base inside the block.
+
+    Every adapter's scaling is 0 (so no second model is held in memory), and restored on the way out, whatever
+    happens inside.
+
+    Raises:
+        ValueError: an adapter is merged into its weight.
+    """
     modules = lora_modules(model)
     if any(m.merged for m in modules):
         raise ValueError("cannot switch off adapters merged into their weights")
@@ -194,8 +237,11 @@ def merge_lora(model: nn.Module) -> None:
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base weights with every unmerged adapter added in, without touching the model: native names, each
-    weight's own dtype, no LoRA keys. Sharded (DTensor) weights give merged weights sharded the same way."""
+    """Return the base weights with every unmerged adapter added in, without touching the model.
+
+    Native names, each weight's own dtype, no LoRA keys. Sharded (DTensor) weights give merged weights sharded the
+    same way.
+    """
     adapters = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     merged = {}
     for key, tensor in model.state_dict().items():
@@ -215,8 +261,14 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Copy adapter weights into an injected model. Mis-shaped keys are always an error; missing or unexpected
-    keys are errors when `strict`. The error names the keys."""
+    """Copy adapter weights into an injected model.
+
+    Args:
+        strict: missing or unexpected keys are errors too (mis-shaped keys always are).
+
+    Raises:
+        ValueError: naming the keys that do not match, or the model's adapters are merged.
+    """
     expected = lora_state_dict(model)
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

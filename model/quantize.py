@@ -60,19 +60,27 @@ def is_quantized_name(name: str) -> bool:
 
 
 def is_nf4(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` (or a DTensor's local shard) is torchao's NF4Tensor."""
     local = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard
     return type(local).__name__ == "NF4Tensor"
 
 
 def to_nf4(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` (2-D, in the compute dtype, on its device) in NF4 with QLoRA's block sizes."""
+    """Quantize `tensor` (2-D, in the compute dtype, on its device) to NF4 with QLoRA's block sizes.
+
+    Raises:
+        QuantizationUnavailable: torchao is not installed.
+    """
     return _torchao_nf4()[1](tensor.contiguous(), NF4_BLOCK, NF4_SCALER_BLOCK)
 
 
 def nf4_rows(tensor: torch.Tensor, parts: int, index: int) -> torch.Tensor:
-    """Part `index` of `parts` of an NF4 tensor's rows, holding its own bytes only: torch.chunk's parts are views that
-    keep the whole weight's codes and scales alive (a rank of N held all N parts), and torchao's clone of such a view
-    dequantizes to other values (0.18), so the part is rebuilt from copies of its inner tensors."""
+    """Return part `index` of `parts` of an NF4 tensor's rows, holding its own bytes only.
+
+    torch.chunk's parts are views that keep the whole weight's codes and scales alive (a rank of N held all N
+    parts), and torchao's clone of such a view dequantizes to other values (0.18), so the part is rebuilt from
+    copies of its inner tensors.
+    """
     rows = torch.chunk(tensor, parts, dim=0)[index]
     names, context = rows.__tensor_flatten__()
     inner = {name: getattr(rows, name).clone() for name in names}
@@ -80,8 +88,11 @@ def nf4_rows(tensor: torch.Tensor, parts: int, index: int) -> torch.Tensor:
 
 
 def nf4_shard_problem(name: str, shape: tuple[int, ...], world_size: int) -> str | None:
-    """Why a weight cannot be stored in NF4 split row-wise over `world_size` ranks, or None. Each rank's rows must
-    hold whole groups of double-quantized scales (64 · 256 weights), as every Mistral model's do up to 256 ranks."""
+    """Say why a weight cannot be stored in NF4 split row-wise over `world_size` ranks; None when it can.
+
+    Each rank's rows must hold whole groups of double-quantized scales (64 · 256 weights), as every Mistral model's
+    do up to 256 ranks.
+    """
     rows, cols = shape
     group = NF4_BLOCK * NF4_SCALER_BLOCK
     if rows % world_size or (rows // world_size) * cols % group:
@@ -93,9 +104,17 @@ def nf4_shard_problem(name: str, shape: tuple[int, ...], world_size: int) -> str
 
 
 def quantize_frozen_linears(model: nn.Module) -> list[str]:
-    """Replace every frozen projection weight (QUANTIZED_LINEARS) of `model` by its NF4 version, in place; returns
-    their names. On the meta device this costs nothing and only sets the parameters' type: the values are assigned
-    later, one tensor at a time (`assign_nf4`)."""
+    """Replace every frozen projection weight (QUANTIZED_LINEARS) of `model` by its NF4 version, in place.
+
+    On the meta device this costs nothing and only sets the parameters' type: the values are assigned later, one
+    tensor at a time (`assign_nf4`).
+
+    Returns:
+        The names of the weights replaced.
+
+    Raises:
+        QuantizationUnavailable: torchao is not installed.
+    """
     names = [name for name, _ in model.named_parameters() if is_quantized_name(name)]
     for name in names:
         assign_nf4(model, name, to_nf4(model.get_parameter(name).detach()))
@@ -103,7 +122,10 @@ def quantize_frozen_linears(model: nn.Module) -> list[str]:
 
 
 def assign_nf4(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Make parameter `name` the NF4 tensor (or DTensor of NF4 shards) `value`, frozen. Assigned rather than copied
-    into: an NF4Tensor's copy_ would quantize again, and FSDP2 picks up an assigned shard at its first forward."""
+    """Make parameter `name` the NF4 tensor (or DTensor of NF4 shards) `value`, frozen.
+
+    Assigned rather than copied into: an NF4Tensor's copy_ would quantize again, and FSDP2 picks up an assigned
+    shard at its first forward.
+    """
     module_name, _, leaf = name.rpartition(".")
     model.get_submodule(module_name)._parameters[leaf] = nn.Parameter(value, requires_grad=False)

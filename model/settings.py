@@ -42,9 +42,14 @@ OUTPUT_HEAD_SERVING_NOTE = (
 
 @dataclass
 class LoRAArgs:
-    """The adapters' settings, defined and checked here once: the training config's `lora:` section is this class,
-    and a checkpoint's params.json `lora` entry is read back into it. Each field's comment is its documentation
-    (docs/config.md's reference is generated from it)."""
+    """The adapters' settings, defined and checked here once.
+
+    The training config's `lora:` section is this class, and a checkpoint's params.json `lora` entry is read back
+    into it. Each field's comment is its documentation (docs/config.md's reference is generated from it).
+
+    Raises:
+        ValueError: a setting out of range, or a target that names no adaptable module.
+    """
 
     rank: int = 64  # r in `y = W x + (alpha / r) · B A dropout(x)`
     alpha: float = 128.0  # the update is scaled by alpha / rank (mistral-finetune: `lora.scaling`, that ratio)
@@ -84,12 +89,16 @@ class LoRAArgs:
 
 
 def lora_scaling(rank: int, alpha: float, rslora: bool) -> float:
+    """What the update B A is multiplied by: alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def normalize_targets(targets: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """Targets in native names, in LORA_TARGETS' order, each once: Hugging Face names translated, `all-linear`
-    expanded. A name that is neither is a ValueError listing both kinds."""
+    """Targets in native names, in LORA_TARGETS' order, each once: Hugging Face names translated, `all-linear` expanded.
+
+    Raises:
+        ValueError: a name that is neither native nor Hugging Face's, listing both kinds.
+    """
     native = set()
     for target in targets:
         if target == ALL_LINEAR:

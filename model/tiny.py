@@ -37,8 +37,15 @@ _TINY_EXPERTS = 4
 
 
 def tiny_args(arch: str, vocab_size: int, width: int = 1) -> ModelArgs:
-    """`width` multiplies dim, head_dim and hidden_dim: at 4, every projection holds whole NF4 scale groups
-    (16384 weights) on each of 2 ranks, so QLoRA runs on it (model/quantize.py)."""
+    """Return the small args of architecture `arch` (one of ARCHITECTURES), keeping what makes it different.
+
+    Args:
+        width: multiplies dim, head_dim and hidden_dim: at 4, every projection holds whole NF4 scale groups (16384
+            weights) on each of 2 ranks, so QLoRA runs on it (model/quantize.py).
+
+    Raises:
+        ValueError: an unknown architecture.
+    """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     real = ARCHITECTURES[arch]
@@ -53,8 +60,11 @@ def tiny_args(arch: str, vocab_size: int, width: int = 1) -> ModelArgs:
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
-    """fp32 weights that keep activations of order 1 through the layers (so routing, attention patterns and
-    rotary layouts all matter to the logits), deterministic for a seed."""
+    """Return random fp32 weights for `args`, the same for the same seed.
+
+    They keep activations of order 1 through the layers, so routing, attention patterns and rotary layouts all
+    matter to the logits.
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in Transformer(args).named_parameters()}
@@ -77,10 +87,24 @@ def write_tiny_model(
     layout: str = "native",
     width: int = 1,
 ) -> Path:
-    """Write a random model folder: `native` (params.json + consolidated.safetensors), `sharded` (two
-    consolidated-0000N-of-00002.safetensors), `pth` (legacy consolidated.00.pth) or `hf` (config.json +
-    model.safetensors with HF names and rotary layout). The same seed gives the same model in every layout;
-    `width` as in `tiny_args`."""
+    """Write a random model folder, with a copy of mistral-common's tokenizer file.
+
+    The same seed gives the same model in every layout.
+
+    Args:
+        arch: one of ARCHITECTURES.
+        tokenizer: a short name of TOKENIZER_FILES ("v1", "v3", "v7", "tekken"); it sets the vocabulary size.
+        layout: `native` (params.json + consolidated.safetensors), `sharded` (two
+            consolidated-0000N-of-00002.safetensors), `pth` (legacy consolidated.00.pth) or `hf` (config.json +
+            model.safetensors with HF names and rotary layout).
+        width: as in `tiny_args`.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: an unknown layout, architecture or tokenizer.
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     source = tokenizer_path(tokenizer)

@@ -11,6 +11,8 @@ import mistral_common
 
 
 class TokenizerFile(NamedTuple):
+    """One tokenizer file bundled with mistral-common."""
+
     source: str  # file name in mistral_common/data/
     filename: str  # name written in the model folder
     vocab_size: int
@@ -25,7 +27,11 @@ TOKENIZER_FILES = {
 
 
 def tokenizer_path(name: str) -> Path:
-    """The bundled mistral-common file behind a short tokenizer name ("v1", "v3", "v7", "tekken")."""
+    """The bundled mistral-common file behind a short tokenizer name ("v1", "v3", "v7", "tekken").
+
+    Raises:
+        ValueError: an unknown name.
+    """
     if name not in TOKENIZER_FILES:
         raise ValueError(f"unknown tokenizer {name!r}; expected one of {sorted(TOKENIZER_FILES)}")
     return Path(mistral_common.__file__).parent / "data" / TOKENIZER_FILES[name].source

@@ -21,8 +21,11 @@ from model.settings import BACKENDS
 
 
 def document_positions(seqlens: list[int], device: torch.device | str) -> torch.Tensor:
-    """Position of every packed token inside its own document: [0..L0-1, 0..L1-1, ...]. Made on the CPU, where
-    the lengths are, and copied without waiting: on a GPU, a repeat_interleave would wait for the device."""
+    """Position of every packed token inside its own document: [0..L0-1, 0..L1-1, ...].
+
+    Made on the CPU, where the lengths are, and copied without waiting: on a GPU, a repeat_interleave would wait for
+    the device.
+    """
     lengths = torch.tensor(seqlens)
     starts = lengths.cumsum(0) - lengths
     return to_device(torch.arange(sum(seqlens)) - starts.repeat_interleave(lengths), device)
@@ -36,15 +39,19 @@ def rotary_table(positions: torch.Tensor, head_dim: int, theta: float) -> torch.
 
 
 def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, heads, head_dim] by its position. Mistral's native layout rotates interleaved pairs
-    (x0, x1), (x2, x3), ... as complex numbers; Hugging Face's "rotate half" layout needs permuted wq/wk rows
-    (see model/hf_format.py). One complex multiply (a kernel, forward and backward) rather than the four real
-    products, two sums and a stack it stands for. Computed in fp32, returned in x's dtype."""
+    """Rotate x [N, heads, head_dim] by its position (`rope`, from `rotary_table`); fp32 inside, x's dtype out.
+
+    Mistral's native layout rotates interleaved pairs (x0, x1), (x2, x3), ... as complex numbers; Hugging Face's
+    "rotate half" layout needs permuted wq/wk rows (see model/hf_format.py). One complex multiply (a kernel, forward
+    and backward) rather than the four real products, two sums and a stack it stands for.
+    """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rope).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square normalisation of the last dimension, then a learned scale per feature."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -57,6 +64,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions; who attends to whom is the mask's business."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -66,6 +75,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
+        """Attend the packed tokens x [N, dim]; returns [N, dim].
+
+        Args:
+            rope: the tokens' `rotary_table`.
+            mask: anything with `attend(q, k, v)`: a `DocumentMask`, or a KV cache's layer (model/generate.py).
+        """
         n = x.shape[0]
         q = apply_rotary(self.wq(x).view(n, self.n_heads, self.head_dim), rope)
         k = apply_rotary(self.wk(x).view(n, self.n_kv_heads, self.head_dim), rope)
@@ -113,9 +128,12 @@ class MoeFeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """One pre-norm residual block. Its forward takes only (hidden, rope table, mask) so it can be wrapped alone
-    by FSDP2 `fully_shard` and activation checkpointing. `mask` is anything with `attend(q, k, v)`: a
-    `DocumentMask` for packed documents, or a layer of a KV cache when decoding (model/generate.py)."""
+    """One pre-norm residual block: attention, then the feed-forward (or Mixtral's experts).
+
+    Its forward takes only (hidden, rope table, mask) so it can be wrapped alone by FSDP2 `fully_shard` and
+    activation checkpointing. `mask` is anything with `attend(q, k, v)`: a `DocumentMask` for packed documents, or a
+    layer of a KV cache when decoding (model/generate.py).
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -132,8 +150,13 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Embeddings, blocks, final RMSNorm and an untied output head.
 
-    `attention_backend` is resolved at each forward against the input's device and dtype ("auto" picks the
-    fastest there), so the same module works when built on the meta device and moved later.
+    Args:
+        attention_backend: "auto" or one of BACKENDS; resolved at each forward against the input's device and
+            dtype ("auto" picks the fastest there), so the same module works when built on the meta device and
+            moved later.
+
+    Raises:
+        ValueError: an unknown attention backend.
     """
 
     def __init__(self, args: ModelArgs, attention_backend: str = "auto"):
@@ -151,7 +174,16 @@ class Transformer(nn.Module):
         """Final-normed hidden states [N, dim], before the output head (training computes its loss in chunks).
 
         Under FSDP2 a method other than `forward` needs `register_fsdp_forward_method(model, "hidden_states")`.
-        With a `cache` (see model/generate.py), `seqlens[b]` new tokens continue cached sequence b.
+
+        Args:
+            tokens: the 1-D packed tokens, N of them.
+            seqlens: the lengths of the packed documents; with a cache, `seqlens[b]` new tokens continue cached
+                sequence b.
+            cache: a `KVCache` (model/generate.py), for decoding.
+
+        Raises:
+            ValueError: `tokens` is not 1-D, or its length is not `sum(seqlens)`; the attention backend is not
+                available on the tokens' device.
         """
         if tokens.ndim != 1 or sum(seqlens) != tokens.shape[0]:
             raise ValueError(f"tokens must be 1-D with sum(seqlens) = {sum(seqlens)} items, got {tuple(tokens.shape)}")
@@ -168,5 +200,5 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, seqlens: list[int], cache=None) -> torch.Tensor:
-        """Logits [N, vocab_size] in the model's dtype."""
+        """Logits [N, vocab_size] in the model's dtype; arguments and errors as `hidden_states`'."""
         return self.output(self.hidden_states(tokens, seqlens, cache))

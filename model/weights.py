@@ -46,6 +46,8 @@ _HF_BUFFERS = ("rotary_emb.inv_freq",)  # buffers some older HF checkpoints save
 
 
 class TensorSpec(NamedTuple):
+    """A stored tensor's dtype and shape, as a file's header gives them."""
+
     dtype: torch.dtype
     shape: tuple[int, ...]
 
@@ -56,7 +58,12 @@ def is_vision_tower(name: str) -> bool:
 
 
 def weight_files(folder: str | Path) -> tuple[list[Path], str]:
-    """The weight files of a model folder and their layout, "native" or "hf" (native wins when both exist)."""
+    """The weight files of a model folder and their layout, "native" or "hf" (native wins when both exist).
+
+    Raises:
+        FileNotFoundError: the folder holds no weight file.
+        ValueError: the weights are model-parallel consolidated.0N.pth shards.
+    """
     folder = Path(folder)
     if len(list(folder.glob("consolidated.*.pth"))) > 1:
         raise ValueError(f"{folder}: model-parallel consolidated.0N.pth shards are not supported")
@@ -74,7 +81,14 @@ def weight_files(folder: str | Path) -> tuple[list[Path], str]:
 def read_weights(folder: str | Path, vision_tower: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Every weight of the text decoder as (native name, tensor), one at a time, whatever the folder's layout.
 
-    With `vision_tower`, a multimodal checkpoint's tower tensors come too, under their stored names."""
+    Args:
+        vision_tower: yield a multimodal checkpoint's tower tensors too, under their stored names.
+
+    Raises:
+        FileNotFoundError: no weights in the folder (or, for Hugging Face's layout, no config.json).
+        ValueError: model-parallel .pth shards, a damaged weights file, or a Hugging Face name the converter does
+            not know; each names it.
+    """
     folder = Path(folder)
     files, layout = weight_files(folder)
     args = load_model_args(folder) if layout == "hf" else None
@@ -89,14 +103,24 @@ def read_weights(folder: str | Path, vision_tower: bool = False) -> Iterator[tup
 
 
 def weight_specs(folder: str | Path, vision_tower: bool = False) -> dict[str, TensorSpec]:
-    """Native name -> dtype and shape of every tensor `read_weights(folder, vision_tower)` yields, in the same
-    order, read from the files' headers without reading the data (the rotary permutation keeps shapes)."""
+    """Native name -> dtype and shape of every tensor `read_weights(folder, vision_tower)` yields, in its order.
+
+    Read from the files' headers without reading the data (the rotary permutation keeps shapes).
+
+    Raises:
+        ValueError: as `weight_specs_by_file`.
+    """
     return {name: spec for name, (_, spec) in weight_specs_by_file(folder, vision_tower).items()}
 
 
 def weight_specs_by_file(folder: str | Path, vision_tower: bool = False) -> dict[str, tuple[Path, TensorSpec]]:
-    """weight_specs, with the file each tensor is stored in: what a message about a tensor names. A name stored
-    twice is a ValueError naming both files."""
+    """`weight_specs`, with the file each tensor is stored in: what a message about a tensor names.
+
+    Raises:
+        FileNotFoundError: the folder holds no weight file.
+        ValueError: naming the file: a name stored twice (and the other file), an unknown Hugging Face name, a
+            dtype tailor does not read, a damaged file.
+    """
     files, layout = weight_files(folder)
     specs: dict[str, tuple[Path, TensorSpec]] = {}
     for file in files:
@@ -186,8 +210,10 @@ def _read_specs(file: Path) -> Iterator[tuple[str, TensorSpec]]:
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' `save_file`, the file then given the mode the umask gives every other file (0644 under umask
-    022): safetensors creates it 0600, whatever the umask, which a serving user or a teammate cannot read."""
+    """Write `tensors` to a safetensors file, with the mode the umask gives every other file (0644 under umask 022).
+
+    safetensors' `save_file` creates it 0600, whatever the umask, which a serving user or a teammate cannot read.
+    """
     save_file(tensors, path, metadata=metadata)
     umask = os.umask(0o077)  # read by setting it: a file another thread creates meanwhile is private, never open
     os.umask(umask)

@@ -36,6 +36,8 @@ from model.weights import vision_tower_specs
 
 @dataclass
 class Sampling:
+    """How replies are generated: `generate`'s length and sampling settings."""
+
     max_tokens: int = 512
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
@@ -45,8 +47,21 @@ class Sampling:
 def load_chat_model(
     model_dir: str | Path, adapter_dir: str | Path | None = None, merge: bool = False, quantize: str = "none"
 ) -> tuple[Transformer, MistralTokenizer]:
-    """The model (on the GPU in bf16 when there is one, else CPU fp32; `quantize="nf4"`: its frozen projections in
-    NF4) with its adapter, and its tokenizer."""
+    """Load a model with its adapter, and its tokenizer, for generation.
+
+    On the GPU in bf16 when there is one, else on the CPU in fp32.
+
+    Args:
+        adapter_dir: a checkpoint folder holding lora.safetensors.
+        merge: fold the adapter into the weights (faster, same answers up to rounding).
+        quantize: "nf4" stores the frozen projections in NF4.
+
+    Raises:
+        ValueError: `merge` on a quantized base, no model folder, an adapter that does not fit the model, or a
+            model folder `load_model` refuses.
+        FileNotFoundError: no tokenizer file, params.json / config.json or weights in the model folder.
+        QuantizationUnavailable: NF4 asked for without torchao installed.
+    """
     if merge and quantize != "none":
         raise ValueError(
             f"--merge on a {quantize} base would merge into its 4-bit weights: run `tailor merge` (into the original "
@@ -119,8 +134,16 @@ def answer_file(
     sampling: Sampling,
     batch_size: int = 8,
 ) -> int:
-    """Answer every conversation of a JSON Lines file; write one `{"messages", "answer"}` line per input line, with
-    the input's final assistant message, if any, left out of the prompt and kept as `"reference"`."""
+    """Answer every conversation of a JSON Lines file, one `{"messages", "answer"}` line per input line.
+
+    The input's final assistant message, if any, is left out of the prompt and kept as `"reference"`.
+
+    Returns:
+        The number of answers written.
+
+    Raises:
+        ValueError: naming FILE:LINE, a line that is not a conversation the tokenizer can encode.
+    """
     conversations, prompts = [], []
     for number, conversation in read_conversations(input_path):
         try:
@@ -138,7 +161,11 @@ def answer_file(
 
 
 def read_conversations(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, conversation) of each non-blank line; a final assistant message becomes `reference`."""
+    """(line number, conversation) of each non-blank line; a final assistant message becomes `reference`.
+
+    Raises:
+        ValueError: naming FILE:LINE, a line that is not JSON or has no list of messages.
+    """
     for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
@@ -173,9 +200,12 @@ def interactive_chat(
     stdin: TextIO = sys.stdin,
     stdout: TextIO = sys.stdout,
 ) -> None:
-    """A conversation on the terminal: each line is a user message, answered with the whole history in the
-    prompt; a line starting with "/" is one of SLASH_COMMANDS. Ctrl-C while an answer is generated stops that
-    answer (the question is forgotten, the conversation goes on); at the prompt it quits, as end of input does."""
+    """Hold a conversation on the terminal until the user quits.
+
+    Each line is a user message, answered with the whole history in the prompt; a line starting with "/" is one of
+    SLASH_COMMANDS. Ctrl-C while an answer is generated stops that answer (the question is forgotten, the
+    conversation goes on); at the prompt it quits, as end of input does.
+    """
     stdout.write("Type a message; /help lists the commands, Ctrl-C stops an answer.\n")
     history: list[dict] = []
     while True:
@@ -210,6 +240,7 @@ def interactive_chat(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `tailor chat`'s arguments to its parser."""
     parser.add_argument("model", type=Path, help="a base or merged model folder")
     parser.add_argument("--adapter", type=Path, help="checkpoint folder holding lora.safetensors")
     parser.add_argument("--merge", action="store_true", help="fold the adapter into the weights before generating")
@@ -230,6 +261,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `tailor chat`: one prompt, a file of conversations, or an interactive loop; return the exit code.
+
+    Raises:
+        ValueError: options that do not go together, or a model, adapter or input file that cannot be used.
+    """
     sampling = Sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
     if (args.input is None) != (args.output is None):
         raise ValueError("--input and --output go together")

@@ -56,11 +56,9 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 _EXPERT = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(\d+)\.(w[123])\.weight$")
 _EXPERT_GGUF = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
 
-# Mistral's instruct template (mistral-common's, plain chats) as a Jinja chat template: consecutive system messages
-# joined by a blank line before the last user message (v2, v3; Tekken's too), or each in place (v7 and later).
-# No spaces around the text: llama.cpp's SentencePiece tokenizer prefixes text after a control token with one space,
-# as mistral-common's encoding of each message does.
-_SYSTEM_BEFORE_LAST_USER = (
+# Mistral's plain-chat templates in Jinja, with no spaces around the text: llama.cpp's SentencePiece tokenizer
+# prefixes text after a control token with one space, as mistral-common's encoding of each message does.
+_SYSTEM_BEFORE_LAST_USER = (  # v2, v3 (Tekken's too): system messages joined by a blank line before the last user
     "{{- bos_token -}}"
     '{%- set ns = namespace(system="", last_user=-1) -%}'
     "{%- for m in messages -%}"
@@ -73,7 +71,7 @@ _SYSTEM_BEFORE_LAST_USER = (
     '{%- elif m.role == "assistant" -%}{{- m.content -}}{{- eos_token -}}{%- endif -%}'
     "{%- endfor -%}"
 )
-_SYSTEM_IN_PLACE = (
+_SYSTEM_IN_PLACE = (  # v7 and later: each system message in place
     "{{- bos_token -}}"
     "{%- for m in messages -%}"
     '{%- if m.role == "system" -%}[SYSTEM_PROMPT]{{- m.content -}}[/SYSTEM_PROMPT]'
@@ -104,6 +102,8 @@ CHAT_TEMPLATES = {  # tokenizer version -> (Jinja chat template, Ollama template
 
 
 class GGUFTensor(NamedTuple):
+    """One tensor of the GGUF file, and the native tensors it is made of."""
+
     name: str  # llama.cpp's name
     sources: tuple[str, ...]  # the native tensors it is made of (Mixtral's experts of one layer: several)
     shape: tuple[int, ...]  # PyTorch's order (the writer reverses it into ggml's)
@@ -113,8 +113,22 @@ class GGUFTensor(NamedTuple):
 def export_gguf(
     model_dir: str | Path, out_file: str | Path, adapter_dir: str | Path | None = None, weight_type: str = "f16"
 ) -> Path:
-    """Write `model_dir` (with `adapter_dir`'s adapter merged in) as one GGUF file, and an Ollama Modelfile beside it
-    (`out_file` with the suffix `.Modelfile`). Both appear whole or not at all."""
+    """Write `model_dir` (with `adapter_dir`'s adapter merged in) as one GGUF file, and an Ollama Modelfile beside it.
+
+    The Modelfile is `out_file` with the suffix `.Modelfile`. Both appear whole or not at all.
+
+    Args:
+        weight_type: the 2-D weights' type, one of WEIGHT_TYPES; norms and the router stay f32.
+
+    Returns:
+        `out_file`.
+
+    Raises:
+        ValueError: the gguf package is missing, an unknown `weight_type`, no model folder, an output that exists
+            or whose folder does not, a folder holding LoRA tensors, a tensor llama.cpp has no place for, or an
+            adapter that does not fit the model.
+        FileNotFoundError: no params.json / config.json, tokenizer file or weights in the model folder.
+    """
     gguf = _import_gguf()
     model_dir, out_file = Path(model_dir), Path(out_file)
     if weight_type not in WEIGHT_TYPES:
@@ -160,8 +174,13 @@ def export_gguf(
 
 
 def gguf_plan(specs: dict[str, TensorSpec], args: ModelArgs, weight_type: str) -> list[GGUFTensor]:
-    """The GGUF tensors in the order they complete when the native tensors arrive in `specs`' order (the order
-    `read_weights` yields them): a stacked expert tensor completes with its last expert."""
+    """The GGUF tensors in the order they complete when the native tensors arrive in `specs`' order.
+
+    That is the order `read_weights` yields them: a stacked expert tensor completes with its last expert.
+
+    Raises:
+        ValueError: a tensor with no place in llama.cpp's llama architecture, or experts missing.
+    """
     plan, experts = [], {}
     for name, spec in specs.items():
         if match := _EXPERT.match(name):
@@ -190,8 +209,13 @@ def gguf_plan(specs: dict[str, TensorSpec], args: ModelArgs, weight_type: str) -
 def gguf_tensors(
     tensors: Iterable[tuple[str, torch.Tensor]], plan: list[GGUFTensor]
 ) -> Iterator[tuple[GGUFTensor, np.ndarray]]:
-    """Each planned tensor as fp32 numpy, in the plan's order, holding only the native tensors not yet used (one
-    layer's experts, when they arrive in the planned order)."""
+    """Each planned tensor as fp32 numpy, in the plan's order.
+
+    Holds only the native tensors not yet used (one layer's experts, when they arrive in the planned order).
+
+    Raises:
+        ValueError: the stream ended before a planned tensor's data came.
+    """
     pending: dict[str, torch.Tensor] = {}
     position = 0
     for name, tensor in tensors:
@@ -279,6 +303,7 @@ def _import_gguf():
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `tailor export-gguf`'s arguments to its parser."""
     parser.add_argument("--model", required=True, type=Path, help="a base or merged model folder")
     parser.add_argument("--adapter", type=Path, help="a checkpoint folder whose adapter is merged in on the way")
     parser.add_argument("--out", required=True, type=Path, help="the GGUF file to write (FILE.Modelfile beside it)")
@@ -291,6 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `tailor export-gguf`; return the exit code."""
     model_args = load_model_args(args.model)
     if model_args.sliding_window:
         print(

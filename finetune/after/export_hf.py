@@ -39,9 +39,16 @@ DTYPES = {
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write `model_dir` (any layout model/loading.py reads) as a Hugging Face folder, in `dtype` or each tensor's
-    own. The text decoder only: a multimodal checkpoint's vision tower is left out (`read_weights` skips it;
-    transformers' Mistral and Mixtral classes have no place for it), and the command says so."""
+    """Write `model_dir` (any layout model/loading.py reads) as a Hugging Face folder, in `dtype` or each tensor's own.
+
+    The text decoder only: a multimodal checkpoint's vision tower is left out (`read_weights` skips it;
+    transformers' Mistral and Mixtral classes have no place for it), and the command says so.
+
+    Raises:
+        ValueError: no model folder, a folder holding LoRA tensors or a tensor Hugging Face's format has no name
+            for, or an output folder that exists and is not empty.
+        FileNotFoundError: no params.json / config.json or weights in the model folder.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"model folder not found: {model_dir}")
@@ -66,12 +73,14 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: torch.dtype | N
 def hf_tensors(
     tensors: Iterable[tuple[str, torch.Tensor]], args: ModelArgs, dtype: torch.dtype | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each native (name, tensor) under its Hugging Face name and rotary layout, cast to `dtype` when given."""
     for name, tensor in tensors:
         hf_name, tensor = convert_tensor_to_hf(name, tensor, args)
         yield hf_name, tensor if dtype is None else tensor.to(dtype)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `tailor export-hf`'s arguments to its parser."""
     parser.add_argument("--model", required=True, type=Path, help="a base or merged model folder")
     parser.add_argument("--out", required=True, type=Path, help="new folder for the Hugging Face model")
     parser.add_argument(
@@ -80,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `tailor export-hf`; return the exit code."""
     out = export_hf(args.model, args.out, DTYPES[args.dtype] if args.dtype else None)
     print(f"Hugging Face model written to {out}")
     if tower := vision_tower_specs(args.model):

@@ -29,7 +29,16 @@ VOCAB_TENSORS = ("tok_embeddings.weight", "output.weight")  # rows indexed by to
 
 
 def extend_vocab(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write `model_dir` with a 32768-token vocabulary and the v3 tokenizer as a native folder."""
+    """Write `model_dir` with a 32768-token vocabulary and the v3 tokenizer as a native folder.
+
+    Args:
+        seed: draws the new rows (the output head's from seed + 1).
+
+    Raises:
+        ValueError: no model folder, a vocabulary other than 32000, or an output folder that exists and is not
+            empty.
+        FileNotFoundError: no params.json / config.json or weights in the model folder.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"model folder not found: {model_dir}")
@@ -55,6 +64,7 @@ def extend_vocab(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> P
 
 
 def extended_tensors(tensors: Iterable[tuple[str, torch.Tensor]], seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each (name, tensor), the embedding's and the output head's rows extended (`extend_rows`)."""
     for name, tensor in tensors:
         if name in VOCAB_TENSORS:
             generator = torch.Generator().manual_seed(seed + VOCAB_TENSORS.index(name))
@@ -71,12 +81,14 @@ def extend_rows(rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `tailor extend-vocab`'s arguments to its parser."""
     parser.add_argument("--model", required=True, type=Path, help="a model folder with vocab_size 32000")
     parser.add_argument("--out", required=True, type=Path, help="new folder for the extended model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the new rows")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `tailor extend-vocab`; return the exit code."""
     out = extend_vocab(args.model, args.out, args.seed)
     print(f"extended model written to {out}")
     return 0

@@ -18,10 +18,17 @@ from model.weights import read_weights, vision_tower_specs, weight_specs
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a native model folder (consolidated.safetensors, params.json without `lora`, tokenizer) whose weights
-    are the base's with the adapter added, each in the base's dtype. Any base layout reads: native, sharded,
-    .pth or Hugging Face; tensors without an adapter (norms, router) are copied unchanged, and so is a multimodal
-    checkpoint's vision tower: the merged folder is the base model with a new text decoder."""
+    """Write a native model folder whose weights are the base's with the adapter added, each in the base's dtype.
+
+    The folder holds consolidated.safetensors, params.json without `lora`, and the tokenizer. Any base layout reads:
+    native, sharded, .pth or Hugging Face; tensors without an adapter (norms, router) are copied unchanged, and so is
+    a multimodal checkpoint's vision tower: the merged folder is the base model with a new text decoder.
+
+    Raises:
+        ValueError: no base folder, an adapter folder that is not a checkpoint, an adapter that does not fit the
+            base, or an output folder that exists and is not empty.
+        FileNotFoundError: no weights in the base folder.
+    """
     base_dir = Path(base_dir)
     if not base_dir.is_dir():
         raise ValueError(f"base model folder not found: {base_dir}")
@@ -37,8 +44,12 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
 def merged_weights(
     base_dir: Path, adapter_dir: str | Path, vision_tower: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base folder's (name, weight) as `read_weights` yields them, each with its adapter merged in; an adapter
-    of a weight the base does not have is refused before any tensor is read."""
+    """The base folder's (name, weight) as `read_weights` yields them, each with its adapter merged in.
+
+    Raises:
+        ValueError: an adapter folder that is not a checkpoint, or an adapter of a weight the base does not have
+            (refused before any tensor is read); a mis-shaped adapter, when its weight is reached.
+    """
     adapter, lora = read_adapter(adapter_dir)
     adapted = {key.rsplit(".", 2)[0] + ".weight" for key in adapter}
     if unknown := sorted(adapted - set(weight_specs(base_dir))):
@@ -52,7 +63,11 @@ def merged_weights(
 def merged_tensors(
     tensors: Iterable[tuple[str, torch.Tensor]], adapter: dict[str, torch.Tensor], scaling: float
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each (name, weight) with its adapter merged in (`merged_weight`, as `LoRALinear.merge` does)."""
+    """Each (name, weight) with its adapter merged in (`merged_weight`, as `LoRALinear.merge` does).
+
+    Raises:
+        ValueError: an adapter whose update has another shape than its weight.
+    """
     for name, tensor in tensors:
         module = name.removesuffix(".weight")
         a, b = adapter.get(f"{module}.lora_A.weight"), adapter.get(f"{module}.lora_B.weight")
@@ -68,12 +83,14 @@ def merged_tensors(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `tailor merge`'s arguments to its parser."""
     parser.add_argument("--base", required=True, type=Path, help="the base model folder the adapter was trained on")
     parser.add_argument("--adapter", required=True, type=Path, help="checkpoint folder holding lora.safetensors")
     parser.add_argument("--out", required=True, type=Path, help="new folder for the merged model")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `tailor merge`; return the exit code."""
     out = merge_adapter(args.base, args.adapter, args.out)
     print(f"merged model written to {out}")
     if (quantization := read_base_quantization(args.adapter)) != "none":

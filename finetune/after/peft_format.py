@@ -61,7 +61,14 @@ _UNSUPPORTED_OPTIONS = {
 
 
 def export_peft(adapter_dir: str | Path, out_dir: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write a tailor checkpoint's adapter as a PEFT adapter for the Hugging Face Mistral / Mixtral layout."""
+    """Write a tailor checkpoint's adapter as a PEFT adapter for the Hugging Face Mistral / Mixtral layout.
+
+    Args:
+        base_model_name_or_path: written into adapter_config.json (e.g. the hub id of the converted base).
+
+    Raises:
+        ValueError: a folder that is not a checkpoint, or an output folder that exists and is not empty.
+    """
     state, lora = read_adapter(adapter_dir)
     args = load_model_args(adapter_dir)  # the checkpoint's params.json is the base's plus `lora`
     # PEFT's wrapper of transformers 5's fused experts refuses dropout; dropout plays no part in inference.
@@ -96,8 +103,15 @@ def export_peft(adapter_dir: str | Path, out_dir: str | Path, base_model_name_or
 
 
 def import_peft(peft_dir: str | Path, out_dir: str | Path, base_dir: str | Path) -> Path:
-    """Write a PEFT LoRA adapter of a Mistral / Mixtral model as a tailor checkpoint folder (lora.safetensors in
-    fp32, the base's params.json with `lora`, the base's tokenizer), ready to evaluate, merge or train further."""
+    """Write a PEFT LoRA adapter of a Mistral / Mixtral model as a tailor checkpoint folder.
+
+    The folder holds lora.safetensors in fp32, the base's params.json with `lora` and the base's tokenizer, ready to
+    evaluate, merge or train further.
+
+    Raises:
+        ValueError: a config or weights file tailor's LoRA cannot express or read, adapters on modules tailor
+            cannot adapt, adapters that do not fit the base, or an output folder that exists and is not empty.
+    """
     peft_dir, base_dir = Path(peft_dir), Path(base_dir)
     rank, alpha, dropout, rslora, dora = read_peft_config(peft_dir)
     args = load_model_args(base_dir)
@@ -151,8 +165,12 @@ def _module_of(key: str) -> str:
 
 
 def read_peft_config(peft_dir: Path) -> tuple[int, float, float, bool, bool]:
-    """Rank, alpha, dropout, rsLoRA (scaling alpha / sqrt(r)) and DoRA of a PEFT LoRA config; options tailor's
-    LoRA cannot express are a ValueError naming the file and the option."""
+    """Rank, alpha, dropout, rsLoRA (scaling alpha / sqrt(r)) and DoRA of a PEFT LoRA config.
+
+    Raises:
+        ValueError: naming the file: no config, not LoRA, an option tailor's LoRA cannot express, or a number out
+            of range.
+    """
     path = peft_dir / PEFT_CONFIG
     if not path.is_file():
         raise ValueError(f"{peft_dir}: no {PEFT_CONFIG}; expected a PEFT adapter folder")
@@ -172,6 +190,11 @@ def read_peft_config(peft_dir: Path) -> tuple[int, float, float, bool, bool]:
 
 
 def read_peft_weights(peft_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a PEFT adapter folder: adapter_model.safetensors, or the legacy adapter_model.bin.
+
+    Raises:
+        ValueError: neither file is there, or the legacy file cannot be read without running code.
+    """
     if (peft_dir / PEFT_WEIGHTS).is_file():
         return load_file(peft_dir / PEFT_WEIGHTS)
     if (peft_dir / PEFT_WEIGHTS_LEGACY).is_file():
@@ -198,6 +221,7 @@ def _load_legacy_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `tailor export-peft`'s arguments to its parser."""
     parser.add_argument("--adapter", required=True, type=Path, help="checkpoint folder holding lora.safetensors")
     parser.add_argument("--out", required=True, type=Path, help="new folder for the PEFT adapter")
     parser.add_argument(
@@ -208,6 +232,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """Run `tailor export-peft`; return the exit code."""
     _, lora = read_adapter(args.adapter)
     if "output" in lora.targets:  # said before the folder is written, rather than by the server that refuses it
         print(f"warning: {OUTPUT_HEAD_SERVING_NOTE}", file=sys.stderr)
@@ -217,12 +242,14 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def add_import_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `tailor import-peft`'s arguments to its parser."""
     parser.add_argument("--peft", required=True, type=Path, help="PEFT adapter folder (adapter_config.json, ...)")
     parser.add_argument("--base", required=True, type=Path, help="the model folder the adapter belongs to")
     parser.add_argument("--out", required=True, type=Path, help="new checkpoint folder")
 
 
 def run_import(args: argparse.Namespace) -> int:
+    """Run `tailor import-peft`; return the exit code."""
     out = import_peft(args.peft, args.out, args.base)
     print(f"adapter checkpoint written to {out}")
     return 0

@@ -30,8 +30,15 @@ class PlotError(ValueError):
 
 
 def read_curves(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) pairs of train loss, eval and retain loss, learning rate and tokens/s, and of each source's
-    scores as "SOURCE: LABEL" (retain sources as "retain SOURCE: LABEL"); non-finite values left out."""
+    """Read a run's curves from its metrics.jsonl; non-finite values are left out.
+
+    Returns:
+        (step, value) pairs of train loss, eval and retain loss, learning rate and tokens/s, and of each source's
+        scores as "SOURCE: LABEL" (retain sources as "retain SOURCE: LABEL").
+
+    Raises:
+        PlotError: no run folder or metrics.jsonl, a line that is not a record tailor writes, or no train step yet.
+    """
     if not Path(run_dir).is_dir():
         raise PlotError(f"run folder not found: {run_dir}")
     path = Path(run_dir) / "metrics.jsonl"
@@ -78,8 +85,10 @@ def _score_values(scores: dict) -> dict:
 
 
 def loss_scale(losses: list[float]) -> str:
-    """ "log" when the losses span more than a decade (a falling loss then stays readable to its end), else
-    "linear"."""
+    """ "log" when the losses span more than a decade, else "linear".
+
+    On a log scale a falling loss stays readable to its end.
+    """
     return "log" if min(losses) > 0 and max(losses) > LOG_SCALE_SPAN * min(losses) else "linear"
 
 
@@ -89,7 +98,11 @@ def plain_number(value: float, _position=None) -> str:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the curves of run_dir into `out` (default run_dir/loss.png) and return its path."""
+    """Draw the curves of run_dir into `out` (default run_dir/loss.png) and return its path.
+
+    Raises:
+        PlotError: nothing to plot (see `read_curves`), or matplotlib is not installed.
+    """
     curves = read_curves(run_dir)
     try:
         import matplotlib
@@ -136,11 +149,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `tailor plot`'s arguments to its parser."""
     parser.add_argument("run_dir", type=Path, help="the run folder (holding metrics.jsonl)")
     parser.add_argument("-o", "--output", type=Path, metavar="PNG", help="the PNG to write (default RUN_DIR/loss.png)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `tailor plot`; return the exit code (2 with an `error:` line when there is nothing to plot)."""
     try:
         out = plot_run(args.run_dir, args.output)
     except PlotError as e:

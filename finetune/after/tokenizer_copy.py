@@ -10,7 +10,11 @@ from finetune.data.model_tokenizer import find_tokenizer_file
 
 
 def copy_tokenizer(folders: Iterable[str | Path], out_dir: Path) -> None:
-    """Copy the mistral-common tokenizer file of the first folder that has one."""
+    """Copy the mistral-common tokenizer file of the first folder that has one into `out_dir`.
+
+    Raises:
+        ValueError: no folder has one.
+    """
     for folder in folders:
         try:
             source = find_tokenizer_file(folder)

@@ -19,9 +19,15 @@ ADAPTER_FILE = "lora.safetensors"
 
 
 def read_adapter(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoRAArgs]:
-    """The adapter weights (native names) and LoRA settings of a checkpoint folder written by the trainer:
-    `lora.safetensors` and a params.json with a `lora` entry, verified against its manifest. mistral-finetune's
-    folders (no manifest; a `lora` entry with `scaling` but no `alpha`) read too."""
+    """The adapter weights (native names) and LoRA settings of a checkpoint folder written by the trainer.
+
+    The folder holds `lora.safetensors` and a params.json with a `lora` entry, verified against its manifest.
+    mistral-finetune's folders (no manifest; a `lora` entry with `scaling` but no `alpha`) read too.
+
+    Raises:
+        ValueError: naming the folder or file: not a checkpoint folder (or a run folder), a file that fails its
+            manifest, is missing or unreadable, or weights that do not match the `lora` entry.
+    """
     folder = Path(ckpt_dir)
     weights, params = folder / ADAPTER_FILE, folder / "params.json"
     if not folder.is_dir():
@@ -79,8 +85,15 @@ def read_adapter(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoRAArg
 
 
 def check_numbers(where: str, numbers: dict[str, object], **integers: object) -> None:
-    """Values read from a file that must be numbers (`integers`: whole ones): a string, a list or a boolean is a
-    ValueError naming `where` and the key, never a TypeError further on."""
+    """Check that values read from a file are numbers, so that a wrong one never becomes a TypeError further on.
+
+    Args:
+        where: the file (and key prefix) that errors begin with.
+        integers: values that must be whole numbers.
+
+    Raises:
+        ValueError: a string, a list or a boolean, naming `where` and the key.
+    """
     for key, value in {**numbers, **integers}.items():
         kinds = int if key in integers else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds):
@@ -96,8 +109,13 @@ def lora_args(
     rslora: object = False,
     dora: object = False,
 ) -> LoRAArgs:
-    """LoRAArgs from values read from a file (params.json's `lora` entry, PEFT's adapter_config.json), each checked
-    for its kind first: a fault is a ValueError naming `where`."""
+    """LoRAArgs from values read from a file (params.json's `lora` entry, PEFT's adapter_config.json).
+
+    Each value is checked for its kind first.
+
+    Raises:
+        ValueError: a value of the wrong kind or out of range, naming `where`.
+    """
     check_numbers(where, {"alpha": alpha, "dropout": dropout}, rank=rank)
     if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{where}targets is {targets!r}; expected a list of module names")
@@ -114,8 +132,10 @@ def _target_order(target: str) -> int:
 
 
 def base_params(model_dir: str | Path) -> dict:
-    """A model folder's params.json without any `lora` entry, kept verbatim (keys tailor ignores included), or
-    made from its config.json when the folder is in Hugging Face format."""
+    """A model folder's params.json without any `lora` entry, kept verbatim (keys tailor ignores included).
+
+    Made from its config.json when the folder is in Hugging Face format.
+    """
     path = Path(model_dir) / "params.json"
     params = json.loads(path.read_text()) if path.is_file() else load_model_args(model_dir).to_dict()
     params.pop("lora", None)
@@ -123,9 +143,15 @@ def base_params(model_dir: str | Path) -> dict:
 
 
 def lora_entry(lora: LoRAArgs, base_quantization: str = "none") -> dict:
-    """The `lora` entry of a checkpoint's params.json; mistral-inference reads rank and scaling (alpha / rank, or
-    alpha / sqrt(rank) with rsLoRA); `rslora` and `dora` say which variant merge, export and chat read.
-    An adapter trained on a quantized base says so (`base_quantization`), for merge and chat to read."""
+    """The `lora` entry of a checkpoint's params.json.
+
+    mistral-inference reads rank and scaling (alpha / rank, or alpha / sqrt(rank) with rsLoRA); `rslora` and `dora`
+    say which variant merge, export and chat read.
+
+    Args:
+        base_quantization: how the base's frozen weights were stored in training; recorded unless "none", for
+            merge and chat to read.
+    """
     entry = {
         "rank": lora.rank,
         "alpha": lora.alpha,
@@ -141,9 +167,14 @@ def lora_entry(lora: LoRAArgs, base_quantization: str = "none") -> dict:
 
 
 def read_base_quantization(ckpt_dir: str | Path) -> str:
-    """How the base's frozen weights were stored while the adapter trained: "none", or "nf4" (QLoRA), from the
-    `lora` entry of the checkpoint's params.json. A file that is not a checkpoint's reads as "none": `read_adapter`
-    says what is wrong with it."""
+    """How the base's frozen weights were stored while the adapter trained: "none", or "nf4" (QLoRA).
+
+    Read from the `lora` entry of the checkpoint's params.json. A file that is not a checkpoint's reads as "none":
+    `read_adapter` says what is wrong with it.
+
+    Raises:
+        ValueError: a base_quantization that is not one of QUANTIZATIONS.
+    """
     params = Path(ckpt_dir) / "params.json"
     try:
         entry = json.loads(params.read_text(encoding="utf-8")).get("lora")

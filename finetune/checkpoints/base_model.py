@@ -41,7 +41,7 @@ def base_identity(model_dir: str | Path) -> str:
 
 
 def write_base_record(state_dir: Path, model_dir: str | Path) -> None:
-    """state/base_model.json: the base's path (absolute, as the run saw it) and identity."""
+    """Write state/base_model.json: the base's path (absolute, as the run saw it) and identity."""
     record = {"path": str(Path(model_dir).absolute()), "identity": base_identity(model_dir)}
     with atomic_write(state_dir / BASE_FILE, "w", encoding="utf-8") as f:
         json.dump(record, f)
@@ -62,10 +62,16 @@ def base_record_problem(checkpoint: Path) -> str | None:
 
 
 def check_base_model(checkpoint: Path, model_dir: Path, trained_with: str | None, other_base: bool) -> str | None:
-    """Whether the adapters of `checkpoint` may go on training on `model_dir`. Returns why not (another shape
-    always; another model of the same shape unless `other_base`), or None, having said what could not be checked.
+    """Say whether the adapters of `checkpoint` may go on training on `model_dir`.
 
-    `trained_with`: the model.path of the run's config.yaml, for a checkpoint that does not record its base."""
+    Args:
+        trained_with: the model.path of the run's config.yaml, for a checkpoint that does not record its base.
+        other_base: resume_other_base: accept another model of the same shape.
+
+    Returns:
+        Why not (another shape always; another model of the same shape unless `other_base`), or None, having
+        printed what could not be checked.
+    """
     checkpoint, record_path = Path(checkpoint), Path(checkpoint) / STATE / BASE_FILE
     record = read_json_object(record_path) if record_path.is_file() else None
     trained_on = record["path"] if record else trained_with or "its base model"

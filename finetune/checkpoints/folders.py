@@ -51,16 +51,20 @@ class CheckpointWriteError(RuntimeError):
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint of `step`: run_dir/checkpoints/checkpoint_{step:06d}."""
     return Path(run_dir) / "checkpoints" / f"checkpoint_{step:06d}"
 
 
 def checkpoint_step(folder: Path) -> int:
+    """The step a checkpoint folder's name holds."""
     return int(CHECKPOINT_NAME.fullmatch(Path(folder).name).group(1))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders under their complete name, oldest first (verify_checkpoint says whether one is intact);
-    a symbolic link is not one of them (list_linked_checkpoints)."""
+    """Checkpoint folders under their complete name, oldest first.
+
+    `verify_checkpoint` says whether one is intact; a symbolic link is not one of them (`list_linked_checkpoints`).
+    """
     found = [p for p in _named_checkpoints(run_dir) if p.is_dir() and not p.is_symlink()]
     return sorted(found, key=checkpoint_step)
 
@@ -76,12 +80,15 @@ def _named_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def has_training_state(folder: Path) -> bool:
+    """Whether a checkpoint holds the training state a resume continues from (not adapters only)."""
     return (Path(folder) / STATE / PROGRESS).is_file()
 
 
 def newest_with_training_state(run_dir: Path) -> Path | None:
-    """The newest checkpoint a resume can continue from, as far as its files say (None if there is none); one of
-    adapters only is not it, whatever its step."""
+    """The newest checkpoint a resume can continue from, as far as its files say (None if there is none).
+
+    One of adapters only is not it, whatever its step.
+    """
     return next((c for c in reversed(list_checkpoints(run_dir)) if has_training_state(c)), None)
 
 
@@ -98,9 +105,12 @@ def list_debris(run_dir: Path) -> list[Path]:
 
 
 def remove_old_checkpoints(run_dir: Path, keep: int, written: Path) -> None:
-    """Keep the newest `keep` intact checkpoints, `written` (just published) first among them: a damaged one is set
-    aside, older intact ones are deleted. An intact one at a later step than `written` is left as it is and not
-    counted: the run resumed before it, so it cannot resume from it (no training state: another run's adapters)."""
+    """Keep the newest `keep` intact checkpoints, `written` (just published) first among them.
+
+    A damaged one is set aside, older intact ones are deleted. An intact one at a later step than `written` is left
+    as it is and not counted: the run resumed before it, so it cannot resume from it (no training state: another
+    run's adapters).
+    """
     kept = 1
     for folder in reversed(list_checkpoints(run_dir)):
         if folder == written:
@@ -120,8 +130,10 @@ def remove_old_checkpoints(run_dir: Path, keep: int, written: Path) -> None:
 
 
 def set_aside(folder: Path) -> Path:
-    """Rename a damaged checkpoint to `checkpoint_X.damaged` (or `.damaged2`, ...): it is never listed, chosen or
-    counted again, and never deleted, so a person can look at what went wrong."""
+    """Rename a damaged checkpoint to `checkpoint_X.damaged` (or `.damaged2`, ...), and return the new path.
+
+    It is never listed, chosen or counted again, and never deleted, so a person can look at what went wrong.
+    """
     aside, number = folder.with_name(folder.name + DAMAGED_SUFFIX), 1
     while aside.exists():
         number += 1
@@ -183,7 +195,12 @@ def write_adapters(
     tokenizer_file: Path,
     base_quantization: str = "none",
 ) -> None:
-    """lora.safetensors, params.json with the `lora` entry (`lora_entry`), and the tokenizer."""
+    """Write the adapters into `folder`: lora.safetensors, params.json with the `lora` entry, and the tokenizer.
+
+    Args:
+        params: the base's params.json, to which the `lora` entry (`lora_entry`) is added.
+        base_quantization: how the base's frozen weights were stored in training, recorded in the entry.
+    """
     save_weights({k: v.contiguous() for k, v in lora_state.items()}, folder / ADAPTER_FILE)
     write_params(folder, dict(params, lora=lora_entry(lora, base_quantization)))
     shutil.copyfile(tokenizer_file, folder / Path(tokenizer_file).name)
@@ -196,8 +213,14 @@ def write_merged(
     params: dict,
     tokenizer_file: Path,
 ) -> None:
-    """The weights stream in one at a time, each written as it comes (`specs`: name -> dtype and shape, for the
-    file's header), so a model that fits in memory only sharded is never whole in one process."""
+    """Write the merged model into `folder`: consolidated.safetensors, params.json without `lora`, the tokenizer.
+
+    The weights stream in one at a time, each written as it comes, so a model that fits in memory only sharded is
+    never whole in one process.
+
+    Args:
+        specs: name -> dtype and shape of every tensor, for the file's header.
+    """
     write_safetensors(folder / MERGED_WEIGHTS, specs, tensors)
     write_params(folder, {k: v for k, v in params.items() if k != "lora"})
     shutil.copyfile(tokenizer_file, folder / Path(tokenizer_file).name)

@@ -26,9 +26,14 @@ _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 def write_safetensors(
     path: str | Path, specs: dict[str, TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]]
 ) -> None:
-    """Write one safetensors file holding one tensor in memory at a time: the header comes from `specs`, then each
-    tensor's bytes go to their offset as it arrives (in any order). Each tensor of `specs` must come exactly once,
-    with its dtype and shape."""
+    """Write one safetensors file holding one tensor in memory at a time.
+
+    The header comes from `specs`, then each tensor's bytes go to their offset as it arrives (in any order).
+
+    Raises:
+        ValueError: naming the file and the tensor: one not in `specs`, one that comes twice or with another dtype
+            or shape, or one of `specs` that never comes.
+    """
     header, offsets, end = {}, {}, 0
     for name, spec in specs.items():
         size = torch.Size(spec.shape).numel() * spec.dtype.itemsize
@@ -61,8 +66,13 @@ def write_safetensors(
 
 @contextmanager
 def staged_folder(out_dir: str | Path) -> Iterator[Path]:
-    """A fresh folder to write into, renamed to `out_dir` when the block ends without error: a half-written output
-    never looks finished. An existing non-empty `out_dir` is refused rather than overwritten."""
+    """A fresh folder to write into, renamed to `out_dir` when the block ends without error.
+
+    A half-written output so never looks finished.
+
+    Raises:
+        ValueError: `out_dir` exists and is not an empty folder (it is never overwritten).
+    """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not empty; choose a new output folder")

@@ -30,6 +30,7 @@ class TensorStateError(ValueError):
 
 
 def tensors_file(rank: int) -> str:
+    """The name of a rank's state file."""
     return f"tensors_rank_{rank}.safetensors"
 
 
@@ -43,7 +44,10 @@ def tensors_file_problem(path: Path) -> str | None:
 
 
 def save_tensors(path: Path, model_state: dict, optim_state: dict) -> None:
-    """This rank's part of `get_state_dict(model, optimizer)`: its shards of the weights and of AdamW's state."""
+    """Write this rank's part of `get_state_dict(model, optimizer)` to `path`, as it holds it.
+
+    That is its shards of the weights and of AdamW's state; no rank gathers the whole.
+    """
     local, shard_dims = {}, {}
     for key, value in _flatten(model_state, optim_state).items():
         shard_dims[key] = _shard_dim(value, key)
@@ -52,9 +56,17 @@ def save_tensors(path: Path, model_state: dict, optim_state: dict) -> None:
 
 
 def load_tensors(paths: list[Path], model_state: dict, optim_state: dict) -> None:
-    """Fill `model_state` and `optim_state` (from `get_state_dict` of the model and optimizer to load into, whose
-    values give each key's shape, type and sharding) from the files every rank of the saving run wrote, in rank
-    order. Every key must be there with its shape: a checkpoint of another model or LoRA setting is refused whole."""
+    """Fill `model_state` and `optim_state` from the files every rank of the saving run wrote.
+
+    Args:
+        paths: every saving rank's file, in rank order.
+        model_state, optim_state: `get_state_dict` of the model and optimizer to load into, whose values give each
+            key's shape, type and sharding.
+
+    Raises:
+        TensorStateError: a file that cannot be read, or a key missing, added or of another shape: a checkpoint of
+            another model or LoRA setting is refused whole.
+    """
     files = [_open(path) for path in paths]
     wanted = _flatten(model_state, optim_state)
     saved = files[0][0]

@@ -22,8 +22,14 @@ MAX_INT = 2**31 - 1  # beyond any step count, length or size a run can have: a t
 
 
 def refuse_secrets(raw: dict, source: str) -> None:
-    """An API key in a config would be copied into run_dir/config.yaml and the trackers' run parameters: W&B
-    reads its key from the environment instead. An empty key (mistral-finetune's `key: ""`) holds no secret."""
+    """Refuse an API key in a config's mapping; drop an empty one.
+
+    A key would be copied into run_dir/config.yaml and the trackers' run parameters: W&B reads its key from the
+    environment instead. An empty key (mistral-finetune's `key: ""`) holds no secret.
+
+    Raises:
+        ConfigError: logging.wandb.key holds a key.
+    """
     wandb = raw.get("logging", {}).get("wandb") if isinstance(raw.get("logging"), dict) else None
     if isinstance(wandb, dict) and "key" in wandb:
         if wandb["key"]:
@@ -36,6 +42,14 @@ def refuse_secrets(raw: dict, source: str) -> None:
 
 
 def config_from_dict(raw: dict, source: str = "config") -> TrainConfig:
+    """Build a checked TrainConfig from a config's mapping (read from YAML, or a run's record).
+
+    Args:
+        source: what errors name first (the config file).
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type, or values that do not go together, naming the key.
+    """
     if isinstance(raw.get("resume"), bool):  # YAML reads `resume: false` as a boolean; true means auto
         raw = dict(raw, resume="auto" if raw["resume"] else "false")
     refuse_secrets(raw, source)
@@ -144,7 +158,11 @@ def _convert(value: Any, hint: Any, key: str, source: str):
 
 
 def parse_data_sources(value: Any, key: str, source: str = "config") -> list[DataSource]:
-    """A list of {path, weight}, one path, or mistral-finetune's "a.jsonl:2,b.jsonl:1"."""
+    """Data sources from a list of {path, weight}, one path, or mistral-finetune's "a.jsonl:2,b.jsonl:1".
+
+    Raises:
+        ConfigError: naming `key`: another kind of value, an empty path, or a weight that is not > 0.
+    """
     if value is None or value == "":
         return []
     if isinstance(value, str):

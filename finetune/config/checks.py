@@ -13,6 +13,12 @@ MAX_SEQ_LEN = 2**20  # a packed batch holds seq_len tokens: a typo of a few digi
 
 
 def check_config(cfg: TrainConfig, source: str = "config") -> None:
+    """Check a built config's values against each other and against what a run can do.
+
+    Raises:
+        ConfigError: the first fault, naming `source` and the key.
+    """
+
     def require(ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(f"{source}: {message}")

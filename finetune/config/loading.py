@@ -24,7 +24,12 @@ MAX_YAML_VALUES = 100_000  # in a config or an override: a config holds a few hu
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML file, apply `key.sub=value` overrides, and return a checked TrainConfig."""
+    """Read a YAML file, apply `key.sub=value` overrides, and return a checked TrainConfig.
+
+    Raises:
+        ConfigError: naming the file (or the override at fault) and the key: no such file, not UTF-8 YAML, an
+            unknown key, a wrong value, max_steps and epochs both set.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -48,7 +53,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
 
 
 def read_yaml_mapping(path: Path) -> dict:
-    """A YAML file's top-level mapping: UTF-8 (a leading byte-order mark is fine), no key twice in one mapping."""
+    """A YAML file's top-level mapping: UTF-8 (a leading byte-order mark is fine), no key twice in one mapping.
+
+    Raises:
+        ConfigError: naming the file (and line where known): unreadable, not UTF-8, not YAML, or not a mapping.
+    """
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -76,9 +85,15 @@ def read_yaml_mapping(path: Path) -> dict:
 
 
 def load_yaml(text: str, where: str) -> Any:
-    """yaml.safe_load with a key twice in one mapping an error, and a bound on what the text stands for: aliases let
-    a few hundred bytes stand for billions of values (a "billion laughs"), which copying the value or quoting it in an
-    error would expand. A ConfigError naming `where` when there are more than MAX_YAML_VALUES."""
+    """yaml.safe_load, with a key twice in one mapping an error and a bound on what the text stands for.
+
+    Aliases let a few hundred bytes stand for billions of values (a "billion laughs"), which copying the value or
+    quoting it in an error would expand.
+
+    Raises:
+        ConfigError: naming `where`, the text stands for more than MAX_YAML_VALUES values.
+        yaml.YAMLError: not valid YAML, or a key twice in one mapping.
+    """
     value = yaml.load(text, Loader=_UniqueKeyLoader)
     count, pending = 0, [value]
     while pending:  # every value counted each time it is reached, as a copy or a message would reach it
@@ -139,7 +154,12 @@ def _blame_override(error: ConfigError, source: str, overrides: list[str]) -> Co
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """`optim.lr=3e-5` sets raw["optim"]["lr"]; the value is parsed as YAML (numbers, lists, booleans)."""
+    """Apply one override: `optim.lr=3e-5` sets raw["optim"]["lr"]; the value is parsed as YAML.
+
+    Raises:
+        ConfigError: naming the override: not key=value, a key under something that is not a section, or a value
+            that is not valid YAML.
+    """
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=3e-5)")
@@ -159,8 +179,10 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
+    """The config as plain dicts and lists, as run_dir/config.yaml records it."""
     return dataclasses.asdict(cfg)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the config as YAML, in the schema's key order."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -8,8 +8,7 @@ from finetune.config.building import parse_data_sources, shown
 from finetune.config.schema import ConfigError
 from model.settings import ALL_LINEAR, LoRAArgs
 
-# mistral-finetune's TrainArgs defaults (its finetune/args.py, finetune/data/args.py, model/args.py) where they
-# differ from tailor's. A config of its, one with `model_id_or_path` (which TrainArgs requires), means what it meant
+# mistral-finetune's TrainArgs defaults where they differ from tailor's, so that a config of its means what it meant
 # there: no evaluation unless asked, eval and checkpoint only at the end, its learning rate, warmup and LoRA size.
 MISTRAL_FINETUNE_DEFAULTS = [  # (its key, its default, tailor's keys that set the same and so win over the default)
     ("no_eval", True, ["eval.enabled"]),
@@ -32,12 +31,19 @@ def _has_key(raw: dict, dotted: str) -> bool:
 
 
 def is_mistral_finetune_config(raw: dict) -> bool:
+    """Whether a config's mapping is mistral-finetune's: it has `model_id_or_path`, which its TrainArgs requires."""
     return "model_id_or_path" in raw
 
 
 def translate_mistral_finetune_keys(raw: dict) -> dict:
     """Rewrite mistral-finetune's keys (every key of its TrainArgs) into tailor's; tailor's own keys pass through.
-    What cannot mean the same here is refused, naming the key and the reason (docs/config.md)."""
+
+    Returns:
+        A new mapping, with its own copy of each section it changes.
+
+    Raises:
+        ConfigError: a key that cannot mean the same here, naming it and the reason (docs/config.md).
+    """
     mistral_finetune = is_mistral_finetune_config(raw)
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     if mistral_finetune:

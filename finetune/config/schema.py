@@ -31,6 +31,8 @@ DEFAULT_CHUNK_SIZE = 1024
 
 @dataclass
 class ModelConfig:
+    """The `model:` section: the base model and how it is stored and run."""
+
     # required: the model folder, params.json + consolidated*.safetensors + a tokenizer file, or a Hugging Face
     # folder (mistral-finetune: `model_id_or_path`); or a hub id (`mistralai/Mistral-7B-Instruct-v0.3`, with
     # `pip install "tailor[hub]"`): downloaded once into the hub's cache, a folder of that name here winning
@@ -61,6 +63,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    """The `optim:` section: AdamW and the learning-rate schedule."""
+
     lr: float = 1e-4  # peak learning rate, reached at the end of the warmup
     min_lr: float = 0.0  # learning rate at the end of the cosine decay
     weight_decay: float = 0.1  # AdamW's, on the LoRA weights
@@ -77,6 +81,8 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
+    """The `eval:` section: when and how much to evaluate."""
+
     enabled: bool = True  # evaluate on data.eval (mistral-finetune: `no_eval`, inverted)
     # steps between evaluations; there is always one at the end, and 0 means only there (mistral-finetune:
     # `eval_freq`)
@@ -91,6 +97,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    """The `checkpoint:` section: when to save, what, and how many to keep."""
+
     enabled: bool = True  # save checkpoints (mistral-finetune: `no_ckpt`, inverted)
     # steps between checkpoints; there is always one at the end, and 0 means only there (mistral-finetune:
     # `ckpt_freq`)
@@ -104,6 +112,8 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
+    """The `logging.wandb:` section."""
+
     project: str = ""  # W&B project; empty: W&B off (mistral-finetune: `wandb.project`)
     run_name: str = ""  # W&B run name; empty: W&B picks one (mistral-finetune: `wandb.run_name`)
     offline: bool = False  # log locally, sync later (mistral-finetune: `wandb.offline`)
@@ -111,12 +121,16 @@ class WandbConfig:
 
 @dataclass
 class MlflowConfig:
+    """The `logging.mlflow:` section."""
+
     tracking_uri: str = ""  # MLflow server; empty: MLflow off (mistral-finetune: `mlflow.tracking_uri`)
     experiment_name: str = "tailor"  # MLflow experiment (mistral-finetune: `mlflow.experiment_name`)
 
 
 @dataclass
 class LoggingConfig:
+    """The `logging:` section: metrics.jsonl's frequency and the trackers."""
+
     freq: int = 1  # steps between log lines and metrics.jsonl records (mistral-finetune: `log_freq`)
     tensorboard: bool = False  # TensorBoard events in run_dir/tensorboard
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases, when installed
@@ -125,6 +139,8 @@ class LoggingConfig:
 
 @dataclass
 class TrainConfig:
+    """A whole training config: the top-level keys and every section."""
+
     run_dir: str = ""  # required: the folder of config.yaml, metrics.jsonl and checkpoints/
     model: ModelConfig = field(default_factory=ModelConfig)  # the base model
     data: DataConfig = field(default_factory=DataConfig)  # JSONL files, tokenized, packed

@@ -28,8 +28,17 @@ from finetune.data.cache_entry import CACHE_FORMAT, TokenizedFile, entry_fault
 def open_tokenized_files(
     paths: list[Path], tokenizer, train_on: str, cache_dir: str | Path, num_workers: int = 2
 ) -> list[TokenizedFile]:
-    """The cache entry of each file, tokenizing (in num_workers processes) those not cached yet, and again those whose
-    entry is damaged."""
+    """Return the cache entry of each file, tokenizing those not cached yet, and again those whose entry is damaged.
+
+    Args:
+        paths: the .jsonl files, in the order their entries are returned.
+        tokenizer: mistral-common's tokenizer (finetune/data/model_tokenizer.py's `load_tokenizer`).
+        train_on: "all" or "last": which assistant messages are trained on (data.train_on).
+        num_workers: tokenizer processes asked for; `worker_processes` keeps those that pay.
+
+    Raises:
+        OSError: a full disk while caching, naming the cache folder.
+    """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     n_words = tokenizer.instruct_tokenizer.tokenizer.n_words

@@ -52,8 +52,7 @@ from finetune.data.word_memo_file import (
 
 PART_BYTES = 8 << 20  # the most of a file one worker task takes
 PARTS_PER_WORKER = 4
-# Smaller files are tokenized in-process: a pool of 2 workers starts and stops in about the time one process takes
-# to tokenize 1.3 MB, so splitting pays from a few MB on.
+# Smaller files are tokenized in-process: starting and stopping workers would cost more than they save.
 MIN_SPLIT_BYTES = 2 << 20
 # Lines tokenized together: enough text per batched encoder call to keep every core busy, little memory.
 BATCH_LINES = 256
@@ -66,8 +65,14 @@ COLLECT_BYTES = 64 << 20
 def build_entries(
     entries: dict[Path, Path], tokenizer, train_on: str, num_workers: int, cache_dir: Path, tokenizer_digest: str
 ) -> None:
-    """Build the entry of each file in `entries` (file -> entry folder), in num_workers processes; with a SentencePiece
-    tokenizer, from the word memo file of `tokenizer_digest`, which the build's new words are added to."""
+    """Build the entry of each file, sharing the work with other ranks that build the same entries.
+
+    Args:
+        entries: each .jsonl file -> its entry folder.
+        num_workers: tokenizer processes asked for (`worker_processes` keeps those that pay).
+        tokenizer_digest: the tokenizer file's sha256; with SentencePiece, it names the word memo file the build
+            starts from and adds its new words to.
+    """
     n_words = tokenizer.instruct_tokenizer.tokenizer.n_words
     memo = word_memo(tokenizer)
     # per tokenizer file and SentencePiece version: the ids are what that pair makes of each word
@@ -87,17 +92,22 @@ def build_entries(
 
 
 def worker_processes(num_workers: int, cores: int, threaded: bool) -> int:
-    """How many of the num_workers processes asked for can pay: no more than the cores this process may use, or half
-    of them when the encoder is `threaded` (the SentencePiece memo: each process encodes a batch's new words on every
-    core), and none unless two or more, as a worker alone only adds its start. Measured on 2 cores
-    (benchmarks/RESULTS.md): 2 workers were slower than one process for SentencePiece v3, faster for Tekken."""
+    """How many of the `num_workers` processes asked for can pay (0: tokenize in this process).
+
+    No more than the `cores` this process may use, or half of them when the encoder is `threaded` (the SentencePiece
+    memo: each process encodes a batch's new words on every core), and none unless two or more, as a worker alone
+    only adds its start.
+    """
     workers = min(num_workers, cores // (2 if threaded else 1))
     return workers if workers >= 2 else 0
 
 
 def part_ranges(path: Path, num_workers: int) -> list[tuple[int, int]]:
-    """The byte ranges of a file's worker tasks, each starting at a line: the whole file when it is small or there
-    are no workers, else at least PARTS_PER_WORKER parts per worker of at most PART_BYTES."""
+    """The byte ranges of a file's worker tasks, each starting at a line.
+
+    The whole file when it is small or there are no workers, else at least PARTS_PER_WORKER parts per worker of at
+    most PART_BYTES.
+    """
     size = path.stat().st_size
     if num_workers == 0 or size < MIN_SPLIT_BYTES:
         return [(0, size)]
@@ -305,8 +315,10 @@ class _WorkerPool:
 
     @cached_property
     def num_workers(self) -> int:
-        """The worker processes to use (worker_processes), decided when a file is first built: a run that finds its
-        files cached builds no encoder."""
+        """The worker processes to use (`worker_processes`), decided when a file is first built.
+
+        Decided then because a run that finds its files cached builds no encoder.
+        """
         return worker_processes(self.asked, usable_cores(), threaded=self.memo is not None)
 
     def describe(self, tasks: int) -> str:
@@ -332,8 +344,11 @@ class _WorkerPool:
         return word_memo(self.args[0])
 
     def tokenize_ranges(self, tasks: list) -> list[int]:
-        """The lines of each (path, start, end, prefix) range, tokenized; on a terminal (disable=None), a bar over
-        the file's bytes."""
+        """Tokenize each (path, start, end, prefix) range into part files; on a terminal, a bar over the file's bytes.
+
+        Returns:
+            The number of lines in each range.
+        """
         if len(tasks) == 1 or self.num_workers == 0:
             results = (_tokenize_range(task, *self.args) for task in tasks)
         else:

@@ -37,6 +37,8 @@ OPEN_ENTRIES = 64
 
 @dataclass(frozen=True)
 class Fault:
+    """A bad line (errors.jsonl) or a usable line's warning (warnings.jsonl) of a cached file."""
+
     line: int
     kind: str
     message: str
@@ -55,18 +57,22 @@ class TokenizedFile:
     # Memory-mapped: every rank shares the same pages, and opening costs nothing however big the file.
     @property
     def tokens(self) -> np.ndarray:
+        """uint32, the tokens of all good samples, one after the other."""
         return mapped_arrays(self.entry)[0]
 
     @property
     def sample_starts(self) -> np.ndarray:
+        """int64 [n+1]: sample i is tokens[starts[i]:starts[i+1]]."""
         return mapped_arrays(self.entry)[1]
 
     @property
     def span_starts(self) -> np.ndarray:
+        """int64 [n+1]: sample i's trained spans are spans[span_starts[i]:span_starts[i+1]]."""
         return mapped_arrays(self.entry)[2]
 
     @property
     def spans(self) -> np.ndarray:
+        """(begin, end, weight) records: tokens[begin:end] of their sample have this loss weight."""
         return mapped_arrays(self.entry)[3]
 
     @functools.cached_property
@@ -78,17 +84,21 @@ class TokenizedFile:
         return len(self.lengths)
 
     def faults(self) -> list[Fault]:
+        """The bad lines, left out of the samples."""
         return read_faults(self.entry / "errors.jsonl")
 
     def warnings(self) -> list[Fault]:
+        """The warnings of usable lines."""
         return read_faults(self.entry / "warnings.jsonl")
 
 
 @functools.lru_cache(maxsize=OPEN_ENTRIES)
 def mapped_arrays(entry: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """An entry's tokens, sample_starts, span_starts and spans, mapped; an entry dropped from this cache closes its
-    maps (and descriptors) once no array of it is in use. np.asarray drops the np.memmap subclass, whose slicing is
-    several times slower."""
+    """Map an entry's tokens, sample_starts, span_starts and spans.
+
+    An entry dropped from this cache closes its maps (and descriptors) once no array of it is in use. np.asarray
+    drops the np.memmap subclass, whose slicing is several times slower.
+    """
     tokens_file = entry / "tokens.bin"
     tokens = (
         np.asarray(np.memmap(tokens_file, dtype=np.uint32, mode="r"))
@@ -104,13 +114,17 @@ META_COUNTS = ("n_lines", "n_samples", "n_tokens", "n_trained_tokens", "n_left_o
 
 
 def read_faults(path: Path) -> list[Fault]:
+    """The records of an errors.jsonl or warnings.jsonl file."""
     with open(path, encoding="utf-8") as f:
         return [Fault(**json.loads(line)) for line in f]
 
 
 def entry_fault(entry: Path, n_words: int) -> str | None:
-    """What is wrong with a cache entry, in words, or None when it is whole: meta.json's counts, the arrays' types,
-    sizes and offsets, every token id below n_words, and the fault records. Arrays are read without pickle."""
+    """Say what is wrong with a cache entry, in words; None when it is whole.
+
+    Checks meta.json's counts, the arrays' types, sizes and offsets, every token id below `n_words`, and the fault
+    records. Arrays are read without pickle; a missing or unreadable file is a fault, not an error.
+    """
     try:
         meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:

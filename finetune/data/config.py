@@ -18,6 +18,8 @@ TRAIN_ON = ("all", "last")  # also `tailor tokenize --train-on`'s choices
 
 @dataclass
 class DataSource:
+    """One source of samples and its weight."""
+
     path: str  # a .jsonl file, or a folder of them
     # this source's share of the training tokens, relative to the other sources' weights (eval reads every sample)
     weight: float = 1.0
@@ -25,6 +27,8 @@ class DataSource:
 
 @dataclass
 class DataConfig:
+    """The `data:` section of the training config."""
+
     # required: a list of {path, weight}, one path, or "a.jsonl:2,b.jsonl:1"
     # (mistral-finetune: `data.instruct_data`, `data.data`)
     train: list[DataSource] = field(default_factory=list)

@@ -22,6 +22,8 @@ OVERLONG_DONE = {"split": "split into pieces of seq_len", "truncate": "truncated
 
 @dataclass
 class SourceReport:
+    """One source's counts, as the report shows them."""
+
     split: str  # "train", "eval" or "retain"
     path: str
     files: int
@@ -40,6 +42,8 @@ class SourceReport:
 
 @dataclass
 class DataReport:
+    """What the data of a run is, per source, before step 1."""
+
     seq_len: int
     overlong: str  # data.overlong
     sources: list[SourceReport]
@@ -64,8 +68,12 @@ class DataReport:
         return out
 
     def summary(self, met: dict[str, int] | None = None) -> list[str]:
-        """The counts again, for the end of the run: what of the data was not trained as written. `met`: the train
-        loader's counts of what packing did to the overlong samples it drew (TrainLoader.counts, this rank's)."""
+        """The counts again, for the end of the run: what of the data was not trained as written.
+
+        Args:
+            met: the train loader's counts of what packing did to the overlong samples it drew (TrainLoader.counts,
+                this rank's).
+        """
         losses = [
             f"{s.split} {s.path}: {line}" for s in self.sources for line in _losses(s, self.seq_len, self.overlong)
         ]
@@ -75,7 +83,11 @@ class DataReport:
 
     @classmethod
     def from_record(cls, record: dict) -> DataReport:
-        """The report a metrics.jsonl record holds (`record`'s inverse); a KeyError or TypeError when it holds none."""
+        """The report a metrics.jsonl record holds (`record`'s inverse).
+
+        Raises:
+            KeyError, TypeError: the record holds no report.
+        """
         sources = []
         for source in record["sources"]:
             examples = [Repeat(**repeat) for repeat in source.get("repeat_examples", [])]
@@ -124,6 +136,7 @@ def _kinds(counts: dict[str, int]) -> str:
 
 
 def source_report(split: str, source: TokenizedSource, seq_len: int) -> SourceReport:
+    """Count one opened source from its cache entries' metadata (`split`: "train", "eval" or "retain")."""
     metas = [f.meta for f in source.files]
     warnings = Counter()
     for meta in metas:

@@ -29,6 +29,7 @@ GREEN, YELLOW, DIM, RESET = "\033[1;32m", "\033[33m", "\033[2m", "\033[0m"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add `tailor tokenize`'s arguments to its parser."""
     p.add_argument("file", type=Path, help="a .jsonl file of samples")
     p.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR", help="the model folder (its tokenizer)")
     p.add_argument(
@@ -48,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `tailor tokenize`.
+
+    Returns:
+        The exit code: 0, 1 when a line could not be tokenized, exit_codes.USAGE for a missing input or an output
+        that is the input.
+    """
     tokenizer = load_tokenizer(args.model)
     if not args.file.is_file():
         print(f"error: {args.file}: {what_it_is(args.file)}", file=sys.stderr)
@@ -112,7 +119,12 @@ def write_records(records: Iterator[dict], out: TextIO) -> int:
 
 
 def render_sample(tokens: list[int], weights: list[float], tokenizer, color: bool) -> str:
-    """The decoded sample; trained spans in colour, or between « » with their weight when not 1."""
+    """The decoded sample; trained spans in colour, or between « » with their weight when not 1.
+
+    Args:
+        weights: each token's loss weight.
+        color: ANSI colours (for a terminal) rather than « » marks.
+    """
     raw = tokenizer.instruct_tokenizer.tokenizer
     runs = []  # (text, weight, is_control)
     text_tokens: list[int] = []

@@ -40,16 +40,21 @@ PAIRED = {
 
 @dataclass
 class Repeat:
+    """One sample that repeats an earlier train sample, of one of TRAIN_KINDS or EVAL_KINDS."""
+
     kind: str
     where: str  # FILE:LINE of the sample
     first: str  # FILE:LINE of the train sample it repeats
 
     def line(self) -> str:
+        """The warning as printed: `FILE:LINE: warning: ...`."""
         return f"{self.where}: warning: {PAIRED[self.kind].format(first=self.first)}"
 
 
 @dataclass
 class SourceRepeats:
+    """The repeats found in one source: their counts per kind and the first few of each."""
+
     split: str  # "train" or "eval"
     source: str  # the source's path, as configured
     counts: dict[str, int] = field(default_factory=dict)  # kind -> samples, for the kinds found
@@ -114,9 +119,13 @@ class _Samples:
         return f"{self.path(i)}:{self.line[i]}"
 
     def distinct(self, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A hash column's distinct hashes (sorted), the index of each one's first sample, and each sample's hash as
-        an index into them: np.unique's, from one unstable sort (a stable one, which np.unique needs for the first
-        indices, takes several times longer on millions of hashes), computed once for all the lookups."""
+        """np.unique of a hash column, with its first indices and inverse, computed once for all the lookups.
+
+        Returns:
+            The distinct hashes (sorted), the index of each one's first sample, and each sample's hash as an index
+            into them. Made from one unstable sort: a stable one, which np.unique needs for the first indices, takes
+            several times longer on millions of hashes.
+        """
         if column not in self.sorted:
             hashes = self.hashes[column]
             order = np.argsort(hashes)

@@ -10,7 +10,13 @@ from finetune import exit_codes
 
 
 class SampleFault(ValueError):
-    """One sample (one line) is unusable. `kind` names the fault for counting; `message` says it in words."""
+    """One sample (one line) is unusable.
+
+    Args:
+        kind: names the fault, for counting.
+        message: says it in words.
+        fixable: `tailor validate --fix` can repair it safely.
+    """
 
     def __init__(self, kind: str, message: str, fixable: bool = False):
         super().__init__(message)
@@ -19,17 +25,21 @@ class SampleFault(ValueError):
         self.fixable = fixable  # `tailor validate --fix` can repair it safely
 
     def kept(self) -> SampleFault:
-        """This fault, to keep as a line's result: without its traceback and the exception it was raised from, whose
-        frames would hold the whole batch of lines in a reference cycle that only the cyclic garbage collector frees
-        (and a build pauses the collector)."""
+        """Return this fault without its traceback and the exception it was raised from, to keep as a line's result.
+
+        Their frames would hold the whole batch of lines in a reference cycle that only the cyclic garbage collector
+        frees (and a build pauses the collector).
+        """
         self.__traceback__ = self.__context__ = self.__cause__ = None
         return self
 
 
 class SampleWarning(NamedTuple):
-    """A line that is used, but perhaps not as its author meant (a duplicate key, two assistant turns in a row):
-    shown with FILE:LINE by `tailor validate` and counted, never an error. `nothing_to_train` also leaves the
-    sample out of training (LEFT_OUT)."""
+    """A line that is used, but perhaps not as its author meant (a duplicate key, two assistant turns in a row).
+
+    Shown with FILE:LINE by `tailor validate` and counted, never an error. `nothing_to_train` also leaves the sample
+    out of training (LEFT_OUT).
+    """
 
     kind: str
     message: str
@@ -51,7 +61,9 @@ class DataError(ValueError):
 
 class DataFaults(DataError):
     """The data has faults: a bad line while `data.on_bad_sample` is `error`, or a source with too few usable samples.
-    What `tailor validate` reports with exit code 1, and training refuses with the same code."""
+
+    What `tailor validate` reports with exit code 1, and training refuses with the same code.
+    """
 
     exit_code = exit_codes.DATA_FAULTS
 

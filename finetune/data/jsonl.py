@@ -52,9 +52,16 @@ def read_lines(path: str | Path, start: int = 0, end: int | None = None) -> Iter
 
 
 def parse_line(raw: bytes, warnings: list[SampleWarning] | None = None) -> Any:
-    """The JSON value of one line; SampleFault if the line is not one clean UTF-8 JSON value of text a tokenizer
-    can read. A key repeated in one object (JSON keeps the last) and NaN or Infinity (which the JSON standard does
-    not have) are appended to `warnings`."""
+    """Parse one line's JSON value.
+
+    Args:
+        raw: the line's bytes, with or without its newline.
+        warnings: where a key repeated in one object (JSON keeps the last) and NaN or Infinity (which the JSON
+            standard does not have) are appended.
+
+    Raises:
+        SampleFault: the line is not one clean UTF-8 JSON value of text a tokenizer can read.
+    """
     line = raw.rstrip(b"\r\n")
     if line.startswith(BOM):
         raise SampleFault(

@@ -35,7 +35,14 @@ def epoch_order(n: int, seed: int, source_index: int, rank: int, world_size: int
 
 
 class TrainLoader:
-    """Endless iterator of Batch for one rank; see the module docstring for the order."""
+    """Endless iterator of Batch for one rank; see the module docstring for the order.
+
+    Args:
+        bad_samples: the sources' bad lines skipped, by kind, for `report`.
+        overlong: data.overlong: "split", "truncate" or "drop".
+        seed: with the rank and the sequence's index, draws each sequence's source; with the source and the epoch,
+            shuffles its samples.
+    """
 
     def __init__(
         self,
@@ -75,6 +82,7 @@ class TrainLoader:
         return self.sources[k], pack_sequence(self.feeds[k], self.sources[k], self.seq_len, self.overlong, self.counts)
 
     def state_dict(self) -> dict:
+        """The position in the data: a few integers, from which a loader continues with exactly the next batch."""
         return {
             "sequences": self.sequences,
             "counts": dict(self.counts),
@@ -82,6 +90,12 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict`.
+
+        Raises:
+            ValueError: the state has another number of sources than data.train.
+            DataError: the saved position is past what this rank reads of a source now: the source changed.
+        """
         if len(state["feeds"]) != len(self.feeds):
             raise ValueError(
                 f"the saved data position has {len(state['feeds'])} sources but data.train has "
@@ -101,8 +115,12 @@ class TrainLoader:
                 )
 
     def report(self) -> dict:
-        """What this rank's data looked like: bad samples skipped (whole files, the same on every rank),
-        overlong samples met so far, and the epochs begun in each source."""
+        """What this rank's data looked like so far.
+
+        Returns:
+            Bad samples skipped (whole files, the same on every rank), overlong samples met so far, and the epochs
+            begun in each source.
+        """
         return {
             "skipped_bad_samples": dict(self.bad_samples),
             "overlong": dict(self.counts),
@@ -113,7 +131,13 @@ class TrainLoader:
 def build_train_loader(
     data: RunData, *, seq_len: int, batch_size: int, rank: int, world_size: int, seed: int
 ) -> TrainLoader:
-    """This rank's endless batches of data.train; DataFaults or DataError where the sources cannot feed them."""
+    """This rank's endless batches of data.train.
+
+    Raises:
+        DataFaults: a bad line while data.on_bad_sample is "error", a source's share of bad lines above
+            data.max_bad_fraction (TooManyBadLines), a source with no usable sample or fewer than `world_size`.
+        DataError: every sample of a source (that this rank reads) is overlong and data.overlong is "drop".
+    """
     cfg, sources = data.config, data.train
     bad = check_bad_samples(sources, cfg.on_bad_sample)
     check_bad_shares(sources, cfg.max_bad_fraction)
@@ -147,7 +171,14 @@ def build_train_loader(
 def build_eval_batches(
     data: RunData, *, seq_len: int, batch_size: int, rank: int, world_size: int, group: str = "eval"
 ) -> list[Batch]:
-    """This rank's batches of data.eval, or of data.retain with `group="retain"`."""
+    """This rank's batches of data.eval, or of data.retain with `group="retain"`.
+
+    Every rank gets the same number of batches, padded with batches of weight 0.
+
+    Raises:
+        DataFaults: a bad line while data.on_bad_sample is "error", a source's share of bad lines above
+            data.max_bad_fraction (TooManyBadLines), or a source with no usable sample.
+    """
     cfg, sources = data.config, getattr(data, group)
     check_bad_samples(sources, cfg.on_bad_sample)
     check_bad_shares(sources, cfg.max_bad_fraction)

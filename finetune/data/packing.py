@@ -29,7 +29,9 @@ LOOKAHEAD = 64  # how far ahead of the next document packing may look for one th
 @dataclass
 class Batch:
     """One micro-batch: batch_size sequences of seq_len predictions, end to end (fixed shapes for compile).
-    Document boundaries are in seqlens: attention stays inside a document and positions restart in each."""
+
+    Document boundaries are in seqlens: attention stays inside a document and positions restart in each.
+    """
 
     tokens: torch.Tensor  # int64 [batch_size * seq_len], the inputs
     targets: torch.Tensor  # int64 [batch_size * seq_len]
@@ -90,6 +92,7 @@ class DocumentFeed:
         return positions, docs[positions]
 
     def take(self, position: int) -> None:
+        """Mark the document at `position` packed; the feed moves past it once every earlier one is."""
         if position != self.position:
             self.taken.add(position)
             return
@@ -102,19 +105,26 @@ class DocumentFeed:
             self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
+        """The feed's position: epoch, position, offset into a split document, positions taken early."""
         return {"epoch": self.epoch, "position": self.position, "offset": self.offset, "taken": sorted(self.taken)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict`."""
         self.epoch, self.position, self.offset = state["epoch"], state["position"], state["offset"]
         self.taken = set(state["taken"])
 
 
 class DocumentStore(Protocol):
-    def predictions(self, docs: int | np.ndarray) -> int | np.ndarray: ...  # tokens - 1 of a document, or of each
+    """What packing reads documents from (finetune/data/sources.py's TokenizedSource)."""
 
-    def is_trained(self, doc: int, begin: int, end: int) -> bool: ...  # any weight > 0 among targets [begin, end)
+    def predictions(self, docs: int | np.ndarray) -> int | np.ndarray:
+        """Tokens - 1 of a document, or of each."""
 
-    def write(self, piece: Piece, tokens: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> None: ...
+    def is_trained(self, doc: int, begin: int, end: int) -> bool:
+        """Whether any of targets [begin, end) of document `doc` has a weight > 0."""
+
+    def write(self, piece: Piece, tokens: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> None:
+        """Write a piece's inputs, targets and loss weights into the given slices of a batch."""
 
 
 def pack_sequence(
@@ -124,6 +134,10 @@ def pack_sequence(
 
     Documents go in feed order; when the next one does not fit the room left, a later one (at most
     LOOKAHEAD places ahead) that fits goes first, which keeps padding to a few percent.
+
+    Args:
+        overlong: data.overlong: "split", "truncate" or "drop" a document longer than `seq_len`.
+        counts: where each overlong case is counted, by kind.
     """
     pieces: list[Piece] = []
     room = seq_len
@@ -142,9 +156,9 @@ def _next_piece(
     """Take from the feed the first piece that fits in `room`; None if nothing fits.
 
     The next document usually fits. When it does not, the documents of the look-ahead are judged together in a few
-    numpy operations (a Python loop over them was most of packing's time at seq_len 2048): the first that fits, or
-    that needs handling where it stands (an overlong one to drop, or to split at the head of a fresh sequence), is
-    the one taken."""
+    numpy operations: the first that fits, or that needs handling where it stands (an overlong one to drop, or to
+    split at the head of a fresh sequence), is the one taken.
+    """
     while True:
         head = feed.head()
         if head is None:

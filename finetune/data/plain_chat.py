@@ -30,8 +30,10 @@ WeightSpan = tuple[int, int, float]  # tokens[begin:end] have this loss weight; 
 
 
 def is_plain_chat(sample: dict) -> bool:
-    """A checked conversation of system, user and assistant text only: no tools, tool calls or tool messages.
-    (check_sample has checked that every content of such a conversation is a string that is not blank.)"""
+    """Whether a checked conversation is system, user and assistant text only: no tools, tool calls or tool messages.
+
+    (check_sample has checked that every content of such a conversation is a string that is not blank.)
+    """
     return not sample.get("tools") and all(m["role"] != "tool" and not m.get("tool_calls") for m in sample["messages"])
 
 
@@ -50,7 +52,13 @@ class PlainChatTemplate:
     v1: `[INST] text [/INST]` as text, the system prompt before the first user message; v2 and v3: [INST] and
     [/INST] control tokens, the system prompt before the last user message; v7: each system message in place,
     between [SYSTEM_PROMPT] and [/SYSTEM_PROMPT]. An assistant message is its text (from v2 with trailing spaces
-    removed), then EOS."""
+    removed), then EOS.
+
+    Args:
+        version: "v1", "v2", "v3" or "v7".
+        instruct: mistral-common's instruct tokenizer.
+        normalizer: its request normaliser, whose join string is copied.
+    """
 
     def __init__(self, version: str, instruct, normalizer):
         raw = instruct.tokenizer
@@ -65,18 +73,25 @@ class PlainChatTemplate:
 
     @classmethod
     def for_tokenizer(cls, instruct, normalizer) -> PlainChatTemplate | None:
-        """The template for this instruct tokenizer, or None when its class or its normaliser is not exactly one
-        written out here (a subclass may change the template)."""
+        """The template for this instruct tokenizer, or None when it has none written out here.
+
+        None when its class or its normaliser is not exactly one written out here (a subclass may change the
+        template).
+        """
         version, normalizer_class = _PLAIN_CHAT_VERSIONS.get(type(instruct), (None, None))
         if version is None or type(normalizer) is not normalizer_class or normalizer._model_settings_builder:
             return None
         return cls(version, instruct, normalizer)
 
     def merge(self, messages: list[dict]) -> tuple[list[tuple[str, str, float | None]], str | None]:
-        """The (role, text, weight) turns and the system prompt that mistral-common's normaliser makes of these
-        messages: consecutive messages of one role (for the assistant, of one weight too) join into one turn;
-        system messages stay in place (v7) or join into one system prompt, still ending the run of turns
-        they interrupt."""
+        """Merge messages into turns as mistral-common's normaliser does.
+
+        Consecutive messages of one role (for the assistant, of one weight too) join into one turn; system messages
+        stay in place (v7) or join into one system prompt, still ending the run of turns they interrupt.
+
+        Returns:
+            The (role, text, weight) turns, and the system prompt (None when there is none).
+        """
         turns: list[tuple[str, list[str], float | None]] = []
         system_texts: list[str] = []
         previous = None
@@ -118,8 +133,10 @@ class PlainChatTemplate:
         return [text for _, text, _ in self._turn_texts(messages)]
 
     def encode(self, messages: list[dict], train_on: str) -> tuple[array, list[WeightSpan]]:
-        """Tokens (PACKED ids) and trained spans of a plain chat (`is_plain_chat`), as
-        `encode_chat_with_mistral_common` gives."""
+        """Tokens (PACKED ids) and trained spans of a plain chat (`is_plain_chat`), as mistral-common gives them.
+
+        The same as `encode_chat_with_mistral_common`'s.
+        """
         turns = self._turn_texts(messages)
         last_assistant = max(i for i, (role, _, _) in enumerate(turns) if role == "assistant")
         text_ids = self.encode_text.packed
@@ -146,9 +163,8 @@ class PlainChatTemplate:
         return tokens, spans
 
 
-# Conversations a plain-chat template must encode as mistral-common does before it is used: system prompts (one,
-# two, between user messages), consecutive messages merged or not (by weight), several turns, weights 0, 0.5, 1,
-# spaces at both ends, runs of spaces, tabs and newlines, unicode spaces, and control tokens' text.
+# Conversations a plain-chat template must encode as mistral-common does before it is used: the cases where the
+# template could differ (system prompts, merging by weight, weights 0 to 1, every kind of space, control tokens' text).
 PROBE_CHATS = [
     {
         "messages": [

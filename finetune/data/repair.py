@@ -21,7 +21,14 @@ _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
 def repair_sample(sample: Any, salt: str) -> tuple[Any, list[str]]:
-    """The repaired sample and a list of what was changed (empty: nothing to repair)."""
+    """Repair a sample without changing what it means.
+
+    Args:
+        salt: what the generated ids derive from (the line's text, so that --fix twice writes the same file).
+
+    Returns:
+        The repaired copy and a list of what was changed (empty: nothing to repair).
+    """
     if not isinstance(sample, dict) or not isinstance(sample.get("messages"), list):
         return sample, []
     sample = copy.deepcopy(sample)

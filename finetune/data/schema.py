@@ -22,7 +22,11 @@ FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
 def check_sample(sample: Any) -> None:
-    """Raise SampleFault for the first fault of `sample` (a parsed JSON line); return None if it is usable."""
+    """Check that `sample` (a parsed JSON line) is a usable pretrain or instruct sample.
+
+    Raises:
+        SampleFault: its first fault, in words a user can act on.
+    """
     if not isinstance(sample, dict):
         raise SampleFault("not_an_object", f"expected a JSON object per line, got {_json_type(sample)}")
     has_text, has_messages = "text" in sample, "messages" in sample
@@ -62,8 +66,10 @@ def _did_you_mean(key: str, known: set[str]) -> str:
 
 
 def sample_warnings(sample: dict) -> list[SampleWarning]:
-    """What a checked (usable) sample says that its author may not have meant: each is used as mistral-common
-    reads it, and shown so that a careful user can look before spending GPU hours."""
+    """What a checked (usable) sample says that its author may not have meant.
+
+    Each is used as mistral-common reads it, and shown so that a careful user can look before spending GPU hours.
+    """
     warnings = []
 
     def warn(kind: str, message: str) -> None:

@@ -21,8 +21,12 @@ if TYPE_CHECKING:  # packing imports torch, which reading sources (`tailor valid
 
 
 def source_files(source: DataSource) -> list[Path]:
-    """The .jsonl files of a source: the file itself, or those under the folder (recursively, sorted). Anything else
-    there by a .jsonl name (a FIFO, a device, a broken link) is refused, named: reading it could block for ever."""
+    """The .jsonl files of a source: the file itself, or those under the folder (recursively, sorted).
+
+    Raises:
+        DataError: the path is neither a file nor a folder, the folder has no .jsonl file, or holds something else
+            by a .jsonl name (a FIFO, a device, a broken link), which reading could block on for ever.
+    """
     path = Path(source.path).expanduser()
     if path.is_file():
         return [path]
@@ -57,8 +61,16 @@ def what_it_is(path: Path) -> str:
 
 
 def check_holds_none_of(source: DataSource, folders: dict[str, Path]) -> None:
-    """A folder source must not hold the folders tailor writes .jsonl files into (run_dir: metrics.jsonl;
-    data.cache_dir: errors.jsonl, warnings.jsonl), or the next run reads them as data. `folders`: {key: folder}."""
+    """Check that a folder source holds none of the folders tailor writes .jsonl files into.
+
+    Else the next run reads them as data (run_dir: metrics.jsonl; data.cache_dir: errors.jsonl, warnings.jsonl).
+
+    Args:
+        folders: {config key: folder}, the key named in the error.
+
+    Raises:
+        DataError: the source's folder holds one of `folders`.
+    """
     path = Path(source.path).expanduser()
     if not path.is_dir():
         return
@@ -86,9 +98,11 @@ class TokenizedSource:
         return len(self.lengths)
 
     def faults(self) -> list[tuple[TokenizedFile, Fault]]:
+        """The bad lines of every file, with their file."""
         return [(f, fault) for f in self.files for fault in f.faults()]
 
     def fault_counts(self) -> Counter:
+        """The bad lines, by kind."""
         return Counter({kind: n for f in self.files for kind, n in f.meta["errors_by_kind"].items()})
 
     def _locate(self, doc: int) -> tuple[TokenizedFile, int]:
@@ -96,15 +110,18 @@ class TokenizedSource:
         return self.files[k], doc - self.first_doc[k]
 
     def predictions(self, docs: int | np.ndarray) -> int | np.ndarray:
+        """Tokens - 1 of a document, or of each."""
         return self.lengths[docs] - 1
 
     def is_trained(self, doc: int, begin: int, end: int) -> bool:
+        """Whether any of targets [begin, end) of document `doc` has a weight > 0."""
         file, i = self._locate(doc)
         spans = file.spans[file.span_starts[i] : file.span_starts[i + 1]]
         # target j is token j + 1: targets [begin, end) are tokens [begin + 1, end + 1)
         return bool(np.any((spans["begin"] < end + 1) & (spans["end"] > begin + 1) & (spans["weight"] > 0)))
 
     def write(self, piece: Piece, tokens: np.ndarray, targets: np.ndarray, weights: np.ndarray) -> None:
+        """Write a piece's inputs, targets and loss weights into the given slices of a batch."""
         file, i = self._locate(piece.doc)
         start = int(file.sample_starts[i])
         window = file.tokens[start + piece.begin : start + piece.end + 1]
@@ -120,7 +137,11 @@ class TokenizedSource:
 def open_sources(
     sources: list[DataSource], tokenizer, train_on: str, cache_dir: str | Path, num_workers: int
 ) -> list[TokenizedSource]:
-    """Tokenize (or find in the cache) every file of every source."""
+    """Tokenize (or find in the cache) every file of every source.
+
+    Raises:
+        DataError: a source's path is not a file or a folder of .jsonl files.
+    """
     files_per_source = [source_files(s) for s in sources]
     all_files = list(dict.fromkeys(f for files in files_per_source for f in files))
     opened = dict(zip(all_files, open_tokenized_files(all_files, tokenizer, train_on, cache_dir, num_workers)))
@@ -131,8 +152,10 @@ def open_sources(
 
 @dataclass
 class RunData:
-    """A run's data, opened once from the tokenized cache: what its report, its train loader and its eval and retain
-    batches all read."""
+    """A run's data, opened once from the tokenized cache.
+
+    What its report, its train loader and its eval and retain batches all read.
+    """
 
     config: DataConfig
     train: list[TokenizedSource]
@@ -141,7 +164,11 @@ class RunData:
 
 
 def open_run_data(cfg: DataConfig, tokenizer, *, cache_dir: str | Path, with_eval: bool = True) -> RunData:
-    """data.train and, `with_eval`, data.eval and data.retain: each file tokenized, or found in the cache."""
+    """Open data.train and, `with_eval`, data.eval and data.retain: each file tokenized, or found in the cache.
+
+    Raises:
+        DataError: a source's path is not a file or a folder of .jsonl files.
+    """
 
     def opened(sources: list[DataSource]) -> list[TokenizedSource]:
         return open_sources(sources, tokenizer, cfg.train_on, cache_dir, cfg.num_workers)
@@ -151,7 +178,11 @@ def open_run_data(cfg: DataConfig, tokenizer, *, cache_dir: str | Path, with_eva
 
 
 def check_bad_samples(sources: list[TokenizedSource], on_bad_sample: str) -> Counter:
-    """With on_bad_sample "error", raise DataFaults naming the first bad line; else count them by kind."""
+    """Count the sources' bad lines by kind.
+
+    Raises:
+        DataFaults: `on_bad_sample` is "error" and a line is bad, naming the first.
+    """
     counts = sum((s.fault_counts() for s in sources), Counter())
     if on_bad_sample == "error" and counts:
         for source in sources:
@@ -166,8 +197,11 @@ def check_bad_samples(sources: list[TokenizedSource], on_bad_sample: str) -> Cou
 
 
 def bad_shares_above(sources: list[TokenizedSource], max_bad_fraction: float) -> list[str]:
-    """A line for each source whose share of bad lines is above max_bad_fraction (data.on_bad_sample: skip leaves
-    them out, but a source that is mostly faults is likely not the data its user meant)."""
+    """A line for each source whose share of bad lines is above max_bad_fraction.
+
+    data.on_bad_sample: skip leaves bad lines out, but a source that is mostly faults is likely not the data its user
+    meant.
+    """
     refused = []
     for source in sources:
         lines = sum(f.meta["n_lines"] for f in source.files)

@@ -51,6 +51,7 @@ class TekkenizerVocabOnUse(Tekkenizer):
         return [Tekkenizer.id_to_piece(self, i) for i in range(self.n_words)]
 
     def id_to_piece(self, token_id: int) -> str:
+        """The token's string; an empty placeholder while Tekkenizer.__init__ fills its list."""
         return "" if self._loading else super().id_to_piece(token_id)
 
 

@@ -50,20 +50,25 @@ assert array(PACKED).itemsize == 4
 
 
 def pack(ids: Iterable[int]) -> bytes:
+    """Ids as PACKED (uint32) bytes."""
     return array(PACKED, ids).tobytes()
 
 
 class TextEncoder:
-    """text -> ids, equal to the tokenizer's `encode(text, bos=False, eos=False)`, as a list (for mistral-common's
-    templates) or `packed` (for the plain-chat template, which appends them to the sample's array of PACKED ids)."""
+    """text -> ids, equal to the tokenizer's `encode(text, bos=False, eos=False)`.
+
+    As a list (for mistral-common's templates) or `packed` (for the plain-chat template, which appends them to the
+    sample's array of PACKED ids).
+    """
 
     def prepare(self, texts: list[str]) -> None:
-        """The texts of a batch of lines, that `__call__` or `packed` will be asked for one by one next."""
+        """Take the texts of a batch of lines, which `__call__` or `packed` will be asked for one by one next."""
 
     def __call__(self, text: str) -> list[int]:
         raise NotImplementedError
 
     def packed(self, text: str) -> bytes:
+        """The ids of `text` as PACKED bytes."""
         return pack(self(text))
 
 
@@ -78,8 +83,14 @@ class StockEncoder(TextEncoder):
 
 
 class WordMemoSentencePiece(TextEncoder):
-    """`encode(text)` of a SentencePiece model, word by word through a bounded memo of each word's packed ids: a text's
-    ids are one `bytes.join` of its words' (a third faster than chaining lists of ints, and no int object per token)."""
+    """`encode(text)` of a SentencePiece model, word by word through a bounded memo of each word's packed ids.
+
+    A text's ids are one `bytes.join` of its words' (faster than chaining lists of ints, and no int object per token).
+
+    Args:
+        processor: the SentencePiece processor (`SentencePieceTokenizer._model`).
+        threads: for `prepare`'s batched calls.
+    """
 
     # About 30 MB per process when full (200,000 words of 3.5 ids on average). Once full, new words
     # are encoded but not remembered: in text, frequent words come early, so the memo then holds the words that matter.
@@ -114,8 +125,10 @@ class WordMemoSentencePiece(TextEncoder):
         return keys
 
     def prepare(self, texts: list[str]) -> None:
-        """Learn the words of these texts that the memo does not know yet, in one batched call: SentencePiece
-        encodes a list in C++ threads. Each word is encoded alone, as a miss in `packed` would be."""
+        """Learn the words of these texts that the memo does not know yet, in one batched call.
+
+        SentencePiece encodes a list in C++ threads. Each word is encoded alone, as a miss in `packed` would be.
+        """
         splits = list(map(self._words, texts))
         # the texts' words, kept for `packed` (this batch's only), which then need not split the texts again
         self._split = dict(zip(texts, splits))
@@ -137,6 +150,7 @@ class WordMemoSentencePiece(TextEncoder):
         return array(PACKED, self.packed(text)).tolist()
 
     def packed(self, text: str) -> bytes:
+        """The ids of `text` as PACKED bytes, from the memo; a word it lacks is encoded, kept while there is room."""
         keys = self._split.pop(text, False)
         if keys is False:
             keys = self._words(text)
@@ -253,8 +267,13 @@ def usable_cores() -> int:
 
 
 def fast_text_encoder(raw: Any, threads: int = 1) -> TextEncoder:
-    """The fastest TextEncoder of this tokenizer that is exact; told a batch's texts first (`prepare`), it encodes
-    them in `threads` threads (SentencePiece: the memo's new words)."""
+    """The fastest TextEncoder of this tokenizer that is exact.
+
+    Args:
+        raw: mistral-common's raw tokenizer (SentencePiece or Tekken).
+        threads: told a batch's texts first (`prepare`), the encoder encodes them in this many threads
+            (SentencePiece: the memo's new words).
+    """
     if isinstance(raw, SentencePieceTokenizer) and word_memo_is_exact(raw):
         return WordMemoSentencePiece(raw._model, threads)
     if isinstance(raw, Tekkenizer) and not raw._model._special_tokens:

@@ -44,6 +44,8 @@ from finetune.data.text_encoders import PACKED, WordMemoSentencePiece, usable_co
 
 @dataclass
 class TokenizedSample:
+    """A sample's tokens and the loss weight of each."""
+
     tokens: list[int]
     weights: list[float]  # weights[i]: how much predicting tokens[i] from tokens[:i] counts; weights[0] == 0
 
@@ -53,9 +55,16 @@ Tokenized = tuple[Tokens, list[WeightSpan], list[SampleWarning]]
 
 
 def tokenize_line(raw: bytes, tokenizer: MistralTokenizer, train_on: str = "all") -> Tokenized:
-    """One line of a .jsonl file -> its tokens, trained spans and warnings; SampleFault when it is unusable.
+    """One line of a .jsonl file -> its tokens, trained spans and warnings.
 
-    No spans means nothing to train: the NOTHING_TO_TRAIN warning says so, and the sample is left out."""
+    No spans means nothing to train: the NOTHING_TO_TRAIN warning says so, and the sample is left out.
+
+    Args:
+        train_on: "all" trains every assistant message (times its "weight"), "last" only the last one.
+
+    Raises:
+        SampleFault: the line is unusable.
+    """
     warnings: list[SampleWarning] = []
     sample = parse_line(raw, warnings)
     check_sample(sample)
@@ -76,10 +85,18 @@ def tokenize_lines(
     train_on: str = "all",
     fingerprints: list[tuple[int, int] | None] | None = None,
 ) -> list[Tokenized | SampleFault]:
-    """tokenize_line of each line (its SampleFault in its place when unusable), the same results; the text encoder
-    is first told every text that the lines' chat templates will encode, so that it encodes them in one batched
-    call, on every core. `fingerprints`, when given, gets each line's sample_fingerprint (None for a fault), from
-    the sample parsed here: the cache finds repeated samples without parsing a line twice."""
+    """`tokenize_line` of each line, the same results, with the texts of all the lines encoded in one batched call.
+
+    The text encoder is first told every text that the lines' chat templates will encode, so that it encodes them
+    in one call, on every core.
+
+    Args:
+        fingerprints: gets each line's sample_fingerprint (None for a fault), from the sample parsed here: the
+            cache finds repeated samples without parsing a line twice.
+
+    Returns:
+        Each line's result, or its SampleFault in its place when it is unusable.
+    """
     encoder = _sample_encoder(tokenizer)
     checked: list = []
     for raw in raws:
@@ -111,9 +128,13 @@ def tokenize_lines(
 
 
 def tokenize_sample(sample: dict, tokenizer: MistralTokenizer, train_on: str = "all") -> TokenizedSample:
-    """Tokens and per-token loss weights of one sample; raises SampleFault for a bad sample.
+    """Tokens and per-token loss weights of one sample.
 
-    train_on: "all" trains every assistant message (times its "weight"), "last" only the last one.
+    Args:
+        train_on: "all" trains every assistant message (times its "weight"), "last" only the last one.
+
+    Raises:
+        SampleFault: the sample is unusable.
     """
     tokens, spans = tokenize_sample_spans(sample, tokenizer, train_on)
     return TokenizedSample(tokens.tolist(), span_weights(len(tokens), spans))
@@ -130,7 +151,11 @@ def span_weights(n_tokens: int, spans: list[WeightSpan]) -> list[float]:
 def tokenize_sample_spans(
     sample: dict, tokenizer: MistralTokenizer, train_on: str = "all"
 ) -> tuple[Tokens, list[WeightSpan]]:
-    """tokenize_sample with the weights as spans, which is what the cache stores (no per-token work)."""
+    """`tokenize_sample` with the weights as spans, which is what the cache stores (no per-token work).
+
+    Raises:
+        SampleFault: the sample is unusable.
+    """
     check_sample(sample)
     return _sample_encoder(tokenizer).encode(sample, train_on)
 
@@ -177,8 +202,10 @@ class _SampleEncoder:
             ) from None
 
     def texts(self, sample: dict) -> list[str]:
-        """The texts that `encode` will ask the text encoder for, as far as it can tell them ahead (mistral-common's
-        templates may change a text: those are encoded when asked for)."""
+        """The texts that `encode` will ask the text encoder for, as far as it can tell them ahead.
+
+        mistral-common's templates may change a text: those are encoded when asked for.
+        """
         if "text" in sample:
             return [sample["text"]]
         if self.plain_chat is not None and is_plain_chat(sample):
@@ -197,6 +224,12 @@ class _SampleEncoder:
             return False
 
     def encode_chat_with_mistral_common(self, sample: dict, train_on: str) -> tuple[list[int], list[WeightSpan]]:
+        """The tokens and trained spans of a checked chat, through mistral-common's normaliser and templates.
+
+        Raises:
+            SampleFault: a tool call the tokenizer has no format for. Whatever mistral-common raises comes through
+                as it is (`encode` makes it a SampleFault).
+        """
         request = ChatCompletionRequest(messages=self._messages(sample), tools=self._tools(sample))
         instruct_request = self.normalizer.from_chat_completion_request(request)
         messages = instruct_request.messages
@@ -294,7 +327,7 @@ def word_memo(tokenizer: MistralTokenizer) -> WordMemoSentencePiece | None:
 
 
 def set_encoder_threads(tokenizer: MistralTokenizer, threads: int) -> None:
-    """How many threads this process's text encoder uses for a batch of lines (worker processes share the cores)."""
+    """Set how many threads this process's text encoder uses for a batch of lines (worker processes share the cores)."""
     text_encoder = _sample_encoder(tokenizer).text_encoder
     if hasattr(text_encoder, "threads"):
         text_encoder.threads = threads

@@ -24,8 +24,11 @@ from finetune.data.tokenize import tokenize_sample_spans
 
 
 def print_bad_shares_training_refuses(sources: list[TokenizedSource], max_bad_fraction: float, out: TextIO) -> None:
-    """Sources whose share of bad lines is above data.max_bad_fraction: training stops on them before its first step
-    (exit 1, as validation's for their faults); --fix writes them without bad lines."""
+    """Print the sources whose share of bad lines is above data.max_bad_fraction.
+
+    Training stops on them before its first step (exit 1, as validation's for their faults); --fix writes them
+    without bad lines.
+    """
     refused = bad_shares_above(sources, max_bad_fraction)
     for line in refused:
         print(f"{line}: training refuses this source", file=out)
@@ -34,9 +37,11 @@ def print_bad_shares_training_refuses(sources: list[TokenizedSource], max_bad_fr
 
 
 def print_repeats(train: list[TokenizedSource], eval_: list[TokenizedSource], max_per_kind: int, out: TextIO) -> None:
-    """Train samples that repeat an earlier one and eval samples that train has (finetune/data/duplicates.py), each
-    as `FILE:LINE: warning: ...` naming the one it repeats (the first max_per_kind of each kind per source), then
-    the counts per source. Warnings: they leave the exit status as is."""
+    """Print train samples that repeat an earlier one and eval samples that train has, then the counts per source.
+
+    Each as `FILE:LINE: warning: ...` naming the one it repeats (finetune/data/duplicates.py), the first
+    `max_per_kind` of each kind per source. Warnings: they leave the exit status as is.
+    """
     found = [source for source in find_repeats(train, eval_, max_per_kind) if source.counts]
     for source in found:
         for repeat in source.examples:
@@ -56,7 +61,14 @@ def print_repeats(train: list[TokenizedSource], eval_: list[TokenizedSource], ma
 
 
 def print_faults(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextIO, fixing: bool = False) -> Counter:
-    """Each bad line (at most max_per_kind per kind) and the counts; `fixing`: --fix is about to write the files."""
+    """Print each bad line (at most `max_per_kind` per kind) and the counts.
+
+    Args:
+        fixing: --fix is about to write the files (the counts' line says so).
+
+    Returns:
+        The bad lines, by kind.
+    """
     counts: Counter = Counter()
     fixable = 0
     for path, file in files.items():
@@ -84,7 +96,7 @@ def print_faults(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextI
 
 
 def print_warnings(files: dict[Path, TokenizedFile], max_per_kind: int, out: TextIO) -> None:
-    """Lines that are used but perhaps not as meant (errors.py's SampleWarning); they leave the exit status as is."""
+    """Print lines that are used but perhaps not as meant (errors.py's SampleWarning); they leave the exit status."""
     counts: Counter = Counter()
     for path, file in files.items():
         for warning in file.warnings():
@@ -107,6 +119,11 @@ def print_warnings(files: dict[Path, TokenizedFile], max_per_kind: int, out: Tex
 def print_statistics(
     splits: dict[str, list[Path]], files: dict[Path, TokenizedFile], seq_len: int, out: TextIO
 ) -> None:
+    """Print a table of each file's lines, bad lines, samples, tokens, trained tokens and samples over seq_len.
+
+    Args:
+        splits: split name -> its files, in the table's order.
+    """
     header = ("file", "split", "lines", "bad", "samples", "tokens", "trained", f"> seq_len {seq_len}")
     rows = []
     for split, paths in splits.items():
@@ -137,9 +154,13 @@ def print_statistics(
 
 
 def fixed_layout(sources: list[DataSource], split: str, fix_dir: Path) -> list[tuple[DataSource, dict[Path, Path]]]:
-    """Where --fix writes a split's sources: source k at OUT/<split>/<k>-<its name>, a file, or a folder with the
-    source folder's .jsonl files at their places below it. Each with the source that reads it there (same weight)
-    and {original file: repaired file}."""
+    """Where --fix writes a split's sources: source k at OUT/<split>/<k>-<its name>.
+
+    That is a file, or a folder with the source folder's .jsonl files at their places below it.
+
+    Returns:
+        For each source, the source that reads it there (same weight) and {original file: repaired file}.
+    """
     layout = []
     for k, source in enumerate(sources):
         path = Path(source.path).expanduser()
@@ -157,8 +178,11 @@ def write_fixed_files(
     out: TextIO,
     in_train: dict[Path, set[int]],
 ) -> None:
-    """Write every train and eval file where fixed_layout says, bad lines repaired or removed, and eval lines whose
-    sample train has (in_train: eval file -> lines) removed."""
+    """Write every train and eval file where `fixed_layout` says, bad lines repaired or removed.
+
+    Args:
+        in_train: eval file -> the lines whose sample train has, removed too.
+    """
     for split, sources in (("train", data.train), ("eval", data.eval)):
         for _, targets in fixed_layout(sources, split, fix_dir):
             for path, target in targets.items():
@@ -169,6 +193,11 @@ def write_fixed_files(
 def write_fixed_file(
     path: Path, file: TokenizedFile, tokenizer, train_on: str, target: Path, out: TextIO, also_in_train: set[int]
 ) -> None:
+    """Write one file to `target`, bad lines repaired or removed, and say what was done.
+
+    Args:
+        also_in_train: lines to remove too (eval samples that train has).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     bad_lines = {fault.line for fault in file.faults()}
     kept = repaired = removed = 0

@@ -20,8 +20,11 @@ MEMO_PREFIX = f"v{WORD_MEMO_FORMAT}-"  # memo file names start with their layout
 
 
 def load_word_memo(path: Path, memo: WordMemoSentencePiece, n_words: int) -> int:
-    """Words -> ids saved by earlier builds, if the file is one (checked: ids in the vocabulary); returns how many
-    words the file holds (0 when there is none, or none usable)."""
+    """Teach `memo` the words -> ids saved by earlier builds, if the file is one (checked: ids in the vocabulary).
+
+    Returns:
+        How many words the file holds (0 when there is none, or none usable).
+    """
     if not path.exists():
         return 0
     words = read_words(path, n_words)
@@ -33,6 +36,7 @@ def load_word_memo(path: Path, memo: WordMemoSentencePiece, n_words: int) -> int
 
 
 def save_word_memo(path: Path, memo: WordMemoSentencePiece) -> None:
+    """Write the memo's words to `path`, and remove the memo files of older layouts beside it."""
     path.parent.mkdir(exist_ok=True)
     with atomic_write(path) as f:
         write_words(f, memo.words())
@@ -49,11 +53,13 @@ def save_word_memo(path: Path, memo: WordMemoSentencePiece) -> None:
 
 
 def write_words(path: Path | BinaryIO, words: dict[str, bytes]) -> None:
-    """Words and their packed ids as four flat arrays in one .npz (no pickle), made by C loops (join, map, fromiter):
-    numpy writes and reads them many times faster than JSON would a dict. `text` is the words' UTF-8, one after the
-    other; `text_ends` where each word ends in it, in code points (what slicing the decoded text takes); `ids` the
-    words' ids one after the other (int32: the packed uint32 bytes of ids below 2**31) and `id_ends` where each
-    word's end."""
+    """Write words and their packed ids as four flat arrays in one .npz (no pickle).
+
+    Made by C loops (join, map, fromiter): numpy writes and reads them many times faster than JSON would a dict.
+    `text` is the words' UTF-8, one after the other; `text_ends` where each word ends in it, in code points (what
+    slicing the decoded text takes); `ids` the words' ids one after the other (int32: the packed uint32 bytes of ids
+    below 2**31) and `id_ends` where each word's end.
+    """
     packed = words.values()
     np.savez(
         path,
