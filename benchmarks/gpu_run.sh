@@ -14,7 +14,7 @@
 #   nf4       50 s  configs/mistral-7b-v0.3-qlora-16gb.yaml's model: NF4 weights, LoRA rank 64, seq 8192
 #   profile   40 s  the profiler's table of one step of 7B at seq 8192 (8 layers), by CUDA time
 #
-# Each benchmark line prints the measured peak beside the memory estimate of the same setup. OUT gets summary.txt
+# Each benchmark prints the measured peak beside the memory estimate and the trace of the same setup. OUT gets summary.txt
 # (the machine, each part's exit status and seconds) and one file per part: 7 files, under the 8 a call brings back.
 # The commit is not known on that machine (no .git travels): note it from where the call was made.
 set -uo pipefail

@@ -56,6 +56,7 @@ from finetune.planning.memory_estimate import estimate_memory
 from finetune.training.loss import DEFAULT_CHUNK_SIZE, CausalLMWithLoss, chunked_cross_entropy
 from finetune.training.optim import build_optimizer
 from finetune.training.parallel import enable_activation_checkpointing
+from finetune.training.trace import this_gpu, trace_by_layers
 from finetune.training.train_step import train_step
 from model.args import ARCHITECTURES, ModelArgs, active_parameters
 from model.loading import build_meta_model
@@ -455,7 +456,8 @@ def main() -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    estimate = estimate_memory(args, benchmark_config(seq_len, opts.rank, opts.quantize), 1, dtype.itemsize)
+    setup = benchmark_config(seq_len, opts.rank, opts.quantize, dtype)
+    estimate = estimate_memory(args, setup, 1, dtype.itemsize)
     for r in results:
         mfu, hfu = (r["tokens_per_s"] * flops / peak_flops for flops in (per_token, r["hardware_flops"]))
         print(
@@ -463,6 +465,11 @@ def main() -> None:
             f"{hfu:.1%} (hardware FLOPs)  peak memory {r['peak_gib']:.1f} GiB measured"
         )
     print(f"memory estimate of tailor's setup: {estimate.summary()}")
+    try:  # the forecast on fake tensors, beside the measured peak (docs/gpu-trace.md)
+        trace = trace_by_layers(setup, args, this_gpu() if device.type == "cuda" else "h100")
+        print(f"trace of tailor's setup: {trace.summary()}")
+    except Exception as error:  # noqa: BLE001 - the measured lines above stand without it
+        print(f"trace of tailor's setup failed: {type(error).__name__}: {error}")
     ours = results[0]
     for theirs in results[1:]:
         print(
@@ -471,10 +478,12 @@ def main() -> None:
         )
 
 
-def benchmark_config(seq_len: int, rank: int, quantize: str) -> TrainConfig:
-    """The training config of the setup measured here, for its memory estimate."""
+def benchmark_config(seq_len: int, rank: int, quantize: str, dtype: torch.dtype) -> TrainConfig:
+    """The training config of the setup measured here, for its memory estimate and its trace."""
     lora = LoRAArgs(rank=rank, alpha=2 * rank, targets=TARGETS)
-    return TrainConfig(seq_len=seq_len, lora=lora, model=ModelConfig(quantize=quantize, activation_checkpointing=True))
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    model = ModelConfig(dtype=name, quantize=quantize, activation_checkpointing=True)
+    return TrainConfig(seq_len=seq_len, lora=lora, model=model)
 
 
 def profile_step(loss_model, batch, device: torch.device) -> None:

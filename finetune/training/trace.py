@@ -442,6 +442,12 @@ def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind = "h10
     return dataclasses.replace(one, **grown, host_syncs=one.host_syncs + per_layer * more)
 
 
+def this_gpu() -> GpuKind:
+    """The first CUDA device of this machine as the trace knows a GPU: its name, memory and compute capability."""
+    properties = torch.cuda.get_device_properties(0)
+    return GpuKind(properties.name, properties.total_memory, (properties.major, properties.minor))
+
+
 def trace_before_start(cfg: TrainConfig, args: ModelArgs, world_size: int) -> str | None:
     """The trace line a run prints before its model is built, so that a first GPU run shows the peak it will reach
     beside the step lines' measured `peak mem`.
@@ -455,10 +461,7 @@ def trace_before_start(cfg: TrainConfig, args: ModelArgs, world_size: int) -> st
     """
     if cfg.model.trace == "never" or (cfg.model.trace == "auto" and not torch.cuda.is_available()):
         return None
-    gpu: str | GpuKind = "h100"
-    if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(0)  # every rank's GPU is of one kind
-        gpu = GpuKind(properties.name, properties.total_memory, (properties.major, properties.minor))
+    gpu = this_gpu() if torch.cuda.is_available() else "h100"  # every rank's GPU is of one kind
     try:
         return trace_by_layers(cfg, args, gpu, world_size).summary()
     except Exception as error:  # noqa: BLE001 - a forecast that fails must not stop the run it forecasts

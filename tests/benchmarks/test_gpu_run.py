@@ -98,7 +98,7 @@ def test_the_wheels_carry_what_the_product_and_the_tests_need_beyond_the_image()
 @pytest.mark.slow
 def test_every_part_of_the_gpu_run_runs_in_its_dry_mode(tmp_path):
     """One call: each part under its limit, its output in OUT/PART.txt as it goes, its status in summary.txt; the
-    7b part measures tailor and HF + PEFT both ways, with MFU in model and hardware FLOPs and the estimate."""
+    7b part measures tailor and HF + PEFT both ways, with MFU in model and hardware FLOPs, the estimate and the trace."""
     pytest.importorskip("transformers", reason="the baseline is transformers + PEFT (the dev extra)")
     pytest.importorskip("peft", reason="the baseline is transformers + PEFT (the dev extra)")
     pytest.importorskip("torchao", reason="the nf4 part needs the qlora extra")
@@ -124,5 +124,7 @@ def test_every_part_of_the_gpu_run_runs_in_its_dry_mode(tmp_path):
     assert re.search(r"tailor / HF default: \d+\.\d+x tokens/s", b7)
     assert re.search(r"tailor / HF equal: \d+\.\d+x tokens/s", b7)
     assert "memory estimate of tailor's setup: about" in b7
+    assert re.search(r"trace of tailor's setup: trace \(as on h100: float32, attention \w+\): frozen weights", b7)
+    assert "trace of tailor's setup: trace (as on h100: float32" in (tmp_path / "nf4.txt").read_text()
     assert "tailor nf4:" in (tmp_path / "nf4.txt").read_text()
     assert "profile of one tailor step" in (tmp_path / "profile.txt").read_text()
