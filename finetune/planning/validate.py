@@ -59,7 +59,7 @@ def validate(
             tokens_per_second_per_gpu); None: no ETA (a CPU).
         device: the GPU kind the ETA is for, as printed.
         gpus: the ranks training would run on: the ETA's, and the samples each train source must have.
-        fix_dir: where to write the files with their faulty lines left out; None: write nothing.
+        fix_dir: where to write every train and eval file, bad lines repaired or removed; None: write nothing.
         max_per_kind: faults (and warnings, repeats) printed of each kind.
         price: per GPU-hour, for the ETA's cost; None: no cost.
         out: where the report goes (default stdout); errors go to stderr.
