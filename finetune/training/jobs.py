@@ -172,7 +172,7 @@ def _whole(value) -> int | None:
 
 
 def read_run(folder: Path, metrics_tail: int = METRICS_TAIL_BYTES) -> RunState:
-    """What a run folder says of its run: state, last records, ETA and newest intact checkpoint; never raises for it.
+    """What a run folder says of its run: state, last records, ETA, newest intact checkpoint; the unreadable, noted.
 
     Args:
         metrics_tail: the bytes read from the end of metrics.jsonl.
