@@ -107,6 +107,7 @@ class StepTrace:
 
     @property
     def flops_per_token(self) -> float:
+        """The step's FLOPs over its tokens, both this rank's, recomputation included."""
         return self.flops / self.tokens
 
     def breakdown(self) -> str:
