@@ -38,8 +38,11 @@ def is_temporary(path: str | Path) -> bool:
 
 
 def clear_leftovers(target: str | Path) -> None:
-    """Remove the temporaries of `target` (files or folders) left by writers killed mid-write. Only for a writer that
-    knows it is the only one (it holds a lock, or owns the output): another process's write in progress goes too."""
+    """Remove the temporaries of `target` (files or folders) left by writers killed mid-write.
+
+    Only for a writer that knows it is the only one (it holds a lock, or owns the output): another process's write in
+    progress goes too.
+    """
     target = Path(target)
     if not target.parent.is_dir():
         return
@@ -53,8 +56,10 @@ def clear_leftovers(target: str | Path) -> None:
 
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """The temporary path to write `target` into, for writers that want a file name (safetensors, GGUF, YAML):
-    renamed to `target` when the block ends without error, removed when it raises."""
+    """The temporary path to write `target` into, for writers that want a file name (safetensors, GGUF, YAML).
+
+    It is renamed to `target` when the block ends without error, removed when it raises.
+    """
     target = Path(target)
     staging = temporary_path(target)
     try:
@@ -69,13 +74,19 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_write(target: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
-    """A file object open on `target`'s temporary (`mode` "wb" or "w"), renamed to `target` when the block ends
-    without error, removed when it raises."""
+    """A file object open on `target`'s temporary, renamed to `target` when the block ends without error.
+
+    The temporary is removed when the block raises.
+
+    Args:
+        mode: "wb" or "w".
+    """
     with atomic_path(target) as staging, open(staging, mode, encoding=encoding) as f:
         yield f
 
 
 def atomic_write_bytes(target: str | Path, data: bytes) -> None:
+    """`data`, whole or not at all."""
     with atomic_write(target) as f:
         f.write(data)
 
@@ -88,8 +99,11 @@ def atomic_write_text(target: str | Path, text: str) -> None:
 
 @contextmanager
 def atomic_folder(target: str | Path) -> Iterator[Path]:
-    """An empty folder to write into, renamed to `target` (absent, or an empty folder) when the block ends without
-    error, every file and folder in it made durable first; removed with what it holds when the block raises."""
+    """An empty folder to write into, renamed to `target` when the block ends without error.
+
+    Every file and folder in it is made durable first; `target` must be absent, or an empty folder. The folder is
+    removed with what it holds when the block raises.
+    """
     target = Path(target)
     staging = temporary_path(target)
     staging.mkdir(parents=True)
@@ -106,8 +120,10 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
 
 
 def fsync_path(path: str | Path) -> None:
-    """Make durable what was written to a file (through any file object), or a folder's entries (files created,
-    renamed or removed in it)."""
+    """Make durable what was written to a file (through any file object), or a folder's entries.
+
+    A folder's entries are the files created, renamed or removed in it.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

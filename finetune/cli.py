@@ -135,10 +135,12 @@ def _version() -> str:
 
 
 def command_line() -> None:
-    """`tailor` (pyproject.toml's script) and `python -m finetune`: main() on this process's arguments, then exit.
+    """Run main() on this process's arguments, then exit: `tailor` (pyproject.toml's script) and `python -m finetune`.
+
     After `tailor validate`, which only reads (its cache files are closed when main() returns), the process exits
     without the cyclic garbage collector's last walk over every object still alive (gc.freeze), which only finds what
-    the exit frees anyway. Commands that write keep that walk: an object it finalises may still hold a file to flush."""
+    the exit frees anyway. Commands that write keep that walk: an object it finalises may still hold a file to flush.
+    """
     status = main()
     if sys.argv[1:2] == ["validate"]:
         gc.freeze()
@@ -146,6 +148,14 @@ def command_line() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `tailor` command, with the errors a user can cause ending in `error: ...`.
+
+    Args:
+        argv: the words after `tailor` (default: this process's).
+
+    Returns:
+        The command's exit code, or exit_codes.command_exit_code's for the error that ended it; 2 with no command.
+    """
     argv = sys.argv[1:] if argv is None else argv
     command = next((name for name, *_ in COMMANDS if argv and argv[0] == name), None)
     parser = build_parser(only=command)

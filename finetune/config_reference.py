@@ -29,8 +29,10 @@ TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "true / fals
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """{field name: its comment} for a dataclass: the comment on the field's line, after the comment lines just
-    above it; "" for a field with neither."""
+    """{field name: its comment} for a dataclass, read from its source.
+
+    A field's comment is the comment lines just above it, then the comment on its line; "" for a field with neither.
+    """
     source = textwrap.dedent(inspect.getsource(cls))
     lines = source.splitlines()
     comments = {
@@ -51,8 +53,11 @@ def field_comments(cls: type) -> dict[str, str]:
 
 
 def config_rows(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, meaning) of every field: a section's own keys, then its sub-sections, each after a
-    row of its own; a list of sub-records (data.train) is followed by rows of their fields (data.train[].path)."""
+    """(key, type, default, meaning) of every field of `cls`, keys dotted after `prefix`.
+
+    A section's own keys come first, then its sub-sections, each after a row of its own; a list of sub-records
+    (data.train) is followed by rows of their fields (data.train[].path).
+    """
     hints, comments = typing.get_type_hints(cls), field_comments(cls)
     keys, sections = [], []
     for f in dataclasses.fields(cls):
@@ -67,6 +72,7 @@ def config_rows(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, st
 
 
 def type_name(hint) -> str:
+    """A field's type as the reference names it: `integer`, `a / b` for a Literal, `X or null`, `list of Xs`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         return " / ".join(str(a) for a in args)
@@ -96,6 +102,7 @@ def default_text(f: dataclasses.Field) -> str:
 
 
 def render_config_reference() -> str:
+    """The reference as a Markdown table: one row per key, sections in bold."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, kind, default, meaning in config_rows():
         meaning = meaning.replace("|", "\\|")  # a bare | would end the table cell
@@ -107,14 +114,22 @@ def render_config_reference() -> str:
 
 
 def marked_block(page_text: str) -> str:
-    """What stands between the markers (stripped); a ValueError when they are missing."""
+    """What stands between the markers (stripped).
+
+    Raises:
+        ValueError: the page lacks a marker.
+    """
     if START not in page_text or END not in page_text:
         raise ValueError(f"the page has no {START} ... {END} block")
     return page_text.split(START, 1)[1].split(END, 1)[0].strip()
 
 
 def write_reference(path: Path) -> bool:
-    """Replace the page's block with the current reference; True when it changed."""
+    """Replace the page's block with the current reference; True when it changed.
+
+    Raises:
+        ValueError: the page lacks a marker.
+    """
     text = path.read_text(encoding="utf-8")
     old = marked_block(text)
     new = render_config_reference()

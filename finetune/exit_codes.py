@@ -25,7 +25,8 @@ def exit_code_of(error: BaseException) -> int | None:
 
     The error's class's `exit_code` (DataFaults: DATA_FAULTS, ConfigError: USAGE, ...); a full disk or quota
     (ENOSPC, EDQUOT): WRITE_FAILED; the device out of memory (torch.OutOfMemoryError, told by its name so that
-    torch is not imported for it): OUT_OF_MEMORY; Ctrl-C: INTERRUPTED."""
+    torch is not imported for it): OUT_OF_MEMORY; Ctrl-C: INTERRUPTED.
+    """
     if (code := getattr(type(error), "exit_code", None)) is not None:
         return code
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -38,8 +39,10 @@ def exit_code_of(error: BaseException) -> int | None:
 
 
 def command_exit_code(error: BaseException) -> int | None:
-    """The exit code of an error ending a `tailor` command: exit_code_of's, and USAGE for any other ValueError or
-    OSError, the user's mistake there (a bad file, option, config or path). train.py leaves those to a traceback."""
+    """The exit code of an error ending a `tailor` command: exit_code_of's, else USAGE for a ValueError or OSError.
+
+    Those are the user's mistake there (a bad file, option, config or path). train.py leaves them to a traceback.
+    """
     code = exit_code_of(error)
     if code is None and isinstance(error, (ValueError, OSError)):
         return USAGE

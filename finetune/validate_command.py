@@ -19,6 +19,7 @@ from finetune import exit_codes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add `tailor validate`'s arguments: the config, its overrides, and the plan's GPUs, device, memory and price."""
     p.add_argument("config", help="the training YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. seq_len=4096")
     p.add_argument(
@@ -63,6 +64,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `tailor validate`, with the cyclic garbage collector paused.
+
+    Returns:
+        The exit code: validate's (DATA_FAULTS for data training would refuse or skip), USAGE for a wrong option or
+        model folder, or the trace's when it cannot run.
+
+    Raises:
+        ConfigError: the config cannot be read or is wrong (the command table prints it as `error: ...`).
+    """
     # Paused before the data path's first import: validation keeps what it makes to its end, so the cyclic collector
     # would only walk those objects again and again (the cache's build collects its own little garbage).
     from finetune.data.collector import cycle_collector_paused

@@ -32,12 +32,21 @@ MAX_EXPERT_BLOCKS = 1 << 15  # n_layers x num_experts: each expert is three modu
 
 @dataclass
 class MoeArgs:
+    """A Mixtral layer's mixture of experts: how many experts, and how many each token is routed to."""
+
     num_experts: int
     num_experts_per_tok: int
 
 
 @dataclass
 class ModelArgs:
+    """A Mistral or Mixtral text decoder's shape, as its params.json names the keys; checked as it is built.
+
+    Raises:
+        ValueError: a number that is not finite and > 0, a size above MAX_SIZES, n_heads not a multiple of
+            n_kv_heads, an odd head_dim, or num_experts_per_tok outside [1, num_experts].
+    """
+
     dim: int
     n_layers: int
     head_dim: int
@@ -76,7 +85,12 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "params.json") -> ModelArgs:
-        """Strict parse: a missing required key or an unknown key is a ValueError naming `source` and the key."""
+        """Parse a params.json's object strictly; keys in IGNORED_KEYS are dropped.
+
+        Raises:
+            ValueError: naming `source` and the key: a missing required key, an unknown key, a value of the wrong
+                type, or one ModelArgs refuses.
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known - IGNORED_KEYS)
         if unknown:
@@ -139,20 +153,34 @@ def read_model_config(folder: str | Path) -> tuple[Path, dict]:
 
 
 def args_from_config(path: Path, values: dict) -> ModelArgs:
-    """The ModelArgs of a params.json's or config.json's `values` (read_model_config), strictly checked."""
+    """The ModelArgs of a params.json's or config.json's `values` (read_model_config), strictly checked.
+
+    Raises:
+        ValueError: naming `path` and the key (ModelArgs.from_dict, hf_config_to_args).
+    """
     if path.name == "params.json":
         return ModelArgs.from_dict(values, source=str(path))
     return hf_config_to_args(values, source=str(path))
 
 
 def load_model_args(folder: str | Path) -> ModelArgs:
-    """Read params.json, or a Hugging Face config.json when the folder has no params.json."""
+    """Read params.json, or a Hugging Face config.json when the folder has no params.json.
+
+    Raises:
+        FileNotFoundError: the folder has neither file.
+        ValueError: the file is not a JSON object, or not a model tailor reads, naming it and the key.
+    """
     return args_from_config(*read_model_config(folder))
 
 
 def vocab_size_in(path: Path, values: dict) -> int:
-    """The vocabulary size a params.json or config.json (read_model_config) declares, a multimodal config's text model's
-    where it nests one; anything but a positive integer is a ValueError naming the file."""
+    """The vocabulary size a params.json or config.json (read_model_config) declares.
+
+    A multimodal config's is its text model's, where it nests one.
+
+    Raises:
+        ValueError: naming `path`: the vocabulary size is not a positive integer.
+    """
     text = values.get("text_config", values)
     if not isinstance(text, dict):
         raise ValueError(f"{path}: expected a JSON object of keys in text_config")
@@ -163,12 +191,22 @@ def vocab_size_in(path: Path, values: dict) -> int:
 
 
 def read_vocab_size(folder: str | Path) -> int:
-    """vocab_size from params.json (Mistral format) or config.json (Hugging Face format)."""
+    """vocab_size from params.json (Mistral format) or config.json (Hugging Face format).
+
+    Raises:
+        FileNotFoundError: the folder has neither file.
+        ValueError: the file is not a JSON object, or its vocab_size is not a positive integer, naming it.
+    """
     return vocab_size_in(*read_model_config(folder))
 
 
 def read_json_object(path: Path) -> dict:
-    """A JSON file holding one object (params.json, config.json); anything else is a ValueError naming the file."""
+    """A JSON file holding one object (params.json, config.json); a leading byte-order mark is fine.
+
+    Raises:
+        ValueError: naming the file (and line where known): not UTF-8, not JSON, too deep or long to read, or not an
+            object.
+    """
     try:
         value = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
@@ -210,7 +248,12 @@ def args_to_hf_config(args: ModelArgs) -> dict:
 
 
 def hf_config_to_args(cfg: dict, source: str = "config.json") -> ModelArgs:
-    """Read a Mistral / Mixtral config.json (transformers 4 or 5 style); other architectures are refused."""
+    """Read a Mistral / Mixtral config.json (transformers 4 or 5 style); other architectures are refused.
+
+    Raises:
+        ValueError: naming `source`: another model_type, scaled rotary embeddings, tied embeddings, a missing or
+            wrong key.
+    """
     model_type = cfg.get("model_type")
     if model_type not in ("mistral", "mixtral"):
         raise ValueError(f"{source}: model_type {model_type!r} is not supported (expected 'mistral' or 'mixtral')")
@@ -260,8 +303,11 @@ def num_parameters(args: ModelArgs) -> int:
 
 
 def active_parameters(args: ModelArgs) -> int:
-    """The weights each token is multiplied by (2 FLOPs each in forward): attention, the feed-forward of the experts
-    it is routed to (and the router), the output head. Not the embedding, which is a lookup."""
+    """The weights each token is multiplied by, 2 FLOPs each in forward.
+
+    Those are attention, the feed-forward of the experts it is routed to (and the router), and the output head; not
+    the embedding, which is a lookup.
+    """
     attention = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
     ffn = 3 * args.dim * args.hidden_dim
     if args.moe is not None:

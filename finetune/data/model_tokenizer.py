@@ -17,6 +17,12 @@ TOKENIZER_PATTERNS = ("tekken*.json", "tokenizer.model.v*", "*.model.v*")
 
 
 def find_tokenizer_file(model_dir: str | Path) -> Path:
+    """The model folder's one tokenizer file: mistral-common's (newest name first), else a plain tokenizer.model.
+
+    Raises:
+        FileNotFoundError: no such folder, or no tokenizer file in it.
+        ValueError: several tokenizer files, naming them.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder not found: {model_dir}")
@@ -33,8 +39,13 @@ def find_tokenizer_file(model_dir: str | Path) -> Path:
 
 
 def load_tokenizer(model_dir: str | Path) -> MistralTokenizer:
-    """The mistral-common tokenizer of a model folder (tekken.json, tokenizer.model.v1/v3/v7, ...); a file that
-    mistral-common cannot read (truncated, or not a tokenizer) is a ValueError naming it."""
+    """The mistral-common tokenizer of a model folder (tekken.json, tokenizer.model.v1/v3/v7, ...).
+
+    Raises:
+        FileNotFoundError: no such folder, or no tokenizer file in it (find_tokenizer_file).
+        ValueError: several tokenizer files, or one mistral-common cannot read (truncated, or not a tokenizer),
+            naming it.
+    """
     path = find_tokenizer_file(model_dir)
     try:
         if is_tekken(path):
@@ -45,7 +56,15 @@ def load_tokenizer(model_dir: str | Path) -> MistralTokenizer:
 
 
 def check_tokenizer_vocab(tokenizer: MistralTokenizer, vocab_size: int, model_dir: str | Path) -> None:
-    """The tokenizer must make exactly the ids the model's embedding has rows for."""
+    """Check that the tokenizer makes exactly the ids the model's embedding has rows for.
+
+    Args:
+        vocab_size: the model's, from its params.json or config.json.
+        model_dir: the model folder, which the error names.
+
+    Raises:
+        ValueError: the tokenizer's vocabulary is of another size.
+    """
     n_words = tokenizer.instruct_tokenizer.tokenizer.n_words
     if n_words != vocab_size:
         tokenizer_file = tokenizer.instruct_tokenizer.tokenizer.file_path.name

@@ -23,14 +23,25 @@ def tokens_per_step(cfg: TrainConfig, world_size: int) -> int:
 
 
 def steps_for_epochs(epochs: float, epoch_tokens: int, step_tokens: int) -> int:
-    """The fewest steps that draw at least `epochs` x `epoch_tokens` tokens (at least one step). Exact: the
-    epochs as the decimal they were written, no float rounding to tip a step either way."""
+    """The fewest steps that draw at least `epochs` x `epoch_tokens` tokens (at least one step).
+
+    Exact: the epochs as the decimal they were written, no float rounding to tip a step either way.
+
+    Args:
+        step_tokens: the tokens one step draws over all ranks (tokens_per_step).
+    """
     return max(1, math.ceil(Fraction(str(epochs)) * epoch_tokens / step_tokens))
 
 
 def resolve_epochs(cfg: TrainConfig, epoch_tokens: int, world_size: int) -> TrainConfig:
     """The config with `epochs` made into max_steps (epochs kept, for the record); unchanged without epochs.
-    Raises DataError when there are no train tokens to count epochs of."""
+
+    Args:
+        epoch_tokens: the tokens of every train source once, as the data report counts them.
+
+    Raises:
+        DataError: `epochs` is set and data.train has no tokens to count epochs of.
+    """
     if cfg.epochs is None:
         return cfg
     if epoch_tokens == 0:

@@ -23,6 +23,7 @@ ASSUMED_UTILISATION = 0.4
 
 
 def model_name(total_parameters: int, experts: int) -> str:
+    """A model's MEASURED key: its size rounded (`7B`, `135M`), and its experts where it has several."""
     size = f"{total_parameters / 1e9:.0f}B" if total_parameters >= 1e9 else f"{total_parameters / 1e6:.0f}M"
     return size + (f" ({experts} experts)" if experts > 1 else "")
 
@@ -33,7 +34,15 @@ def gpu_kind(device_name: str) -> str | None:
 
 
 def tokens_per_second_per_gpu(model_dir: str | Path, gpu: str) -> tuple[float, str]:
-    """(tokens / s on one `gpu`, where the number comes from), for the model in params.json or config.json."""
+    """Training throughput of the model folder's model on one GPU: measured where MEASURED has it, else estimated.
+
+    Args:
+        model_dir: a model folder; only its params.json or config.json is read.
+        gpu: a GPU_PEAK_FLOPS key (gpu_kind).
+
+    Returns:
+        (tokens / s on one `gpu`, where the number comes from, in words).
+    """
     args = load_model_args(model_dir)
     name = model_name(num_parameters(args), args.moe.num_experts if args.moe else 1)
     if (name, gpu) in MEASURED:
@@ -47,6 +56,7 @@ def tokens_per_second_per_gpu(model_dir: str | Path, gpu: str) -> tuple[float, s
 
 
 def format_eta(seconds: float) -> str:
+    """A duration as a plan prints it: minutes (at least 1), hours and minutes, or days from 48 hours on."""
     minutes = round(seconds / 60)
     if minutes < 60:
         return f"{max(minutes, 1)} min"

@@ -17,16 +17,14 @@ With N = seq_len · batch_size tokens per rank, W ranks, b bytes per value of th
                               their product)
                  scope `mlp` keeps the attention's activations of every block: L · N · (d b + a_attn) + N · a_mlp;
                  without checkpointing every block keeps its activations: L · N · (a_attn + a_mlp). An MoE layer's
-                 a_mlp is per chosen expert: times num_experts_per_tok. (Measured on CPU for one block of dim 1024:
-                 checkpointing keeps d b a token and peaks at 1.05 (a_attn + a_mlp) in backward; without, a block
-                 keeps 0.8 (a_attn + a_mlp). CPU's attention also holds n_heads · N · 4 bytes of scores a token, which
-                 the GPU's flash attention does not: left out.)
+                 a_mlp is per chosen expert: times num_experts_per_tok.
     loss         one chunk of the chunked loss, C = min(N, 1024) trained tokens (DEFAULT_CHUNK_SIZE):
                  C · V · (b + c + 4): its logits in the compute dtype, their fp32 copy (c = 4; none in fp32, c = 0),
                  and one fp32 array beside them (the log-probabilities, then their gradient).
 
 Not counted: the CUDA context and cuBLAS / attention workspaces (outside PyTorch's allocator), allocator
-fragmentation, a vision tower (never loaded), and with DoRA the fp32 W + scaling · B A of one adapted weight at a
+fragmentation, a vision tower (never loaded), on a CPU the attention's n_heads · N · 4 bytes of scores a token (the
+GPU's flash attention holds none), and with DoRA the fp32 W + scaling · B A of one adapted weight at a
 time, made and dropped to take its row norms. `fits` keeps 10% of the GPU for them. The figure compares with
 torch.cuda.max_memory_allocated; tests/train/test_memory_estimate.py checks it against measured peaks on CPU.
 """
@@ -58,9 +56,11 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
+        """All bytes per GPU: weights, LoRA state, activations and the loss's chunk."""
         return self.weights + self.lora + self.activations + self.loss
 
     def summary(self) -> str:
+        """`about 15.2 GiB per GPU (weights ..., lora ..., activations ..., loss ... GiB)`."""
         parts = ", ".join(
             f"{name} {getattr(self, name) / GIB:.2f}" for name in ("weights", "lora", "activations", "loss")
         )
@@ -81,6 +81,7 @@ def other_parameters(args: ModelArgs) -> int:
 
 
 def lora_parameters(args: ModelArgs, cfg: TrainConfig) -> int:
+    """The LoRA parameters of `cfg.lora`'s targets and rank on this model, DoRA's magnitudes included."""
     q, k = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
     experts = args.moe.num_experts if args.moe else 1
     shapes = {  # (in, out) of each target, and how many a layer has
@@ -100,8 +101,12 @@ def lora_parameters(args: ModelArgs, cfg: TrainConfig) -> int:
 
 
 def estimate_memory(args: ModelArgs, cfg: TrainConfig, world_size: int, value_bytes: int) -> MemoryEstimate:
-    """The module docstring's formulas for this config on `world_size` ranks computing in a dtype of `value_bytes`
-    bytes a value (b)."""
+    """Estimate the peak bytes per GPU by the module docstring's formulas.
+
+    Args:
+        world_size: the ranks FSDP shards over (W).
+        value_bytes: bytes per value of the compute dtype (b): 2 for bf16 and fp16, 4 for fp32.
+    """
     b = value_bytes
     d, h, L, V = args.dim, args.hidden_dim, args.n_layers, args.vocab_size
     q, k = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -131,12 +136,16 @@ def estimate_memory(args: ModelArgs, cfg: TrainConfig, world_size: int, value_by
 
 
 def fits(estimate: MemoryEstimate, gpu_bytes: float) -> bool:
+    """Whether the estimate fits a GPU of `gpu_bytes`, HEADROOM of it kept free."""
     return estimate.total <= (1 - HEADROOM) * gpu_bytes
 
 
 def first_change(cfg: TrainConfig, estimate: MemoryEstimate, gpu_bytes: float) -> str:
-    """The setting to change first when the estimate does not fit: the one that frees the most, in the order a user
-    would give up least: checkpointing, then 4-bit weights, then shorter sequences."""
+    """The setting to change first when the estimate does not fit a GPU of `gpu_bytes`, in words.
+
+    The one that frees the most, in the order a user would give up least: checkpointing, then 4-bit weights, then
+    shorter sequences.
+    """
     budget = (1 - HEADROOM) * gpu_bytes
     if not cfg.model.activation_checkpointing or cfg.model.checkpointing_scope == "mlp":
         return "model.activation_checkpointing: true with model.checkpointing_scope: block"

@@ -49,13 +49,25 @@ def validate(
     price: float | None = None,
     out: TextIO | None = None,
 ) -> int:
-    """Print faults, statistics, epochs and an ETA on `gpus` x `device` (none without `throughput`: a CPU); write
-    fixed files to fix_dir; with `price` (per GPU-hour), the ETA's cost. Returns the exit status
-    (finetune/exit_codes.py): 1 when training would refuse the data or skip lines of it, 2 when the model folder's
-    tokenizer cannot be read.
+    """Print a config's data faults, statistics, epochs and ETA; write fixed files when asked.
 
-    `cache_dir` (finetune.data.config.resolve_cache_dir) and `throughput` (finetune.planning.eta's
-    tokens_per_second_per_gpu for the device) are passed in: the command picks them from its arguments."""
+    `cache_dir` and `throughput` are passed in: the command picks them from its arguments.
+
+    Args:
+        cache_dir: the tokenized cache (finetune.data.config.resolve_cache_dir).
+        throughput: model folder -> (tokens / s / GPU, where it comes from) on `device` (finetune.planning.eta's
+            tokens_per_second_per_gpu); None: no ETA (a CPU).
+        device: the GPU kind the ETA is for, as printed.
+        gpus: the ranks training would run on: the ETA's, and the samples each train source must have.
+        fix_dir: where to write every train and eval file, bad lines repaired or removed; None: write nothing.
+        max_per_kind: faults (and warnings, repeats) printed of each kind.
+        price: per GPU-hour, for the ETA's cost; None: no cost.
+        out: where the report goes (default stdout); errors go to stderr.
+
+    Returns:
+        The exit status (finetune/exit_codes.py): DATA_FAULTS when training would refuse the data or skip lines of
+        it, USAGE when the model folder's tokenizer cannot be read or a data path is wrong, else OK.
+    """
     out = out or sys.stdout
     try:
         tokenizer = load_tokenizer(cfg.model.path)
@@ -106,9 +118,14 @@ def _split_files(split: str, sources: list[DataSource], written: dict[str, Path]
 
 
 def print_sources_training_refuses(cfg: TrainConfig, files: dict[Path, TokenizedFile], ranks: int, out: TextIO) -> int:
-    """Train sources with fewer usable samples than ranks (an empty file, one whose every line is bad), and eval
-    sources without one while eval is on: training stops on them before its first step, so validation fails on them
-    too. Returns how many."""
+    """Print the sources training would refuse before its first step, so that validation fails on them too.
+
+    Those are train sources with fewer usable samples than ranks (an empty file, one whose every line is bad), and
+    eval sources without one while eval is on.
+
+    Returns:
+        How many sources training would refuse.
+    """
     refused = 0
     for source in cfg.data.train:
         samples = sum(files[p].meta["n_samples"] for p in source_files(source))
@@ -137,6 +154,12 @@ def print_epochs_and_eta(
     out: TextIO,
     price: float | None = None,
 ) -> None:
+    """Print what epochs or max_steps make of the data: tokens, each train source's epochs, the ETA and its cost.
+
+    Args:
+        throughput: as validate's; None: the ETA is not estimated.
+        price: per GPU-hour; None: no cost.
+    """
     epoch_tokens = sum(files[p].meta["n_tokens"] for source in cfg.data.train for p in source_files(source))
     if cfg.epochs is not None:
         if not epoch_tokens:

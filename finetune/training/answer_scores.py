@@ -34,11 +34,14 @@ class Reference:
 
     @property
     def shown(self) -> str | list:
+        """The reference as logs show it: its text, or its tool calls."""
         return self.text if self.calls is None else self.calls
 
 
 @dataclass
 class Answer:
+    """A generated answer, decoded."""
+
     text: str  # the decoded answer, `[TOOL_CALLS]` written out when it starts with that token
     tool_call_payload: str | None  # what follows `[TOOL_CALLS]`, when the answer starts with it
 
@@ -61,8 +64,12 @@ def normalise(text: str) -> str:
 
 
 def parse_tool_calls(payload: str) -> list[dict] | None:
-    """The calls of a `[TOOL_CALLS]` payload as {"name", "arguments"}, or None when it is not a list of calls, each
-    with a string `name` and an `arguments` object (or a JSON string of one)."""
+    """The calls of a `[TOOL_CALLS]` payload as {"name", "arguments"}.
+
+    Returns:
+        The calls, or None when the payload is not a list of calls (or one call), each with a string `name` and an
+        `arguments` object (or a JSON string of one).
+    """
     try:
         calls = json.loads(payload)
     except (ValueError, RecursionError):
@@ -105,8 +112,12 @@ def score_answer(answer: Answer, reference: Reference) -> dict[str, bool]:
 
 
 def score_rates(scores: list[dict[str, bool]]) -> dict[str, float | int]:
-    """Each score as a rate over the answers that have it, with `answers` (text references) and `tool_call_answers`
-    (tool-call references) counted; a kind without answers has no rates."""
+    """Each score as a rate over the answers that have it.
+
+    Returns:
+        The rates, with `answers` (text references) and `tool_call_answers` (tool-call references) counted; a kind
+        without answers has no rates.
+    """
     text = [s for s in scores if "exact_match" in s]
     calls = [s for s in scores if "tool_call_parses" in s]
     rates: dict[str, float | int] = dict(answers=len(text), tool_call_answers=len(calls))

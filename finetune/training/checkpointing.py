@@ -83,7 +83,11 @@ class ResumeError(ValueError):
 
 
 def why_not_resumable(folder: Path) -> str | None:
-    """None for an intact checkpoint with a training state; else what is wrong with it, in words."""
+    """Say why a checkpoint folder cannot be resumed from: damaged, adapters only, or a state file unreadable.
+
+    Returns:
+        None for an intact checkpoint with a training state; else what is wrong with it, in words.
+    """
     folder = Path(folder)
     problem = verify_checkpoint(folder)
     if problem is not None:
@@ -134,11 +138,21 @@ def _rank_state_problem(path: Path) -> str | None:
 
 
 def read_resume_point(folder: Path) -> ResumePoint:
+    """Where a checkpoint resumes from: its folder, step and the world size that saved it.
+
+    Raises:
+        ResumeError: state/progress.json is missing, unreadable or has a field wrong, naming the folder and field.
+    """
     saved = _read_progress_file(Path(folder))
     return ResumePoint(Path(folder), saved["step"], saved["world_size"])
 
 
 def read_progress(folder: Path) -> Progress:
+    """A checkpoint's counters (step, tokens, non-finite steps, time spent, fp16's loss scale).
+
+    Raises:
+        ResumeError: state/progress.json is missing, unreadable or has a field wrong, naming the folder and field.
+    """
     saved = _read_progress_file(Path(folder))
     return Progress(**{k: v for k, v in saved.items() if k != "world_size"})
 
@@ -174,8 +188,11 @@ def _progress_problem(path: Path) -> str | None:
 
 @dataclass
 class Checkpointer:
-    """What a run saves at each checkpoint and loads to resume, on this rank: the adapters, AdamW's state, the data
-    loader's position and the random generators. Both are collectives."""
+    """What a run saves at each checkpoint and loads to resume, on this rank.
+
+    That is the adapters, AdamW's state, the data loader's position and the random generators. Saving and resuming
+    are both collectives: every rank calls them together.
+    """
 
     cfg: TrainConfig
     loss_model: nn.Module
@@ -184,9 +201,20 @@ class Checkpointer:
     dist_info: DistInfo
 
     def save(self, progress: Progress, loss_scale: DynamicLossScale | None = None) -> Path:
-        """The checkpoint of step `progress.step`: the adapters and the training state (with fp16's `loss_scale`
-        state). Weights that are not finite are never written: NonFiniteError, and the last good checkpoint stays the
-        newest."""
+        """Save the checkpoint of step `progress.step`: the adapters and the training state.
+
+        Weights that are not finite are never written, and the last good checkpoint stays the newest.
+
+        Args:
+            loss_scale: fp16's dynamic loss scale, whose state goes into progress.json; None in bf16 and fp32.
+
+        Returns:
+            The published checkpoint folder.
+
+        Raises:
+            NonFiniteError: some LoRA weight is not finite on some rank.
+            CheckpointWriteError: a write failed on some rank (a full disk); the partial folder is removed.
+        """
         cfg, dist_info = self.cfg, self.dist_info
         _raise_if_not_finite(self.loss_model, progress.step, Path(cfg.run_dir))
         if loss_scale is not None:
@@ -200,7 +228,17 @@ class Checkpointer:
         return save_training_checkpoint(cfg, self.loss_model.model, progress.step, dist_info.is_main, write_state)
 
     def resume(self, start: ResumePoint) -> Progress:
-        """Load a checkpoint's state into the freshly built model, optimizer and data loader; returns the counters."""
+        """Load a checkpoint's state into the freshly built model, optimizer and data loader.
+
+        With another world size than the one that saved it, the weights and optimizer state are resharded, and the
+        data order and random generators start anew from (seed, step).
+
+        Returns:
+            The checkpoint's counters, to continue from.
+
+        Raises:
+            ResumeError: a state file is damaged, or the data no longer has the saved position, naming the file.
+        """
         dist_info = self.dist_info
         folder = start.folder / STATE
         model_state, optim_state = _state_dicts(self.loss_model, self.optimizer)
@@ -258,6 +296,10 @@ def _raise_if_not_finite(loss_model, step: int, run_dir: Path) -> None:
 
 
 def save_training_state(folder: Path, loss_model, optimizer, loader, progress: Progress, dist_info: DistInfo) -> None:
+    """Write this rank's part of a checkpoint's state/ folder: its tensors and its data and random state.
+
+    The main rank also writes progress.json, with the world size that saved the state.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(folder / tensors_file(dist_info.rank), *_state_dicts(loss_model, optimizer))
     state = TrainState(progress, data=loader.state_dict(), rng=rng_state(dist_info.device))
@@ -294,11 +336,23 @@ def _write_json(path: Path, value: dict) -> None:
 
 
 def save_training_checkpoint(cfg, model, step: int, is_main: bool, write_state: Callable[[Path], None]) -> Path:
-    """A collective: every rank gathers the adapters to rank 0, which writes them (or the merged model when
-    `checkpoint.save_adapters` is false), and calls `write_state(folder)` to write its part of the training state;
-    then rank 0 writes the manifest, renames the folder into place and removes the oldest checkpoints. A write that
-    fails on any rank (a full disk) makes every rank raise CheckpointWriteError, rather than wait for the others,
-    and the partial folder is removed; the older checkpoints stay."""
+    """Save a checkpoint folder for `step`, a collective: every rank calls it together.
+
+    Every rank gathers the adapters to rank 0, which writes them (or the merged model when `checkpoint.save_adapters`
+    is false), and calls `write_state(folder)` to write its part of the training state; then rank 0 writes the
+    manifest, renames the folder into place and removes the oldest checkpoints.
+
+    Args:
+        model: the LoRA model (not its loss wrapper), sharded as the ranks hold it.
+        write_state: writes this rank's part of the training state into the staging folder it is given.
+
+    Returns:
+        The published checkpoint folder.
+
+    Raises:
+        CheckpointWriteError: a write failed on any rank (a full disk); every rank raises rather than wait for the
+            others, the partial folder is removed and the older checkpoints stay.
+    """
     run_dir = Path(cfg.run_dir)
     final = checkpoint_path(run_dir, step)
     staging = stage_checkpoint(final) if is_main else staging_path(final)

@@ -27,7 +27,12 @@ WHERE_KEYS = ("run_dir", "resume")  # where a run is and starts, not how it trai
 
 
 def record_config(cfg: TrainConfig, start: ResumePoint | None) -> None:
-    """Write the accepted run's config.yaml; on a change of settings, keep the earlier one and say what changed."""
+    """Write the accepted run's config.yaml; on a change of settings, keep the earlier one and say what changed.
+
+    Args:
+        start: the checkpoint the run resumes from, whose run's record the settings are compared with; None: a
+            fresh start, compared with run_dir's own record.
+    """
     path = Path(cfg.run_dir) / CONFIG_FILE
     trained_with = start.folder.parent.parent / CONFIG_FILE if start else path  # resume: PATH may be another run's
     previous = read_record(trained_with)

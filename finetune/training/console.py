@@ -12,8 +12,14 @@ from finetune.training.monitoring import format_train_line
 
 
 class Console:
+    """Rank 0's console during the loop: a tqdm bar on a terminal, else one plain line per logged step.
+
+    Args:
+        steps_done: where the bar starts (a resumed run's step).
+        data_tokens: the tokens of one pass over the train data, for the epoch shown (tokens trained / it).
+    """
+
     def __init__(self, max_steps: int, steps_done: int, data_tokens: int):
-        """`data_tokens`: the tokens of one pass over the train data, for the epoch shown (tokens trained / it)."""
         self.stream = sys.stdout
         self.data_tokens = data_tokens
         self.bar = None
@@ -32,11 +38,13 @@ class Console:
         self.bar.update(record["step"] - self.bar.n)
 
     def print(self, text: str) -> None:
+        """Print a line of the run (an eval, a skipped step) above the bar, never through it."""
         if self.bar is None:
             print(text, file=self.stream, flush=True)
         else:
             self.bar.write(text, file=self.stream)
 
     def close(self) -> None:
+        """Close the bar, if there is one."""
         if self.bar is not None:
             self.bar.close()

@@ -23,6 +23,8 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # every collective after that: a slo
 
 @dataclass
 class DistInfo:
+    """This process's place in the run: its rank of world_size, its rank on the node, and its device."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -30,12 +32,15 @@ class DistInfo:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the one that logs, prints and writes the run's files."""
         return self.rank == 0
 
 
 class ProcessGroupError(RuntimeError):
-    """The ranks did not all meet: one did not start, or cannot reach the others; the message says how long it
-    waited and what PyTorch said."""
+    """The ranks did not all meet: one did not start, or cannot reach the others.
+
+    The message says how long it waited and what PyTorch said.
+    """
 
     exit_code = exit_codes.NO_PROCESS_GROUP
 
@@ -46,15 +51,21 @@ def launch_rank() -> int:
 
 
 def launch_world_size() -> int:
+    """The number of ranks as torchrun set it (1 without torchrun), known before the process group exists."""
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def init_distributed() -> DistInfo:
-    """NCCL on GPUs (device cuda:LOCAL_RANK, whatever CUDA_VISIBLE_DEVICES says), gloo on CPU.
+    """Join torchrun's process group, if any, and pick this rank's device.
 
-    The ranks get SETUP_TIMEOUT to meet and pass a first barrier, then COLLECTIVE_TIMEOUT for every collective
-    after it: a rank that never comes up (an elastic restart that hangs in PyTorch's setup, a node that is down)
-    ends the others in minutes, not in the half hour a slow save or eval on one rank may need later."""
+    NCCL on GPUs (device cuda:LOCAL_RANK, whatever CUDA_VISIBLE_DEVICES says), gloo on CPU. The ranks get
+    SETUP_TIMEOUT to meet and pass a first barrier, then COLLECTIVE_TIMEOUT for every collective after it: a rank that
+    never comes up (an elastic restart that hangs in PyTorch's setup, a node that is down) ends the others in
+    minutes, not in the half hour a slow save or eval on one rank may need later.
+
+    Raises:
+        ProcessGroupError: the ranks did not all meet within SETUP_TIMEOUT.
+    """
     rank, world_size = launch_rank(), launch_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -84,6 +95,7 @@ def init_distributed() -> DistInfo:
 
 
 def is_initialized() -> bool:
+    """Whether a process group is open: several ranks under torchrun."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -104,22 +116,26 @@ def gather_to_main(obj: object) -> list | None:
 
 
 def barrier() -> None:
+    """Wait for every rank; a no-op in one process."""
     if is_initialized():
         dist.barrier()
 
 
 def destroy() -> None:
+    """Close the process group, if one is open; safe to call twice."""
     if is_initialized():
         dist.destroy_process_group()
 
 
 def exit_process(code: int) -> NoReturn:
-    """End this process with `code`. After an error in a run of several ranks, leave without Python's finalization:
-    there c10d's C++ teardown can abort a rank whose process group is already destroyed (SIGABRT, "terminate called
+    """End this process with `code`; after an error in a run of several ranks, without Python's finalization.
+
+    There c10d's C++ teardown can abort a rank whose process group is already destroyed (SIGABRT, "terminate called
     without an active exception", no Python frame left; seen in about one run in three of the 2-rank disk-full test
     with gloo), after its `error: ...` was printed, so torchrun would report exit -6 instead of the documented code.
     Nothing is lost by skipping it: the output is flushed here, metrics.jsonl at every record, and the run lock is
-    released by the kernel."""
+    released by the kernel.
+    """
     if code != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -60,6 +60,22 @@ from model.args import ModelArgs
 
 
 def main(argv: list[str], launcher: list[str]) -> int:
+    """Train from the command line's config and overrides: check, lock run_dir, fine-tune.
+
+    A run refused before it writes anything removes the run_dir folders it created.
+
+    Args:
+        argv: CONFIG.yaml, then `key=value` overrides.
+        launcher: the words before CONFIG that started the run, for the lock and the resume command.
+
+    Returns:
+        The exit code: 0, or USAGE when no config is named.
+
+    Raises:
+        ConfigError, PreflightError, ResumeError, DataFaults: the config, model folder, checkpoint or data is wrong.
+        RunLockedError: another run holds run_dir.
+        NonFiniteError: the loss or the gradients stayed non-finite.
+    """
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         if argv:
@@ -95,6 +111,17 @@ def fine_tune(
     command: list[str],
     record: RunRecord,
 ) -> int:
+    """Run the checked config: data, model, optimizer, then the loop to max_steps or a stop signal.
+
+    Each rank runs it; only the main rank logs, prints and writes status.json.
+
+    Args:
+        command: the command line that started the run, for the resume command a stopped run prints.
+        record: the run's status.json, accepted once the run's settings are on record.
+
+    Returns:
+        0: trained to max_steps, stopped with a checkpoint saved, or nothing left to train.
+    """
     start = prepare_run_dir(cfg, dist_info)  # None: from step 0; else the checkpoint to resume from
     # The data's report: every line skipped or left out, every sample cut, counted before step 1, and the tokens of
     # an epoch, which make `epochs: N` the max_steps that everything after reads.
@@ -201,9 +228,14 @@ def fine_tune(
 
 
 def run(argv: list[str], launcher: list[str] | None = None) -> int:
-    """main, with the errors a user can cause ending in `error: ...` and their code (finetune/exit_codes.py's
-    exit_code_of). `launcher`: the words before CONFIG that started the run (default: this script), for the lock and
-    the resume command."""
+    """Run main, with the errors a user can cause ending in `error: ...` and their exit code.
+
+    The codes are finetune/exit_codes.py's exit_code_of; any other error is a bug in tailor and keeps its traceback.
+
+    Args:
+        launcher: the words before CONFIG that started the run (default: this script), for the lock and the resume
+            command.
+    """
     try:
         return main(argv, launcher or [sys.argv[0]])
     except BaseException as error:

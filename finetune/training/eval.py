@@ -13,7 +13,14 @@ from finetune.training.loss import loss_inputs
 
 @torch.no_grad()
 def evaluate(loss_model: nn.Module, batches: list, device: torch.device) -> dict[str, float]:
-    """Token-weighted over every batch of every rank: Σ weight·CE ÷ Σ weight, not a mean of batch means."""
+    """Evaluate on this rank's batches, summed over every rank; a collective.
+
+    Token-weighted over every batch of every rank: Σ weight·CE ÷ Σ weight, not a mean of batch means.
+
+    Returns:
+        eval_loss, eval_perplexity, eval_token_accuracy and eval_tokens (the trained targets); the loss and accuracy
+        are NaN when nothing is trained.
+    """
     was_training = loss_model.training
     loss_model.eval()
     # loss sum, weight sum, correct, trained targets; fp64 so the sums do not depend on the rank count

@@ -37,6 +37,8 @@ PROMPT_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name"}  # what 
 
 @dataclass
 class EvalChat:
+    """An answerable chat of an eval (or retain) source: where it is, its prompt, and the answer it expects."""
+
     group: str  # "eval" or "retain"
     source: str  # the source's path as the config names it
     file: str
@@ -50,8 +52,16 @@ class EvalChat:
 def read_eval_chats(
     groups: dict[str, list[DataSource]], per_source: int, tokenizer
 ) -> tuple[list[EvalChat], dict[str, Counter]]:
-    """The first `per_source` answerable chats of each source, and per source the lines passed over before them,
-    counted by why (not a chat ending in an answer, a bad line, a prompt the tokenizer refuses)."""
+    """Read the first `per_source` answerable chats of each source.
+
+    Args:
+        groups: the sources by group ("eval", "retain").
+        tokenizer: the training tokenizer, which encodes each prompt.
+
+    Returns:
+        The chats, and per source (`group:path`) the lines passed over before them, counted by why (not a chat
+        ending in an answer, a bad line, a prompt the tokenizer refuses).
+    """
     chats, passed_over = [], {}
     tokenizer = prompt_tokenizer(tokenizer)
     for group, sources in groups.items():
@@ -113,8 +123,14 @@ def _answerable_chat(raw: bytes, tokenizer, skipped: Counter) -> tuple | None:
 def generate_answers(
     loss_model: nn.Module, chats: list[EvalChat], eos_id: int, dist_info: DistInfo
 ) -> list[list[int]] | None:
-    """Each chat's answer tokens (EOS left out, at most its budget) on rank 0, None on the other ranks. Every rank
-    runs the same number of batches and forward calls, which FSDP needs."""
+    """Generate each chat's answer greedily, each rank its share; a collective.
+
+    Every rank runs the same number of batches and forward calls, which FSDP needs.
+
+    Returns:
+        Each chat's answer tokens (EOS left out, at most its budget), in the chats' order, on rank 0; None on the
+        other ranks.
+    """
     rank, world_size = dist_info.rank, dist_info.world_size
     mine = chats[rank::world_size]
     per_rank = math.ceil(len(chats) / world_size)
@@ -143,8 +159,13 @@ def generate_answers(
 
 
 def write_generations(path: Path, step: int, base: bool, chats: list[EvalChat], answers, scores) -> None:
-    """One line per answer in run_dir/eval_generations.jsonl: step, source, file and line, prompt, reference,
-    generated, and its scores."""
+    """Append one line per answer to run_dir/eval_generations.jsonl.
+
+    Each line holds the step, source, file and line, prompt, reference, generated answer, and its scores.
+
+    Args:
+        base: the answers are the base model's (adapters off).
+    """
     with open(path, "a", encoding="utf-8") as f:
         for chat, answer, score in zip(chats, answers, scores):
             record = dict(step=step, base=base, group=chat.group, source=chat.source, file=chat.file)

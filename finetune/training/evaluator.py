@@ -30,6 +30,11 @@ SHOWN_ANSWERS = 2  # answers printed at each eval; every one is in eval_generati
 
 @dataclass
 class Evaluator:
+    """A run's evaluations: the same eval and retain batches and eval chats at each, set against the base model's.
+
+    Each rank evaluates its own batches; the record is complete, logged and shown on rank 0.
+    """
+
     eval_batches: list
     retain_batches: list
     chats: list[EvalChat]
@@ -52,7 +57,16 @@ class Evaluator:
         console: Console | None,
         base: bool = False,
     ) -> dict:
-        """Measure, log and show the eval at `step`; the record (complete on rank 0)."""
+        """Measure, log and show the eval at `step`.
+
+        Args:
+            logger: the run's metrics log; None on the ranks other than 0, which only measure.
+            console: where the eval's lines are printed (rank 0).
+            base: the model has its adapters switched off: the record is the base model's, marked `base: true`.
+
+        Returns:
+            The eval record (eval and retain loss, answer scores), complete on rank 0.
+        """
         device = self.dist_info.device
         record = dict(kind="eval", step=step, **(dict(base=True) if base else {}))
         record.update(evaluate(loss_model, self.eval_batches, device))
@@ -95,9 +109,14 @@ def build_evaluator(
     retain_batches: list,
     resumed: bool,
 ) -> Evaluator | None:
-    """The run's evaluator (None with eval off): eval chats read now, before the model is built, so that a fault in
-    them stops the run early. On a resumed run, the base model's record is read back from metrics.jsonl rather than
-    measured again."""
+    """Build the run's evaluator; None with eval off (no eval batches).
+
+    Eval chats are read now, before the model is built, so that a fault in them stops the run early. On a resumed
+    run, the base model's record is read back from metrics.jsonl rather than measured again.
+
+    Args:
+        resumed: the run starts from a checkpoint.
+    """
     if not eval_batches:
         return None
     chats = []

@@ -73,8 +73,15 @@ class UnreadableError(ValueError):
 
 
 def read_bounded(path: Path, limit: int, tail: bool = False) -> bytes:
-    """The bytes of a regular file, at most `limit` of them (its end with `tail`, else a larger file is refused);
-    a FIFO, a device or a folder is refused without waiting on it."""
+    """The bytes of a regular file, at most `limit` of them.
+
+    Args:
+        tail: read the file's last `limit` bytes; else a larger file is refused.
+
+    Raises:
+        UnreadableError: naming the file: it cannot be opened, is a FIFO, a device or a folder (refused without
+            waiting on it), or is larger than `limit` without `tail`.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
@@ -94,7 +101,11 @@ def read_bounded(path: Path, limit: int, tail: bool = False) -> bytes:
 
 
 def read_json_record(path: Path) -> dict:
-    """A small JSON file holding one object, or UnreadableError saying what it holds instead."""
+    """A small JSON file holding one object.
+
+    Raises:
+        UnreadableError: naming the file and what it holds instead (not readable, too large, not JSON, not an object).
+    """
     data = read_bounded(path, SMALL_FILE_BYTES)
     try:
         value = json.loads(data)
@@ -106,8 +117,15 @@ def read_json_record(path: Path) -> dict:
 
 
 def tail_records(path: Path, limit: int = METRICS_TAIL_BYTES) -> tuple[list[dict], int]:
-    """The JSON objects of the last `limit` bytes of a JSON Lines file (the first, maybe cut, line left out when the
-    file is longer), and how many lines were not JSON objects."""
+    """The JSON objects of the last `limit` bytes of a JSON Lines file.
+
+    Returns:
+        The objects (the first, maybe cut, line left out when the file is longer), and how many lines were not JSON
+        objects.
+
+    Raises:
+        UnreadableError: the file cannot be read, or is not a regular file.
+    """
     data = read_bounded(path, limit, tail=True)
     lines = data.split(b"\n")
     if len(data) == limit:
@@ -154,6 +172,11 @@ def _whole(value) -> int | None:
 
 
 def read_run(folder: Path, metrics_tail: int = METRICS_TAIL_BYTES) -> RunState:
+    """What a run folder says of its run: state, last records, ETA, newest intact checkpoint; the unreadable, noted.
+
+    Args:
+        metrics_tail: the bytes read from the end of metrics.jsonl.
+    """
     run = RunState(folder)
     _read_metrics(run, metrics_tail)
     _read_state(run)
@@ -240,6 +263,7 @@ def run_folders(root: Path) -> list[Path]:
 
 
 def is_run_folder(folder: Path) -> bool:
+    """Whether a folder holds a run's run.lock, metrics.jsonl or status.json (a config.yaml alone is not a run)."""
     return any((folder / name).exists() for name in RUN_FILES)
 
 
@@ -248,6 +272,7 @@ def is_run_folder(folder: Path) -> bool:
 
 
 def add_runs_arguments(p: argparse.ArgumentParser) -> None:
+    """Add `tailor runs`' argument: a folder of run folders, or one run folder."""
     p.add_argument(
         "root",
         nargs="?",
@@ -258,6 +283,11 @@ def add_runs_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_runs(args: argparse.Namespace) -> int:
+    """Run `tailor runs`: a table of the run folders under root, or one run folder in detail.
+
+    Returns:
+        The exit code: OK, or USAGE when root is not a folder.
+    """
     root: Path = args.root
     if not root.is_dir():
         print(f"error: {root} is not a folder", file=sys.stderr)
@@ -282,6 +312,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def runs_table(runs: list[RunState]) -> list[str]:
+    """The listing's lines: a header, then per run its status, step, losses, tokens/s, ETA and checkpoint."""
     header = ("run", "status", "step", "loss", "eval loss", "tokens/s", "ETA", "newest intact checkpoint")
     rows = [header]
     for run in runs:
@@ -303,8 +334,11 @@ def runs_table(runs: list[RunState]) -> list[str]:
 
 
 def describe_run_folder(run: RunState) -> list[str]:
-    """`tailor runs RUN_DIR`: the listing's numbers, the config's changes from the defaults, the data report, the
-    last eval generations."""
+    """The lines of `tailor runs RUN_DIR`.
+
+    They hold the listing's numbers, the config's changes from the defaults, the data report and the last eval
+    generations.
+    """
     lines = [f"run {run.folder}", f"  status: {run.state}" + (f" ({run.detail})" if run.detail else "")]
     lines.append(f"  step {_fmt(run.step, 'd')} of {_fmt(run.max_steps, 'd')}")
     lines.append(f"  last loss {_fmt(run.loss, '.4f')}, last eval loss {_fmt(run.eval_loss, '.4f')}")
@@ -371,6 +405,7 @@ def _eval_generations(path: Path) -> list[str]:
 
 
 def add_stop_arguments(p: argparse.ArgumentParser) -> None:
+    """Add `tailor stop`'s arguments: the run folder, and how long to wait."""
     p.add_argument("run_dir", type=Path, help="the run folder of the run to stop")
     p.add_argument(
         "--timeout",
@@ -381,8 +416,15 @@ def add_stop_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_stop(args: argparse.Namespace) -> int:
-    """SIGTERM to the process holding the run's lock (rank 0 under torchrun: the ranks agree on the step to stop
-    after, each checkpoints, and torchrun exits 0), then wait until the lock is free."""
+    """Run `tailor stop`: SIGTERM to the process holding the run's lock, then wait until the lock is free.
+
+    Under torchrun that process is rank 0: the ranks agree on the step to stop after, each checkpoints, and torchrun
+    exits 0.
+
+    Returns:
+        The exit code: OK once the run has stopped; USAGE when no run holds the folder, its holder cannot be told or
+        signalled from here, or it still runs after --timeout.
+    """
     run_dir: Path = args.run_dir
     lock = run_dir / LOCK_FILE
     if not lock_is_held(lock):

@@ -26,6 +26,7 @@ ENTRY_MODULE = "finetune.training.entry"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add `tailor train`'s arguments: the config, its overrides, and torchrun's GPUs, nodes and meeting point."""
     p.add_argument("config", help="the training YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. max_steps=200")
     p.add_argument("--gpus", type=int, default=1, metavar="N", help="processes (GPUs) on this node (default 1)")
@@ -39,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `tailor train`: in this process on one device, else under torchrun.
+
+    Returns:
+        The exit code: the run's, torchrun's, or USAGE for wrong launch options; a config's error is printed once
+        here, with its code, before any rank starts.
+    """
     if error := launch_error(args):
         print(f"error: {error}", file=sys.stderr)
         return exit_codes.USAGE
@@ -63,8 +70,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_torchrun(command: list[str], lock: Path) -> int:
-    """torchrun in its own session, the user's SIGINT and SIGTERM passed to rank 0 (to torchrun until rank 0 holds
-    `lock`); torchrun's exit code, 128 + the signal's number where a signal ended it, as a shell says."""
+    """Run torchrun in its own session, passing the user's SIGINT and SIGTERM to rank 0.
+
+    Args:
+        command: torchrun's arguments (torchrun_arguments).
+        lock: the run's run.lock; until rank 0 holds it, a signal goes to torchrun.
+
+    Returns:
+        torchrun's exit code; 128 + the signal's number where a signal ended it, as a shell says.
+    """
     torchrun: subprocess.Popen | None = None
     pending: list[int] = []
 
@@ -87,8 +101,11 @@ def run_torchrun(command: list[str], lock: Path) -> int:
 
 
 def stop_target(torchrun_pid: int, lock: Path) -> int:
-    """Who a stop signal goes to: rank 0, the process holding run.lock, when it is torchrun's child on this host
-    (another run's lock, or one not taken yet, leaves torchrun); otherwise torchrun."""
+    """The pid a stop signal goes to: rank 0 when it holds run.lock, else torchrun.
+
+    Rank 0 is the lock's holder when that is torchrun's child on this host; another run's lock, or one not taken yet,
+    leaves torchrun.
+    """
     if not lock_is_held(lock):
         return torchrun_pid
     try:
@@ -135,8 +152,11 @@ def launch_error(args: argparse.Namespace) -> str | None:
 
 
 def torchrun_arguments(args: argparse.Namespace) -> list[str]:
-    """torchrun's arguments for the run: one node alone picks a free port itself (--standalone); several meet at
-    --rdzv-endpoint, as `torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT` does."""
+    """torchrun's arguments for the run, the entry run as a module.
+
+    One node alone picks a free port itself (--standalone); several meet at --rdzv-endpoint, as
+    `torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT` does.
+    """
     if args.nnodes == 1 and args.rdzv_endpoint is None:
         where = ["--standalone"]
     else:

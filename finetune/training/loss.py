@@ -113,9 +113,23 @@ def chunked_cross_entropy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     accuracy: bool = False,
 ) -> LossSums:
-    """Weighted CE of `output(hidden)` against `targets`; `output` is the head (an nn.Linear, or a LoRALinear
-    computed as its forward does) or its weight [vocab, dim]. `accuracy` also counts the trained targets whose
-    argmax is right: eval's token accuracy, an argmax over the vocabulary per token that training does not need."""
+    """Weighted cross-entropy of `output(hidden)` against `targets`, chunk by chunk (the module docstring).
+
+    Args:
+        hidden: the hidden states of the trained positions, [tokens, dim].
+        output: the head (an nn.Linear, or a LoRALinear computed as its forward does) or its weight [vocab, dim].
+        weights: each target's weight; 0 leaves it out.
+        chunk_size: tokens projected to the vocabulary at a time.
+        accuracy: also count the trained targets whose argmax is right (eval's token accuracy), an argmax over the
+            vocabulary per token that training does not need.
+
+    Returns:
+        The sums of the batch: Σ weight · CE (differentiable), Σ weight, the trained targets, and the right ones
+        with `accuracy`.
+
+    Raises:
+        ValueError: `output` is a DoRA head, which the chunked loss does not compute.
+    """
     lora_input = lora_a = lora_b = None
     scaling = 0.0
     if isinstance(output, torch.Tensor):
@@ -147,8 +161,11 @@ def chunked_cross_entropy(
 
 
 class CausalLMWithLoss(nn.Module):
-    """The model and its loss in one forward, so FSDP2 (applied with this as root) keeps the output head
-    unsharded for exactly as long as the chunked loss needs it."""
+    """The model and its loss in one forward.
+
+    FSDP2, applied with this as root, so keeps the output head unsharded for exactly as long as the chunked loss
+    needs it.
+    """
 
     def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK_SIZE):
         super().__init__()
@@ -164,8 +181,15 @@ class CausalLMWithLoss(nn.Module):
         weights: torch.Tensor,
         accuracy: bool = False,
     ) -> LossSums:
-        """`positions` are the indices of the trained targets (weight > 0); `targets` and `weights` are theirs.
-        In instruction data most targets are prompt tokens with weight 0: their logits are never computed."""
+        """The loss sums of a packed batch, its logits computed at the trained positions only.
+
+        In instruction data most targets are prompt tokens with weight 0: their logits are never computed.
+
+        Args:
+            seqlens: the lengths of the documents packed in `tokens`, which attend only within themselves.
+            positions: the indices of the trained targets (weight > 0); `targets` and `weights` are theirs.
+            accuracy: also count the trained targets whose argmax is right (eval).
+        """
         hidden = self.model.hidden_states(tokens, seqlens)[positions]
         return chunked_cross_entropy(hidden, self.model.output, targets, weights, self.chunk_size, accuracy)
 
@@ -175,8 +199,11 @@ class CausalLMWithLoss(nn.Module):
 
 
 def loss_inputs(batch, device: torch.device) -> dict:
-    """A Batch as CausalLMWithLoss's arguments. The trained positions are found on the CPU, where the batch is,
-    and everything goes to the device through pinned memory, so the host never waits for the device here."""
+    """A Batch as CausalLMWithLoss's arguments, on `device`.
+
+    The trained positions are found on the CPU, where the batch is, and everything goes to the device through pinned
+    memory, so the host never waits for the device here.
+    """
     positions = batch.weights.nonzero().squeeze(1)
     return dict(
         tokens=to_device(batch.tokens, device),

@@ -32,6 +32,14 @@ BACKOFF_FACTOR = 0.5
 
 
 class DynamicLossScale:
+    """fp16's loss scale and its count of finite steps in a row, both on the device (the module docstring).
+
+    Args:
+        growth_interval: finite steps in a row after which the scale doubles (optim.loss_scale_growth_interval).
+        scale: the scale to start from: INITIAL_SCALE, or a resumed checkpoint's.
+        good_steps: finite steps in a row so far, as a resumed checkpoint saved them.
+    """
+
     def __init__(
         self, device: torch.device, growth_interval: int, scale: float = INITIAL_SCALE, good_steps: int = 0
     ) -> None:
@@ -40,6 +48,7 @@ class DynamicLossScale:
         self.good_steps = torch.full((), good_steps, dtype=torch.int32, device=device)
 
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss times the scale, to run the backward of."""
         return loss * self.scale
 
     @torch.no_grad()
@@ -56,7 +65,7 @@ class DynamicLossScale:
         )
 
     def state(self) -> dict:
-        """For the checkpoint (reads the device: a checkpoint step waits for it anyway)."""
+        """The scale and its good steps as progress.json saves them (reads the device: a checkpoint waits anyway)."""
         return {"loss_scale": self.scale.item(), "loss_scale_good_steps": int(self.good_steps.item())}
 
 

@@ -28,9 +28,12 @@ TOKENIZER_FILES = (*TOKENIZER_PATTERNS, "tokenizer.model")
 
 
 def is_hub_id(path: str) -> bool:
-    """Whether model.path names a hub repository: owner/name, with no file or folder of that name here, no local
-    folder `owner` (`models/x` in a folder of models is a missing folder, not a repository), and not the demo's model,
-    which `tailor demo` makes there. `./models/x` is always a folder."""
+    """Whether model.path names a hub repository rather than a folder here.
+
+    That is owner/name, with no file or folder of that name here, no local folder `owner` (`models/x` in a folder of
+    models is a missing folder, not a repository), and not the demo's model, which `tailor demo` makes there.
+    `./models/x` is always a folder.
+    """
     owner = Path(path).parts[0] if path else ""
     return (
         bool(HUB_ID.fullmatch(path))
@@ -41,8 +44,14 @@ def is_hub_id(path: str) -> bool:
 
 
 def resolve_hub_model(cfg: TrainConfig) -> TrainConfig:
-    """cfg with model.path the hub id's folder in the hub's cache (downloaded if need be), and model.hub_id the id;
-    cfg itself when model.path is not a hub id."""
+    """Resolve model.path as a hub id to its folder in the hub's cache, downloading it if need be.
+
+    Returns:
+        cfg with model.path that folder and model.hub_id the id; cfg itself when model.path is not a hub id.
+
+    Raises:
+        PreflightError: naming model.path: huggingface_hub is missing, or the download failed (download_model).
+    """
     if not is_hub_id(cfg.model.path):
         return cfg
     folder = download_model(cfg.model.path)
@@ -62,7 +71,12 @@ def files_to_download(repo_files: list[str]) -> list[str]:
 
 
 def download_model(repo_id: str) -> Path:
-    """The repository's snapshot folder in the hub's cache; every failure a PreflightError in words."""
+    """The repository's snapshot folder in the hub's cache, with the files tailor reads downloaded.
+
+    Raises:
+        PreflightError: naming model.path and what to do: huggingface_hub is missing, the repository is gated,
+            private or absent, not cached while the hub cannot be reached, or the cache cannot be written.
+    """
     try:
         import huggingface_hub
         from huggingface_hub import constants, errors

@@ -28,8 +28,14 @@ from model.weights import read_weights, vision_tower_specs, weight_specs
 
 
 def quantize_meta_model(model: Transformer, world_size: int) -> None:
-    """model.quantize: nf4 on the meta model: the frozen projections become NF4 parameters (no memory), to be
-    filled as the weights stream in. Each rank's rows of a weight must hold whole NF4 scale groups."""
+    """Apply model.quantize: nf4 to the meta model: the frozen projections become NF4 parameters (no memory).
+
+    They are filled as the weights stream in. Each rank's rows of a weight must hold whole NF4 scale groups.
+
+    Raises:
+        ConfigError: a weight's rows cannot be split over `world_size` ranks in whole scale groups, or torchao is not
+            installed.
+    """
     for name, param in model.named_parameters():
         if is_quantized_name(name) and (problem := nf4_shard_problem(name, tuple(param.shape), world_size)):
             raise ConfigError(f"model.quantize: nf4 cannot store {problem}")
@@ -42,9 +48,17 @@ def quantize_meta_model(model: Transformer, world_size: int) -> None:
 def build_meta_training_model(
     cfg: TrainConfig, args: ModelArgs, dtype: torch.dtype, world_size: int
 ) -> CausalLMWithLoss:
-    """The model of `args` as a run builds it, on the meta device: LoRA and NF4 as configured, wrapped with its loss,
-    sharded over `world_size` ranks with the checkpointing and compilation cfg.model asks for. The trace
-    (finetune/training/trace.py) builds the same."""
+    """The model of `args` as a run builds it, on the meta device, wrapped with its loss.
+
+    LoRA and NF4 as configured, sharded over `world_size` ranks with the checkpointing and compilation cfg.model asks
+    for. The trace (finetune/training/trace.py) builds the same.
+
+    Args:
+        dtype: the compute dtype (precision.compute_dtype).
+
+    Raises:
+        ConfigError: model.quantize: nf4 cannot store this model on `world_size` ranks (quantize_meta_model).
+    """
     model = build_meta_model(args, dtype, cfg.model.attention, cfg.lora)
     if cfg.model.quantize == "nf4":
         quantize_meta_model(model, world_size)
@@ -54,8 +68,17 @@ def build_meta_training_model(
 
 
 def build_training_model(cfg: TrainConfig, args: ModelArgs, dist_info: DistInfo) -> CausalLMWithLoss:
-    """The LoRA model of `args` (the model folder's, as preflight read them) wrapped with its loss, sharded when there
-    is more than one process, weights loaded."""
+    """The LoRA model of `args` wrapped with its loss, sharded when there is more than one process, weights loaded.
+
+    Rank 0 reads the weights and the other ranks get each tensor from it; the adapters are initialised from cfg.seed.
+
+    Args:
+        args: the model folder's, as preflight read them.
+
+    Raises:
+        ConfigError: model.quantize: nf4 cannot store this model on these ranks.
+        ValueError: the weight files do not match the model `args` describes, naming the folder and tensor.
+    """
     model_dir = Path(cfg.model.path)
     dtype = compute_dtype(cfg.model.dtype, dist_info.device)
     loss_model = build_meta_training_model(cfg, args, dtype, dist_info.world_size)

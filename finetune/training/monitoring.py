@@ -51,6 +51,11 @@ class MetricsLogger:
                 self.mlflow.log_params(_flat_config(cfg))
 
     def log(self, record: dict) -> None:
+        """Append a record to metrics.jsonl (flushed), and its numbers to each tracker under `kind/name`.
+
+        Raises:
+            OSError: metrics.jsonl could not be written (a full disk), naming it.
+        """
         try:
             self.file.write(json.dumps(standard_json(record), allow_nan=False) + "\n")
             self.file.flush()
@@ -81,6 +86,7 @@ class MetricsLogger:
             )
 
     def close(self) -> None:
+        """Close metrics.jsonl and end each tracker's run."""
         self.file.close()
         if self.tensorboard:
             self.tensorboard.close()
@@ -91,8 +97,10 @@ class MetricsLogger:
 
 
 def flat_numbers(record: dict, prefix: str = "") -> dict[str, int | float]:
-    """The numbers of a record at any depth, nested keys joined by "/" (`scores/eval/data/eval.jsonl/exact_match`),
-    as the trackers take them."""
+    """The numbers of a record at any depth, as the trackers take them.
+
+    Nested keys are joined by "/" (`scores/eval/data/eval.jsonl/exact_match`).
+    """
     numbers = {}
     for key, value in record.items():
         if isinstance(value, dict):
@@ -103,8 +111,10 @@ def flat_numbers(record: dict, prefix: str = "") -> dict[str, int | float]:
 
 
 def standard_json(value):
-    """`value` with each non-finite number (a skipped step's loss or gradient norm) as null, at any depth: JSON has
-    no NaN or Infinity, and readers other than Python's reject them."""
+    """`value` with each non-finite number (a skipped step's loss or gradient norm) as null, at any depth.
+
+    JSON has no NaN or Infinity, and readers other than Python's reject them.
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -166,11 +176,13 @@ def train_record(step: int, max_steps: int, lr: float, outcome, progress, peak_m
 
 
 def format_duration(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
     seconds = max(0, int(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def format_train_line(record: dict) -> str:
+    """A train record (train_record) as the log's line: step, loss, lr, gradient norm, tokens/s, peak memory, ETA."""
     step, max_steps = record["step"], record["max_steps"]
     eta = record["elapsed_s"] / step * (max_steps - step)
     return (
@@ -182,8 +194,11 @@ def format_train_line(record: dict) -> str:
 
 
 def format_eval_line(record: dict, base: dict | None = None) -> str:
-    """An eval record in a few lines: the eval (and retain) loss, then the scores of each source's generations;
-    with the base model's record, its figures beside each."""
+    """An eval record in a few lines: the eval (and retain) loss, then the scores of each source's generations.
+
+    Args:
+        base: the base model's eval record, whose figures are shown beside each.
+    """
     head = "base model (adapters off), before step 1" if record.get("base") else f"eval at step {record['step']}"
     lines = [f"{head}: {_loss_figures(record, 'eval', base)}"]
     if "retain_loss" in record:
@@ -249,8 +264,14 @@ def format_summary(
     model_dir: Path | None = None,
     base: dict | None = None,
 ) -> str:
-    """The end of a run in a few lines; with `model_dir` (the base of an adapter checkpoint), how to chat with it;
-    with `base` (the base model's eval record), its figures beside the final ones."""
+    """The end of a run in a few lines: steps, tokens and time, the final losses and scores, the last checkpoint.
+
+    Args:
+        eval_metrics: the last eval record.
+        run_dir: the run folder, for the plot command shown.
+        model_dir: the base of an adapter checkpoint, for the chat command shown.
+        base: the base model's eval record, whose figures are shown beside the final ones.
+    """
     lines = [f"done: {steps} steps, {tokens:,} tokens in {format_duration(seconds)}"]
     if train_loss is not None:
         lines.append(f"  final train loss {train_loss:.4f}")

@@ -17,9 +17,12 @@ from finetune.config import OptimConfig
 
 
 def lora_param_groups(model: nn.Module, plus_ratio: float) -> list[torch.nn.Parameter] | list[dict]:
-    """The trainable parameters, for `build_optimizer`: one group, or with LoRA+ (`lora.plus_ratio` other than 1)
-    two, as peft's `create_loraplus_optimizer` makes them: the A matrices at the learning rate, the B matrices and
-    DoRA's magnitudes (peft's 1-D parameters) at `plus_ratio` times it (`lr_ratio`, which `set_lr` applies)."""
+    """The trainable parameters, for `build_optimizer`: one group, or two with LoRA+.
+
+    With `lora.plus_ratio` other than 1, the groups are as peft's `create_loraplus_optimizer` makes them: the A
+    matrices at the learning rate, the B matrices and DoRA's magnitudes (peft's 1-D parameters) at `plus_ratio` times
+    it (`lr_ratio`, which `set_lr` applies).
+    """
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if plus_ratio == 1:
         return [p for _, p in trainable]
@@ -29,13 +32,17 @@ def lora_param_groups(model: nn.Module, plus_ratio: float) -> list[torch.nn.Para
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: OptimConfig) -> torch.optim.AdamW:
-    """Decayed as the config says: every trainable parameter is a LoRA matrix (there are no biases or norms, which
-    usually go undecayed), and decay pulls B·A, the change to the base model, toward zero. `params` are one group,
-    or `lora_param_groups`' two (LoRA+).
+    """Fused AdamW over the LoRA parameters, with the config's learning rate, betas, eps and weight decay.
+
+    Decayed as the config says: every trainable parameter is a LoRA matrix (there are no biases or norms, which
+    usually go undecayed), and decay pulls B·A, the change to the base model, toward zero.
 
     The parameters are fp32 (LoRA), so the optimizer state is fp32 too. The fused kernel (CPU and CUDA) updates
     every parameter, FSDP's DTensor shards included, in a few launches, and it can skip a non-finite step on the
     device by itself (`found_inf`, finetune/training/train_step.py), so a step never waits for the device to decide.
+
+    Args:
+        params: one group of parameters, or `lora_param_groups`' two (LoRA+).
     """
     return torch.optim.AdamW(
         list(params),
@@ -48,6 +55,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: 
 
 
 def warmup_steps_for(cfg: OptimConfig, max_steps: int) -> int:
+    """The warmup's steps: optim.warmup_steps (at most max_steps), else warmup_fraction of max_steps."""
     if cfg.warmup_steps is not None:
         return min(cfg.warmup_steps, max_steps)
     return round(cfg.warmup_fraction * max_steps)
@@ -67,8 +75,10 @@ def lr_at_step(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 
 def due_at(step: int, freq: int, max_steps: int) -> bool:
-    """Whether what is done every `freq` steps (eval.freq, checkpoint.freq) is done at `step`: at each multiple of
-    freq, and always at the last step; freq 0 means at the last step only."""
+    """Whether what is done every `freq` steps (eval.freq, checkpoint.freq) is done at `step`.
+
+    It is at each multiple of freq, and always at the last step; freq 0 means at the last step only.
+    """
     return step == max_steps or (freq > 0 and step % freq == 0)
 
 

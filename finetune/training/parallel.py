@@ -32,10 +32,16 @@ if TYPE_CHECKING:
 def apply_parallelism(
     root: nn.Module, blocks: nn.ModuleList, settings: ModelConfig, world_size: int, dtype: torch.dtype
 ) -> None:
-    """Everything that changes how the (meta-device) model runs, in the order it must happen: activation
-    checkpointing inside each block, each block compiled with its checkpointing, then FSDP2 over the blocks and
-    `root` when there is more than one rank, computing in `dtype`. Names and numbers stay those of the unchanged
-    model."""
+    """Apply everything that changes how the (meta-device) model runs, in the order it must happen.
+
+    Activation checkpointing inside each block, each block compiled with its checkpointing, then FSDP2 over the
+    blocks and `root` when there is more than one rank. Names and numbers stay those of the unchanged model.
+
+    Args:
+        root: the module FSDP2 wraps last (the loss model), holding `blocks`.
+        settings: the `model:` section: activation checkpointing and its scope, compile, fsdp_prefetch.
+        dtype: the compute dtype of the sharded weights.
+    """
     if settings.activation_checkpointing:
         for block in blocks:
             enable_activation_checkpointing(block if settings.checkpointing_scope == "block" else block.feed_forward)
@@ -47,9 +53,11 @@ def apply_parallelism(
 
 
 def compile_note(settings: ModelConfig, args: ModelArgs) -> str | None:
-    """What `model.compile` cannot do for this model, said before step 1: in a Mixtral block under activation
-    checkpointing, dynamo stops at the experts' token counts (read on the host), and a checkpointed region with a graph
-    break runs eagerly whole."""
+    """What `model.compile` cannot do for this model, said before step 1; None when it compiles as asked.
+
+    In a Mixtral block under activation checkpointing, dynamo stops at the experts' token counts (read on the host),
+    and a checkpointed region with a graph break runs eagerly whole.
+    """
     if settings.compile and args.moe and settings.activation_checkpointing:
         return (
             "compile: model.compile: true compiles nothing here: Mixtral's expert dispatch reads its token counts on "
@@ -101,8 +109,12 @@ def shard_model(root: nn.Module, blocks: nn.ModuleList, compute_dtype: torch.dty
 
 
 def prefetch_plan(n_blocks: int, prefetch: int) -> list[tuple[list[int], list[int]]]:
-    """For each block, the blocks whose weights it all-gathers ahead of need: the next `prefetch` in forward, and
-    in backward (which runs from the last block to the first) the previous `prefetch`, nearest first."""
+    """For each block, the blocks whose weights it all-gathers ahead of need.
+
+    Returns:
+        Per block, (forward, backward): the indices of the next `prefetch` blocks, and, as backward runs from the last
+        block to the first, of the previous `prefetch`, nearest first.
+    """
     return [
         (list(range(i + 1, min(n_blocks, i + 1 + prefetch))), list(range(i - 1, max(-1, i - 1 - prefetch), -1)))
         for i in range(n_blocks)
@@ -112,10 +124,15 @@ def prefetch_plan(n_blocks: int, prefetch: int) -> list[tuple[list[int], list[in
 def broadcast_from_rank0(
     model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]] | None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rank 0's stream of (name, full tensor) on every rank, for model.loading's `fill_weights`: only rank 0 reads
-    `tensors` (the others pass None) and announces each name; the others get an empty buffer of the parameter's
-    full shape, which `place_shard` fills by a broadcast or takes only the shape of. Without a process group, the
-    stream itself."""
+    """Rank 0's stream of (name, full tensor) on every rank, for model.loading's `fill_weights`.
+
+    Only rank 0 reads `tensors` and announces each name; the others get an empty buffer of the parameter's full
+    shape, which `place_shard` fills by a broadcast or takes only the shape of. Without a process group, the stream
+    itself.
+
+    Args:
+        tensors: the checkpoint's (name, tensor) stream on rank 0; None on the other ranks.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         yield from tensors
         return
@@ -139,9 +156,12 @@ def broadcast_from_rank0(
 
 
 def place_shard(model: nn.Module, name: str, full: torch.Tensor) -> None:
-    """model.loading's `place` for FSDP2: each rank keeps its shard of rank 0's full tensor (`distribute_tensor`),
-    and an NF4 weight is quantized whole by every rank (the same blocks and scales as in one process, whatever the
-    number of ranks), each rank keeping its rows. An unsharded parameter is placed as in one process."""
+    """Place rank 0's full tensor into this rank's shard of parameter `name`: model.loading's `place` for FSDP2.
+
+    Each rank keeps its shard (`distribute_tensor`), and an NF4 weight is quantized whole by every rank (the same
+    blocks and scales as in one process, whatever the number of ranks), each rank keeping its rows. An unsharded
+    parameter is placed as in one process. A collective for a sharded parameter.
+    """
     param = model.get_parameter(name)
     if not is_dtensor(param):
         place_tensor(model, name, full)
@@ -170,8 +190,10 @@ def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
 
 
 def init_lora_shards(model: nn.Module, seed: int) -> None:
-    """Every adapter's A and B initialised full size (model.lora's `init_lora_`, from a generator seeded with
-    `seed`) and placed by `place_shard`: the same values for any number of ranks."""
+    """Initialise every adapter's A and B full size, then keep each rank's shard: the same values for any world size.
+
+    The values are model.lora's `init_lora_`, from a generator seeded with `seed`, placed by `place_shard`.
+    """
     generator = torch.Generator().manual_seed(seed)
     for name, adapted in model.named_modules():
         if isinstance(adapted, LoRALinear):
@@ -183,8 +205,10 @@ def init_lora_shards(model: nn.Module, seed: int) -> None:
 
 
 def init_dora_magnitudes(model: nn.Module) -> None:
-    """DoRA's magnitudes set to the loaded weights' row norms, each rank from its own rows (FSDP2 shards a weight
-    and its magnitudes along the same rows): no weight is gathered."""
+    """Set DoRA's magnitudes to the loaded weights' row norms, each rank from its own rows: no weight is gathered.
+
+    FSDP2 shards a weight and its magnitudes along the same rows, so a rank's rows hold all it needs.
+    """
     for adapted in model.modules():
         if isinstance(adapted, LoRALinear) and adapted.lora_magnitude is not None:
             magnitude, weight = adapted.lora_magnitude.weight, adapted.weight

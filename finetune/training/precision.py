@@ -12,8 +12,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """model.dtype as a torch dtype; `auto`: bf16 on a GPU that has it (Ampere and later), fp16 on one without
-    (T4, V100), fp32 on CPU."""
+    """model.dtype as a torch dtype, `auto` resolved for `device`.
+
+    `auto` is bf16 on a GPU that has it (Ampere and later), fp16 on one without (T4, V100), fp32 on CPU.
+    """
     if name != "auto":
         return DTYPES[name]
     if device.type != "cuda":

@@ -40,8 +40,15 @@ class PreflightError(ValueError):
 
 
 def run_preflight_checks(cfg: TrainConfig) -> tuple[MistralTokenizer, ModelArgs]:
-    """Every check, cheapest first. Returns the model folder's tokenizer and its params.json (or config.json), which
-    checking them has read anyway, for the run to use rather than read again."""
+    """Run every check, cheapest first.
+
+    Returns:
+        The model folder's tokenizer and its params.json (or config.json) as ModelArgs, which checking them has read
+        anyway, for the run to use rather than read again.
+
+    Raises:
+        PreflightError: the first fault, naming the config key, the path and what to do.
+    """
     model_dir = Path(cfg.model.path)
     check_model_folder(model_dir)
     written = {"run_dir": Path(cfg.run_dir), "data.cache_dir": resolve_cache_dir(cfg.data, cfg.run_dir)}
@@ -65,6 +72,11 @@ def run_preflight_checks(cfg: TrainConfig) -> tuple[MistralTokenizer, ModelArgs]
 
 
 def check_model_folder(folder: Path) -> None:
+    """Check that model.path is a folder with params.json or config.json (the demo's model says how to make it).
+
+    Raises:
+        PreflightError: naming model.path and what is missing.
+    """
     if folder == DEMO_MODEL and not folder.exists():
         raise PreflightError(
             f"model.path: {folder} does not exist yet: it is the demo's tiny model, made by `python -m finetune demo` "
@@ -81,8 +93,17 @@ def check_model_folder(folder: Path) -> None:
 
 
 def check_data_paths(key: str, sources: list[DataSource], written: dict[str, Path]) -> None:
-    """Each source is a .jsonl file or a folder of them (source_files), and no folder holds one of the `written`
-    folders (run_dir, data.cache_dir), whose .jsonl files would be read back as data."""
+    """Check that each source is a .jsonl file or a folder of them, holding none of the folders a run writes.
+
+    A source folder holding run_dir or data.cache_dir would read their .jsonl files back as data.
+
+    Args:
+        key: the config key of `sources` (data.train, data.eval, data.retain), which errors name.
+        written: the folders the run writes, by config key.
+
+    Raises:
+        PreflightError: naming `key[i]` and the path.
+    """
     for i, source in enumerate(sources):
         try:
             check_holds_none_of(source, written)
@@ -92,7 +113,11 @@ def check_data_paths(key: str, sources: list[DataSource], written: dict[str, Pat
 
 
 def check_tokenizer(model_dir: Path) -> MistralTokenizer:
-    """The folder's one mistral-common tokenizer, which must be one mistral-common reads."""
+    """Load the folder's one mistral-common tokenizer.
+
+    Raises:
+        PreflightError: no tokenizer file, several, or one mistral-common cannot read.
+    """
     try:
         return load_tokenizer(model_dir)
     except (FileNotFoundError, ValueError) as error:
@@ -100,9 +125,19 @@ def check_tokenizer(model_dir: Path) -> MistralTokenizer:
 
 
 def check_model_weights(cfg: TrainConfig, args: ModelArgs, described: Path) -> None:
-    """Every weight of the model that params.json (or config.json) describes is in the folder, once, with that
-    shape, and nothing else is: read from the files' headers only, so a truncated or damaged file, a missing
-    tensor or a mismatched shape stops the run before any weight is loaded, naming the file."""
+    """Check that the folder holds every weight of the described model, once, with its shape, and nothing else.
+
+    Read from the files' headers only, so a truncated or damaged file, a missing tensor or a mismatched shape stops
+    the run before any weight is loaded.
+
+    Args:
+        args: the model as params.json (or config.json) describes it.
+        described: the file that describes it, which errors name.
+
+    Raises:
+        PreflightError: naming the weight file and tensor: unreadable, not a float, unknown, of another shape, or
+            missing.
+    """
     import torch
 
     from model.loading import build_meta_model
@@ -140,8 +175,18 @@ def check_model_weights(cfg: TrainConfig, args: ModelArgs, described: Path) -> N
 
 
 def check_seq_len(seq_len: int, path: Path, values: dict) -> None:
-    """seq_len may pass a sliding window (Mistral attends within it), never a length the model's params.json or
-    config.json (`path`, holding `values`) declares as its limit: positions beyond it were never trained."""
+    """Check that seq_len is within the length the model declares as its limit.
+
+    seq_len may pass a sliding window (Mistral attends within it), never the declared limit: positions beyond it
+    were never trained.
+
+    Args:
+        path: the model's params.json or config.json.
+        values: what `path` holds.
+
+    Raises:
+        PreflightError: seq_len is longer than the declared limit.
+    """
     key = "max_seq_len" if path.name == "params.json" else "max_position_embeddings"
     declared = values.get("text_config", values)  # multimodal Hugging Face configs nest the text model
     limit = declared.get(key) if isinstance(declared, dict) else None
@@ -152,8 +197,13 @@ def check_seq_len(seq_len: int, path: Path, values: dict) -> None:
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """run_dir, and checkpoints/ in it, are folders this process can write; what tailor writes there as a file is
-    not a folder. A run_dir that does not exist is created."""
+    """Check that run_dir, and checkpoints/ in it, are folders this process can write; create run_dir if need be.
+
+    What tailor writes there as a file (config.yaml, metrics.jsonl, the lock) must not be a folder or a FIFO.
+
+    Raises:
+        PreflightError: naming run_dir and the path at fault.
+    """
     from finetune.training.config_record import CONFIG_FILE
     from finetune.training.monitoring import METRICS_FILE
     from finetune.training.run_lock import LOCK_FILE
@@ -181,14 +231,22 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def check_cache_dir(cache_dir: Path) -> None:
+    """Check that data.cache_dir is a folder this process can write; create it if need be.
+
+    Raises:
+        PreflightError: naming data.cache_dir.
+    """
     if cache_dir.exists() and not cache_dir.is_dir():
         raise PreflightError(f"data.cache_dir: {cache_dir} is a file, not a folder; choose another data.cache_dir")
     check_writable("data.cache_dir", cache_dir)
 
 
 def missing_folders(folder: Path) -> list[Path]:
-    """The folders of `folder`'s path that do not exist yet, deepest first: those a run creates (the run_dir, and
-    the folders above it), which remove_unused_folders removes again if the run is refused."""
+    """The folders of `folder`'s path that do not exist yet, deepest first.
+
+    Those are what a run creates (the run_dir, and the folders above it), which remove_unused_folders removes again
+    if the run is refused.
+    """
     missing, folder = [], folder.absolute()
     while not folder.exists() and not folder.is_symlink():
         missing.append(folder)
@@ -197,8 +255,11 @@ def missing_folders(folder: Path) -> list[Path]:
 
 
 def remove_unused_folders(created: list[Path]) -> None:
-    """Remove the folders a refused run created (missing_folders), deepest first, while they hold nothing but the
-    run's lock file and status: a folder holding anything else is kept, and so are those above it."""
+    """Remove the folders a refused run created (missing_folders), deepest first.
+
+    A folder goes only while it holds nothing but the run's lock file and status: one holding anything else is kept,
+    and so are those above it.
+    """
     from finetune.training.run_lock import LOCK_FILE
     from finetune.training.run_status import STATUS_FILE
 
@@ -216,8 +277,17 @@ def remove_unused_folders(created: list[Path]) -> None:
 
 
 def check_writable(key: str, folder: Path) -> None:
-    """Create `folder` if need be, and a file in it: the one test that holds everywhere (os.access answers yes to
-    root, and on a read-only mount or a full disk only a write tells)."""
+    """Create `folder` if need be, and a file in it.
+
+    That is the one test that holds everywhere: os.access answers yes to root, and on a read-only mount or a full
+    disk only a write tells.
+
+    Args:
+        key: the config key of `folder`, which the error names.
+
+    Raises:
+        PreflightError: the folder or the file cannot be created.
+    """
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -229,8 +299,11 @@ def check_writable(key: str, folder: Path) -> None:
 
 
 def checkpoint_bytes(cfg: TrainConfig, args: ModelArgs) -> int:
-    """About how large one checkpoint is: the LoRA parameters counted on a meta model (no memory), times the
-    bytes each takes (CHECKPOINT_BYTES_PER_LORA_PARAMETER), plus the merged model when that is what is saved."""
+    """About how large one checkpoint is, in bytes.
+
+    The LoRA parameters counted on a meta model (no memory), times the bytes each takes
+    (CHECKPOINT_BYTES_PER_LORA_PARAMETER), plus the merged model when that is what is saved.
+    """
     import torch
 
     from finetune.training.precision import compute_dtype
@@ -247,8 +320,14 @@ def checkpoint_bytes(cfg: TrainConfig, args: ModelArgs) -> int:
 
 
 def check_disk_space(cfg: TrainConfig, args: ModelArgs) -> None:
-    """Room for the `checkpoint.keep` checkpoints kept and the one being written beside them (a preempted run
-    saves one even with checkpoints off), less what the run's checkpoints already take."""
+    """Check that run_dir's disk has room for the checkpoints the run will keep.
+
+    That is `checkpoint.keep` checkpoints and the one being written beside them (a preempted run saves one even with
+    checkpoints off), less what the run's checkpoints already take.
+
+    Raises:
+        PreflightError: naming run_dir, the space free and the space needed.
+    """
     run_dir = Path(cfg.run_dir)
     per_checkpoint = checkpoint_bytes(cfg, args)
     count = cfg.checkpoint.keep + 1 if cfg.checkpoint.enabled else 1

@@ -28,6 +28,11 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore this process's random generators from rng_state's lists (CUDA's only on a GPU, where saved).
+
+    A `state` that is not rng_state's raises whatever torch, numpy or Python raise for it: rng_state_problem checks
+    one without raising.
+    """
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     kind, keys, position, has_gauss, cached_gauss = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached_gauss))
@@ -38,8 +43,10 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def rng_state_problem(state: dict) -> str | None:
-    """None when `state` (from rng_state) can be restored; else why not. Tried on throwaway generators, so the
-    process's own are untouched."""
+    """None when `state` (from rng_state) can be restored; else why not.
+
+    Tried on throwaway generators, so the process's own are untouched.
+    """
     try:
         torch.Generator().set_state(torch.tensor(state["torch"], dtype=torch.uint8))
         kind, keys, position, has_gauss, cached_gauss = state["numpy"]
@@ -52,18 +59,23 @@ def rng_state_problem(state: dict) -> str | None:
 
 
 def seed_rngs(seed: int) -> None:
+    """Seed every random generator of this process (torch, CUDA, numpy, Python) from `seed`."""
     torch.manual_seed(seed)  # CUDA's generators too
     np.random.seed(seed % 2**32)
     random.seed(seed)
 
 
 def derived_seed(*numbers: int) -> int:
+    """A seed drawn from several numbers (e.g. seed, step, rank) by numpy's SeedSequence: unrelated for each tuple."""
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
 def train_data_seed(seed: int, start: ResumePoint | None, world_size: int) -> int:
-    """The data loader's seed: the config's, unless the run resumes on another number of ranks, whose data position
-    has no counterpart here (finetune/training/checkpointing.py)."""
+    """The data loader's seed: the config's, unless the run resumes on another number of ranks.
+
+    There the saved data position has no counterpart (finetune/training/checkpointing.py), so the data starts a new
+    order, seeded by (seed, step).
+    """
     if start is None or start.world_size == world_size:
         return seed
     return derived_seed(seed, start.step)

@@ -45,8 +45,19 @@ class RunLock:
 
 
 def lock_run_dir(run_dir: Path, dist_info: DistInfo, command: str) -> RunLock:
-    """Rank 0 takes the lock (creating run_dir) and tells every rank whether it could; all raise RunLockedError if
-    another process holds it. Rank 0's lock stands for the run: only rank 0 writes metrics and renames checkpoints."""
+    """Take run_dir's lock on rank 0 (creating run_dir), and tell every rank whether it could.
+
+    Rank 0's lock stands for the run: only rank 0 writes metrics and renames checkpoints.
+
+    Args:
+        command: the command line that started the run, which the lock file records for a second run to name.
+
+    Returns:
+        The held lock, to use in a `with` block (holding nothing on the other ranks).
+
+    Raises:
+        RunLockedError: on every rank, when another process holds the lock, naming it.
+    """
     lock, refusal = RunLock(None), None
     if dist_info.is_main:
         try:

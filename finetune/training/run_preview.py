@@ -38,6 +38,13 @@ def describe_run(
     train_batches: TrainLoader,
     eval_batches: list,
 ) -> str:
+    """What the run is about to do, in the lines the module docstring shows: devices, model, LoRA, step, memory, eval.
+
+    Args:
+        args: the model's shape, as its params.json or config.json describes it.
+        model: the model as built (its loss wrapper), whose trainable parameters are counted.
+        train_batches: the train loader, whose sources' tokens give the epochs.
+    """
     lines = [
         f"devices: {describe_devices(dist_info)}; frozen weights {cfg.model.dtype}, LoRA weights fp32",
         *([describe_cpu_threads(dist_info.world_size)] if dist_info.device.type == "cpu" else []),
@@ -70,6 +77,7 @@ def describe_memory(cfg: TrainConfig, args: ModelArgs, world_size: int, device: 
 
 
 def describe_devices(dist_info: DistInfo) -> str:
+    """The processes and the devices they run on: `1 process on the CPU (world size 1)`."""
     processes = f"{dist_info.world_size} process{'es' if dist_info.world_size > 1 else ''}"
     if dist_info.device.type == "cuda":
         name = torch.cuda.get_device_name(dist_info.device)
@@ -80,9 +88,12 @@ def describe_devices(dist_info: DistInfo) -> str:
 
 
 def describe_cpu_threads(world_size: int) -> str:
-    """The threads each process computes with on a CPU, and why: torchrun sets OMP_NUM_THREADS=1 for several ranks
-    and leaves one process torch's default (one per core), the fastest on a machine of its own; on one shared with
-    other work, that many threads can be several times slower than one, which only the user can know."""
+    """The threads each process computes with on a CPU, and why.
+
+    torchrun sets OMP_NUM_THREADS=1 for several ranks and leaves one process torch's default (one per core), the
+    fastest on a machine of its own; on one shared with other work, that many threads can be several times slower
+    than one, which only the user can know.
+    """
     threads = torch.get_num_threads()
     if "OMP_NUM_THREADS" in os.environ:
         return f"threads: {threads} per process (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
@@ -94,6 +105,7 @@ def describe_cpu_threads(world_size: int) -> str:
 
 
 def describe_architecture(args: ModelArgs) -> str:
+    """`Mistral, 2 layers, dim 64, 4 heads (2 KV), vocab 32,768`, experts named for Mixtral."""
     kind = (
         f"Mixtral ({args.moe.num_experts} experts, {args.moe.num_experts_per_tok} per token)" if args.moe else "Mistral"
     )
@@ -104,7 +116,10 @@ def describe_architecture(args: ModelArgs) -> str:
 
 
 def describe_lora(cfg: TrainConfig, model: nn.Module) -> str:
-    """Counted on the model as built (DTensor shards count their whole tensor), so what is trained is what is shown."""
+    """The LoRA line: rank, alpha, variants and targets, and the trainable parameters.
+
+    Counted on the model as built (DTensor shards count their whole tensor), so what is trained is what is shown.
+    """
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     lora = cfg.lora
@@ -140,6 +155,7 @@ def train_data_tokens(train_batches: TrainLoader) -> int:
 
 
 def count(n: int) -> str:
+    """A count as the preview shows it: `4.27M`, `1.20B`, or `558,080` below a million."""
     for unit, size in (("B", 1e9), ("M", 1e6)):
         if n >= size:
             return f"{n / size:.2f}{unit}"

@@ -32,7 +32,14 @@ def prepare_run_dir(cfg: TrainConfig, dist_info: DistInfo) -> ResumePoint | None
     `resume: false` refuses a run_dir that already holds a run. `auto` continues from the newest intact checkpoint,
     reporting each one it skips (a damaged one is renamed aside) and the leftovers of saves cut short, or starts at
     step 0 when there is none. A checkpoint folder continues from that one. metrics.jsonl (and eval_generations.jsonl)
-    keep only the records up to the starting step, so each reads as one run. Returns None for a start at step 0.
+    keep only the records up to the starting step, so each reads as one run.
+
+    Returns:
+        The checkpoint to resume from; None for a start at step 0.
+
+    Raises:
+        ResumeError: on every rank: resume: false with a run in run_dir, a named checkpoint that is damaged or has
+            later ones beside it, or a checkpoint trained on another base model.
     """
     answer: ResumePoint | str | None = None
     if dist_info.is_main:

@@ -21,14 +21,23 @@ FINISHED, STOPPED, FAILED = "finished", "stopped", "failed"
 
 
 def write_run_status(run_dir: Path, state: str, step: int | None, error: str | None = None) -> None:
-    """status.json, whole or not at all: `state` is FINISHED, STOPPED or FAILED; `error` the failure's first line."""
+    """Write status.json, whole or not at all.
+
+    Args:
+        state: FINISHED, STOPPED or FAILED.
+        step: the step the run ended at; None when a failure's step is not known.
+        error: the failure's first line.
+    """
     record = {"state": state, "step": step, "error": error, "ended": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(record) + "\n")
 
 
 class RunRecord:
-    """How this launch will be recorded: nothing until the run is accepted (a refused launch leaves the folder as it
-    was, its last status included), then the last run's status removed and a failure recorded."""
+    """How this launch will be recorded: nothing until the run is accepted, then how it ends.
+
+    A refused launch leaves the folder as it was, its last status included; an accepted one removes the last run's
+    status, and its failure is recorded (recording_failure).
+    """
 
     def __init__(self, run_dir: Path, is_main: bool):
         self.run_dir, self.is_main, self.is_accepted = Path(run_dir), is_main, False
@@ -42,8 +51,14 @@ class RunRecord:
 
 @contextlib.contextmanager
 def recording_failure(run_dir: Path, is_main: bool) -> Iterator[RunRecord]:
-    """Within: an exception after the run was accepted leaves FAILED with its first line (rank 0's; another rank's
-    failure stops rank 0 too, which records its own), Ctrl-C STOPPED; before it, nothing is written."""
+    """Record in status.json how the block ends if it raises after the run was accepted; before that, nothing.
+
+    An exception leaves FAILED with its first line (rank 0's; another rank's failure stops rank 0 too, which records
+    its own), Ctrl-C STOPPED. The exception goes on up.
+
+    Yields:
+        The launch's RunRecord, to `accept()` once the run's settings are on record.
+    """
     record = RunRecord(run_dir, is_main)
     try:
         yield record

@@ -23,9 +23,15 @@ from finetune.training.train_step import QueuedStep, raise_if_diverged
 
 
 class StepReader:
-    """Reads the queued steps' outcomes into `progress`, logs them (rank 0 has the `logger` and the `console`),
-    raises NonFiniteError after too many non-finite steps in a row, and tells the loop when some rank was asked to
-    stop."""
+    """Read the queued steps' outcomes into `progress`, a step late, and log them.
+
+    It raises NonFiniteError after too many non-finite steps in a row, and tells the loop when some rank was asked to
+    stop (`stop_requested`).
+
+    Args:
+        logger: the run's metrics log; None on the ranks other than 0.
+        console: where the step lines go (rank 0).
+    """
 
     def __init__(
         self,
@@ -42,7 +48,11 @@ class StepReader:
         self.last_loss: float | None = None
 
     def add(self, step: int, lr: float, queued: QueuedStep, read_now: bool = False) -> None:
-        """Take the step just queued; read the one before it, and this one too if `read_now` or it is the last."""
+        """Take the step just queued; read the one before it, and this one too if `read_now` or it is the last.
+
+        Raises:
+            NonFiniteError: a step read was the optim.max_consecutive_nonfinite-th non-finite one in a row.
+        """
         self.unread.append((step, lr, queued))
         keep = 0 if read_now or step == self.cfg.max_steps else 1
         while len(self.unread) > keep:

@@ -8,16 +8,19 @@ import signal
 
 
 class StopSignal:
-    """SIGTERM (a scheduler's preemption; torchrun forwards it to its workers) or SIGINT (Ctrl-C) asks the run to
-    stop: the step in flight finishes, a checkpoint is saved, and the process exits 0. The handler only notes the
-    signal; train_step lets the ranks agree on it, so that they all stop after the same step (with several ranks
-    the agreement is read a step late, finetune/training/step_reader.py, so the step queued behind finishes too)."""
+    """A noted SIGTERM or SIGINT: the run finishes the step in flight, saves a checkpoint and exits 0.
+
+    SIGTERM is a scheduler's preemption (torchrun forwards it to its workers), SIGINT Ctrl-C. The handler only notes
+    the signal; train_step lets the ranks agree on it, so that they all stop after the same step (with several ranks
+    the agreement is read a step late, finetune/training/step_reader.py, so the step queued behind finishes too).
+    """
 
     def __init__(self) -> None:
         self.name: str | None = None
 
     @classmethod
     def install(cls) -> StopSignal:
+        """A StopSignal noting this process's SIGTERM and SIGINT from now on."""
         stop = cls()
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, stop._note)
@@ -25,6 +28,7 @@ class StopSignal:
 
     @property
     def requested(self) -> bool:
+        """Whether a signal to stop came to this process."""
         return self.name is not None
 
     def _note(self, number: int, frame) -> None:
@@ -32,8 +36,11 @@ class StopSignal:
 
 
 def resume_command(command: list[str]) -> str:
-    """How to resume: the command that started this run (`resume: auto`, the default, does the rest). `command`:
-    [train.py, CONFIG, ...] or [tailor, train, CONFIG, ...]."""
+    """How to resume, in words: the command that started this run (`resume: auto`, the default, does the rest).
+
+    Args:
+        command: [train.py, CONFIG, ...] or [tailor, train, CONFIG, ...].
+    """
     by_tailor = command[:2] == ["tailor", "train"]
     words = " ".join(shlex.quote(a) for a in (command[2:] if by_tailor else command))
     if "LOCAL_WORLD_SIZE" in os.environ:  # started by torchrun, whose options this process cannot see

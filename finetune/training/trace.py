@@ -58,6 +58,8 @@ from model.quantize import is_nf4
 
 @dataclass(frozen=True)
 class GpuKind:
+    """A GPU a step is traced as on: what `auto` picks on it (dtype, attention backend) and its memory."""
+
     name: str
     memory: int  # bytes
     capability: tuple[int, int]
@@ -105,6 +107,7 @@ class StepTrace:
 
     @property
     def flops_per_token(self) -> float:
+        """The step's FLOPs over its tokens, both this rank's, recomputation included."""
         return self.flops / self.tokens
 
     def breakdown(self) -> str:
@@ -116,6 +119,7 @@ class StepTrace:
         )
 
     def summary(self) -> str:
+        """The trace in one line: dtype and backend, weights, LoRA state, peak by part, FLOPs, kernels, host syncs."""
         syncs = sorted(set(self.host_syncs))
         ranks = "" if self.ranks == 1 else f", rank 0 of {self.ranks} under FSDP2, per rank"
         return (
@@ -223,6 +227,7 @@ class _LiveBytesAndFlops(TorchDispatchMode):
             self.peaks[self.phase] = (self.live, self.gathered)
 
     def hold(self, tensor: torch.Tensor) -> None:
+        """Count a fake tensor's storage as held until it is freed (each storage once; NF4's codes and scales)."""
         if not _is_fake(tensor):
             return
         flatten = getattr(tensor, "__tensor_flatten__", None)
@@ -310,9 +315,15 @@ def _fake_mode_off():
 
 
 def trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind = "h100", world_size: int = 1) -> StepTrace:
-    """One train_step of `cfg`'s model (`args`) on rank 0 of `world_size`, on fake tensors, as on `gpu` (the module
-    docstring). With several ranks the model is sharded as a run shards it, over a fake process group: its collectives
-    move no data, and each rank's figures are rank 0's."""
+    """Trace one train_step of `cfg`'s model on fake tensors, as rank 0 of `world_size` would run it on `gpu`.
+
+    With several ranks the model is sharded as a run shards it, over a fake process group: its collectives move no
+    data, and each rank's figures are rank 0's. The module docstring says what is traced and what is not.
+
+    Args:
+        args: the model's shape, as its params.json or config.json describes it.
+        gpu: a GPU_KINDS name, or the GpuKind of the GPU at hand.
+    """
     with _fake_ranks(world_size):
         return _trace_step(cfg, args, gpu, world_size)
 
@@ -422,10 +433,12 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 
 def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind = "h100", world_size: int = 1) -> StepTrace:
-    """The step of the full model from traces of 1, 2 and 3 of its layers: every block is the same, so the weights,
-    the LoRA state, the FLOPs and the host syncs grow by exactly the second trace's difference per layer, and the
-    peak by the third's (from two layers on, the peak is in the same place: the last block's recomputation, with
-    every block's input kept). Three small traces take seconds on a CPU."""
+    """The step of the full model, as trace_step would give it, from traces of 1, 2 and 3 of its layers.
+
+    Every block is the same, so the weights, the LoRA state, the FLOPs and the host syncs grow by exactly the second
+    trace's difference per layer, and the peak by the third's (from two layers on, the peak is in the same place: the
+    last block's recomputation, with every block's input kept). Three small traces take seconds on a CPU.
+    """
     one, two = (trace_step(cfg, dataclasses.replace(args, n_layers=n), gpu, world_size) for n in (1, 2))
     more = args.n_layers - 1
     grown = {
@@ -449,8 +462,9 @@ def this_gpu() -> GpuKind:
 
 
 def trace_before_start(cfg: TrainConfig, args: ModelArgs, world_size: int) -> str | None:
-    """The trace line a run prints before its model is built, so that a first GPU run shows the peak it will reach
-    beside the step lines' measured `peak mem`.
+    """The trace line a run prints before its model is built.
+
+    A first GPU run so shows the peak it will reach beside the step lines' measured `peak mem`.
 
     `model.trace`: `auto` traces on a GPU, as on that GPU; `always` on the CPU too, as on an H100; `never` not at all.
     Run before the process group exists (the trace opens a fake one of `world_size` ranks), by the caller's rank 0.

@@ -31,6 +31,12 @@ class Progress:
     loss_scale_good_steps: int = 0  # finite steps in a row since the loss scale last changed, as saved
 
     def count(self, step: int, tokens: int, outcome: CountedStep, elapsed_s: float) -> None:
+        """Count a read step: its tokens, its trained tokens, and whether it was skipped as non-finite.
+
+        Args:
+            tokens: all tokens of the step, all ranks.
+            elapsed_s: training time up to the end of this step, across resumes.
+        """
         self.step, self.elapsed_s = step, elapsed_s
         self.tokens += tokens
         self.trained_tokens += outcome.trained_tokens
@@ -40,6 +46,8 @@ class Progress:
 
 @dataclass
 class ResumePoint:
+    """The checkpoint a run starts from, as its state/progress.json says."""
+
     folder: Path  # the checkpoint
     step: int
     world_size: int  # of the run that saved it

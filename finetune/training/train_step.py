@@ -38,8 +38,11 @@ class NonFiniteError(RuntimeError):
 
 
 class HostCopy:
-    """A small device tensor on its way to the host: queued now, read later, and reading waits only for the work
-    queued before the copy (a CUDA event on the tensor's stream), not for the steps queued since."""
+    """A small device tensor on its way to the host: queued now, read later.
+
+    Reading waits only for the work queued before the copy (a CUDA event on the tensor's stream), not for the steps
+    queued since.
+    """
 
     def __init__(self, tensor: torch.Tensor):
         self._ready = None
@@ -52,6 +55,7 @@ class HostCopy:
             self._host = tensor.detach().clone()
 
     def read(self) -> list:
+        """The tensor's values as a list, once the copy has landed."""
         if self._ready is not None:
             self._ready.synchronize()
         return self._host.tolist()
@@ -69,20 +73,21 @@ class StepOutcome:
 
     @classmethod
     def from_values(cls, values: list[float]) -> StepOutcome:
+        """Read the five values train_step queues: non-finite, stop asked, trained tokens, loss, gradient norm."""
         nonfinite, stop, trained, loss, grad_norm = values
         return cls(not nonfinite, bool(stop), int(trained), loss, grad_norm)
 
 
 @dataclass
 class QueuedStep:
-    """A step as the loop sees it: its tokens, counted on the host, and its outcome on its way from the device:
-    `outcome()` waits, at most, for this step to finish on the device."""
+    """A step as the loop sees it: its tokens, counted on the host, and its outcome on its way from the device."""
 
     tokens: int  # all tokens of the step, all ranks
     pending: HostCopy  # a StepOutcome's values
     _outcome: StepOutcome | None = None
 
     def outcome(self) -> StepOutcome:
+        """The step's outcome, waiting at most for this step to finish on the device."""
         if self._outcome is None:
             self._outcome = StepOutcome.from_values(self.pending.read())
         return self._outcome
@@ -113,6 +118,18 @@ def train_step(
     itself, and `stop` is read on the host after the backward (a signal that came during the step is in this
     step's outcome) and agreed by all ranks on the device. In fp16, `loss_scale` scales each backward and unscales
     the gradients before clipping, and learns from the step's outcome (finetune/training/loss_scale.py).
+
+    Args:
+        micro_batches: the step's packed batches, grad_accumulation of them, each with its tokens and weights.
+        world_size: the number of ranks, each running this step on its own micro-batches.
+        stop: the process's stop signal, agreed by all ranks in the step's outcome.
+        loss_scale: fp16's dynamic loss scale; None in bf16 and fp32.
+
+    Returns:
+        The step queued on the device: its tokens, and its outcome to be read later.
+
+    Raises:
+        ValueError: the optimizer is not fused (skip_step_if_nonfinite).
     """
     weights = torch.stack([b.weights.sum() for b in micro_batches]).sum().float()
     step_weight = all_reduce_sum(to_device(weights, device)).clamp_min(1e-12)
@@ -150,8 +167,7 @@ def train_step(
 
 @dataclass
 class StepRunner:
-    """The run's training step, holding what stays the same from one step to the next: the model and its optimizer,
-    the device, the world size, the clipping norm, the stop signal and fp16's loss scale."""
+    """The run's training step, holding what stays the same from one step to the next (train_step's arguments)."""
 
     loss_model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -176,8 +192,14 @@ class StepRunner:
 
 
 def skip_step_if_nonfinite(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
-    """optimizer.step(), a no-op on the device where `nonfinite` is 1: the fused AdamW kernel reads it as
-    `found_inf`, as with torch.amp's GradScaler, and leaves the weights, moments and step count as they were."""
+    """Step the optimizer, a no-op on the device where `nonfinite` is 1.
+
+    The fused AdamW kernel reads `nonfinite` as `found_inf`, as with torch.amp's GradScaler, and leaves the weights,
+    moments and step count as they were.
+
+    Raises:
+        ValueError: the optimizer is not fused.
+    """
     if not optimizer.defaults.get("fused"):
         raise ValueError(
             "skipping a non-finite step on the device needs a fused optimizer (finetune/training/optim.py)"
@@ -187,7 +209,16 @@ def skip_step_if_nonfinite(optimizer: torch.optim.Optimizer, nonfinite: torch.Te
 
 
 def raise_if_diverged(step: int, in_a_row: int, limit: int, lr: float, newest_checkpoint: Path | None) -> None:
-    """Stop the run after `limit` non-finite steps in a row, saying where and what to try."""
+    """Stop the run after `limit` non-finite steps in a row, saying where and what to try.
+
+    Args:
+        in_a_row: the non-finite steps in a row up to `step`.
+        lr: the step's learning rate, quoted in the advice.
+        newest_checkpoint: where `resume: auto` would continue from; None: no checkpoint yet.
+
+    Raises:
+        NonFiniteError: `in_a_row` reached `limit`.
+    """
     if in_a_row < limit:
         return
     where = (
