@@ -98,7 +98,8 @@ def test_the_wheels_carry_what_the_product_and_the_tests_need_beyond_the_image()
 @pytest.mark.slow
 def test_every_part_of_the_gpu_run_runs_in_its_dry_mode(tmp_path):
     """One call: each part under its limit, its output in OUT/PART.txt as it goes, its status in summary.txt; the
-    7b part measures tailor and HF + PEFT both ways, with MFU in model and hardware FLOPs, the estimate and the trace."""
+    7b part measures tailor and HF + PEFT both ways, with MFU in model and hardware FLOPs,
+    the estimate and the trace."""
     pytest.importorskip("transformers", reason="the baseline is transformers + PEFT (the dev extra)")
     pytest.importorskip("peft", reason="the baseline is transformers + PEFT (the dev extra)")
     pytest.importorskip("torchao", reason="the nf4 part needs the qlora extra")
