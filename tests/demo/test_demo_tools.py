@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-# 300 steps took 105 to 120 s on the 2-core test machine at a load average of 2 (benchmarks/RESULTS.md, "Third
+# 300 steps took 87 to 120 s on the 2-core test machine at load averages of 1 to 2.5 (benchmarks/RESULTS.md, "Third
 # round"). Five times that is the limit: a busier machine passes, a run that hangs still ends the test.
 MEASURED_S = 120
 
@@ -32,6 +32,6 @@ def test_the_tools_demo_learns_to_call_with_the_city_of_held_out_questions(tiny_
     (after,) = evals[-1]["scores"]["eval"].values()
     assert after["tool_call_answers"] == 16
     # the base model writes no call (0%); at step 300 every answer parsed at seeds 0 to 4, with the right city in 16,
-    # 11, 15, 15 and 6 of 16: a quarter is four times a guess among the 16 cities, on any machine's rounding
+    # 16, 16, 16 and 15 of 16 (a guess among the 16 cities: 1)
     assert after["tool_call_parses"] >= before["tool_call_parses"] + 0.75, (before, after)
-    assert after["tool_call_arguments_match"] >= before["tool_call_arguments_match"] + 0.25, (before, after)
+    assert after["tool_call_arguments_match"] >= before["tool_call_arguments_match"] + 0.5, (before, after)
