@@ -9,9 +9,10 @@ real ids are random, which a tiny model cannot learn in a minute, and the scores
   on its own (a unit out of the enum, a required key missing); the eval set holds (tool, city) pairs that never occur
   in training.
 - tools_demo_train/tools_demo_eval.jsonl, which configs/demo-tools.yaml teaches the demo's tiny model: one tool of
-  one string parameter, so that its tools block is short (48 tokens), and each question ending with its city, one
+  one string parameter, so that its tools block is short (47 tokens), and each question ending with its city, one
   token there. The eval set holds (phrasing, city) pairs that never occur in training, one per city: a right answer
-  reads the city from the question, as the greetings demo reads the name.
+  reads the city from the question, as the greetings demo reads the name. Every city is in training, in other
+  phrasings: the random model does not write a city it was never trained to write.
 """
 
 import json
