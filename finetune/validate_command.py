@@ -109,7 +109,7 @@ def _validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         cfg = resolve_hub_model(cfg)
-        check_model_folder(Path(cfg.model.path))
+        check_model_folder(Path(cfg.model.path), Path(cfg.run_dir))
     except PreflightError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

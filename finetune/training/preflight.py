@@ -31,6 +31,7 @@ CHECKPOINT_BYTES_PER_LORA_PARAMETER = 4 + 4 + 8
 GIB = 2**30
 # configs/demo.yaml's model: `tailor demo` makes it on first use, so on a fresh clone it is not there yet
 DEMO_MODEL = Path("artifacts/tiny-mistral")
+DEMO_RUN_DIR = Path("runs/demo")  # configs/demo.yaml's, which `tailor demo` trains
 
 
 class PreflightError(ValueError):
@@ -50,7 +51,7 @@ def run_preflight_checks(cfg: TrainConfig) -> tuple[MistralTokenizer, ModelArgs]
         PreflightError: the first fault, naming the config key, the path and what to do.
     """
     model_dir = Path(cfg.model.path)
-    check_model_folder(model_dir)
+    check_model_folder(model_dir, Path(cfg.run_dir))
     written = {"run_dir": Path(cfg.run_dir), "data.cache_dir": resolve_cache_dir(cfg.data, cfg.run_dir)}
     check_data_paths("data.train", cfg.data.train, written)
     if cfg.eval.enabled:
@@ -71,17 +72,24 @@ def run_preflight_checks(cfg: TrainConfig) -> tuple[MistralTokenizer, ModelArgs]
     return tokenizer, args
 
 
-def check_model_folder(folder: Path) -> None:
+def check_model_folder(folder: Path, run_dir: Path) -> None:
     """Check that model.path is a folder with params.json or config.json (the demo's model says how to make it).
+
+    Args:
+        run_dir: the config's; the demo's own (runs/demo, which `tailor demo` fills) needs another for a second run.
 
     Raises:
         PreflightError: naming model.path and what is missing.
     """
     if folder == DEMO_MODEL and not folder.exists():
+        again = (
+            "then this command with another run_dir (e.g. run_dir=runs/demo2) trains again"
+            if run_dir == DEMO_RUN_DIR
+            else "then this command again"
+        )
         raise PreflightError(
             f"model.path: {folder} does not exist yet: it is the demo's tiny model, made by `python -m finetune demo` "
-            "(which trains runs/demo too); run that once first, then this command with another run_dir "
-            "(e.g. run_dir=runs/demo2) trains again"
+            f"(which trains runs/demo too); run that once first, {again}"
         )
     if not folder.is_dir():
         raise PreflightError(
