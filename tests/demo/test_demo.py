@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from finetune.after.demo import _is_demo_run
 from finetune.cli import main
 from finetune.config import load_config, save_config
@@ -39,12 +41,26 @@ def test_demo_learns_and_answers_held_out_prompts(tmp_path):
     assert total == 32 and right >= 28, result.stdout[-2000:]
 
 
-def test_training_the_demo_config_on_a_fresh_clone_says_to_run_the_demo_first(tmp_path):
-    """The README's first Launching command, before the demo has made its model: one clear line, exit 2."""
+FIRST_RUN_THE_DEMO = (
+    "error: model.path: artifacts/tiny-mistral does not exist yet: it is the demo's tiny model, made by `python -m "
+    "finetune demo` (which trains runs/demo too); run that once first, then this command "
+)
+
+
+@pytest.mark.parametrize(
+    "config, then",
+    [
+        ("demo.yaml", "with another run_dir (e.g. run_dir=runs/demo2) trains again"),
+        ("demo-tools.yaml", "again"),  # its own run_dir: the same command, once the model is made
+    ],
+)
+def test_training_the_demo_config_on_a_fresh_clone_says_to_run_the_demo_first(tmp_path, config, then):
+    """The README's first Launching command (and the tools demo's), before the demo has made its model: one clear
+    line, exit 2."""
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     shutil.copytree(REPO / "data", tmp_path / "data")
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "configs/demo.yaml"],
+        [sys.executable, str(REPO / "train.py"), f"configs/{config}"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -52,11 +68,7 @@ def test_training_the_demo_config_on_a_fresh_clone_says_to_run_the_demo_first(tm
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [
-        "error: model.path: artifacts/tiny-mistral does not exist yet: it is the demo's tiny model, made by `python -m "
-        "finetune demo` (which trains runs/demo too); run that once first, then this command with another run_dir "
-        "(e.g. run_dir=runs/demo2) trains again"
-    ]
+    assert result.stderr.splitlines() == [FIRST_RUN_THE_DEMO + then]
     assert not (tmp_path / "runs").exists()
 
 

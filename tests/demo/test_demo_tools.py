@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,23 +35,3 @@ def test_the_tools_demo_learns_to_call_with_the_city_of_held_out_questions(tiny_
     # 16, 16, 16 and 15 of 16 (a guess among the 16 cities: 1)
     assert after["tool_call_parses"] >= before["tool_call_parses"] + 0.75, (before, after)
     assert after["tool_call_arguments_match"] >= before["tool_call_arguments_match"] + 0.5, (before, after)
-
-
-def test_the_tools_demo_on_a_fresh_clone_says_to_run_the_demo_first(tmp_path):
-    """Before `tailor demo` has made the tiny model: one line, exit 2, and the same command is the one to run again."""
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-    shutil.copytree(REPO / "data", tmp_path / "data")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "configs/demo-tools.yaml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [
-        "error: model.path: artifacts/tiny-mistral does not exist yet: it is the demo's tiny model, made by `python -m "
-        "finetune demo` (which trains runs/demo too); run that once first, then this command again"
-    ]
-    assert not (tmp_path / "runs").exists()
