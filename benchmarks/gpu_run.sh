@@ -9,9 +9,9 @@
 #   part     limit  what
 #   tests     75 s  the gpu-marked tests: attention backends against SDPA, no CUDA synchronisation in a step
 #   7b       130 s  Mistral 7B v0.3 at seq 8192: tailor, transformers + PEFT as its users run it, and HF made equal
-#   long      45 s  Mistral 7B v0.3 at seq 32768
-#   nemo      60 s  Nemo 12B at seq 32768 on one GPU
-#   nf4       50 s  configs/mistral-7b-v0.3-qlora-16gb.yaml's model: NF4 weights, LoRA rank 64, seq 8192
+#   long      50 s  Mistral 7B v0.3 at seq 32768
+#   nemo      65 s  Nemo 12B at seq 32768 on one GPU
+#   nf4       55 s  configs/mistral-7b-v0.3-qlora-16gb.yaml's model: NF4 weights, LoRA rank 64, seq 8192
 #   profile   40 s  the profiler's table of one step of 7B at seq 8192 (8 layers), by CUDA time
 #
 # Each benchmark prints the measured peak beside the memory estimate and the trace of the same setup. OUT gets summary.txt
@@ -71,8 +71,8 @@ bench=(python3 benchmarks/train_throughput.py)
 
 part tests 75 python3 -m pytest -q -m gpu -rs -p no:cacheprovider tests
 part 7b 130 "${bench[@]}" "${b7[@]}" --seq-len $seq "${steps[@]}" --hf default equal
-part long 45 "${bench[@]}" "${b7[@]}" --seq-len $long "${few[@]}" --no-hf
-part nemo 60 "${bench[@]}" "${nemo[@]}" --seq-len $long "${few[@]}" --no-hf
-part nf4 50 "${bench[@]}" "${b7[@]}" --seq-len $seq "${few[@]}" --quantize nf4 --rank 64 --no-hf
+part long 50 "${bench[@]}" "${b7[@]}" --seq-len $long "${few[@]}" --no-hf
+part nemo 65 "${bench[@]}" "${nemo[@]}" --seq-len $long "${few[@]}" --no-hf
+part nf4 55 "${bench[@]}" "${b7[@]}" --seq-len $seq "${few[@]}" --quantize nf4 --rank 64 --no-hf
 part profile 40 "${bench[@]}" "${b7[@]}" "${profile_layers[@]}" --seq-len $seq "${few[@]}" --profile --no-hf
 echo "done after $SECONDS s" | tee -a "$summary"

@@ -456,7 +456,7 @@ def main() -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    setup = benchmark_config(seq_len, opts.rank, opts.quantize, dtype)
+    setup = benchmark_config(seq_len, opts.rank, opts.quantize, dtype, opts.attention)
     estimate = estimate_memory(args, setup, 1, dtype.itemsize)
     for r in results:
         mfu, hfu = (r["tokens_per_s"] * flops / peak_flops for flops in (per_token, r["hardware_flops"]))
@@ -478,11 +478,11 @@ def main() -> None:
         )
 
 
-def benchmark_config(seq_len: int, rank: int, quantize: str, dtype: torch.dtype) -> TrainConfig:
+def benchmark_config(seq_len: int, rank: int, quantize: str, dtype: torch.dtype, attention: str) -> TrainConfig:
     """The training config of the setup measured here, for its memory estimate and its trace."""
     lora = LoRAArgs(rank=rank, alpha=2 * rank, targets=TARGETS)
     name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    model = ModelConfig(dtype=name, quantize=quantize, activation_checkpointing=True)
+    model = ModelConfig(dtype=name, quantize=quantize, attention=attention, activation_checkpointing=True)
     return TrainConfig(seq_len=seq_len, lora=lora, model=model)
 
 

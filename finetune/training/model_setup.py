@@ -46,7 +46,7 @@ def quantize_meta_model(model: Transformer, world_size: int) -> None:
 
 
 def build_meta_training_model(
-    cfg: TrainConfig, args: ModelArgs, dtype: torch.dtype, world_size: int
+    cfg: TrainConfig, args: ModelArgs, dtype: torch.dtype, world_size: int, mesh=None
 ) -> CausalLMWithLoss:
     """The model of `args` as a run builds it, on the meta device, wrapped with its loss.
 
@@ -55,6 +55,7 @@ def build_meta_training_model(
 
     Args:
         dtype: the compute dtype (precision.compute_dtype).
+        mesh: FSDP2's device mesh, where it is not the accelerator's (the trace's, on the CPU).
 
     Raises:
         ConfigError: model.quantize: nf4 cannot store this model on `world_size` ranks (quantize_meta_model).
@@ -63,7 +64,7 @@ def build_meta_training_model(
     if cfg.model.quantize == "nf4":
         quantize_meta_model(model, world_size)
     loss_model = CausalLMWithLoss(model)
-    apply_parallelism(loss_model, model.layers, cfg.model, world_size, dtype)
+    apply_parallelism(loss_model, model.layers, cfg.model, world_size, dtype, mesh)
     return loss_model
 
 

@@ -25,12 +25,19 @@ from model.lora import LoRALinear, init_lora_, init_magnitude_
 from model.quantize import assign_nf4, is_nf4, nf4_rows, to_nf4
 
 if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
     from finetune.config import ModelConfig
     from model.args import ModelArgs
 
 
 def apply_parallelism(
-    root: nn.Module, blocks: nn.ModuleList, settings: ModelConfig, world_size: int, dtype: torch.dtype
+    root: nn.Module,
+    blocks: nn.ModuleList,
+    settings: ModelConfig,
+    world_size: int,
+    dtype: torch.dtype,
+    mesh: DeviceMesh | None = None,
 ) -> None:
     """Apply everything that changes how the (meta-device) model runs, in the order it must happen.
 
@@ -41,6 +48,7 @@ def apply_parallelism(
         root: the module FSDP2 wraps last (the loss model), holding `blocks`.
         settings: the `model:` section: activation checkpointing and its scope, compile, fsdp_prefetch.
         dtype: the compute dtype of the sharded weights.
+        mesh: FSDP2's device mesh; by default, its own over this machine's accelerator (CUDA where there is one).
     """
     if settings.activation_checkpointing:
         for block in blocks:
@@ -49,7 +57,7 @@ def apply_parallelism(
         for block in blocks:
             block.compile()
     if world_size > 1:
-        shard_model(root, blocks, compute_dtype=dtype, prefetch=settings.fsdp_prefetch)
+        shard_model(root, blocks, compute_dtype=dtype, prefetch=settings.fsdp_prefetch, mesh=mesh)
 
 
 def compile_note(settings: ModelConfig, args: ModelArgs) -> str | None:
@@ -81,7 +89,13 @@ def enable_activation_checkpointing(block: nn.Module) -> None:
     block.forward = checkpointed_forward
 
 
-def shard_model(root: nn.Module, blocks: nn.ModuleList, compute_dtype: torch.dtype, prefetch: int = 1) -> None:
+def shard_model(
+    root: nn.Module,
+    blocks: nn.ModuleList,
+    compute_dtype: torch.dtype,
+    prefetch: int = 1,
+    mesh: DeviceMesh | None = None,
+) -> None:
     """FSDP2 per block then at the root: compute in `compute_dtype`, reduce gradients in fp32.
 
     LoRA parameters stay fp32 in their shards (and so does the optimizer state); they are cast to the compute
@@ -100,8 +114,8 @@ def shard_model(root: nn.Module, blocks: nn.ModuleList, compute_dtype: torch.dty
 
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(blocks):
-        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(root, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(root, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(root, "logits")  # generation at evals (eval_generations.py) runs the root's logits
     for block, (ahead, behind) in zip(blocks, prefetch_plan(len(blocks), prefetch)):
         block.set_modules_to_forward_prefetch([blocks[j] for j in ahead])

@@ -101,9 +101,11 @@ class StepTrace:
     held: int  # as the step begins: the frozen weights, the LoRA weights and AdamW's moments (not the gradients)
     gathered: int  # weights FSDP2 holds whole at the peak (0 on one rank)
     saved: int  # the activations the forward keeps for backward: what it holds when the body's last block is done
-    transient: int  # the rest: a block's recomputation or the loss's chunk, with the LoRA gradients made so far
-    peak_in: str  # where the step peaks: "backward" or "loss"
+    transient: int  # the rest of the peak (peak_transient): a block's recomputation or the loss's chunk, with the LoRA
+    # gradients made so far; in forward, the activations made so far; in the optimizer, the gradients and its update
+    peak_in: str  # where the step peaks: "forward", "loss", "backward" or "optimizer" (AdamW's update)
     loss: int  # the loss's own high-water mark above the kept activations (final norm, head's chunk, its gradients)
+    phases: dict[str, tuple[int, int]]  # each phase's highest (bytes, of which weights gathered whole), a later step's
 
     @property
     def flops_per_token(self) -> float:
@@ -111,11 +113,15 @@ class StepTrace:
         return self.flops / self.tokens
 
     def breakdown(self) -> str:
-        """The peak by what holds it: held from the step's start, then what the step adds."""
+        """The peak by what holds it: held from the step's start, then what the step adds (the saved activations are
+        part of it where the peak is in the loss or backward, the phases that hold them all)."""
         gathered = f" + weights gathered whole {self.gathered / GIB:.2f}" if self.ranks > 1 else ""
+        saved = f"saved activations {self.saved / GIB:.2f}"
+        holds_saved = self.peak_in in SAVED_HELD_IN
         return (
-            f"= weights, LoRA and AdamW {self.held / GIB:.2f}{gathered} + saved activations {self.saved / GIB:.2f} "
-            f"+ largest transient {self.transient / GIB:.2f}, in {self.peak_in}; the loss alone {self.loss / GIB:.2f}"
+            f"= weights, LoRA and AdamW {self.held / GIB:.2f}{gathered}{' + ' + saved if holds_saved else ''} "
+            f"+ largest transient {self.transient / GIB:.2f}, in {self.peak_in}{'' if holds_saved else '; ' + saved}"
+            f"; the loss alone {self.loss / GIB:.2f}"
         )
 
     def summary(self) -> str:
@@ -130,6 +136,15 @@ class StepTrace:
             f"{', '.join(self.attention_kernels) or 'none'}; host syncs in the step: {len(self.host_syncs)}"
             + (f" ({', '.join(f'{s} x{self.host_syncs.count(s)}' for s in syncs)})" if syncs else "")
         )
+
+
+SAVED_HELD_IN = ("loss", "backward")  # the phases that hold every saved activation: from the forward's end on
+
+
+def peak_transient(peak: int, held: int, gathered: int, saved: int, peak_in: str) -> int:
+    """What the peak holds beyond the step's start, the gathered weights and (where it holds them) the saved
+    activations."""
+    return peak - held - gathered - (saved if peak_in in SAVED_HELD_IN else 0)
 
 
 def trace_dtype(name: str, gpu: GpuKind) -> torch.dtype:
@@ -197,10 +212,10 @@ class _LiveBytesAndFlops(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.live, self.peak, self.flops = 0, 0, 0
+        self.live, self.flops = 0, 0
         self._sizes: dict[int, int] = {}
         self.sharded: list = []  # FSDP2's parameter groups (FSDPParamGroup), whose all-gather buffers hold weights
-        self.phase = "forward"  # then "loss" from the final norm on, then "backward"
+        self.phase = "forward"  # then "loss" from the final norm on, then "backward", then "optimizer"
         self.marks: dict[str, tuple[int, int]] = {}  # phase -> (live, gathered) as it began
         self.peaks: dict[str, tuple[int, int]] = {}  # phase -> (live, gathered) at its highest
 
@@ -222,7 +237,6 @@ class _LiveBytesAndFlops(TorchDispatchMode):
 
     def _count(self, change: int) -> None:
         self.live += change
-        self.peak = max(self.peak, self.live)
         if change > 0 and self.live > self.peaks.get(self.phase, (-1, 0))[0]:
             self.peaks[self.phase] = (self.live, self.gathered)
 
@@ -353,7 +367,9 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind, world_siz
     backend = resolve_backend(cfg.model.attention, torch.device("cuda"), dtype, kind.capability)
     # eagerly: a compiled block would be compiled for the fake tensors, and saves what eager saves
     eager = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=False))
-    loss_model = build_meta_training_model(eager, args, dtype, world_size)
+    # FSDP2's mesh on the CPU, where the fake tensors are: its default is the accelerator's, CUDA on a GPU machine
+    mesh = None if world_size == 1 else _cpu_mesh(world_size)
+    loss_model = build_meta_training_model(eager, args, dtype, world_size, mesh)
     batch = traced_batch(cfg.seq_len * cfg.batch_size, args.vocab_size)
 
     syncs, names = _HostSyncs(), _OpNames()
@@ -374,6 +390,7 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind, world_siz
             live.enter("forward")
             # the body's last block is done when the final norm begins: from there on, the loss
             loss_model.model.norm.register_forward_pre_hook(lambda module, args: live.enter("loss"))
+            optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: live.enter("optimizer"))
             with names, syncs, live, warnings.catch_warnings():
                 # torchao's NF4 checks after FSDP2's all-gather that the gathered codes are the output's by data_ptr,
                 # which a fake tensor warns about (its pointers compare equal all the same)
@@ -383,13 +400,15 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind, world_siz
     lora_weights = sum(p.numel() * p.element_size() for p in lora_shards)
     weights = sum(_nbytes(_shard(p)) for p in loss_model.parameters())
     lora_state = sum(p.numel() for p in lora_shards) * LORA_BYTES_PER_PARAMETER
-    # a later step's peak: AdamW's two moments, made at the first step's update, are held through every step after
+    # a later step's peak: AdamW's two moments, made in this first step's update, are held through every step after
     moments = 8 * sum(p.numel() for p in lora_shards)
-    peak = live.peak + moments
+    peaks = {phase: (held + moments, gathered) for phase, (held, gathered) in live.peaks.items()}
+    if "optimizer" in live.peaks:  # the update that made them holds them already
+        peaks["optimizer"] = live.peaks["optimizer"]
+    peak_in = max(peaks, key=lambda phase: peaks[phase][0])
+    peak, gathered = peaks[peak_in]
     (start, start_gathered), (kept, kept_gathered) = live.marks["forward"], live.marks["loss"]
     saved = (kept - kept_gathered) - (start - start_gathered)
-    peak_in = max(("loss", "backward"), key=lambda phase: live.peaks.get(phase, (0, 0))[0])
-    gathered = live.peaks[peak_in][1]
     return StepTrace(
         gpu=gpu if isinstance(gpu, str) else gpu.name,
         ranks=world_size,
@@ -405,10 +424,17 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind, world_siz
         held=start + moments,
         gathered=gathered,
         saved=saved,
-        transient=peak - (start + moments) - gathered - saved,
+        transient=peak_transient(peak, start + moments, gathered, saved, peak_in),
         peak_in=peak_in,
         loss=live.peaks["loss"][0] - kept,
+        phases=peaks,
     )
+
+
+def _cpu_mesh(world_size: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (world_size,))
 
 
 def _fsdp_groups(model: torch.nn.Module) -> list:
@@ -437,7 +463,9 @@ def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind = "h10
 
     Every block is the same, so the weights, the LoRA state, the FLOPs and the host syncs grow by exactly the second
     trace's difference per layer, and the peak by the third's (from two layers on, the peak is in the same place: the
-    last block's recomputation, with every block's input kept). Three small traces take seconds on a CPU.
+    last block's recomputation, with every block's input kept); so does each phase's highest (the forward's, the
+    loss's, backward's, the optimizer's), and the step's peak is the highest of the phases' at the full depth. Three
+    small traces take seconds on a CPU.
     """
     one, two = (trace_step(cfg, dataclasses.replace(args, n_layers=n), gpu, world_size) for n in (1, 2))
     more = args.n_layers - 1
@@ -446,11 +474,17 @@ def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind = "h10
         for name in ("frozen", "lora_state", "held", "flops")
     }
     if args.n_layers > 1:
-        three = trace_step(cfg, dataclasses.replace(args, n_layers=3), gpu, world_size)
-        for name in ("peak", "saved"):
-            grown[name] = getattr(two, name) + (args.n_layers - 2) * (getattr(three, name) - getattr(two, name))
-        grown |= {name: getattr(three, name) for name in ("gathered", "peak_in", "loss")}
-        grown["transient"] = grown["peak"] - grown["held"] - grown["gathered"] - grown["saved"]
+        three = trace_step(cfg, dataclasses.replace(args, n_layers=3), gpu, world_size) if args.n_layers > 2 else two
+        deeper = args.n_layers - 2
+        grown["saved"] = two.saved + deeper * (three.saved - two.saved)
+        grown["phases"] = {
+            phase: (two.phases[phase][0] + deeper * (three.phases[phase][0] - two.phases[phase][0]), gathered)
+            for phase, (_, gathered) in three.phases.items()
+        }
+        grown["peak_in"] = max(grown["phases"], key=lambda phase: grown["phases"][phase][0])
+        grown["peak"], grown["gathered"] = grown["phases"][grown["peak_in"]]
+        grown["loss"] = three.loss
+        grown["transient"] = peak_transient(*(grown[k] for k in ("peak", "held", "gathered", "saved", "peak_in")))
     per_layer = two.host_syncs[len(one.host_syncs) :]  # the second layer's, in order
     return dataclasses.replace(one, **grown, host_syncs=one.host_syncs + per_layer * more)
 

@@ -22,9 +22,10 @@ from finetune.planning.memory_estimate import (
     other_parameters,
     projection_parameters,
 )
-from finetune.training.trace import trace_before_start, trace_by_layers
+from finetune.training.trace import this_gpu, trace_before_start, trace_by_layers
 from model.args import ARCHITECTURES, active_parameters, load_model_args
 from model.attention import available_backends, resolve_backend
+from model.tiny import tiny_args
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN = 4096
@@ -121,6 +122,24 @@ def test_the_traced_peak_grows_with_the_kept_block_inputs_as_the_estimate_does()
     assert estimate.activations > 0.45 * estimate.total
     assert trace.peak == pytest.approx(estimate.total, rel=0.10)
     assert "peak 31.29 GiB" in trace.summary()
+
+
+def test_a_step_peaking_outside_backward_is_split_without_counting_anything_twice():
+    """A tiny model with a 256-token vocabulary and rank-64 LoRA, 16 tokens: the update is as high as backward, and
+    on 2 ranks the step peaks in forward, with the weights gathered whole. AdamW's moments, made by this first step's
+    update, are counted once: the update holds the weights, the LoRA weights, their gradients and the moments."""
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml",
+        ["seq_len=16", "lora.rank=64", "lora.alpha=128", "lora.targets=[wq,wk,wv,wo,w1,w2,w3]"],
+    )
+    args = dataclasses.replace(tiny_args("mistral-7b", 256), n_layers=3)
+    one = trace_by_layers(cfg, args, "h100")
+    assert one.phases["optimizer"][0] == pytest.approx(one.frozen + one.lora_state, abs=64)  # and AdamW's step count
+    assert one.peak == max(peak for peak, _ in one.phases.values())
+    two = trace_by_layers(cfg, args, "h100", world_size=2)
+    assert two.peak_in == "forward" and two.gathered > 0
+    assert two.peak == two.held + two.gathered + two.transient  # in forward the activations are still being made
+    assert two.transient > 0 and f"in forward; saved activations {two.saved / 2**30:.2f}" in two.summary()
 
 
 def test_the_traced_peak_is_split_by_what_holds_it_and_each_part_is_the_estimates():
@@ -246,13 +265,15 @@ def test_a_run_prints_its_trace_before_step_1(write_config, tmp_path, ranks):
     result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = load_config(config)
-    expected = trace_by_layers(cfg, load_model_args(cfg.model.path), "h100", ranks).summary()
+    gpu = this_gpu() if torch.cuda.is_available() else "h100"  # on a GPU machine, the run traces as its GPU
+    expected = trace_by_layers(cfg, load_model_args(cfg.model.path), gpu, ranks).summary()
     lines = result.stdout.splitlines()
     assert lines.count(expected) == 1  # rank 0's only
     assert lines.index(expected) < next(i for i, line in enumerate(lines) if line.startswith("step 1/2"))
     assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a run on the CPU: here `auto` traces, as on this GPU")
 def test_a_run_on_the_cpu_traces_only_when_asked(write_config):
     cfg = load_config(write_config())
     assert cfg.model.trace == "auto" and trace_before_start(cfg, load_model_args(cfg.model.path), 1) is None
