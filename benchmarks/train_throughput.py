@@ -56,6 +56,7 @@ from finetune.planning.memory_estimate import estimate_memory
 from finetune.training.loss import DEFAULT_CHUNK_SIZE, CausalLMWithLoss, chunked_cross_entropy
 from finetune.training.optim import build_optimizer
 from finetune.training.parallel import enable_activation_checkpointing
+from finetune.training.precision import DTYPES
 from finetune.training.trace import this_gpu, trace_by_layers
 from finetune.training.train_step import train_step
 from model.args import ARCHITECTURES, ModelArgs, active_parameters
@@ -481,7 +482,7 @@ def main() -> None:
 def benchmark_config(seq_len: int, rank: int, quantize: str, dtype: torch.dtype, attention: str) -> TrainConfig:
     """The training config of the setup measured here, for its memory estimate and its trace."""
     lora = LoRAArgs(rank=rank, alpha=2 * rank, targets=TARGETS)
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    name = next(name for name, value in DTYPES.items() if value == dtype)  # model.dtype's name for it
     model = ModelConfig(dtype=name, quantize=quantize, attention=attention, activation_checkpointing=True)
     return TrainConfig(seq_len=seq_len, lora=lora, model=model)
 

@@ -96,16 +96,35 @@ class StepTrace:
     flops: int  # the step's, this rank's, recomputation included
     attention_kernels: list[str]
     host_syncs: list[str]  # one entry per synchronisation, in order
-    peak: int  # bytes: the most the step's tensors hold at once, in a step after the first
-    # the peak's parts, in bytes: held, then gathered + saved + transient above it
+    # bytes, in a step after the first (AdamW's moments held throughout):
     held: int  # as the step begins: the frozen weights, the LoRA weights and AdamW's moments (not the gradients)
-    gathered: int  # weights FSDP2 holds whole at the peak (0 on one rank)
     saved: int  # the activations the forward keeps for backward: what it holds when the body's last block is done
-    transient: int  # the rest of the peak (peak_transient): a block's recomputation or the loss's chunk, with the LoRA
-    # gradients made so far; in forward, the activations made so far; in the optimizer, the gradients and its update
-    peak_in: str  # where the step peaks: "forward", "loss", "backward" or "optimizer" (AdamW's update)
     loss: int  # the loss's own high-water mark above the kept activations (final norm, head's chunk, its gradients)
-    phases: dict[str, tuple[int, int]]  # each phase's highest (bytes, of which weights gathered whole), a later step's
+    # each phase's highest ("forward", "loss", "backward", "optimizer": AdamW's update) as (bytes the step's tensors
+    # hold at once, of which weights FSDP2 holds whole)
+    phases: dict[str, tuple[int, int]]
+
+    @property
+    def peak_in(self) -> str:
+        """The phase where the step peaks."""
+        return max(self.phases, key=lambda phase: self.phases[phase][0])
+
+    @property
+    def peak(self) -> int:
+        """Bytes: the most the step's tensors hold at once."""
+        return self.phases[self.peak_in][0]
+
+    @property
+    def gathered(self) -> int:
+        """Bytes of weights FSDP2 holds whole at the peak (0 on one rank)."""
+        return self.phases[self.peak_in][1]
+
+    @property
+    def transient(self) -> int:
+        """The rest of the peak beyond what it holds from the step's start, the gathered weights and (in the loss or
+        backward) the saved activations: a block's recomputation or the loss's chunk, with the LoRA gradients made so
+        far; in forward, the activations made so far; in the optimizer, the gradients and its update."""
+        return self.peak - self.held - self.gathered - (self.saved if self.peak_in in SAVED_HELD_IN else 0)
 
     @property
     def flops_per_token(self) -> float:
@@ -139,12 +158,6 @@ class StepTrace:
 
 
 SAVED_HELD_IN = ("loss", "backward")  # the phases that hold every saved activation: from the forward's end on
-
-
-def peak_transient(peak: int, held: int, gathered: int, saved: int, peak_in: str) -> int:
-    """What the peak holds beyond the step's start, the gathered weights and (where it holds them) the saved
-    activations."""
-    return peak - held - gathered - (saved if peak_in in SAVED_HELD_IN else 0)
 
 
 def trace_dtype(name: str, gpu: GpuKind) -> torch.dtype:
@@ -405,8 +418,6 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind, world_siz
     peaks = {phase: (held + moments, gathered) for phase, (held, gathered) in live.peaks.items()}
     if "optimizer" in live.peaks:  # the update that made them holds them already
         peaks["optimizer"] = live.peaks["optimizer"]
-    peak_in = max(peaks, key=lambda phase: peaks[phase][0])
-    peak, gathered = peaks[peak_in]
     (start, start_gathered), (kept, kept_gathered) = live.marks["forward"], live.marks["loss"]
     saved = (kept - kept_gathered) - (start - start_gathered)
     return StepTrace(
@@ -420,12 +431,8 @@ def _trace_step(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind, world_siz
         flops=live.flops,
         attention_kernels=names.attention,
         host_syncs=syncs.syncs,
-        peak=peak,
         held=start + moments,
-        gathered=gathered,
         saved=saved,
-        transient=peak_transient(peak, start + moments, gathered, saved, peak_in),
-        peak_in=peak_in,
         loss=live.peaks["loss"][0] - kept,
         phases=peaks,
     )
@@ -481,10 +488,7 @@ def trace_by_layers(cfg: TrainConfig, args: ModelArgs, gpu: str | GpuKind = "h10
             phase: (two.phases[phase][0] + deeper * (three.phases[phase][0] - two.phases[phase][0]), gathered)
             for phase, (_, gathered) in three.phases.items()
         }
-        grown["peak_in"] = max(grown["phases"], key=lambda phase: grown["phases"][phase][0])
-        grown["peak"], grown["gathered"] = grown["phases"][grown["peak_in"]]
         grown["loss"] = three.loss
-        grown["transient"] = peak_transient(*(grown[k] for k in ("peak", "held", "gathered", "saved", "peak_in")))
     per_layer = two.host_syncs[len(one.host_syncs) :]  # the second layer's, in order
     return dataclasses.replace(one, **grown, host_syncs=one.host_syncs + per_layer * more)
 
